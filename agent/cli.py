@@ -1,0 +1,246 @@
+"""Subcommands, and the mapping of AgentError subclasses to sysexits exit codes.
+
+Every error a user can cause ends here as one line on stderr and a documented exit code; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from agent import __version__
+from agent.aggregate import to_quantity
+from agent.clock import Clock
+from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
+
+log = logging.getLogger("agent")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "log_level", "info"))
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or EX_OK)
+    except AgentError as e:
+        print(f"metering-agent: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metering-agent",
+        description="Reports hourly usage to AWS Marketplace with MeterUsage.",
+    )
+    parser.add_argument("--version", action="version", version=f"metering-agent {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $METERING_AGENT_CONFIG, else /etc/metering-agent/config.yaml)",
+    )
+    common.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate config, run collectors once, resolve region and credentials, DryRun",
+    )
+    p.add_argument(
+        "--offline", action="store_true", help="config and collector construction only, no network"
+    )
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "sample", parents=[common], help="run every collector once and print what it would add"
+    )
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser(
+        "emulator", parents=[common], help="local MeterUsage + IMDSv2 emulator on 127.0.0.1"
+    )
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--region", default="us-east-1", help="the region the emulated instance is in")
+    p.add_argument(
+        "--dryrun-style",
+        choices=("error", "200"),
+        default="error",
+        help="answer DryRun with a DryRunOperation error (default) or HTTP 200",
+    )
+    p.add_argument(
+        "--any-product",
+        action="store_true",
+        help="accept any product code and dimension (default: those in -c's config, if given)",
+    )
+    add_clock_options(p)
+    p.set_defaults(func=cmd_emulator)
+    return parser
+
+
+def add_clock_options(p: argparse.ArgumentParser) -> None:
+    # For demos and tests: the same engine on a faster clock. Never needed in production.
+    p.add_argument("--clock-rate", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--clock-start", type=float, default=None, help=argparse.SUPPRESS)
+
+
+def make_clock(args: argparse.Namespace) -> Clock:
+    return Clock(rate=args.clock_rate, origin=args.clock_start)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # botocore announces every credential lookup at INFO; only its problems interest an operator.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from agent import config
+
+    return config.load(config.resolve_path(args.config))
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def _say(status: str, text: str) -> None:
+    print(f"{status:<5} {text}", flush=True)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the same validation as `run`, then every collector once, then region, credentials and
+    DryRun; one line per step. Writes no state."""
+    from agent.sampling import Sampler
+
+    cfg = load_config(args)
+    _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
+    sampler = Sampler(cfg)
+    clock = Clock()
+    unreachable = []
+    for dim in cfg.dimensions:
+        if args.offline:
+            problem = sampler.probe(dim)
+            if problem:
+                _say("warn", f"collector {dim.name}: {problem} (fine at boot if it appears later)")
+            else:
+                _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
+            continue
+        s = sampler.take(dim, clock.time(), None)
+        if s.error:
+            unreachable.append(dim.name)
+            _say("fail", f"collector {dim.name}: {s.error}")
+        else:
+            _say("ok", f"collector {dim.name}: read {_num(s.raw)}")
+    if args.offline:
+        return EX_OK
+    from agent import metering
+
+    region, where = metering.resolve_region(cfg.metering.region)
+    _say("ok", f"region {region} (from {where})")
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    if not client.has_credentials():
+        raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
+    creds = client.session.get_credentials()
+    _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
+    dim = cfg.dimensions[0]
+    zero = to_quantity(Decimal(0), Decimal(1), "nearest", dim.decimals)
+    verdict = metering.dry_run_verdict(
+        client.dry_run(cfg.product_code, dim.name, zero, clock.time())
+    )
+    _say("ok", verdict)
+    if unreachable:
+        print(
+            f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else format(value.normalize(), "f")
+
+
+# -- sample -----------------------------------------------------------------------------------
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
+    from agent.sampling import Sampler
+
+    cfg = load_config(args)
+    sampler = Sampler(cfg)
+    clock = Clock()
+    for dim in cfg.dimensions:
+        s = sampler.take(dim, clock.time(), None)
+        if s.error:
+            print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
+            continue
+        print(f"{dim.name} {_num(s.value)}  (raw {_num(s.raw)}, {dim.aggregate})")
+    return EX_OK
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EX_OK
+
+
+# -- emulator ---------------------------------------------------------------------------------
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from agent.emulator import Emulator, Settings
+
+    settings = Settings(region=args.region, dryrun_style=args.dryrun_style)
+    if not args.any_product and (args.config or os.environ.get("METERING_AGENT_CONFIG")):
+        cfg = load_config(args)
+        settings.product_codes = {cfg.product_code}
+        settings.dimensions = {d.name for d in cfg.dimensions}
+    emulator = Emulator(settings, make_clock(args))
+    try:
+        url = emulator.serve(args.port)
+    except OSError as e:
+        raise Unavailable(f"emulator: cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from e
+    print(
+        f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
+        f"  export {_IMDS_ENV}={url}\n"
+        f"  metering: {{endpoint_url: {url}}}",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    emulator.stop()
+    return EX_OK
+
+
+_IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"

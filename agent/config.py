@@ -1,0 +1,366 @@
+"""YAML config -> frozen dataclasses. Every error names its key: `dimensions[2].collector.pattern`.
+
+The field tables below are the single definition of the format: the loader validates with them and
+`metering-agent schema` prints them as JSON Schema.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.collectors import Registry
+from agent.collectors.base import Kind
+from agent.errors import ConfigError
+from agent.fields import (
+    Bool,
+    Duration,
+    Enum,
+    Field,
+    Int,
+    ListOf,
+    Nullable,
+    Number,
+    Passthrough,
+    Section,
+    Str,
+    describe,
+)
+
+DEFAULT_PATH = "/etc/metering-agent/config.yaml"
+DEFAULT_STATE_DIR = "/var/lib/metering-agent"
+ENV_CONFIG = "METERING_AGENT_CONFIG"
+# Chosen from benchmarks/fleet.py: see README "Send window".
+DEFAULT_SEND_WINDOW = 600
+
+AGGREGATES = ("max", "min", "avg", "sum", "last", "integral")
+LEVEL_ONLY = ("avg", "integral")
+PRODUCT_CODE = r"[-a-zA-Z0-9/=:_.@]{1,255}"
+REGION = r"auto|[a-z]{2}(-[a-z]+)+-\d+"
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    type: str
+    options: Mapping[str, Any]
+    counter: bool
+    kind: Kind  # what the dimension receives after counter differencing
+    cumulative: bool  # readings are running totals (counter: true, or a byte counter)
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    collector: CollectorConfig
+    aggregate: str
+    scale: Decimal
+    rounding: str
+    decimals: int | None
+    interval: int
+    path: str  # where it sits in the file, for messages: dimensions[1]
+
+
+@dataclass(frozen=True)
+class MeteringConfig:
+    region: str
+    endpoint_url: str | None
+    send_window: int
+    startup_check: bool
+
+
+@dataclass(frozen=True)
+class Hook:
+    command: tuple[str, ...]
+    after: int
+    timeout: int
+
+
+@dataclass(frozen=True)
+class Config:
+    product_code: str
+    state_dir: Path
+    metering: MeteringConfig
+    interval: int
+    dimensions: tuple[Dimension, ...]
+    on_metering_failure: Hook | None
+    on_recovery: Hook | None
+    source: Path
+    version: int = 1
+
+
+INTERVAL = Duration(minimum=1, maximum=3600, divides=3600)
+
+METERING = Section(
+    {
+        "region": Field(
+            Str(REGION, hint="expected auto or a region name such as us-east-1"),
+            default="auto",
+            doc="auto: $AWS_REGION, $AWS_DEFAULT_REGION, then IMDS placement/region",
+        ),
+        "endpoint_url": Field(
+            Nullable(Str(r"https?://\S+", hint="expected an http:// or https:// URL")),
+            doc="override: a VPC endpoint, or the local emulator",
+        ),
+        "send_window": Field(
+            Duration(0, 3600),
+            default=DEFAULT_SEND_WINDOW,
+            doc="hour H is sent at H+1:00 plus a per-instance offset in [0, send_window)",
+        ),
+        "startup_check": Field(Bool(), default=True, doc="MeterUsage DryRun at startup"),
+    }
+)
+
+SAMPLING = Section(
+    {
+        "interval": Field(
+            INTERVAL, default=60, doc="seconds between samples; must divide 3600 evenly"
+        )
+    }
+)
+
+
+def _hook(after_default: int | None) -> Section:
+    fields = {
+        "command": Field(
+            ListOf(Str(), min_items=1), required=True, doc="argv to run, no shell: [cmd, arg, ...]"
+        ),
+        "timeout": Field(Duration(1, 3600), default=60, doc="kill the command after this long"),
+    }
+    if after_default is not None:
+        fields["after"] = Field(
+            Duration(0),
+            default=after_default,
+            doc="how long sends must fail before the hook runs (AWS: not before 2h)",
+        )
+    return Section(fields)
+
+
+DIMENSION_FIELDS = {
+    "name": Field(
+        Str(r"[\s\S]+", max_len=255), required=True, doc="the UsageDimension from the listing"
+    ),
+    "collector": Field(
+        Passthrough({"type": "object"}),  # validated per type by the registry: _collector()
+        required=True,
+        doc="where readings come from: {type: system|..., ...}",
+    ),
+    "aggregate": Field(
+        Enum(AGGREGATES), doc="how an hour's samples become one quantity (default: sum or max)"
+    ),
+    "scale": Field(
+        Number(Decimal(0), exclusive_minimum=True), default=Decimal(1), doc="multiplier"
+    ),
+    "rounding": Field(Enum(("up", "down", "nearest")), default="nearest", doc="half up"),
+    "decimals": Field(Int(1, 6), doc="send UsageQuantityAsDecimal with this many places"),
+    "interval": Field(INTERVAL, doc="this dimension's sampling interval (default: sampling's)"),
+}
+
+TOP = Section(
+    {
+        "version": Field(Int(1, 1), default=1, doc="config format version"),
+        "product_code": Field(
+            Str(PRODUCT_CODE, max_len=255, hint="use the product code from the listing"),
+            required=True,
+        ),
+        "state_dir": Field(Str(), default=DEFAULT_STATE_DIR, doc="ledger and health file"),
+        "metering": Field(METERING, default=None),
+        "sampling": Field(SAMPLING, default=None),
+        "dimensions": Field(
+            ListOf(Section(DIMENSION_FIELDS), min_items=1),
+            required=True,
+            doc="one entry per UsageDimension",
+        ),
+        "on_metering_failure": Field(
+            Nullable(_hook(7200)), doc="run once when sending has failed for `after`"
+        ),
+        "on_recovery": Field(Nullable(_hook(None)), doc="run once when sending works again"),
+    }
+)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {describe(key)}", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def resolve_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(cli_path or env.get(ENV_CONFIG) or DEFAULT_PATH)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            str(path), f"config file not found (pass -c PATH or set {ENV_CONFIG})"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory; expected a YAML file") from None
+    except PermissionError:
+        raise ConfigError(str(path), "permission denied; run as a user that can read it") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(where, f"YAML syntax error: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"YAML error: {e}") from None
+
+
+def load(path: Path, registry: Registry | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError naming the offending key."""
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(str(path), "the file is empty; see config.example.yaml")
+    if not isinstance(data, Mapping):
+        raise ConfigError(str(path), f"expected a mapping at the top; found {describe(data)}")
+    return parse(data, path, registry or Registry())
+
+
+def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
+    top = TOP.parse(data, "")
+    metering = METERING.parse({}, "metering") if top["metering"] is None else top["metering"]
+    sampling = SAMPLING.parse({}, "sampling") if top["sampling"] is None else top["sampling"]
+    dimensions = []
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(top["dimensions"]):
+        path = f"dimensions[{i}]"
+        name = raw["name"]
+        if name in seen:
+            raise ConfigError(f"{path}.name", f'"{name}" is already used by {seen[name]}')
+        seen[name] = path
+        collector = _collector(raw["collector"], f"{path}.collector", registry)
+        dimensions.append(_dimension(raw, collector, path, sampling["interval"]))
+    hook = top["on_metering_failure"]
+    recovery = top["on_recovery"]
+    return Config(
+        version=top["version"],
+        product_code=top["product_code"],
+        state_dir=Path(top["state_dir"]),
+        metering=MeteringConfig(**metering),
+        interval=sampling["interval"],
+        dimensions=tuple(dimensions),
+        on_metering_failure=Hook(tuple(hook["command"]), hook["after"], hook["timeout"])
+        if hook
+        else None,
+        on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
+        source=source,
+    )
+
+
+def collector_section(cls: Any) -> Section:
+    """The mapping a collector of this class takes: its own options plus `type` and `counter`."""
+    return Section(
+        {
+            "type": Field(Str(), required=True, doc="collector kind"),
+            "counter": Field(
+                Bool(), default=False, doc="the reading is a running total: bill its increase"
+            ),
+            **cls.options,
+        }
+    )
+
+
+def _collector(raw: Any, path: str, registry: Registry) -> CollectorConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"expected a mapping with a `type`; found {describe(raw)}")
+    if "type" not in raw:
+        known = ", ".join(registry.names())
+        raise ConfigError(f"{path}.type", f"required key is missing (known: {known})")
+    if not isinstance(raw["type"], str):
+        raise ConfigError(f"{path}.type", f"expected a string; found {describe(raw['type'])}")
+    cls = registry.get(raw["type"], f"{path}.type")
+    values = collector_section(cls).parse(raw, path)
+    counter = values.pop("counter")
+    values.pop("type")
+    cls.validate(values, path)
+    kind = cls.kind(values)
+    if counter and kind == "increment":
+        raise ConfigError(
+            f"{path}.counter", f'"{raw["type"]}" already yields increments; remove counter: true'
+        )
+    cumulative = counter or cls.cumulative(values)
+    return CollectorConfig(
+        type=raw["type"],
+        options=values,
+        counter=counter,
+        kind="increment" if counter else kind,
+        cumulative=cumulative,
+    )
+
+
+def _dimension(
+    raw: dict[str, Any], collector: CollectorConfig, path: str, interval: int
+) -> Dimension:
+    aggregate = raw["aggregate"] or ("sum" if collector.kind == "increment" else "max")
+    if collector.kind == "increment" and aggregate in LEVEL_ONLY:
+        raise ConfigError(
+            f"{path}.aggregate",
+            f"{aggregate} needs levels, but this collector yields increments; use sum",
+        )
+    return Dimension(
+        name=raw["name"],
+        collector=collector,
+        aggregate=aggregate,
+        scale=raw["scale"],
+        rounding=raw["rounding"],
+        decimals=raw["decimals"],
+        interval=raw["interval"] or interval,
+        path=path,
+    )
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The config format as JSON Schema (draft 2020-12), from the tables the loader uses."""
+    registry = registry or Registry()
+    schema = TOP.schema()
+    variants = []
+    for name in registry.names():
+        try:
+            cls = registry.get(name, "collector.type")
+        except ConfigError:
+            continue  # a broken plugin is reported by check, not by schema
+        s = collector_section(cls).schema()
+        s["properties"]["type"] = {"const": name}
+        variants.append(s)
+    dim = schema["properties"]["dimensions"]["items"]
+    dim["properties"]["collector"] = {"oneOf": variants}
+    schema.update(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://github.com/metering-agent/metering-agent/config.schema.json",
+            "title": "metering-agent config",
+        }
+    )
+    return schema

@@ -1,0 +1,501 @@
+"""A local MeterUsage + IMDSv2 service on 127.0.0.1, for sellers' offline trials and our tests.
+
+It speaks the real AWS JSON 1.1 protocol (`X-Amz-Target: AWSMPMeteringService.MeterUsage`, errors as
+`__type`), so the agent's real boto3 client talks to it unchanged, and it keeps the service's rules:
+the Timestamp is rounded down to the hour; one record per {caller, dimension, hour}; an identical
+request returns the same MeteringRecordId and a different quantity gets DuplicateRequestException;
+a ClientToken reused with other parameters gets IdempotencyConflictException; records more than
+6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles.
+
+Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
+code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
+without answering), `slow` (answer after a delay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from agent.clock import HOUR, Clock, hour_start
+
+TARGET_PREFIX = "AWSMPMeteringService."
+MAX_AGE = 6 * HOUR
+FUTURE_SLACK = 300  # a few minutes of clock skew is tolerated
+DECIMAL = re.compile(r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$")
+PRODUCT_CODE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{0,255}$")
+ACCESS_KEY = "ASIAEMULATOREXAMPLE1"
+CREDENTIAL = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
+
+
+class ServiceError(Exception):
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass
+class Record:
+    record_id: str
+    caller: str
+    product_code: str
+    dimension: str
+    hour: int
+    timestamp: float
+    quantity: Decimal
+    quantity_text: str
+    client_token: str | None
+    allocations: Any = None
+
+
+@dataclass
+class Settings:
+    region: str = "us-east-1"
+    instance_id: str = "i-0emulator0000001"
+    role: str = "metering-agent-emulator-role"
+    product_codes: set[str] | None = None  # None: any product code is known
+    dimensions: set[str] | None = None  # None: any dimension is known
+    authorized: bool = True
+    deny_code: str = "AccessDeniedException"
+    entitled: bool = True
+    dryrun_style: str = "error"  # "error": DryRunOperation error; "200": HTTP 200 answer
+    rate: float = 10.0  # requests per second per account (token bucket)
+    burst: float = 10.0
+    imds: bool = True
+
+
+@dataclass
+class Fault:
+    kind: str  # error | drop | lose | slow
+    count: int = 1
+    code: str = "InternalServiceErrorException"
+    status: int = 500
+    delay: float = 0.0
+    operation: str = "MeterUsage"
+
+
+@dataclass
+class State:
+    records: dict[tuple[str, str, str, int], Record] = field(default_factory=dict)
+    tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (fingerprint, id)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class _Drop(Exception):
+    """Close the connection without an answer."""
+
+
+class Emulator:
+    """The service state and rules; `serve()` puts it behind HTTP on 127.0.0.1."""
+
+    def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
+        self.settings = settings or Settings()
+        self.clock = clock or Clock()
+        self.state = State()
+        self.lock = threading.Lock()
+        self.bucket = TokenBucket(self.settings.rate, self.settings.burst)
+        self.server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control -------------------------------------------------------------------------------
+
+    def inject(self, kind: str, **kwargs: Any) -> None:
+        with self.lock:
+            self.state.faults.append(Fault(kind=kind, **kwargs))
+
+    def configure(self, **kwargs: Any) -> None:
+        with self.lock:
+            for key, value in kwargs.items():
+                if not hasattr(self.settings, key):
+                    raise ValueError(f"unknown emulator setting {key!r}")
+                if key in ("product_codes", "dimensions") and value is not None:
+                    value = set(value)
+                setattr(self.settings, key, value)
+            self.bucket = TokenBucket(self.settings.rate, self.settings.burst)
+
+    def records(self) -> list[Record]:
+        with self.lock:
+            return sorted(self.state.records.values(), key=lambda r: (r.hour, r.dimension))
+
+    def calls(self, outcome: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [c for c in self.state.calls if outcome is None or c["outcome"] == outcome]
+
+    def _next_fault(self, operation: str) -> Fault | None:
+        with self.lock:
+            for fault in self.state.faults:
+                if fault.operation == operation and fault.count > 0:
+                    fault.count -= 1
+                    if fault.count == 0:
+                        self.state.faults.remove(fault)
+                    return fault
+        return None
+
+    # -- MeterUsage ----------------------------------------------------------------------------
+
+    def meter_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """Apply the service's rules; returns the answer or raises ServiceError / _Drop."""
+        fault = self._next_fault("MeterUsage")
+        if fault and fault.kind == "slow":
+            time.sleep(fault.delay)
+        if fault and fault.kind == "drop":
+            raise _Drop()
+        if fault and fault.kind == "error":
+            raise ServiceError(fault.code, "injected fault", fault.status)
+        with self.lock:
+            if not self.bucket.take():
+                raise ServiceError("ThrottlingException", "Rate exceeded", 400)
+            answer = self._meter_usage(body, caller, signed_region)
+        if fault and fault.kind == "lose":
+            raise _Drop()
+        return answer
+
+    def _meter_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        s = self.settings
+        if signed_region and signed_region != s.region:
+            raise ServiceError(
+                "InvalidEndpointRegionException",
+                f"the request was signed for {signed_region}, but the instance runs in {s.region}",
+            )
+        product = body.get("ProductCode")
+        dimension = body.get("UsageDimension")
+        if not isinstance(product, str) or not PRODUCT_CODE.match(product):
+            raise ServiceError("ValidationException", "ProductCode is missing or malformed")
+        if not isinstance(dimension, str) or not 1 <= len(dimension) <= 255:
+            raise ServiceError("ValidationException", "UsageDimension is missing or malformed")
+        if "Timestamp" not in body:
+            raise ServiceError("ValidationException", "Timestamp is required")
+        if not s.authorized:
+            raise ServiceError(
+                s.deny_code,
+                f"User is not authorized to perform: aws-marketplace:MeterUsage ({caller})",
+            )
+        if s.product_codes is not None and product not in s.product_codes:
+            raise ServiceError("InvalidProductCodeException", f"unknown product code {product}")
+        if not s.entitled:
+            raise ServiceError(
+                "CustomerNotEntitledException", "the customer is not subscribed to the product"
+            )
+        quantity, quantity_text = _quantity(body)
+        timestamp = _timestamp(body["Timestamp"])
+        now = self.clock.time()
+        if timestamp < now - MAX_AGE or timestamp > now + FUTURE_SLACK:
+            raise ServiceError(
+                "TimestampOutOfBoundsException",
+                f"Timestamp {_iso(timestamp)} is outside the allowed window (now {_iso(now)})",
+            )
+        if s.dimensions is not None and dimension not in s.dimensions:
+            raise ServiceError("InvalidUsageDimensionException", f"unknown dimension {dimension}")
+        allocations = body.get("UsageAllocations")
+        if allocations is not None:
+            _check_allocations(allocations, quantity)
+        if body.get("DryRun"):
+            if s.dryrun_style == "200":
+                return {"MeteringRecordId": "DryRunOperation"}
+            raise ServiceError(
+                "DryRunOperation", "Request would have succeeded, but DryRun flag is set."
+            )
+        hour = hour_start(timestamp)
+        key = (caller, product, dimension, hour)
+        token = body.get("ClientToken")
+        fingerprint = json.dumps(
+            [product, dimension, hour, str(quantity), allocations], default=str
+        )
+        if token is not None:
+            seen = self.state.tokens.get(token)
+            if seen and seen[0] != fingerprint:
+                raise ServiceError(
+                    "IdempotencyConflictException",
+                    "ClientToken was already used with different parameters",
+                    409,
+                )
+        existing = self.state.records.get(key)
+        if existing:
+            if existing.quantity != quantity or existing.allocations != allocations:
+                raise ServiceError(
+                    "DuplicateRequestException",
+                    f"usage for {dimension} at {_iso(hour)} was already recorded "
+                    f"as {existing.quantity_text}",
+                )
+            record_id = existing.record_id
+        else:
+            record_id = str(uuid.uuid4())
+            self.state.records[key] = Record(
+                record_id, caller, product, dimension, hour, timestamp, quantity,
+                quantity_text, token, allocations,
+            )  # fmt: skip
+        if token is not None:
+            self.state.tokens[token] = (fingerprint, record_id)
+        return {"MeteringRecordId": record_id}
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def serve(self, port: int = 0) -> str:
+        """Start serving in a background thread; returns the base URL."""
+        emulator = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.emulator = emulator
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    emulator: Emulator
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read records
+        pass
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _text(self, status: int, text: str) -> None:
+        self._send(status, text.encode(), "text/plain")
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(2)
+
+    # IMDSv2 ---------------------------------------------------------------------------------
+
+    def do_PUT(self) -> None:
+        self._body()
+        if self.path != "/latest/api/token" or not self.emulator.settings.imds:
+            return self._text(404, "Not Found")
+        if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            return self._text(400, "Missing TTL header")
+        self._text(200, "emulator-imds-token-" + uuid.uuid4().hex)
+
+    def do_GET(self) -> None:
+        e = self.emulator
+        if self.path.startswith("/_emulator/"):
+            return self._control_get()
+        if not e.settings.imds or not self.path.startswith("/latest/meta-data/"):
+            return self._text(404, "Not Found")
+        if not (self.headers.get("X-aws-ec2-metadata-token") or "").startswith(
+            "emulator-imds-token-"
+        ):
+            return self._text(401, "Unauthorized")  # IMDSv2 only: no token, no answer
+        path = self.path[len("/latest/meta-data/") :]
+        s = e.settings
+        creds_path = "iam/security-credentials/"
+        answers = {
+            "placement/region": s.region,
+            "placement/availability-zone": s.region + "a",
+            "instance-id": s.instance_id,
+            creds_path: s.role,
+            creds_path.rstrip("/"): s.role,
+        }
+        if path in answers:
+            return self._text(200, answers[path])
+        if path == creds_path + s.role:
+            expires = datetime.fromtimestamp(time.time() + 6 * HOUR, tz=timezone.utc)
+            return self._send(
+                200,
+                {
+                    "Code": "Success",
+                    "LastUpdated": _iso(time.time()),
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": ACCESS_KEY,
+                    "SecretAccessKey": "emulatorsecretkeyemulatorsecretkey000000",
+                    "Token": "emulator-session-token",
+                    "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                },
+            )
+        self._text(404, "Not Found")
+
+    # MeterUsage and control ----------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        raw = self._body()
+        if self.path.startswith("/_emulator/"):
+            return self._control_post(raw)
+        target = self.headers.get("X-Amz-Target", "")
+        operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else target
+        auth = self.headers.get("Authorization", "")
+        m = CREDENTIAL.search(auth)
+        call: dict[str, Any] = {"operation": operation, "time": time.time()}
+        try:
+            if not m:
+                raise ServiceError("MissingAuthenticationTokenException", "request is not signed")
+            caller, signed_region = m.group(1), m.group(2)
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                raise ServiceError("SerializationException", "body is not JSON") from None
+            call["request"] = body
+            if operation != "MeterUsage":
+                raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
+            answer = self.emulator.meter_usage(body, caller, signed_region)
+        except _Drop:
+            call["outcome"] = "dropped"
+            self._record(call)
+            return self._drop()
+        except ServiceError as err:
+            call.update(outcome="error", code=err.code)
+            self._record(call)
+            return self._send(
+                err.status,
+                {"__type": err.code, "message": err.message},
+                "application/x-amz-json-1.1",
+            )
+        call.update(outcome="ok", answer=answer)
+        self._record(call)
+        self._send(200, answer, "application/x-amz-json-1.1")
+
+    def _record(self, call: dict[str, Any]) -> None:
+        with self.emulator.lock:
+            self.emulator.state.calls.append(call)
+
+    def _control_get(self) -> None:
+        e = self.emulator
+        if self.path == "/_emulator/records":
+            return self._send(200, [_record_json(r) for r in e.records()])
+        if self.path == "/_emulator/calls":
+            return self._send(200, e.calls())
+        self._text(404, "Not Found")
+
+    def _control_post(self, raw: bytes) -> None:
+        e = self.emulator
+        try:
+            data = json.loads(raw or b"{}")
+            if self.path == "/_emulator/faults":
+                for fault in data if isinstance(data, list) else [data]:
+                    e.inject(**fault)
+            elif self.path == "/_emulator/settings":
+                e.configure(**data)
+            else:
+                return self._text(404, "Not Found")
+        except (TypeError, ValueError) as err:
+            return self._send(400, {"error": str(err)})
+        self._send(200, {"ok": True})
+
+
+def _quantity(body: dict[str, Any]) -> tuple[Decimal, str]:
+    has_int = "UsageQuantity" in body
+    has_dec = "UsageQuantityAsDecimal" in body
+    if has_int and has_dec:
+        raise ServiceError(
+            "ValidationException", "specify UsageQuantity or UsageQuantityAsDecimal, not both"
+        )
+    if has_dec:
+        text = body["UsageQuantityAsDecimal"]
+        if not isinstance(text, str) or not DECIMAL.match(text):
+            raise ServiceError(
+                "ValidationException", f"UsageQuantityAsDecimal {text!r} is not a valid decimal"
+            )
+        return Decimal(text), text
+    value = body.get("UsageQuantity", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_147_483_647:
+        raise ServiceError("ValidationException", f"UsageQuantity {value!r} is out of range")
+    return Decimal(value), str(value)
+
+
+def _check_allocations(allocations: Any, total: Decimal) -> None:
+    if not isinstance(allocations, list) or not allocations:
+        raise ServiceError("InvalidUsageAllocationsException", "UsageAllocations must be a list")
+    summed = Decimal(0)
+    for a in allocations:
+        try:
+            if "AllocatedUsageQuantityAsDecimal" in a:
+                summed += Decimal(a["AllocatedUsageQuantityAsDecimal"])
+            else:
+                summed += Decimal(int(a["AllocatedUsageQuantity"]))
+        except (KeyError, TypeError, ValueError, InvalidOperation):
+            raise ServiceError(
+                "InvalidUsageAllocationsException", "each allocation needs a quantity"
+            ) from None
+    if summed != total:
+        raise ServiceError(
+            "InvalidUsageAllocationsException",
+            f"allocations sum to {summed}, but the usage quantity is {total}",
+        )
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise ServiceError("ValidationException", f"Timestamp {value!r} is not a timestamp")
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _record_json(r: Record) -> dict[str, Any]:
+    return {
+        "MeteringRecordId": r.record_id,
+        "Caller": r.caller,
+        "ProductCode": r.product_code,
+        "UsageDimension": r.dimension,
+        "Hour": _iso(r.hour),
+        "Timestamp": _iso(r.timestamp),
+        "Quantity": r.quantity_text,
+        "ClientToken": r.client_token,
+    }
+
+
+def settings_for(product_code: str | None, dimensions: Iterable[str] | None) -> Settings:
+    return Settings(
+        product_codes={product_code} if product_code else None,
+        dimensions=set(dimensions) if dimensions is not None else None,
+    )

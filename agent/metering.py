@@ -1,0 +1,271 @@
+"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check and MeterUsage.
+
+boto3 is imported only inside the functions that call the service, so the sampling daemon can import
+this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in a short child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from agent.aggregate import Quantity
+from agent.errors import AgentError, NotAuthorized, Unavailable
+
+log = logging.getLogger(__name__)
+
+IMDS_DEFAULT = "http://169.254.169.254"
+IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+SERVICE = "meteringmarketplace"
+
+ROLE_HINT = (
+    "attach an instance role (or ECS task role / EKS IRSA role) whose policy allows "
+    '"aws-marketplace:MeterUsage"'
+)
+ENTITLEMENT_HINT = (
+    "launch the instance from the product's AWS Marketplace subscription, and check that "
+    "product_code matches the listing"
+)
+
+# How each service answer is treated. Anything not listed is final (`rejected`).
+RETRYABLE = {
+    "ThrottlingException",
+    "InternalServiceErrorException",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "InvalidEndpointRegionException",
+    "ExpiredTokenException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+}
+UNAUTHORIZED = {"AccessDeniedException", "UnauthorizedException", "AccessDenied"}
+NOT_ENTITLED = {"CustomerNotEntitledException", "InvalidProductCodeException"}
+OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
+
+
+class ImdsError(Unavailable):
+    pass
+
+
+class Imds:
+    """A minimal IMDSv2 client (token first, never v1), honouring botocore's endpoint variable."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float = 1.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        self.endpoint = (endpoint or env.get(IMDS_ENV) or IMDS_DEFAULT).rstrip("/")
+        self.timeout = timeout
+        self._token: str | None = None
+
+    def _open(self, req: urllib.request.Request) -> str:
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return str(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            raise ImdsError(
+                f"IMDS at {self.endpoint} answered HTTP {e.code} for {req.full_url}"
+            ) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ImdsError(
+                f"IMDS at {self.endpoint} is unreachable ({reason}); not on EC2? set "
+                f"metering.region, or {IMDS_ENV} for a test IMDS"
+            ) from None
+
+    def token(self) -> str:
+        if self._token is None:
+            req = urllib.request.Request(
+                f"{self.endpoint}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            )
+            self._token = self._open(req)
+        return self._token
+
+    def get(self, path: str) -> str:
+        req = urllib.request.Request(
+            f"{self.endpoint}/latest/meta-data/{path}",
+            headers={"X-aws-ec2-metadata-token": self.token()},
+        )
+        return self._open(req).strip()
+
+    def region(self) -> str:
+        return self.get("placement/region")
+
+    def instance_id(self) -> str:
+        return self.get("instance-id")
+
+
+def resolve_region(
+    configured: str, env: Mapping[str, str] | None = None, imds: Imds | None = None
+) -> tuple[str, str]:
+    """(region, where it came from): config, then $AWS_REGION, $AWS_DEFAULT_REGION, then IMDS."""
+    env = os.environ if env is None else env
+    if configured and configured != "auto":
+        return configured, "config metering.region"
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if env.get(var):
+            return env[var], f"${var}"
+    imds = imds or Imds(env=env)
+    return imds.region(), "IMDS placement/region"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one MeterUsage (or DryRun) call ended, in the ledger's terms."""
+
+    status: str  # sent | retry | unauthorized | expired | rejected | dryrun_ok
+    record_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        if self.code is None:
+            return None
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+
+def classify(code: str, http_status: int | None) -> str:
+    """Map a service error code to what the ledger does with the hour."""
+    if code in UNAUTHORIZED:
+        return "unauthorized"
+    if code == OUT_OF_BOUNDS:
+        return "expired"
+    if code in RETRYABLE or (http_status is not None and http_status >= 500):
+        return "retry"
+    return "rejected"
+
+
+class MeteringClient:
+    """A meteringmarketplace client signed by the default credential chain."""
+
+    def __init__(
+        self,
+        region: str,
+        endpoint_url: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 15.0,
+    ) -> None:
+        # botocore falls back to IMDSv1 unless told not to; SPEC says IMDSv2 only.
+        os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.region = region
+        self.session = boto3.session.Session(region_name=region)
+        self.client: Any = self.session.client(
+            SERVICE,
+            endpoint_url=endpoint_url,
+            config=BotoConfig(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                # Retries are the ledger's job: it keeps the sealed request and the backoff
+                # state across restarts, which botocore's in-memory retries cannot.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                user_agent_extra="metering-agent",
+            ),
+        )
+
+    def has_credentials(self) -> bool:
+        try:
+            return self.session.get_credentials() is not None
+        except Exception as e:  # botocore raises many kinds while fetching from IMDS/ECS
+            log.warning("credential lookup failed: %s", e)
+            return False
+
+    def call(self, request: Mapping[str, Any]) -> Outcome:
+        """One MeterUsage call; never raises for anything the network or service does."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+        )
+
+        try:
+            resp = self.client.meter_usage(**request)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code") or "Unknown")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = str(err.get("Message") or "")
+            if code == "DryRunOperation":
+                return Outcome("dryrun_ok", code=code, message=message)
+            return Outcome(classify(code, status), code=code, message=message)
+        except NoCredentialsError as e:
+            return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
+        except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
+            return Outcome("retry", code=type(e).__name__, message=str(e))
+        record_id = resp.get("MeteringRecordId")
+        if record_id == "DryRunOperation":
+            return Outcome("dryrun_ok", record_id=record_id)
+        return Outcome("sent", record_id=record_id)
+
+    def meter_usage(
+        self,
+        product_code: str,
+        dimension: str,
+        timestamp: float,
+        quantity: Quantity,
+        client_token: str,
+    ) -> Outcome:
+        return self.call(build_request(product_code, dimension, timestamp, quantity, client_token))
+
+    def dry_run(self, product_code: str, dimension: str, quantity: Quantity, now: float) -> Outcome:
+        request = build_request(product_code, dimension, now, quantity, None)
+        request["DryRun"] = True
+        return self.call(request)
+
+
+def build_request(
+    product_code: str,
+    dimension: str,
+    timestamp: float,
+    quantity: Quantity,
+    client_token: str | None,
+) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "ProductCode": product_code,
+        "Timestamp": datetime.fromtimestamp(int(timestamp), tz=timezone.utc),
+        "UsageDimension": dimension,
+        **quantity.request_fields(),
+    }
+    if client_token:
+        request["ClientToken"] = client_token
+    return request
+
+
+def dry_run_verdict(outcome: Outcome) -> str:
+    """Turn a DryRun outcome into a one-line verdict, or raise the error `check` exits with."""
+    if outcome.status == "dryrun_ok":
+        how = "HTTP 200" if outcome.record_id else "DryRunOperation error"
+        return f"MeterUsage DryRun: permitted ({how})"
+    code, text = outcome.code or "", outcome.error or "unknown error"
+    if code in UNAUTHORIZED:
+        raise NotAuthorized(f"MeterUsage DryRun: not authorized ({text}); {ROLE_HINT}")
+    if code in NOT_ENTITLED:
+        raise NotAuthorized(f"MeterUsage DryRun: {text}; {ENTITLEMENT_HINT}")
+    if code == "InvalidEndpointRegionException":
+        raise Unavailable(
+            f"MeterUsage DryRun: {text}; the endpoint must be in the instance's region "
+            "(check metering.region / metering.endpoint_url)"
+        )
+    if code == "NoCredentials":
+        raise Unavailable(f"MeterUsage DryRun: no AWS credentials found; {ROLE_HINT}")
+    if outcome.status == "retry":
+        raise Unavailable(f"MeterUsage DryRun: service unreachable or failing ({text})")
+    if code == "InvalidUsageDimensionException":
+        raise AgentError(
+            f"MeterUsage DryRun: {text}; every dimensions[].name must be a dimension of the listing"
+        )
+    raise AgentError(f"MeterUsage DryRun: the service refused the request ({text})")
