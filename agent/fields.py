@@ -35,7 +35,7 @@ def describe(value: Any) -> str:
 
 
 def suggest(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
     return f'; did you mean "{close[0]}"?' if close else ""
 
 
@@ -286,7 +286,7 @@ class Section(Spec):
                 where = f"{path}.{key}" if path else str(key)
                 listing = ", ".join(known)
                 hint = suggest(key, known) if isinstance(key, str) else ""
-                raise ConfigError(where, f"unknown key (known: {listing}){hint}")
+                raise ConfigError(where, f"unknown key (known: {listing}{hint})")
         out: dict[str, Any] = {}
         for key, field in self.fields.items():
             where = f"{path}.{key}" if path else key

@@ -164,8 +164,8 @@ class MeteringClient:
 
         self.region = region
         self.session = boto3.session.Session(region_name=region)
-        self.client: Any = self.session.client(
-            SERVICE,
+        self._client: Any = None
+        self._client_args = dict(
             endpoint_url=endpoint_url,
             config=BotoConfig(
                 connect_timeout=connect_timeout,
@@ -176,6 +176,14 @@ class MeteringClient:
                 user_agent_extra="metering-agent",
             ),
         )
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made on first use: botocore may consult IMDS while making it, and
+        that failure belongs to a call's outcome, not to start-up."""
+        if self._client is None:
+            self._client = self.session.client(SERVICE, **self._client_args)
+        return self._client
 
     def has_credentials(self) -> bool:
         try:
@@ -189,11 +197,14 @@ class MeteringClient:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
+            MetadataRetrievalError,
             NoCredentialsError,
         )
 
         try:
             resp = self.client.meter_usage(**request)
+        except MetadataRetrievalError as e:
+            return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code") or "Unknown")

@@ -96,6 +96,8 @@ class Sampler:
             return self.start_errors[dim.name]
         try:
             self.collectors[dim.name].probe()
+        except SourceMissing as e:
+            return f"source missing: {e}"
         except CollectorError as e:
             return str(e)
         return None

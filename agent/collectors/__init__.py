@@ -76,7 +76,7 @@ class Registry:
             known = self.names()
             raise ConfigError(
                 path,
-                f'unknown collector type "{name}" (known: {", ".join(known)}){suggest(name, known)}'
+                f'unknown collector type "{name}" (known: {", ".join(known)}{suggest(name, known)})'
                 f"; third-party collectors register under the entry-point group {GROUP}",
             )
         module_name, _, attr = target.partition(":")

@@ -1,0 +1,84 @@
+"""Test doubles: a clock you move by hand and a psutil that answers what you tell it."""
+
+from __future__ import annotations
+
+import threading
+from collections import namedtuple
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+from agent.clock import Clock
+
+VM = namedtuple("VM", "total available used")
+Disk = namedtuple("Disk", "total used free")
+Net = namedtuple("Net", "bytes_sent bytes_recv")
+
+
+class FakeClock(Clock):
+    """A clock that only moves when told to."""
+
+    def __init__(self, t: float = 1_800_000_000.0) -> None:  # 2027-01-15T08:00:00Z
+        super().__init__()
+        self.t = float(t)
+        self.slept: list[float] = []
+
+    def time(self) -> float:
+        return self.t
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.t, tz=timezone.utc)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    def sleep(self, seconds: float, stop: threading.Event | None = None) -> bool:
+        self.slept.append(seconds)
+        self.t += seconds
+        return bool(stop and stop.is_set())
+
+    @property
+    def is_real(self) -> bool:
+        return False
+
+
+class FakePsutil:
+    """Just enough of psutil's surface for the system collector."""
+
+    def __init__(self) -> None:
+        self.cpus = 4
+        self.percent = 12.5
+        self.percent_calls = 0
+        self.vm = VM(total=8 * 2**30, available=6 * 2**30, used=1 * 2**30)
+        self.disks: dict[str, Disk] = {"/": Disk(100 * 2**30, 25 * 2**30, 75 * 2**30)}
+        self.net = Net(1000, 5000)
+        self.procs = ["systemd", "nginx", "nginx", "python3"]
+        self.user_list: list[Any] = [object(), object()]
+        self.boot = 1_700_000_000.0
+
+    def cpu_count(self, logical: bool = True) -> int:
+        return self.cpus
+
+    def cpu_percent(self, interval: float | None = None) -> float:
+        self.percent_calls += 1
+        return self.percent
+
+    def virtual_memory(self) -> VM:
+        return self.vm
+
+    def disk_usage(self, path: str) -> Disk:
+        if path not in self.disks:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return self.disks[path]
+
+    def net_io_counters(self) -> Net:
+        return self.net
+
+    def process_iter(self, attrs: list[str]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(info={"name": n}) for n in self.procs]
+
+    def users(self) -> list[Any]:
+        return self.user_list
+
+    def boot_time(self) -> float:
+        return self.boot

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from botocore.stub import Stubber
+
+from agent.aggregate import Quantity
+from agent.emulator import Emulator
+from agent.errors import AgentError, NotAuthorized, Unavailable
+from agent.metering import (
+    Imds,
+    ImdsError,
+    MeteringClient,
+    Outcome,
+    classify,
+    dry_run_verdict,
+    resolve_region,
+)
+from tests.conftest import PRODUCT
+
+
+class TestRegion:
+    def test_config_wins(self) -> None:
+        env = {"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-2"}
+        assert resolve_region("ap-south-1", env) == ("ap-south-1", "config metering.region")
+
+    def test_aws_region_then_default_region(self) -> None:
+        env = {"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-2"}
+        assert resolve_region("auto", env)[0] == "eu-west-1"
+        assert resolve_region("auto", {"AWS_DEFAULT_REGION": "eu-west-2"})[0] == "eu-west-2"
+
+    def test_imds_last(self, emulator: Emulator) -> None:
+        emulator.configure(region="sa-east-1")
+        env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
+        assert resolve_region("auto", env) == ("sa-east-1", "IMDS placement/region")
+
+    def test_imds_unreachable_is_unavailable(self) -> None:
+        with pytest.raises(ImdsError, match="unreachable") as info:
+            resolve_region("auto", {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9"})
+        assert info.value.exit_code == 69
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("ThrottlingException", 400, "retry"),
+        ("InternalServiceErrorException", 500, "retry"),
+        ("SomethingNew", 503, "retry"),
+        ("InvalidEndpointRegionException", 400, "retry"),
+        ("AccessDeniedException", 400, "unauthorized"),
+        ("UnauthorizedException", 401, "unauthorized"),
+        ("TimestampOutOfBoundsException", 400, "expired"),
+        ("DuplicateRequestException", 400, "rejected"),
+        ("IdempotencyConflictException", 409, "rejected"),
+        ("CustomerNotEntitledException", 400, "rejected"),
+        ("InvalidUsageDimensionException", 400, "rejected"),
+    ],
+)
+def test_error_classes_through_a_stubbed_client(
+    code: str, status: int, expected: str, static_credentials: None
+) -> None:
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9")
+    with Stubber(client.client) as stub:
+        stub.add_client_error("meter_usage", service_error_code=code, http_status_code=status)
+        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+    assert (outcome.status, outcome.code) == (expected, code)
+    assert classify(code, status) == expected
+
+
+@pytest.fixture
+def static_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSTUB")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stub")
+
+
+def test_request_carries_sealed_fields_exactly(static_credentials: None) -> None:
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9")
+    with Stubber(client.client) as stub:
+        stub.add_response(
+            "meter_usage",
+            {"MeteringRecordId": "rec-1"},
+            {
+                "ProductCode": PRODUCT,
+                "Timestamp": datetime(2027, 1, 15, 8, 59, 0, tzinfo=timezone.utc),
+                "UsageDimension": "gb",
+                "UsageQuantityAsDecimal": "1.250",
+                "ClientToken": "sealed-token",
+            },
+        )
+        ts = datetime(2027, 1, 15, 8, 59, 0, 900000, tzinfo=timezone.utc).timestamp()
+        outcome = client.meter_usage(PRODUCT, "gb", ts, Quantity("1.250"), "sealed-token")
+    assert outcome == Outcome("sent", record_id="rec-1")
+
+
+@pytest.mark.parametrize("style", ["error", "200"])
+def test_dry_run_success_in_both_styles(emulator: Emulator, style: str) -> None:
+    emulator.configure(dryrun_style=style)
+    client = MeteringClient("us-east-1", emulator.url)
+    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), datetime.now(timezone.utc).timestamp())
+    assert out.status == "dryrun_ok"
+    assert "permitted" in dry_run_verdict(out)
+    assert emulator.records() == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "text"),
+    [
+        ({"authorized": False}, NotAuthorized, "aws-marketplace:MeterUsage"),
+        (
+            {"authorized": False, "deny_code": "UnauthorizedException"},
+            NotAuthorized,
+            "instance role",
+        ),
+        ({"entitled": False}, NotAuthorized, "subscription"),
+        ({"product_codes": {"someotherproduct"}}, NotAuthorized, "product_code matches"),
+        ({"region": "eu-west-1"}, Unavailable, "instance's region"),
+        ({"dimensions": {"other"}}, AgentError, "dimension of the listing"),
+    ],
+)
+def test_dry_run_refusals(emulator: Emulator, settings: dict, error: type, text: str) -> None:
+    emulator.configure(**settings)
+    client = MeteringClient("us-east-1", emulator.url)
+    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), datetime.now(timezone.utc).timestamp())
+    with pytest.raises(error, match=text) as info:
+        dry_run_verdict(out)
+    assert info.value.exit_code == error.exit_code
+
+
+def test_dry_run_with_nothing_listening_is_unavailable() -> None:
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9", connect_timeout=1)
+    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), 1_800_000_000)
+    assert out.status == "retry"
+    with pytest.raises(Unavailable):
+        dry_run_verdict(out)
+
+
+def test_no_credentials_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # IMDS points at a closed port: the default chain finds nothing
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9")
+    assert not client.has_credentials()
+    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), 1_800_000_000)
+    assert out.code == "NoCredentials"
+    with pytest.raises(Unavailable, match="no AWS credentials"):
+        dry_run_verdict(out)
+
+
+def test_imds_token_is_fetched_once(emulator: Emulator) -> None:
+    imds = Imds(emulator.url)
+    imds.region()
+    imds.instance_id()
+    puts = [c for c in emulator.calls() if c.get("operation") == "token"]
+    assert puts == []  # token PUTs are not MeterUsage calls
+    assert imds._token is not None
