@@ -11,16 +11,18 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.aggregate import to_quantity
 from agent.clock import Clock
-from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
+from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 
 log = logging.getLogger("agent")
 
@@ -73,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="the daemon: sample, seal hours, send",
+    )
+    add_clock_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "send",
+        parents=[common],
+        help="send the pending hours that are due now, then exit (what `run` does each hour)",
+    )
+    p.add_argument(
+        "--flush", action="store_true", help="send every pending hour now, ignoring send slots"
+    )
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    add_clock_options(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", parents=[common], help="hours in the ledger and metering health")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hours", type=int, default=24, help="how many hours back to list (default 24)")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
     p.set_defaults(func=cmd_schema)
 
@@ -98,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_clock_options(p: argparse.ArgumentParser) -> None:
-    # For demos and tests: the same engine on a faster clock. Never needed in production.
-    p.add_argument("--clock-rate", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument("--clock-start", type=float, default=None, help=argparse.SUPPRESS)
+    # For the demo and tests: the same engine on a faster clock (RATE[:ORIGIN[:WALL0]]).
+    # Production never passes it.
+    p.add_argument("--clock", default=None, help=argparse.SUPPRESS)
 
 
 def make_clock(args: argparse.Namespace) -> Clock:
-    return Clock(rate=args.clock_rate, origin=args.clock_start)
+    try:
+        return Clock.from_spec(getattr(args, "clock", None))
+    except (TypeError, ValueError):
+        raise AgentError(f"--clock {args.clock!r}: expected RATE[:ORIGIN[:WALL0]]") from None
 
 
 def setup_logging(level: str) -> None:
@@ -115,6 +145,8 @@ def setup_logging(level: str) -> None:
     )
     # botocore announces every credential lookup at INFO; only its problems interest an operator.
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    # APScheduler logs every job run at INFO: one line per sample round is noise in a journal.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -194,12 +226,73 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     sampler = Sampler(cfg)
     clock = Clock()
+    ledger = open_ledger_readonly(cfg.state_dir)
     for dim in cfg.dimensions:
-        s = sampler.take(dim, clock.time(), None)
+        saved = ledger.position(dim.name) if ledger else None
+        s = sampler.take(dim, clock.time(), saved)
         if s.error:
             print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
             continue
         print(f"{dim.name} {_num(s.value)}  (raw {_num(s.raw)}, {dim.aggregate})")
+    return EX_OK
+
+
+def open_ledger_readonly(state_dir: Path) -> Any:
+    """The ledger for reading, or None when there is none yet; never creates or writes one."""
+    from agent.ledger import LEDGER_FILE, Ledger
+
+    if not (Path(state_dir) / LEDGER_FILE).exists():
+        return None
+    try:
+        return Ledger(state_dir, readonly=True)
+    except sqlite3.Error as e:
+        raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
+
+
+# -- run / send -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import Daemon
+
+    cfg = load_config(args)
+    return Daemon(cfg, make_clock(args)).run()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
+    from agent import metering
+    from agent.daemon import StateLock
+    from agent.ledger import Ledger
+    from agent.sending import Sender, note_unreachable
+
+    cfg = load_config(args)
+    clock = make_clock(args)
+    StateLock(Path(cfg.state_dir), name="send.lock").acquire(wait=True)
+    ledger = Ledger(cfg.state_dir)
+    try:
+        region, _ = metering.resolve_region(cfg.metering.region)
+    except Unavailable as e:
+        note_unreachable(ledger, cfg, clock.time(), str(e))
+        return EX_UNAVAILABLE
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    report = Sender(ledger, cfg, client, clock).run(flush=args.flush, deadline=args.deadline)
+    ledger.close()
+    if report.paused:
+        return EX_NOPERM
+    return EX_UNAVAILABLE if report.retry else EX_OK
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent import status
+
+    cfg = load_config(args)
+    ledger = open_ledger_readonly(cfg.state_dir)
+    report = status.collect(ledger, cfg, Clock(), hours=args.hours)
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
     return EX_OK
 
 

@@ -17,12 +17,29 @@ HOUR = 3600
 class Clock:
     """UTC wall clock, optionally shifted and sped up: now = origin + (wall - wall0) * rate."""
 
-    def __init__(self, rate: float = 1.0, origin: float | None = None) -> None:
+    def __init__(
+        self, rate: float = 1.0, origin: float | None = None, wall0: float | None = None
+    ) -> None:
         if rate <= 0:
             raise ValueError("clock rate must be positive")
         self.rate = rate
-        self._wall0 = time.time()
+        self._wall0 = time.time() if wall0 is None else wall0
         self._origin = self._wall0 if origin is None else origin
+
+    @classmethod
+    def from_spec(cls, spec: str | None) -> Clock:
+        """`RATE[:ORIGIN[:WALL0]]`, so processes that share a spec share one clock."""
+        if not spec:
+            return cls()
+        parts = [float(p) for p in spec.split(":")]
+        return cls(*parts)
+
+    @property
+    def spec(self) -> str | None:
+        """What `from_spec` needs to rebuild this clock in another process (None: real time)."""
+        if self.is_real:
+            return None
+        return f"{self.rate!r}:{self._origin!r}:{self._wall0!r}"
 
     def time(self) -> float:
         """Seconds since the epoch on this clock."""
@@ -37,6 +54,10 @@ class Clock:
     def to_wall(self, t: float) -> float:
         """The real epoch second at which this clock will read `t` (for schedulers)."""
         return self._wall0 + (t - self._origin) / self.rate
+
+    def from_wall(self, wall: float) -> float:
+        """What this clock reads at the real epoch second `wall`."""
+        return self._origin + (wall - self._wall0) * self.rate
 
     def sleep(self, seconds: float, stop: threading.Event | None = None) -> bool:
         """Sleep `seconds` of this clock's time; returns True if `stop` was set meanwhile."""

@@ -1,0 +1,321 @@
+"""`run`: wires clock, collectors, ledger and sender into APScheduler jobs; signals; the stop flush.
+
+Jobs (all on the injected clock, through ClockTrigger):
+- one sampling job per distinct interval: read, store each sample with its position, then seal;
+- a boundary job at every hour: seal (sealing also runs after each round and at start-up, and looks
+  at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour);
+- a send tick: when the ledger has work due (an hour past its per-instance send slot, a retry, a
+  DryRun), run `metering-agent send` as a short-lived child. boto3 is loaded only there, so the
+  sampling process stays small.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from agent import health, sealing
+from agent.clock import HOUR, Clock, hour_start, iso
+from agent.config import Config, Dimension
+from agent.errors import LockHeld
+from agent.ledger import Ledger, move_aside
+from agent.metering import Imds, ImdsError
+from agent.sampling import Sampler
+from agent.sending import work_due
+
+log = logging.getLogger(__name__)
+
+SEND_TICK = 15  # seconds of clock time between checks for due work
+STOP_FLUSH = 30  # seconds the stop flush may spend sending
+SENDER_TIMEOUT = 600  # a send child that runs longer than this is killed (it is safe to)
+
+
+class ClockTrigger(BaseTrigger):
+    """Fires at every multiple of `period` (+ `phase`) on the agent's clock, which may be faster
+    than the wall clock APScheduler sleeps on (demo) or equal to it (production)."""
+
+    def __init__(self, clock: Clock, period: float, phase: float = 0.0) -> None:
+        self.clock, self.period, self.phase = clock, period, phase
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
+        base = self.clock.time()
+        if previous_fire_time is not None:
+            base = max(base, self.clock.from_wall(previous_fire_time.timestamp()))
+        k = math.floor((base - self.phase) / self.period + 1e-9) + 1
+        wall = self.clock.to_wall(k * self.period + self.phase)
+        return datetime.fromtimestamp(wall, tz=timezone.utc)
+
+    def __str__(self) -> str:
+        return f"every {self.period}s (+{self.phase}s) on the agent clock"
+
+
+def snap(t: float, interval: int) -> float:
+    """Put a reading taken a hair before or after its instant on the instant itself, so a round
+    fired at 09:59:59.999 for 10:00 lands in the 10:00 hour."""
+    grid = round(t / interval) * interval
+    return float(grid) if abs(t - grid) <= min(1.0, interval / 4) else t
+
+
+class StateLock:
+    """An exclusive flock on <state_dir>/lock: one `run` per state directory."""
+
+    def __init__(self, state_dir: Path, name: str = "lock") -> None:
+        self.path = state_dir / name
+        self._file: IO[str] | None = None
+
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock for this process's lifetime; `wait` blocks instead of failing."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            self._file.close()
+            raise LockHeld(
+                f"another metering-agent run holds {self.path}; stop it first "
+                "(systemctl stop metering-agent)"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+
+def resolve_identity(ledger: Ledger, imds: Imds, state_dir: Path, now: float) -> Ledger:
+    """One instance, one ledger. A ledger that names another instance (baked into an AMI on the
+    seller's build instance) is moved aside unsent and a fresh one started."""
+    try:
+        instance_id: str | None = imds.instance_id()
+    except ImdsError as e:
+        log.info("no IMDS instance id (%s)", e)
+        instance_id = None
+    known = ledger.get_meta("instance_id")
+    source = ledger.get_meta("instance_id_source")
+    if instance_id and known and known != instance_id and source == "imds":
+        ledger.close()
+        moved = move_aside(state_dir, f"instance-{known}", now)
+        log.warning(
+            "the ledger belongs to instance %s, this is %s (an image baked with state?): moved "
+            "it to %s and started a fresh one; nothing from it will be sent",
+            known,
+            instance_id,
+            moved,
+        )
+        ledger = Ledger(state_dir)
+        known = None
+    if instance_id and known != instance_id:
+        ledger.update_meta(instance_id=instance_id, instance_id_source="imds")
+    elif not known:
+        ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
+    return ledger
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock,
+        sampler: Sampler | None = None,
+        imds: Imds | None = None,
+        sender_command: Callable[[bool, float | None], list[str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.sampler = sampler or Sampler(config)
+        self.imds = imds or Imds()
+        self.sender_command = sender_command or self._default_sender_command
+        self.state_dir = Path(config.state_dir)
+        self.stop_event = threading.Event()
+        self.ledger: Ledger | None = None
+        self.offset = 0.0
+        self.scheduler: Any = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._child_lock = threading.Lock()
+        self._round_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        StateLock(self.state_dir).acquire()
+        now = self.clock.time()
+        self.ledger = resolve_identity(Ledger(self.state_dir), self.imds, self.state_dir, now)
+        instance_id = self.ledger.get_meta("instance_id")
+        self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
+        if self.config.metering.startup_check:
+            self.ledger.update_meta(dryrun_due=now)
+        log.info(
+            "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
+            "after each hour",
+            self.config.product_code,
+            len(self.config.dimensions),
+            instance_id,
+            self.offset,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.seal()
+        for interval in sorted({d.interval for d in self.config.dimensions}):
+            self.sample_round(interval)
+        self.ledger.prune(now)
+        self._start_scheduler()
+        while not self.stop_event.wait(1.0):
+            pass
+        self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def _start_scheduler(self) -> None:
+        scheduler = BackgroundScheduler(
+            timezone=timezone.utc,
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+        for interval in sorted({d.interval for d in self.config.dimensions}):
+            scheduler.add_job(
+                self.sample_round,
+                ClockTrigger(self.clock, interval),
+                args=[interval],
+                id=f"sample-{interval}s",
+            )
+        scheduler.add_job(self.seal, ClockTrigger(self.clock, HOUR), id="seal")
+        scheduler.add_job(
+            self.send_tick,
+            ClockTrigger(self.clock, SEND_TICK),
+            id="send",
+            next_run_time=datetime.now(timezone.utc),  # at once: start-up DryRun, leftovers
+        )
+        scheduler.start()
+        self.scheduler = scheduler
+
+    def shutdown(self) -> None:
+        """Stop sampling, seal the partial hour, send what is pending for at most 30 s."""
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self._stop_child(grace=5.0)
+        assert self.ledger is not None
+        with self._round_lock:  # a round in progress finishes its write first
+            stop = self.clock.time()
+            for dim in self.config.dimensions:
+                self.ledger.clip_last_span(dim.name, stop)
+            sealing.seal_hours(self.ledger, self.config, stop, self.offset, include_current=True)
+        health.write(self.state_dir, self.ledger)
+        if self.ledger.pending():
+            self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
+        left = len(self.ledger.pending())
+        log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
+        self.ledger.close()
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def sample_round(self, interval: int) -> None:
+        """Sample every dimension on this interval, store each with its position, then seal."""
+        if self.stop_event.is_set():
+            return
+        assert self.ledger is not None
+        with self._round_lock:
+            t = snap(self.clock.time(), interval)
+            for dim in self.config.dimensions:
+                if dim.interval == interval:
+                    self._sample(dim, t)
+            self.seal()
+
+    def _sample(self, dim: Dimension, t: float) -> None:
+        assert self.ledger is not None
+        sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
+        if sample.error or sample.value is None:
+            log.warning("dimension %s: collector failed: %s", dim.name, sample.error)
+            self.ledger.record_collector_error(dim.name, t, sample.error or "no value")
+            return
+        hour = self.ledger.record_sample(
+            dim.name,
+            t,
+            sample.value,
+            sealing.span_for(t, dim.interval),
+            sample.state,
+            carry=sealing.carries(dim),
+        )
+        if hour is None:
+            log.warning(
+                "dimension %s: sample at %s is for an hour already sealed; dropped (%s cannot "
+                "carry into the next hour)",
+                dim.name,
+                iso(t),
+                dim.aggregate,
+            )
+        elif hour != hour_start(t):
+            log.info(
+                "dimension %s: sample at %s carried into hour %s (its own hour is sealed)",
+                dim.name,
+                iso(t),
+                iso(hour),
+            )
+
+    def seal(self) -> None:
+        assert self.ledger is not None
+        if sealing.seal_hours(self.ledger, self.config, self.clock.time(), self.offset):
+            health.write(self.state_dir, self.ledger)
+
+    def send_tick(self) -> None:
+        assert self.ledger is not None
+        if self.stop_event.is_set() or not work_due(self.ledger, self.clock.time()):
+            return
+        self._run_sender(flush=False, deadline=None)
+
+    # -- the sender child --------------------------------------------------------------------
+
+    def _default_sender_command(self, flush: bool, deadline: float | None) -> list[str]:
+        cmd = [sys.executable, "-m", "agent", "send", "-c", str(self.config.source.resolve())]
+        cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+        if flush:
+            cmd.append("--flush")
+        if deadline is not None:
+            cmd += ["--deadline", repr(deadline)]
+        if self.clock.spec:
+            cmd += ["--clock", self.clock.spec]
+        return cmd
+
+    def _run_sender(self, flush: bool, deadline: float | None) -> int | None:
+        cmd = self.sender_command(flush, deadline)
+        with self._child_lock:
+            if self._child is not None:
+                return None  # one sender at a time; the running one does the work
+            self._child = subprocess.Popen(cmd)
+        child = self._child
+        timeout = SENDER_TIMEOUT if deadline is None else STOP_FLUSH + 10
+        try:
+            return child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("send process %d ran over %d s; killed (it will resend)", child.pid, timeout)
+            child.kill()
+            return child.wait()
+        finally:
+            with self._child_lock:
+                self._child = None
+
+    def _stop_child(self, grace: float) -> None:
+        with self._child_lock:
+            child = self._child
+        if child is None:
+            return
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            child.wait()

@@ -1,0 +1,430 @@
+"""The only SQLite user: samples, collector positions, sealed hours, send state, health facts.
+
+Durability rules it enforces:
+- a sample and the collector position that produced it commit in one transaction;
+- a sealed hour's request fields (quantity, Timestamp, ClientToken, ...) never change: a trigger
+  aborts any UPDATE of them, so every retry after any restart sends the identical request;
+- WAL mode, so `status` can read while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from agent.aggregate import Point, Quantity
+from agent.clock import HOUR, hour_start
+
+SCHEMA_VERSION = 1
+LEDGER_FILE = "ledger.db"
+KEEP_SEALED_DAYS = 90
+
+STATES = ("pending", "sent", "rejected", "expired")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+    CREATE TABLE samples (
+        id INTEGER PRIMARY KEY,
+        dimension TEXT NOT NULL,
+        hour INTEGER NOT NULL,          -- the hour it counts in (carried: a later one)
+        t REAL NOT NULL,                -- when it was taken
+        value TEXT NOT NULL,            -- decimal
+        span REAL NOT NULL              -- seconds it stands for (integral)
+    );
+    CREATE INDEX samples_by_hour ON samples (dimension, hour);
+    CREATE TABLE positions (
+        dimension TEXT PRIMARY KEY,
+        state TEXT NOT NULL,            -- JSON: collector position, counter baseline + boot time
+        t REAL NOT NULL
+    );
+    CREATE TABLE hours (
+        dimension TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        product_code TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        is_decimal INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,     -- the MeterUsage Timestamp, whole seconds
+        client_token TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        raw TEXT NOT NULL,              -- the aggregate before scale and rounding, for audits
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'rejected', 'expired')),
+        record_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sealed_at REAL NOT NULL,
+        next_attempt REAL NOT NULL,
+        done_at REAL,
+        PRIMARY KEY (dimension, hour)
+    );
+    CREATE INDEX hours_pending ON hours (state, hour);
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
+    CREATE TABLE dimension_status (
+        dimension TEXT PRIMARY KEY,
+        last_t REAL,
+        last_value TEXT,
+        last_error TEXT,
+        error_t REAL,
+        errors INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+}
+
+
+@dataclass(frozen=True)
+class SealedHour:
+    dimension: str
+    hour: int
+    product_code: str
+    quantity: Quantity
+    timestamp: int
+    client_token: str
+    samples: int
+    raw: str
+    state: str
+    record_id: str | None
+    attempts: int
+    last_error: str | None
+    sealed_at: float
+    next_attempt: float
+    done_at: float | None
+
+
+@dataclass(frozen=True)
+class DimensionStatus:
+    dimension: str
+    last_t: float | None
+    last_value: str | None
+    last_error: str | None
+    error_t: float | None
+    errors: int
+    dropped: int
+
+
+class Ledger:
+    """One SQLite database in `state_dir`; thread-safe through one lock around one connection."""
+
+    def __init__(self, state_dir: Path, readonly: bool = False) -> None:
+        self.path = Path(state_dir) / LEDGER_FILE
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly:
+            uri = f"file:{self.path}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a transaction that returned is on disk, even across power loss.
+            self.db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        self.db.execute("PRAGMA busy_timeout=30000")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: writers (sampler, sealer, sender) are serialised."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                from agent.errors import AgentError
+
+                raise AgentError(
+                    f"{self.path}: ledger schema {version} is newer than this agent "
+                    f"understands ({SCHEMA_VERSION}); install the newer metering-agent again"
+                )
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _split_sql(_MIGRATIONS[v]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {v}")
+
+    # -- meta ------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None or row[0] is None else json.loads(row[0])
+
+    def set_meta(self, db: sqlite3.Connection, key: str, value: Any) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def update_meta(self, **values: Any) -> None:
+        with self.transaction() as db:
+            for key, value in values.items():
+                self.set_meta(db, key, value)
+
+    # -- samples -----------------------------------------------------------------------------
+
+    def position(self, dimension: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT state FROM positions WHERE dimension = ?", (dimension,)
+            ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def record_sample(
+        self,
+        dimension: str,
+        t: float,
+        value: Decimal,
+        span: float,
+        state: dict[str, Any] | None,
+        carry: bool,
+    ) -> int | None:
+        """Store a sample with its collector position, atomically; returns the hour it went to.
+
+        A sample whose hour is already sealed goes to the next open hour when `carry` (sum and
+        integral), else it is dropped and counted. Either way the position advances with it, so
+        the same usage is never read twice.
+        """
+        with self.transaction() as db:
+            hour: int | None = hour_start(t)
+            while hour is not None and self._is_sealed(db, dimension, hour):
+                hour = hour + HOUR if carry else None
+            if hour is None:
+                db.execute(
+                    "INSERT INTO dimension_status (dimension, dropped) VALUES (?, 1) "
+                    "ON CONFLICT (dimension) DO UPDATE SET dropped = dropped + 1",
+                    (dimension,),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
+                    (dimension, hour, t, str(value), span),
+                )
+            if state is not None:
+                db.execute(
+                    "INSERT INTO positions (dimension, state, t) VALUES (?, ?, ?) "
+                    "ON CONFLICT (dimension) DO UPDATE SET state = excluded.state, t = excluded.t",
+                    (dimension, json.dumps(state), t),
+                )
+            db.execute(
+                "INSERT INTO dimension_status (dimension, last_t, last_value) VALUES (?, ?, ?) "
+                "ON CONFLICT (dimension) DO UPDATE SET last_t = excluded.last_t, "
+                "last_value = excluded.last_value",
+                (dimension, t, str(value)),
+            )
+        return hour
+
+    def record_collector_error(self, dimension: str, t: float, error: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO dimension_status (dimension, last_error, error_t, errors) "
+                "VALUES (?, ?, ?, 1) ON CONFLICT (dimension) DO UPDATE SET "
+                "last_error = excluded.last_error, error_t = excluded.error_t, "
+                "errors = errors + 1",
+                (dimension, error, t),
+            )
+
+    def clip_last_span(self, dimension: str, stop: float) -> None:
+        """At a stop, the newest sample stands only until the stop (integral)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE samples SET span = MAX(0, MIN(span, ? - t)) WHERE id = "
+                "(SELECT id FROM samples WHERE dimension = ? ORDER BY t DESC LIMIT 1)",
+                (stop, dimension),
+            )
+
+    @staticmethod
+    def _is_sealed(db: sqlite3.Connection, dimension: str, hour: int) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+        ).fetchone()
+        return row is not None
+
+    def unsealed_hours(self, db: sqlite3.Connection, before: int) -> list[tuple[str, int]]:
+        """(dimension, hour) pairs with samples, for hours that start before `before`."""
+        rows = db.execute(
+            "SELECT DISTINCT dimension, hour FROM samples WHERE hour < ? ORDER BY hour, dimension",
+            (before,),
+        ).fetchall()
+        return [(str(d), int(h)) for d, h in rows]
+
+    def points(self, db: sqlite3.Connection, dimension: str, hour: int) -> list[Point]:
+        rows = db.execute(
+            "SELECT t, value, span FROM samples WHERE dimension = ? AND hour = ? ORDER BY t",
+            (dimension, hour),
+        ).fetchall()
+        return [Point(float(t), Decimal(v), float(s)) for t, v, s in rows]
+
+    # -- sealed hours ------------------------------------------------------------------------
+
+    def insert_sealed(
+        self,
+        db: sqlite3.Connection,
+        *,
+        dimension: str,
+        hour: int,
+        product_code: str,
+        quantity: Quantity,
+        timestamp: int,
+        client_token: str,
+        samples: int,
+        raw: str,
+        sealed_at: float,
+        next_attempt: float,
+    ) -> None:
+        db.execute(
+            "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
+            "client_token, samples, raw, state, sealed_at, next_attempt) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (
+                dimension,
+                hour,
+                product_code,
+                quantity.text,
+                int(quantity.is_decimal),
+                timestamp,
+                client_token,
+                samples,
+                raw,
+                sealed_at,
+                next_attempt,
+            ),
+        )
+        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
+
+    def prune(self, now: float) -> None:
+        """Sealed hours are kept 90 days, then forgotten."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM hours WHERE state != 'pending' AND hour < ?",
+                (now - KEEP_SEALED_DAYS * 86400,),
+            )
+
+    def hours(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        states: tuple[str, ...] = STATES,
+    ) -> list[SealedHour]:
+        sql = f"SELECT {_HOUR_COLUMNS} FROM hours WHERE state IN ({','.join('?' * len(states))})"
+        args: list[Any] = list(states)
+        if since is not None:
+            sql += " AND hour >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND hour < ?"
+            args.append(until)
+        with self._lock:
+            rows = self.db.execute(sql + " ORDER BY hour, dimension", args).fetchall()
+        return [_sealed(row) for row in rows]
+
+    def pending(self) -> list[SealedHour]:
+        return self.hours(states=("pending",))
+
+    def mark(
+        self,
+        dimension: str,
+        hour: int,
+        *,
+        state: str,
+        now: float,
+        record_id: str | None = None,
+        error: str | None = None,
+        next_attempt: float | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """Record how a send of a sealed hour ended. Only send-state columns change."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE hours SET state = ?, record_id = COALESCE(?, record_id), "
+                "attempts = attempts + ?, last_error = ?, "
+                "next_attempt = COALESCE(?, next_attempt), "
+                "done_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
+                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                (
+                    state,
+                    record_id,
+                    int(count_attempt),
+                    error,
+                    next_attempt,
+                    state,
+                    now,
+                    dimension,
+                    hour,
+                ),
+            )
+
+    def dimension_status(self) -> list[DimensionStatus]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT dimension, last_t, last_value, last_error, error_t, errors, dropped "
+                "FROM dimension_status ORDER BY dimension"
+            ).fetchall()
+        return [DimensionStatus(*row) for row in rows]
+
+    def unsealed_sample_count(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+
+
+_HOUR_COLUMNS = (
+    "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at"
+)
+
+
+def _sealed(row: tuple[Any, ...]) -> SealedHour:
+    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt, done = row
+    return SealedHour(
+        dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
+        raw, state, rid, int(att), err, float(at), float(nxt), done,
+    )  # fmt: skip
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping a trigger's BEGIN ... END; together."""
+    statements, current = [], []
+    for line in script.strip().splitlines():
+        current.append(line)
+        text = "\n".join(current).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            current = []
+    if "\n".join(current).strip():
+        statements.append("\n".join(current))
+    return statements
+
+
+def move_aside(state_dir: Path, reason: str, now: float) -> Path:
+    """Rename the ledger (and its WAL files) out of the way; returns the new name."""
+    src = Path(state_dir) / LEDGER_FILE
+    dest = src.with_name(f"{LEDGER_FILE}.{reason}.{int(now)}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(str(src) + suffix)
+        if part.exists():
+            os.replace(part, Path(str(dest) + suffix))
+    return dest

@@ -1,0 +1,111 @@
+"""Sealing: every past hour with unsealed samples becomes one immutable request, once.
+
+It runs at each boundary, at start-up, after each sampling round and at a stop, and it looks at what
+the ledger holds rather than at which timer fired, so a suspend, a clock jump or a missed trigger
+never skips or repeats an hour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from agent.aggregate import combine, to_quantity
+from agent.clock import HOUR, hour_start, iso_hour
+from agent.config import Config, Dimension
+from agent.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    dimension: str
+    hour: int
+    quantity: str
+    samples: int
+
+
+def send_offset(instance_id: str, send_window: int) -> float:
+    """The per-instance delay after each hour, in [0, send_window): a hash of the instance id, so
+    a fleet spreads its calls evenly and one instance keeps the same slot across restarts."""
+    if send_window <= 0:
+        return 0.0
+    digest = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:8], "big")
+    return (digest % (send_window * 1000)) / 1000.0
+
+
+def span_for(t: float, interval: int) -> float:
+    """Seconds a sample at `t` stands for: until the next sampling instant, within its hour."""
+    next_instant = (int(t // interval) + 1) * interval
+    return float(min(next_instant, hour_start(t) + HOUR) - t)
+
+
+def seal_hours(
+    ledger: Ledger,
+    config: Config,
+    now: float,
+    offset: float,
+    include_current: bool = False,
+) -> list[Sealed]:
+    """Seal every hour before the current one (and the current one too at a stop)."""
+    dims = {d.name: d for d in config.dimensions}
+    before = hour_start(now) + (HOUR if include_current else 0)
+    sealed: list[Sealed] = []
+    with ledger.transaction() as db:
+        for name, hour in ledger.unsealed_hours(db, before):
+            dim = dims.get(name)
+            if dim is None:
+                log.warning(
+                    "hour %s dimension %s: samples kept but not sealed: the dimension is no "
+                    "longer in the config",
+                    iso_hour(hour),
+                    name,
+                )
+                continue
+            points = ledger.points(db, name, hour)
+            raw = combine(dim.aggregate, points)
+            quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
+            if quantity.clamped_from is not None:
+                log.warning(
+                    "hour %s dimension %s: quantity %s is outside what MeterUsage accepts; "
+                    "sending %s",
+                    iso_hour(hour),
+                    name,
+                    quantity.clamped_from,
+                    quantity.text,
+                )
+            last = max(p.t for p in points)
+            ledger.insert_sealed(
+                db,
+                dimension=name,
+                hour=hour,
+                product_code=config.product_code,
+                quantity=quantity,
+                # The hour's last sample: never before the usage began, and the 6 h window
+                # counts from late in the hour. Carried samples may predate the hour: clamp.
+                timestamp=min(max(int(last), hour), hour + HOUR - 1),
+                client_token=str(uuid.uuid4()),
+                samples=len(points),
+                raw=format(raw.normalize(), "f"),
+                sealed_at=now,
+                next_attempt=hour + HOUR + offset,
+            )
+            sealed.append(Sealed(name, hour, quantity.text, len(points)))
+    for s in sealed:
+        log.info(
+            "hour %s dimension %s: sealed quantity %s from %d samples",
+            iso_hour(s.hour),
+            s.dimension,
+            s.quantity,
+            s.samples,
+        )
+    return sealed
+
+
+def carries(dim: Dimension) -> bool:
+    """Late samples for a sealed hour move to the next open hour only where that cannot inflate
+    a level: sums and integrals add up, a max or average would be distorted."""
+    return dim.aggregate in ("sum", "integral")

@@ -1,0 +1,275 @@
+"""Sending sealed hours: oldest first, the identical sealed request every time, and the policy for
+what each answer means (retry with capped, jittered backoff; pause on AccessDenied until a DryRun
+passes; expire past the 6 h window; reject what can never succeed).
+
+The client is passed in, so this runs with a real boto3 client in the short-lived `send` child and
+with a fake one in unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+from agent import health
+from agent.aggregate import Quantity, to_quantity
+from agent.clock import HOUR, Clock, iso, iso_hour
+from agent.config import Config
+from agent.ledger import Ledger, SealedHour
+from agent.metering import Outcome
+
+log = logging.getLogger(__name__)
+
+EXPIRY = 6 * HOUR - 60  # TimestampOutOfBounds past 6 h; give up a minute early
+DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+
+
+class Client(Protocol):
+    def meter_usage(
+        self,
+        product_code: str,
+        dimension: str,
+        timestamp: float,
+        quantity: Quantity,
+        client_token: str,
+    ) -> Outcome: ...
+
+    def dry_run(
+        self, product_code: str, dimension: str, quantity: Quantity, now: float
+    ) -> Outcome: ...
+
+
+@dataclass
+class Report:
+    sent: list[tuple[str, int, str]] = field(default_factory=list)  # dimension, hour, record id
+    retry: list[tuple[str, int, str]] = field(default_factory=list)
+    rejected: list[tuple[str, int, str]] = field(default_factory=list)
+    expired: list[tuple[str, int]] = field(default_factory=list)
+    dry_run: str | None = None  # outcome status of a DryRun made in this run
+    paused: bool = False  # not authorized: nothing was sent
+
+
+def backoff(failures: int, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter (uniform in [0, min(cap, base * 2^n)])."""
+    return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 30)))
+
+
+def work_due(ledger: Ledger, now: float) -> bool:
+    """Whether a send run would do anything now: the daemon asks before spawning one."""
+    dryrun_due = ledger.get_meta("dryrun_due")
+    if dryrun_due is not None and dryrun_due <= now:
+        return True
+    if ledger.get_meta("authorized") is False:
+        return False
+    if (ledger.get_meta("backoff_until") or 0) > now:
+        return False
+    return any(h.next_attempt <= now or now - h.timestamp > EXPIRY for h in ledger.pending())
+
+
+def next_due(ledger: Ledger) -> float | None:
+    """When the next send or DryRun is due (for `status`)."""
+    candidates = [h.next_attempt for h in ledger.pending()]
+    if ledger.get_meta("authorized") is False:
+        candidates = []
+    backoff_until = ledger.get_meta("backoff_until") or 0
+    candidates = [max(c, backoff_until) for c in candidates]
+    dryrun_due = ledger.get_meta("dryrun_due")
+    if dryrun_due is not None:
+        candidates.append(dryrun_due)
+    return min(candidates) if candidates else None
+
+
+def note_unreachable(
+    ledger: Ledger, config: Config, now: float, reason: str, rng: random.Random | None = None
+) -> None:
+    """The service could not even be addressed (no region, no IMDS): back off as for a retry."""
+    failures = ledger.get_meta("failures", 0) + 1
+    delay = backoff(failures, rng or random.Random())
+    log.warning("cannot send: %s; trying again in %.0f s", reason, delay)
+    ledger.update_meta(failures=failures, backoff_until=now + delay)
+    due = ledger.get_meta("dryrun_due")
+    if due is not None:
+        ledger.update_meta(dryrun_due=max(due, now + delay))
+    health.note_failure(ledger, now, reason)
+    health.write(config.state_dir, ledger)
+
+
+class Sender:
+    def __init__(
+        self,
+        ledger: Ledger,
+        config: Config,
+        client: Client,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.config = config
+        self.client = client
+        self.clock = clock
+        self.rng = rng or random.Random()
+
+    def run(self, flush: bool = False, deadline: float | None = None) -> Report:
+        """One pass. `flush` (at a stop) sends every pending hour now, retrying within `deadline`
+        (a clock time); otherwise only what is due, and the first retryable failure ends the pass.
+        """
+        report = Report()
+        try:
+            self._expire(report)
+            if not self._authorized(report):
+                report.paused = True
+                return report
+            self._send_pending(report, flush, deadline)
+        finally:
+            health.write(self.config.state_dir, self.ledger)
+        return report
+
+    # -- DryRun ------------------------------------------------------------------------------
+
+    def _authorized(self, report: Report) -> bool:
+        now = self.clock.time()
+        due = self.ledger.get_meta("dryrun_due")
+        if due is not None and due <= now:
+            self._dry_run(report, now)
+        return self.ledger.get_meta("authorized") is not False
+
+    def _dry_run(self, report: Report, now: float) -> None:
+        dim = self.config.dimensions[0]
+        zero = to_quantity(Decimal(0), Decimal(1), "nearest", dim.decimals)
+        outcome = self.client.dry_run(self.config.product_code, dim.name, zero, now)
+        report.dry_run = outcome.status
+        if outcome.status == "dryrun_ok":
+            log.info("MeterUsage DryRun: permitted")
+            self.ledger.update_meta(authorized=True, dryrun_due=None)
+            health.note_success(self.ledger, now)
+        elif outcome.status in ("unauthorized", "rejected", "expired"):
+            # Not authorized or not entitled: sending pauses and the DryRun repeats.
+            log.error(
+                "MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
+                outcome.error,
+                DRYRUN_RECHECK,
+            )
+            self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
+            health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
+        else:
+            failures = self.ledger.get_meta("failures", 0) + 1
+            delay = backoff(failures, self.rng)
+            log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
+            self.ledger.update_meta(dryrun_due=now + delay, failures=failures)
+            health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _expire(self, report: Report) -> None:
+        now = self.clock.time()
+        for h in self.ledger.pending():
+            if now - h.timestamp > EXPIRY:
+                self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
+
+    def _mark_expired(
+        self, h: SealedHour, now: float, why: str, report: Report, error: str | None = None
+    ) -> None:
+        error = error or h.last_error or why
+        log.error(
+            "hour %s dimension %s: quantity %s expired unsent (%s; last error: %s)",
+            iso_hour(h.hour),
+            h.dimension,
+            h.quantity.text,
+            why,
+            error,
+        )
+        self.ledger.mark(
+            h.dimension, h.hour, state="expired", now=now, error=error,
+            count_attempt=error is not h.last_error,
+        )  # fmt: skip
+        report.expired.append((h.dimension, h.hour))
+        health.note_failure(self.ledger, now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
+
+    def _send_pending(self, report: Report, flush: bool, deadline: float | None) -> None:
+        queue = self.ledger.pending()
+        while queue:
+            now = self.clock.time()
+            if deadline is not None and now >= deadline:
+                return
+            h = queue[0]
+            if not flush:
+                if (self.ledger.get_meta("backoff_until") or 0) > now:
+                    return
+                if h.next_attempt > now:
+                    queue.pop(0)
+                    continue
+            if now - h.timestamp > EXPIRY:
+                self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
+                queue.pop(0)
+                continue
+            outcome = self.client.meter_usage(
+                h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token
+            )
+            now = self.clock.time()
+            if outcome.status == "retry":
+                delay = self._retry(h, outcome, now, report)
+                if not flush or deadline is None or now + delay >= deadline:
+                    return
+                self.clock.sleep(delay)
+                continue  # the same hour again
+            queue.pop(0)
+            if outcome.status == "unauthorized":
+                self._paused(h, outcome, now, report)
+                return
+            self._settle(h, outcome, now, report)
+
+    def _settle(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
+        where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
+        if outcome.status == "sent":
+            self.ledger.mark(
+                h.dimension, h.hour, state="sent", now=now, record_id=outcome.record_id
+            )
+            self.ledger.update_meta(failures=0, backoff_until=None, authorized=True)
+            health.note_success(self.ledger, now)
+            log.info("%s: sent quantity %s, record %s", where, h.quantity.text, outcome.record_id)
+            report.sent.append((h.dimension, h.hour, outcome.record_id or ""))
+        elif outcome.status == "expired":
+            self._mark_expired(h, now, "the service said so", report, error=outcome.error)
+        else:
+            log.error("%s: quantity %s rejected: %s", where, h.quantity.text, outcome.error)
+            self.ledger.mark(h.dimension, h.hour, state="rejected", now=now, error=outcome.error)
+            health.note_failure(self.ledger, now, f"{where} rejected: {outcome.error}")
+            report.rejected.append((h.dimension, h.hour, outcome.error or ""))
+
+    def _retry(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> float:
+        failures = self.ledger.get_meta("failures", 0) + 1
+        delay = backoff(failures, self.rng)
+        log.warning(
+            "hour %s dimension %s: send failed (%s); retrying after %.1f s (until %s)",
+            iso_hour(h.hour),
+            h.dimension,
+            outcome.error,
+            delay,
+            iso(h.timestamp + EXPIRY),
+        )
+        self.ledger.mark(
+            h.dimension, h.hour, state="pending", now=now, error=outcome.error,
+            next_attempt=now + delay,
+        )  # fmt: skip
+        self.ledger.update_meta(failures=failures, backoff_until=now + delay)
+        health.note_failure(self.ledger, now, outcome.error or "send failed")
+        report.retry.append((h.dimension, h.hour, outcome.error or ""))
+        return delay
+
+    def _paused(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
+        log.error(
+            "hour %s dimension %s: not authorized (%s); sending paused, DryRun every %d s",
+            iso_hour(h.hour),
+            h.dimension,
+            outcome.error,
+            DRYRUN_RECHECK,
+        )
+        self.ledger.mark(h.dimension, h.hour, state="pending", now=now, error=outcome.error)
+        self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
+        health.note_failure(self.ledger, now, outcome.error or "not authorized")
+        report.paused = True

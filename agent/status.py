@@ -1,0 +1,123 @@
+"""`status`: what the ledger says, for a seller's support team or a buyer's auditor.
+
+Reads only; works while the daemon runs (WAL) and before it ever ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import health, sealing
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.config import Config
+from agent.ledger import Ledger
+from agent.sending import next_due
+
+
+def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:
+    now = clock.time()
+    if ledger is None:
+        return {
+            "state_dir": str(config.state_dir),
+            "ledger": None,
+            "health": None,
+            "dimensions": [{"name": d.name} for d in config.dimensions],
+            "hours": [],
+        }
+    instance_id = ledger.get_meta("instance_id")
+    offset = sealing.send_offset(instance_id or "", config.metering.send_window)
+    dims = {s.dimension: s for s in ledger.dimension_status()}
+    since = hour_start(now) - hours * HOUR
+    return {
+        "state_dir": str(config.state_dir),
+        "ledger": str(ledger.path),
+        "instance_id": instance_id,
+        "send_offset_seconds": round(offset, 3),
+        "next_send": iso(next_due(ledger)),
+        "health": health.snapshot(ledger),
+        "unsealed_samples": ledger.unsealed_sample_count(),
+        "dimensions": [
+            {
+                "name": d.name,
+                "aggregate": d.aggregate,
+                "last_sample": iso(dims[d.name].last_t) if d.name in dims else None,
+                "last_value": dims[d.name].last_value if d.name in dims else None,
+                "collector_errors": dims[d.name].errors if d.name in dims else 0,
+                "last_error": dims[d.name].last_error if d.name in dims else None,
+                "last_error_at": iso(dims[d.name].error_t) if d.name in dims else None,
+                "dropped_late_samples": dims[d.name].dropped if d.name in dims else 0,
+            }
+            for d in config.dimensions
+        ],
+        "hours": [
+            {
+                "hour": iso_hour(h.hour),
+                "dimension": h.dimension,
+                "quantity": h.quantity.text,
+                "state": h.state,
+                "record_id": h.record_id,
+                "attempts": h.attempts,
+                "last_error": h.last_error,
+                "timestamp": iso(h.timestamp),
+            }
+            for h in ledger.hours(since=since)
+        ],
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = []
+    if report["ledger"] is None:
+        return f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
+    h = report["health"]
+    verdict = "ok" if h["ok"] else f"FAILING since {h['failing_since']}: {h['reason']}"
+    lines.append(f"metering health: {verdict}")
+    lines.append(
+        f"  authorized: {_text(h['authorized'])}   last success: {_text(h['last_success'])}   "
+        f"pending hours: {h['pending_hours']}   next send: {_text(report['next_send'])}"
+    )
+    lines.append(
+        f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
+    )
+    lines.append("")
+    lines.append("dimensions:")
+    for d in report["dimensions"]:
+        line = f"  {d['name']:<24} last sample {_text(d['last_sample'])}"
+        line += f" value {_text(d['last_value'])}"
+        if d["collector_errors"]:
+            line += f"   errors {d['collector_errors']} (last: {d['last_error']})"
+        if d["dropped_late_samples"]:
+            line += f"   dropped late samples {d['dropped_late_samples']}"
+        lines.append(line)
+    lines.append("")
+    rows = [("HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR")]
+    for r in report["hours"]:
+        rows.append(
+            (
+                r["hour"],
+                r["dimension"],
+                r["quantity"],
+                r["state"],
+                r["record_id"] or "-",
+                str(r["attempts"]),
+                r["last_error"] or "",
+            )
+        )
+    if len(rows) == 1:
+        lines.append("no sealed hours in this period")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        for row in rows:
+            cells = [row[i].ljust(widths[i]) for i in range(6)] + [row[6]]
+            lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return str(value)
