@@ -268,7 +268,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     clock = make_clock(args)
-    StateLock(Path(cfg.state_dir), name="send.lock").acquire(wait=True)
+    send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
+    send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
     ledger = Ledger(cfg.state_dir)
     try:
         region, _ = metering.resolve_region(cfg.metering.region)

@@ -52,7 +52,7 @@ class ClockTrigger(BaseTrigger):
         self.clock, self.period, self.phase = clock, period, phase
 
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
-        base = self.clock.time()
+        base = self.clock.from_wall(now.timestamp())
         if previous_fire_time is not None:
             base = max(base, self.clock.from_wall(previous_fire_time.timestamp()))
         k = math.floor((base - self.phase) / self.period + 1e-9) + 1
@@ -151,7 +151,8 @@ class Daemon:
 
     def run(self) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        StateLock(self.state_dir).acquire()
+        self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
+        self.lock.acquire()
         now = self.clock.time()
         self.ledger = resolve_identity(Ledger(self.state_dir), self.imds, self.state_dir, now)
         instance_id = self.ledger.get_meta("instance_id")

@@ -88,7 +88,8 @@ class Fault:
 class State:
     records: dict[tuple[str, str, str, int], Record] = field(default_factory=dict)
     tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # token -> (fingerprint, id)
-    calls: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)  # as answered (or dropped)
+    received: list[dict[str, Any]] = field(default_factory=list)  # as they arrive
     faults: list[Fault] = field(default_factory=list)
 
 
@@ -147,6 +148,14 @@ class Emulator:
     def calls(self, outcome: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
             return [c for c in self.state.calls if outcome is None or c["outcome"] == outcome]
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.state.faults.clear()
+
+    def received(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.state.received)
 
     def _next_fault(self, operation: str) -> Fault | None:
         with self.lock:
@@ -380,6 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise ServiceError("SerializationException", "body is not JSON") from None
             call["request"] = body
+            with self.emulator.lock:
+                self.emulator.state.received.append(dict(call))
             if operation != "MeterUsage":
                 raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
             answer = self.emulator.meter_usage(body, caller, signed_region)

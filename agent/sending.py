@@ -27,6 +27,7 @@ EXPIRY = 6 * HOUR - 60  # TimestampOutOfBounds past 6 h; give up a minute early
 DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+PATIENCE = 60.0  # a send run waits out short backoffs itself, up to this long, then exits
 
 
 class Client(Protocol):
@@ -115,10 +116,15 @@ class Sender:
         self.rng = rng or random.Random()
 
     def run(self, flush: bool = False, deadline: float | None = None) -> Report:
-        """One pass. `flush` (at a stop) sends every pending hour now, retrying within `deadline`
-        (a clock time); otherwise only what is due, and the first retryable failure ends the pass.
+        """One pass over the pending hours, oldest first.
+
+        `flush` (at a stop) sends every pending hour now, ignoring send slots; otherwise only what
+        is due. A retryable failure is waited out in this pass when its backoff ends before
+        `deadline` (default: PATIENCE from now), else the pass ends and the daemon comes back.
         """
         report = Report()
+        if deadline is None:
+            deadline = self.clock.time() + PATIENCE
         try:
             self._expire(report)
             if not self._authorized(report):
@@ -160,7 +166,9 @@ class Sender:
             failures = self.ledger.get_meta("failures", 0) + 1
             delay = backoff(failures, self.rng)
             log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
-            self.ledger.update_meta(dryrun_due=now + delay, failures=failures)
+            self.ledger.update_meta(
+                dryrun_due=now + delay, failures=failures, backoff_until=now + delay
+            )
             health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
 
     # -- sending -----------------------------------------------------------------------------
@@ -190,11 +198,11 @@ class Sender:
         report.expired.append((h.dimension, h.hour))
         health.note_failure(self.ledger, now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
 
-    def _send_pending(self, report: Report, flush: bool, deadline: float | None) -> None:
+    def _send_pending(self, report: Report, flush: bool, deadline: float) -> None:
         queue = self.ledger.pending()
         while queue:
             now = self.clock.time()
-            if deadline is not None and now >= deadline:
+            if now >= deadline:
                 return
             h = queue[0]
             if not flush:
@@ -213,10 +221,10 @@ class Sender:
             now = self.clock.time()
             if outcome.status == "retry":
                 delay = self._retry(h, outcome, now, report)
-                if not flush or deadline is None or now + delay >= deadline:
+                if now + delay >= deadline:
                     return
                 self.clock.sleep(delay)
-                continue  # the same hour again
+                continue  # the same hour again, the identical request
             queue.pop(0)
             if outcome.status == "unauthorized":
                 self._paused(h, outcome, now, report)

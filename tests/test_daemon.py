@@ -1,0 +1,147 @@
+"""The daemon's pieces, driven by a fake clock (no scheduler, no child processes)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.clock import Clock
+from agent.collectors import Registry, Sources
+from agent.daemon import ClockTrigger, Daemon, StateLock, resolve_identity, snap
+from agent.errors import LockHeld
+from agent.ledger import Ledger
+from agent.metering import ImdsError
+from agent.sampling import Sampler
+from tests.billing import H, make_config
+from tests.fakes import FakeClock, FakePsutil
+
+
+class FakeImds:
+    def __init__(self, instance_id: str | None) -> None:
+        self.id = instance_id
+
+    def instance_id(self) -> str:
+        if self.id is None:
+            raise ImdsError("IMDS unreachable")
+        return self.id
+
+
+def test_clock_trigger_fires_on_the_grid_of_the_agent_clock() -> None:
+    clock = Clock(rate=60.0, origin=H - 30, wall0=1000.0)  # one real second is a clock minute
+    trigger = ClockTrigger(clock, 60)
+    now = datetime.fromtimestamp(1000.0, tz=timezone.utc)
+    fire = trigger.get_next_fire_time(None, now)
+    assert clock.from_wall(fire.timestamp()) == pytest.approx(H)
+    after = trigger.get_next_fire_time(fire, fire)
+    assert clock.from_wall(after.timestamp()) == pytest.approx(H + 60)
+
+
+def test_clock_trigger_with_phase() -> None:
+    clock = Clock(rate=1.0, origin=H + 10, wall0=H + 10)
+    now = datetime.fromtimestamp(H + 10, tz=timezone.utc)
+    fire = ClockTrigger(clock, 3600, phase=42).get_next_fire_time(None, now)
+    assert fire.timestamp() == pytest.approx(H + 42)
+
+
+@pytest.mark.parametrize(
+    ("t", "interval", "expected"),
+    [
+        (H - 0.001, 60, H),
+        (H + 0.4, 60, H),
+        (H + 2, 60, H + 2),
+        (H + 59.9, 60, H + 60),
+        (H + 0.2, 1, H),
+        (H + 0.3, 1, H + 0.3),
+    ],
+)
+def test_snap(t: float, interval: int, expected: float) -> None:
+    assert snap(t, interval) == expected
+
+
+def test_second_run_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    held = StateLock(tmp_path)
+    held.acquire()
+    with pytest.raises(LockHeld, match="another metering-agent run holds"):
+        StateLock(tmp_path).acquire()
+
+
+class TestIdentity:
+    def test_records_the_imds_id(self, tmp_path: Path) -> None:
+        ledger = resolve_identity(Ledger(tmp_path), FakeImds("i-1"), tmp_path, H)
+        assert (ledger.get_meta("instance_id"), ledger.get_meta("instance_id_source")) == (
+            "i-1",
+            "imds",
+        )
+
+    def test_a_ledger_from_another_instance_is_moved_aside(self, tmp_path: Path) -> None:
+        baked = resolve_identity(Ledger(tmp_path), FakeImds("i-build"), tmp_path, H)
+        baked.record_sample("vcpus", H, 4, 60, None, carry=False)  # type: ignore[arg-type]
+        baked.close()
+        fresh = resolve_identity(Ledger(tmp_path), FakeImds("i-buyer"), tmp_path, H)
+        assert fresh.get_meta("instance_id") == "i-buyer"
+        assert fresh.unsealed_sample_count() == 0  # nothing from the old one is sent
+        assert list(tmp_path.glob("ledger.db.instance-i-build.*"))
+
+    def test_no_imds_keeps_a_random_id(self, tmp_path: Path) -> None:
+        ledger = resolve_identity(Ledger(tmp_path), FakeImds(None), tmp_path, H)
+        first = ledger.get_meta("instance_id")
+        assert first.startswith("local-")
+        ledger = resolve_identity(ledger, FakeImds(None), tmp_path, H)
+        assert ledger.get_meta("instance_id") == first
+
+    def test_imds_down_at_boot_keeps_the_known_id(self, tmp_path: Path) -> None:
+        ledger = resolve_identity(Ledger(tmp_path), FakeImds("i-1"), tmp_path, H)
+        ledger = resolve_identity(ledger, FakeImds(None), tmp_path, H)
+        assert ledger.get_meta("instance_id") == "i-1"
+
+
+def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
+    cfg = make_config(tmp_path)
+    sampler = Sampler(cfg, Registry(), Sources(psutil=ps), boot_time=lambda: ps.boot)
+    d = Daemon(
+        cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
+    )
+    d.ledger = Ledger(cfg.state_dir)
+    return d
+
+
+def test_rounds_across_an_hour_boundary_seal_it_once(tmp_path: Path) -> None:
+    clock = FakeClock(H - 120)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    for _ in range(4):  # H-2m, H-1m, H, H+1m
+        d.sample_round(60)
+        ps.user_list = ps.user_list + [object()]  # one more user each minute: +1 per round
+        clock.advance(60)
+    assert d.ledger is not None
+    hours = {(h.dimension, h.hour): h for h in d.ledger.hours()}
+    assert set(hours) == {("vcpus", H - 3600), ("requests", H - 3600), ("vcpu_hours", H - 3600)}
+    assert hours[("vcpus", H - 3600)].quantity.value == 4
+    assert hours[("requests", H - 3600)].quantity.value == 1  # first reading has no baseline
+    assert hours[("vcpu_hours", H - 3600)].quantity.value == "0.133"  # 4 vCPUs x 2 min
+    assert d.ledger.unsealed_sample_count() == 6  # H and H+1m for three dimensions
+
+
+def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Path) -> None:
+    clock = FakeClock(H + 600)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    d.sample_round(60)
+    assert d.ledger is not None
+    # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
+    from agent.sealing import seal_hours
+
+    seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
+    clock.advance(60)
+    ps.user_list = ps.user_list + [object(), object()]
+    d.sample_round(60)  # restarted: the hour H is sealed already
+    status = {s.dimension: s for s in d.ledger.dimension_status()}
+    assert status["vcpus"].dropped == 1
+    clock.t = H + 3600 + 60
+    d.sample_round(60)
+    clock.t = H + 7200
+    d.sample_round(60)
+    requests = [h for h in d.ledger.hours() if h.dimension == "requests" and h.hour == H + 3600]
+    assert requests[0].quantity.value == 2  # the two users that arrived after the stop

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agent.aggregate import Quantity
+from agent.errors import AgentError
+from agent.ledger import SCHEMA_VERSION, Ledger, move_aside
+from tests.billing import H
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path)
+
+
+def seal_one(
+    ledger: Ledger, dim: str = "vcpus", hour: int = H, qty: Quantity = Quantity(4)
+) -> None:
+    with ledger.transaction() as db:
+        ledger.insert_sealed(
+            db, dimension=dim, hour=hour, product_code="p", quantity=qty, timestamp=hour + 3540,
+            client_token="tok", samples=1, raw="4", sealed_at=hour + 3600, next_attempt=hour + 3600,
+        )  # fmt: skip
+
+
+def test_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
+    Ledger(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    Ledger(tmp_path).close()  # a second open migrates nothing and fails nothing
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    Ledger(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(AgentError, match="newer than this agent"):
+        Ledger(tmp_path)
+
+
+def test_sample_and_position_commit_together(ledger: Ledger) -> None:
+    hour = ledger.record_sample(
+        "requests", H + 60, Decimal(3), 60, {"counter": {"baseline": "9"}}, carry=True
+    )
+    assert hour == H
+    assert ledger.position("requests") == {"counter": {"baseline": "9"}}
+    with ledger.transaction() as db:
+        assert [p.value for p in ledger.points(db, "requests", H)] == [Decimal(3)]
+
+
+def test_a_failed_transaction_leaves_nothing(ledger: Ledger) -> None:
+    with pytest.raises(RuntimeError), ledger.transaction() as db:
+        db.execute(
+            "INSERT INTO samples (dimension, hour, t, value, span) VALUES ('x', 0, 0, '1', 1)"
+        )
+        raise RuntimeError("crash between the two writes")
+    assert ledger.unsealed_sample_count() == 0
+
+
+def test_late_sample_carries_into_the_next_open_hour(ledger: Ledger) -> None:
+    seal_one(ledger, "requests", H)
+    seal_one(ledger, "requests", H + 3600)
+    hour = ledger.record_sample("requests", H + 100, Decimal(5), 60, {"p": 1}, carry=True)
+    assert hour == H + 7200
+    assert ledger.position("requests") == {"p": 1}
+
+
+def test_late_sample_of_a_level_is_dropped_and_counted(ledger: Ledger) -> None:
+    seal_one(ledger, "vcpus", H)
+    assert ledger.record_sample("vcpus", H + 100, Decimal(5), 60, {"p": 2}, carry=False) is None
+    assert ledger.unsealed_sample_count() == 0
+    (status,) = ledger.dimension_status()
+    assert status.dropped == 1
+    assert ledger.position("vcpus") == {"p": 2}  # the position still advances: never re-read
+
+
+def test_sealed_request_fields_never_change(ledger: Ledger) -> None:
+    seal_one(ledger)
+    for column, value in [
+        ("quantity", "5"),
+        ("client_token", "other"),
+        ("timestamp", 1),
+        ("hour", 0),
+    ]:
+        with (
+            pytest.raises(sqlite3.IntegrityError, match="never change"),
+            ledger.transaction() as db,
+        ):
+            db.execute(f"UPDATE hours SET {column} = ?", (value,))
+    (h,) = ledger.pending()
+    assert (h.quantity, h.client_token, h.timestamp) == (Quantity(4), "tok", H + 3540)
+
+
+def test_mark_moves_only_pending_hours(ledger: Ledger) -> None:
+    seal_one(ledger)
+    ledger.mark("vcpus", H, state="sent", now=H + 4000, record_id="r1")
+    ledger.mark("vcpus", H, state="rejected", now=H + 5000, error="late")
+    (h,) = ledger.hours()
+    assert (h.state, h.record_id, h.attempts, h.last_error) == ("sent", "r1", 1, None)
+
+
+def test_prune_keeps_90_days_and_all_pending(ledger: Ledger) -> None:
+    seal_one(ledger, "a", H)
+    seal_one(ledger, "b", H)
+    ledger.mark("a", H, state="sent", now=H, record_id="r")
+    ledger.prune(H + 91 * 86400)
+    assert [h.dimension for h in ledger.hours()] == ["b"]
+
+
+def test_clip_last_span_at_a_stop(ledger: Ledger) -> None:
+    ledger.record_sample("vcpu_hours", H + 60, Decimal(2), 60, None, carry=True)
+    ledger.record_sample("vcpu_hours", H + 120, Decimal(2), 60, None, carry=True)
+    ledger.clip_last_span("vcpu_hours", H + 140)
+    with ledger.transaction() as db:
+        assert [p.span for p in ledger.points(db, "vcpu_hours", H)] == [60, 20]
+
+
+def test_move_aside_renames_the_files(tmp_path: Path) -> None:
+    Ledger(tmp_path).close()
+    moved = move_aside(tmp_path, "instance-i-1", H)
+    assert moved.exists() and not (tmp_path / "ledger.db").exists()
