@@ -113,7 +113,7 @@ def test_rounds_across_an_hour_boundary_seal_it_once(tmp_path: Path) -> None:
     d = daemon_for(tmp_path, clock, ps)
     for _ in range(4):  # H-2m, H-1m, H, H+1m
         d.sample_round(60)
-        ps.user_list = ps.user_list + [object()]  # one more user each minute: +1 per round
+        ps.user_list = [*ps.user_list, object()]  # one more user each minute: +1 per round
         clock.advance(60)
     assert d.ledger is not None
     hours = {(h.dimension, h.hour): h for h in d.ledger.hours()}
@@ -135,7 +135,7 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
 
     seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
     clock.advance(60)
-    ps.user_list = ps.user_list + [object(), object()]
+    ps.user_list = [*ps.user_list, object(), object()]
     d.sample_round(60)  # restarted: the hour H is sealed already
     status = {s.dimension: s for s in d.ledger.dimension_status()}
     assert status["vcpus"].dropped == 1

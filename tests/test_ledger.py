@@ -17,9 +17,10 @@ def ledger(tmp_path: Path) -> Ledger:
     return Ledger(tmp_path)
 
 
-def seal_one(
-    ledger: Ledger, dim: str = "vcpus", hour: int = H, qty: Quantity = Quantity(4)
-) -> None:
+FOUR = Quantity(4)
+
+
+def seal_one(ledger: Ledger, dim: str = "vcpus", hour: int = H, qty: Quantity = FOUR) -> None:
     with ledger.transaction() as db:
         ledger.insert_sealed(
             db, dimension=dim, hour=hour, product_code="p", quantity=qty, timestamp=hour + 3540,

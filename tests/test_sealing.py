@@ -69,7 +69,7 @@ def test_carried_only_hour_keeps_its_timestamp_in_the_hour(tmp_path: Path) -> No
     ledger.record_sample("requests", H + 180, D(3), 60, None, carry=True)  # restart, same hour
     sealed = seal_hours(ledger, cfg, H + 2 * 3600, offset=0)
     assert [(s.hour, s.quantity) for s in sealed] == [(H + 3600, "3")]
-    h = [x for x in ledger.pending() if x.hour == H + 3600][0]
+    h = next(x for x in ledger.pending() if x.hour == H + 3600)
     assert h.timestamp == H + 3600  # clamped into its own hour
 
 

@@ -12,7 +12,7 @@ from agent.ledger import Ledger
 from agent.metering import Outcome
 from agent.sealing import seal_hours
 from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, next_due, note_unreachable, work_due
-from tests.billing import H, FakeClient, make_config, retry
+from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock
 from tests.test_sealing import fill
 
@@ -32,7 +32,7 @@ def health(cfg: Config) -> dict:
     return json.loads((cfg.state_dir / "health.json").read_text())
 
 
-def test_sends_due_hours_oldest_first_with_the_sealed_request(setup) -> None:  # noqa: ANN001
+def test_sends_due_hours_oldest_first_with_the_sealed_request(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)  # the instance's send slot
     client = FakeClient()
@@ -70,7 +70,7 @@ def test_nothing_is_sent_before_the_send_slot(tmp_path: Path) -> None:
     assert work_due(ledger, clock.time())
 
 
-def test_retry_resends_the_identical_request(setup) -> None:  # noqa: ANN001
+def test_retry_resends_the_identical_request(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     # 5xx, throttling, a dropped connection and a lost answer, then success
@@ -90,7 +90,7 @@ def test_retry_resends_the_identical_request(setup) -> None:  # noqa: ANN001
     assert (oldest.state, oldest.attempts) == ("sent", 5)
 
 
-def test_a_long_backoff_ends_the_pass_and_waits(setup) -> None:  # noqa: ANN001
+def test_a_long_backoff_ends_the_pass_and_waits(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     ledger.update_meta(failures=8)  # backoff up to 300 s: longer than the pass's patience
@@ -108,7 +108,7 @@ def test_a_long_backoff_ends_the_pass_and_waits(setup) -> None:  # noqa: ANN001
     assert health(cfg)["ok"] is True and health(cfg)["failing_since"] is None
 
 
-def test_access_denied_pauses_until_dry_run_passes(setup) -> None:  # noqa: ANN001
+def test_access_denied_pauses_until_dry_run_passes(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     client = FakeClient(
@@ -130,7 +130,7 @@ def test_access_denied_pauses_until_dry_run_passes(setup) -> None:  # noqa: ANN0
     assert [h.state for h in ledger.hours()] == ["sent", "sent"]
 
 
-def test_startup_dry_run_failing_to_connect_backs_off(setup) -> None:  # noqa: ANN001
+def test_startup_dry_run_failing_to_connect_backs_off(setup) -> None:
     cfg, ledger, clock = setup
     ledger.update_meta(dryrun_due=clock.time())
     client = FakeClient(dry_script=[retry("EndpointConnectionError")])
@@ -140,7 +140,7 @@ def test_startup_dry_run_failing_to_connect_backs_off(setup) -> None:  # noqa: A
     assert health(cfg)["reason"].startswith("DryRun: EndpointConnectionError")
 
 
-def test_hours_past_the_window_expire_without_a_call(setup) -> None:  # noqa: ANN001
+def test_hours_past_the_window_expire_without_a_call(setup) -> None:
     cfg, ledger, clock = setup
     clock.t = H + 3540 + EXPIRY + 1  # the first hour is out of the window, the second is not
     client = FakeClient()
@@ -150,7 +150,7 @@ def test_hours_past_the_window_expire_without_a_call(setup) -> None:  # noqa: AN
     assert [h.state for h in ledger.hours()] == ["expired", "sent"]
 
 
-def test_service_timestamp_out_of_bounds_expires(setup) -> None:  # noqa: ANN001
+def test_service_timestamp_out_of_bounds_expires(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     client = FakeClient(script=[Outcome("expired", code="TimestampOutOfBoundsException")])
@@ -163,7 +163,7 @@ def test_service_timestamp_out_of_bounds_expires(setup) -> None:  # noqa: ANN001
     "code",
     ["DuplicateRequestException", "IdempotencyConflictException", "InvalidUsageDimensionException"],
 )
-def test_final_errors_reject_and_keep_the_hour(setup, code: str) -> None:  # noqa: ANN001
+def test_final_errors_reject_and_keep_the_hour(setup, code: str) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     client = FakeClient(script=[Outcome("rejected", code=code, message="no")])
@@ -207,7 +207,7 @@ def test_backoff_is_capped_full_jitter() -> None:
     assert max(backoff(20, rng) for _ in range(200)) > BACKOFF_CAP * 0.9
 
 
-def test_unreachable_region_backs_off_and_reports(setup) -> None:  # noqa: ANN001
+def test_unreachable_region_backs_off_and_reports(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
     note_unreachable(ledger, cfg, clock.time(), "IMDS unreachable", random.Random(1))
