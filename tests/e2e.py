@@ -1,0 +1,131 @@
+"""Running the real `metering-agent run` process for end-to-end tests.
+
+Hour boundaries are crossed for real: either under libfaketime (the build vendored in PyPI's
+`libfaketime` package; Debian 12's 0.9.10 breaks time.sleep with FAKETIME_DONT_FAKE_MONOTONIC) with
+the wall clock shifted to a few seconds before an hour, or with the agent's own accelerated clock
+shared with an in-process emulator for multi-hour outages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libfaketime
+
+from agent.ledger import Ledger, SealedHour
+from tests.conftest import ROOT
+
+
+def faketime_lib() -> str:
+    base = Path(libfaketime.__file__).parent / "vendor" / "libfaketime" / "src"
+    lib = base / "libfaketime.so.1"
+    if not lib.exists():
+        raise RuntimeError(f"libfaketime build not found at {lib}")
+    return str(lib)
+
+
+def offset_to_before_boundary(lead: float) -> int:
+    """A FAKETIME offset (seconds, <= 0) that puts the clock `lead` s before an hour boundary.
+
+    The boundary chosen is the start of the current real hour, so faked time is never ahead of the
+    emulator's real clock (which would be a Timestamp from the future)."""
+    now = time.time()
+    target = now - now % 3600 - lead
+    return int(target - now)
+
+
+class Agent:
+    """One `metering-agent run` child in its own process group (so kill -9 takes its sender too)."""
+
+    def __init__(self, config: Path, env: dict[str, str], extra: list[str] | None = None) -> None:
+        self.config = config
+        self.env = env
+        self.extra = extra or []
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = config.parent / "agent.log"
+
+    def start(self) -> Agent:
+        full = dict(os.environ)
+        full.update(self.env)
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config), *self.extra],
+                env=full,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+                text=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        """Power loss: SIGKILL the daemon and any sender child it has running."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def faketime_env(offset: int, imds_url: str) -> dict[str, str]:
+    return {
+        "LD_PRELOAD": faketime_lib(),
+        "FAKETIME": f"{offset:+d}",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds_url,
+    }
+
+
+def wait_for(
+    what: str, condition: Callable[[], Any], timeout: float, agent: Agent | None = None
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if agent is not None and not agent.alive() and agent.proc is not None:
+            raise AssertionError(
+                f"agent exited ({agent.proc.returncode}) while waiting for {what}:\n"
+                + agent.output()[-4000:]
+            )
+        time.sleep(0.2)
+    tail = agent.output()[-4000:] if agent else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail}")
+
+
+def ledger_hours(state_dir: Path) -> list[SealedHour]:
+    if not (state_dir / "ledger.db").exists():
+        return []
+    ledger = Ledger(state_dir, readonly=True)
+    try:
+        return ledger.hours()
+    finally:
+        ledger.close()
+
+
+def ledger_samples(state_dir: Path) -> int:
+    if not (state_dir / "ledger.db").exists():
+        return 0
+    ledger = Ledger(state_dir, readonly=True)
+    try:
+        return ledger.unsealed_sample_count()
+    finally:
+        ledger.close()
