@@ -124,7 +124,7 @@ def test_hour_boundary_sends_the_exact_quantity(
 
 
 def test_faults_end_in_one_record(faketime_agent, emulator: Emulator, tmp_path: Path) -> None:
-    agent, offset = faketime_agent(lead=10)
+    agent, _offset = faketime_agent(lead=10)
     wait_for("the start-up DryRun", lambda: authorized(tmp_path / "state"), 20, agent)
     # 5xx, throttling, a dropped connection, and a lost answer (recorded, never answered)
     emulator.inject("error", code="InternalServiceErrorException", status=500)
@@ -222,7 +222,7 @@ def test_sigterm_sends_the_partial_hour(faketime_agent, emulator: Emulator, tmp_
 def test_a_second_run_exits_1_with_one_line(
     faketime_agent, emulator: Emulator, tmp_path: Path
 ) -> None:
-    agent, offset = faketime_agent(lead=600)
+    agent, _offset = faketime_agent(lead=600)
     wait_for("the state lock", lambda: (tmp_path / "state" / "lock").exists(), 20, agent)
     result = run_cli("run", "-c", str(tmp_path / "config.yaml"), timeout=30)
     assert result.returncode == 1
