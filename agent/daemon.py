@@ -145,6 +145,7 @@ class Daemon:
         self.scheduler: Any = None
         self._child: subprocess.Popen[bytes] | None = None
         self._child_lock = threading.Lock()
+        self._child_started = 0.0
         self._round_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -274,10 +275,15 @@ class Daemon:
             health.write(self.state_dir, self.ledger)
 
     def send_tick(self) -> None:
+        """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
         assert self.ledger is not None
-        if self.stop_event.is_set() or not work_due(self.ledger, self.clock.time()):
+        if self.stop_event.is_set() or self._sender_running():
             return
-        self._run_sender(flush=False, deadline=None)
+        if work_due(self.ledger, self.clock.time()):
+            cmd = self.sender_command(False, None)
+            with self._child_lock:
+                self._child = subprocess.Popen(cmd)
+                self._child_started = self.clock.monotonic()
 
     # -- the sender child --------------------------------------------------------------------
 
@@ -292,23 +298,32 @@ class Daemon:
             cmd += ["--clock", self.clock.spec]
         return cmd
 
-    def _run_sender(self, flush: bool, deadline: float | None) -> int | None:
-        cmd = self.sender_command(flush, deadline)
+    def _sender_running(self) -> bool:
+        """Reap a finished sender; kill one that hangs (safe: the next resends identically)."""
         with self._child_lock:
-            if self._child is not None:
-                return None  # one sender at a time; the running one does the work
-            self._child = subprocess.Popen(cmd)
-        child = self._child
-        timeout = SENDER_TIMEOUT if deadline is None else STOP_FLUSH + 10
+            child = self._child
+            if child is None:
+                return False
+            if child.poll() is not None:
+                self._child = None
+                return False
+            if self.clock.monotonic() - self._child_started > SENDER_TIMEOUT:
+                log.error("send process %d ran over %d s; killing it", child.pid, SENDER_TIMEOUT)
+                child.kill()
+                child.wait()
+                self._child = None
+                return False
+            return True
+
+    def _run_sender(self, flush: bool, deadline: float | None) -> int:
+        """Run a sender child to completion (the stop flush)."""
+        child = subprocess.Popen(self.sender_command(flush, deadline))
         try:
-            return child.wait(timeout=timeout)
+            return child.wait(timeout=STOP_FLUSH + 10)
         except subprocess.TimeoutExpired:
-            log.error("send process %d ran over %d s; killed (it will resend)", child.pid, timeout)
+            log.error("the stop flush ran over %d s; killed it", STOP_FLUSH + 10)
             child.kill()
             return child.wait()
-        finally:
-            with self._child_lock:
-                self._child = None
 
     def _stop_child(self, grace: float) -> None:
         with self._child_lock:
