@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline", action="store_true", help="config and collector construction only, no network"
     )
+    add_clock_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
@@ -170,7 +171,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
     sampler = Sampler(cfg)
-    clock = Clock()
+    clock = make_clock(args)
     unreachable = []
     for dim in cfg.dimensions:
         if args.offline:

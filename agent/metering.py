@@ -275,6 +275,10 @@ def dry_run_verdict(outcome: Outcome) -> str:
         raise Unavailable(f"MeterUsage DryRun: no AWS credentials found; {ROLE_HINT}")
     if outcome.status == "retry":
         raise Unavailable(f"MeterUsage DryRun: service unreachable or failing ({text})")
+    if code == OUT_OF_BOUNDS:
+        raise AgentError(
+            f"MeterUsage DryRun: {text}; this machine's clock is off: check NTP (chrony) sync"
+        )
     if code == "InvalidUsageDimensionException":
         raise AgentError(
             f"MeterUsage DryRun: {text}; every dimensions[].name must be a dimension of the listing"

@@ -51,7 +51,7 @@ for _ in $(seq 50); do
 done
 
 echo; echo "== metering-agent check"
-metering-agent check -c "$work/config.yaml"
+metering-agent check -c "$work/config.yaml" --clock "$clock"
 
 echo; echo "== metering-agent sample"
 metering-agent sample -c "$work/config.yaml"

@@ -152,3 +152,12 @@ def test_imds_token_is_fetched_once(emulator: Emulator) -> None:
     puts = [c for c in emulator.calls() if c.get("operation") == "token"]
     assert puts == []  # token PUTs are not MeterUsage calls
     assert imds._token is not None
+
+
+def test_dry_run_with_a_wrong_clock_says_so(emulator: Emulator) -> None:
+    client = MeteringClient("us-east-1", emulator.url)
+    seven_hours_ago = datetime.now(timezone.utc).timestamp() - 7 * 3600
+    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), seven_hours_ago)
+    with pytest.raises(AgentError, match="clock is off") as info:
+        dry_run_verdict(out)
+    assert info.value.exit_code == 1
