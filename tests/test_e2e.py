@@ -119,6 +119,12 @@ def test_hour_boundary_sends_the_exact_quantity(
     sealed = {h.dimension: h for h in ledger_hours(tmp_path / "state")}
     assert sealed["vcpus"].record_id == by_dim["vcpus"].record_id
     assert sealed["vcpus"].client_token == by_dim["vcpus"].client_token
+    # status reads the ledger while the daemon runs
+    status = run_cli("status", "--json", "-c", str(tmp_path / "config.yaml"))
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert {h["record_id"] for h in report["hours"]} == {r.record_id for r in emulator.records()}
+    assert report["health"]["ok"] is True
     assert_no_duplicates(emulator)
     assert agent.terminate() == 0
 
