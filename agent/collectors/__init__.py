@@ -21,6 +21,8 @@ GROUP = "metering_agent.collectors"
 # never pip-installed still knows its own built-ins.
 BUILTINS = {
     "system": "agent.collectors.system:SystemCollector",
+    "log": "agent.collectors.log:LogCollector",
+    "http": "agent.collectors.http:HttpCollector",
 }
 
 __all__ = [

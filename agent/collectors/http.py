@@ -1,0 +1,226 @@
+"""HTTP probes: a number from the product's own stats endpoint, or whether it is up.
+
+`format: json` takes a JMESPath `query` (jmespath ships with boto3); `prometheus` a metric name with
+optional label matchers (`http_requests_total{code="200"}`), summing the matching series; `text` a
+regex whose first group is the number. `mode: up` is 1 for a 2xx answer and 0 otherwise.
+
+Bounded: the body is capped, the timeout enforced, redirects to another host refused. A failed probe
+raises CollectorError: that round records no sample and `status` counts it.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+
+from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources
+from agent.errors import ConfigError
+from agent.fields import Duration, Enum, Field, Int, MapOf, Str
+
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+
+class HttpCollector(Collector):
+    type_name = "http"
+    options: ClassVar[Mapping[str, Field]] = {
+        "url": Field(Str(r"https?://\S+", hint="expected an http:// or https:// URL"),
+                     required=True, doc="the endpoint to probe"),
+        "method": Field(Enum(("GET", "POST", "HEAD")), default="GET"),
+        "headers": Field(MapOf(Str(min_len=0)), doc="extra request headers"),
+        "timeout": Field(Duration(1, 60), default=5, doc="seconds before the probe fails"),
+        "format": Field(Enum(("json", "prometheus", "text")), default="json"),
+        "query": Field(Str(), doc="json: JMESPath; prometheus: metric{label=\"v\"}; text: regex"),
+        "mode": Field(Enum(("value", "up")), default="value",
+                      doc="value: the queried number; up: 1 for a 2xx answer, else 0"),
+        "max_bytes": Field(Int(1024, 64 << 20), default=1 << 20, doc="response body cap"),
+    }  # fmt: skip
+
+    @classmethod
+    def validate(cls, options: dict[str, Any], path: str) -> None:
+        if options["mode"] == "up":
+            return
+        query = options.get("query")
+        if not query:
+            raise ConfigError(f"{path}.query", f"required for format {options['format']}")
+        fmt = options["format"]
+        if fmt == "json":
+            import jmespath
+            from jmespath.exceptions import JMESPathError
+
+            try:
+                jmespath.compile(query)
+            except JMESPathError as e:
+                msg = str(e).splitlines()[0]
+                raise ConfigError(f"{path}.query", f"invalid JMESPath: {msg}") from None
+        elif fmt == "prometheus":
+            parse_selector(query, f"{path}.query")
+        else:
+            try:
+                compiled = re.compile(query)
+            except re.error as e:
+                raise ConfigError(f"{path}.query", f"invalid regular expression: {e}") from None
+            if compiled.groups < 1:
+                raise ConfigError(f"{path}.query", "needs a group (...) around the number")
+
+    @classmethod
+    def kind(cls, options: Mapping[str, Any]) -> Kind:
+        return "level"
+
+    def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
+        super().__init__(options, sources)
+        self.opener = sources.extra.get("http_opener") or urllib.request.build_opener(
+            _SameHostRedirects()
+        )
+        self.selector = (
+            parse_selector(self.config["query"], "query")
+            if self.config["format"] == "prometheus" and self.config["mode"] == "value"
+            else None
+        )
+
+    def read(self, state: dict[str, Any] | None) -> Reading:
+        status, body = self._fetch()
+        if self.config["mode"] == "up":
+            return Reading(Decimal(1 if 200 <= status < 300 else 0))
+        if not 200 <= status < 300:
+            raise CollectorError(f"{self.config['url']} answered HTTP {status}")
+        fmt = self.config["format"]
+        if fmt == "json":
+            return Reading(self._json(body))
+        if fmt == "prometheus":
+            assert self.selector is not None
+            return Reading(prometheus_sum(body.decode("utf-8", errors="replace"), *self.selector))
+        return Reading(self._text(body))
+
+    def _fetch(self) -> tuple[int, bytes]:
+        url = self.config["url"]
+        req = urllib.request.Request(
+            url, method=self.config["method"], headers=self.config.get("headers") or {}
+        )
+        limit = int(self.config["max_bytes"])
+        try:
+            with self.opener.open(req, timeout=self.config["timeout"]) as resp:
+                body = resp.read(limit + 1)
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            if self.config["mode"] == "up":
+                return e.code, b""
+            raise CollectorError(f"{url} answered HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            if self.config["mode"] == "up":
+                return 0, b""
+            reason = getattr(e, "reason", e)
+            raise CollectorError(f"{url} unreachable: {reason}") from None
+        if len(body) > limit:
+            raise CollectorError(f"{url} answered more than {limit} bytes (max_bytes)")
+        return status, body
+
+    def _json(self, body: bytes) -> Decimal:
+        import json
+
+        import jmespath
+
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise CollectorError(f"{self.config['url']} did not answer JSON: {e}") from None
+        found = jmespath.search(self.config["query"], data)
+        return _number(found, f"JMESPath {self.config['query']!r}")
+
+    def _text(self, body: bytes) -> Decimal:
+        m = re.search(self.config["query"], body.decode("utf-8", errors="replace"))
+        if m is None:
+            raise CollectorError(f"pattern {self.config['query']!r} not found in the answer")
+        return _number(m.group(1), f"pattern {self.config['query']!r}")
+
+
+def _number(value: Any, what: str) -> Decimal:
+    if value is None:
+        raise CollectorError(f"{what} matched nothing")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise CollectorError(f"{what} gave {type(value).__name__}, not a number")
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise CollectorError(f"{what} gave {str(value)[:40]!r}, not a number") from None
+    if not number.is_finite():
+        raise CollectorError(f"{what} gave {value!r}, not a finite number")
+    return number
+
+
+Matcher = tuple[str, str, str]  # label, operator, value
+
+
+def parse_selector(text: str, path: str) -> tuple[str, list[Matcher]]:
+    """`name{label="v",other=~"re"}` -> (name, matchers); ConfigError if malformed."""
+    m = _METRIC.match(text)
+    if not m:
+        raise ConfigError(path, f'expected a metric name with optional {{label="value"}}: {text!r}')
+    name, body = m.group(1), (m.group(2) or "").strip()
+    matchers: list[Matcher] = []
+    pos = 0
+    while pos < len(body):
+        lm = _MATCHER.match(body, pos)
+        if not lm:
+            raise ConfigError(path, f"cannot parse label matcher at {body[pos:]!r}")
+        label, op, value = lm.group(1), lm.group(2), _unescape(lm.group(3))
+        if op in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ConfigError(path, f"label {label}: invalid regex: {e}") from None
+        matchers.append((label, op, value))
+        pos = lm.end()
+    return name, matchers
+
+
+def prometheus_sum(text: str, name: str, matchers: list[Matcher]) -> Decimal:
+    """Sum the samples of `name` whose labels satisfy every matcher."""
+    total, seen = Decimal(0), False
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != name:
+            continue
+        labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group(2) or "")}
+        if all(_label_ok(labels.get(label, ""), op, want) for label, op, want in matchers):
+            total += _number(m.group(3), f"metric {name}")
+            seen = True
+    if not seen:
+        raise CollectorError(f"no series of {name} matches the selector")
+    return total
+
+
+def _label_ok(value: str, op: str, want: str) -> bool:
+    if op == "=":
+        return value == want
+    if op == "!=":
+        return value != want
+    if op == "=~":
+        return re.fullmatch(want, value) is not None
+    return re.fullmatch(want, value) is None
+
+
+def _unescape(value: str) -> str:
+    return value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within the same scheme, host and port."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise CollectorError(f"{req.full_url} redirected to another host ({new.netloc})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
