@@ -289,7 +289,9 @@ def test_json_schema_is_generated_from_the_loader_tables() -> None:
     assert schema["additionalProperties"] is False
     dim = schema["properties"]["dimensions"]["items"]
     assert set(dim["properties"]) == set(config.DIMENSION_FIELDS)
-    variants = {v["properties"]["type"]["const"]: v for v in dim["properties"]["collector"]["oneOf"]}
+    variants = {
+        v["properties"]["type"]["const"]: v for v in dim["properties"]["collector"]["oneOf"]
+    }
     assert set(variants) == {"http", "log", "system"}
     system = variants["system"]
     assert set(variants["log"]["required"]) == {"type", "path", "pattern"}

@@ -1,0 +1,259 @@
+"""The log collector counts every matching line exactly once, whatever happens to the file."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.collectors import Sources
+from agent.collectors.log import ROTATE_WAIT_READS, LogCollector
+from agent.errors import ConfigError
+from tests.conftest import run_cli
+
+HIT = b'10.0.0.1 "GET /api/v1/orders HTTP/1.1" 200\n'
+MISS = b'10.0.0.2 "GET /static/app.js HTTP/1.1" 200\n'
+
+
+def collector(path: Path | str, **options: Any) -> LogCollector:
+    opts = {
+        "path": str(path),
+        "pattern": '"(GET|POST) /api/',
+        "mode": "count",
+        "start_at": "beginning",
+        "encoding": "utf-8",
+        "max_line_bytes": 65536,
+        **options,
+    }
+    LogCollector.validate(opts, "collector")
+    return LogCollector(opts, Sources())
+
+
+class Tail:
+    """Reads like the daemon does: each reading's state feeds the next."""
+
+    def __init__(self, c: LogCollector, state: dict | None = None) -> None:
+        self.c, self.state = c, state
+
+    def read(self) -> Decimal:
+        reading = self.c.read(self.state)
+        self.state = reading.state
+        return reading.value
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def test_start_at_beginning_and_end(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 3 + MISS)
+    assert Tail(collector(log)).read() == 3
+    end = Tail(collector(log, start_at="end"))
+    assert end.read() == 0
+    append(log, HIT)
+    assert end.read() == 1
+
+
+def test_start_at_end_counts_a_partial_line_once_completed(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT + HIT[:10])
+    t = Tail(collector(log, start_at="end"))
+    assert t.read() == 0
+    append(log, HIT[10:])
+    assert t.read() == 1
+
+
+def test_partial_lines_wait_for_their_newline(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT[:20])
+    t = Tail(collector(log))
+    assert t.read() == 0
+    append(log, HIT[20:-1])
+    assert t.read() == 0
+    append(log, b"\n" + HIT)
+    assert t.read() == 2
+    assert t.read() == 0
+
+
+def test_rename_rotation_finishes_the_old_file(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT)
+    t = Tail(collector(log))
+    assert t.read() == 1
+    append(log, HIT * 2)  # written after the last read, before rotation
+    log.rename(tmp_path / "access.log.1")
+    log.write_bytes(HIT * 4)  # the new file
+    assert t.read() == 6
+    append(tmp_path / "access.log.1", HIT)  # a straggler written through the old handle
+    assert t.read() == 1
+    for _ in range(ROTATE_WAIT_READS):
+        t.read()
+    assert len(t.state["files"]) == 1  # the quiet rotated file is let go
+
+
+def test_rename_rotation_across_a_restart(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT)
+    state = Tail(collector(log)).c.read(None).state
+    append(log, HIT * 2)
+    log.rename(tmp_path / "access.log.1")
+    log.write_bytes(HIT)
+    assert Tail(collector(log), state).read() == 3  # a new process finds the renamed file by inode
+
+
+def test_copytruncate(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 5)
+    t = Tail(collector(log))
+    assert t.read() == 5
+    with open(log, "r+b") as f:  # copytruncate: the same inode, emptied
+        f.truncate(0)
+    append(log, HIT * 2)
+    assert t.read() == 2
+
+
+def test_copytruncate_refilled_past_the_old_offset(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 2)
+    t = Tail(collector(log))
+    assert t.read() == 2
+    with open(log, "r+b") as f:
+        f.truncate(0)
+    append(log, MISS + HIT * 3)  # longer than before: only the fingerprint tells
+    assert t.read() == 3
+
+
+def test_delete_and_recreate(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 2)
+    t = Tail(collector(log))
+    assert t.read() == 2
+    log.unlink()
+    keep = tmp_path / "keep"  # make the old inode number unlikely to come straight back
+    keep.write_bytes(b"x")
+    log.write_bytes(HIT * 3)
+    assert t.read() == 3
+
+
+def test_inode_reuse_is_caught_by_the_fingerprint(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(MISS * 2 + HIT * 2)
+    st = os.stat(log)
+    key = f"{st.st_dev}:{st.st_ino}"
+    # a saved position for this very inode, but for a file that began differently
+    state = {
+        "files": {
+            key: {"path": str(log), "offset": 10, "fp": HIT[:40].hex(), "skip": False, "idle": 0}
+        }
+    }
+    assert Tail(collector(log), state).read() == 2
+
+
+def test_glob_picks_up_new_files_from_their_start(tmp_path: Path) -> None:
+    (tmp_path / "a.log").write_bytes(HIT)
+    t = Tail(collector(tmp_path / "*.log", start_at="end"))
+    assert t.read() == 0
+    (tmp_path / "b.log").write_bytes(HIT * 2)  # appeared after the first reading
+    append(tmp_path / "a.log", HIT)
+    assert t.read() == 3
+
+
+def test_huge_lines_are_capped_and_counted_once(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    huge = b'"GET /api/' + b"x" * (8 << 20)
+    log.write_bytes(HIT + huge + b"\n" + MISS + b"y" * (3 << 20) + b"\n" + HIT)
+    tracemalloc.start()
+    value = Tail(collector(log, max_line_bytes=4096)).read()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert value == 3
+    assert peak < 12 << 20  # bounded by the block size, not the 11 MiB of lines
+
+
+def test_a_huge_line_still_growing_is_counted_once(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(b'"POST /api/' + b"z" * 10000)
+    t = Tail(collector(log, max_line_bytes=1024))
+    assert t.read() == 1
+    append(log, b"z" * 10000)
+    assert t.read() == 0
+    append(log, b"\n" + HIT)
+    assert t.read() == 1
+
+
+def test_undecodable_bytes_never_crash(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(b"\xff\xfe\x00garbage\n" + HIT + b'\xc3\x28 "GET /api/x\n')
+    assert Tail(collector(log)).read() == 2
+
+
+def test_sum_mode(tmp_path: Path) -> None:
+    log = tmp_path / "jobs.log"
+    log.write_bytes(b"job done rows=10\njob done rows=2.5\nother rows=99\njob done rows=oops\n")
+    c = collector(log, pattern=r"job done rows=(?P<value>\S+)", mode="sum")
+    assert Tail(c).read() == Decimal("12.5")
+
+
+def test_patterns_that_could_span_lines_stay_per_line(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    log.write_bytes(b"start\nend\nstart end\n")
+    assert Tail(collector(log, pattern=r"start\s+end")).read() == 1
+    assert Tail(collector(log, pattern=r"^start$")).read() == 1
+    assert Tail(collector(log, pattern=r"(?i)START")).read() == 2
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    from agent.collectors import SourceMissing
+
+    c = collector(tmp_path / "nope.log")
+    with pytest.raises(SourceMissing):
+        c.probe()
+    with pytest.raises(SourceMissing):
+        c.read(None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "sum"}, "mode: sum needs a named group (?P<value>...)"),
+        ({"encoding": "utf-16"}, "not ASCII-compatible"),
+        ({"encoding": "klingon"}, 'unknown encoding "klingon"'),
+    ],
+)
+def test_option_errors(tmp_path: Path, options: dict, message: str) -> None:
+    opts = {
+        "path": "/x",
+        "pattern": "a",
+        "mode": "count",
+        "start_at": "end",
+        "encoding": "utf-8",
+        "max_line_bytes": 65536,
+        **options,
+    }
+    with pytest.raises(ConfigError) as info:
+        LogCollector.validate(opts, "dimensions[0].collector")
+    assert message in str(info.value)
+
+
+def test_sample_command_counts_the_whole_file_with_start_at_beginning(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 7 + MISS * 3)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""product_code: abcd1234efgh5678ijkl90mn
+state_dir: {tmp_path / "state"}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {log}, pattern: '"(GET|POST) /api/', start_at: beginning}}
+"""
+    )
+    result = run_cli("sample", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("api_requests 7  (raw 7, sum)")
+    assert not (tmp_path / "state").exists()  # sample writes no state
