@@ -1,8 +1,9 @@
 """Counting matching lines in a buffer of complete lines, at close to grep's speed.
 
 A per-line Python loop manages about a third of `grep -c` here. Instead the regex engine scans the
-whole buffer in C: the pattern is wrapped as `(?:PATTERN)[^\\n]*()` so each match also consumes the
-rest of its line, one match per line, and `findall` (whose only group is empty) just counts.
+whole buffer in C: the pattern is wrapped as `(?:PATTERN)[^\\n]*\\n()` so each match also
+consumes the rest of its line and its newline (one match per line, even for a pattern that matches
+the empty string), and `findall`, whose only group is empty, just counts.
 
 That shortcut is exact only when a match cannot run across a newline. Patterns that could
 (`\\s`, `[^"]`, an explicit `\\n`, ...) take the exact path: each match is confined to its line and
@@ -22,6 +23,9 @@ else:  # pragma: no cover
     import sre_parse
 
 NEWLINE = 10
+SPARSE_BYTES = 1024  # fewer required-literal hits than one per this many bytes: visit each
+DENSE_SKIP = 7  # after a dense block, blocks that go straight to the regex engine
+DENSE_AFTER = 64  # candidates seen before density is judged
 GLOBAL_FLAGS = re.compile(rb"^(?:\(\?[aiLmsux]+\))+")
 
 
@@ -71,6 +75,33 @@ def _walk(items: object, dotall: bool) -> bool:
     return False
 
 
+def required_literal(pattern: str) -> str | None:
+    """The longest run of plain characters that every match must contain, if any.
+
+    Only the top-level sequence is looked at (not inside groups, branches or repeats), and nothing
+    is promised under IGNORECASE; None when there is no run of at least two characters.
+    """
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error:
+        return None
+    if parsed.state.flags & re.IGNORECASE:
+        return None
+    best: list[int] = []
+    run: list[int] = []
+    items: list[tuple[Any, Any]] = list(parsed.data)
+    for op, arg in items:
+        if _name(op) == "LITERAL":
+            run.append(arg)
+            continue
+        if len(run) > len(best):
+            best = run
+        run = []
+    if len(run) > len(best):
+        best = run
+    return "".join(map(chr, best)) if len(best) >= 2 else None
+
+
 def _name(op: object) -> str:
     """sre opcodes are ints with a `name` (their str() is the number on Python 3.10)."""
     return str(getattr(op, "name", op))
@@ -108,19 +139,57 @@ class LineMatcher:
         self.encoding = encoding
         self.pattern = re.compile(raw, re.MULTILINE)
         self.exact = may_match_newline(pattern) or mode == "sum"
-        # One match per line, the rest of the line consumed; the empty group keeps findall cheap.
+        # One match per line (see the module docstring); the empty group keeps findall cheap.
         # Leading global flags such as (?i) must stay in front of the wrapper.
         flags = GLOBAL_FLAGS.match(raw)
         lead, body = (flags.group(0), raw[flags.end() :]) if flags else (b"", raw)
-        self._fast = re.compile(lead + b"(?:" + body + b")[^\n]*()", re.MULTILINE)
+        self._fast = re.compile(lead + b"(?:" + body + b")[^\n]*\n()", re.MULTILINE)
+        literal = required_literal(pattern)
+        # Short literals gain nothing: bytes.count is slow on them when their first byte is common.
+        self.literal = literal.encode(encoding) if literal and len(literal) >= 6 else None
+        self._trust_regex = 0
         self.bad_values = 0
 
     def scan(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> Decimal:
         """Count (or sum over) the matching lines in buf[start:end], which holds complete lines."""
         end = len(buf) if end is None else end
+        total = Decimal(0)
+        if self.literal is not None and self._trust_regex == 0:
+            # A long literal is found at memchr speed: visit only the lines that hold it. When
+            # they turn out dense, the regex engine takes the rest of the buffer, and the next few
+            # blocks go straight to it (a busy log stays busy).
+            total, start = self._scan_candidates(buf, start, end)
+            if start >= end:
+                return total
+            self._trust_regex = DENSE_SKIP
+        elif self._trust_regex:
+            self._trust_regex -= 1
         if not self.exact:
-            return Decimal(len(self._fast.findall(buf, start, end)))
-        return self._scan_exact(buf, start, end)
+            return total + len(self._fast.findall(buf, start, end))
+        return total + self._scan_exact(buf, start, end)
+
+    def _scan_candidates(self, buf: bytes | bytearray, start: int, end: int) -> tuple[Decimal, int]:
+        """Judge only the lines holding the required literal. Returns (value, where it stopped):
+        `end`, or the start of a line once candidates come denser than one per SPARSE_BYTES."""
+        assert self.literal is not None
+        total = Decimal(0)
+        find, rfind, search = buf.find, buf.rfind, self.pattern.search
+        pos, seen = start, 0
+        while True:
+            i = find(self.literal, pos, end)
+            if i < 0:
+                return total, end
+            line_start = rfind(b"\n", start, i) + 1 if i > start else start
+            line_end = find(b"\n", i, end)
+            if line_end < 0:
+                line_end = end
+            m = search(buf, line_start, line_end)
+            if m is not None:
+                total += self._value(m) if self.mode == "sum" else 1
+            pos = line_end + 1
+            seen += 1
+            if seen >= DENSE_AFTER and seen * SPARSE_BYTES > pos - start:
+                return total, pos
 
     def match_line(self, line: bytes) -> Decimal:
         """The value one line adds (0 or 1 in count mode): used for capped very long lines."""
