@@ -30,7 +30,7 @@ log = logging.getLogger("agent")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "log_level", "info"))
+    setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    common.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one JSON object per line, for log shippers",
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -101,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=int, default=24, help="how many hours back to list (default 24)")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser(
+        "report", parents=[common], help="what was billed, hour by hour, with record ids"
+    )
+    p.add_argument("--since", required=True, help="a duration ago (24h, 7d) or a date (2026-11-01)")
+    p.add_argument("--until", default=None, help="same forms as --since (default: now)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
     p.set_defaults(func=cmd_schema)
 
@@ -138,14 +152,22 @@ def make_clock(args: argparse.Namespace) -> Clock:
         raise AgentError(f"--clock {args.clock!r}: expected RATE[:ORIGIN[:WALL0]]") from None
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # botocore announces every credential lookup at INFO; only its problems interest an operator.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from agent.logs import JsonFormatter, Redact
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Redact())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # botocore and urllib3 at debug level print request headers, session tokens among them: they
+    # speak only of problems, whatever --log-level says.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # APScheduler logs every job run at INFO: one line per sample round is noise in a journal.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
@@ -257,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon
 
     cfg = load_config(args)
-    return Daemon(cfg, make_clock(args)).run()
+    return Daemon(cfg, make_clock(args), log_format=args.log_format).run()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -295,6 +317,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     ledger = open_ledger_readonly(cfg.state_dir)
     report = status.collect(ledger, cfg, Clock(), hours=args.hours)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
+    return EX_OK
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent import report
+
+    cfg = load_config(args)
+    now = Clock().time()
+    since = report.parse_when(args.since, now, "--since")
+    until = report.parse_when(args.until, now, "--until") if args.until else None
+    if until is not None and until <= since:
+        raise report.UsageError("--until must be later than --since")
+    ledger = open_ledger_readonly(cfg.state_dir)
+    print(report.render(report.rows(ledger, since, until), args.format))
     return EX_OK
 
 

@@ -32,6 +32,7 @@ from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso
 from agent.config import Config, Dimension
 from agent.errors import LockHeld
+from agent.hooks import Hooks
 from agent.ledger import Ledger, move_aside
 from agent.metering import Imds, ImdsError
 from agent.sampling import Sampler
@@ -132,6 +133,7 @@ class Daemon:
         sampler: Sampler | None = None,
         imds: Imds | None = None,
         sender_command: Callable[[bool, float | None], list[str]] | None = None,
+        log_format: str = "text",
     ) -> None:
         self.config = config
         self.clock = clock
@@ -139,6 +141,8 @@ class Daemon:
         self.imds = imds or Imds()
         self.sender_command = sender_command or self._default_sender_command
         self.state_dir = Path(config.state_dir)
+        self.log_format = log_format
+        self.hooks: Hooks | None = None
         self.stop_event = threading.Event()
         self.ledger: Ledger | None = None
         self.offset = 0.0
@@ -160,6 +164,7 @@ class Daemon:
         self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
         if self.config.metering.startup_check:
             self.ledger.update_meta(dryrun_due=now)
+        self.hooks = Hooks(self.config, self.ledger, self.clock)
         log.info(
             "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
             "after each hour",
@@ -220,6 +225,8 @@ class Daemon:
         health.write(self.state_dir, self.ledger)
         if self.ledger.pending():
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
+        if self.hooks is not None:
+            self.hooks.wait(timeout=5)
         left = len(self.ledger.pending())
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
@@ -277,6 +284,8 @@ class Daemon:
     def send_tick(self) -> None:
         """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
         assert self.ledger is not None
+        if self.hooks is not None:
+            self.hooks.check()
         if self.stop_event.is_set() or self._sender_running():
             return
         if work_due(self.ledger, self.clock.time()):
@@ -290,6 +299,7 @@ class Daemon:
     def _default_sender_command(self, flush: bool, deadline: float | None) -> list[str]:
         cmd = [sys.executable, "-m", "agent", "send", "-c", str(self.config.source.resolve())]
         cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+        cmd += ["--log-format", self.log_format]
         if flush:
             cmd.append("--flush")
         if deadline is not None:

@@ -68,6 +68,20 @@ def assert_no_duplicates(emulator: Emulator) -> None:
     assert "IdempotencyConflictException" not in codes
 
 
+def assert_no_secrets(log: str, emulator: Emulator) -> None:
+    """No credential, session token, IMDS token or ClientToken in any log line, even at debug."""
+    assert "sent quantity" in log  # the log is there at all
+    secrets = [
+        "ASIAEMULATOREXAMPLE1",
+        "emulatorsecretkey",
+        "emulator-session-token",
+        "emulator-imds-token-",
+    ]
+    secrets += [r.client_token for r in emulator.records() if r.client_token]
+    for secret in secrets:
+        assert secret not in log
+
+
 def authorized(state: Path) -> bool:
     path = state / "health.json"
     return path.exists() and json.loads(path.read_text())["authorized"] is True
@@ -78,9 +92,13 @@ def faketime_agent(emulator: Emulator, tmp_path: Path):
     """Start the agent `lead` seconds before an hour boundary (faked wall clock)."""
     agents: list[Agent] = []
 
-    def start(lead: float, offset: int | None = None) -> tuple[Agent, int]:
+    def start(
+        lead: float, offset: int | None = None, extra: list[str] | None = None
+    ) -> tuple[Agent, int]:
         offset = offset_to_before_boundary(lead) if offset is None else offset
-        agent = Agent(write_config(tmp_path, emulator.url), faketime_env(offset, emulator.url))
+        agent = Agent(
+            write_config(tmp_path, emulator.url), faketime_env(offset, emulator.url), extra
+        )
         agents.append(agent.start())
         return agent, offset
 
@@ -130,7 +148,7 @@ def test_hour_boundary_sends_the_exact_quantity(
 
 
 def test_faults_end_in_one_record(faketime_agent, emulator: Emulator, tmp_path: Path) -> None:
-    agent, _offset = faketime_agent(lead=10)
+    agent, _offset = faketime_agent(lead=10, extra=["--log-level", "debug"])
     wait_for("the start-up DryRun", lambda: authorized(tmp_path / "state"), 20, agent)
     # 5xx, throttling, a dropped connection, and a lost answer (recorded, never answered)
     emulator.inject("error", code="InternalServiceErrorException", status=500)
@@ -156,6 +174,7 @@ def test_faults_end_in_one_record(faketime_agent, emulator: Emulator, tmp_path: 
     assert {h.dimension: h.record_id for h in ledger_hours(tmp_path / "state")} == record
     assert_no_duplicates(emulator)
     assert agent.terminate() == 0
+    assert_no_secrets(agent.output(), emulator)
 
 
 def test_kill9_mid_hour_keeps_the_samples(

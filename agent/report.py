@@ -1,0 +1,96 @@
+"""`report`: what was billed, hour by hour, with record ids, for a buyer to reconcile against
+their AWS bill. Read-only."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from agent.clock import iso, iso_hour
+from agent.errors import AgentError
+from agent.ledger import Ledger
+
+_AGO = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+COLUMNS = ["hour", "dimension", "quantity", "state", "record_id", "timestamp", "sent_at",
+           "product_code", "attempts", "last_error"]  # fmt: skip
+
+
+class UsageError(AgentError):
+    exit_code = 2
+
+
+def parse_when(text: str, now: float, option: str) -> float:
+    """`90m`, `24h`, `7d`, `2w` ago, or a date / ISO time (UTC unless it says otherwise)."""
+    m = _AGO.match(text)
+    if m:
+        return now - int(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r}: expected a duration ago (90m, 24h, 7d, 2w) or a date "
+            "(2026-11-01, 2026-11-01T13:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def rows(ledger: Ledger | None, since: float, until: float | None) -> list[dict[str, Any]]:
+    if ledger is None:
+        return []
+    return [
+        {
+            "hour": iso_hour(h.hour),
+            "dimension": h.dimension,
+            "quantity": h.quantity.text,
+            "state": h.state,
+            "record_id": h.record_id,
+            "timestamp": iso(h.timestamp),
+            "sent_at": iso(h.done_at) if h.state == "sent" else None,
+            "product_code": h.product_code,
+            "attempts": h.attempts,
+            "last_error": h.last_error,
+        }
+        for h in ledger.hours(since=since - since % 3600, until=until)
+    ]
+
+
+def render(data: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(data)
+        return out.getvalue().rstrip("\n")
+    return _table(data)
+
+
+def _table(data: list[dict[str, Any]]) -> str:
+    if not data:
+        return "no sealed hours in this period"
+    cols = ["hour", "dimension", "quantity", "state", "record_id", "sent_at"]
+    table = [[c.upper() for c in cols]] + [[str(r[c] or "-") for c in cols] for r in data]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in table]  # fmt: skip
+    totals: dict[str, Decimal] = {}
+    for r in data:
+        if r["state"] == "sent":
+            totals[r["dimension"]] = totals.get(r["dimension"], Decimal(0)) + Decimal(r["quantity"])
+    lines.append("")
+    lines.append("billed (sent) totals:")
+    for dim, total in sorted(totals.items()):
+        lines.append(f"  {dim}: {format(total, 'f')}")
+    other = [r for r in data if r["state"] != "sent"]
+    if other:
+        lines.append(f"not billed: {len(other)} hour(s) pending, rejected or expired (see state)")
+    return "\n".join(lines)
