@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.date import DateTrigger
 
 from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso
@@ -36,7 +37,7 @@ from agent.hooks import Hooks
 from agent.ledger import Ledger, move_aside
 from agent.metering import Imds, ImdsError
 from agent.sampling import Sampler
-from agent.sending import work_due
+from agent.sending import next_due, work_due
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,22 @@ class Daemon:
         assert self.ledger is not None
         if sealing.seal_hours(self.ledger, self.config, self.clock.time(), self.offset):
             health.write(self.state_dir, self.ledger)
+            self._schedule_send()
+
+    def _schedule_send(self) -> None:
+        """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
+        fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
+        assert self.ledger is not None
+        due = next_due(self.ledger)
+        if due is None or self.scheduler is None:
+            return
+        wall = self.clock.to_wall(max(due, self.clock.time()))
+        self.scheduler.add_job(
+            self.send_tick,
+            DateTrigger(datetime.fromtimestamp(wall, tz=timezone.utc)),
+            id="send-at",
+            replace_existing=True,
+        )
 
     def send_tick(self) -> None:
         """Start a sender child when work is due; never waits for it (the next tick reaps it)."""

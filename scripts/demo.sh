@@ -21,7 +21,7 @@ product_code: abcd1234efgh5678ijkl90mn
 state_dir: $work/state
 metering:
   endpoint_url: http://127.0.0.1:$port   # the emulator; on EC2 leave this out
-  send_window: 0                          # send right at the hour (a fleet spreads over 10 min)
+  send_window: 0                          # send right at the hour (default: spread over one)
 sampling:
   interval: 60
 dimensions:
