@@ -37,6 +37,7 @@ from agent.hooks import Hooks
 from agent.ledger import Ledger, move_aside
 from agent.metering import Imds, ImdsError
 from agent.sampling import Sampler
+from agent.sdnotify import Notifier
 from agent.sending import next_due, work_due
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class Daemon:
         self.state_dir = Path(config.state_dir)
         self.log_format = log_format
         self.hooks: Hooks | None = None
+        self.notify = Notifier()
         self.stop_event = threading.Event()
         self.ledger: Ledger | None = None
         self.offset = 0.0
@@ -181,6 +183,9 @@ class Daemon:
             self.sample_round(interval)
         self.ledger.prune(now)
         self._start_scheduler()
+        self.notify.ready(
+            f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
+        )
         while not self.stop_event.wait(1.0):
             pass
         self.shutdown()
@@ -188,6 +193,7 @@ class Daemon:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)
+        self.notify.stopping("sealing the current hour and sending what is pending")
         self.stop_event.set()
 
     def _start_scheduler(self) -> None:
@@ -203,6 +209,15 @@ class Daemon:
                 id=f"sample-{interval}s",
             )
         scheduler.add_job(self.seal, ClockTrigger(self.clock, HOUR), id="seal")
+        if self.notify.watchdog_seconds:
+            # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
+            # and systemd restarts the agent. Real seconds, whatever the agent clock does.
+            scheduler.add_job(
+                self.notify.watchdog,
+                "interval",
+                seconds=max(1.0, self.notify.watchdog_seconds / 2),
+                id="watchdog",
+            )
         scheduler.add_job(
             self.send_tick,
             ClockTrigger(self.clock, SEND_TICK),
