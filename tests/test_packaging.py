@@ -1,0 +1,44 @@
+"""The package's static facts: one version everywhere, the unit's contract with the agent."""
+
+from __future__ import annotations
+
+import re
+
+from agent import __version__
+from tests.conftest import ROOT
+
+
+def test_debian_changelog_carries_the_package_version() -> None:
+    first = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
+    assert re.match(rf"^metering-agent \({re.escape(__version__)}\) ", first)
+
+
+def test_man_page_names_the_version() -> None:
+    assert f'"metering-agent {__version__}"' in (ROOT / "debian" / "metering-agent.1").read_text()
+
+
+def test_unit_matches_what_the_agent_does() -> None:
+    unit = (ROOT / "packaging" / "metering-agent.service").read_text()
+    for line in [
+        "Type=notify",
+        "ExecStartPre=/usr/bin/metering-agent check --offline",
+        "ExecStart=/usr/bin/metering-agent run",
+        "RestartPreventExitStatus=78",
+        "StateDirectory=metering-agent",
+        "ProtectSystem=strict",
+        "UMask=0077",
+    ]:
+        assert f"\n{line}\n" in unit, line
+    timeout = int(re.search(r"\nTimeoutStopSec=(\d+)\n", unit).group(1))  # type: ignore[union-attr]
+    from agent.daemon import STOP_FLUSH
+
+    assert timeout > STOP_FLUSH + 10  # the stop flush and its sender child fit
+
+
+def test_pinned_requirements_cover_the_runtime_dependencies() -> None:
+    pins = {
+        line.split("==")[0].lower()
+        for line in (ROOT / "packaging" / "requirements.txt").read_text().splitlines()
+        if "==" in line
+    }
+    assert {"boto3", "botocore", "psutil", "apscheduler", "pyyaml"} <= pins
