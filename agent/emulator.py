@@ -94,13 +94,14 @@ class State:
 
 
 class TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
+    """The service's per-account request limit (also the fleet simulation's, on virtual time)."""
+
+    def __init__(self, rate: float, burst: float, now: float = 0.0) -> None:
         self.rate, self.burst = rate, burst
         self.tokens = burst
-        self.last = time.monotonic()
+        self.last = now
 
-    def take(self) -> bool:
-        now = time.monotonic()
+    def take(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
         if self.tokens >= 1:
@@ -121,7 +122,7 @@ class Emulator:
         self.clock = clock or Clock()
         self.state = State()
         self.lock = threading.Lock()
-        self.bucket = TokenBucket(self.settings.rate, self.settings.burst)
+        self.bucket = TokenBucket(self.settings.rate, self.settings.burst, time.monotonic())
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -139,7 +140,7 @@ class Emulator:
                 if key in ("product_codes", "dimensions") and value is not None:
                     value = set(value)
                 setattr(self.settings, key, value)
-            self.bucket = TokenBucket(self.settings.rate, self.settings.burst)
+            self.bucket = TokenBucket(self.settings.rate, self.settings.burst, time.monotonic())
 
     def records(self) -> list[Record]:
         with self.lock:
@@ -179,7 +180,7 @@ class Emulator:
         if fault and fault.kind == "error":
             raise ServiceError(fault.code, "injected fault", fault.status)
         with self.lock:
-            if not self.bucket.take():
+            if not self.bucket.take(time.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
             answer = self._meter_usage(body, caller, signed_region)
         if fault and fault.kind == "lose":

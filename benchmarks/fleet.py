@@ -7,7 +7,8 @@ later retries start, the pass that waits out short backoffs itself
 (`sending.PATIENCE`), capped exponential backoff with full jitter (`sending.backoff`), and oldest
 hour first, one dimension after another. What is modelled: a call takes `--latency` seconds, a
 sender child takes `--spawn` seconds to start, and the service's bucket holds 10 tokens refilled at
-10/s. Two consecutive hours are simulated so the second hour's sends meet any backlog of the first.
+10/s (the emulator's `TokenBucket`, on virtual time). Two consecutive hours are simulated
+so the second hour's sends meet any backlog of the first.
 
 Prints, per send_window: p50/p99/max delay from the end of the hour to acceptance, throttled calls,
 calls per accepted record, and whether every record was accepted once within 6 hours.
@@ -26,26 +27,12 @@ import time
 from dataclasses import dataclass, field
 
 from agent.daemon import SEND_TICK
+from agent.emulator import TokenBucket
 from agent.sealing import send_offset
 from agent.sending import PATIENCE, backoff
 
 HOUR = 3600
 SIX_HOURS = 6 * HOUR
-
-
-class Bucket:
-    """The service's token bucket, on virtual time."""
-
-    def __init__(self, rate: float = 10.0, burst: float = 10.0) -> None:
-        self.rate, self.burst, self.tokens, self.last = rate, burst, burst, 0.0
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 @dataclass
@@ -81,7 +68,7 @@ def simulate(
     fleet = [Instance(f"i-{rng.getrandbits(68):017x}", 0.0) for _ in range(instances)]
     for inst in fleet:
         inst.offset = send_offset(inst.id, window)
-    bucket = Bucket()
+    bucket = TokenBucket(rate=10.0, burst=10.0)
     events: list[tuple[float, int, str, int]] = []  # time, seq, kind, instance index
     seq = 0
 
