@@ -153,6 +153,7 @@ class Daemon:
         self._child: subprocess.Popen[bytes] | None = None
         self._child_lock = threading.Lock()
         self._child_started = 0.0
+        self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -265,9 +266,15 @@ class Daemon:
         assert self.ledger is not None
         sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
         if sample.error or sample.value is None:
-            log.warning("dimension %s: collector failed: %s", dim.name, sample.error)
-            self.ledger.record_collector_error(dim.name, t, sample.error or "no value")
+            error = sample.error or "no value"
+            # Every failure is counted for `status`; the journal hears of each new error once.
+            if self._last_error.get(dim.name) != error:
+                log.warning("dimension %s: collector failed: %s", dim.name, error)
+                self._last_error[dim.name] = error
+            self.ledger.record_collector_error(dim.name, t, error)
             return
+        if self._last_error.pop(dim.name, None) is not None:
+            log.info("dimension %s: collector works again", dim.name)
         hour = self.ledger.record_sample(
             dim.name,
             t,

@@ -145,3 +145,28 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     d.sample_round(60)
     requests = [h for h in d.ledger.hours() if h.dimension == "requests" and h.hour == H + 3600]
     assert requests[0].quantity.value == 2  # the two users that arrived after the stop
+
+
+def test_a_failing_collector_is_counted_every_round_but_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(H)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+
+    def broken(logical: bool = True) -> int:
+        raise RuntimeError("psutil exploded")
+
+    ps.cpu_count = broken  # type: ignore[method-assign]
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            d.sample_round(60)
+            clock.advance(60)
+        ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
+        d.sample_round(60)
+    assert d.ledger is not None
+    status = {s.dimension: s for s in d.ledger.dimension_status()}
+    assert status["vcpus"].errors == 3  # status counts every failed round
+    assert caplog.text.count("collector failed") == 2  # vcpus and vcpu_hours, once each
+    assert "dimension vcpus: collector works again" in caplog.text
+    assert status["requests"].errors == 0  # the other dimensions kept billing
