@@ -168,3 +168,32 @@ def test_json_log_lines() -> None:
     data = json.loads(JsonFormatter().format(record))
     assert data["level"] == "warning" and data["logger"] == "agent.x"
     assert data["message"] == "hour 2027-01-15T08:00Z dimension vcpus: ASIA****"
+
+
+def test_status_table_shows_health_dimensions_and_hours(tmp_path: Path) -> None:
+    config = billed_ledger(tmp_path)
+    ledger = Ledger(tmp_path / "state")
+    ledger.record_collector_error("vcpu_hours", H + 7300, "source missing: no file")
+    ledger.update_meta(
+        failing_since=H + 7000, reason="ThrottlingException: slow down", authorized=True
+    )
+    ledger.close()
+    result = run_cli("status", "-c", str(config), "--hours", "100000")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert (
+        "metering health: FAILING since 2027-01-15T09:56:40Z: ThrottlingException: slow down" in out
+    )
+    assert "errors 1 (last: source missing: no file)" in out
+    assert "2027-01-15T08:00Z  vcpus      2         sent   rec-1" in out
+    data = json.loads(run_cli("status", "--json", "-c", str(config), "--hours", "100000").stdout)
+    assert data["health"]["ok"] is False and data["health"]["pending_hours"] == 0
+    assert [h["record_id"] for h in data["hours"]] == ["rec-1", "rec-2"]
+    assert next(d for d in data["dimensions"] if d["name"] == "vcpu_hours")["collector_errors"] == 1
+
+
+def test_status_before_the_first_run(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    result = run_cli("status", "-c", str(cfg.source))
+    assert result.returncode == 0
+    assert "no ledger yet" in result.stdout
