@@ -22,7 +22,7 @@ from typing import Any
 from agent import __version__
 from agent.aggregate import to_quantity
 from agent.clock import Clock
-from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
+from agent.errors import EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, AgentError, Unavailable
 
 log = logging.getLogger("agent")
 
@@ -39,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as e:
         print(f"metering-agent: {e}", file=sys.stderr)
         return e.exit_code
+    except sqlite3.Error as e:
+        # Permissions (the ledger is the agent user's, mode 0600), a full disk, a damaged file.
+        print(
+            f"metering-agent: ledger error: {e}; run as root or the metering-agent user, and "
+            "check the state_dir's disk",
+            file=sys.stderr,
+        )
+        return EX_SOFTWARE
     except KeyboardInterrupt:
         return 130
 

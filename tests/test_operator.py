@@ -197,3 +197,14 @@ def test_status_before_the_first_run(tmp_path: Path) -> None:
     result = run_cli("status", "-c", str(cfg.source))
     assert result.returncode == 0
     assert "no ledger yet" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["report", "--since", "1d"], ["sample"]])
+def test_a_damaged_ledger_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    cfg = make_config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    (cfg.state_dir / "ledger.db").write_bytes(b"this is not a database" * 100)
+    result = run_cli(*command, "-c", str(cfg.source))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "ledger" in line and "Traceback" not in result.stderr
