@@ -315,3 +315,28 @@ def test_outage_then_recovery(fast, tmp_path: Path, outage_hours: int, expired: 
     assert first_hour not in sent or expired == 0
     assert_no_duplicates(emulator)
     assert agent.terminate() == 0
+
+
+def test_clock_jump_seals_the_skipped_hour_once(emulator: Emulator, tmp_path: Path) -> None:
+    """A suspend (or an NTP step) moves the wall clock three hours ahead while the agent runs:
+    the hour it was in is sealed once and sent once; the empty hours send nothing."""
+    state = tmp_path / "state"
+    stamp = tmp_path / "faketime"
+    offset = offset_to_before_boundary(600)  # ten minutes before an hour boundary
+    stamp.write_text(f"{offset:+d}\n")
+    env = faketime_env(offset, emulator.url)
+    del env["FAKETIME"]
+    env.update(FAKETIME_TIMESTAMP_FILE=str(stamp), FAKETIME_NO_CACHE="1")
+    agent = Agent(write_config(tmp_path, emulator.url), env).start()
+    hour = boundary_hour(offset)
+    wait_for("a few samples", lambda: ledger_samples(state) >= 4, 20, agent)
+    stamp.write_text(f"{offset + 3 * 3600:+d}\n")  # the jump
+    wait_for("the hour before the jump sent", lambda: len(emulator.records()) == 2, 60, agent)
+    time.sleep(6)  # more rounds after the jump: nothing is sealed or sent twice
+    assert {(r.hour, r.dimension) for r in emulator.records()} == {
+        (hour, "vcpus"),
+        (hour, "vcpu_hours"),
+    }
+    assert [h.hour for h in ledger_hours(state)] == [hour, hour]
+    assert_no_duplicates(emulator)
+    assert agent.terminate() == 0
