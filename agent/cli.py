@@ -244,7 +244,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _num(value: Any) -> str:
-    return "-" if value is None else format(value.normalize(), "f")
+    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
+    if value is None:
+        return "-"
+    if value.as_tuple().exponent < -6:
+        value = value.quantize(Decimal("0.000001"))
+    return format(value.normalize(), "f")
 
 
 # -- sample -----------------------------------------------------------------------------------
