@@ -182,7 +182,6 @@ class Daemon:
         self.seal()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
-        self.ledger.prune(now)
         self._start_scheduler()
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -301,7 +300,9 @@ class Daemon:
 
     def seal(self) -> None:
         assert self.ledger is not None
-        if sealing.seal_hours(self.ledger, self.config, self.clock.time(), self.offset):
+        now = self.clock.time()
+        if sealing.seal_hours(self.ledger, self.config, now, self.offset):
+            self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
             health.write(self.state_dir, self.ledger)
             self._schedule_send()
 

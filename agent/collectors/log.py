@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import glob
 import io
+import logging
 import os
 from collections.abc import Mapping
 from decimal import Decimal
@@ -25,6 +26,8 @@ from agent.collectors.base import Collector, CollectorError, Reading, SourceMiss
 from agent.collectors.linecount import LineMatcher
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, Int, Regex, Str
+
+log = logging.getLogger(__name__)
 
 BLOCK = 4 << 20
 FINGERPRINT = 128  # bytes
@@ -106,6 +109,7 @@ class LogCollector(Collector):
         if not found and not saved:
             raise SourceMissing(f"no file matches {self.glob}")
         total = Decimal(0)
+        bad_before = self.matcher.bad_values
         files: dict[str, dict[str, Any]] = {}
         for key, (path, st, in_glob) in sorted(found.items(), key=lambda kv: kv[1][0]):
             try:
@@ -117,6 +121,13 @@ class LogCollector(Collector):
             total += value
             if in_glob or entry["idle"] < ROTATE_WAIT_READS:
                 files[key] = entry
+        bad = self.matcher.bad_values - bad_before
+        if bad:
+            log.warning(
+                "%s: %d matching line(s) had a non-numeric (?P<value>...) and added 0",
+                self.glob,
+                bad,
+            )
         return Reading(total, {"files": files})
 
     def _read_file(
