@@ -32,7 +32,7 @@ from apscheduler.triggers.date import DateTrigger
 from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso
 from agent.config import Config, Dimension
-from agent.errors import LockHeld
+from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
 from agent.ledger import Ledger, move_aside
 from agent.metering import Imds, ImdsError
@@ -159,9 +159,15 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
-        self.lock.acquire()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
+            self.lock.acquire()
+        except OSError as e:
+            raise AgentError(
+                f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "
+                "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
+            ) from None
         now = self.clock.time()
         self.ledger = resolve_identity(Ledger(self.state_dir), self.imds, self.state_dir, now)
         instance_id = self.ledger.get_meta("instance_id")

@@ -170,3 +170,19 @@ def test_a_failing_collector_is_counted_every_round_but_logged_once(
     assert caplog.text.count("collector failed") == 2  # vcpus and vcpu_hours, once each
     assert "dimension vcpus: collector works again" in caplog.text
     assert status["requests"].errors == 0  # the other dimensions kept billing
+
+
+def test_an_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"product_code: p1\nstate_dir: {blocker / 'state'}\n"
+        "dimensions:\n  - name: v\n    collector: {type: system, metric: cpu_count}\n"
+    )
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"state_dir {blocker / 'state'}: Not a directory" in line
