@@ -3,6 +3,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.aggregate import DECIMAL_PATTERN, MAX_INT, Point, Quantity, combine, to_quantity
 
@@ -112,3 +114,34 @@ def test_negative_zero_is_plain_zero() -> None:
 def test_stored_quantity_round_trips() -> None:
     for q in (Quantity(17), Quantity("0.125")):
         assert Quantity.from_stored(q.text, q.is_decimal) == q
+
+
+decimals = st.decimals(
+    allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15, places=9
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    value=decimals,
+    scale=st.decimals(min_value="0.000001", max_value="1000", places=6),
+    rounding=st.sampled_from(["up", "down", "nearest"]),
+    places=st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_every_quantity_is_one_the_api_accepts(
+    value: Decimal, scale: Decimal, rounding: str, places: int | None
+) -> None:
+    q = to_quantity(value, scale, rounding, places)
+    if places is None:
+        assert isinstance(q.value, int) and 0 <= q.value <= MAX_INT
+    else:
+        assert DECIMAL_PATTERN.match(q.text), q.text
+        assert len(q.text.split(".")[1]) == places
+    exact = value * scale
+    if q.clamped_from is None:
+        step = Decimal(1).scaleb(-(places or 0))
+        assert abs(Decimal(q.text) - exact) <= step  # rounding moves it by less than one step
+        if rounding == "up":
+            assert Decimal(q.text) >= exact
+        if rounding == "down":
+            assert Decimal(q.text) <= exact
