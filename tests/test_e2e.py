@@ -340,3 +340,36 @@ def test_clock_jump_seals_the_skipped_hour_once(emulator: Emulator, tmp_path: Pa
     assert [h.hour for h in ledger_hours(state)] == [hour, hour]
     assert_no_duplicates(emulator)
     assert agent.terminate() == 0
+
+
+def test_failure_hooks_run_once_each_way(fast, tmp_path: Path) -> None:
+    """The daemon runs on_metering_failure after `after` of failures, and on_recovery once sends
+    work again (accelerated clock: an hour in 6 s)."""
+    clock, emulator, agent = fast
+    events = tmp_path / "events"
+    with open(agent.config, "a") as f:
+        f.write(
+            textwrap.dedent(
+                f"""
+                on_metering_failure:
+                  after: 1h
+                  command: [sh, -c, 'echo "$METERING_AGENT_EVENT" >> {events}']
+                on_recovery:
+                  command: [sh, -c, 'echo "$METERING_AGENT_EVENT" >> {events}']
+                """
+            )
+        )
+    start = clock.time()
+    emulator.inject("error", count=1_000_000, code="InternalServiceErrorException", status=503)
+    agent.start()
+    wait_for("two hours of failures", lambda: clock.time() >= start + 2 * 3600, 30, agent)
+    assert events.read_text().splitlines() == ["on_metering_failure"]
+    emulator.clear_faults()
+    wait_for(
+        "the recovery hook",
+        lambda: events.read_text().splitlines() == ["on_metering_failure", "on_recovery"],
+        60,
+        agent,
+    )
+    assert agent.terminate() == 0
+    assert events.read_text().splitlines() == ["on_metering_failure", "on_recovery"]
