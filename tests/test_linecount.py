@@ -61,6 +61,12 @@ def oracle(pattern: str, data: bytes, mode: str = "count") -> Decimal:
         "200$",
         "(?i)get",
         "x*",
+        "GET(?=\\n)",
+        "(?<=\\n)POST",
+        "GET(?!/)",
+        "(?<!\\n)POST",
+        r"\AGET",
+        r"200\Z",
     ],
 )
 @pytest.mark.parametrize("rare", [False, True])
@@ -101,3 +107,5 @@ def test_may_match_newline() -> None:
     assert may_match_newline(r"a\s+b")
     assert may_match_newline('[^"]+')
     assert not may_match_newline("[^\\n]+x")
+    assert may_match_newline("foo(?=\\nbar)")
+    assert not may_match_newline("foo(?=bar)")

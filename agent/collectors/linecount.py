@@ -38,6 +38,39 @@ def may_match_newline(pattern: str) -> bool:
     return _walk(parsed, dotall=bool(parsed.state.flags & re.DOTALL))
 
 
+def needs_line_by_line(pattern: str) -> bool:
+    """Whether the pattern can tell a line inside a buffer from the same line on its own.
+
+    Lookarounds peek at neighbouring lines, and `\\A`/`\\Z` mean the start and end of the whole
+    string: such patterns are matched one line at a time (slower, and rare in log patterns).
+    """
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error:
+        return True
+    return _peeks(list(parsed.data))
+
+
+def _peeks(items: list[tuple[Any, Any]]) -> bool:
+    for op, arg in items:
+        name = _name(op)
+        if name in ("ASSERT", "ASSERT_NOT"):
+            return True
+        if name == "AT" and _name(arg) in ("AT_BEGINNING_STRING", "AT_END_STRING"):
+            return True
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and _peeks(list(arg[2])):
+            return True
+        if name == "SUBPATTERN" and _peeks(list(arg[-1])):
+            return True
+        if name == "BRANCH" and any(_peeks(list(b)) for b in arg[1]):
+            return True
+        if name == "ATOMIC_GROUP" and _peeks(list(arg)):
+            return True
+        if name == "GROUPREF_EXISTS":
+            return True
+    return False
+
+
 def _walk(items: object, dotall: bool) -> bool:
     for op, arg in items:  # type: ignore[attr-defined]
         name = _name(op)
@@ -63,7 +96,9 @@ def _walk(items: object, dotall: bool) -> bool:
             if any(_walk(branch, dotall) for branch in arg[1]):
                 return True
         elif name in ("ASSERT", "ASSERT_NOT"):
-            continue  # lookarounds consume nothing
+            # A lookaround consumes nothing, but one that can see a newline peeks past the line.
+            if _walk(arg[1], dotall):
+                return True
         elif name == "ATOMIC_GROUP":
             if _walk(arg, dotall):
                 return True
@@ -145,14 +180,18 @@ class LineMatcher:
         lead, body = (flags.group(0), raw[flags.end() :]) if flags else (b"", raw)
         self._fast = re.compile(lead + b"(?:" + body + b")[^\n]*\n()", re.MULTILINE)
         literal = required_literal(pattern)
+        self.line_by_line = needs_line_by_line(pattern)
         # Short literals gain nothing: bytes.count is slow on them when their first byte is common.
-        self.literal = literal.encode(encoding) if literal and len(literal) >= 6 else None
+        usable = literal is not None and len(literal) >= 6 and not self.line_by_line
+        self.literal = literal.encode(encoding) if usable and literal else None
         self._trust_regex = 0
         self.bad_values = 0
 
     def scan(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> Decimal:
         """Count (or sum over) the matching lines in buf[start:end], which holds complete lines."""
         end = len(buf) if end is None else end
+        if self.line_by_line:
+            return self._scan_line_by_line(buf, start, end)
         total = Decimal(0)
         if self.literal is not None and self._trust_regex == 0:
             # A long literal is found at memchr speed: visit only the lines that hold it. When
@@ -191,9 +230,24 @@ class LineMatcher:
             if seen >= DENSE_AFTER and seen * SPARSE_BYTES > pos - start:
                 return total, pos
 
+    def _scan_line_by_line(self, buf: bytes | bytearray, start: int, end: int) -> Decimal:
+        """Each line as its own string: exact for any pattern, at per-line Python speed."""
+        total = Decimal(0)
+        search, find = self.pattern.search, buf.find
+        pos = start
+        while pos < end:
+            line_end = find(b"\n", pos, end)
+            if line_end < 0:
+                line_end = end
+            m = search(bytes(buf[pos:line_end]))
+            if m is not None:
+                total += self._value(m) if self.mode == "sum" else 1
+            pos = line_end + 1
+        return total
+
     def match_line(self, line: bytes) -> Decimal:
         """The value one line adds (0 or 1 in count mode): used for capped very long lines."""
-        return self._scan_exact(line + b"\n", 0, len(line) + 1)
+        return self._scan_line_by_line(line, 0, len(line))
 
     def _scan_exact(self, buf: bytes | bytearray, start: int, end: int) -> Decimal:
         total = Decimal(0)
