@@ -365,6 +365,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     from agent.emulator import Emulator, Settings
+    from agent.metering import IMDS_ENV
 
     settings = Settings(region=args.region, dryrun_style=args.dryrun_style)
     if not args.any_product and (args.config or os.environ.get("METERING_AGENT_CONFIG")):
@@ -378,7 +379,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         raise Unavailable(f"emulator: cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from e
     print(
         f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
-        f"  export {_IMDS_ENV}={url}\n"
+        f"  export {IMDS_ENV}={url}\n"
         f"  metering: {{endpoint_url: {url}}}",
         flush=True,
     )
@@ -388,6 +389,3 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     stop.wait()
     emulator.stop()
     return EX_OK
-
-
-_IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"

@@ -7,7 +7,6 @@ very same engine code runs.
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -59,13 +58,9 @@ class Clock:
         """What this clock reads at the real epoch second `wall`."""
         return self._origin + (wall - self._wall0) * self.rate
 
-    def sleep(self, seconds: float, stop: threading.Event | None = None) -> bool:
-        """Sleep `seconds` of this clock's time; returns True if `stop` was set meanwhile."""
-        real = max(0.0, seconds / self.rate)
-        if stop is not None:
-            return stop.wait(real)
-        time.sleep(real)
-        return False
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds` of this clock's time."""
+        time.sleep(max(0.0, seconds / self.rate))
 
     @property
     def is_real(self) -> bool:

@@ -20,14 +20,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent.clock import HOUR, Clock, hour_start
+from agent.clock import HOUR, Clock, hour_start, iso
 
 TARGET_PREFIX = "AWSMPMeteringService."
 MAX_AGE = 6 * HOUR
@@ -219,7 +218,7 @@ class Emulator:
         if timestamp < now - MAX_AGE or timestamp > now + FUTURE_SLACK:
             raise ServiceError(
                 "TimestampOutOfBoundsException",
-                f"Timestamp {_iso(timestamp)} is outside the allowed window (now {_iso(now)})",
+                f"Timestamp {iso(timestamp)} is outside the allowed window (now {iso(now)})",
             )
         if s.dimensions is not None and dimension not in s.dimensions:
             raise ServiceError("InvalidUsageDimensionException", f"unknown dimension {dimension}")
@@ -251,7 +250,7 @@ class Emulator:
             if existing.quantity != quantity or existing.allocations != allocations:
                 raise ServiceError(
                     "DuplicateRequestException",
-                    f"usage for {dimension} at {_iso(hour)} was already recorded "
+                    f"usage for {dimension} at {iso(hour)} was already recorded "
                     f"as {existing.quantity_text}",
                 )
             record_id = existing.record_id
@@ -360,7 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
                 200,
                 {
                     "Code": "Success",
-                    "LastUpdated": _iso(time.time()),
+                    "LastUpdated": iso(time.time()),
                     "Type": "AWS-HMAC",
                     "AccessKeyId": ACCESS_KEY,
                     "SecretAccessKey": "emulatorsecretkeyemulatorsecretkey000000",
@@ -491,25 +490,14 @@ def _timestamp(value: Any) -> float:
     raise ServiceError("ValidationException", f"Timestamp {value!r} is not a timestamp")
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _record_json(r: Record) -> dict[str, Any]:
     return {
         "MeteringRecordId": r.record_id,
         "Caller": r.caller,
         "ProductCode": r.product_code,
         "UsageDimension": r.dimension,
-        "Hour": _iso(r.hour),
-        "Timestamp": _iso(r.timestamp),
+        "Hour": iso(r.hour),
+        "Timestamp": iso(r.timestamp),
         "Quantity": r.quantity_text,
         "ClientToken": r.client_token,
     }
-
-
-def settings_for(product_code: str | None, dimensions: Iterable[str] | None) -> Settings:
-    return Settings(
-        product_codes={product_code} if product_code else None,
-        dimensions=set(dimensions) if dimensions is not None else None,
-    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import namedtuple
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -32,10 +31,9 @@ class FakeClock(Clock):
     def advance(self, seconds: float) -> None:
         self.t += seconds
 
-    def sleep(self, seconds: float, stop: threading.Event | None = None) -> bool:
+    def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.t += seconds
-        return bool(stop and stop.is_set())
 
     @property
     def is_real(self) -> bool:
