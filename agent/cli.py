@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.aggregate import to_quantity
 from agent.clock import Clock
 from agent.errors import EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, AgentError, Unavailable
 
@@ -229,9 +228,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     creds = client.session.get_credentials()
     _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
     dim = cfg.dimensions[0]
-    zero = to_quantity(Decimal(0), Decimal(1), "nearest", dim.decimals)
     verdict = metering.dry_run_verdict(
-        client.dry_run(cfg.product_code, dim.name, zero, clock.time())
+        client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
     )
     _say("ok", verdict)
     if unreachable:

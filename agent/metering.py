@@ -232,8 +232,12 @@ class MeteringClient:
     ) -> Outcome:
         return self.call(build_request(product_code, dimension, timestamp, quantity, client_token))
 
-    def dry_run(self, product_code: str, dimension: str, quantity: Quantity, now: float) -> Outcome:
-        request = build_request(product_code, dimension, now, quantity, None)
+    def dry_run(
+        self, product_code: str, dimension: str, decimals: int | None, now: float
+    ) -> Outcome:
+        """MeterUsage(DryRun=True) for a zero quantity of the dimension's own type."""
+        zero = Quantity("0." + "0" * decimals if decimals else 0)
+        request = build_request(product_code, dimension, now, zero, None)
         request["DryRun"] = True
         return self.call(request)
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Protocol
 
 from agent import health
-from agent.aggregate import Quantity, to_quantity
+from agent.aggregate import Quantity
 from agent.clock import HOUR, Clock, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger, SealedHour
@@ -41,7 +40,7 @@ class Client(Protocol):
     ) -> Outcome: ...
 
     def dry_run(
-        self, product_code: str, dimension: str, quantity: Quantity, now: float
+        self, product_code: str, dimension: str, decimals: int | None, now: float
     ) -> Outcome: ...
 
 
@@ -146,8 +145,7 @@ class Sender:
 
     def _dry_run(self, report: Report, now: float) -> None:
         dim = self.config.dimensions[0]
-        zero = to_quantity(Decimal(0), Decimal(1), "nearest", dim.decimals)
-        outcome = self.client.dry_run(self.config.product_code, dim.name, zero, now)
+        outcome = self.client.dry_run(self.config.product_code, dim.name, dim.decimals, now)
         report.dry_run = outcome.status
         if outcome.status == "dryrun_ok":
             log.info("MeterUsage DryRun: permitted")

@@ -71,7 +71,9 @@ class FakeClient:
             return self.script.pop(0)
         return Outcome("sent", record_id=f"rec-{dimension}-{int(timestamp) // 3600}")
 
-    def dry_run(self, product_code: str, dimension: str, quantity: Quantity, now: float) -> Outcome:
+    def dry_run(
+        self, product_code: str, dimension: str, decimals: int | None, now: float
+    ) -> Outcome:
         self.dry_runs += 1
         if self.dry_script:
             return self.dry_script.pop(0)

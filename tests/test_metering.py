@@ -97,7 +97,7 @@ def test_request_carries_sealed_fields_exactly(static_credentials: None) -> None
 def test_dry_run_success_in_both_styles(emulator: Emulator, style: str) -> None:
     emulator.configure(dryrun_style=style)
     client = MeteringClient("us-east-1", emulator.url)
-    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), datetime.now(timezone.utc).timestamp())
+    out = client.dry_run(PRODUCT, "vcpus", None, datetime.now(timezone.utc).timestamp())
     assert out.status == "dryrun_ok"
     assert "permitted" in dry_run_verdict(out)
     assert emulator.records() == []
@@ -121,7 +121,7 @@ def test_dry_run_success_in_both_styles(emulator: Emulator, style: str) -> None:
 def test_dry_run_refusals(emulator: Emulator, settings: dict, error: type, text: str) -> None:
     emulator.configure(**settings)
     client = MeteringClient("us-east-1", emulator.url)
-    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), datetime.now(timezone.utc).timestamp())
+    out = client.dry_run(PRODUCT, "vcpus", None, datetime.now(timezone.utc).timestamp())
     with pytest.raises(error, match=text) as info:
         dry_run_verdict(out)
     assert info.value.exit_code == error.exit_code
@@ -129,7 +129,7 @@ def test_dry_run_refusals(emulator: Emulator, settings: dict, error: type, text:
 
 def test_dry_run_with_nothing_listening_is_unavailable() -> None:
     client = MeteringClient("us-east-1", "http://127.0.0.1:9", connect_timeout=1)
-    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), 1_800_000_000)
+    out = client.dry_run(PRODUCT, "vcpus", None, 1_800_000_000)
     assert out.status == "retry"
     with pytest.raises(Unavailable):
         dry_run_verdict(out)
@@ -139,7 +139,7 @@ def test_no_credentials_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     # IMDS points at a closed port: the default chain finds nothing
     client = MeteringClient("us-east-1", "http://127.0.0.1:9")
     assert not client.has_credentials()
-    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), 1_800_000_000)
+    out = client.dry_run(PRODUCT, "vcpus", None, 1_800_000_000)
     assert out.code == "NoCredentials"
     with pytest.raises(Unavailable, match="no AWS credentials"):
         dry_run_verdict(out)
@@ -157,7 +157,21 @@ def test_imds_token_is_fetched_once(emulator: Emulator) -> None:
 def test_dry_run_with_a_wrong_clock_says_so(emulator: Emulator) -> None:
     client = MeteringClient("us-east-1", emulator.url)
     seven_hours_ago = datetime.now(timezone.utc).timestamp() - 7 * 3600
-    out = client.dry_run(PRODUCT, "vcpus", Quantity(0), seven_hours_ago)
+    out = client.dry_run(PRODUCT, "vcpus", None, seven_hours_ago)
     with pytest.raises(AgentError, match="clock is off") as info:
         dry_run_verdict(out)
     assert info.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("decimals", "field", "value"),
+    [(None, "UsageQuantity", 0), (3, "UsageQuantityAsDecimal", "0.000")],
+)
+def test_dry_run_sends_a_zero_of_the_dimensions_type(
+    emulator: Emulator, decimals: int | None, field: str, value: object
+) -> None:
+    client = MeteringClient("us-east-1", emulator.url)
+    out = client.dry_run(PRODUCT, "vcpus", decimals, datetime.now(timezone.utc).timestamp())
+    assert out.status == "dryrun_ok"
+    (call,) = emulator.received()
+    assert call["request"][field] == value
