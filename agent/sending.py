@@ -84,14 +84,20 @@ def next_due(ledger: Ledger) -> float | None:
     return min(candidates) if candidates else None
 
 
+def back_off(ledger: Ledger, now: float, rng: random.Random) -> float:
+    """Count one more failure in a row and hold every send until its backoff ends; the delay."""
+    failures = ledger.get_meta("failures", 0) + 1
+    delay = backoff(failures, rng)
+    ledger.update_meta(failures=failures, backoff_until=now + delay)
+    return delay
+
+
 def note_unreachable(
     ledger: Ledger, config: Config, now: float, reason: str, rng: random.Random | None = None
 ) -> None:
     """The service could not even be addressed (no region, no IMDS): back off as for a retry."""
-    failures = ledger.get_meta("failures", 0) + 1
-    delay = backoff(failures, rng or random.Random())
+    delay = back_off(ledger, now, rng or random.Random())
     log.warning("cannot send: %s; trying again in %.0f s", reason, delay)
-    ledger.update_meta(failures=failures, backoff_until=now + delay)
     due = ledger.get_meta("dryrun_due")
     if due is not None:
         ledger.update_meta(dryrun_due=max(due, now + delay))
@@ -161,12 +167,9 @@ class Sender:
             self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
             health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
         else:
-            failures = self.ledger.get_meta("failures", 0) + 1
-            delay = backoff(failures, self.rng)
+            delay = back_off(self.ledger, now, self.rng)
             log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
-            self.ledger.update_meta(
-                dryrun_due=now + delay, failures=failures, backoff_until=now + delay
-            )
+            self.ledger.update_meta(dryrun_due=now + delay)
             health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
 
     # -- sending -----------------------------------------------------------------------------
@@ -248,8 +251,7 @@ class Sender:
             report.rejected.append((h.dimension, h.hour, outcome.error or ""))
 
     def _retry(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> float:
-        failures = self.ledger.get_meta("failures", 0) + 1
-        delay = backoff(failures, self.rng)
+        delay = back_off(self.ledger, now, self.rng)
         log.warning(
             "hour %s dimension %s: send failed (%s); retrying after %.1f s (until %s)",
             iso_hour(h.hour),
@@ -262,7 +264,6 @@ class Sender:
             h.dimension, h.hour, state="pending", now=now, error=outcome.error,
             next_attempt=now + delay,
         )  # fmt: skip
-        self.ledger.update_meta(failures=failures, backoff_until=now + delay)
         health.note_failure(self.ledger, now, outcome.error or "send failed")
         report.retry.append((h.dimension, h.hour, outcome.error or ""))
         return delay
