@@ -31,6 +31,7 @@ ROUTES: dict[str, tuple[int, str, str]] = {
     "/error": (500, "text/plain", "boom"),
     "/big": (200, "application/json", "[" + "1," * 2000 + "1]"),
     "/notjson": (200, "text/plain", "hello"),
+    "/badprom": (200, "text/plain", "active_users 1\nactive_users{a=b} 2\n"),
 }
 
 
@@ -114,6 +115,12 @@ def test_prometheus_sums_matching_series(server: str) -> None:
     assert probe(f"{server}/metrics", format="prometheus", query="active_users") == 42
 
 
+def test_prometheus_declared_metric_without_matching_series_reads_zero(server: str) -> None:
+    # No 5xx so far is 0, not an error; a counter's first series then count from 0.
+    query = 'http_requests_total{code="999"}'
+    assert probe(f"{server}/metrics", format="prometheus", query=query) == 0
+
+
 def test_text_regex(server: str) -> None:
     assert probe(f"{server}/text", format="text", query=r"depth: (\d+)") == 314
 
@@ -142,11 +149,8 @@ def test_same_host_redirect_is_followed(server: str) -> None:
         ("/big", {"query": "[0]", "max_bytes": 1024}, "more than 1024 bytes"),
         ("/slow", {"query": "x", "timeout": 1}, "unreachable"),
         ("/elsewhere", {"query": "users.active"}, "redirected to another host"),
-        (
-            "/metrics",
-            {"format": "prometheus", "query": 'http_requests_total{code="999"}'},
-            "no series",
-        ),
+        ("/metrics", {"format": "prometheus", "query": "http_requestz_total"}, "no metric"),
+        ("/badprom", {"format": "prometheus", "query": "active_users"}, "line 2: not a valid"),
         ("/text", {"format": "text", "query": r"missing (\d+)"}, "not found"),
     ],
 )

@@ -69,8 +69,10 @@ def parse(text: str) -> Exposition:
     """Every sample and `# TYPE` of a classic or OpenMetrics body; ExpositionError on a bad line."""
     out = Exposition()
     eof = False
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    # Lines end at "\n" only: str.splitlines() would also split inside a label value at \x1e,
+    # \x85 or U+2028, which the format allows unescaped.
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip(" \t\r")
         if eof:
             if line:
                 raise ExpositionError(f"line {number}: text after # EOF: {_show(raw)}")
