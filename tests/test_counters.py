@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -127,7 +127,7 @@ class TestBootId:
 class TestOldSavedState:
     """State saved by agents that kept psutil's boot time and one total."""
 
-    OLD = {"baseline": "500", "boot_time": 1_700_000_000.0}
+    OLD: ClassVar[dict[str, Any]] = {"baseline": "500", "boot_time": 1_700_000_000.0}
 
     def test_same_boot_unless_below_the_baseline(self) -> None:
         assert step(Reading(D(800)), self.OLD)[0] == 300
@@ -235,6 +235,11 @@ class TestInterfaces:
         self, tmp_path: Path
     ) -> None:
         host, ps = self.host(tmp_path)
-        sampler, dim = sampler_for(tmp_path, host, ps, "{type: system, metric: users, counter: true}")
+        sampler, dim = sampler_for(
+            tmp_path, host, ps, "{type: system, metric: users, counter: true}"
+        )
         s1 = sampler.take(dim, 0.0, None)
-        assert s1.state is not None and s1.state["counter"] == {"boot_id": "boot-1", "baseline": "2"}
+        assert s1.state is not None and s1.state["counter"] == {
+            "boot_id": "boot-1",
+            "baseline": "2",
+        }

@@ -137,5 +137,7 @@ def test_matches_prometheus_client_on_its_own_output(values: list[tuple[str, int
         assert samples(text) == reference(text, openmetrics)
         reading = prometheus_reading(text, "jobs_total", [])
         assert reading.value == sum(expected.values())
-        assert reading.series == {series_key({"tenant": k}): Decimal(v) for k, v in expected.items()}
+        assert reading.series == {
+            series_key({"tenant": k}): Decimal(v) for k, v in expected.items()
+        }
         assert set(reading.epochs or {}) == set(reading.series)

@@ -46,9 +46,7 @@ def _can_make_namespaces() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(
-    (reason := _can_make_namespaces()) is not None, reason=reason or ""
-)
+pytestmark = pytest.mark.skipif((reason := _can_make_namespaces()) is not None, reason=reason or "")
 
 SINK = textwrap.dedent(
     """

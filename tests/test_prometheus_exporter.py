@@ -125,9 +125,7 @@ class Agent:
     def reading(self) -> None:
         sample = self.sampler.take(self.dim, self.t, self.ledger.position(self.dim.name))
         assert sample.error is None and sample.value is not None
-        self.ledger.record_sample(
-            self.dim.name, self.t, sample.value, 60, sample.state, carry=True
-        )
+        self.ledger.record_sample(self.dim.name, self.t, sample.value, 60, sample.state, carry=True)
         self.t += 60
 
     def billed(self) -> Decimal:
