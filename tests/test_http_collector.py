@@ -24,6 +24,8 @@ http_requests_total{code="404",path="/a \\"b\\""} 1 1700000000000
 active_users 42
 """
 
+OM_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
 ROUTES: dict[str, tuple[int, str, str]] = {
     "/stats": (200, "application/json", '{"users": {"active": 17, "names": ["a"]}, "ratio": 0.25}'),
     "/metrics": (200, "text/plain", PROM),
@@ -32,6 +34,8 @@ ROUTES: dict[str, tuple[int, str, str]] = {
     "/big": (200, "application/json", "[" + "1," * 2000 + "1]"),
     "/notjson": (200, "text/plain", "hello"),
     "/badprom": (200, "text/plain", "active_users 1\nactive_users{a=b} 2\n"),
+    "/om": (200, OM_TYPE, '# TYPE jobs counter\njobs_total{t="a"} 4 # {id="x"} 1 1.5\n# EOF\n'),
+    "/om-cut": (200, OM_TYPE, '# TYPE jobs counter\njobs_total{t="a"} 4\n'),
 }
 
 
@@ -121,6 +125,11 @@ def test_prometheus_declared_metric_without_matching_series_reads_zero(server: s
     assert probe(f"{server}/metrics", format="prometheus", query=query) == 0
 
 
+def test_openmetrics_answer(server: str) -> None:
+    assert probe(f"{server}/om", format="prometheus", query="jobs") == 4
+    assert probe(f"{server}/om", format="prometheus", query="jobs_total") == 4
+
+
 def test_text_regex(server: str) -> None:
     assert probe(f"{server}/text", format="text", query=r"depth: (\d+)") == 314
 
@@ -151,6 +160,7 @@ def test_same_host_redirect_is_followed(server: str) -> None:
         ("/elsewhere", {"query": "users.active"}, "redirected to another host"),
         ("/metrics", {"format": "prometheus", "query": "http_requestz_total"}, "no metric"),
         ("/badprom", {"format": "prometheus", "query": "active_users"}, "line 2: not a valid"),
+        ("/om-cut", {"format": "prometheus", "query": "jobs"}, "without # EOF"),
         ("/text", {"format": "text", "query": r"missing (\d+)"}, "not found"),
     ],
 )

@@ -14,6 +14,7 @@ reading fails and `status` counts it.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
@@ -54,6 +55,7 @@ class Sample:
 class Exposition:
     samples: list[Sample] = field(default_factory=list)
     types: dict[str, str] = field(default_factory=dict)  # family (as declared) -> type
+    eof: bool = False  # the body ended with OpenMetrics' `# EOF`
 
 
 def unescape(text: str) -> str:
@@ -62,11 +64,14 @@ def unescape(text: str) -> str:
 
 
 def _unquote(text: str) -> str:
-    return unescape(text[1:-1]) if text.startswith('"') else text
+    if not text.startswith('"'):
+        return text
+    return unescape(text[1:-1]) if "\\" in text else text[1:-1]
 
 
-def parse(text: str) -> Exposition:
-    """Every sample and `# TYPE` of a classic or OpenMetrics body; ExpositionError on a bad line."""
+def parse(text: str, names: Collection[str] | None = None) -> Exposition:
+    """The samples (of the metrics in `names`, default all) and every `# TYPE` of a classic or
+    OpenMetrics body. Every line is checked: ExpositionError on the first bad one."""
     out = Exposition()
     eof = False
     # Lines end at "\n" only: str.splitlines() would also split inside a label value at \x1e,
@@ -81,7 +86,7 @@ def parse(text: str) -> Exposition:
             continue
         if line.startswith("#"):
             if line == "# EOF":
-                eof = True
+                eof = out.eof = True
                 continue
             meta = _METADATA.match(line)
             if meta and meta.group("kind") == "TYPE":
@@ -90,15 +95,18 @@ def parse(text: str) -> Exposition:
                     raise ExpositionError(f"line {number}: TYPE without a type: {_show(raw)}")
                 out.types[_unquote(meta.group("name"))] = kind
             continue  # HELP, UNIT and free comments carry nothing we bill from
-        out.samples.append(_sample(line, number, raw))
+        m = _SAMPLE.fullmatch(line)
+        if m is None:
+            raise ExpositionError(f"line {number}: not a valid sample: {_show(raw)}")
+        name = m.group("name")
+        if names is None or name is None or name in names:
+            sample = _sample(m, name, number, raw)
+            if names is None or sample.name in names:
+                out.samples.append(sample)
     return out
 
 
-def _sample(line: str, number: int, raw: str) -> Sample:
-    m = _SAMPLE.fullmatch(line)
-    if m is None:
-        raise ExpositionError(f"line {number}: not a valid sample: {_show(raw)}")
-    name = m.group("name")
+def _sample(m: re.Match[str], name: str | None, number: int, raw: str) -> Sample:
     labels: dict[str, str] = {}
     body = (m.group("labels") or "{}")[1:-1]
     for term in _TERM_PARTS.finditer(body):

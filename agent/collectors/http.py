@@ -15,6 +15,7 @@ raises CollectorError: that round records no sample and `status` counts it.
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.error
 import urllib.parse
@@ -101,11 +102,16 @@ class HttpCollector(Collector):
         if fmt == "prometheus":
             assert self.selector is not None
             text = body.decode("utf-8", errors="replace")
+            # OpenMetrics ends with `# EOF`: without it the answer was cut short, and series
+            # missing from it would look gone (and new when they come back).
+            openmetrics = self._content_type.startswith("application/openmetrics-text")
             try:
-                return prometheus_reading(text, *self.selector)
+                return prometheus_reading(text, *self.selector, require_eof=openmetrics)
             except exposition.ExpositionError as e:
                 raise CollectorError(f"{self.config['url']}: {e}") from None
         return Reading(self._text(body))
+
+    _content_type = ""
 
     def _fetch(self) -> tuple[int, bytes]:
         url = self.config["url"]
@@ -117,11 +123,12 @@ class HttpCollector(Collector):
             with self.opener.open(req, timeout=self.config["timeout"]) as resp:
                 body = resp.read(limit + 1)
                 status = resp.status
+                self._content_type = (resp.headers.get("Content-Type") or "").strip().lower()
         except urllib.error.HTTPError as e:
             if self.config["mode"] == "up":
                 return e.code, b""
             raise CollectorError(f"{url} answered HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if self.config["mode"] == "up":
                 return 0, b""
             reason = getattr(e, "reason", e)
@@ -189,7 +196,9 @@ def parse_selector(text: str, path: str) -> tuple[str, list[Matcher]]:
     return name, matchers
 
 
-def prometheus_reading(text: str, name: str, matchers: list[Matcher]) -> Reading:
+def prometheus_reading(
+    text: str, name: str, matchers: list[Matcher], require_eof: bool = False
+) -> Reading:
     """The matching series of `name`, each on its own, summed into the reading's value.
 
     A counter may be named with or without `_total` (OpenMetrics names the family without it,
@@ -198,14 +207,16 @@ def prometheus_reading(text: str, name: str, matchers: list[Matcher]) -> Reading
     matching series yet reads 0 (no request of that kind so far); a metric the body does not
     mention at all is an error, so a typo in the selector never bills 0 quietly.
     """
-    body = exposition.parse(text)
     family = name[:-6] if name.endswith("_total") else name
+    body = exposition.parse(text, {name, family + "_total", family + "_created"})
+    if require_eof and not body.eof:
+        raise exposition.ExpositionError("OpenMetrics answer without # EOF: cut short?")
     is_counter = "counter" in (body.types.get(name), body.types.get(family + "_total"))
     is_counter = is_counter or body.types.get(family) == "counter"
     wanted = {name, family + "_total"} if is_counter else {name}
-    created = {series_key(s.labels): s.value for s in body.samples if s.name == family + "_created"}
-    series: list[tuple[dict[str, str], Decimal]] = []
-    epochs: list[tuple[dict[str, str], str]] = []
+    created = {_labels_id(s.labels): s.value for s in body.samples if s.name == family + "_created"}
+    series: dict[str, Decimal] = {}
+    epochs: dict[str, str] = {}
     known = name in body.types or (
         is_counter and (family in body.types or family + "_total" in body.types)
     )
@@ -215,13 +226,18 @@ def prometheus_reading(text: str, name: str, matchers: list[Matcher]) -> Reading
         known = True
         if not all(_label_ok(s.labels.get(label, ""), op, want) for label, op, want in matchers):
             continue
-        series.append((s.labels, _number(s.value, f"metric {s.name}")))
-        mark = created.get(series_key(s.labels)) if is_counter else None
+        key = series_key(s.labels)
+        series[key] = series.get(key, Decimal(0)) + _number(s.value, f"metric {s.name}")
+        mark = created.get(_labels_id(s.labels)) if is_counter else None
         if mark is not None:
-            epochs.append((s.labels, _epoch(mark)))
+            epochs[key] = _epoch(mark)
     if not known:
         raise CollectorError(f"the answer has no metric {name}")
-    return Reading.of_series(series, epochs=epochs)
+    return Reading(sum(series.values(), Decimal(0)), series=series, epochs=epochs or None)
+
+
+def _labels_id(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
 
 
 def prometheus_sum(text: str, name: str, matchers: list[Matcher]) -> Decimal:
