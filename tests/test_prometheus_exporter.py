@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -137,7 +138,13 @@ class Agent:
 def test_billed_equals_the_increments_applied(
     tmp_path: Path, exporter: Exporter, accept: str | None
 ) -> None:
-    agent = Agent(tmp_path, f"http://127.0.0.1:{exporter.port}/metrics", accept)
+    url = f"http://127.0.0.1:{exporter.port}/metrics"
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Accept": accept or "*/*"}), timeout=10
+    ) as answer:
+        served = answer.headers["Content-Type"]
+    assert served.startswith("application/openmetrics-text" if accept else "text/plain")
+    agent = Agent(tmp_path, url, accept)
     applied = 0
 
     def inc(tenant: str, amount: int, kind: str = "batch") -> None:
