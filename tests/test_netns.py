@@ -88,9 +88,11 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture
 def veth(tmp_path: Path) -> Iterator[Veth]:
-    n = os.getpid() % 250 + 1
-    ns, host_side, peer = f"ma-test-{os.getpid()}", f"vma{os.getpid() % 100000}a", "vmapeer"
-    net = f"10.200.{n}"
+    pid = os.getpid()
+    ns, host_side, peer = f"ma-test-{pid}", f"vma{pid % 100000}a", "vmapeer"
+    # A /30 of 10.200.0.0/16 of our own, distinct for concurrent test runs (by pid).
+    third, fourth = pid % 256, (pid // 256) % 64 * 4
+    net = f"10.200.{third}"
     sink: subprocess.Popen[str] | None = None
     try:
         _ip("netns", "add", ns)
@@ -103,19 +105,19 @@ def veth(tmp_path: Path) -> Iterator[Veth]:
         subprocess.run(
             ["sysctl", "-q", "-w", f"net.ipv6.conf.{host_side}.disable_ipv6=1"], check=False
         )
-        _ip("addr", "add", f"{net}.1/30", "dev", host_side)
-        _ip("-n", ns, "addr", "add", f"{net}.2/30", "dev", peer)
+        _ip("addr", "add", f"{net}.{fourth + 1}/30", "dev", host_side)
+        _ip("-n", ns, "addr", "add", f"{net}.{fourth + 2}/30", "dev", peer)
         _ip("-n", ns, "link", "set", "lo", "up")
         script = tmp_path / "sink.py"
         script.write_text(SINK)
         sink = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(script), f"{net}.2"],
+            ["ip", "netns", "exec", ns, sys.executable, str(script), f"{net}.{fourth + 2}"],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert sink.stdout is not None
         port = int(sink.stdout.readline())
-        yield Veth(ns, host_side, f"{net}.2", port, sink)
+        yield Veth(ns, host_side, f"{net}.{fourth + 2}", port, sink)
     finally:
         if sink is not None and sink.poll() is None:
             sink.kill()
