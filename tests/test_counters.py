@@ -243,3 +243,13 @@ class TestInterfaces:
             "boot_id": "boot-1",
             "baseline": "2",
         }
+
+
+def test_boot_id_is_read_through_the_sources(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path)
+    host.boot("7c0f-boot")
+    assert Sources(proc=host.proc).boot_id() == "7c0f-boot"
+    assert Sources(proc=tmp_path / "no-proc").boot_id() is None  # no such kernel file: unknown
+    real = Path("/proc/sys/kernel/random/boot_id")
+    if real.exists():
+        assert Sources().boot_id() == real.read_text().strip()
