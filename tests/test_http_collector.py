@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +194,58 @@ def test_config_errors(options: dict, message: str) -> None:
 def test_selector_parsing() -> None:
     assert parse_selector('m{a="1", b=~"x|y"}', "q") == ("m", [("a", "=", "1"), ("b", "=~", "x|y")])
     assert prometheus_sum(PROM, "http_requests_total", [("path", "=", '/a "b"')]) == 1
+
+
+def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path) -> None:
+    """The round with a bad line stores nothing (baselines included) and `status` counts it; the
+    next good round bills everything since the last good one."""
+    from agent.daemon import Daemon
+    from agent.ledger import Ledger
+    from agent.sampling import Sampler
+    from tests.billing import H, make_config
+    from tests.fakes import FakeClock
+    from tests.test_daemon import FakeImds
+
+    body = {"text": '# TYPE jobs counter\njobs_total{t="a"} 10\n'}
+
+    class Exporter(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            data = body["text"].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Exporter)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/metrics"
+        cfg = make_config(
+            tmp_path,
+            dims=f"""
+              - name: jobs
+                collector: {{type: http, url: '{url}', format: prometheus, query: jobs_total,
+                             counter: true}}
+            """,
+        )
+        clock = FakeClock(H)
+        d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"),
+                   sender_command=lambda *_: ["true"])  # fmt: skip
+        d.ledger = Ledger(cfg.state_dir)
+        d.sample_round(60)  # baseline 10
+        clock.advance(60)
+        body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 25\njobs_total{t="b" 5\n'
+        d.sample_round(60)
+        clock.advance(60)
+        body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 40\njobs_total{t="b"} 5\n'
+        d.sample_round(60)
+        status = {s.dimension: s for s in d.ledger.dimension_status()}
+        assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
+        clock.advance(3600)
+        d.seal()
+        assert [h.quantity.value for h in d.ledger.hours()] == [30 + 5]
+    finally:
+        srv.shutdown()
