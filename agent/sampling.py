@@ -1,28 +1,31 @@
 """One sampling round: ask each dimension's collector for a reading and turn it into the value the
 hour receives (counter differencing included). Writes nothing: the caller persists the result.
 
-The state a dimension carries from one reading to the next — a log position, a counter baseline with
-psutil's boot time — travels in `Sample.state` so the ledger can store it in the same transaction as
-the sample; that is what makes a restart neither lose nor repeat usage.
+The state a dimension carries from one reading to the next — a log position, per-series counter
+baselines with the kernel's boot id — travels in `Sample.state` so the ledger can store it in the
+same transaction as the sample; that is what makes a restart neither lose nor repeat usage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from agent.collectors import Collector, CollectorError, Registry, SourceMissing, Sources
+from agent.collectors import (
+    Collector,
+    CollectorError,
+    Reading,
+    Registry,
+    SourceMissing,
+    Sources,
+)
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# psutil's boot time can wobble by a fraction of a second between calls (it is derived from uptime
-# on some kernels); a real reboot moves it by far more.
-BOOT_TOLERANCE = 2.0
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,66 @@ class Sample:
 
 
 def counter_increment(
-    reading: Decimal, boot_time: float, saved: Mapping[str, Any] | None
+    reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
 ) -> tuple[Decimal, dict[str, Any]]:
-    """Difference a running total against its saved baseline.
+    """Difference a running total against its saved baseline; return the increase and the new state.
 
-    No baseline yet: 0 (we cannot know what happened before we looked). A reading below the
-    baseline, or a new boot, is a reset: the increment is the reading itself.
+    No baseline yet (the dimension's first reading): 0, since we cannot know what happened before
+    we looked. A new boot (the kernel's boot id changed) restarts every counter: the increment is
+    the reading itself. A reading made of series (`Reading.series`) is differenced per series, see
+    `series_increment`. A baseline saved before boot ids were kept (it has psutil's boot time,
+    which moves when the clock is stepped, so it is not used) counts as the same boot unless the
+    reading is below it.
     """
-    new = {"baseline": str(reading), "boot_time": boot_time}
-    if not saved or "baseline" not in saved:
+    new: dict[str, Any] = {"boot_id": boot_id}
+    if reading.series is not None:
+        new["series"] = {key: str(v) for key, v in reading.series.items()}
+        if reading.epochs:
+            new["epochs"] = dict(reading.epochs)
+    else:
+        new["baseline"] = str(reading.value)
+    if not saved or ("baseline" not in saved and "series" not in saved):
         return Decimal(0), new
-    baseline = Decimal(saved["baseline"])
-    rebooted = abs(float(saved.get("boot_time", boot_time)) - boot_time) > BOOT_TOLERANCE
-    if rebooted or reading < baseline:
-        return reading, new
-    return reading - baseline, new
+    legacy = "boot_id" not in saved
+    if saved.get("boot_id") and boot_id and saved["boot_id"] != boot_id:
+        return reading.value, new
+    if reading.series is not None and "series" in saved:
+        return series_increment(reading, saved["series"], saved.get("epochs") or {}), new
+    # One side has no per-series values (a baseline from an older agent, or a collector that
+    # changed shape): compare the totals, as that baseline was taken.
+    if "baseline" in saved:
+        before = Decimal(saved["baseline"])
+    else:
+        before = sum((Decimal(v) for v in saved["series"].values()), Decimal(0))
+    now = reading.value
+    if legacy and reading.legacy_total is not None:
+        now = reading.legacy_total
+    return (now - before if now >= before else reading.value), new
+
+
+def series_increment(
+    reading: Reading, baselines: Mapping[str, str], epochs: Mapping[str, str]
+) -> Decimal:
+    """The sum of each series' own increase since its baseline.
+
+    A series that went down (or whose epoch changed: it was re-created) restarted: it counts its
+    new value. A series without a baseline appeared after the dimension's first reading, so it
+    started after we began watching: it counts from 0, i.e. its whole value. A series that
+    disappeared contributes nothing (its baseline is dropped with the new state).
+    """
+    assert reading.series is not None
+    now_epochs = reading.epochs or {}
+    total = Decimal(0)
+    for key, value in reading.series.items():
+        base = baselines.get(key)
+        if base is None:
+            total += value
+            continue
+        before = Decimal(base)
+        epoch, old_epoch = now_epochs.get(key), epochs.get(key)
+        restarted = epoch is not None and old_epoch is not None and epoch != old_epoch
+        total += value if restarted or value < before else value - before
+    return total
 
 
 def build_collector(dim: Dimension, registry: Registry, sources: Sources) -> Collector:
@@ -71,12 +119,10 @@ class Sampler:
         config: Config,
         registry: Registry | None = None,
         sources: Sources | None = None,
-        boot_time: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry or Registry()
         self.sources = sources or Sources()
-        self._boot_time = boot_time
         self.collectors: dict[str, Collector] = {}
         self.start_errors: dict[str, str] = {}
         for dim in config.dimensions:
@@ -84,11 +130,6 @@ class Sampler:
                 self.collectors[dim.name] = build_collector(dim, self.registry, self.sources)
             except CollectorError as e:
                 self.start_errors[dim.name] = str(e)
-
-    def boot_time(self) -> float:
-        if self._boot_time is None:
-            return float(self.sources.get_psutil().boot_time())
-        return self._boot_time()
 
     def probe(self, dim: Dimension) -> str | None:
         """None if the dimension's source is there; else why not (for `check --offline`)."""
@@ -116,7 +157,7 @@ class Sampler:
             value = reading.value
             if dim.collector.cumulative:
                 value, state["counter"] = counter_increment(
-                    reading.value, self.boot_time(), saved.get("counter")
+                    reading, self.sources.boot_id(), saved.get("counter")
                 )
         except SourceMissing as e:
             return Sample(dim.name, t, None, None, None, f"source missing: {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,7 +50,7 @@ class FakePsutil:
         self.percent_calls = 0
         self.vm = VM(total=8 * 2**30, available=6 * 2**30, used=1 * 2**30)
         self.disks: dict[str, Disk] = {"/": Disk(100 * 2**30, 25 * 2**30, 75 * 2**30)}
-        self.net = Net(1000, 5000)
+        self.nics: dict[str, Net] = {"eth0": Net(1000, 5000)}
         self.procs = ["systemd", "nginx", "nginx", "python3"]
         self.user_list: list[Any] = [object(), object()]
         self.boot = 1_700_000_000.0
@@ -69,8 +70,10 @@ class FakePsutil:
             raise FileNotFoundError(2, "No such file or directory", path)
         return self.disks[path]
 
-    def net_io_counters(self) -> Net:
-        return self.net
+    def net_io_counters(self, pernic: bool = False) -> Net | dict[str, Net]:
+        if pernic:
+            return dict(self.nics)
+        return Net(*(sum(c) for c in zip(*self.nics.values(), strict=True)))
 
     def process_iter(self, attrs: list[str]) -> list[SimpleNamespace]:
         return [SimpleNamespace(info={"name": n}) for n in self.procs]
@@ -80,3 +83,33 @@ class FakePsutil:
 
     def boot_time(self) -> float:
         return self.boot
+
+
+class FakeHost:
+    """A procfs and sysfs under a temporary folder: the kernel's boot id and network interfaces."""
+
+    def __init__(self, root: Path) -> None:
+        self.proc = root / "proc"
+        self.sys = root / "sys"
+        (self.proc / "sys/kernel/random").mkdir(parents=True)
+        (self.sys / "class/net").mkdir(parents=True)
+        self._next_index = 1
+        self.boot("boot-1")
+
+    def boot(self, boot_id: str) -> None:
+        (self.proc / "sys/kernel/random/boot_id").write_text(boot_id + "\n")
+
+    def add_interface(self, name: str, device: bool) -> None:
+        """An interface; `device`: backed by hardware (ENA, virtio), unlike lo, veth, bridges."""
+        folder = self.sys / "class/net" / name
+        folder.mkdir()
+        if device:
+            (folder / "device").mkdir()
+        (folder / "ifindex").write_text(f"{self._next_index}\n")
+        self._next_index += 1
+
+    def remove_interface(self, name: str) -> None:
+        folder = self.sys / "class/net" / name
+        for child in sorted(folder.rglob("*"), reverse=True):
+            child.rmdir() if child.is_dir() else child.unlink()
+        folder.rmdir()

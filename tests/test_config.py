@@ -147,7 +147,7 @@ def dim_error(tmp_path: Path, dimension: str) -> str:
         ),
         (
             "- name: c\n  collector: {type: system, metric: users, colour: red}\n",
-            "dimensions[1].collector.colour: unknown key (known: type, counter, metric, path, name)",
+            "dimensions[1].collector.colour: unknown key (known: type, counter, metric, path, name, interfaces)",
         ),
         (
             "- name: c\n  collector: {type: system, metric: users, path: /}\n",

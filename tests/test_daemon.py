@@ -99,7 +99,7 @@ class TestIdentity:
 
 def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
     cfg = make_config(tmp_path)
-    sampler = Sampler(cfg, Registry(), Sources(psutil=ps), boot_time=lambda: ps.boot)
+    sampler = Sampler(cfg, Registry(), Sources(psutil=ps, proc=tmp_path / "proc"))
     d = Daemon(
         cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
     )

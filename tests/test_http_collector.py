@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ http_requests_total{code="404",path="/a \\"b\\""} 1 1700000000000
 active_users 42
 """
 
+OM_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
 ROUTES: dict[str, tuple[int, str, str]] = {
     "/stats": (200, "application/json", '{"users": {"active": 17, "names": ["a"]}, "ratio": 0.25}'),
     "/metrics": (200, "text/plain", PROM),
@@ -31,6 +34,9 @@ ROUTES: dict[str, tuple[int, str, str]] = {
     "/error": (500, "text/plain", "boom"),
     "/big": (200, "application/json", "[" + "1," * 2000 + "1]"),
     "/notjson": (200, "text/plain", "hello"),
+    "/badprom": (200, "text/plain", "active_users 1\nactive_users{a=b} 2\n"),
+    "/om": (200, OM_TYPE, '# TYPE jobs counter\njobs_total{t="a"} 4 # {id="x"} 1 1.5\n# EOF\n'),
+    "/om-cut": (200, OM_TYPE, '# TYPE jobs counter\njobs_total{t="a"} 4\n'),
 }
 
 
@@ -114,6 +120,17 @@ def test_prometheus_sums_matching_series(server: str) -> None:
     assert probe(f"{server}/metrics", format="prometheus", query="active_users") == 42
 
 
+def test_prometheus_declared_metric_without_matching_series_reads_zero(server: str) -> None:
+    # No 5xx so far is 0, not an error; a counter's first series then count from 0.
+    query = 'http_requests_total{code="999"}'
+    assert probe(f"{server}/metrics", format="prometheus", query=query) == 0
+
+
+def test_openmetrics_answer(server: str) -> None:
+    assert probe(f"{server}/om", format="prometheus", query="jobs") == 4
+    assert probe(f"{server}/om", format="prometheus", query="jobs_total") == 4
+
+
 def test_text_regex(server: str) -> None:
     assert probe(f"{server}/text", format="text", query=r"depth: (\d+)") == 314
 
@@ -142,11 +159,9 @@ def test_same_host_redirect_is_followed(server: str) -> None:
         ("/big", {"query": "[0]", "max_bytes": 1024}, "more than 1024 bytes"),
         ("/slow", {"query": "x", "timeout": 1}, "unreachable"),
         ("/elsewhere", {"query": "users.active"}, "redirected to another host"),
-        (
-            "/metrics",
-            {"format": "prometheus", "query": 'http_requests_total{code="999"}'},
-            "no series",
-        ),
+        ("/metrics", {"format": "prometheus", "query": "http_requestz_total"}, "no metric"),
+        ("/badprom", {"format": "prometheus", "query": "active_users"}, "line 2: not a valid"),
+        ("/om-cut", {"format": "prometheus", "query": "jobs"}, "without # EOF"),
         ("/text", {"format": "text", "query": r"missing (\d+)"}, "not found"),
     ],
 )
@@ -179,3 +194,58 @@ def test_config_errors(options: dict, message: str) -> None:
 def test_selector_parsing() -> None:
     assert parse_selector('m{a="1", b=~"x|y"}', "q") == ("m", [("a", "=", "1"), ("b", "=~", "x|y")])
     assert prometheus_sum(PROM, "http_requests_total", [("path", "=", '/a "b"')]) == 1
+
+
+def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path) -> None:
+    """The round with a bad line stores nothing (baselines included) and `status` counts it; the
+    next good round bills everything since the last good one."""
+    from agent.daemon import Daemon
+    from agent.ledger import Ledger
+    from agent.sampling import Sampler
+    from tests.billing import H, make_config
+    from tests.fakes import FakeClock
+    from tests.test_daemon import FakeImds
+
+    body = {"text": '# TYPE jobs counter\njobs_total{t="a"} 10\n'}
+
+    class Exporter(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            data = body["text"].encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Exporter)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/metrics"
+        cfg = make_config(
+            tmp_path,
+            dims=f"""
+              - name: jobs
+                collector: {{type: http, url: '{url}', format: prometheus, query: jobs_total,
+                             counter: true}}
+            """,
+        )
+        clock = FakeClock(H)
+        d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"),
+                   sender_command=lambda *_: ["true"])  # fmt: skip
+        d.ledger = Ledger(cfg.state_dir)
+        d.sample_round(60)  # baseline 10
+        clock.advance(60)
+        body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 25\njobs_total{t="b" 5\n'
+        d.sample_round(60)
+        clock.advance(60)
+        body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 40\njobs_total{t="b"} 5\n'
+        d.sample_round(60)
+        status = {s.dimension: s for s in d.ledger.dimension_status()}
+        assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
+        clock.advance(3600)
+        d.seal()
+        assert [h.quantity.value for h in d.ledger.hours()] == [30 + 5]
+    finally:
+        srv.shutdown()

@@ -9,17 +9,18 @@ import pytest
 from agent import config
 from agent.collectors import Registry, Sources
 from agent.collectors.system import SystemCollector
-from agent.sampling import Sampler, counter_increment
+from agent.sampling import Sampler
 from tests.conftest import PRODUCT
-from tests.fakes import Disk, FakePsutil, Net
+from tests.fakes import Disk, FakeHost, FakePsutil, Net
 
 D = Decimal
 GIB = 2**30
 
 
-def read(ps: FakePsutil, **options: object) -> Decimal:
-    opts = {"path": None, "name": None, **options}
-    return SystemCollector(opts, Sources(psutil=ps)).read(None).value
+def read(ps: FakePsutil, host: FakeHost | None = None, **options: object) -> Decimal:
+    opts = {"path": None, "name": None, "interfaces": None, **options}
+    sources = Sources(psutil=ps) if host is None else Sources(psutil=ps, sys=host.sys)
+    return SystemCollector(opts, sources).read(None).value
 
 
 @pytest.mark.parametrize(
@@ -39,10 +40,12 @@ def read(ps: FakePsutil, **options: object) -> Decimal:
         ({"metric": "users"}, D(2)),
     ],
 )
-def test_each_metric(options: dict[str, object], expected: Decimal) -> None:
+def test_each_metric(tmp_path: Path, options: dict[str, object], expected: Decimal) -> None:
     ps = FakePsutil()
     ps.disks["/data"] = Disk(10 * GIB, int(1.5 * GIB), 0)
-    assert read(ps, **options) == expected
+    host = FakeHost(tmp_path)
+    host.add_interface("eth0", device=True)
+    assert read(ps, host, **options) == expected
 
 
 def test_cpu_percent_is_primed_at_construction() -> None:
@@ -68,29 +71,9 @@ def test_kinds() -> None:
     assert not SystemCollector.cumulative({"metric": "users"})
 
 
-class TestCounter:
-    def test_no_baseline_gives_zero(self) -> None:
-        inc, state = counter_increment(D(500), 100.0, None)
-        assert inc == 0 and state == {"baseline": "500", "boot_time": 100.0}
-
-    def test_increase_since_baseline(self) -> None:
-        inc, _ = counter_increment(D(800), 100.0, {"baseline": "500", "boot_time": 100.0})
-        assert inc == 300
-
-    def test_drop_below_baseline_is_a_reset(self) -> None:
-        inc, state = counter_increment(D(40), 100.0, {"baseline": "500", "boot_time": 100.0})
-        assert inc == 40 and state["baseline"] == "40"
-
-    def test_new_boot_is_a_reset_even_if_higher(self) -> None:
-        inc, _ = counter_increment(D(900), 5000.0, {"baseline": "500", "boot_time": 100.0})
-        assert inc == 900
-
-    def test_boot_time_wobble_is_not_a_reboot(self) -> None:
-        inc, _ = counter_increment(D(900), 100.7, {"baseline": "500", "boot_time": 100.0})
-        assert inc == 400
-
-
-def make_sampler(tmp_path: Path, ps: FakePsutil) -> tuple[Sampler, config.Config]:
+def make_sampler(
+    tmp_path: Path, ps: FakePsutil, host: FakeHost | None = None
+) -> tuple[Sampler, config.Config]:
     path = tmp_path / "c.yaml"
     path.write_text(
         textwrap.dedent(
@@ -107,25 +90,28 @@ def make_sampler(tmp_path: Path, ps: FakePsutil) -> tuple[Sampler, config.Config
         )
     )
     cfg = config.load(path)
-    return Sampler(cfg, Registry(), Sources(psutil=ps)), cfg
+    host = host or FakeHost(tmp_path)
+    return Sampler(cfg, Registry(), Sources(psutil=ps, proc=host.proc, sys=host.sys)), cfg
 
 
 def test_sampler_differences_byte_counters_across_readings(tmp_path: Path) -> None:
     ps = FakePsutil()
-    sampler, cfg = make_sampler(tmp_path, ps)
+    host = FakeHost(tmp_path)
+    host.add_interface("eth0", device=True)
+    sampler, cfg = make_sampler(tmp_path, ps, host)
     egress = cfg.dimensions[0]
     first = sampler.take(egress, 0.0, None)
     assert (first.raw, first.value) == (D(1000), D(0))
-    ps.net = Net(bytes_sent=4000, bytes_recv=0)
+    ps.nics["eth0"] = Net(bytes_sent=4000, bytes_recv=0)
     second = sampler.take(egress, 60.0, first.state)
     assert second.value == D(3000)
-    # reboot: counters restart from zero and boot time moves
-    ps.net = Net(bytes_sent=250, bytes_recv=0)
-    ps.boot += 3600
+    # reboot: counters restart from zero under a new boot id, even above the old baseline
+    ps.nics["eth0"] = Net(bytes_sent=9000, bytes_recv=0)
+    host.boot("boot-2")
     third = sampler.take(egress, 120.0, second.state)
-    assert third.value == D(250)
+    assert third.value == D(9000)
     # a 32-bit wrap looks like a drop: never negative
-    ps.net = Net(bytes_sent=10, bytes_recv=0)
+    ps.nics["eth0"] = Net(bytes_sent=10, bytes_recv=0)
     assert sampler.take(egress, 180.0, third.state).value == D(10)
 
 

@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from agent.collectors.base import Collector, CollectorError, Reading, SourceMissing, Sources
+from agent.collectors.base import (
+    Collector,
+    CollectorError,
+    Reading,
+    SourceMissing,
+    Sources,
+    series_key,
+    series_labels,
+)
 from agent.errors import ConfigError
 from agent.fields import Field, Spec, suggest
 
@@ -33,6 +41,8 @@ __all__ = [
     "Registry",
     "SourceMissing",
     "Sources",
+    "series_key",
+    "series_labels",
 ]
 
 

@@ -3,13 +3,20 @@
 A collector yields either *levels* (a reading of the present: CPUs, users) or *increments* (the
 amount since its previous reading: log lines). A collector whose reading is a running total
 (`cumulative`) is turned into increments by the sampler, which keeps the baseline durably.
+
+A running total made of several independent counters (the series of a Prometheus metric, one byte
+counter per network interface) is reported per series in `Reading.series`, keyed by the series'
+canonical label set (`series_key`), so the sampler can difference each on its own: one series
+resetting or disappearing must not make the others' totals look new.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from agent.fields import Field
@@ -25,12 +32,61 @@ class SourceMissing(CollectorError):
     """The source does not exist (yet): a log file not written, a product not started."""
 
 
+def series_key(labels: Mapping[str, str]) -> str:
+    """The canonical text of a label set: JSON of the labels sorted by name, `{"code":"200"}`.
+
+    One label set has exactly one key whatever order the source listed the labels in, and the key
+    turns back into the labels (`series_labels`), so stored baselines can later be broken down by
+    label.
+    """
+    return json.dumps(dict(sorted(labels.items())), ensure_ascii=False, separators=(",", ":"))
+
+
+def series_labels(key: str) -> dict[str, str]:
+    """The label set a `series_key` was made from."""
+    return dict(json.loads(key))
+
+
 @dataclass(frozen=True)
 class Reading:
-    """What one `read` returns: the value and the collector's position to persist with it."""
+    """What one `read` returns: the value and the collector's position to persist with it.
+
+    `series` (optional) splits a running total into its independent counters, keyed by
+    `series_key(labels)`; `value` is then their sum (`Reading.of_series` builds both). With
+    `counter: true` (or a built-in byte counter) the sampler differences each series on its own.
+    `epochs` (optional, same keys) marks each series' life, e.g. OpenMetrics `_created` or an
+    interface's ifindex: a changed epoch means that series restarted from 0.
+    `legacy_total` is only for built-ins whose reading changed meaning: what an older agent would
+    have read, to migrate a baseline it saved.
+    """
 
     value: Decimal
     state: dict[str, Any] | None = None
+    series: Mapping[str, Decimal] | None = None
+    epochs: Mapping[str, str] | None = None
+    legacy_total: Decimal | None = None
+
+    @classmethod
+    def of_series(
+        cls,
+        series: Iterable[tuple[Mapping[str, str], Decimal]],
+        state: dict[str, Any] | None = None,
+        epochs: Iterable[tuple[Mapping[str, str], str]] = (),
+        legacy_total: Decimal | None = None,
+    ) -> Reading:
+        """A reading made of per-series running totals; a label set listed twice is summed."""
+        values: dict[str, Decimal] = {}
+        for labels, value in series:
+            key = series_key(labels)
+            values[key] = values.get(key, Decimal(0)) + value
+        marks = {series_key(labels): str(epoch) for labels, epoch in epochs}
+        return cls(
+            sum(values.values(), Decimal(0)),
+            state,
+            values,
+            {k: v for k, v in marks.items() if k in values} or None,
+            legacy_total,
+        )
 
 
 @dataclass
@@ -39,6 +95,20 @@ class Sources:
 
     psutil: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    proc: Path = Path("/proc")  # procfs root: the kernel's boot id
+    sys: Path = Path("/sys")  # sysfs root: which network interfaces are backed by a device
+
+    def boot_id(self) -> str | None:
+        """The kernel's boot id, new at every boot; None where the kernel does not offer one.
+
+        Unlike psutil's boot time (now minus uptime), it does not move when the wall clock is
+        stepped (NTP at boot, a VM restored from a snapshot).
+        """
+        try:
+            text = (self.proc / "sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+        return text or None
 
     def get_psutil(self) -> Any:
         if self.psutil is None:

@@ -4,12 +4,18 @@
 optional label matchers (`http_requests_total{code="200"}`), summing the matching series; `text` a
 regex whose first group is the number. `mode: up` is 1 for a 2xx answer and 0 otherwise.
 
+A Prometheus reading carries each matching series on its own (`Reading.series`, keyed by its label
+set) with its OpenMetrics/prometheus_client `_created` time as the series' epoch, so `counter: true`
+differences each series separately. The body may be the classic text format or OpenMetrics
+(`exposition.py`); a line that cannot be parsed fails the reading.
+
 Bounded: the body is capped, the timeout enforced, redirects to another host refused. A failed probe
 raises CollectorError: that round records no sample and `status` counts it.
 """
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.error
 import urllib.parse
@@ -18,14 +24,13 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
-from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources
+from agent.collectors import exposition
+from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources, series_key
 from agent.errors import ConfigError
 from agent.fields import Duration, Enum, Field, Int, MapOf, Str
 
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 
 
 class HttpCollector(Collector):
@@ -96,8 +101,17 @@ class HttpCollector(Collector):
             return Reading(self._json(body))
         if fmt == "prometheus":
             assert self.selector is not None
-            return Reading(prometheus_sum(body.decode("utf-8", errors="replace"), *self.selector))
+            text = body.decode("utf-8", errors="replace")
+            # OpenMetrics ends with `# EOF`: without it the answer was cut short, and series
+            # missing from it would look gone (and new when they come back).
+            openmetrics = self._content_type.startswith("application/openmetrics-text")
+            try:
+                return prometheus_reading(text, *self.selector, require_eof=openmetrics)
+            except exposition.ExpositionError as e:
+                raise CollectorError(f"{self.config['url']}: {e}") from None
         return Reading(self._text(body))
+
+    _content_type = ""
 
     def _fetch(self) -> tuple[int, bytes]:
         url = self.config["url"]
@@ -109,11 +123,12 @@ class HttpCollector(Collector):
             with self.opener.open(req, timeout=self.config["timeout"]) as resp:
                 body = resp.read(limit + 1)
                 status = resp.status
+                self._content_type = (resp.headers.get("Content-Type") or "").strip().lower()
         except urllib.error.HTTPError as e:
             if self.config["mode"] == "up":
                 return e.code, b""
             raise CollectorError(f"{url} answered HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if self.config["mode"] == "up":
                 return 0, b""
             reason = getattr(e, "reason", e)
@@ -181,23 +196,61 @@ def parse_selector(text: str, path: str) -> tuple[str, list[Matcher]]:
     return name, matchers
 
 
+def prometheus_reading(
+    text: str, name: str, matchers: list[Matcher], require_eof: bool = False
+) -> Reading:
+    """The matching series of `name`, each on its own, summed into the reading's value.
+
+    A counter may be named with or without `_total` (OpenMetrics names the family without it,
+    the classic format declares `NAME_total`); its `_created` samples are never summed, they mark
+    each series' life (a re-created series gets a new one). A metric the body declares but with no
+    matching series yet reads 0 (no request of that kind so far); a metric the body does not
+    mention at all is an error, so a typo in the selector never bills 0 quietly.
+    """
+    family = name[:-6] if name.endswith("_total") else name
+    body = exposition.parse(text, {name, family + "_total", family + "_created"})
+    if require_eof and not body.eof:
+        raise exposition.ExpositionError("OpenMetrics answer without # EOF: cut short?")
+    is_counter = "counter" in (body.types.get(name), body.types.get(family + "_total"))
+    is_counter = is_counter or body.types.get(family) == "counter"
+    wanted = {name, family + "_total"} if is_counter else {name}
+    created = {_labels_id(s.labels): s.value for s in body.samples if s.name == family + "_created"}
+    series: dict[str, Decimal] = {}
+    epochs: dict[str, str] = {}
+    known = name in body.types or (
+        is_counter and (family in body.types or family + "_total" in body.types)
+    )
+    for s in body.samples:
+        if s.name not in wanted:
+            continue
+        known = True
+        if not all(_label_ok(s.labels.get(label, ""), op, want) for label, op, want in matchers):
+            continue
+        key = series_key(s.labels)
+        series[key] = series.get(key, Decimal(0)) + _number(s.value, f"metric {s.name}")
+        mark = created.get(_labels_id(s.labels)) if is_counter else None
+        if mark is not None:
+            epochs[key] = _epoch(mark)
+    if not known:
+        raise CollectorError(f"the answer has no metric {name}")
+    return Reading(sum(series.values(), Decimal(0)), series=series, epochs=epochs or None)
+
+
+def _labels_id(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
 def prometheus_sum(text: str, name: str, matchers: list[Matcher]) -> Decimal:
     """Sum the samples of `name` whose labels satisfy every matcher."""
-    total, seen = Decimal(0), False
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != name:
-            continue
-        labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group(2) or "")}
-        if all(_label_ok(labels.get(label, ""), op, want) for label, op, want in matchers):
-            total += _number(m.group(3), f"metric {name}")
-            seen = True
-    if not seen:
-        raise CollectorError(f"no series of {name} matches the selector")
-    return total
+    return prometheus_reading(text, name, matchers).value
+
+
+def _epoch(created: str) -> str:
+    """`_created` in one canonical spelling, whichever format (and float repr) carried it."""
+    try:
+        return format(Decimal(created).normalize(), "f")
+    except InvalidOperation:
+        return created
 
 
 def _label_ok(value: str, op: str, want: str) -> bool:
@@ -211,7 +264,7 @@ def _label_ok(value: str, op: str, want: str) -> bool:
 
 
 def _unescape(value: str) -> str:
-    return value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+    return exposition.unescape(value)
 
 
 class _SameHostRedirects(urllib.request.HTTPRedirectHandler):

@@ -1,12 +1,16 @@
 """System metrics through psutil (passed in via `Sources`, so tests can fake it).
 
-Byte counters (`net_*_bytes`) are running totals since boot: the sampler differences them against a
-durable baseline and treats a drop or a new boot as a reset, so reboots and wraps never bill
-negative or huge values.
+Byte counters (`net_*_bytes`) are running totals since boot, one per network interface: the reading
+carries each interface as a series (`{"interface": NAME}`) and the sampler differences each against
+its own durable baseline, so an interface that disappears (a VPN, a container's veth) or resets
+never makes the others' totals look new. Only the interfaces named in `interfaces` (globs) count;
+by default those backed by a device (`/sys/class/net/NAME/device` exists: ENA, virtio, a
+physical NIC), so loopback, veth, bridges and tunnels are not billed as egress.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,7 +19,7 @@ from typing import Any, ClassVar
 
 from agent.collectors.base import Collector, CollectorError, Kind, Reading, SourceMissing
 from agent.errors import ConfigError
-from agent.fields import Enum, Field, Regex, Str
+from agent.fields import Enum, Field, ListOf, Regex, Str
 
 GIB = Decimal(2**30)
 
@@ -25,6 +29,7 @@ class Metric:
     read: Callable[[Any, Mapping[str, Any]], Any]
     cumulative: bool = False
     uses: tuple[str, ...] = ()  # which of the collector's options this metric takes
+    per_interface: str = ""  # a psutil.net_io_counters field, read per interface
     doc: str = ""
 
 
@@ -59,10 +64,18 @@ METRICS: dict[str, Metric] = {
         doc="space used on the filesystem holding `path` (default /), GiB",
     ),
     "net_sent_bytes": Metric(
-        lambda ps, _: ps.net_io_counters().bytes_sent, cumulative=True, doc="bytes sent"
+        lambda ps, _: ps.net_io_counters().bytes_sent,
+        cumulative=True,
+        uses=("interfaces",),
+        per_interface="bytes_sent",
+        doc="bytes sent on the chosen interfaces",
     ),
     "net_recv_bytes": Metric(
-        lambda ps, _: ps.net_io_counters().bytes_recv, cumulative=True, doc="bytes received"
+        lambda ps, _: ps.net_io_counters().bytes_recv,
+        cumulative=True,
+        uses=("interfaces",),
+        per_interface="bytes_recv",
+        doc="bytes received on the chosen interfaces",
     ),
     "process_count": Metric(
         _process_count, uses=("name",), doc="processes whose name matches the regex `name`"
@@ -77,6 +90,11 @@ class SystemCollector(Collector):
         "metric": Field(Enum(tuple(METRICS)), required=True, doc="which system metric"),
         "path": Field(Str(), doc="disk_used_gib: a path on the filesystem to measure (default /)"),
         "name": Field(Regex(), doc="process_count: regex searched in each process name"),
+        "interfaces": Field(
+            ListOf(Str(), min_items=1),
+            doc="net_*_bytes: interface name globs to count (default: interfaces backed by a "
+            "device, i.e. not loopback, veth, bridges or tunnels)",
+        ),
     }
 
     @classmethod
@@ -90,7 +108,7 @@ class SystemCollector(Collector):
     @classmethod
     def validate(cls, options: dict[str, Any], path: str) -> None:
         metric = METRICS[options["metric"]]
-        for key in ("path", "name"):
+        for key in ("path", "name", "interfaces"):
             if options.get(key) is not None and key not in metric.uses:
                 raise ConfigError(
                     f"{path}.{key}", f'not used by metric "{options["metric"]}"; remove it'
@@ -109,6 +127,8 @@ class SystemCollector(Collector):
             self.read(None)
 
     def read(self, state: dict[str, Any] | None) -> Reading:
+        if self.metric.per_interface:
+            return self._per_interface(self.metric.per_interface)
         try:
             raw = self.metric.read(self.psutil, self.config)
         except FileNotFoundError as e:
@@ -116,3 +136,33 @@ class SystemCollector(Collector):
         except (OSError, RuntimeError, AttributeError) as e:
             raise CollectorError(f"system metric {self.config['metric']}: {e}") from None
         return Reading(raw if isinstance(raw, Decimal) else Decimal(str(raw)))
+
+    def _per_interface(self, field: str) -> Reading:
+        """One series per chosen interface, with its ifindex as the series' epoch (an interface
+        deleted and re-created under the same name gets a new one: its counters restarted)."""
+        try:
+            nics = self.psutil.net_io_counters(pernic=True)
+        except (OSError, RuntimeError) as e:
+            raise CollectorError(f"system metric {self.config['metric']}: {e}") from None
+        chosen = [name for name in sorted(nics) if self._counts(name)]
+        series = [({"interface": name}, Decimal(getattr(nics[name], field))) for name in chosen]
+        epochs = []
+        for name in chosen:
+            ifindex = self._sysfs(name, "ifindex")
+            if ifindex is not None:
+                epochs.append(({"interface": name}, ifindex))
+        # What agents before per-interface counting read: every interface together.
+        legacy = sum((Decimal(getattr(c, field)) for c in nics.values()), Decimal(0))
+        return Reading.of_series(series, epochs=epochs, legacy_total=legacy)
+
+    def _counts(self, name: str) -> bool:
+        globs = self.config.get("interfaces")
+        if globs:
+            return any(fnmatch.fnmatchcase(name, g) for g in globs)
+        return (self.sources.sys / "class/net" / name / "device").exists()
+
+    def _sysfs(self, name: str, attr: str) -> str | None:
+        try:
+            return (self.sources.sys / "class/net" / name / attr).read_text().strip() or None
+        except OSError:
+            return None
