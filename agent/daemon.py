@@ -244,7 +244,7 @@ class Daemon:
             for dim in self.config.dimensions:
                 self.ledger.clip_last_span(dim.name, stop)
             sealing.seal_hours(self.ledger, self.config, stop, self.offset, include_current=True)
-        health.write(self.state_dir, self.ledger)
+        health.write(self.state_dir, self.ledger, self.clock.time())
         if self.ledger.pending():
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
         if self.hooks is not None:
@@ -309,7 +309,7 @@ class Daemon:
         now = self.clock.time()
         if sealing.seal_hours(self.ledger, self.config, now, self.offset):
             self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
-            health.write(self.state_dir, self.ledger)
+            health.write(self.state_dir, self.ledger, self.clock.time())
             self._schedule_send()
 
     def _schedule_send(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from agent.aggregate import Point, Quantity
 from agent.clock import HOUR, hour_start
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -82,6 +82,28 @@ _MIGRATIONS: dict[int, str] = {
         dropped INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # A held hour may be re-issued under the config's current product code with a new ClientToken,
+    # once the service has refused its product code (or it was never tried): nothing else changes.
+    2: """
+    ALTER TABLE hours ADD COLUMN reissues INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hours ADD COLUMN reissued_from TEXT;
+    DROP TRIGGER sealed_request_is_immutable;
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    WHEN NOT (
+        OLD.state = 'pending' AND NEW.state = 'pending'
+        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
+        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
+        AND NEW.timestamp = OLD.timestamp
+        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
+        AND NEW.reissues = OLD.reissues + 1
+        AND (OLD.attempts = 0 OR OLD.last_error LIKE 'InvalidProductCodeException%')
+    )
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
+    """,
 }
 
 
@@ -102,6 +124,7 @@ class SealedHour:
     sealed_at: float
     next_attempt: float
     done_at: float | None
+    reissues: int = 0
 
 
 @dataclass(frozen=True)
@@ -378,6 +401,37 @@ class Ledger:
                 ),
             )
 
+    def reissue(
+        self, dimension: str, hour: int, *, product_code: str, client_token: str, now: float
+    ) -> bool:
+        """Give a held hour the current product code and a new ClientToken, keeping the old ones.
+
+        Only for an hour the service never accepted: pending, and either never tried or refused
+        for its product code (the trigger enforces both); False when it does not qualify.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT product_code, client_token, reissued_from, last_error FROM hours "
+                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                (dimension, hour),
+            ).fetchone()
+            if row is None:
+                return False
+            history = json.loads(row[2] or "[]")
+            history.append(
+                {"product_code": row[0], "client_token": row[1], "at": now, "error": row[3]}
+            )
+            try:
+                db.execute(
+                    "UPDATE hours SET product_code = ?, client_token = ?, reissues = reissues + 1, "
+                    "reissued_from = ?, attempts = 0, last_error = NULL, next_attempt = ? "
+                    "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                    (product_code, client_token, json.dumps(history), now, dimension, hour),
+                )
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
     def dimension_status(self) -> list[DimensionStatus]:
         with self._lock:
             rows = self.db.execute(
@@ -393,15 +447,15 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues"
 )
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:
-    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt, done = row
+    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt, done, re = row
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
-        raw, state, rid, int(att), err, float(at), float(nxt), done,
+        raw, state, rid, int(att), err, float(at), float(nxt), done, int(re),
     )  # fmt: skip
 
 
