@@ -227,11 +227,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
     creds = client.session.get_credentials()
     _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
-    dim = cfg.dimensions[0]
-    verdict = metering.dry_run_verdict(
-        client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
-    )
-    _say("ok", verdict)
+    dry_run_every_dimension(cfg, client, clock)
     if unreachable:
         print(
             f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
@@ -239,6 +235,29 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
+    """DryRun each dimension, so a name the listing lacks fails `check` (77) and is named.
+
+    A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
+    from agent import metering
+    from agent.errors import NotAuthorized
+
+    unknown = []
+    for dim in cfg.dimensions:
+        outcome = client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
+        if outcome.code == "InvalidUsageDimensionException":
+            unknown.append(dim.name)
+            _say("fail", f"MeterUsage DryRun {dim.name}: {outcome.error}")
+            continue
+        _say("ok", f"{metering.dry_run_verdict(outcome)} for {dim.name}")
+    if unknown:
+        raise NotAuthorized(
+            f"MeterUsage DryRun: dimension {', '.join(unknown)} is not a dimension of product "
+            f"{cfg.product_code}'s listing; fix dimensions[].name in {cfg.source} (or add it to "
+            "the listing)"
+        )
 
 
 def _num(value: Any) -> str:
