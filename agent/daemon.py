@@ -36,6 +36,7 @@ from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
 from agent.ledger import Ledger, move_aside
 from agent.metering import Imds, ImdsError
+from agent.productlock import ProductLock, is_loopback
 from agent.sampling import Sampler
 from agent.sdnotify import Notifier
 from agent.sending import next_due, work_due
@@ -127,6 +128,14 @@ def resolve_identity(ledger: Ledger, imds: Imds, state_dir: Path, now: float) ->
     return ledger
 
 
+def take_product_lock(config: Config) -> ProductLock | None:
+    """One sender per product per machine (see productlock); none for a loopback emulator."""
+    if is_loopback(config.metering.endpoint_url):
+        return None
+    lock = ProductLock(config.product_code, Path(config.source).resolve())
+    return lock if lock.acquire() else None
+
+
 class Daemon:
     def __init__(
         self,
@@ -163,6 +172,7 @@ class Daemon:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
             self.lock.acquire()
+            self.product_lock = take_product_lock(self.config)
         except OSError as e:
             raise AgentError(
                 f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "

@@ -272,15 +272,16 @@ class Emulator:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def serve(self, port: int = 0) -> str:
-        """Start serving in a background thread; returns the base URL."""
+    def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Start serving in a background thread; returns the base URL (tests may listen on
+        another of this machine's addresses, to be a non-loopback endpoint)."""
         emulator = self
 
         class Handler(_Handler):
             pass
 
         Handler.emulator = emulator
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -291,7 +292,8 @@ class Emulator:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
 
     def stop(self) -> None:
         if self.server:
