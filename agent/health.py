@@ -29,9 +29,7 @@ def refused_hours(ledger: Ledger, now: float) -> list[SealedHour]:
     seller's configuration (product code, dimension); newest first."""
     since = hour_start(now) - LOOKBACK
     hours = ledger.hours(since=since, states=("rejected", "expired", "pending"))
-    lost = [
-        h for h in hours if h.state != "pending" or error_code(h.last_error) in HELD
-    ]
+    lost = [h for h in hours if h.state != "pending" or error_code(h.last_error) in HELD]
     return sorted(lost, key=lambda h: (h.hour, h.dimension), reverse=True)
 
 

@@ -432,6 +432,30 @@ class Ledger:
                 return False
         return True
 
+    def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Unsealed samples and collector positions written at or after `t` (this run's)."""
+        with self._lock:
+            samples = self.db.execute(
+                "SELECT dimension, hour, t, value, span FROM samples WHERE t >= ?", (t,)
+            ).fetchall()
+            positions = self.db.execute(
+                "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
+            ).fetchall()
+        return samples, positions
+
+    def take_over(self, samples: list[tuple[Any, ...]], positions: list[tuple[Any, ...]]) -> None:
+        """Store samples and positions carried from a ledger that was moved aside."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
+                samples,
+            )
+            db.executemany(
+                "INSERT INTO positions (dimension, state, t) VALUES (?, ?, ?) "
+                "ON CONFLICT (dimension) DO UPDATE SET state = excluded.state, t = excluded.t",
+                positions,
+            )
+
     def dimension_status(self) -> list[DimensionStatus]:
         with self._lock:
             rows = self.db.execute(
@@ -452,10 +476,10 @@ _HOUR_COLUMNS = (
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:
-    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt, done, re = row
+    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt = row[:15]
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
-        raw, state, rid, int(att), err, float(at), float(nxt), done, int(re),
+        raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
     )  # fmt: skip
 
 

@@ -134,6 +134,12 @@ class Sender:
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
         try:
+            unverified = self.ledger.get_meta("identity_unverified")
+            if unverified:
+                # A ledger maybe baked on another instance: `run` verifies it through IMDS.
+                log.warning("not sending: %s", unverified)
+                report.paused = True
+                return report
             self._expire(report)
             if not self._authorized(report):
                 report.paused = True
