@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, identity, sealing
+from agent import health, identity, ownership, sealing
 from agent.clock import HOUR, Clock, hour_start, iso
 from agent.config import Config, Dimension
 from agent.errors import AgentError, LockHeld
@@ -84,6 +84,7 @@ class StateLock:
         """Take the lock for this process's lifetime; `wait` blocks instead of failing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        ownership.adopt(self.path.parent, self.path)
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -19,6 +19,7 @@ from typing import Any
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.ledger import Ledger, SealedHour
 from agent.metering import HELD, error_code
+from agent.ownership import adopt
 
 HEALTH_FILE = "health.json"
 LOOKBACK = 24 * HOUR
@@ -73,6 +74,7 @@ def write(state_dir: Path, ledger: Ledger, now: float | None = None) -> dict[str
             json.dump(data, f, indent=1)
             f.write("\n")
         os.chmod(tmp, 0o644)
+        adopt(Path(state_dir), Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
