@@ -10,6 +10,7 @@ beside the service takes no lock.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import logging
@@ -61,7 +62,7 @@ class ProductLock:
         created; LockHeld when another agent for the product holds it."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+            f = self._open()
         except OSError as e:
             log.warning(
                 "cannot create %s (%s): not guarding against a second agent for product %s "
@@ -84,9 +85,21 @@ class ProductLock:
                 f"{self.product_code} on this machine ({self.path}); stop it first, or point "
                 "this one's metering.endpoint_url at the emulator for a trial"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n{self.config_path}\n")
-        f.flush()
+        if f.writable():
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n{self.config_path}\n")
+            f.flush()
         self._file = f
         return True
+
+    def _open(self) -> IO[str]:
+        """Open for writing (readable by all, whatever the umask, so another user's agent can
+        still see it is held); a file another user created is locked through a read-only open."""
+        try:
+            f = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        except PermissionError:
+            return open(self.path)
+        with contextlib.suppress(OSError):
+            os.fchmod(f.fileno(), 0o644)
+        return f
