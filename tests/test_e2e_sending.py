@@ -222,6 +222,9 @@ def test_a_second_agent_for_the_product_exits_1_naming_the_first(
         # with the first one gone, the second may run
         agent = start(agents, second, {"AWS_EC2_METADATA_SERVICE_ENDPOINT": url})
         wait_for("the lock to name the second", lambda: str(second) in lock.read_text(), 20, agent)
+        wait_for(
+            "its DryRun", lambda: health(tmp_path / "b" / "state").get("authorized"), 30, agent
+        )
         assert agent.terminate() == 0
     finally:
         emulator.stop()
