@@ -29,10 +29,10 @@ def check_writer(state_dir: Path, command: str) -> None:
     """Refuse a writing command by a user who is neither root nor the state dir's owner."""
     try:
         st = os.stat(state_dir)
-    except FileNotFoundError:
-        return  # created by this command, with this user as its owner
     except PermissionError:
         st = None
+    except OSError:
+        return  # missing: created by this command, with this user as its owner (or its error)
     euid = os.geteuid()
     if st is not None and euid in (0, st.st_uid):
         return
