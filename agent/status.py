@@ -59,6 +59,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                 "attempts": h.attempts,
                 "last_error": h.last_error,
                 "timestamp": iso(h.timestamp),
+                "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
             }
             for h in ledger.hours(since=since)
         ],

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.clock import hour_start
+from agent.clock import hour_start, iso_hour
 from agent.emulator import Emulator, Settings
 from agent.errors import EX_NOPERM
 from agent.ledger import Ledger
@@ -181,6 +181,8 @@ def test_a_wrong_then_fixed_product_code_sends_the_held_hours(
         assert records[key].client_token == new.client_token
         assert records[key].product_code == PRODUCT
         assert new.quantity == old.quantity and new.timestamp == old.timestamp
+    status = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)
+    assert {h["reissues"] for h in status["hours"] if h["hour"] == iso_hour(hour)} == {1}
     assert_no_duplicates(emulator)
     assert agent.terminate() == 0
 
