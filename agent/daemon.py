@@ -196,10 +196,13 @@ class Daemon:
         assert self.ledger is not None
         return not self._verified() or self.ledger.get_meta("instance_id_source") != "imds"
 
-    def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> None:
-        """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced."""
+    def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> bool:
+        """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced.
+        Not once the stop has begun (False): the stop keeps what it decided with."""
         with self._round_lock:
             assert self.ledger is not None
+            if self.stop_event.is_set():
+                return False
             ledger = settle(self.ledger)
             if ledger is not self.ledger:
                 self.ledger = ledger
@@ -210,6 +213,7 @@ class Daemon:
             instance_id = ledger.get_meta("instance_id")
             self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
             health.write(self.state_dir, ledger, self.clock.time())
+            return True
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)

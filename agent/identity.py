@@ -115,11 +115,11 @@ class Identity:
     def keep_asking(
         self,
         stop: threading.Event,
-        swap: Callable[[Callable[[Ledger], Ledger]], None],
+        swap: Callable[[Callable[[Ledger], Ledger]], bool],
         wanted: Callable[[], bool],
     ) -> None:
         """In the background: ask IMDS with backoff while `wanted()`; on an answer, `swap` runs
-        the settling under the daemon's round lock and the ledger is verified."""
+        the settling under the daemon's round lock (False: stopping) and the ledger is verified."""
 
         def loop() -> None:
             tries = 0
@@ -131,7 +131,8 @@ class Identity:
                 answer = ask(self.imds)
                 if answer is None:
                     continue
-                swap(functools.partial(self._settle, instance_id=answer))
+                if not swap(functools.partial(self._settle, instance_id=answer)):
+                    return  # stopping
                 self.verified.set()
                 log.info("IMDS answered: instance %s; the ledger is verified", answer)
                 return

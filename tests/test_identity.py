@@ -75,6 +75,7 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
 
     def swap(settle):  # type: ignore[no-untyped-def]
         holder["ledger"] = settle(holder["ledger"])
+        return True
 
     stop = threading.Event()
     ident.keep_asking(stop, swap, lambda: not ident.verified.is_set())
