@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, ownership
 from agent.clock import Clock
 from agent.errors import EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, AgentError, Unavailable
 
@@ -34,7 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or EX_OK)
+        code = int(args.func(args) or EX_OK)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        return closed_pipe()
     except AgentError as e:
         print(f"metering-agent: {e}", file=sys.stderr)
         return e.exit_code
@@ -48,6 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_SOFTWARE
     except KeyboardInterrupt:
         return 130
+
+
+EX_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a writer whose reader went away
+
+
+def closed_pipe() -> int:
+    """`status | head`: the reader left. End quietly, as `cat` would, without a traceback or
+    Python's own complaint when it flushes stdout again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EX_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,11 +242,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
     creds = client.session.get_credentials()
     _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
-    dim = cfg.dimensions[0]
-    verdict = metering.dry_run_verdict(
-        client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
-    )
-    _say("ok", verdict)
+    dry_run_every_dimension(cfg, client, clock)
     if unreachable:
         print(
             f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
@@ -239,6 +250,29 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
+    """DryRun each dimension, so a name the listing lacks fails `check` (77) and is named.
+
+    A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
+    from agent import metering
+    from agent.errors import NotAuthorized
+
+    unknown = []
+    for dim in cfg.dimensions:
+        outcome = client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
+        if outcome.code == "InvalidUsageDimensionException":
+            unknown.append(dim.name)
+            _say("fail", f"MeterUsage DryRun {dim.name}: {outcome.error}")
+            continue
+        _say("ok", f"{metering.dry_run_verdict(outcome)} for {dim.name}")
+    if unknown:
+        raise NotAuthorized(
+            f"MeterUsage DryRun: dimension {', '.join(unknown)} is not a dimension of product "
+            f"{cfg.product_code}'s listing; fix dimensions[].name in {cfg.source} (or add it to "
+            "the listing)"
+        )
 
 
 def _num(value: Any) -> str:
@@ -271,15 +305,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def open_ledger_readonly(state_dir: Path) -> Any:
+def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
     """The ledger for reading, or None when there is none yet; never creates or writes one."""
     from agent.ledger import LEDGER_FILE, Ledger
 
-    if not (Path(state_dir) / LEDGER_FILE).exists():
-        return None
+    path = Path(state_dir) / LEDGER_FILE
+    try:
+        if not path.exists():
+            return None
+    except PermissionError:
+        raise ownership.unreadable(Path(state_dir), command) from None
+    if not os.access(path, os.R_OK):
+        raise ownership.unreadable(Path(state_dir), command)
     try:
         return Ledger(state_dir, readonly=True)
     except sqlite3.Error as e:
+        if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
+            raise ownership.unreadable(Path(state_dir), command) from None
         raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
 
 
@@ -290,6 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon
 
     cfg = load_config(args)
+    ownership.check_writer(Path(cfg.state_dir), "run")
     return Daemon(cfg, make_clock(args), log_format=args.log_format).run()
 
 
@@ -302,6 +345,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     clock = make_clock(args)
+    ownership.check_writer(Path(cfg.state_dir), "send --flush" if args.flush else "send")
     send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
     send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
     ledger = Ledger(cfg.state_dir)
@@ -343,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     until = report.parse_when(args.until, now, "--until") if args.until else None
     if until is not None and until <= since:
         raise report.UsageError("--until must be later than --since")
-    ledger = open_ledger_readonly(cfg.state_dir)
+    ledger = open_ledger_readonly(cfg.state_dir, "report")
     print(report.render(report.rows(ledger, since, until), args.format))
     return EX_OK
 

@@ -237,6 +237,10 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(where, f"YAML syntax error: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(str(path), f"YAML error: {e}") from None
+    except RecursionError:
+        raise ConfigError(
+            str(path), "nested too deeply for a config (thousands of levels); check the file"
+        ) from None
 
 
 def load(path: Path, registry: Registry | None = None) -> Config:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +28,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, sealing
+from agent import health, identity, ownership, sealing
 from agent.clock import HOUR, Clock, hour_start, iso
 from agent.config import Config, Dimension
 from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
-from agent.ledger import Ledger, move_aside
-from agent.metering import Imds, ImdsError
+from agent.ledger import Ledger
+from agent.metering import Imds
+from agent.productlock import ProductLock, is_loopback
 from agent.sampling import Sampler
 from agent.sdnotify import Notifier
 from agent.sending import next_due, work_due
@@ -84,6 +84,7 @@ class StateLock:
         """Take the lock for this process's lifetime; `wait` blocks instead of failing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        ownership.adopt(self.path.parent, self.path)
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -100,31 +101,16 @@ class StateLock:
 
 def resolve_identity(ledger: Ledger, imds: Imds, state_dir: Path, now: float) -> Ledger:
     """One instance, one ledger. A ledger that names another instance (baked into an AMI on the
-    seller's build instance) is moved aside unsent and a fresh one started."""
-    try:
-        instance_id: str | None = imds.instance_id()
-    except ImdsError as e:
-        log.info("no IMDS instance id (%s)", e)
-        instance_id = None
-    known = ledger.get_meta("instance_id")
-    source = ledger.get_meta("instance_id_source")
-    if instance_id and known and known != instance_id and source == "imds":
-        ledger.close()
-        moved = move_aside(state_dir, f"instance-{known}", now)
-        log.warning(
-            "the ledger belongs to instance %s, this is %s (an image baked with state?): moved "
-            "it to %s and started a fresh one; nothing from it will be sent",
-            known,
-            instance_id,
-            moved,
-        )
-        ledger = Ledger(state_dir)
-        known = None
-    if instance_id and known != instance_id:
-        ledger.update_meta(instance_id=instance_id, instance_id_source="imds")
-    elif not known:
-        ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
-    return ledger
+    seller's build instance) is moved aside unsent and a fresh one started (see identity)."""
+    return identity.settle(ledger, identity.ask(imds), state_dir, now)
+
+
+def take_product_lock(config: Config) -> ProductLock | None:
+    """One sender per product per machine (see productlock); none for a loopback emulator."""
+    if is_loopback(config.metering.endpoint_url):
+        return None
+    lock = ProductLock(config.product_code, Path(config.source).resolve())
+    return lock if lock.acquire() else None
 
 
 class Daemon:
@@ -148,6 +134,7 @@ class Daemon:
         self.notify = Notifier()
         self.stop_event = threading.Event()
         self.ledger: Ledger | None = None
+        self.identity: identity.Identity | None = None
         self.offset = 0.0
         self.scheduler: Any = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -163,13 +150,15 @@ class Daemon:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
             self.lock.acquire()
+            self.product_lock = take_product_lock(self.config)
         except OSError as e:
             raise AgentError(
                 f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "
                 "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
             ) from None
         now = self.clock.time()
-        self.ledger = resolve_identity(Ledger(self.state_dir), self.imds, self.state_dir, now)
+        self.identity = identity.Identity(self.imds, self.clock, self.state_dir)
+        self.ledger = self.identity.start(Ledger(self.state_dir))
         instance_id = self.ledger.get_meta("instance_id")
         self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
         if self.config.metering.startup_check:
@@ -189,6 +178,7 @@ class Daemon:
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
         self._start_scheduler()
+        self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
         )
@@ -196,6 +186,34 @@ class Daemon:
             pass
         self.shutdown()
         return 0
+
+    def _verified(self) -> bool:
+        """Whether this run may seal and send from its ledger (see identity)."""
+        return self.identity is None or self.identity.verified.is_set()
+
+    def _imds_wanted(self) -> bool:
+        """Keep asking IMDS while the ledger is unverified or has only a random id."""
+        assert self.ledger is not None
+        return not self._verified() or self.ledger.get_meta("instance_id_source") != "imds"
+
+    def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> bool:
+        """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced.
+        Not once the stop has begun (False): the stop keeps what it decided with."""
+        with self._round_lock:
+            assert self.ledger is not None
+            if self.stop_event.is_set():
+                return False
+            ledger = settle(self.ledger)
+            if ledger is not self.ledger:
+                self.ledger = ledger
+                if self.hooks is not None:
+                    self.hooks.ledger = ledger
+                if self.config.metering.startup_check:
+                    ledger.update_meta(dryrun_due=self.clock.time())
+            instance_id = ledger.get_meta("instance_id")
+            self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
+            health.write(self.state_dir, ledger, self.clock.time())
+            return True
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)
@@ -243,9 +261,14 @@ class Daemon:
             stop = self.clock.time()
             for dim in self.config.dimensions:
                 self.ledger.clip_last_span(dim.name, stop)
-            sealing.seal_hours(self.ledger, self.config, stop, self.offset, include_current=True)
-        health.write(self.state_dir, self.ledger)
-        if self.ledger.pending():
+            if self._verified():
+                sealing.seal_hours(
+                    self.ledger, self.config, stop, self.offset, include_current=True
+                )
+        health.write(self.state_dir, self.ledger, self.clock.time())
+        if not self._verified():
+            log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
+        elif self.ledger.pending():
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
         if self.hooks is not None:
             self.hooks.wait(timeout=5)
@@ -306,10 +329,12 @@ class Daemon:
 
     def seal(self) -> None:
         assert self.ledger is not None
+        if not self._verified():
+            return
         now = self.clock.time()
         if sealing.seal_hours(self.ledger, self.config, now, self.offset):
             self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
-            health.write(self.state_dir, self.ledger)
+            health.write(self.state_dir, self.ledger, self.clock.time())
             self._schedule_send()
 
     def _schedule_send(self) -> None:
@@ -332,7 +357,7 @@ class Daemon:
         assert self.ledger is not None
         if self.hooks is not None:
             self.hooks.check()
-        if self.stop_event.is_set() or self._sender_running():
+        if self.stop_event.is_set() or self._sender_running() or not self._verified():
             return
         if work_due(self.ledger, self.clock.time()):
             cmd = self.sender_command(False, None)

@@ -9,12 +9,15 @@ a ClientToken reused with other parameters gets IdempotencyConflictException; re
 
 Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
 code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
-without answering), `slow` (answer after a delay).
+without answering), `slow` (answer after a delay). `Date` headers follow the emulator's clock;
+`signature_window` refuses SigV4 dates that far off (a skewed client clock), and `imds_hang` makes
+IMDS hold and drop every request (a slow first boot).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import re
 import threading
@@ -71,6 +74,8 @@ class Settings:
     rate: float = 10.0  # requests per second per account (token bucket)
     burst: float = 10.0
     imds: bool = True
+    imds_hang: float = 0.0  # IMDS holds each request this long, then closes it unanswered
+    signature_window: float | None = None  # refuse a SigV4 date further off than this (5 min)
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Fault:
     status: int = 500
     delay: float = 0.0
     operation: str = "MeterUsage"
+    message: str = "injected fault"
 
 
 @dataclass
@@ -177,7 +183,7 @@ class Emulator:
         if fault and fault.kind == "drop":
             raise _Drop()
         if fault and fault.kind == "error":
-            raise ServiceError(fault.code, "injected fault", fault.status)
+            raise ServiceError(fault.code, fault.message, fault.status)
         with self.lock:
             if not self.bucket.take(time.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
@@ -266,15 +272,16 @@ class Emulator:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def serve(self, port: int = 0) -> str:
-        """Start serving in a background thread; returns the base URL."""
+    def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Start serving in a background thread; returns the base URL (tests may listen on
+        another of this machine's addresses, to be a non-loopback endpoint)."""
         emulator = self
 
         class Handler(_Handler):
             pass
 
         Handler.emulator = emulator
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -285,7 +292,8 @@ class Emulator:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
 
     def stop(self) -> None:
         if self.server:
@@ -313,6 +321,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header on the emulator's clock, as the service's own clock would say."""
+        return email.utils.formatdate(
+            self.emulator.clock.time() if timestamp is None else timestamp, usegmt=True
+        )
+
+    def _imds_silent(self) -> bool:
+        """A slow first boot: IMDS holds the request, then closes it without an answer."""
+        hang = self.emulator.settings.imds_hang
+        if hang <= 0:
+            return False
+        time.sleep(hang)
+        self._drop()
+        return True
+
     def _text(self, status: int, text: str) -> None:
         self._send(status, text.encode(), "text/plain")
 
@@ -325,6 +348,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._body()
+        if self._imds_silent():
+            return None
         if self.path != "/latest/api/token" or not self.emulator.settings.imds:
             return self._text(404, "Not Found")
         if not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
@@ -335,6 +360,8 @@ class _Handler(BaseHTTPRequestHandler):
         e = self.emulator
         if self.path.startswith("/_emulator/"):
             return self._control_get()
+        if self._imds_silent():
+            return None
         if not e.settings.imds or not self.path.startswith("/latest/meta-data/"):
             return self._text(404, "Not Found")
         if not (self.headers.get("X-aws-ec2-metadata-token") or "").startswith(
@@ -384,6 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not m:
                 raise ServiceError("MissingAuthenticationTokenException", "request is not signed")
             caller, signed_region = m.group(1), m.group(2)
+            self._check_signature_date()
             try:
                 body = json.loads(raw or b"{}")
             except ValueError:
@@ -409,6 +437,26 @@ class _Handler(BaseHTTPRequestHandler):
         call.update(outcome="ok", answer=answer)
         self._record(call)
         self._send(200, answer, "application/x-amz-json-1.1")
+
+    def _check_signature_date(self) -> None:
+        """SigV4: a request signed more than the window away from the service's clock."""
+        window = self.emulator.settings.signature_window
+        stamp = self.headers.get("X-Amz-Date", "")
+        if window is None or not stamp:
+            return
+        try:
+            signed = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise ServiceError("IncompleteSignatureException", "X-Amz-Date is malformed") from None
+        now = self.emulator.clock.time()
+        if abs(signed.timestamp() - now) > window:
+            earliest = datetime.fromtimestamp(now - window, tz=timezone.utc)
+            raise ServiceError(
+                "InvalidSignatureException",
+                f"Signature expired: {stamp} is now earlier than "
+                f"{earliest.strftime('%Y%m%dT%H%M%SZ')} ({iso(now)} - 5 min.)",
+                403,
+            )
 
     def _record(self, call: dict[str, Any]) -> None:
         with self.emulator.lock:

@@ -1,7 +1,10 @@
 """health.json: what the seller's product reads to apply the failure mode of its listing.
 
-`failing_since` is the first failed send or DryRun not yet followed by a success; `ok` is true
-exactly when it is null. Rewritten atomically (temp file + rename), mode 0644 whatever the umask.
+`failing_since` is the first failed send or DryRun not yet followed by a success. `ok` is true
+exactly when it is null, no hour of the last 24 h was refused (`rejected`, or held pending for the
+seller's configuration) or `expired`, and the ledger's instance identity is not awaiting IMDS: lost
+revenue stays visible whatever was sent last. Rewritten atomically (temp file + rename), mode 0644
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -13,27 +16,57 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.clock import iso
-from agent.ledger import Ledger
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.ledger import Ledger, SealedHour
+from agent.metering import HELD, error_code
+from agent.ownership import adopt
 
 HEALTH_FILE = "health.json"
+LOOKBACK = 24 * HOUR
 
 
-def snapshot(ledger: Ledger) -> dict[str, Any]:
+def refused_hours(ledger: Ledger, now: float) -> list[SealedHour]:
+    """Hours of the last 24 h that lost revenue or may: rejected, expired, or held for the
+    seller's configuration (product code, dimension); newest first."""
+    since = hour_start(now) - LOOKBACK
+    hours = ledger.hours(since=since, states=("rejected", "expired", "pending"))
+    lost = [h for h in hours if h.state != "pending" or error_code(h.last_error) in HELD]
+    return sorted(lost, key=lambda h: (h.hour, h.dimension), reverse=True)
+
+
+def describe(h: SealedHour) -> str:
+    state = "refused (held)" if h.state == "pending" else h.state
+    return f"hour {iso_hour(h.hour)} dimension {h.dimension} {state}: {h.last_error or 'no answer'}"
+
+
+def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
+    now = Clock().time() if now is None else now
     failing_since = ledger.get_meta("failing_since")
     pending = {h.hour for h in ledger.pending()}
+    reasons = []
+    unverified = ledger.get_meta("identity_unverified")
+    if unverified:
+        reasons.append(str(unverified))
+    lost = refused_hours(ledger, now)
+    if lost:
+        more = f" (and {len(lost) - 1} more hour(s) in the last 24 h)" if len(lost) > 1 else ""
+        reasons.append(describe(lost[0]) + more)
+    if failing_since is not None:
+        current = ledger.get_meta("reason")
+        if current and current not in reasons and not (lost and current in reasons[-1]):
+            reasons.append(current)
     return {
-        "ok": failing_since is None,
+        "ok": failing_since is None and not lost and not unverified,
         "authorized": ledger.get_meta("authorized"),
         "last_success": iso(ledger.get_meta("last_success")),
         "failing_since": iso(failing_since),
         "pending_hours": len(pending),
-        "reason": ledger.get_meta("reason") if failing_since is not None else None,
+        "reason": "; ".join(reasons) or None,
     }
 
 
-def write(state_dir: Path, ledger: Ledger) -> dict[str, Any]:
-    data = snapshot(ledger)
+def write(state_dir: Path, ledger: Ledger, now: float | None = None) -> dict[str, Any]:
+    data = snapshot(ledger, now)
     target = Path(state_dir) / HEALTH_FILE
     fd, tmp = tempfile.mkstemp(prefix=".health.", dir=state_dir)
     try:
@@ -41,6 +74,7 @@ def write(state_dir: Path, ledger: Ledger) -> dict[str, Any]:
             json.dump(data, f, indent=1)
             f.write("\n")
         os.chmod(tmp, 0o644)
+        adopt(Path(state_dir), Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ from typing import Any
 from agent.aggregate import Point, Quantity
 from agent.clock import HOUR, hour_start
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -82,6 +82,28 @@ _MIGRATIONS: dict[int, str] = {
         dropped INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # A held hour may be re-issued under the config's current product code with a new ClientToken,
+    # once the service has refused its product code (or it was never tried): nothing else changes.
+    2: """
+    ALTER TABLE hours ADD COLUMN reissues INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hours ADD COLUMN reissued_from TEXT;
+    DROP TRIGGER sealed_request_is_immutable;
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    WHEN NOT (
+        OLD.state = 'pending' AND NEW.state = 'pending'
+        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
+        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
+        AND NEW.timestamp = OLD.timestamp
+        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
+        AND NEW.reissues = OLD.reissues + 1
+        AND (OLD.attempts = 0 OR OLD.last_error LIKE 'InvalidProductCodeException%')
+    )
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
+    """,
 }
 
 
@@ -102,6 +124,7 @@ class SealedHour:
     sealed_at: float
     next_attempt: float
     done_at: float | None
+    reissues: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,9 @@ class Ledger:
             # FULL: a transaction that returned is on disk, even across power loss.
             self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
+            from agent.ownership import adopt
+
+            adopt(Path(state_dir), *(Path(f"{self.path}{x}") for x in ("", "-wal", "-shm")))
         self.db.execute("PRAGMA busy_timeout=30000")
 
     def close(self) -> None:
@@ -378,6 +404,61 @@ class Ledger:
                 ),
             )
 
+    def reissue(
+        self, dimension: str, hour: int, *, product_code: str, client_token: str, now: float
+    ) -> bool:
+        """Give a held hour the current product code and a new ClientToken, keeping the old ones.
+
+        Only for an hour the service never accepted: pending, and either never tried or refused
+        for its product code (the trigger enforces both); False when it does not qualify.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT product_code, client_token, reissued_from, last_error FROM hours "
+                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                (dimension, hour),
+            ).fetchone()
+            if row is None:
+                return False
+            history = json.loads(row[2] or "[]")
+            history.append(
+                {"product_code": row[0], "client_token": row[1], "at": now, "error": row[3]}
+            )
+            try:
+                db.execute(
+                    "UPDATE hours SET product_code = ?, client_token = ?, reissues = reissues + 1, "
+                    "reissued_from = ?, attempts = 0, last_error = NULL, next_attempt = ? "
+                    "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                    (product_code, client_token, json.dumps(history), now, dimension, hour),
+                )
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Unsealed samples and collector positions written at or after `t` (this run's)."""
+        with self._lock:
+            samples = self.db.execute(
+                "SELECT dimension, hour, t, value, span FROM samples WHERE t >= ?", (t,)
+            ).fetchall()
+            positions = self.db.execute(
+                "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
+            ).fetchall()
+        return samples, positions
+
+    def take_over(self, samples: list[tuple[Any, ...]], positions: list[tuple[Any, ...]]) -> None:
+        """Store samples and positions carried from a ledger that was moved aside."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
+                samples,
+            )
+            db.executemany(
+                "INSERT INTO positions (dimension, state, t) VALUES (?, ?, ?) "
+                "ON CONFLICT (dimension) DO UPDATE SET state = excluded.state, t = excluded.t",
+                positions,
+            )
+
     def dimension_status(self) -> list[DimensionStatus]:
         with self._lock:
             rows = self.db.execute(
@@ -393,15 +474,15 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues"
 )
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:
-    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt, done = row
+    dim, hour, product, qty, is_dec, ts, token, n, raw, state, rid, att, err, at, nxt = row[:15]
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
-        raw, state, rid, int(att), err, float(at), float(nxt), done,
+        raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
 import urllib.error
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.aggregate import Quantity
+from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,29 @@ RETRYABLE = {
     "ExpiredTokenException",
     "RequestTimeout",
     "RequestTimeoutException",
+    # Signing and credential answers: the identical request succeeds once the credentials are
+    # refreshed or the clock is right again, so they never lose the hour.
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "RequestExpired",
+}
+SIGNING = {
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "ExpiredTokenException",
+    "RequestExpired",
 }
 UNAUTHORIZED = {"AccessDeniedException", "UnauthorizedException", "AccessDenied"}
 NOT_ENTITLED = {"CustomerNotEntitledException", "InvalidProductCodeException"}
+# The seller's configuration, not the buyer's usage: the hour is held (pending) until it expires.
+HELD = {"InvalidProductCodeException", "InvalidUsageDimensionException"}
+PRODUCT_CODE_REFUSED = "InvalidProductCodeException"
 OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
+SKEW_NAMED = 60.0  # a clock this far from the service's `Date` is named in the reason
 
 
 class ImdsError(Unavailable):
@@ -124,7 +145,7 @@ def resolve_region(
 class Outcome:
     """How one MeterUsage (or DryRun) call ended, in the ledger's terms."""
 
-    status: str  # sent | retry | unauthorized | expired | rejected | dryrun_ok
+    status: str  # sent | retry | held | unauthorized | expired | rejected | dryrun_ok
     record_id: str | None = None
     code: str | None = None
     message: str | None = None
@@ -136,15 +157,44 @@ class Outcome:
         return f"{self.code}: {self.message}" if self.message else self.code
 
 
-def classify(code: str, http_status: int | None) -> str:
+def classify(code: str, http_status: int | None, message: str = "") -> str:
     """Map a service error code to what the ledger does with the hour."""
     if code in UNAUTHORIZED:
         return "unauthorized"
     if code == OUT_OF_BOUNDS:
         return "expired"
+    if code in HELD:
+        return "held"
     if code in RETRYABLE or (http_status is not None and http_status >= 500):
         return "retry"
+    if "signature expired" in message.lower():
+        return "retry"
     return "rejected"
+
+
+def error_code(error: str | None) -> str | None:
+    """The service's error code at the head of a stored `last_error` ("Code: message")."""
+    if not error:
+        return None
+    return error.split(":", 1)[0].strip() or None
+
+
+def skew_note(date_header: str | None, now: float) -> str | None:
+    """Name a skewed clock: the answer's HTTP `Date` against this machine's clock."""
+    if not date_header:
+        return None
+    try:
+        service = email.utils.parsedate_to_datetime(date_header).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    skew = now - service
+    if abs(skew) < SKEW_NAMED:
+        return None
+    way = "ahead of" if skew > 0 else "behind"
+    return (
+        f"this machine's clock is {abs(skew):.0f} s {way} the service's ({date_header}): "
+        "signatures older than 5 minutes are refused; check NTP (chronyc tracking)"
+    )
 
 
 class MeteringClient:
@@ -156,6 +206,7 @@ class MeteringClient:
         endpoint_url: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
+        clock: Clock | None = None,
     ) -> None:
         # botocore falls back to IMDSv1 unless told not to; SPEC says IMDSv2 only.
         os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
@@ -163,6 +214,7 @@ class MeteringClient:
         from botocore.config import Config as BotoConfig
 
         self.region = region
+        self.clock = clock or Clock()
         self.session = boto3.session.Session(region_name=region)
         self._client: Any = None
         self._client_args = dict(
@@ -208,11 +260,17 @@ class MeteringClient:
         except ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code") or "Unknown")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            meta = e.response.get("ResponseMetadata", {})
+            status = meta.get("HTTPStatusCode")
             message = str(err.get("Message") or "")
             if code == "DryRunOperation":
                 return Outcome("dryrun_ok", code=code, message=message)
-            return Outcome(classify(code, status), code=code, message=message)
+            verdict = classify(code, status, message)
+            if code in SIGNING or code == OUT_OF_BOUNDS or "signature" in message.lower():
+                note = skew_note(meta.get("HTTPHeaders", {}).get("date"), self.clock.time())
+                if note:
+                    message = f"{message}; {note}" if message else note
+            return Outcome(verdict, code=code, message=message)
         except NoCredentialsError as e:
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
@@ -284,7 +342,9 @@ def dry_run_verdict(outcome: Outcome) -> str:
             f"MeterUsage DryRun: {text}; this machine's clock is off: check NTP (chrony) sync"
         )
     if code == "InvalidUsageDimensionException":
-        raise AgentError(
+        raise NotAuthorized(
             f"MeterUsage DryRun: {text}; every dimensions[].name must be a dimension of the listing"
         )
+    if code in SIGNING or "signature expired" in text.lower():
+        raise Unavailable(f"MeterUsage DryRun: the request's signature was refused ({text})")
     raise AgentError(f"MeterUsage DryRun: the service refused the request ({text})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,7 +19,7 @@ from agent.aggregate import Quantity
 from agent.clock import HOUR, Clock, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger, SealedHour
-from agent.metering import Outcome
+from agent.metering import PRODUCT_CODE_REFUSED, Outcome, error_code
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Report:
     sent: list[tuple[str, int, str]] = field(default_factory=list)  # dimension, hour, record id
     retry: list[tuple[str, int, str]] = field(default_factory=list)
     rejected: list[tuple[str, int, str]] = field(default_factory=list)
+    held: list[tuple[str, int, str]] = field(default_factory=list)  # the seller's config refused
+    reissued: list[tuple[str, int]] = field(default_factory=list)
     expired: list[tuple[str, int]] = field(default_factory=list)
     dry_run: str | None = None  # outcome status of a DryRun made in this run
     paused: bool = False  # not authorized: nothing was sent
@@ -102,7 +105,7 @@ def note_unreachable(
     if due is not None:
         ledger.update_meta(dryrun_due=max(due, now + delay))
     health.note_failure(ledger, now, reason)
-    health.write(config.state_dir, ledger)
+    health.write(config.state_dir, ledger, now)
 
 
 class Sender:
@@ -131,13 +134,19 @@ class Sender:
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
         try:
+            unverified = self.ledger.get_meta("identity_unverified")
+            if unverified:
+                # A ledger maybe baked on another instance: `run` verifies it through IMDS.
+                log.warning("not sending: %s", unverified)
+                report.paused = True
+                return report
             self._expire(report)
             if not self._authorized(report):
                 report.paused = True
                 return report
             self._send_pending(report, flush, deadline)
         finally:
-            health.write(self.config.state_dir, self.ledger)
+            health.write(self.config.state_dir, self.ledger, self.clock.time())
         return report
 
     # -- DryRun ------------------------------------------------------------------------------
@@ -157,7 +166,17 @@ class Sender:
             log.info("MeterUsage DryRun: permitted")
             self.ledger.update_meta(authorized=True, dryrun_due=None)
             health.note_success(self.ledger, now)
-        elif outcome.status in ("unauthorized", "rejected", "expired"):
+        elif outcome.status == "held" and outcome.code != PRODUCT_CODE_REFUSED:
+            # An unknown dimension says the role and product are fine: only that dimension's
+            # hours are held (and named in health), the others are sent.
+            log.error(
+                "MeterUsage DryRun for dimension %s: %s; its hours are held until the listing "
+                "has it or they expire",
+                dim.name,
+                outcome.error,
+            )
+            self.ledger.update_meta(authorized=True, dryrun_due=None)
+        elif outcome.status in ("unauthorized", "rejected", "expired", "held"):
             # Not authorized or not entitled: sending pauses and the DryRun repeats.
             log.error(
                 "MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
@@ -216,6 +235,7 @@ class Sender:
                 self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
                 queue.pop(0)
                 continue
+            h = queue[0] = self._current_product(h, now, report)
             outcome = self.client.meter_usage(
                 h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token
             )
@@ -230,7 +250,57 @@ class Sender:
             if outcome.status == "unauthorized":
                 self._paused(h, outcome, now, report)
                 return
+            if outcome.status == "held":
+                self._hold(h, outcome, now, report)
+                continue
             self._settle(h, outcome, now, report)
+
+    def _current_product(self, h: SealedHour, now: float, report: Report) -> SealedHour:
+        """An hour sealed under another product code goes out under the config's current one,
+        with a new ClientToken, when the service never accepted it: never tried, or refused for
+        its product code. Otherwise (it may have been recorded) it is resent identically."""
+        current = self.config.product_code
+        if h.product_code == current:
+            return h
+        if h.attempts and error_code(h.last_error) != PRODUCT_CODE_REFUSED:
+            return h
+        token = str(uuid.uuid4())
+        if not self.ledger.reissue(
+            h.dimension, h.hour, product_code=current, client_token=token, now=now
+        ):
+            return h
+        log.warning(
+            "hour %s dimension %s: re-issued under product code %s with a new ClientToken "
+            "(sealed under %s, which the service never accepted)",
+            iso_hour(h.hour),
+            h.dimension,
+            current,
+            h.product_code,
+        )
+        report.reissued.append((h.dimension, h.hour))
+        fresh = [x for x in self.ledger.pending() if (x.dimension, x.hour) == (h.dimension, h.hour)]
+        return fresh[0] if fresh else h
+
+    def _hold(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
+        """The seller's configuration was refused (product code, dimension): the hour stays
+        pending until it expires, retried on its own backoff so other hours keep going out."""
+        delay = max(BACKOFF_BASE, backoff(h.attempts + 1, self.rng))
+        where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
+        log.error(
+            "%s: quantity %s refused (%s); held, not lost: fix the config (product_code, "
+            "dimensions[].name) or the listing and restart; retrying in %.0f s until %s",
+            where,
+            h.quantity.text,
+            outcome.error,
+            delay,
+            iso(h.timestamp + EXPIRY),
+        )
+        self.ledger.mark(
+            h.dimension, h.hour, state="pending", now=now, error=outcome.error,
+            next_attempt=now + delay,
+        )  # fmt: skip
+        health.note_failure(self.ledger, now, f"{where} refused: {outcome.error}")
+        report.held.append((h.dimension, h.hour, outcome.error or ""))
 
     def _settle(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
         where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"

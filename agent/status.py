@@ -34,7 +34,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
         "next_send": iso(next_due(ledger)),
-        "health": health.snapshot(ledger),
+        "health": health.snapshot(ledger, now),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "dimensions": [
             {
@@ -59,6 +59,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                 "attempts": h.attempts,
                 "last_error": h.last_error,
                 "timestamp": iso(h.timestamp),
+                "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
             }
             for h in ledger.hours(since=since)
         ],
@@ -70,7 +71,8 @@ def render(report: dict[str, Any]) -> str:
     if report["ledger"] is None:
         return f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
     h = report["health"]
-    verdict = "ok" if h["ok"] else f"FAILING since {h['failing_since']}: {h['reason']}"
+    since = f" since {h['failing_since']}" if h["failing_since"] else ""
+    verdict = "ok" if h["ok"] else f"FAILING{since}: {h['reason']}"
     lines.append(f"metering health: {verdict}")
     lines.append(
         f"  authorized: {_text(h['authorized'])}   last success: {_text(h['last_success'])}   "

@@ -40,6 +40,8 @@ def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_V1_DISABLED", "true")
     # Nothing listens here: a test that forgets to point IMDS at the emulator fails fast.
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+    # The product lock's directory (the unit's RuntimeDirectory=), never the real /run.
+    monkeypatch.setenv("METERING_AGENT_RUN_DIR", str(tmp_path / "run"))
 
 
 @pytest.fixture

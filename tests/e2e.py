@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,6 +118,10 @@ def ledger_hours(state_dir: Path) -> list[SealedHour]:
     ledger = Ledger(state_dir, readonly=True)
     try:
         return ledger.hours()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the daemon is still creating it
+            return []
+        raise
     finally:
         ledger.close()
 
@@ -127,5 +132,9 @@ def ledger_samples(state_dir: Path) -> int:
     ledger = Ledger(state_dir, readonly=True)
     try:
         return ledger.unsealed_sample_count()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the daemon is still creating it
+            return 0
+        raise
     finally:
         ledger.close()

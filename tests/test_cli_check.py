@@ -137,3 +137,28 @@ def test_version() -> None:
 
     result = run_cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"metering-agent {__version__}")
+
+
+def test_check_dry_runs_every_dimension(
+    emulator: Emulator, write_config: ConfigWriter, tmp_path
+) -> None:
+    """A typo in the second dimension fails `check` with 77 and names it."""
+    emulator.configure(dimensions={"vcpus", "egress_gib"})
+    path = write_config(
+        f"""
+        product_code: abcd1234efgh5678ijkl90mn
+        state_dir: {tmp_path / "state"}
+        metering: {{endpoint_url: "{emulator.url}"}}
+        dimensions:
+          - name: vcpus
+            collector: {{type: system, metric: cpu_count}}
+          - name: egress_gb
+            collector: {{type: system, metric: cpu_count}}
+        """
+    )
+    result = run_cli("check", "-c", str(path), env=env_for(emulator))
+    assert result.returncode == EX_NOPERM, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "egress_gb" in line and "vcpus" not in line
+    dry = [c["request"]["UsageDimension"] for c in emulator.received()]
+    assert dry == ["vcpus", "egress_gb"]

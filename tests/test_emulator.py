@@ -76,10 +76,10 @@ def test_six_hour_window(client: MeteringClient) -> None:
 
 def test_unknown_product_and_dimension(client: MeteringClient, emulator: Emulator) -> None:
     r = send(client, product_code="otherproduct123", client_token="p")
-    assert r.code == "InvalidProductCodeException" and r.status == "rejected"
+    assert r.code == "InvalidProductCodeException" and r.status == "held"
     emulator.configure(dimensions={"vcpus"})
     r = send(client, dimension="bogus", client_token="d")
-    assert r.code == "InvalidUsageDimensionException"
+    assert r.code == "InvalidUsageDimensionException" and r.status == "held"
 
 
 def test_quantity_validation(client: MeteringClient) -> None:

@@ -54,7 +54,12 @@ class TestRegion:
         ("DuplicateRequestException", 400, "rejected"),
         ("IdempotencyConflictException", 409, "rejected"),
         ("CustomerNotEntitledException", 400, "rejected"),
-        ("InvalidUsageDimensionException", 400, "rejected"),
+        ("InvalidUsageDimensionException", 400, "held"),
+        ("InvalidProductCodeException", 400, "held"),
+        ("InvalidSignatureException", 403, "retry"),
+        ("UnrecognizedClientException", 403, "retry"),
+        ("ExpiredTokenException", 403, "retry"),
+        ("SignatureDoesNotMatch", 403, "retry"),
     ],
 )
 def test_error_classes_through_a_stubbed_client(
@@ -115,7 +120,7 @@ def test_dry_run_success_in_both_styles(emulator: Emulator, style: str) -> None:
         ({"entitled": False}, NotAuthorized, "subscription"),
         ({"product_codes": {"someotherproduct"}}, NotAuthorized, "product_code matches"),
         ({"region": "eu-west-1"}, Unavailable, "instance's region"),
-        ({"dimensions": {"other"}}, AgentError, "dimension of the listing"),
+        ({"dimensions": {"other"}}, NotAuthorized, "dimension of the listing"),
     ],
 )
 def test_dry_run_refusals(emulator: Emulator, settings: dict, error: type, text: str) -> None:
@@ -175,3 +180,60 @@ def test_dry_run_sends_a_zero_of_the_dimensions_type(
     assert out.status == "dryrun_ok"
     (call,) = emulator.received()
     assert call["request"][field] == value
+
+
+def test_signature_expired_message_is_retryable_and_names_the_skew(
+    static_credentials: None,
+) -> None:
+    """An answer whose `Date` is 20 minutes behind this machine's clock: the reason says so."""
+    from tests.fakes import FakeClock
+
+    clock = FakeClock(1_800_000_000 + 1200)
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9", clock=clock)
+    with Stubber(client.client) as stub:
+        stub.add_client_error(
+            "meter_usage",
+            service_error_code="SomethingUnlisted",
+            service_message="Signature expired: 20270115T082000Z is now earlier than ...",
+            http_status_code=400,
+            response_meta={"HTTPHeaders": {"date": "Fri, 15 Jan 2027 08:00:00 GMT"}},
+        )
+        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+    assert outcome.status == "retry"
+    assert "1200 s ahead of the service" in (outcome.error or "")
+
+
+def test_a_clock_in_step_names_no_skew(static_credentials: None) -> None:
+    from tests.fakes import FakeClock
+
+    client = MeteringClient("us-east-1", "http://127.0.0.1:9", clock=FakeClock(1_800_000_010))
+    with Stubber(client.client) as stub:
+        stub.add_client_error(
+            "meter_usage",
+            service_error_code="InvalidSignatureException",
+            http_status_code=403,
+            response_meta={"HTTPHeaders": {"date": "Fri, 15 Jan 2027 08:00:00 GMT"}},
+        )
+        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+    assert outcome.status == "retry" and "clock" not in (outcome.error or "")
+
+
+def test_a_skewed_clock_through_the_emulator(static_credentials: None) -> None:
+    """A real boto3 client on a machine 10 minutes behind the service: refused, retryable (the
+    hour is not lost), and the reason names the skew from the answer's `Date`."""
+    from agent.clock import Clock
+    from agent.emulator import Settings
+
+    now = datetime.now(timezone.utc).timestamp()
+    service_clock = Clock(origin=now + 600, wall0=now)  # the service is 10 minutes ahead
+    emulator = Emulator(Settings(signature_window=300), service_clock)
+    url = emulator.serve(0)
+    try:
+        client = MeteringClient("us-east-1", url)
+        out = client.meter_usage(PRODUCT, "vcpus", now, Quantity(1), "tok-skew")
+    finally:
+        emulator.stop()
+    assert (out.status, out.code) == ("retry", "InvalidSignatureException")
+    assert "Signature expired" in (out.error or "")
+    assert "behind the service" in (out.error or "")
+    assert emulator.records() == []

@@ -161,7 +161,7 @@ def test_service_timestamp_out_of_bounds_expires(setup) -> None:
 
 @pytest.mark.parametrize(
     "code",
-    ["DuplicateRequestException", "IdempotencyConflictException", "InvalidUsageDimensionException"],
+    ["DuplicateRequestException", "IdempotencyConflictException", "CustomerNotEntitledException"],
 )
 def test_final_errors_reject_and_keep_the_hour(setup, code: str) -> None:
     cfg, ledger, clock = setup

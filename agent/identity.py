@@ -1,0 +1,141 @@
+"""One instance, one ledger, verified before anything is sent from it.
+
+A ledger records the IMDS instance-id it was made on. A ledger baked into an AMI on the seller's
+build instance names that instance; on the buyer's first boot IMDS may be slow to answer. Until
+IMDS has confirmed the id, the ledger is *unverified*: `run` keeps sampling into it but seals and
+sends nothing (health says why), and asks IMDS again with backoff (quickly for the first minute,
+then every minute). Once IMDS answers: the same id verifies it; another id moves the ledger aside
+unsent and starts a fresh one that takes over the samples and positions this run wrote.
+
+A ledger with no id yet, or a random one (made where IMDS never answered: not EC2), is this
+host's own and is verified at once; an IMDS id that answers later is adopted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from agent import health
+from agent.clock import Clock, iso
+from agent.ledger import Ledger, move_aside
+from agent.metering import Imds, ImdsError
+
+log = logging.getLogger(__name__)
+
+# Seconds between IMDS tries: about a minute of quick ones, then once a minute for good.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
+RETRY_EVERY = 60.0
+UNVERIFIED = "identity_unverified"
+
+
+def ask(imds: Imds) -> str | None:
+    try:
+        return imds.instance_id()
+    except ImdsError as e:
+        log.info("no IMDS instance id (%s)", e)
+        return None
+
+
+def settle(
+    ledger: Ledger,
+    instance_id: str | None,
+    state_dir: Path,
+    now: float,
+    carry_since: float | None = None,
+) -> Ledger:
+    """Apply one IMDS answer (None: no answer) to the ledger; returns the ledger to use.
+
+    A ledger naming another IMDS instance is moved aside unsent, and a fresh one takes over the
+    samples and positions written since `carry_since` (this run's, while it waited)."""
+    known = ledger.get_meta("instance_id")
+    source = ledger.get_meta("instance_id_source")
+    if instance_id and known and known != instance_id and source == "imds":
+        samples, positions = ledger.since(carry_since) if carry_since is not None else ([], [])
+        ledger.close()
+        moved = move_aside(state_dir, f"instance-{known}", now)
+        log.warning(
+            "the ledger belongs to instance %s, this is %s (an image baked with state?): moved "
+            "it to %s and started a fresh one; nothing from it will be sent",
+            known,
+            instance_id,
+            moved,
+        )
+        ledger = Ledger(state_dir)
+        ledger.take_over(samples, positions)
+        known = None
+    if instance_id and known != instance_id:
+        ledger.update_meta(instance_id=instance_id, instance_id_source="imds")
+    elif not known:
+        ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
+    if instance_id or source != "imds":
+        ledger.update_meta(**{UNVERIFIED: None})
+    return ledger
+
+
+class Identity:
+    """The daemon's view: whether this run may seal and send from its ledger, and the thread that
+    keeps asking IMDS until it may (or, for a random id, until IMDS gives the real one)."""
+
+    def __init__(self, imds: Imds, clock: Clock, state_dir: Path) -> None:
+        self.imds = imds
+        self.clock = clock
+        self.state_dir = state_dir
+        self.verified = threading.Event()
+        self.started = 0.0
+        self._thread: threading.Thread | None = None
+
+    def start(self, ledger: Ledger) -> Ledger:
+        """Ask IMDS once; the ledger to sample into (verified or not)."""
+        self.started = self.clock.time()
+        answer = ask(self.imds)
+        source = ledger.get_meta("instance_id_source")
+        if answer is None and source == "imds":
+            known = ledger.get_meta("instance_id")
+            reason = (
+                f"instance identity not verified: IMDS has not answered since "
+                f"{iso(self.started)}; the ledger names instance {known}, and nothing is sealed "
+                "or sent from it until IMDS confirms this is that instance"
+            )
+            log.warning("%s", reason)
+            ledger.update_meta(**{UNVERIFIED: reason})
+            health.write(self.state_dir, ledger, self.started)
+            return ledger
+        ledger = settle(ledger, answer, self.state_dir, self.started)
+        self.verified.set()  # an IMDS answer, or this host's own ledger (new or a random id)
+        return ledger
+
+    def _settle(self, ledger: Ledger, instance_id: str) -> Ledger:
+        return settle(ledger, instance_id, self.state_dir, self.clock.time(), self.started)
+
+    def keep_asking(
+        self,
+        stop: threading.Event,
+        swap: Callable[[Callable[[Ledger], Ledger]], bool],
+        wanted: Callable[[], bool],
+    ) -> None:
+        """In the background: ask IMDS with backoff while `wanted()`; on an answer, `swap` runs
+        the settling under the daemon's round lock (False: stopping) and the ledger is verified."""
+
+        def loop() -> None:
+            tries = 0
+            while wanted():
+                delay = RETRY_DELAYS[tries] if tries < len(RETRY_DELAYS) else RETRY_EVERY
+                tries += 1
+                if stop.wait(delay):
+                    return
+                answer = ask(self.imds)
+                if answer is None:
+                    continue
+                if not swap(functools.partial(self._settle, instance_id=answer)):
+                    return  # stopping
+                self.verified.set()
+                log.info("IMDS answered: instance %s; the ledger is verified", answer)
+                return
+
+        self._thread = threading.Thread(target=loop, name="imds-identity", daemon=True)
+        self._thread.start()

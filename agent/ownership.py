@@ -1,0 +1,68 @@
+"""Files in state_dir stay usable by the service user, whoever ran a command first.
+
+A `send --flush` or `run` started by root would leave a root-owned `send.lock`, ledger or WAL that
+the service user (`metering-agent`) can no longer open. So: running as root, every file the agent
+creates in state_dir is given the directory's owner; running as another user who does not own the
+directory, a writing command refuses with one line saying whom to run it as.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+from pathlib import Path
+
+from agent.errors import NotAuthorized
+
+SERVICE_USER = "metering-agent"
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def check_writer(state_dir: Path, command: str) -> None:
+    """Refuse a writing command by a user who is neither root nor the state dir's owner."""
+    try:
+        st = os.stat(state_dir)
+    except PermissionError:
+        st = None
+    except OSError:
+        return  # missing: created by this command, with this user as its owner (or its error)
+    euid = os.geteuid()
+    if st is not None and euid in (0, st.st_uid):
+        return
+    user = _owner_name(st.st_uid) if st is not None else SERVICE_USER
+    raise NotAuthorized(
+        f"state_dir {state_dir} belongs to user {user}: run this as that user, so the ledger "
+        f"and locks stay usable by the service (sudo -u {user} metering-agent {command})"
+    )
+
+
+def adopt(state_dir: Path, *paths: Path) -> None:
+    """Running as root, give files created in state_dir the directory's owner."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(state_dir)
+    except OSError:
+        return
+    if st.st_uid == 0 and st.st_gid == 0:
+        return
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(path)
+            if (info.st_uid, info.st_gid) != (st.st_uid, st.st_gid):
+                os.lchown(path, st.st_uid, st.st_gid)
+
+
+def unreadable(state_dir: Path, command: str) -> NotAuthorized:
+    """The one line for a read-only command that may not look into state_dir."""
+    return NotAuthorized(
+        f"cannot read {state_dir}: permission denied; use sudo, or run it as the "
+        f"{SERVICE_USER} user (sudo -u {SERVICE_USER} metering-agent {command})"
+    )

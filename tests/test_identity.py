@@ -1,0 +1,104 @@
+"""First boot: nothing is sealed or sent from a ledger whose instance IMDS has not confirmed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from agent import identity
+from agent.ledger import Ledger
+from agent.metering import ImdsError
+from agent.sending import Sender
+from tests.billing import FakeClient, H, make_config
+from tests.fakes import FakeClock
+from tests.test_sealing import fill
+
+
+class SlowImds:
+    """IMDS that does not answer until told to."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.id = instance_id
+        self.up = False
+        self.asked = 0
+
+    def instance_id(self) -> str:
+        self.asked += 1
+        if not self.up:
+            raise ImdsError("IMDS unreachable")
+        return self.id
+
+
+def baked(tmp_path: Path) -> Path:
+    """A ledger made on the build instance: its id from IMDS, a sealed pending hour."""
+    cfg = make_config(tmp_path)
+    ledger = Ledger(cfg.state_dir)
+    ledger.update_meta(instance_id="i-build", instance_id_source="imds")
+    fill(ledger, "vcpus", H - 3600, 3)
+    from agent.sealing import seal_hours
+
+    seal_hours(ledger, cfg, H, offset=0)
+    ledger.close()
+    return cfg.state_dir
+
+
+def test_an_unverified_ledger_is_not_sent_and_health_says_so(tmp_path: Path) -> None:
+    state = baked(tmp_path)
+    imds = SlowImds("i-buyer")
+    ident = identity.Identity(imds, FakeClock(H), state)  # type: ignore[arg-type]
+    ledger = ident.start(Ledger(state))
+    assert not ident.verified.is_set()
+    data = json.loads((state / "health.json").read_text())
+    assert data["ok"] is False and "not verified" in data["reason"]
+    # even a manual `send --flush` sends nothing from it
+    client = FakeClient()
+    report = Sender(ledger, make_config(tmp_path), client, FakeClock(H + 60)).run(flush=True)
+    assert report.paused and client.calls == [] and client.dry_runs == 0
+
+
+def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(identity, "RETRY_DELAYS", (0.01,) * 3)
+    monkeypatch.setattr(identity, "RETRY_EVERY", 0.01)
+    state = baked(tmp_path)
+    imds = SlowImds("i-buyer")
+    clock = FakeClock(H + 100)
+    ident = identity.Identity(imds, clock, state)  # type: ignore[arg-type]
+    holder = {"ledger": ident.start(Ledger(state))}
+    # this run samples while it waits (t >= the run's start)
+    holder["ledger"].record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
+
+    def swap(settle):  # type: ignore[no-untyped-def]
+        holder["ledger"] = settle(holder["ledger"])
+        return True
+
+    stop = threading.Event()
+    ident.keep_asking(stop, swap, lambda: not ident.verified.is_set())
+    time.sleep(0.1)
+    assert not ident.verified.is_set() and imds.asked >= 2
+    imds.up = True
+    assert ident.verified.wait(5)
+    stop.set()
+    fresh = holder["ledger"]
+    assert fresh.get_meta("instance_id") == "i-buyer"
+    assert fresh.get_meta("identity_unverified") is None
+    assert fresh.hours() == []  # the baked pending hour stays in the moved-aside ledger
+    assert fresh.unsealed_sample_count() == 1 and fresh.position("vcpus") == {"p": 1}
+    (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
+    with sqlite3.connect(moved) as db:
+        assert db.execute("SELECT state FROM hours").fetchall() == [("pending",)]
+
+
+def test_the_same_instance_verifies_at_once(tmp_path: Path) -> None:
+    state = baked(tmp_path)
+    imds = SlowImds("i-build")
+    imds.up = True
+    ident = identity.Identity(imds, FakeClock(H), state)  # type: ignore[arg-type]
+    ledger = ident.start(Ledger(state))
+    assert ident.verified.is_set()
+    assert [h.state for h in ledger.hours()] == ["pending"]  # its own hour: sent as usual
