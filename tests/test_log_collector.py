@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.collectors import Sources
-from agent.collectors.log import ROTATE_WAIT_READS, LogCollector
+from agent.collectors.log import FORGET_AFTER, LogCollector
 from agent.errors import ConfigError
 from tests.conftest import run_cli
 
@@ -92,9 +92,11 @@ def test_rename_rotation_finishes_the_old_file(tmp_path: Path) -> None:
     assert t.read() == 6
     append(tmp_path / "access.log.1", HIT)  # a straggler written through the old handle
     assert t.read() == 1
-    for _ in range(ROTATE_WAIT_READS):
-        t.read()
-    assert len(t.state["files"]) == 1  # the quiet rotated file is let go
+    assert len(t.state["streams"]) == 2
+    (tmp_path / "access.log.1").unlink()
+    for _ in range(FORGET_AFTER):
+        assert t.read() == 0
+    assert len(t.state["streams"]) == 1  # the copy is gone from disk: its stream is let go
 
 
 def test_rename_rotation_across_a_restart(tmp_path: Path) -> None:
@@ -139,6 +141,20 @@ def test_delete_and_recreate(tmp_path: Path) -> None:
     keep.write_bytes(b"x")
     log.write_bytes(HIT * 3)
     assert t.read() == 3
+
+
+def test_a_position_saved_by_the_previous_version_is_kept(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 2 + MISS)
+    st = os.stat(log)
+    key = f"{st.st_dev}:{st.st_ino}"
+    # version 1 kept positions by inode, with the first bytes in hex
+    state = {
+        "files": {
+            key: {"path": str(log), "offset": len(HIT), "fp": HIT.hex(), "skip": False, "idle": 0}
+        }
+    }
+    assert Tail(collector(log), state).read() == 1
 
 
 def test_inode_reuse_is_caught_by_the_fingerprint(tmp_path: Path) -> None:
@@ -212,11 +228,41 @@ def test_patterns_that_could_span_lines_stay_per_line(tmp_path: Path) -> None:
 def test_missing_source(tmp_path: Path) -> None:
     from agent.collectors import SourceMissing
 
-    c = collector(tmp_path / "nope.log")
+    c = collector(tmp_path / "nope.log", start_at="end")
     with pytest.raises(SourceMissing):
         c.probe()
+    first = c.read(None)  # the first reading marks the dimension as sampled, with no file
+    assert first.value == 0 and first.state is not None
     with pytest.raises(SourceMissing):
-        c.read(None)
+        c.read(first.state)
+
+
+def test_a_file_that_appears_after_the_first_reading_is_read_from_its_start(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "late.log"
+    t = Tail(collector(log, start_at="end"))
+    assert t.read() == 0  # the product has not started yet
+    log.write_bytes(HIT * 10 + MISS)
+    assert t.read() == 10
+    restarted = Tail(collector(tmp_path / "late2.log", start_at="end"))
+    assert restarted.read() == 0
+    (tmp_path / "late2.log").write_bytes(HIT * 4)
+    assert Tail(collector(tmp_path / "late2.log", start_at="end"), restarted.state).read() == 4
+
+
+def test_copies_present_at_the_first_reading_are_not_billed(tmp_path: Path) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    (tmp_path / "access.log.1").write_bytes(HIT * 5)
+    with gzip.open(tmp_path / "access.log.2.gz", "wb") as z:
+        z.write(b"old " + HIT * 7)
+    log.write_bytes(HIT * 3)
+    t = Tail(collector(log))
+    assert t.read() == 3  # start_at: beginning is about the live file, not its archives
+    append(log, HIT)
+    assert t.read() == 1
 
 
 @pytest.mark.parametrize(
