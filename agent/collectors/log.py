@@ -198,13 +198,23 @@ class LogCollector(Collector):
 
         # Group: known streams, then new content by its own fingerprint.
         groups: dict[int, tuple[dict[str, Any], list[_File]]] = {}
-        new: dict[bytes, list[_File]] = {}
+        copies: dict[bytes, list[_File]] = {}
+        new: list[tuple[bytes, list[_File]]] = []
         for f in files.values():
             if f.stream is not None:
                 groups.setdefault(id(f.stream), (f.stream, []))[1].append(f)
+            elif f.head and f.live:
+                new.append((f.head, [f]))  # each new live file is its own content
             elif f.head:
-                new.setdefault(f.head, []).append(f)
-        for head, group in new.items():
+                copies.setdefault(f.head, []).append(f)
+        for head, group in new:
+            # A new copy of a new live file (copytruncate's copy, made before its truncate) is
+            # the same content when it is no longer than the live file.
+            same = copies.get(head, [])
+            if not first and same and max(c.st.st_size for c in same) <= group[0].st.st_size:
+                group.extend(copies.pop(head))
+        new.extend(copies.items())
+        for head, group in new:
             s = self._new_stream(head, group, first)
             streams.append(s)
             groups[id(s)] = (s, group)
@@ -308,7 +318,7 @@ class LogCollector(Collector):
         live = [f for f in group if f.live]
         if live and self.config["start_at"] == "beginning":
             return s
-        plain = [f for f in group if f.codec is None]
+        plain = live or [f for f in group if f.codec is None]
         if plain:
             longest = max(plain, key=lambda f: f.st.st_size)
             s["off"], s["skip"] = self._end_of_complete_lines(longest)
