@@ -32,7 +32,7 @@ import logging
 import lzma
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Protocol
@@ -50,7 +50,7 @@ FORGET_AFTER = 3  # readings in a row in which no file carried a stream, before 
 STATE_VERSION = 2
 # Compressed copies are known by their magic bytes, whatever their name.
 MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
-OPENERS = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 DECOMPRESS_ERRORS = (EOFError, zlib.error, OSError, lzma.LZMAError, ValueError)
 
 
@@ -92,7 +92,7 @@ class LogCollector(Collector):
         "start_at": Field(Enum(("end", "beginning")), default="end",
                           doc="where to start in the files present at the first reading"),
         "rotated": Field(Str(r"/.*", hint="expected an absolute glob"),
-                         doc="where rotated copies go besides NAME.* and NAME-* (logrotate olddir)"),
+                         doc="where rotated copies go, besides NAME.* and NAME-* (olddir)"),
         "encoding": Field(Str(), default="utf-8", doc="an ASCII-compatible encoding"),
         "max_line_bytes": Field(Int(256, 16 << 20), default=65536,
                                 doc="longer lines are judged by their first bytes"),
@@ -287,21 +287,23 @@ class LogCollector(Collector):
     def _fingerprint(self, f: _File) -> None:
         """Read the first bytes of f's content (through the decompressor for a compressed copy)."""
         try:
-            with open(f.path, "rb", buffering=0) as raw:
+            with _open_same(f) as raw:
                 head = raw.read(FINGERPRINT)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
-        if not f.live:
-            f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
-        if f.codec is None:
-            f.head = head
-            return
-        try:
-            with OPENERS[f.codec](f.path, "rb") as z:
-                f.head = z.read(FINGERPRINT)
-        except DECOMPRESS_ERRORS:
+                if not f.live:
+                    f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
+                if f.codec is None:
+                    f.head = head
+                    return
+                raw.seek(0)
+                with OPENERS[f.codec](raw, "rb") as z:
+                    f.head = z.read(FINGERPRINT)
+        except _Moved:
+            return  # renamed over since the listing: looked at again next reading
+        except DECOMPRESS_ERRORS as e:
+            if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
+                if isinstance(e, FileNotFoundError):
+                    return
+                raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
             f.head = b""  # being written, or damaged: looked at again next reading
 
     def _new_stream(self, head: bytes, group: list[_File], first: bool) -> dict[str, Any]:
@@ -354,14 +356,14 @@ class LogCollector(Collector):
 
     def _read_plain(self, s: dict[str, Any], f: _File) -> Decimal:
         try:
-            with open(f.path, "rb", buffering=0) as fh:
+            with _open_same(f) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 head = fh.read(FINGERPRINT)
                 if not _begins(head, s):
                     return Decimal(0)  # truncated and rewritten since listed: next reading
                 value, s["off"], s["skip"] = self._consume(fh, s["off"], s["skip"], size)
-        except FileNotFoundError:
-            return Decimal(0)
+        except (FileNotFoundError, _Moved):
+            return Decimal(0)  # gone or renamed over since the listing: next reading
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
         self._extend_fingerprint(s, head)
@@ -373,9 +375,9 @@ class LogCollector(Collector):
         """Finish a stream from a compressed copy; None when the copy cannot be read whole yet."""
         assert f.codec is not None
         try:
-            with OPENERS[f.codec](f.path, "rb") as z:
+            with _open_same(f) as raw, OPENERS[f.codec](raw, "rb") as z:
                 value, off, skip = self._consume(z, s["off"], s["skip"], None)
-        except FileNotFoundError:
+        except (FileNotFoundError, _Moved):
             return None
         except DECOMPRESS_ERRORS as e:
             if f.path not in self._warned:
@@ -450,6 +452,20 @@ class LogCollector(Collector):
         finally:
             view.release()
         return value, base, skip
+
+
+class _Moved(Exception):
+    """The name now holds another file than the one listed."""
+
+
+def _open_same(f: _File) -> Any:
+    """Open f's path, making sure it is still the file that was listed (same device and inode)."""
+    fh = open(f.path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
+    st = os.fstat(fh.fileno())
+    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
+        fh.close()
+        raise _Moved(f.path)
+    return fh
 
 
 def _is_copy_of(path: str, base: str) -> bool:
