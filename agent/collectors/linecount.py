@@ -256,8 +256,8 @@ class LineMatcher:
         search = self.pattern.search
         while pos < end:
             m = search(buf, pos, end)
-            if m is None:
-                break
+            if m is None or m.start() >= end:
+                break  # (an empty match at `end` is the start of a line that is not ours)
             # No newline between `start` and the match: the line starts at `start`, not at 0.
             line_start = max(buf.rfind(b"\n", start, m.start()) + 1, start)
             line_end = buf.find(b"\n", m.start(), end)
