@@ -303,4 +303,26 @@ dimensions:
     result = run_cli("sample", "-c", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("api_requests 7  (raw 7, sum)")
+    assert "log: 10 lines read, 7 matched" in result.stdout
     assert not (tmp_path / "state").exists()  # sample writes no state
+
+
+def test_sample_shows_the_billed_units_after_scale_and_rounding(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes((HIT * 3 + MISS) * 5)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""product_code: abcd1234efgh5678ijkl90mn
+state_dir: {tmp_path / "state"}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {log}, pattern: '"(GET|POST) /api/', start_at: beginning}}
+    scale: 0.001
+    rounding: up
+"""
+    )
+    result = run_cli("sample", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "billed units 0.015 (scale 0.001)" in result.stdout
+    assert "an hour of only this reading sends 1 (rounding up)" in result.stdout
+    assert "log: 20 lines read, 15 matched" in result.stdout
