@@ -326,3 +326,82 @@ dimensions:
     assert "billed units 0.015 (scale 0.001)" in result.stdout
     assert "an hour of only this reading sends 1 (rounding up)" in result.stdout
     assert "log: 20 lines read, 15 matched" in result.stdout
+
+
+def lines(start: int, n: int) -> bytes:
+    """Unique lines, every other one matching (real logs differ from line to line)."""
+    return b"".join(
+        (b'%d "GET /api/v1/orders/%d"\n' if i % 2 else b'%d "GET /static/%d"\n') % (i, i)
+        for i in range(start, start + n)
+    )
+
+
+def copytruncate(log: Path, copy: Path) -> None:
+    copy.write_bytes(log.read_bytes())
+    with open(log, "r+b") as f:
+        f.truncate(0)
+
+
+def test_copytruncate_twice_between_readings_with_the_older_copy_compressed(
+    tmp_path: Path,
+) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    assert t.read() == 5
+    append(log, lines(10, 10))  # 5 more, not yet read when the first copytruncate comes
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(20, 30))  # 15, in a file created and rotated away between two readings
+    (tmp_path / "access.log.1").rename(tmp_path / "access.log.2")
+    with gzip.open(tmp_path / "access.log.2.gz", "wb") as z:
+        z.write((tmp_path / "access.log.2").read_bytes())
+    (tmp_path / "access.log.2").unlink()
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(50, 4))  # 2
+    assert t.read() == 5 + 15 + 2
+    assert t.read() == 0
+
+
+def test_a_glob_over_the_copies_counts_each_line_once(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(tmp_path / "access.log*"))
+    assert t.read() == 5
+    append(log, lines(10, 4))
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(14, 6))
+    assert t.read() == 2 + 3
+    (tmp_path / "access.log.1").rename(tmp_path / "access.log-20261127")
+    assert t.read() == 0
+
+
+def test_finishes_a_file_from_its_gzip_copy(tmp_path: Path) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    assert t.read() == 5
+    append(log, lines(10, 10))
+    with gzip.open(tmp_path / "access.log.1.gz", "wb") as z:  # compress without delaycompress
+        z.write(log.read_bytes())
+    log.unlink()
+    log.write_bytes(lines(20, 2))
+    assert t.read() == 5 + 1
+    assert t.read() == 0
+
+
+def test_a_symlinked_path_is_followed_to_where_rotation_happens(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "app.log").write_bytes(lines(0, 4))
+    link = tmp_path / "current.log"
+    link.symlink_to(real / "app.log")
+    t = Tail(collector(link))
+    assert t.read() == 2
+    append(real / "app.log", lines(4, 6))
+    (real / "app.log").rename(real / "app.log.1")
+    (real / "app.log").write_bytes(lines(10, 2))
+    assert t.read() == 3 + 1

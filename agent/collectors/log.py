@@ -258,10 +258,9 @@ class LogCollector(Collector):
         """Give each file the stream whose content it carries, if any.
 
         In order: files unchanged since the last reading; each stream's home file (the inode it
-        was last read from, its fingerprint intact and not shorter than the offset); copies (any
-        file that is not live) by fingerprint; last, a live file by fingerprint, but only for a
-        stream that nothing else carries, so that a new file which begins like the old one (a log
-        of identical lines) is not taken for the old one while the old one is still there.
+        was last read from, its fingerprint intact and not shorter than the offset); then copies
+        (files that are not live) by fingerprint. A live file is known by its home inode only: a
+        new file that begins like an old one (a log of identical lines, a banner) is new content.
         """
         by_id = {k: s for s in streams for k in s.get("ids", {})}
         rest = []
@@ -271,17 +270,21 @@ class LogCollector(Collector):
                 f.stream, f.quick = s, True
             else:
                 rest.append(f)
-        home = {s["home"]: s for s in streams if "home" in s}
-        later = []
+        homes: dict[int, list[dict[str, Any]]] = {}
+        for s in streams:
+            if "home" in s:
+                homes.setdefault(s["home"], []).append(s)
         for f in rest:
             self._fingerprint(f)
-            s = home.get(f.st.st_ino)
-            if f.head and s is not None and _begins(f.head, s) and f.st.st_size >= s["off"]:
-                f.stream = s
-            elif f.head:
-                later.append(f)
-        for f in later:
-            if not f.live:
+            if not f.head:
+                continue
+            # Several streams can name one inode (the old content of a truncated file, the new):
+            # the one whose fingerprint the file still begins with, the latest first.
+            for s in reversed(homes.get(f.st.st_ino, [])):
+                if _begins(f.head, s) and (f.codec is not None or f.st.st_size >= s["off"]):
+                    f.stream = s
+                    break
+            if f.stream is None and not f.live:
                 f.stream = _match(streams, f.head)
 
     def _fingerprint(self, f: _File) -> None:
