@@ -405,3 +405,20 @@ def test_a_symlinked_path_is_followed_to_where_rotation_happens(tmp_path: Path) 
     (real / "app.log").rename(real / "app.log.1")
     (real / "app.log").write_bytes(lines(10, 2))
     assert t.read() == 3 + 1
+
+
+def test_check_fails_a_log_dimension_whose_file_is_missing(tmp_path: Path, emulator) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""product_code: abcd1234efgh5678ijkl90mn
+state_dir: {tmp_path / "state"}
+metering: {{endpoint_url: "{emulator.url}"}}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {tmp_path / "nope.log"}, pattern: x}}
+"""
+    )
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
+    result = run_cli("check", "-c", str(config), env=env)
+    assert result.returncode == 69
+    assert "fail  collector api_requests: source missing: no file matches" in result.stdout
