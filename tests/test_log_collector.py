@@ -422,3 +422,17 @@ dimensions:
     result = run_cli("check", "-c", str(config), env=env)
     assert result.returncode == 69
     assert "fail  collector api_requests: source missing: no file matches" in result.stdout
+
+
+def test_state_stays_bounded_under_repeated_truncation(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 4))
+    t = Tail(collector(log))
+    total = t.read()
+    for k in range(1, 12):
+        with open(log, "r+b") as f:
+            f.truncate(0)
+        append(log, lines(k * 100, 4))
+        total += t.read()
+    assert total == 2 * 12
+    assert len(t.state["streams"]) <= FORGET_AFTER

@@ -142,13 +142,14 @@ class LogCollector(Collector):
     def _live_paths(self) -> list[str]:
         """Real paths of the files `path` names, minus those that are copies of another of them."""
         names = sorted(glob.glob(self.glob)) if glob.has_magic(self.glob) else [self.glob]
-        real = []
+        real: dict[str, None] = {}  # ordered, without repeats
         for name in names:
             target = os.path.realpath(name)
-            if os.path.isfile(target) and target not in real:
-                real.append(target)
+            if os.path.isfile(target):
+                real[target] = None
         rotated = self._rotated_paths()
-        return [p for p in real if p not in rotated and not any(_is_copy_of(p, b) for b in real)]
+        others = set(real)
+        return [p for p in real if p not in rotated and not _is_copy(p, others)]
 
     def _rotated_paths(self) -> set[str]:
         if not self.rotated:
@@ -236,8 +237,9 @@ class LogCollector(Collector):
             if any(f.live for f in group):
                 s["base"] = next(f.path for f in group if f.live)
         kept = []
+        listed = {f.st.st_ino for f in files.values()}
         for s in streams:
-            if id(s) not in groups:
+            if id(s) not in groups and not _still_there(s, listed):
                 s["miss"] = s.get("miss", 0) + 1
                 if s["miss"] >= FORGET_AFTER:
                     continue
@@ -471,11 +473,23 @@ def _open_same(f: _File) -> Any:
     return fh
 
 
-def _is_copy_of(path: str, base: str) -> bool:
-    if path == base or os.path.dirname(path) != os.path.dirname(base):
+def _is_copy(path: str, others: set[str]) -> bool:
+    """Whether `path` is named like a copy (NAME.*, NAME-*) of another of `others`."""
+    for i, c in enumerate(path):
+        if c in ".-" and i > 0 and path[:i] in others and "/" not in path[i:]:
+            return True
+    return False
+
+
+def _still_there(s: Mapping[str, Any], listed: set[int]) -> bool:
+    """The file a stream was last read from is still at its path but was not listed (its folder
+    could not be read): the stream is kept however long that lasts, so its content is never read
+    again when the folder comes back."""
+    try:
+        ino = os.stat(s["path"]).st_ino
+        return ino == s.get("home") and ino not in listed
+    except OSError:
         return False
-    name, other = os.path.basename(path), os.path.basename(base)
-    return name.startswith((other + ".", other + "-"))
 
 
 def _hash(data: bytes) -> str:
