@@ -11,6 +11,8 @@ runs and the ratio grep_time / agent_time (1.0 = as fast as grep), in wall time 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import random
 import re
 import resource
@@ -116,6 +118,36 @@ def main() -> None:
                 f"{pattern:<28} {g:>8.3f}s {a:>8.3f}s {p:>8.3f}s {g / a:>6.2f} {c:>9.2f}"
                 f"  {counts['agent']:,}"
             )
+
+        reading_beside_copies(Path(tmp))
+
+
+def reading_beside_copies(tmp: Path, copies: int = 30, rounds: int = 200) -> None:
+    """CPU per reading of a live log that has `copies` rotated .gz copies beside it: what each
+    sampling round pays for looking after rotation."""
+    folder = tmp / "rotated"
+    folder.mkdir()
+    for i in range(1, copies + 1):
+        with gzip.open(folder / f"access.log.{i}.gz", "wb") as z:
+            z.write(b"".join(b'%d-%d "GET /api/x"\n' % (i, j) for j in range(2000)))
+    log = folder / "access.log"
+    log.write_bytes(b'x "GET /api/x"\n' * 10)
+    options = {"path": str(log), "pattern": '"GET /api/', "mode": "count", "start_at": "end",
+               "encoding": "utf-8", "max_line_bytes": 65536}  # fmt: skip
+    collector = LogCollector(options, Sources())
+    state = collector.read(None).state
+    used = []
+    for k in range(rounds):
+        with open(log, "ab") as f:
+            f.write(b'%d "GET /api/x"\n' % k * 5)
+        start = time.process_time()
+        reading = collector.read(state)
+        used.append(time.process_time() - start)
+        state = reading.state
+    print(
+        f"one reading beside {copies} .gz copies: {statistics.median(used) * 1000:.2f} ms CPU "
+        f"(median of {rounds}), saved state {len(json.dumps(state)):,} bytes"
+    )
 
 
 if __name__ == "__main__":
