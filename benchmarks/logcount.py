@@ -4,6 +4,7 @@ Generates a 3M-line access log (about 300 MB) in a temporary directory, warms th
 times, in alternation, `grep -cE PATTERN` and the agent's LogCollector reading the whole file
 (`start_at: beginning`), plus a per-line Python loop for reference. Prints the median of several
 runs and the ratio grep_time / agent_time (1.0 = as fast as grep), in wall time and in CPU time.
+Then the CPU that one sampling round pays for a live log with 30 rotated `.gz` copies beside it.
 
     python benchmarks/logcount.py [--lines 3000000] [--runs 5]
 """
