@@ -436,3 +436,16 @@ def test_state_stays_bounded_under_repeated_truncation(tmp_path: Path) -> None:
         total += t.read()
     assert total == 2 * 12
     assert len(t.state["streams"]) <= FORGET_AFTER
+
+
+def test_rotated_names_copies_that_the_path_glob_also_matches(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines(0, 4))
+    (tmp_path / "app-20261126.log").write_bytes(lines(100, 10))  # yesterday's: history
+    t = Tail(collector(tmp_path / "*.log", rotated=str(tmp_path / "app-*.log")))
+    assert t.read() == 2
+    append(log, lines(4, 4))
+    log.rename(tmp_path / "app-20261127.log")  # logrotate dateext with `extension .log`
+    log.write_bytes(lines(8, 2))
+    assert t.read() == 2 + 1
+    assert t.read() == 0
