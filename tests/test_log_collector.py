@@ -449,3 +449,14 @@ def test_rotated_names_copies_that_the_path_glob_also_matches(tmp_path: Path) ->
     log.write_bytes(lines(8, 2))
     assert t.read() == 2 + 1
     assert t.read() == 0
+
+
+def test_a_damaged_compressed_copy_never_stops_the_count(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 4))
+    t = Tail(collector(log))
+    assert t.read() == 2
+    (tmp_path / "access.log.3.bz2").write_bytes(b"BZh9" + b"\x00" * 100)
+    (tmp_path / "access.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 60)
+    append(log, lines(4, 4))
+    assert t.read() == 2

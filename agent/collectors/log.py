@@ -290,26 +290,32 @@ class LogCollector(Collector):
                 f.stream = _match(streams, f.head)
 
     def _fingerprint(self, f: _File) -> None:
-        """Read the first bytes of f's content (through the decompressor for a compressed copy)."""
+        """Read the first bytes of f's content (through the decompressor for a compressed copy).
+
+        A file that cannot be opened is a collector error (the count would be wrong); a
+        compressed copy that cannot be decompressed (still being written, or damaged) is left
+        out of this reading and looked at again at the next one."""
         try:
-            with _open_same(f) as raw:
-                head = raw.read(FINGERPRINT)
-                if not f.live:
-                    f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
-                if f.codec is None:
-                    f.head = head
-                    return
+            raw = _open_same(f)
+        except _Moved:
+            return  # renamed over since the listing: looked at again next reading
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
+        with raw:
+            head = raw.read(FINGERPRINT)
+            if not f.live:
+                f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
+            if f.codec is None:
+                f.head = head
+                return
+            try:
                 raw.seek(0)
                 with OPENERS[f.codec](raw, "rb") as z:
                     f.head = z.read(FINGERPRINT)
-        except _Moved:
-            return  # renamed over since the listing: looked at again next reading
-        except DECOMPRESS_ERRORS as e:
-            if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
-                if isinstance(e, FileNotFoundError):
-                    return
-                raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
-            f.head = b""  # being written, or damaged: looked at again next reading
+            except DECOMPRESS_ERRORS:
+                f.head = b""
 
     def _new_stream(self, head: bytes, group: list[_File], first: bool) -> dict[str, Any]:
         s: dict[str, Any] = {
