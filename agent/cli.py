@@ -226,9 +226,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
             continue
         s = sampler.take(dim, clock.time(), None)
-        if s.error:
+        error = s.error or sampler.probe(dim)  # a log read with no file yet gives 0, not an error
+        if error:
             unreachable.append(dim.name)
-            _say("fail", f"collector {dim.name}: {s.error}")
+            _say("fail", f"collector {dim.name}: {error}")
         else:
             _say("ok", f"collector {dim.name}: read {_num(s.raw)}")
     if args.offline:
@@ -289,6 +290,7 @@ def _num(value: Any) -> str:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
+    from agent.collectors.log import LogCollector
     from agent.sampling import Sampler
 
     cfg = load_config(args)
@@ -296,13 +298,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     clock = Clock()
     ledger = open_ledger_readonly(cfg.state_dir)
     for dim in cfg.dimensions:
+        collector = sampler.collectors.get(dim.name)
+        if isinstance(collector, LogCollector):
+            collector.count_lines = True
         saved = ledger.position(dim.name) if ledger else None
-        s = sampler.take(dim, clock.time(), saved)
-        if s.error:
+        t = clock.time()
+        s = sampler.take(dim, t, saved)
+        if s.error or s.value is None:
             print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
             continue
-        print(f"{dim.name} {_num(s.value)}  (raw {_num(s.raw)}, {dim.aggregate})")
+        text = f"{dim.name} {_num(s.value)}  (raw {_num(s.raw)}, {dim.aggregate}); "
+        text += _billed(dim, t, s.value)
+        if isinstance(collector, LogCollector):
+            last = collector.last
+            text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
+        print(text)
     return EX_OK
+
+
+def _billed(dim: Any, t: float, value: Decimal) -> str:
+    """What the reading is worth in the dimension's billed units: after `scale`, and what an hour
+    holding only this reading would send after rounding (the sealed hour rounds its total)."""
+    from agent.aggregate import Point, combine, to_quantity
+    from agent.sealing import span_for
+
+    hour_value = combine(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
+    alone = to_quantity(hour_value, dim.scale, dim.rounding, dim.decimals)
+    return (
+        f"billed units {_num(hour_value * dim.scale)} (scale {_num(dim.scale)}); an hour of only "
+        f"this reading sends {alone.text} (rounding {dim.rounding})"
+    )
 
 
 def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:

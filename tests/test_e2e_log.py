@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import textwrap
 import threading
 import time
@@ -13,6 +15,7 @@ import pytest
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT
 from tests.e2e import Agent, ledger_hours, ledger_samples, wait_for
+from tests.rotation import LOGROTATE, PATTERN, Writer, on_disk
 
 pytestmark = pytest.mark.e2e
 LINE = b'10.1.2.3 - - "GET /api/v1/orders HTTP/1.1" 200 512\n'
@@ -81,3 +84,58 @@ def test_kill9_during_counting_neither_loses_nor_repeats(
     assert billed == written
     accepted = sum(int(r.quantity) for r in emulator.records())
     assert accepted == written
+
+
+@pytest.mark.skipif(not os.access(LOGROTATE, os.X_OK), reason=f"{LOGROTATE} is not installed")
+def test_real_logrotate_copytruncate_and_kill9_bill_what_is_on_disk(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """The real daemon, the real logrotate (copytruncate, the hardest), a writer at ~2,000
+    lines/s and kill -9 twice: what the emulator accepted equals the matching lines on disk."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "access.log"
+    log.touch()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            product_code: {PRODUCT}
+            state_dir: {tmp_path / "state"}
+            metering: {{endpoint_url: "{emulator.url}", send_window: 3600}}
+            sampling: {{interval: 1}}
+            dimensions:
+              - name: api_requests
+                collector: {{type: log, path: '{log}*', pattern: '{PATTERN}'}}
+            """
+        )
+    )
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n  rotate 500\n  copytruncate\n  compress\n  delaycompress\n}}\n")
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
+    agent = Agent(config, env).start()
+    wait_for("the first sample", lambda: ledger_samples(tmp_path / "state") > 0, 20, agent)
+    writer = Writer(log)
+    writer.start()
+    try:
+        for i in range(6):
+            # The daemon reads at whole seconds; logrotate runs between them, at x.5 s, so a
+            # reading never falls inside copytruncate's own copy-then-truncate window.
+            time.sleep(1.5 - time.time() % 1.0)
+            subprocess.run(
+                [LOGROTATE, "-f", "-s", str(tmp_path / "lr.state"), str(conf)],
+                check=True,
+                capture_output=True,
+            )
+            if i in (1, 3):
+                time.sleep(0.3)
+                agent.kill9()
+                agent = Agent(config, env).start()
+    finally:
+        writer.stop.set()
+        writer.join()
+    time.sleep(3.5)  # a few rounds to read the rest
+    assert agent.terminate() == 0
+    expected = on_disk(logs)
+    assert expected > 5000
+    assert sum(int(r.quantity) for r in emulator.records()) == expected

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.collectors import Sources
-from agent.collectors.log import ROTATE_WAIT_READS, LogCollector
+from agent.collectors.log import FORGET_AFTER, LogCollector
 from agent.errors import ConfigError
 from tests.conftest import run_cli
 
@@ -92,9 +92,11 @@ def test_rename_rotation_finishes_the_old_file(tmp_path: Path) -> None:
     assert t.read() == 6
     append(tmp_path / "access.log.1", HIT)  # a straggler written through the old handle
     assert t.read() == 1
-    for _ in range(ROTATE_WAIT_READS):
-        t.read()
-    assert len(t.state["files"]) == 1  # the quiet rotated file is let go
+    assert len(t.state["streams"]) == 2
+    (tmp_path / "access.log.1").unlink()
+    for _ in range(FORGET_AFTER):
+        assert t.read() == 0
+    assert len(t.state["streams"]) == 1  # the copy is gone from disk: its stream is let go
 
 
 def test_rename_rotation_across_a_restart(tmp_path: Path) -> None:
@@ -139,6 +141,20 @@ def test_delete_and_recreate(tmp_path: Path) -> None:
     keep.write_bytes(b"x")
     log.write_bytes(HIT * 3)
     assert t.read() == 3
+
+
+def test_a_position_saved_by_the_previous_version_is_kept(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(HIT * 2 + MISS)
+    st = os.stat(log)
+    key = f"{st.st_dev}:{st.st_ino}"
+    # version 1 kept positions by inode, with the first bytes in hex
+    state = {
+        "files": {
+            key: {"path": str(log), "offset": len(HIT), "fp": HIT.hex(), "skip": False, "idle": 0}
+        }
+    }
+    assert Tail(collector(log), state).read() == 1
 
 
 def test_inode_reuse_is_caught_by_the_fingerprint(tmp_path: Path) -> None:
@@ -212,11 +228,41 @@ def test_patterns_that_could_span_lines_stay_per_line(tmp_path: Path) -> None:
 def test_missing_source(tmp_path: Path) -> None:
     from agent.collectors import SourceMissing
 
-    c = collector(tmp_path / "nope.log")
+    c = collector(tmp_path / "nope.log", start_at="end")
     with pytest.raises(SourceMissing):
         c.probe()
+    first = c.read(None)  # the first reading marks the dimension as sampled, with no file
+    assert first.value == 0 and first.state is not None
     with pytest.raises(SourceMissing):
-        c.read(None)
+        c.read(first.state)
+
+
+def test_a_file_that_appears_after_the_first_reading_is_read_from_its_start(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "late.log"
+    t = Tail(collector(log, start_at="end"))
+    assert t.read() == 0  # the product has not started yet
+    log.write_bytes(HIT * 10 + MISS)
+    assert t.read() == 10
+    restarted = Tail(collector(tmp_path / "late2.log", start_at="end"))
+    assert restarted.read() == 0
+    (tmp_path / "late2.log").write_bytes(HIT * 4)
+    assert Tail(collector(tmp_path / "late2.log", start_at="end"), restarted.state).read() == 4
+
+
+def test_copies_present_at_the_first_reading_are_not_billed(tmp_path: Path) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    (tmp_path / "access.log.1").write_bytes(HIT * 5)
+    with gzip.open(tmp_path / "access.log.2.gz", "wb") as z:
+        z.write(b"old " + HIT * 7)
+    log.write_bytes(HIT * 3)
+    t = Tail(collector(log))
+    assert t.read() == 3  # start_at: beginning is about the live file, not its archives
+    append(log, HIT)
+    assert t.read() == 1
 
 
 @pytest.mark.parametrize(
@@ -257,4 +303,160 @@ dimensions:
     result = run_cli("sample", "-c", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("api_requests 7  (raw 7, sum)")
+    assert "log: 10 lines read, 7 matched" in result.stdout
     assert not (tmp_path / "state").exists()  # sample writes no state
+
+
+def test_sample_shows_the_billed_units_after_scale_and_rounding(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes((HIT * 3 + MISS) * 5)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""product_code: abcd1234efgh5678ijkl90mn
+state_dir: {tmp_path / "state"}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {log}, pattern: '"(GET|POST) /api/', start_at: beginning}}
+    scale: 0.001
+    rounding: up
+"""
+    )
+    result = run_cli("sample", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "billed units 0.015 (scale 0.001)" in result.stdout
+    assert "an hour of only this reading sends 1 (rounding up)" in result.stdout
+    assert "log: 20 lines read, 15 matched" in result.stdout
+
+
+def lines(start: int, n: int) -> bytes:
+    """Unique lines, every other one matching (real logs differ from line to line)."""
+    return b"".join(
+        (b'%d "GET /api/v1/orders/%d"\n' if i % 2 else b'%d "GET /static/%d"\n') % (i, i)
+        for i in range(start, start + n)
+    )
+
+
+def copytruncate(log: Path, copy: Path) -> None:
+    copy.write_bytes(log.read_bytes())
+    with open(log, "r+b") as f:
+        f.truncate(0)
+
+
+def test_copytruncate_twice_between_readings_with_the_older_copy_compressed(
+    tmp_path: Path,
+) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    assert t.read() == 5
+    append(log, lines(10, 10))  # 5 more, not yet read when the first copytruncate comes
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(20, 30))  # 15, in a file created and rotated away between two readings
+    (tmp_path / "access.log.1").rename(tmp_path / "access.log.2")
+    with gzip.open(tmp_path / "access.log.2.gz", "wb") as z:
+        z.write((tmp_path / "access.log.2").read_bytes())
+    (tmp_path / "access.log.2").unlink()
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(50, 4))  # 2
+    assert t.read() == 5 + 15 + 2
+    assert t.read() == 0
+
+
+def test_a_glob_over_the_copies_counts_each_line_once(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(tmp_path / "access.log*"))
+    assert t.read() == 5
+    append(log, lines(10, 4))
+    copytruncate(log, tmp_path / "access.log.1")
+    append(log, lines(14, 6))
+    assert t.read() == 2 + 3
+    (tmp_path / "access.log.1").rename(tmp_path / "access.log-20261127")
+    assert t.read() == 0
+
+
+def test_finishes_a_file_from_its_gzip_copy(tmp_path: Path) -> None:
+    import gzip
+
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    assert t.read() == 5
+    append(log, lines(10, 10))
+    with gzip.open(tmp_path / "access.log.1.gz", "wb") as z:  # compress without delaycompress
+        z.write(log.read_bytes())
+    log.unlink()
+    log.write_bytes(lines(20, 2))
+    assert t.read() == 5 + 1
+    assert t.read() == 0
+
+
+def test_a_symlinked_path_is_followed_to_where_rotation_happens(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "app.log").write_bytes(lines(0, 4))
+    link = tmp_path / "current.log"
+    link.symlink_to(real / "app.log")
+    t = Tail(collector(link))
+    assert t.read() == 2
+    append(real / "app.log", lines(4, 6))
+    (real / "app.log").rename(real / "app.log.1")
+    (real / "app.log").write_bytes(lines(10, 2))
+    assert t.read() == 3 + 1
+
+
+def test_check_fails_a_log_dimension_whose_file_is_missing(tmp_path: Path, emulator) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""product_code: abcd1234efgh5678ijkl90mn
+state_dir: {tmp_path / "state"}
+metering: {{endpoint_url: "{emulator.url}"}}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {tmp_path / "nope.log"}, pattern: x}}
+"""
+    )
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
+    result = run_cli("check", "-c", str(config), env=env)
+    assert result.returncode == 69
+    assert "fail  collector api_requests: source missing: no file matches" in result.stdout
+
+
+def test_state_stays_bounded_under_repeated_truncation(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 4))
+    t = Tail(collector(log))
+    total = t.read()
+    for k in range(1, 12):
+        with open(log, "r+b") as f:
+            f.truncate(0)
+        append(log, lines(k * 100, 4))
+        total += t.read()
+    assert total == 2 * 12
+    assert len(t.state["streams"]) <= FORGET_AFTER
+
+
+def test_rotated_names_copies_that_the_path_glob_also_matches(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines(0, 4))
+    (tmp_path / "app-20261126.log").write_bytes(lines(100, 10))  # yesterday's: history
+    t = Tail(collector(tmp_path / "*.log", rotated=str(tmp_path / "app-*.log")))
+    assert t.read() == 2
+    append(log, lines(4, 4))
+    log.rename(tmp_path / "app-20261127.log")  # logrotate dateext with `extension .log`
+    log.write_bytes(lines(8, 2))
+    assert t.read() == 2 + 1
+    assert t.read() == 0
+
+
+def test_a_damaged_compressed_copy_never_stops_the_count(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 4))
+    t = Tail(collector(log))
+    assert t.read() == 2
+    (tmp_path / "access.log.3.bz2").write_bytes(b"BZh9" + b"\x00" * 100)
+    (tmp_path / "access.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 60)
+    append(log, lines(4, 4))
+    assert t.read() == 2

@@ -186,6 +186,7 @@ class LineMatcher:
         self.literal = literal.encode(encoding) if usable and literal else None
         self._trust_regex = 0
         self.bad_values = 0
+        self.matched_lines = 0  # in sum mode: how many lines matched (count mode: the value)
 
     def scan(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> Decimal:
         """Count (or sum over) the matching lines in buf[start:end], which holds complete lines."""
@@ -218,7 +219,7 @@ class LineMatcher:
             i = find(self.literal, pos, end)
             if i < 0:
                 return total, end
-            line_start = rfind(b"\n", start, i) + 1 if i > start else start
+            line_start = max(rfind(b"\n", start, i) + 1, start)  # rfind gives -1: not 0
             line_end = find(b"\n", i, end)
             if line_end < 0:
                 line_end = end
@@ -255,9 +256,10 @@ class LineMatcher:
         search = self.pattern.search
         while pos < end:
             m = search(buf, pos, end)
-            if m is None:
-                break
-            line_start = buf.rfind(b"\n", start, m.start()) + 1 if m.start() > start else start
+            if m is None or m.start() >= end:
+                break  # (an empty match at `end` is the start of a line that is not ours)
+            # No newline between `start` and the match: the line starts at `start`, not at 0.
+            line_start = max(buf.rfind(b"\n", start, m.start()) + 1, start)
             line_end = buf.find(b"\n", m.start(), end)
             if line_end < 0:
                 line_end = end
@@ -269,6 +271,7 @@ class LineMatcher:
         return total
 
     def _value(self, m: re.Match[bytes]) -> Decimal:
+        self.matched_lines += 1
         raw = m.group("value")
         try:
             return (

@@ -1,10 +1,20 @@
-"""Log-line counters: every matching line counted once, across rotation, restarts and crashes.
+"""Log-line counters: every matching line on disk counted once, whatever rotation did to the file.
 
-A file is known by device + inode plus a fingerprint of its first bytes, so rename rotation (the
-renamed file is finished before it is let go, like Fluent Bit's rotate_wait), copytruncate (the file
-got shorter than the saved offset, or its first bytes changed), delete + recreate and inode reuse
-are all told apart. Positions travel in the Reading's state, which the ledger commits in the same
-transaction as the count it produced: kill -9 at any moment neither loses nor repeats a line.
+A file's content is known by a fingerprint of its first bytes (a hash of up to 128 bytes), not by
+its name or inode: the file renamed by `create` rotation, the copy that `copytruncate` leaves, the
+`.gz` that `compress` makes of it and the same file moved to an `olddir` all carry the same
+fingerprint, so they are one *stream* with one saved offset. Each reading lists the live files
+(`path`, symlinks followed to the real folder) and their copies (`NAME.*`, `NAME-*` beside each live
+file, and the `rotated` glob), groups them by stream and reads each stream once, from its offset, in
+the longest plain file that carries it, or through gzip/bz2/xz when only a compressed copy is left.
+A fingerprint never seen before is new content (a late file, or one created and rotated away
+between two readings) and is read from its beginning; `start_at` applies only to the live files
+present at the dimension's first reading, and copies present then count as already billed.
+
+Positions travel in the Reading's state, which the ledger commits in the same transaction as the
+count it produced: kill -9 at any moment neither loses nor repeats a line. The state holds one small
+entry per stream still on disk; a stream that no file carries any more is forgotten after a few
+readings (the grace covers a directory listing that raced a rename).
 
 Reads are binary, in large blocks, never decoding (bad bytes cannot crash it); a partial last line
 waits for its newline; a line longer than `max_line_bytes` is judged by its first bytes and the rest
@@ -13,14 +23,19 @@ skipped, so memory stays bounded whatever the file holds.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
-import io
+import gzip
+import hashlib
 import logging
+import lzma
 import os
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from agent.collectors.base import Collector, CollectorError, Reading, SourceMissing, Sources
 from agent.collectors.linecount import LineMatcher
@@ -31,7 +46,38 @@ log = logging.getLogger(__name__)
 
 BLOCK = 4 << 20
 FINGERPRINT = 128  # bytes
-ROTATE_WAIT_READS = 5  # a file that left the glob is followed until this many reads add nothing
+FORGET_AFTER = 3  # readings in a row in which no file carried a stream, before it is forgotten
+STATE_VERSION = 2
+# Compressed copies are known by their magic bytes, whatever their name.
+MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+DECOMPRESS_ERRORS = (EOFError, zlib.error, OSError, lzma.LZMAError, ValueError)
+
+
+class _Readable(Protocol):
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def readinto(self, buffer: Any, /) -> int | None: ...
+
+
+@dataclass
+class ReadStats:
+    """What the last reading did, for `sample` (lines are counted only when asked: it costs)."""
+
+    lines: int = 0
+    matched: Decimal = Decimal(0)
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _File:
+    path: str
+    st: os.stat_result
+    live: bool
+    key: str
+    codec: str | None = None
+    head: bytes = b""
+    stream: dict[str, Any] | None = None
+    quick: bool = False  # unchanged since the last reading, which read it to its end
 
 
 class LogCollector(Collector):
@@ -44,7 +90,9 @@ class LogCollector(Collector):
         "mode": Field(Enum(("count", "sum")), default="count",
                       doc="count matching lines, or sum the named group (?P<value>...)"),
         "start_at": Field(Enum(("end", "beginning")), default="end",
-                          doc="where to start in files present before any position was saved"),
+                          doc="where to start in the files present at the first reading"),
+        "rotated": Field(Str(r"/.*", hint="expected an absolute glob"),
+                         doc="where rotated copies go, besides NAME.* and NAME-* (olddir)"),
         "encoding": Field(Str(), default="utf-8", doc="an ASCII-compatible encoding"),
         "max_line_bytes": Field(Int(256, 16 << 20), default=65536,
                                 doc="longer lines are judged by their first bytes"),
@@ -76,51 +124,126 @@ class LogCollector(Collector):
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
         self.glob = self.config["path"]
+        self.rotated = self.config.get("rotated")
         self.max_line = int(self.config["max_line_bytes"])
         self.matcher = LineMatcher(
             self.config["pattern"], self.config["mode"], self.config["encoding"]
         )
+        self.count_lines = False  # `sample` turns it on to report lines read
+        self.last = ReadStats()
+        self._warned: set[str] = set()
 
     def probe(self) -> None:
-        if not self._matching_paths():
+        if not self._live_paths():
             raise SourceMissing(f"no file matches {self.glob}")
 
-    def _matching_paths(self) -> list[str]:
-        if glob.has_magic(self.glob):
-            return sorted(glob.glob(self.glob))
-        return [self.glob] if os.path.exists(self.glob) else []
+    # -- listing -----------------------------------------------------------------------------
+
+    def _live_paths(self) -> list[str]:
+        """Real paths of the files `path` names, minus those that are copies of another of them."""
+        names = sorted(glob.glob(self.glob)) if glob.has_magic(self.glob) else [self.glob]
+        real: dict[str, None] = {}  # ordered, without repeats
+        for name in names:
+            target = os.path.realpath(name)
+            if os.path.isfile(target):
+                real[target] = None
+        rotated = self._rotated_paths()
+        others = set(real)
+        return [p for p in real if p not in rotated and not _is_copy(p, others)]
+
+    def _rotated_paths(self) -> set[str]:
+        if not self.rotated:
+            return set()
+        return {os.path.realpath(p) for p in glob.glob(self.rotated)}
+
+    def _copy_paths(self, bases: set[str]) -> list[str]:
+        """Where rotation may have put each base's content: the base itself when it is no longer
+        live, NAME.* and NAME-* beside it, and the `rotated` glob."""
+        by_dir: dict[str, set[str]] = {}
+        for base in bases:
+            by_dir.setdefault(os.path.dirname(base), set()).add(os.path.basename(base))
+        out: list[str] = []
+        for directory, names in sorted(by_dir.items()):
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError:
+                continue
+            prefixes = tuple(n + "." for n in names) + tuple(n + "-" for n in names)
+            out.extend(e.path for e in entries if e.name in names or e.name.startswith(prefixes))
+        out.extend(sorted(self._rotated_paths()))
+        return out
+
+    # -- reading -----------------------------------------------------------------------------
 
     def read(self, state: dict[str, Any] | None) -> Reading:
-        first_run = state is None
-        saved: dict[str, dict[str, Any]] = dict((state or {}).get("files", {}))
-        found: dict[str, tuple[str, os.stat_result, bool]] = {}  # key -> path, stat, in glob
-        for path in self._matching_paths():
+        first = state is None
+        streams = _load_streams(state)
+        self.last = ReadStats()
+        live = self._live_paths()
+        bases = set(live) | {s["base"] for s in streams if s.get("base")}
+        files: dict[str, _File] = {}
+        for path, is_live in [(p, True) for p in live] + [
+            (p, False) for p in self._copy_paths(bases)
+        ]:
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if os.path.isfile(path):
-                found[_key(st)] = (path, st, True)
-        for key, entry in saved.items():
-            if key not in found:
-                moved = _find_inode(os.path.dirname(entry["path"]), key)
-                if moved:
-                    found[key] = (moved[0], moved[1], False)
-        if not found and not saved:
+            except OSError:
+                continue  # gone between the listing and now
+            key = f"{st.st_dev}:{st.st_ino}"
+            if key not in files and os.path.isfile(path):
+                files[key] = _File(path, st, is_live, key)
+        if not files and not first:
             raise SourceMissing(f"no file matches {self.glob}")
+
+        self._assign(files, streams)
+
+        # Group: known streams, then new content by its own fingerprint.
+        groups: dict[int, tuple[dict[str, Any], list[_File]]] = {}
+        copies: dict[bytes, list[_File]] = {}
+        new: list[tuple[bytes, list[_File]]] = []
+        for f in files.values():
+            if f.stream is not None:
+                groups.setdefault(id(f.stream), (f.stream, []))[1].append(f)
+            elif f.head and f.live:
+                new.append((f.head, [f]))  # each new live file is its own content
+            elif f.head:
+                copies.setdefault(f.head, []).append(f)
+        for head, group in new:
+            # A new copy of a new live file (copytruncate's copy, made before its truncate) is
+            # the same content when it is no longer than the live file.
+            same = copies.get(head, [])
+            if not first and same and max(c.st.st_size for c in same) <= group[0].st.st_size:
+                group.extend(copies.pop(head))
+        new.extend(copies.items())
+        for head, group in new:
+            s = self._new_stream(head, group, first)
+            streams.append(s)
+            groups[id(s)] = (s, group)
+
         total = Decimal(0)
         bad_before = self.matcher.bad_values
-        files: dict[str, dict[str, Any]] = {}
-        for key, (path, st, in_glob) in sorted(found.items(), key=lambda kv: kv[1][0]):
-            try:
-                value, entry = self._read_file(path, st, saved.get(key), first_run)
-            except FileNotFoundError:
-                continue  # gone between the listing and the open: nothing more to read
-            except OSError as e:
-                raise CollectorError(f"cannot read {path}: {e.strerror}") from None
+        for s, group in groups.values():
+            value, finished = self._advance(s, group)
             total += value
-            if in_glob or entry["idle"] < ROTATE_WAIT_READS:
-                files[key] = entry
+            # Files read to their end (or unchanged) are skipped while they stay as they are.
+            s["ids"] = {
+                f.key: [f.st.st_size, f.st.st_mtime_ns]
+                for f in group
+                if f.quick or f.codec is None or f.key in finished or s.get("done")
+            }
+            s["miss"] = 0
+            carriers = [f for f in group if f.codec is None] or group
+            s["home"] = max(carriers, key=lambda f: f.st.st_size).st.st_ino
+            if any(f.live for f in group):
+                s["base"] = next(f.path for f in group if f.live)
+        kept = []
+        listed = {f.st.st_ino for f in files.values()}
+        for s in streams:
+            if id(s) not in groups and not _still_there(s, listed):
+                s["miss"] = s.get("miss", 0) + 1
+                if s["miss"] >= FORGET_AFTER:
+                    continue
+            kept.append(s)
         bad = self.matcher.bad_values - bad_before
         if bad:
             log.warning(
@@ -128,56 +251,186 @@ class LogCollector(Collector):
                 self.glob,
                 bad,
             )
-        return Reading(total, {"files": files})
+        self.last.matched = (
+            total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
+        )
+        return Reading(total, {"v": STATE_VERSION, "streams": kept})
 
-    def _read_file(
-        self, path: str, st: os.stat_result, entry: dict[str, Any] | None, first_run: bool
-    ) -> tuple[Decimal, dict[str, Any]]:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(FINGERPRINT)
-            size = os.fstat(f.fileno()).st_size
-            if entry is not None:
-                saved_fp = bytes.fromhex(entry["fp"])
-                same = head[: len(saved_fp)] == saved_fp and size >= entry["offset"]
-                offset = entry["offset"] if same else 0  # else truncated or a reused inode
-                skip = bool(entry.get("skip")) if same else False
-                idle = entry.get("idle", 0)
-            elif first_run and self.config["start_at"] == "end":
-                offset, skip = self._end_of_complete_lines(f, size)
-                idle = 0
+    def _assign(self, files: dict[str, _File], streams: list[dict[str, Any]]) -> None:
+        """Give each file the stream whose content it carries, if any.
+
+        In order: files unchanged since the last reading; each stream's home file (the inode it
+        was last read from, its fingerprint intact and not shorter than the offset); then copies
+        (files that are not live) by fingerprint. A live file is known by its home inode only: a
+        new file that begins like an old one (a log of identical lines, a banner) is new content.
+        """
+        by_id = {k: s for s in streams for k in s.get("ids", {})}
+        rest = []
+        for f in files.values():
+            s = by_id.get(f.key)
+            if s is not None and s["ids"][f.key] == [f.st.st_size, f.st.st_mtime_ns]:
+                f.stream, f.quick = s, True
             else:
-                offset, skip, idle = 0, False, 0  # appeared later (rotation): from the start
-            before = offset
-            value, offset, skip = self._consume(f, offset, skip, size)
-        return value, {
-            "path": path,
-            "offset": offset,
-            "fp": head.hex(),
-            "skip": skip,
-            "idle": 0 if offset != before else idle + 1,
-        }
+                rest.append(f)
+        homes: dict[int, list[dict[str, Any]]] = {}
+        for s in streams:
+            if "home" in s:
+                homes.setdefault(s["home"], []).append(s)
+        for f in rest:
+            self._fingerprint(f)
+            if not f.head:
+                continue
+            # Several streams can name one inode (the old content of a truncated file, the new):
+            # the one whose fingerprint the file still begins with, the latest first.
+            for s in reversed(homes.get(f.st.st_ino, [])):
+                if _begins(f.head, s) and (f.codec is not None or f.st.st_size >= s["off"]):
+                    f.stream = s
+                    break
+            if f.stream is None and not f.live:
+                f.stream = _match(streams, f.head)
 
-    def _end_of_complete_lines(self, f: io.FileIO, size: int) -> tuple[int, bool]:
+    def _fingerprint(self, f: _File) -> None:
+        """Read the first bytes of f's content (through the decompressor for a compressed copy).
+
+        A file that cannot be opened is a collector error (the count would be wrong); a
+        compressed copy that cannot be decompressed (still being written, or damaged) is left
+        out of this reading and looked at again at the next one."""
+        try:
+            raw = _open_same(f)
+        except _Moved:
+            return  # renamed over since the listing: looked at again next reading
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
+        with raw:
+            head = raw.read(FINGERPRINT)
+            if not f.live:
+                f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
+            if f.codec is None:
+                f.head = head
+                return
+            try:
+                raw.seek(0)
+                with OPENERS[f.codec](raw, "rb") as z:
+                    f.head = z.read(FINGERPRINT)
+            except DECOMPRESS_ERRORS:
+                f.head = b""
+
+    def _new_stream(self, head: bytes, group: list[_File], first: bool) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "fp": _hash(head),
+            "fl": len(head),
+            "off": 0,
+            "skip": False,
+            "path": group[0].path,
+            "base": next((f.path for f in group if f.live), ""),
+        }
+        if not first:
+            return s  # appeared after the first reading: read from its beginning
+        live = [f for f in group if f.live]
+        if live and self.config["start_at"] == "beginning":
+            return s
+        plain = live or [f for f in group if f.codec is None]
+        if plain:
+            longest = max(plain, key=lambda f: f.st.st_size)
+            s["off"], s["skip"] = self._end_of_complete_lines(longest)
+        else:
+            s["done"] = True  # an archive that was there before us: billed before our time
+        return s
+
+    def _advance(self, s: dict[str, Any], group: list[_File]) -> tuple[Decimal, set[str]]:
+        """Read what the stream gained, from the best file that carries it. Returns the value and
+        the compressed copies that are known to hold nothing more."""
+        if s.get("done"):
+            return Decimal(0), set()
+        plain = [f for f in group if f.codec is None]
+        fresh = [f for f in plain if not f.quick]
+        if fresh:
+            # The longest plain carrier; one shorter than the offset (a copy that copytruncate
+            # made before lines it then lost) has nothing to add.
+            return self._read_plain(s, max(fresh, key=lambda f: f.st.st_size)), set()
+        if plain:
+            return Decimal(0), set()  # every plain carrier is unchanged: nothing new
+        finished: set[str] = set()
+        for f in group:
+            if f.quick:
+                continue
+            if f.codec == "gz" and _gzip_size(f.path) == s["off"] % (1 << 32):
+                finished.add(f.key)  # read to its end already, from the file it was made of
+                continue
+            value = self._read_compressed(s, f)
+            if value is not None:
+                finished.add(f.key)
+                return value, finished
+        return Decimal(0), finished
+
+    def _read_plain(self, s: dict[str, Any], f: _File) -> Decimal:
+        try:
+            with _open_same(f) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                head = fh.read(FINGERPRINT)
+                if not _begins(head, s):
+                    return Decimal(0)  # truncated and rewritten since listed: next reading
+                value, s["off"], s["skip"] = self._consume(fh, s["off"], s["skip"], size)
+        except (FileNotFoundError, _Moved):
+            return Decimal(0)  # gone or renamed over since the listing: next reading
+        except OSError as e:
+            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
+        self._extend_fingerprint(s, head)
+        s["path"] = f.path
+        self.last.files.append(f.path)
+        return value
+
+    def _read_compressed(self, s: dict[str, Any], f: _File) -> Decimal | None:
+        """Finish a stream from a compressed copy; None when the copy cannot be read whole yet."""
+        assert f.codec is not None
+        try:
+            with _open_same(f) as raw, OPENERS[f.codec](raw, "rb") as z:
+                value, off, skip = self._consume(z, s["off"], s["skip"], None)
+        except (FileNotFoundError, _Moved):
+            return None
+        except DECOMPRESS_ERRORS as e:
+            if f.path not in self._warned:
+                self._warned.add(f.path)
+                log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, f.path, e)
+            return None
+        s["off"], s["skip"], s["path"] = off, skip, f.path
+        self.last.files.append(f.path)
+        return value
+
+    def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:
+        if s["fl"] < FINGERPRINT and len(head) > s["fl"] and _hash(head[: s["fl"]]) == s["fp"]:
+            s["fp"], s["fl"] = _hash(head), len(head)
+
+    def _end_of_complete_lines(self, f: _File) -> tuple[int, bool]:
+        size = f.st.st_size
         window = min(size, self.max_line)
-        f.seek(size - window)
-        tail = f.read(window)
+        try:
+            with open(f.path, "rb", buffering=0) as fh:
+                fh.seek(size - window)
+                tail = fh.read(window)
+        except OSError:
+            return size, False
         nl = tail.rfind(b"\n")
         if nl >= 0:
             return size - window + nl + 1, False
         return size, size > 0  # inside a line longer than the cap: skip its rest
 
     def _consume(
-        self, f: io.FileIO, offset: int, skip: bool, size: int
+        self, f: _Readable, offset: int, skip: bool, size: int | None
     ) -> tuple[Decimal, int, bool]:
-        """Match complete lines from `offset` up to `size`; returns (value, new offset, skip)."""
+        """Match complete lines from `offset` up to `size` (None: to the end of the stream);
+        returns (value, new offset, skip)."""
         value = Decimal(0)
-        remaining = size - offset
+        remaining = (size - offset) if size is not None else 1 << 62
         if remaining <= 0:
             return value, offset, skip
         f.seek(offset)
         buf = bytearray(min(BLOCK, remaining) + self.max_line + 1)
         view = memoryview(buf)
         base, have = offset, 0  # file offset of buf[0]; bytes held
+        count_lines = self.count_lines
         try:
             while remaining > 0:
                 n = f.readinto(view[have : have + min(len(buf) - have, remaining)])
@@ -195,11 +448,14 @@ class LogCollector(Collector):
                 last = buf.rfind(b"\n", start, end) + 1
                 if last > start:
                     value += self.matcher.scan(buf, start, last)
+                    if count_lines:
+                        self.last.lines += buf.count(b"\n", start, last)
                 else:
                     last = start
                 tail = end - last
                 if tail > self.max_line:
                     value += self.matcher.match_line(bytes(buf[last : last + self.max_line]))
+                    self.last.lines += 1
                     base, have, skip = base + end, 0, True
                     continue
                 buf[:tail] = buf[last:end]
@@ -209,20 +465,94 @@ class LogCollector(Collector):
         return value, base, skip
 
 
-def _key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}"
+class _Moved(Exception):
+    """The name now holds another file than the one listed."""
 
 
-def _find_inode(directory: str, key: str) -> tuple[str, os.stat_result] | None:
-    """A file we followed that left the glob (renamed by rotation): find it by inode."""
+def _open_same(f: _File) -> Any:
+    """Open f's path, making sure it is still the file that was listed (same device and inode)."""
+    fh = open(f.path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
+    st = os.fstat(fh.fileno())
+    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
+        fh.close()
+        raise _Moved(f.path)
+    return fh
+
+
+def _is_copy(path: str, others: set[str]) -> bool:
+    """Whether `path` is named like a copy (NAME.*, NAME-*) of another of `others`."""
+    for i, c in enumerate(path):
+        if c in ".-" and i > 0 and path[:i] in others and "/" not in path[i:]:
+            return True
+    return False
+
+
+def _still_there(s: Mapping[str, Any], listed: set[int]) -> bool:
+    """The file a stream was last read from is still at its path but was not listed (its folder
+    could not be read): the stream is kept however long that lasts, so its content is never read
+    again when the folder comes back."""
     try:
-        entries = list(os.scandir(directory or "."))
+        ino = os.stat(s["path"]).st_ino
+        return ino == s.get("home") and ino not in listed
+    except OSError:
+        return False
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _begins(head: bytes, s: Mapping[str, Any]) -> bool:
+    return len(head) >= s["fl"] and _hash(head[: s["fl"]]) == s["fp"]
+
+
+def _match(streams: list[dict[str, Any]], head: bytes) -> dict[str, Any] | None:
+    """The stream whose fingerprint begins this content (the longest fingerprint wins)."""
+    best: dict[str, Any] | None = None
+    hashes: dict[int, str] = {}
+    for s in streams:
+        fl = s["fl"]
+        if fl > len(head) or (best is not None and fl <= best["fl"]):
+            continue
+        if fl not in hashes:
+            hashes[fl] = _hash(head[:fl])
+        if hashes[fl] == s["fp"]:
+            best = s
+    return best
+
+
+def _gzip_size(path: str) -> int | None:
+    """The uncompressed size mod 2**32 that a gzip file's trailer states (a hint, never trusted
+    alone: a mismatch means the file is decompressed and read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
     except OSError:
         return None
-    for entry in entries:
-        try:
-            if entry.is_file() and _key(entry.stat()) == key:
-                return entry.path, entry.stat()
-        except OSError:
+
+
+def _load_streams(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The saved streams, as fresh dicts; a position saved by version 1 (by inode) is converted."""
+    if not state:
+        return []
+    if state.get("v") == STATE_VERSION:
+        return [dict(s, ids=dict(s.get("ids", {}))) for s in state.get("streams", [])]
+    streams = []
+    for key, entry in dict(state.get("files", {})).items():
+        fp = bytes.fromhex(entry["fp"])
+        if not fp:
             continue
-    return None
+        streams.append(
+            {
+                "fp": _hash(fp),
+                "fl": len(fp),
+                "off": int(entry["offset"]),
+                "skip": bool(entry.get("skip")),
+                "path": entry["path"],
+                "base": entry["path"],
+                "ids": {},
+                "home": int(key.split(":")[1]),
+            }
+        )
+    return streams
