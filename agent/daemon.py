@@ -29,8 +29,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, sealing
-from agent.clock import HOUR, Clock, hour_start, iso
+from agent import health, sealing, stopreason
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
@@ -155,6 +155,9 @@ class Daemon:
         self._child_started = 0.0
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
+        self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
+        self._reload = threading.Event()
+        self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class Daemon:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.seal()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
@@ -193,13 +197,15 @@ class Daemon:
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
         )
         while not self.stop_event.wait(1.0):
-            pass
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
         self.shutdown()
         return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)
-        self.notify.stopping("sealing the current hour and sending what is pending")
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.notify.stopping("stopping")
         self.stop_event.set()
 
     def _start_scheduler(self) -> None:
@@ -233,19 +239,71 @@ class Daemon:
         scheduler.start()
         self.scheduler = scheduler
 
+    def reload(self) -> None:
+        """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
+        its samples go on. A config that does not load is logged and the running one kept."""
+        from agent.config import load
+
+        try:
+            new = load(self.config.source)
+            if Path(new.state_dir) != self.state_dir:
+                raise AgentError(f"state_dir: changed to {new.state_dir}; that needs a restart")
+            sampler = Sampler(new)
+        except AgentError as e:
+            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
+            return
+        assert self.ledger is not None
+        with self._round_lock:
+            old_intervals = {d.interval for d in self.config.dimensions}
+            if new.metering.send_window != self.config.metering.send_window:
+                self.offset = sealing.send_offset(
+                    self.ledger.get_meta("instance_id"), new.metering.send_window
+                )
+            self.config, self.sampler = new, sampler
+            if self.hooks is not None:
+                self.hooks.config = new
+            if self.scheduler is not None:
+                for interval in old_intervals:
+                    self.scheduler.remove_job(f"sample-{interval}s")
+                for interval in sorted({d.interval for d in new.dimensions}):
+                    self.scheduler.add_job(
+                        self.sample_round,
+                        ClockTrigger(self.clock, interval),
+                        args=[interval],
+                        id=f"sample-{interval}s",
+                    )
+        log.info(
+            "reloaded %s: product %s, %d dimensions",
+            new.source,
+            new.product_code,
+            len(new.dimensions),
+        )
+        self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
     def shutdown(self) -> None:
-        """Stop sampling, seal the partial hour, send what is pending for at most 30 s."""
+        """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
+
+        A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
+        sends nothing: the restarted agent continues the hour, seals it at the boundary and
+        sends at once what is pending."""
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self._stop_child(grace=5.0)
+        restart = self.restarting()
         assert self.ledger is not None
         with self._round_lock:  # a round in progress finishes its write first
             stop = self.clock.time()
             for dim in self.config.dimensions:
                 self.ledger.clip_last_span(dim.name, stop)
-            sealing.seal_hours(self.ledger, self.config, stop, self.offset, include_current=True)
+            sealing.seal_hours(
+                self.ledger, self.config, stop, self.offset, include_current=not restart
+            )
         health.write(self.state_dir, self.ledger)
-        if self.ledger.pending():
+        if restart:
+            log.info(
+                "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
+            )
+        elif self.ledger.pending():
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
         if self.hooks is not None:
             self.hooks.wait(timeout=5)
@@ -289,13 +347,16 @@ class Daemon:
             carry=sealing.carries(dim),
         )
         if hour is None:
-            log.warning(
-                "dimension %s: sample at %s is for an hour already sealed; dropped (%s cannot "
-                "carry into the next hour)",
-                dim.name,
-                iso(t),
-                dim.aggregate,
-            )
+            if self._dropped_warned.get(dim.name) != hour_start(t):  # once per hour, not per round
+                self._dropped_warned[dim.name] = hour_start(t)
+                log.warning(
+                    "dimension %s: samples from %s on are for hour %s, already sealed; dropped "
+                    "until the hour ends (%s cannot carry into the next hour)",
+                    dim.name,
+                    iso(t),
+                    iso_hour(t),
+                    dim.aggregate,
+                )
         elif hour != hour_start(t):
             log.info(
                 "dimension %s: sample at %s carried into hour %s (its own hour is sealed)",
