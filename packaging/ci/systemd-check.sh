@@ -108,7 +108,12 @@ v2="$v1+ci1"
 (
     src=$work/src/metering-agent
     mkdir -p "$src"
-    git -C "$repo" ls-files -co --exclude-standard -z | tar -C "$repo" --null -T - -c | tar -C "$src" -x
+    if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+        git -C "$repo" ls-files -co --exclude-standard -z | tar -C "$repo" --null -T - -c
+    else
+        tar -C "$repo" --exclude=./.venv --exclude=./.git --exclude=./debian/metering-agent \
+            --exclude=./debian/.debhelper -c .
+    fi | tar -C "$src" -x
     cd "$src"
     { printf 'metering-agent (%s) bookworm; urgency=medium\n\n  * CI: the upgrade under a live systemd.\n\n' "$v2"
       printf ' -- metering-agent CI <ci@example.com>  %s\n\n' "$(date -R)"
@@ -165,13 +170,14 @@ boot() {
 }
 
 wait_active() { # seconds until active, or fail after $1 s
-    local start=$SECONDS
-    for _ in $(seq $(($1 * 5))); do
-        [ "$(in_box systemctl is-active metering-agent.service)" = active ] && {
-            echo $((SECONDS - start))
+    local start
+    start=$(date +%s.%N)
+    for _ in $(seq $(($1 * 10))); do
+        if [ "$(in_box systemctl is-active metering-agent.service)" = active ]; then
+            python3 -c "import time; print(f'{time.time() - $start:.1f}')"
             return 0
-        }
-        sleep 0.2
+        fi
+        sleep 0.1
     done
     fail "metering-agent not active within $1 s"
 }
@@ -209,6 +215,7 @@ wait_agent() { # sleep until the agent clock reads $1
     python3 -c "import time,sys; time.sleep(max(0.0, $wall0 + ($1 - $origin) / $rate - time.time()))"
 }
 iso_hour() { date -u -d "@$1" +%Y-%m-%dT%H:%M:%SZ; }
+agent_now() { python3 -c "import time; print(int($origin + (time.time() - $wall0) * $rate))"; }
 
 "$py" -m agent emulator --port "$eport" --clock "$clock" --any-product >"$work/emulator.log" 2>&1 &
 emulator_pid=$!
@@ -278,6 +285,10 @@ say "booted again: active ${t_boot} s after the container was up"
 wait "$build_pid" || { tail -30 "$work/build-v2.log"; fail "building $v2"; }
 build_pid=
 cp "$work/src/metering-agent_${v2}_$(dpkg --print-architecture).deb" "$root/var/tmp/v2.deb"
+now=$(agent_now)
+hour2=$(( now / 3600 * 3600 ))
+if [ $(( now - hour2 )) -gt 900 ]; then hour2=$(( hour2 + 3600 )); fi
+wait_agent $(( hour2 + 300 )) # upgrade at HH:05: it takes ~20 agent minutes; all in one hour
 pid=$(main_pid)
 in_box apt-get install -y -qq /var/tmp/v2.deb >"$work/apt.log" 2>&1 || { cat "$work/apt.log"; fail "upgrade"; }
 [ "$(in_box dpkg-query -W -f '${Version}' metering-agent)" = "$v2" ] || fail "not upgraded"
@@ -286,12 +297,29 @@ in_box apt-get install -y -qq /var/tmp/v2.deb >"$work/apt.log" 2>&1 || { cat "$w
 in_box systemctl show -p NeedDaemonReload --value metering-agent.service | grep -qx no ||
     fail "the unit changed on disk without daemon-reload"
 say "upgrade $v1 -> $v2: restarted (pid $pid -> $(main_pid)), $(in_box metering-agent --version)"
+echo 7 >"$work/www/gauge" # after the upgrade's restart: this hour's max only if it stayed open
+wait_agent $(( $(agent_now) + 300 ))
+[ $(( $(agent_now) - hour2 )) -lt 3300 ] || fail "the upgrade took too long to test its hour"
+in_box systemctl stop metering-agent.service # seals the hour and sends it at once
+got=$(records | grep "^gauge $(iso_hour "$hour2") " || true)
+[ "$got" = "gauge $(iso_hour "$hour2") 7" ] ||
+    fail "hour $(iso_hour "$hour2") across the upgrade: expected 7 (the max after it), got: ${got:-none}"
+say "the upgrade kept hour $(iso_hour "$hour2") open: one record, 7 (3 before, 7 after)"
 
-in_box systemctl stop metering-agent.service
 in_box apt-get install -y -qq --reinstall /var/tmp/v2.deb >"$work/apt.log" 2>&1 || { cat "$work/apt.log"; fail "reinstall"; }
 [ "$(in_box systemctl is-active metering-agent.service)" = inactive ] ||
     fail "an upgrade started a stopped agent"
 say "upgrade of a stopped agent: still stopped"
+
+# -- the journal: no timestamps of our own, a quiet ExecStartPre, warnings once per hour ----------
+
+journal=$(in_box journalctl --no-pager -o cat -u metering-agent.service)
+if grep -E '^[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9:]+' <<<"$journal"; then fail "timestamped lines"; fi
+if grep -E '^ok ' <<<"$journal"; then fail "ExecStartPre printed ok lines"; fi
+drops=$(in_box journalctl --no-pager -o cat -p warning -u metering-agent.service | grep -c "already sealed" || true)
+[ "$drops" -le 1 ] || fail "late-sample warning repeated $drops times in one hour"
+say "journal: no own timestamps, quiet ExecStartPre, ${drops} late-sample warning(s) at priority warning"
+grep -E "systemd job|cannot ask systemd|stays open|sealed quantity|stopped;" <<<"$journal" | sed 's/^/    /'
 
 # -- remove stops it; purge cleans up -----------------------------------------------------------
 
