@@ -94,6 +94,7 @@ if [ ! -e "$base/.complete" ]; then
     debootstrap --variant=minbase --include="$packages" bookworm "$base.tmp" \
         "${mirror:-http://deb.debian.org/debian}" >"$work/debootstrap.log" 2>&1 ||
         { tail -20 "$work/debootstrap.log"; fail "debootstrap"; }
+    rm -f "$base.tmp"/var/cache/apt/archives/*.deb # smaller to copy each run
     touch "$base.tmp/.complete"
     mv "$base.tmp" "$base"
 fi
