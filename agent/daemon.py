@@ -252,6 +252,9 @@ class Daemon:
         except AgentError as e:
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
             return
+        except Exception:  # a reload must never take the running agent down
+            log.exception("reload of %s failed, keeping the running config", self.config.source)
+            return
         assert self.ledger is not None
         with self._round_lock:
             old_intervals = {d.interval for d in self.config.dimensions}

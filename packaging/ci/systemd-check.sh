@@ -24,7 +24,7 @@ name=ma-ci-$$
 work=$(mktemp -d /var/tmp/metering-agent-ci.XXXXXX)
 root=$work/root
 rate=60 # agent seconds per real second: an hour in a minute
-nspawn_pid= cpid= emulator_pid= gauge_pid= build_pid=
+nspawn_pid= cpid= emulator_pid= gauge_pid= build_pid= sleeper=
 SECONDS=0
 
 say() { printf '[systemd-check %3ds] %s\n' "$SECONDS" "$*"; }
@@ -71,13 +71,16 @@ power_off() {
 cleanup() {
     set +e
     power_off
-    for pid in $emulator_pid $gauge_pid $build_pid; do
-        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    [ -z "$build_pid" ] || kill -- -"$build_pid" 2>/dev/null # its own process group (set -m)
+    for pid in $sleeper $emulator_pid $gauge_pid $build_pid; do
+        kill "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
     done
     clear_cgroups
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 
 # -- the root ----------------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ say "root ready ($(du -sh "$root" | cut -f1))"
 
 v1=$(dpkg-deb -f "$deb" Version)
 v2="$v1+ci1"
+set -m # the build gets a process group of its own, so a teardown stops all of it
 (
     src=$work/src/metering-agent
     mkdir -p "$src"
@@ -124,6 +128,7 @@ v2="$v1+ci1"
     dpkg-buildpackage -us -uc -b >"$work/build-v2.log" 2>&1
 ) &
 build_pid=$!
+set +m
 
 # -- host side: emulator and a gauge the test controls ------------------------------------------
 
@@ -212,8 +217,11 @@ wall0=$(date +%s)
 origin=$(( (wall0 / 3600) * 3600 + 300 )) # the agent starts at HH:05
 clock="$rate:$origin:$wall0"
 hour0=$(( origin - 300 ))
-wait_agent() { # sleep until the agent clock reads $1
-    python3 -c "import time,sys; time.sleep(max(0.0, $wall0 + ($1 - $origin) / $rate - time.time()))"
+wait_agent() { # sleep until the agent clock reads $1 (in the background: a signal ends it)
+    python3 -c "import time; time.sleep(max(0.0, $wall0 + ($1 - $origin) / $rate - time.time()))" &
+    sleeper=$!
+    wait "$sleeper"
+    sleeper=
 }
 iso_hour() { date -u -d "@$1" +%Y-%m-%dT%H:%M:%SZ; }
 agent_now() { python3 -c "import time; print(int($origin + (time.time() - $wall0) * $rate))"; }
