@@ -70,6 +70,10 @@ def restarting(
     try:
         unit = own_unit(cgroup_file.read_text()) or DEFAULT_UNIT
         kind = job_type(run(["list-jobs", "--no-legend", "--no-pager", unit]), unit)
+    except subprocess.CalledProcessError as e:  # no system bus (late in a shutdown), no systemd
+        why = (e.stderr or "").strip() or f"exit status {e.returncode}"
+        log.info("cannot ask systemd why it stops the agent (%s): treating it as a stop", why)
+        return False
     except (OSError, subprocess.SubprocessError) as e:
         log.info("cannot ask systemd why it stops the agent (%s): treating it as a stop", e)
         return False
