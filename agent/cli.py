@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline", action="store_true", help="config and collector construction only, no network"
     )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only warnings and failures (ExecStartPre)"
+    )
     add_clock_options(p)
     p.set_defaults(func=cmd_check)
 
@@ -175,14 +178,14 @@ def make_clock(args: argparse.Namespace) -> Clock:
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
-    from agent.logs import JsonFormatter, Redact
+    from agent.logs import JsonFormatter, Redact, text_formatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redact())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(text_formatter(sys.stderr))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
@@ -203,7 +206,12 @@ def load_config(args: argparse.Namespace) -> Any:
 # -- check ------------------------------------------------------------------------------------
 
 
+_quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
+
+
 def _say(status: str, text: str) -> None:
+    if status == "ok" and _quiet.is_set():
+        return
     print(f"{status:<5} {text}", flush=True)
 
 
@@ -212,6 +220,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     DryRun; one line per step. Writes no state."""
     from agent.sampling import Sampler
 
+    (_quiet.set if args.quiet else _quiet.clear)()
     cfg = load_config(args)
     _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
     sampler = Sampler(cfg)

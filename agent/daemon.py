@@ -28,8 +28,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, identity, ownership, sealing
-from agent.clock import HOUR, Clock, hour_start, iso
+from agent import health, identity, ownership, sealing, stopreason
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
@@ -142,6 +142,9 @@ class Daemon:
         self._child_started = 0.0
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
+        self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
+        self._reload = threading.Event()
+        self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +177,7 @@ class Daemon:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.seal()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
@@ -183,7 +187,9 @@ class Daemon:
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
         )
         while not self.stop_event.wait(1.0):
-            pass
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
         self.shutdown()
         return 0
 
@@ -216,8 +222,8 @@ class Daemon:
             return True
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.info("received %s: sealing the current hour and flushing", signal.Signals(signum).name)
-        self.notify.stopping("sealing the current hour and sending what is pending")
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.notify.stopping("stopping")
         self.stop_event.set()
 
     def _start_scheduler(self) -> None:
@@ -251,11 +257,60 @@ class Daemon:
         scheduler.start()
         self.scheduler = scheduler
 
+    def reload(self) -> None:
+        """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
+        its samples go on. A config that does not load is logged and the running one kept."""
+        from agent.config import load
+
+        try:
+            new = load(self.config.source)
+            if Path(new.state_dir) != self.state_dir:
+                raise AgentError(f"state_dir: changed to {new.state_dir}; that needs a restart")
+            sampler = Sampler(new)
+        except AgentError as e:
+            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
+            return
+        except Exception:  # a reload must never take the running agent down
+            log.exception("reload of %s failed, keeping the running config", self.config.source)
+            return
+        assert self.ledger is not None
+        with self._round_lock:
+            old_intervals = {d.interval for d in self.config.dimensions}
+            if new.metering.send_window != self.config.metering.send_window:
+                self.offset = sealing.send_offset(
+                    self.ledger.get_meta("instance_id"), new.metering.send_window
+                )
+            self.config, self.sampler = new, sampler
+            if self.hooks is not None:
+                self.hooks.config = new
+            if self.scheduler is not None:
+                for interval in old_intervals:
+                    self.scheduler.remove_job(f"sample-{interval}s")
+                for interval in sorted({d.interval for d in new.dimensions}):
+                    self.scheduler.add_job(
+                        self.sample_round,
+                        ClockTrigger(self.clock, interval),
+                        args=[interval],
+                        id=f"sample-{interval}s",
+                    )
+        log.info(
+            "reloaded %s: product %s, %d dimensions",
+            new.source,
+            new.product_code,
+            len(new.dimensions),
+        )
+        self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
     def shutdown(self) -> None:
-        """Stop sampling, seal the partial hour, send what is pending for at most 30 s."""
+        """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
+
+        A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
+        sends nothing: the restarted agent continues the hour, seals it at the boundary and
+        sends at once what is pending."""
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self._stop_child(grace=5.0)
+        restart = self.restarting()
         assert self.ledger is not None
         with self._round_lock:  # a round in progress finishes its write first
             stop = self.clock.time()
@@ -263,11 +318,15 @@ class Daemon:
                 self.ledger.clip_last_span(dim.name, stop)
             if self._verified():
                 sealing.seal_hours(
-                    self.ledger, self.config, stop, self.offset, include_current=True
+                    self.ledger, self.config, stop, self.offset, include_current=not restart
                 )
         health.write(self.state_dir, self.ledger, self.clock.time())
         if not self._verified():
             log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
+        elif restart:
+            log.info(
+                "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
+            )
         elif self.ledger.pending():
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
         if self.hooks is not None:
@@ -312,13 +371,16 @@ class Daemon:
             carry=sealing.carries(dim),
         )
         if hour is None:
-            log.warning(
-                "dimension %s: sample at %s is for an hour already sealed; dropped (%s cannot "
-                "carry into the next hour)",
-                dim.name,
-                iso(t),
-                dim.aggregate,
-            )
+            if self._dropped_warned.get(dim.name) != hour_start(t):  # once per hour, not per round
+                self._dropped_warned[dim.name] = hour_start(t)
+                log.warning(
+                    "dimension %s: samples from %s on are for hour %s, already sealed; dropped "
+                    "until the hour ends (%s cannot carry into the next hour)",
+                    dim.name,
+                    iso(t),
+                    iso_hour(t),
+                    dim.aggregate,
+                )
         elif hour != hour_start(t):
             log.info(
                 "dimension %s: sample at %s carried into hour %s (its own hour is sealed)",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from typing import IO
 
 # AWS access key ids, secrets and session tokens in the shapes botocore and IMDS print them, and
 # IMDSv2 session tokens: never in a log line, whatever a library decides to say.
@@ -53,3 +56,41 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(data, ensure_ascii=False)
+
+
+# syslog priorities for journald's `<N>` line prefix (SyslogLevelPrefix=, on by default).
+_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+def under_journald(stream: IO[str], env: Mapping[str, str] | None = None) -> bool:
+    """True when `stream` is systemd's journal stream: $JOURNAL_STREAM names its device:inode.
+
+    Checked against the stream itself, as systemd advises, so output redirected elsewhere by a
+    child of the service keeps its timestamps."""
+    env = os.environ if env is None else env
+    expected = env.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalFormatter(logging.Formatter):
+    """For journald: no timestamp of our own (the journal stamps each line), and the level as a
+    `<N>` prefix journald turns into the entry's priority (`journalctl -p warning`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def text_formatter(stream: IO[str]) -> logging.Formatter:
+    """The `text` format: timestamped on a terminal or in a file, not under journald."""
+    if under_journald(stream):
+        return JournalFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(message)s")

@@ -65,8 +65,7 @@ install_agent() {
         useradd --system --gid metering-agent --home-dir /var/lib/metering-agent \
             --no-create-home --shell /sbin/nologin --comment "AWS Marketplace metering agent" \
             metering-agent
-    # adm reads /var/log where the distribution grants it (log collectors).
-    if getent group adm >/dev/null; then usermod -a -G adm metering-agent; fi
+    # No adm membership: the unit's SupplementaryGroups=adm gives the service its /var/log reads.
     chown metering-agent:metering-agent /var/lib/metering-agent
     if systemd_running; then
         systemctl daemon-reload

@@ -186,3 +186,72 @@ def test_an_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert f"state_dir {blocker / 'state'}: Not a directory" in line
+
+
+def _vcpus(d: Daemon) -> dict[int, str]:
+    assert d.ledger is not None
+    return {h.hour: str(h.quantity.text) for h in d.ledger.hours() if h.dimension == "vcpus"}
+
+
+def test_a_restart_leaves_the_hour_open_for_the_restarted_agent(tmp_path: Path) -> None:
+    clock = FakeClock(H + 600)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    d.sample_round(60)
+    d.restarting = lambda: True
+    d.shutdown()  # systemctl restart at H+10m
+    clock.advance(60)
+    ps.cpus = 8  # the hour's max comes after the restart
+    d2 = daemon_for(tmp_path, clock, ps)
+    d2.sample_round(60)
+    assert _vcpus(d2) == {}  # still open
+    clock.t = H + 3600
+    d2.sample_round(60)
+    assert _vcpus(d2) == {H: "8"}  # one record, the whole hour's max
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    assert status["vcpus"].dropped == 0
+
+
+def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(H + 600)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    d.sample_round(60)
+    d.restarting = lambda: False
+    d.shutdown()  # a shutdown at H+10m: sealed and sent at once
+    d2 = daemon_for(tmp_path, clock, ps)
+    assert _vcpus(d2) == {H: "4"}
+    with caplog.at_level("WARNING"):
+        for _ in range(5):  # booted again within the same hour
+            clock.advance(60)
+            d2.sample_round(60)
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    assert status["vcpus"].dropped == 5  # status counts every dropped sample
+    assert caplog.text.count("already sealed") == 1  # the journal hears of it once this hour
+
+
+def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path: Path) -> None:
+    clock = FakeClock(H + 600)
+    d = daemon_for(tmp_path, clock, FakePsutil())
+    source = d.config.source
+    good = source.read_text().replace(
+        "  - name: requests",
+        "  - name: extra\n    collector: {type: system, metric: cpu_count}\n  - name: requests",
+    )
+    source.write_text(good)
+    d.reload()
+    assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
+    d.sample_round(60)  # the new dimension samples with the rest
+    assert d.ledger is not None
+    assert {s.dimension for s in d.ledger.dimension_status()} >= {"extra"}
+    for bad in [
+        "dimensions: [",
+        good.replace("name: extra", "name: extra\n    oops: 1"),
+        good.replace(f"state_dir: {tmp_path / 'state'}", f"state_dir: {tmp_path / 'x'}"),
+    ]:
+        source.write_text(bad)
+        d.reload()
+        assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
+        assert d.state_dir == tmp_path / "state"

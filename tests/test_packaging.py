@@ -21,7 +21,8 @@ def test_unit_matches_what_the_agent_does() -> None:
     unit = (ROOT / "packaging" / "metering-agent.service").read_text()
     for line in [
         "Type=notify",
-        "ExecStartPre=/usr/bin/metering-agent check --offline",
+        "ExecStartPre=/usr/bin/metering-agent check --offline --quiet",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "ExecStart=/usr/bin/metering-agent run",
         "RestartPreventExitStatus=78",
         "StateDirectory=metering-agent",
