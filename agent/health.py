@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.clock import iso
+from agent.clock import iso, iso_hour
 from agent.ledger import Ledger
 
 HEALTH_FILE = "health.json"
@@ -22,7 +22,7 @@ HEALTH_FILE = "health.json"
 def snapshot(ledger: Ledger) -> dict[str, Any]:
     failing_since = ledger.get_meta("failing_since")
     pending = {h.hour for h in ledger.pending()}
-    return {
+    data = {
         "ok": failing_since is None,
         "authorized": ledger.get_meta("authorized"),
         "last_success": iso(ledger.get_meta("last_success")),
@@ -30,6 +30,21 @@ def snapshot(ledger: Ledger) -> dict[str, Any]:
         "pending_hours": len(pending),
         "reason": ledger.get_meta("reason") if failing_since is not None else None,
     }
+    return _with_seal_errors(data, ledger)
+
+
+def _with_seal_errors(data: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
+    """An hour that cannot be sealed is revenue at risk: not ok, and the reason names it."""
+    errors = ledger.seal_errors()
+    if not errors:
+        return data
+    dimension, hour, error = errors[0]
+    reason = f"hour {iso_hour(hour)} dimension {dimension}: cannot seal: {error}"
+    if len(errors) > 1:
+        reason += f" (and {len(errors) - 1} more dimension(s))"
+    if data["reason"]:
+        reason = f"{data['reason']}; {reason}"
+    return {**data, "ok": False, "reason": reason}
 
 
 def write(state_dir: Path, ledger: Ledger) -> dict[str, Any]:

@@ -123,11 +123,11 @@ class LogCollector(Collector):
                 files[key] = entry
         bad = self.matcher.bad_values - bad_before
         if bad:
-            log.warning(
-                "%s: %d matching line(s) had a non-numeric (?P<value>...) and added 0",
-                self.glob,
-                bad,
+            problem = (
+                f"{bad} matching line(s) in {self.glob} had a (?P<value>...) that is not a "
+                "finite decimal and added 0"
             )
+            return Reading(total, {"files": files}, problem)
         return Reading(total, {"files": files})
 
     def _read_file(
