@@ -4,13 +4,21 @@
 optional label matchers (`http_requests_total{code="200"}`), summing the matching series; `text` a
 regex whose first group is the number. `mode: up` is 1 for a 2xx answer and 0 otherwise.
 
-Bounded: the body is capped, the timeout enforced, redirects to another host refused. A failed probe
-raises CollectorError: that round records no sample and `status` counts it.
+Bounded: the body is capped, redirects to another host refused, and `timeout` is a total deadline
+for the whole probe (connect, headers, body, redirects): urllib's own timeout is per socket
+operation, so a server trickling a byte every 2 s would never time out; at the deadline the
+connection's socket is shut down. A failed probe raises CollectorError: that round records no
+sample and `status` counts it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import re
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +28,7 @@ from typing import Any, ClassVar
 
 from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources
 from agent.errors import ConfigError
-from agent.fields import Duration, Enum, Field, Int, MapOf, Str
+from agent.fields import Enum, Field, Int, MapOf, Str
 
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
@@ -35,7 +43,6 @@ class HttpCollector(Collector):
                      required=True, doc="the endpoint to probe"),
         "method": Field(Enum(("GET", "POST", "HEAD")), default="GET"),
         "headers": Field(MapOf(Str(min_len=0)), doc="extra request headers"),
-        "timeout": Field(Duration(1, 60), default=5, doc="seconds before the probe fails"),
         "format": Field(Enum(("json", "prometheus", "text")), default="json"),
         "query": Field(Str(), doc="json: JMESPath; prometheus: metric{label=\"v\"}; text: regex"),
         "mode": Field(Enum(("value", "up")), default="value",
@@ -76,9 +83,7 @@ class HttpCollector(Collector):
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
-        self.opener = sources.extra.get("http_opener") or urllib.request.build_opener(
-            _SameHostRedirects()
-        )
+        self.opener = sources.extra.get("http_opener")  # tests may pass their own
         self.selector = (
             parse_selector(self.config["query"], "query")
             if self.config["format"] == "prometheus" and self.config["mode"] == "value"
@@ -105,19 +110,32 @@ class HttpCollector(Collector):
             url, method=self.config["method"], headers=self.config.get("headers") or {}
         )
         limit = int(self.config["max_bytes"])
+        timeout = float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+        deadline = _Deadline(timeout)
+        opener = self.opener or urllib.request.build_opener(
+            _SameHostRedirects(), _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline)
+        )
         try:
-            with self.opener.open(req, timeout=self.config["timeout"]) as resp:
+            with opener.open(req, timeout=deadline.remaining()) as resp:
                 body = resp.read(limit + 1)
                 status = resp.status
         except urllib.error.HTTPError as e:
             if self.config["mode"] == "up":
                 return e.code, b""
             raise CollectorError(f"{url} answered HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if self.config["mode"] == "up":
                 return 0, b""
+            if deadline.expired:
+                raise CollectorError(_late(url, timeout)) from None
             reason = getattr(e, "reason", e)
             raise CollectorError(f"{url} unreachable: {reason}") from None
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # the socket was shut down mid-answer: the body may be cut short
+            if self.config["mode"] == "up":
+                return 0, b""
+            raise CollectorError(_late(url, timeout))
         if len(body) > limit:
             raise CollectorError(f"{url} answered more than {limit} bytes (max_bytes)")
         return status, body
@@ -139,6 +157,80 @@ class HttpCollector(Collector):
         if m is None:
             raise CollectorError(f"pattern {self.config['query']!r} not found in the answer")
         return _number(m.group(1), f"pattern {self.config['query']!r}")
+
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def _late(url: str, timeout: float) -> str:
+    return f"{url} gave no complete answer within the {timeout:g} s timeout"
+
+
+class _Deadline:
+    """A total deadline for one probe, shared by every connection it opens (redirects too).
+
+    Each connection's socket gets a per-operation timeout no longer than what is left, and a timer
+    that shuts the socket down when the deadline passes: that ends a read which a server keeps
+    alive by trickling bytes. The timer thread is a daemon and is cancelled when the probe ends.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._timers: list[threading.Timer] = []
+
+    def remaining(self) -> float:
+        return max(0.001, self.end - time.monotonic())
+
+    def watch(self, sock: socket.socket) -> None:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            self._expire(sock)
+            return
+        current = sock.gettimeout()
+        sock.settimeout(left if current is None else min(current, left))
+        timer = threading.Timer(left, self._expire, [sock])
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            # The plain socket's shutdown, also under TLS: it wakes a blocked recv with EOF.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+
+def _guarded(base: type[http.client.HTTPConnection], deadline: _Deadline) -> Any:
+    class Guarded(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Guarded
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_guarded(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        conn = _guarded(http.client.HTTPSConnection, self.deadline)
+        return self.do_open(conn, req, context=self._context)  # type: ignore[attr-defined]
 
 
 def _number(value: Any, what: str) -> Decimal:
