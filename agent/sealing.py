@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.aggregate import combine, to_quantity
-from agent.clock import HOUR, hour_start, iso_hour
+from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.ledger import Ledger
 
@@ -108,6 +108,12 @@ def _seal_one(
         points = ledger.points(db, name, hour)
         if not points:
             return None
+        bad = [p for p in points if not p.value.is_finite()]
+        if bad:  # stored by an agent that did not check values yet
+            raise ValueError(
+                f"{len(bad)} stored sample(s) are not a finite number "
+                f"(the first at {iso(bad[0].t)}: {bad[0].value})"
+            )
         raw = combine(dim.aggregate, points)
         quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
         if quantity.clamped_from is not None:
