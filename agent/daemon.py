@@ -311,7 +311,7 @@ class Daemon:
             with self._round_lock:
                 if self._stopped:
                     return
-                if not in_time():
+                if not in_time() and sample.error is None:  # a late error still says why
                     timeout = dim.collector.options.get("timeout", 10)
                     self._collector_error(dim, t, f"read took longer than its {timeout} s timeout")
                     return

@@ -67,6 +67,8 @@ def samples(state: Path, dimension: str) -> list[tuple[float, Decimal]]:
         rows = ledger.db.execute(
             "SELECT t, value FROM samples WHERE dimension = ? ORDER BY t", (dimension,)
         ).fetchall()
+    except sqlite3.OperationalError:  # the daemon is still creating the ledger
+        return []
     finally:
         ledger.close()
     return [(float(t), Decimal(v)) for t, v in rows]
