@@ -195,6 +195,7 @@ def _say(status: str, text: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the same validation as `run`, then every collector once, then region, credentials and
     DryRun; one line per step. Writes no state."""
+    from agent.reads import take_within
     from agent.sampling import Sampler
 
     cfg = load_config(args)
@@ -210,7 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             else:
                 _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
             continue
-        s = sampler.take(dim, clock.time(), None)
+        s = take_within(sampler, dim, clock.time(), None)
         if s.error:
             unreachable.append(dim.name)
             _say("fail", f"collector {dim.name}: {s.error}")
@@ -255,6 +256,7 @@ def _num(value: Any) -> str:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
+    from agent.reads import take_within
     from agent.sampling import Sampler
 
     cfg = load_config(args)
@@ -263,7 +265,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ledger = open_ledger_readonly(cfg.state_dir)
     for dim in cfg.dimensions:
         saved = ledger.position(dim.name) if ledger else None
-        s = sampler.take(dim, clock.time(), saved)
+        s = take_within(sampler, dim, clock.time(), saved)
         if s.error:
             print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
             continue

@@ -228,7 +228,7 @@ class Daemon:
                 args=[interval],
                 id=f"sample-{interval}s",
             )
-        scheduler.add_job(self.seal, ClockTrigger(self.clock, HOUR), id="seal")
+        scheduler.add_job(self._seal_at_boundary, ClockTrigger(self.clock, HOUR), id="seal")
         if self.notify.watchdog_seconds:
             # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
             # and systemd restarts the agent. Real seconds, whatever the agent clock does.
@@ -307,6 +307,8 @@ class Daemon:
         """One dimension's read at instant `t` (in its own thread): store it in time, or not."""
         assert self.ledger is not None
         try:
+            if self._stopped:
+                return
             sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
             with self._round_lock:
                 if self._stopped:
@@ -367,6 +369,12 @@ class Daemon:
                 iso(t),
                 iso(hour),
             )
+
+    def _seal_at_boundary(self) -> None:
+        """The hourly job: seal like a read does, under the same lock, never after the stop."""
+        with self._round_lock:
+            if not self._stopped:
+                self.seal()
 
     def seal(self) -> None:
         assert self.ledger is not None

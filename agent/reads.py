@@ -13,8 +13,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.clock import hour_start, iso
+from agent.config import Dimension
+from agent.sampling import Sample, Sampler
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,18 @@ class Reads:
         for thread in threads:
             thread.join(max(0.0, end - self.monotonic()))
         return not any(t.is_alive() for t in threads)
+
+
+def take_within(sampler: Sampler, dim: Dimension, t: float, saved: Any) -> Sample:
+    """One reading within the dimension's `timeout`, for `check` and `sample`: a hung source is a
+    failed collector there too, and the command still ends (the read's thread is a daemon)."""
+    timeout = float(dim.collector.options.get("timeout", 10))
+    box: list[Sample] = []
+    thread = threading.Thread(
+        target=lambda: box.append(sampler.take(dim, t, saved)), name=f"read {dim.name}", daemon=True
+    )
+    thread.start()
+    thread.join(timeout)
+    if box:
+        return box[0]
+    return Sample(dim.name, t, None, None, None, f"no answer within its {timeout:g} s timeout")

@@ -22,7 +22,7 @@ from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
 from agent.daemon import ClockTrigger, Daemon
 from agent.ledger import INSTANT_TAKEN, Ledger
-from agent.reads import Reads
+from agent.reads import Reads, take_within
 from agent.sampling import Sampler
 from agent.sealing import seal_hours, span_for
 from agent.status import collect
@@ -391,3 +391,13 @@ def test_health_file_names_the_hour_and_dimension(tmp_path: Path) -> None:
 def test_integral_points_sum_to_the_time_covered() -> None:
     points = [Point(H + i * 60, D(2), 60.0) for i in range(30)]
     assert combine("integral", points) == D(1)  # 2 vCPUs for half an hour
+
+
+def test_check_and_sample_end_at_the_deadline(tmp_path: Path) -> None:
+    Hung.release = threading.Event()
+    d = hung_daemon(tmp_path, FakeClock(H))
+    started = time.monotonic()
+    sample = take_within(d.sampler, d.config.dimensions[0], H, None)
+    assert sample.error is not None and "within its 1 s timeout" in sample.error
+    assert time.monotonic() - started < 2
+    Hung.release.set()
