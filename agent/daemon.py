@@ -318,7 +318,8 @@ class Daemon:
                     self._collector_error(dim, t, f"read took longer than its {timeout} s timeout")
                     return
                 self._sample(dim, t, sample)
-                self.seal()
+                if hour_start(t) < hour_start(self.clock.time()):
+                    self.seal()  # a read that ended after its hour did (the round's seal held it)
         except Exception:  # a ledger failure: logged, the next round tries again
             log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
 

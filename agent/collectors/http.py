@@ -14,6 +14,8 @@ sample and `status` counts it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import heapq
 import http.client
 import re
 import socket
@@ -83,7 +85,10 @@ class HttpCollector(Collector):
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
-        self.opener = sources.extra.get("http_opener")  # tests may pass their own
+        self.deadline = _Deadline(0)  # the probe in progress: one at a time per collector
+        self.opener = sources.extra.get("http_opener") or urllib.request.build_opener(
+            _SameHostRedirects(), _DeadlineHTTPHandler(self), _DeadlineHTTPSHandler(self)
+        )
         self.selector = (
             parse_selector(self.config["query"], "query")
             if self.config["format"] == "prometheus" and self.config["mode"] == "value"
@@ -111,12 +116,9 @@ class HttpCollector(Collector):
         )
         limit = int(self.config["max_bytes"])
         timeout = float(self.config.get("timeout") or DEFAULT_TIMEOUT)
-        deadline = _Deadline(timeout)
-        opener = self.opener or urllib.request.build_opener(
-            _SameHostRedirects(), _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline)
-        )
+        deadline = self.deadline = _Deadline(timeout)
         try:
-            with opener.open(req, timeout=deadline.remaining()) as resp:
+            with self.opener.open(req, timeout=deadline.remaining()) as resp:
                 body = resp.read(limit + 1)
                 status = resp.status
         except urllib.error.HTTPError as e:
@@ -169,15 +171,15 @@ def _late(url: str, timeout: float) -> str:
 class _Deadline:
     """A total deadline for one probe, shared by every connection it opens (redirects too).
 
-    Each connection's socket gets a per-operation timeout no longer than what is left, and a timer
-    that shuts the socket down when the deadline passes: that ends a read which a server keeps
-    alive by trickling bytes. The timer thread is a daemon and is cancelled when the probe ends.
+    Each connection's socket gets a per-operation timeout no longer than what is left, and is
+    handed to the reaper, which shuts it down when the deadline passes: that ends a read which a
+    server keeps alive by trickling bytes. `cancel()` at the end of the probe.
     """
 
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
         self.expired = False
-        self._timers: list[threading.Timer] = []
+        self.done = False
 
     def remaining(self) -> float:
         return max(0.001, self.end - time.monotonic())
@@ -185,52 +187,103 @@ class _Deadline:
     def watch(self, sock: socket.socket) -> None:
         left = self.end - time.monotonic()
         if left <= 0:
-            self._expire(sock)
+            self.expire(sock)
             return
         current = sock.gettimeout()
         sock.settimeout(left if current is None else min(current, left))
-        timer = threading.Timer(left, self._expire, [sock])
-        timer.daemon = True
-        self._timers.append(timer)
-        timer.start()
+        _REAPER.add(self, sock)
 
-    def _expire(self, sock: socket.socket) -> None:
+    def expire(self, sock: socket.socket) -> None:
         self.expired = True
         with contextlib.suppress(OSError):
             # The plain socket's shutdown, also under TLS: it wakes a blocked recv with EOF.
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
+        self.done = True
 
 
-def _guarded(base: type[http.client.HTTPConnection], deadline: _Deadline) -> Any:
-    class Guarded(base):  # type: ignore[valid-type,misc]
-        def connect(self) -> None:
-            super().connect()
-            deadline.watch(self.sock)
+class _Reaper:
+    """One daemon thread for every probe of the process: shuts down the sockets of probes whose
+    deadline passed (a thread per probe would cost more CPU than the probe itself)."""
 
-    return Guarded
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline, socket.socket]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline, sock: socket.socket) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._heap, (deadline.end, self._count, deadline, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="http deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _end, _n, deadline, sock = heapq.heappop(self._heap)
+                    if not deadline.done:
+                        deadline.expire(sock)
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+
+_REAPER = _Reaper()
+
+
+class _GuardedHTTP(http.client.HTTPConnection):
+    probe: HttpCollector
+
+    def connect(self) -> None:
+        super().connect()
+        self.probe.deadline.watch(self.sock)
+
+
+class _GuardedHTTPS(http.client.HTTPSConnection):
+    probe: HttpCollector
+
+    def connect(self) -> None:
+        super().connect()
+        self.probe.deadline.watch(self.sock)
 
 
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline) -> None:
+    """Opens connections that put their socket under the probe's current deadline."""
+
+    def __init__(self, probe: HttpCollector) -> None:
         super().__init__()
-        self.deadline = deadline
+        self.probe = probe
 
     def http_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_guarded(http.client.HTTPConnection, self.deadline), req)
+        return self.do_open(functools.partial(_connection, _GuardedHTTP, self.probe), req)
 
 
 class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline) -> None:
+    def __init__(self, probe: HttpCollector) -> None:
         super().__init__()
-        self.deadline = deadline
+        self.probe = probe
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        conn = _guarded(http.client.HTTPSConnection, self.deadline)
-        return self.do_open(conn, req, context=self._context)  # type: ignore[attr-defined]
+        return self.do_open(
+            functools.partial(_connection, _GuardedHTTPS, self.probe),
+            req,
+            context=self._context,  # type: ignore[attr-defined]
+        )
+
+
+def _connection(
+    cls: type[_GuardedHTTP] | type[_GuardedHTTPS], probe: HttpCollector, *args: Any, **kw: Any
+) -> http.client.HTTPConnection:
+    conn = cls(*args, **kw)
+    conn.probe = probe
+    return conn
 
 
 def _number(value: Any, what: str) -> Decimal:
