@@ -304,7 +304,13 @@ class Daemon:
                 self.seal()
 
     def _read(self, dim: Dimension, t: float, in_time: Callable[[], bool]) -> None:
-        """One dimension's read at instant `t` (in its own thread): store it in time, or not."""
+        """One dimension's read at instant `t` (on its worker thread), stored with its position.
+
+        A read that ends after its deadline has already cost its dimension the instants it
+        overran (and no longer held sealing); its answer is still stored, with the position it
+        advanced to, so a slow log backlog is never read again from the same place forever; the
+        lateness is a collector error in `status`. After the stop seal nothing is stored.
+        """
         assert self.ledger is not None
         try:
             if self._stopped:
@@ -313,11 +319,13 @@ class Daemon:
             with self._round_lock:
                 if self._stopped:
                     return
-                if not in_time() and sample.error is None:  # a late error still says why
-                    timeout = dim.collector.options.get("timeout", 10)
-                    self._collector_error(dim, t, f"read took longer than its {timeout} s timeout")
-                    return
+                late = not in_time()
                 self._sample(dim, t, sample)
+                if late and sample.error is None:  # a late error already says why
+                    timeout = dim.collector.options.get("timeout", 10)
+                    self._collector_error(
+                        dim, t, f"read took longer than its {timeout} s timeout (stored late)"
+                    )
                 if hour_start(t) < hour_start(self.clock.time()):
                     self.seal()  # a read that ended after its hour did (the round's seal held it)
         except Exception:  # a ledger failure: logged, the next round tries again

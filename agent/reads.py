@@ -2,10 +2,10 @@
 
 A round no longer reads every dimension in turn under one lock: each dimension's reads run on its
 own worker thread, so a slow or hung source skips only its own instants while the others keep theirs
-(and `integral` keeps its weight). A read that passes its deadline is abandoned: its result, if
-it ever comes, is discarded (its collector position with it, so nothing is counted twice), and no
-new read of that dimension starts while it is still running (a collector is never used by two
-threads). The threads are daemons: SIGTERM and the exit never wait for a hung source.
+(and `integral` keeps its weight). A read that passes its deadline no longer holds sealing, and
+no new read of that dimension starts while it is still running (a collector is never used by two
+threads): its instants are skipped and counted. The threads are daemons: SIGTERM and the exit
+never wait for a hung source.
 """
 
 from __future__ import annotations

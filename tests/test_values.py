@@ -345,7 +345,10 @@ def test_a_hung_source_skips_only_its_own_instants(tmp_path: Path) -> None:
     assert d.ledger.unsealed_sample_count() == 4  # nothing from the hung source
     Hung.release.set()
     assert d.reads.wait(5)
-    assert d.ledger.unsealed_sample_count() == 4  # its late answer is discarded, not stored
+    with d.ledger.transaction() as db:  # its late answer is stored at its own instant
+        assert [p.t for p in d.ledger.points(db, "hung", H)] == [H + 10]
+    status = {s.dimension: s for s in d.ledger.dimension_status()}
+    assert "longer than its 1 s timeout" in (status["hung"].last_error or "")
 
 
 def test_a_stop_never_waits_for_a_hung_read(tmp_path: Path) -> None:
