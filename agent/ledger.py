@@ -230,18 +230,27 @@ class Ledger:
         integral), else it is dropped and counted. Either way the position advances with it, so
         the same usage is never read twice.
 
-        Instants are unique per dimension. A level at or before the dimension's newest instant (a
-        restart's start-up round on a stored instant, a backward clock step) is not stored:
-        INSTANT_TAKEN. An increment is usage since the last reading, so it is always stored, and
-        added to the sample already at that instant if there is one. A new sample ends the span of
-        the one before it, so `integral` never counts the overlap after a kill -9 twice.
+        Instants are unique per dimension. A level at an instant already stored (a restart's
+        start-up round, minutes re-lived after the wall clock stepped back) is not stored again:
+        INSTANT_TAKEN. A level that adds up (`carry`: integral, sum) is not stored at or before
+        the dimension's newest instant either, since its hour may be sealed and it would carry
+        into the next one: the re-lived minutes would be billed twice. A `max`, `min`, `avg` or
+        `last` loses nothing by a re-lived instant and keeps it. An increment is usage since the
+        last reading, so it is always stored, and added to the sample already at that instant if
+        there is one. A new sample ends the span of the one before it, so `integral` never counts
+        the overlap after a kill -9 twice.
         """
         with self.transaction() as db:
+            same = db.execute(
+                "SELECT id, value, hour FROM samples WHERE dimension = ? AND t = ?",
+                (dimension, t),
+            ).fetchone()
             row = db.execute(
                 "SELECT last_t FROM dimension_status WHERE dimension = ?", (dimension,)
             ).fetchone()
             newest = None if row is None or row[0] is None else float(row[0])
-            if not increment and newest is not None and t <= newest:
+            relived = newest is not None and t <= newest
+            if not increment and (same is not None or (carry and relived)):
                 if state is not None:
                     self._save_position(db, dimension, state, t)
                 return INSTANT_TAKEN
@@ -255,10 +264,6 @@ class Ledger:
                     (dimension,),
                 )
             else:
-                same = db.execute(
-                    "SELECT id, value, hour FROM samples WHERE dimension = ? AND t = ?",
-                    (dimension, t),
-                ).fetchone()
                 if same is not None:  # an increment at a stored instant: add to it
                     db.execute(
                         "UPDATE samples SET value = ? WHERE id = ?",

@@ -183,6 +183,16 @@ def test_a_level_instant_is_stored_once(tmp_path: Path) -> None:
                    (H, H + 60))  # fmt: skip
 
 
+def test_a_max_keeps_a_relived_instant_but_never_a_stored_one(tmp_path: Path) -> None:
+    """After a step back, a `max` loses nothing by sampling again (an hour that has only the
+    re-lived minutes still gets its samples); an instant it already has is not stored twice."""
+    ledger = Ledger(tmp_path)
+    assert ledger.record_sample("v", H + 600, D(4), 60, None, carry=False) == H
+    assert ledger.record_sample("v", H + 60, D(4), 60, None, carry=False) == H
+    assert ledger.record_sample("v", H + 600, D(4), 60, None, carry=False) == INSTANT_TAKEN
+    assert ledger.unsealed_sample_count() == 2
+
+
 def test_an_increment_at_a_stored_instant_is_added_not_lost(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     ledger.record_sample("lines", H + 60, D(3), 60, {"p": 3}, carry=True, increment=True)
