@@ -128,7 +128,7 @@ class HttpCollector(Collector):
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if self.config["mode"] == "up":
                 return 0, b""
-            if deadline.expired:
+            if deadline.passed():  # shut down by the reaper, or the last per-op timeout
                 raise CollectorError(_late(url, timeout)) from None
             reason = getattr(e, "reason", e)
             raise CollectorError(f"{url} unreachable: {reason}") from None
@@ -183,6 +183,9 @@ class _Deadline:
 
     def remaining(self) -> float:
         return max(0.001, self.end - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.end - 0.05
 
     def watch(self, sock: socket.socket) -> None:
         left = self.end - time.monotonic()
