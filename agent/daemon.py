@@ -1,8 +1,8 @@
 """`run`: wires clock, collectors, ledger and sender into APScheduler jobs; signals; the stop flush.
 
 Jobs (all on the injected clock, through ClockTrigger):
-- one sampling job per distinct interval: start each dimension's read in its own daemon thread
-  with a total deadline (`reads.py`); each stores its sample with its position, then seals;
+- one sampling job per distinct interval: hand each dimension's read to its own worker thread
+  (a daemon), with a total deadline (`reads.py`); each read stores its sample with its position;
 - a boundary job at every hour: seal (sealing also runs after each round and at start-up, and looks
   at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour);
 - a send tick: when the ledger has work due (an hour past its per-instance send slot, a retry, a
@@ -167,7 +167,7 @@ class Daemon:
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
         self.reads = Reads(clock.monotonic)
-        self._stopped = False  # set under _round_lock once the stop seal ran: reads discard
+        self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
         self._seal_errors: list[tuple[str, int, str]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
