@@ -16,6 +16,23 @@ MAX_DECIMAL_INT_DIGITS = 10  # UsageQuantityAsDecimal: ^(0|[1-9][0-9]{0,9})(\.[0
 DECIMAL_PATTERN = re.compile(r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$")
 ROUNDING = {"up": ROUND_CEILING, "down": ROUND_FLOOR, "nearest": ROUND_HALF_UP}
 HOUR = Decimal(3600)
+# A reading at or beyond this magnitude is no usage a meter can have (1e61 rows, an HTTP 1e300):
+# the collector failed. Below it, the arithmetic of an hour stays exact enough to round and clamp.
+MAX_READING = Decimal(10) ** 30
+_SAFE_TO_ROUND = Decimal(10) ** 40  # quantize() at 60 digits of precision never overflows below
+
+
+def reading_problem(value: Decimal) -> str | None:
+    """Why `value` cannot be billed (None if it can): it must be a finite decimal below 10^30.
+
+    Checked when the reading is taken, so a NaN, an infinity or an absurd magnitude is that round's
+    collector error and never reaches the ledger, where it would make the hour impossible to seal.
+    """
+    if not value.is_finite():
+        return f"value {value} is not a finite number"
+    if abs(value) >= MAX_READING:
+        return f"value {value:.3e} is beyond any usage (at most 10^30)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -79,19 +96,29 @@ def to_quantity(value: Decimal, scale: Decimal, rounding: str, decimals: int | N
     with localcontext() as ctx:
         ctx.prec = 60
         scaled = value * scale
+        if not scaled.is_finite():
+            raise ValueError(f"quantity {scaled} is not a finite number")
         places = decimals or 0
         exponent = Decimal(1).scaleb(-places)
-        rounded = scaled.quantize(exponent, rounding=ROUNDING[rounding])
         if decimals is None:
             upper = Decimal(MAX_INT)
         else:
             upper = Decimal(10) ** MAX_DECIMAL_INT_DIGITS - exponent
+        if abs(scaled) >= _SAFE_TO_ROUND:
+            # Far outside the API's range: clamp without rounding (quantize would overflow).
+            bound = upper if scaled > 0 else Decimal(0)
+            return _quantity(bound.quantize(exponent), decimals, scaled)
+        rounded = scaled.quantize(exponent, rounding=ROUNDING[rounding])
         clamped_from = None
         if rounded < 0 or rounded > upper:
             clamped_from = rounded
             rounded = min(max(rounded, Decimal(0)), upper).quantize(exponent)
         if rounded == 0:
             rounded = abs(rounded)  # never "-0"
+    return _quantity(rounded, decimals, clamped_from)
+
+
+def _quantity(rounded: Decimal, decimals: int | None, clamped_from: Decimal | None) -> Quantity:
     if decimals is None:
         return Quantity(int(rounded), clamped_from)
     return Quantity(format(rounded, "f"), clamped_from)

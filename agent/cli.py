@@ -218,6 +218,7 @@ def _say(status: str, text: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the same validation as `run`, then every collector once, then region, credentials and
     DryRun; one line per step. Writes no state."""
+    from agent.reads import take_within
     from agent.sampling import Sampler
 
     (_quiet.set if args.quiet else _quiet.clear)()
@@ -234,7 +235,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             else:
                 _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
             continue
-        s = sampler.take(dim, clock.time(), None)
+        s = take_within(sampler, dim, clock.time(), None)
         error = s.error or sampler.probe(dim)  # a log read with no file yet gives 0, not an error
         if error:
             unreachable.append(dim.name)
@@ -300,6 +301,7 @@ def _num(value: Any) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
     from agent.collectors.log import LogCollector
+    from agent.reads import take_within
     from agent.sampling import Sampler
 
     cfg = load_config(args)
@@ -312,7 +314,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             collector.count_lines = True
         saved = ledger.position(dim.name) if ledger else None
         t = clock.time()
-        s = sampler.take(dim, t, saved)
+        s = take_within(sampler, dim, t, saved)
         if s.error or s.value is None:
             print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
             continue

@@ -24,6 +24,7 @@ class Clock:
         self.rate = rate
         self._wall0 = time.time() if wall0 is None else wall0
         self._origin = self._wall0 if origin is None else origin
+        self._wall_offset: float | None = None  # wall minus monotonic, for stepped()
 
     @classmethod
     def from_spec(cls, spec: str | None) -> Clock:
@@ -57,6 +58,21 @@ class Clock:
     def from_wall(self, wall: float) -> float:
         """What this clock reads at the real epoch second `wall`."""
         return self._origin + (wall - self._wall0) * self.rate
+
+    def stepped(self, tolerance: float = 2.0) -> float:
+        """How far the wall clock was stepped since the last call, in this clock's seconds (0.0
+        when it moved with the monotonic clock, within `tolerance` real seconds).
+
+        APScheduler 3 keeps absolute next-run times and sleeps on the monotonic clock, so after
+        a step back of ten minutes every job would wait ten minutes. The daemon calls this once a
+        second and reschedules its jobs when it is not 0. NTP slewing (at most 0.5 ms/s) never
+        reaches the tolerance between two calls; a step (NTP, a suspend, a VM restore) does.
+        """
+        offset = self.to_wall(self.time()) - self.monotonic()
+        last, self._wall_offset = self._wall_offset, offset
+        if last is None or abs(offset - last) <= tolerance:
+            return 0.0
+        return (offset - last) * self.rate
 
     def sleep(self, seconds: float) -> None:
         """Sleep `seconds` of this clock's time."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ ENV_CONFIG = "METERING_AGENT_CONFIG"
 # Chosen from benchmarks/fleet.py: the whole hour keeps a 10,000-instance fleet (8.3 calls/s of the
 # account's 10) mostly unthrottled; see README "Choosing the send window".
 DEFAULT_SEND_WINDOW = 3600
+DEFAULT_TIMEOUT = 10  # seconds a collector read may take, unless the interval is shorter
 
 AGGREGATES = ("max", "min", "avg", "sum", "last", "integral")
 LEVEL_ONLY = ("avg", "integral")
@@ -292,6 +293,10 @@ def collector_section(cls: Any) -> Section:
             "counter": Field(
                 Bool(), default=False, doc="the reading is a running total: bill its increase"
             ),
+            "timeout": Field(
+                Duration(1, 3600),
+                doc=f"total deadline of a read (default {DEFAULT_TIMEOUT} s, at most the interval)",
+            ),
             **cls.options,
         }
     )
@@ -334,16 +339,31 @@ def _dimension(
             f"{path}.aggregate",
             f"{aggregate} needs levels, but this collector yields increments; use sum",
         )
+    interval = raw["interval"] or interval
     return Dimension(
         name=raw["name"],
-        collector=collector,
+        collector=_with_timeout(collector, interval, path),
         aggregate=aggregate,
         scale=raw["scale"],
         rounding=raw["rounding"],
         decimals=raw["decimals"],
-        interval=raw["interval"] or interval,
+        interval=interval,
         path=path,
     )
+
+
+def _with_timeout(collector: CollectorConfig, interval: int, path: str) -> CollectorConfig:
+    """Every read has a total deadline: `timeout`, default 10 s, never longer than the interval
+    (a read still running at the next instant would make the rounds pile up)."""
+    timeout = collector.options.get("timeout")
+    if timeout is not None and timeout > interval:
+        raise ConfigError(
+            f"{path}.collector.timeout",
+            f"{timeout}s is longer than the dimension's sampling interval ({interval}s); "
+            f"use at most {interval}s",
+        )
+    resolved = timeout if timeout is not None else min(DEFAULT_TIMEOUT, interval)
+    return replace(collector, options={**collector.options, "timeout": resolved})
 
 
 def json_schema(registry: Registry | None = None) -> dict[str, Any]:

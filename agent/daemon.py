@@ -1,17 +1,27 @@
 """`run`: wires clock, collectors, ledger and sender into APScheduler jobs; signals; the stop flush.
 
 Jobs (all on the injected clock, through ClockTrigger):
-- one sampling job per distinct interval: read, store each sample with its position, then seal;
+- one sampling job per distinct interval: hand each dimension's read to its own worker thread
+  (a daemon), with a total deadline (`reads.py`); each read stores its sample with its position;
 - a boundary job at every hour: seal (sealing also runs after each round and at start-up, and looks
   at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour);
 - a send tick: when the ledger has work due (an hour past its per-instance send slot, a retry, a
   DryRun), run `metering-agent send` as a short-lived child. boto3 is loaded only there, so the
   sampling process stays small.
+
+Wall-clock steps: APScheduler 3 keeps each job's next run as an absolute time and sleeps on the
+monotonic clock, so a step back of ten minutes would stall every job (the watchdog ping too) for
+ten minutes. The main thread wakes every second on the monotonic clock, asks the Clock whether the
+wall clock stepped, and if so gives every ClockTrigger job (sampling, sealing, the send tick, the
+watchdog) its next fire time from the new wall time, then wakes the scheduler. A forward step runs
+each job once (coalesced), never a burst. Sealing looks at the ledger, not at the trigger, and the
+ledger refuses an instant a dimension already has, so re-lived minutes are not billed twice.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -33,10 +43,11 @@ from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
-from agent.ledger import Ledger
+from agent.ledger import INSTANT_TAKEN, Ledger
 from agent.metering import Imds
 from agent.productlock import ProductLock, is_loopback
-from agent.sampling import Sampler
+from agent.reads import Reads
+from agent.sampling import Sample, Sampler
 from agent.sdnotify import Notifier
 from agent.sending import next_due, work_due
 
@@ -145,6 +156,9 @@ class Daemon:
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
         self._reload = threading.Event()
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
+        self.reads = Reads(clock.monotonic)
+        self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
+        self._seal_errors: list[tuple[str, int, str]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,6 +204,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            self.check_clock()
         self.shutdown()
         return 0
 
@@ -238,14 +253,13 @@ class Daemon:
                 args=[interval],
                 id=f"sample-{interval}s",
             )
-        scheduler.add_job(self.seal, ClockTrigger(self.clock, HOUR), id="seal")
+        scheduler.add_job(self._seal_at_boundary, ClockTrigger(self.clock, HOUR), id="seal")
         if self.notify.watchdog_seconds:
             # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
             # and systemd restarts the agent. Real seconds, whatever the agent clock does.
             scheduler.add_job(
                 self.notify.watchdog,
-                "interval",
-                seconds=max(1.0, self.notify.watchdog_seconds / 2),
+                ClockTrigger(Clock(), max(1.0, self.notify.watchdog_seconds / 2)),
                 id="watchdog",
             )
         scheduler.add_job(
@@ -312,7 +326,8 @@ class Daemon:
         self._stop_child(grace=5.0)
         restart = self.restarting()
         assert self.ledger is not None
-        with self._round_lock:  # a round in progress finishes its write first
+        with self._round_lock:  # a read storing its sample finishes its write first
+            self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
             for dim in self.config.dimensions:
                 self.ledger.clip_last_span(dim.name, stop)
@@ -337,30 +352,84 @@ class Daemon:
 
     # -- jobs --------------------------------------------------------------------------------
 
+    def check_clock(self) -> None:
+        """Reschedule every job after a wall-clock step (see the module docstring)."""
+        step = self.clock.stepped()
+        if not step or self.scheduler is None:
+            return
+        log.warning(
+            "the wall clock stepped %+.0f s (now %s): rescheduling sampling, sealing and sends",
+            step,
+            iso(self.clock.time()),
+        )
+        now = datetime.now(timezone.utc)
+        for job in self.scheduler.get_jobs():
+            if isinstance(job.trigger, ClockTrigger):
+                job.modify(next_run_time=job.trigger.get_next_fire_time(None, now))
+        self.scheduler.wakeup()
+
     def sample_round(self, interval: int) -> None:
-        """Sample every dimension on this interval, store each with its position, then seal."""
+        """Start a read of every dimension on this interval, each on its own (see reads.py)."""
         if self.stop_event.is_set():
             return
         assert self.ledger is not None
+        t = snap(self.clock.time(), interval)
+        for dim in self.config.dimensions:
+            if dim.interval == interval:
+                budget = min(
+                    float(dim.collector.options.get("timeout", 10)), interval / self.clock.rate
+                )
+                busy = self.reads.start(dim.name, t, budget, functools.partial(self._read, dim, t))
+                if busy is not None:
+                    self._collector_error(dim, t, busy)
         with self._round_lock:
-            t = snap(self.clock.time(), interval)
-            for dim in self.config.dimensions:
-                if dim.interval == interval:
-                    self._sample(dim, t)
-            self.seal()
+            if not self._stopped:
+                self.seal()
 
-    def _sample(self, dim: Dimension, t: float) -> None:
+    def _read(self, dim: Dimension, t: float, in_time: Callable[[], bool]) -> None:
+        """One dimension's read at instant `t` (on its worker thread), stored with its position.
+
+        A read that ends after its deadline has already cost its dimension the instants it
+        overran (and no longer held sealing); its answer is still stored, with the position it
+        advanced to, so a slow log backlog is never read again from the same place forever; the
+        lateness is a collector error in `status`. After the stop seal nothing is stored.
+        """
         assert self.ledger is not None
-        sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
+        try:
+            if self._stopped:
+                return
+            sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
+            with self._round_lock:
+                if self._stopped:
+                    return
+                late = not in_time()
+                self._sample(dim, t, sample)
+                if late and sample.error is None:  # a late error already says why
+                    timeout = dim.collector.options.get("timeout", 10)
+                    self._collector_error(
+                        dim, t, f"read took longer than its {timeout} s timeout (stored late)"
+                    )
+                if hour_start(t) < hour_start(self.clock.time()):
+                    self.seal()  # a read that ended after its hour did (the round's seal held it)
+        except Exception:  # a ledger failure: logged, the next round tries again
+            log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
+
+    def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
+        """Every failure is counted for `status`; the journal hears of each new error once."""
+        assert self.ledger is not None
+        if self._last_error.get(dim.name) != error:
+            log.warning("dimension %s: collector failed: %s", dim.name, error)
+            self._last_error[dim.name] = error
+        self.ledger.record_collector_error(dim.name, t, error)
+
+    def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
+        assert self.ledger is not None
         if sample.error or sample.value is None:
-            error = sample.error or "no value"
-            # Every failure is counted for `status`; the journal hears of each new error once.
-            if self._last_error.get(dim.name) != error:
-                log.warning("dimension %s: collector failed: %s", dim.name, error)
-                self._last_error[dim.name] = error
-            self.ledger.record_collector_error(dim.name, t, error)
+            self._collector_error(dim, t, sample.error or "no value")
             return
-        if self._last_error.pop(dim.name, None) is not None:
+        if sample.warning:
+            self._collector_error(dim, t, sample.warning)
+        elif self._last_error.pop(dim.name, None) is not None:
             log.info("dimension %s: collector works again", dim.name)
         hour = self.ledger.record_sample(
             dim.name,
@@ -369,8 +438,15 @@ class Daemon:
             sealing.span_for(t, dim.interval),
             sample.state,
             carry=sealing.carries(dim),
+            increment=dim.collector.kind == "increment",
         )
-        if hour is None:
+        if hour == INSTANT_TAKEN:
+            log.debug(
+                "dimension %s: instant %s is already stored (restart or clock step); skipped",
+                dim.name,
+                iso(t),
+            )
+        elif hour is None:
             if self._dropped_warned.get(dim.name) != hour_start(t):  # once per hour, not per round
                 self._dropped_warned[dim.name] = hour_start(t)
                 log.warning(
@@ -389,14 +465,27 @@ class Daemon:
                 iso(hour),
             )
 
+    def _seal_at_boundary(self) -> None:
+        """The hourly job: seal like a read does, under the same lock, never after the stop."""
+        with self._round_lock:
+            if not self._stopped:
+                self.seal()
+
     def seal(self) -> None:
         assert self.ledger is not None
         if not self._verified():
             return
         now = self.clock.time()
-        if sealing.seal_hours(self.ledger, self.config, now, self.offset):
+        sealed = sealing.seal_hours(
+            self.ledger, self.config, now, self.offset, hold=self.reads.holds
+        )
+        errors = self.ledger.seal_errors()
+        if sealed:
             self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
+        if sealed or errors != self._seal_errors:
+            self._seal_errors = errors
             health.write(self.state_dir, self.ledger, self.clock.time())
+        if sealed:
             self._schedule_send()
 
     def _schedule_send(self) -> None:

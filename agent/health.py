@@ -55,7 +55,7 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         current = ledger.get_meta("reason")
         if current and current not in reasons and not (lost and current in reasons[-1]):
             reasons.append(current)
-    return {
+    data = {
         "ok": failing_since is None and not lost and not unverified,
         "authorized": ledger.get_meta("authorized"),
         "last_success": iso(ledger.get_meta("last_success")),
@@ -63,6 +63,21 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         "pending_hours": len(pending),
         "reason": "; ".join(reasons) or None,
     }
+    return _with_seal_errors(data, ledger)
+
+
+def _with_seal_errors(data: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
+    """An hour that cannot be sealed is revenue at risk: not ok, and the reason names it."""
+    errors = ledger.seal_errors()
+    if not errors:
+        return data
+    dimension, hour, error = errors[0]
+    reason = f"hour {iso_hour(hour)} dimension {dimension}: cannot seal: {error}"
+    if len(errors) > 1:
+        reason += f" (and {len(errors) - 1} more dimension(s))"
+    if data["reason"]:
+        reason = f"{data['reason']}; {reason}"
+    return {**data, "ok": False, "reason": reason}
 
 
 def write(state_dir: Path, ledger: Ledger, now: float | None = None) -> dict[str, Any]:

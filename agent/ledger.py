@@ -23,7 +23,7 @@ from typing import Any
 from agent.aggregate import Point, Quantity
 from agent.clock import HOUR, hour_start
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -104,7 +104,27 @@ _MIGRATIONS: dict[int, str] = {
         SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
     END;
     """,
+    # One sample per (dimension, instant): a restart's start-up round or a backward clock step
+    # never stores an instant twice. Duplicates an older agent stored are kept (an increment is
+    # real usage), each moved a microsecond later; sealing errors are kept per dimension.
+    3: """
+    CREATE TEMP TABLE duplicate_instants AS
+        SELECT a.id AS id,
+               (SELECT COUNT(*) FROM samples b
+                WHERE b.dimension = a.dimension AND b.t = a.t AND b.id < a.id) AS n
+        FROM samples a;
+    UPDATE samples
+    SET t = t + 0.000001 * (SELECT n FROM duplicate_instants d WHERE d.id = samples.id)
+    WHERE id IN (SELECT id FROM duplicate_instants WHERE n > 0);
+    DROP TABLE duplicate_instants;
+    CREATE UNIQUE INDEX samples_one_per_instant ON samples (dimension, t);
+    ALTER TABLE dimension_status ADD COLUMN seal_error TEXT;
+    ALTER TABLE dimension_status ADD COLUMN seal_error_hour INTEGER;
+    """,
 }
+
+# record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
+INSTANT_TAKEN = -1
 
 
 @dataclass(frozen=True)
@@ -228,14 +248,38 @@ class Ledger:
         span: float,
         state: dict[str, Any] | None,
         carry: bool,
+        increment: bool = False,
     ) -> int | None:
         """Store a sample with its collector position, atomically; returns the hour it went to.
 
         A sample whose hour is already sealed goes to the next open hour when `carry` (sum and
         integral), else it is dropped and counted. Either way the position advances with it, so
         the same usage is never read twice.
+
+        Instants are unique per dimension. A level at an instant already stored (a restart's
+        start-up round, minutes re-lived after the wall clock stepped back) is not stored again:
+        INSTANT_TAKEN. A level that adds up (`carry`: integral, sum) is not stored at or before
+        the dimension's newest instant either, since its hour may be sealed and it would carry
+        into the next one: the re-lived minutes would be billed twice. A `max`, `min`, `avg` or
+        `last` loses nothing by a re-lived instant and keeps it. An increment is usage since the
+        last reading, so it is always stored, and added to the sample already at that instant if
+        there is one. A new sample ends the span of the one before it, so `integral` never counts
+        the overlap after a kill -9 twice.
         """
         with self.transaction() as db:
+            same = db.execute(
+                "SELECT id, value, hour FROM samples WHERE dimension = ? AND t = ?",
+                (dimension, t),
+            ).fetchone()
+            row = db.execute(
+                "SELECT last_t FROM dimension_status WHERE dimension = ?", (dimension,)
+            ).fetchone()
+            newest = None if row is None or row[0] is None else float(row[0])
+            relived = newest is not None and t <= newest
+            if not increment and (same is not None or (carry and relived)):
+                if state is not None:
+                    self._save_position(db, dimension, state, t)
+                return INSTANT_TAKEN
             hour: int | None = hour_start(t)
             while hour is not None and self._is_sealed(db, dimension, hour):
                 hour = hour + HOUR if carry else None
@@ -246,23 +290,80 @@ class Ledger:
                     (dimension,),
                 )
             else:
-                db.execute(
-                    "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
-                    (dimension, hour, t, str(value), span),
-                )
+                if same is not None:  # an increment at a stored instant: add to it
+                    db.execute(
+                        "UPDATE samples SET value = ? WHERE id = ?",
+                        (str(Decimal(same[1]) + value), same[0]),
+                    )
+                    hour = int(same[2])
+                else:
+                    db.execute(
+                        "UPDATE samples SET span = MAX(0, MIN(span, ? - t)) WHERE id = "
+                        "(SELECT id FROM samples WHERE dimension = ? AND t < ? "
+                        "ORDER BY t DESC LIMIT 1)",
+                        (t, dimension, t),
+                    )
+                    db.execute(
+                        "INSERT INTO samples (dimension, hour, t, value, span) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (dimension, hour, t, str(value), span),
+                    )
             if state is not None:
-                db.execute(
-                    "INSERT INTO positions (dimension, state, t) VALUES (?, ?, ?) "
-                    "ON CONFLICT (dimension) DO UPDATE SET state = excluded.state, t = excluded.t",
-                    (dimension, json.dumps(state), t),
-                )
+                self._save_position(db, dimension, state, t)
             db.execute(
                 "INSERT INTO dimension_status (dimension, last_t, last_value) VALUES (?, ?, ?) "
-                "ON CONFLICT (dimension) DO UPDATE SET last_t = excluded.last_t, "
-                "last_value = excluded.last_value",
+                "ON CONFLICT (dimension) DO UPDATE SET last_t = MAX(COALESCE(last_t, 0), "
+                "excluded.last_t), last_value = excluded.last_value",
                 (dimension, t, str(value)),
             )
         return hour
+
+    @staticmethod
+    def _save_position(
+        db: sqlite3.Connection, dimension: str, state: dict[str, Any], t: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO positions (dimension, state, t) VALUES (?, ?, ?) "
+            "ON CONFLICT (dimension) DO UPDATE SET state = excluded.state, t = excluded.t",
+            (dimension, json.dumps(state), t),
+        )
+
+    def record_seal_error(self, dimension: str, hour: int, error: str) -> bool:
+        """Note that `dimension`'s hour could not be sealed; True if this error is new."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT seal_error, seal_error_hour FROM dimension_status WHERE dimension = ?",
+                (dimension,),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO dimension_status (dimension, seal_error, seal_error_hour) "
+                "VALUES (?, ?, ?) ON CONFLICT (dimension) DO UPDATE SET "
+                "seal_error = excluded.seal_error, seal_error_hour = excluded.seal_error_hour",
+                (dimension, error, hour),
+            )
+        return row is None or (row[0], row[1]) != (error, hour)
+
+    def clear_seal_error(self, dimension: str) -> bool:
+        """Forget a dimension's sealing error (its hours seal again); True if there was one."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE dimension_status SET seal_error = NULL, seal_error_hour = NULL "
+                "WHERE dimension = ? AND seal_error IS NOT NULL",
+                (dimension,),
+            )
+            return cur.rowcount > 0
+
+    def seal_errors(self) -> list[tuple[str, int, str]]:
+        """(dimension, hour, error) for every dimension with an hour that cannot be sealed."""
+        with self._lock:
+            try:
+                rows = self.db.execute(
+                    "SELECT dimension, seal_error_hour, seal_error FROM dimension_status "
+                    "WHERE seal_error IS NOT NULL ORDER BY seal_error_hour, dimension"
+                ).fetchall()
+            except sqlite3.OperationalError:  # read-only look at a ledger not yet migrated
+                return []
+        return [(str(d), int(h), str(e)) for d, h, e in rows]
 
     def record_collector_error(self, dimension: str, t: float, error: str) -> None:
         with self.transaction() as db:

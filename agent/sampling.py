@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from agent.aggregate import reading_problem
 from agent.collectors import (
     Collector,
     CollectorError,
@@ -36,6 +37,7 @@ class Sample:
     value: Decimal | None  # what the hour receives; None if it failed
     state: dict[str, Any] | None  # to persist with the sample
     error: str | None = None
+    warning: str | None = None  # a good sample, but part of the source was not: Reading.problem
 
 
 def counter_increment(
@@ -166,4 +168,14 @@ class Sampler:
         except Exception as e:  # contain a plugin's bug at the job boundary
             log.exception("collector for %s failed unexpectedly", dim.name)
             return Sample(dim.name, t, None, None, None, f"{type(e).__name__}: {e}")
-        return Sample(dim.name, t, reading.value, value, state or None)
+        problem = _value_problem(reading.value) or _value_problem(value)
+        if problem is not None:
+            return Sample(dim.name, t, None, None, None, problem)
+        return Sample(dim.name, t, reading.value, value, state or None, warning=reading.problem)
+
+
+def _value_problem(value: Any) -> str | None:
+    """A reading that is not a finite decimal is that round's collector error (nothing stored)."""
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int, float)):
+        return f"the collector returned {type(value).__name__} {value!r}, not a number"
+    return reading_problem(Decimal(str(value)) if isinstance(value, float) else Decimal(value))

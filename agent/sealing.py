@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.aggregate import combine, to_quantity
-from agent.clock import HOUR, hour_start, iso_hour
+from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.ledger import Ledger
 
@@ -49,51 +50,44 @@ def seal_hours(
     now: float,
     offset: float,
     include_current: bool = False,
+    hold: Callable[[str, int], bool] | None = None,
 ) -> list[Sealed]:
-    """Seal every hour before the current one (and the current one too at a stop)."""
+    """Seal every hour before the current one (and the current one too at a stop).
+
+    Each (dimension, hour) seals in its own transaction: one that cannot be sealed (a value the
+    arithmetic refuses, a database error) is logged, kept in the ledger for `status` and health,
+    and retried at the next pass, while every other dimension's hours go on being sealed and sent.
+    `hold(dimension, hour)` keeps an hour open while a read for it is still within its deadline.
+    """
     dims = {d.name: d for d in config.dimensions}
     before = hour_start(now) + (HOUR if include_current else 0)
-    sealed: list[Sealed] = []
     with ledger.transaction() as db:
-        for name, hour in ledger.unsealed_hours(db, before):
-            dim = dims.get(name)
-            if dim is None:
-                log.warning(
-                    "hour %s dimension %s: samples kept but not sealed: the dimension is no "
-                    "longer in the config",
-                    iso_hour(hour),
-                    name,
-                )
-                continue
-            points = ledger.points(db, name, hour)
-            raw = combine(dim.aggregate, points)
-            quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
-            if quantity.clamped_from is not None:
-                log.warning(
-                    "hour %s dimension %s: quantity %s is outside what MeterUsage accepts; "
-                    "sending %s",
-                    iso_hour(hour),
-                    name,
-                    quantity.clamped_from,
-                    quantity.text,
-                )
-            last = max(p.t for p in points)
-            ledger.insert_sealed(
-                db,
-                dimension=name,
-                hour=hour,
-                product_code=config.product_code,
-                quantity=quantity,
-                # The hour's last sample: never before the usage began, and the 6 h window
-                # counts from late in the hour. Carried samples may predate the hour: clamp.
-                timestamp=min(max(int(last), hour), hour + HOUR - 1),
-                client_token=str(uuid.uuid4()),
-                samples=len(points),
-                raw=format(raw.normalize(), "f"),
-                sealed_at=now,
-                next_attempt=hour + HOUR + offset,
+        pairs = ledger.unsealed_hours(db, before)
+    sealed: list[Sealed] = []
+    failed: set[str] = set()
+    for name, hour in pairs:
+        dim = dims.get(name)
+        if dim is None:
+            log.warning(
+                "hour %s dimension %s: samples kept but not sealed: the dimension is no "
+                "longer in the config",
+                iso_hour(hour),
+                name,
             )
-            sealed.append(Sealed(name, hour, quantity.text, len(points)))
+            continue
+        if hold is not None and not include_current and hold(name, hour):
+            continue
+        try:
+            done = _seal_one(ledger, config, dim, hour, now, offset)
+        except Exception as e:  # contained: this dimension's hour only
+            failed.add(name)
+            _note_seal_error(ledger, name, hour, f"{type(e).__name__}: {e}")
+            continue
+        if done is not None:
+            sealed.append(done)
+    for name, _hour, _error in ledger.seal_errors():
+        if name not in failed and name in dims and ledger.clear_seal_error(name):
+            log.info("dimension %s: its hours seal again", name)
     for s in sealed:
         log.info(
             "hour %s dimension %s: sealed quantity %s from %d samples",
@@ -103,6 +97,72 @@ def seal_hours(
             s.samples,
         )
     return sealed
+
+
+def _seal_one(
+    ledger: Ledger, config: Config, dim: Dimension, hour: int, now: float, offset: float
+) -> Sealed | None:
+    """Seal one dimension's hour in one transaction; None if another pass sealed it first."""
+    name = dim.name
+    with ledger.transaction() as db:
+        points = ledger.points(db, name, hour)
+        if not points:
+            return None
+        bad = [p for p in points if not p.value.is_finite()]
+        if bad:  # stored by an agent that did not check values yet
+            raise ValueError(
+                f"{len(bad)} stored sample(s) are not a finite number "
+                f"(the first at {iso(bad[0].t)}: {bad[0].value})"
+            )
+        raw = combine(dim.aggregate, points)
+        quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
+        if quantity.clamped_from is not None:
+            log.warning(
+                "hour %s dimension %s: quantity %s is outside what MeterUsage accepts; sending %s",
+                iso_hour(hour),
+                name,
+                quantity.clamped_from,
+                quantity.text,
+            )
+        last = max(p.t for p in points)
+        ledger.insert_sealed(
+            db,
+            dimension=name,
+            hour=hour,
+            product_code=config.product_code,
+            quantity=quantity,
+            # The hour's last sample: never before the usage began, and the 6 h window
+            # counts from late in the hour. Carried samples may predate the hour: clamp.
+            timestamp=min(max(int(last), hour), hour + HOUR - 1),
+            client_token=str(uuid.uuid4()),
+            samples=len(points),
+            raw=format(raw.normalize(), "f"),
+            sealed_at=now,
+            next_attempt=hour + HOUR + offset,
+        )
+    return Sealed(name, hour, quantity.text, len(points))
+
+
+def _note_seal_error(ledger: Ledger, name: str, hour: int, error: str) -> None:
+    try:
+        new = ledger.record_seal_error(name, hour, error)
+    except Exception as e:  # the ledger itself failing: say so, keep the daemon running
+        log.error(
+            "hour %s dimension %s: cannot seal (%s), nor record why (%s)",
+            iso_hour(hour),
+            name,
+            error,
+            e,
+        )
+        return
+    if new:
+        log.error(
+            "hour %s dimension %s: cannot seal: %s; its samples are kept and sealing is "
+            "retried; the other dimensions are not held",
+            iso_hour(hour),
+            name,
+            error,
+        )
 
 
 def carries(dim: Dimension) -> bool:

@@ -27,6 +27,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     instance_id = ledger.get_meta("instance_id")
     offset = sealing.send_offset(instance_id or "", config.metering.send_window)
     dims = {s.dimension: s for s in ledger.dimension_status()}
+    seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     since = hour_start(now) - hours * HOUR
     return {
         "state_dir": str(config.state_dir),
@@ -46,6 +47,11 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                 "last_error": dims[d.name].last_error if d.name in dims else None,
                 "last_error_at": iso(dims[d.name].error_t) if d.name in dims else None,
                 "dropped_late_samples": dims[d.name].dropped if d.name in dims else 0,
+                "seal_error": (
+                    {"hour": iso_hour(seal_errors[d.name][0]), "error": seal_errors[d.name][1]}
+                    if d.name in seal_errors
+                    else None
+                ),
             }
             for d in config.dimensions
         ],
@@ -90,6 +96,8 @@ def render(report: dict[str, Any]) -> str:
             line += f"   errors {d['collector_errors']} (last: {d['last_error']})"
         if d["dropped_late_samples"]:
             line += f"   dropped late samples {d['dropped_late_samples']}"
+        if d.get("seal_error"):
+            line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
     lines.append("")
     rows = [("HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR")]

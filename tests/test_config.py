@@ -9,6 +9,7 @@ import pytest
 from agent import config
 from agent.collectors import Registry
 from agent.errors import EX_CONFIG, ConfigError
+from tests.billing import make_config
 from tests.conftest import PRODUCT, ROOT, run_cli
 
 BASE = f"""
@@ -147,7 +148,7 @@ def dim_error(tmp_path: Path, dimension: str) -> str:
         ),
         (
             "- name: c\n  collector: {type: system, metric: users, colour: red}\n",
-            "dimensions[1].collector.colour: unknown key (known: type, counter, metric, path, name, interfaces)",
+            "dimensions[1].collector.colour: unknown key (known: type, counter, timeout, metric, path, name, interfaces)",
         ),
         (
             "- name: c\n  collector: {type: system, metric: users, path: /}\n",
@@ -192,6 +193,16 @@ def dim_error(tmp_path: Path, dimension: str) -> str:
         (
             "- name: c\n  collector: {type: system, metric: users}\n  interval: 7m\n",
             "dimensions[1].interval: must divide 3600 s evenly",
+        ),
+        (
+            "- name: c\n  collector: {type: system, metric: users, timeout: 30s}\n  interval: 15s\n",
+            "dimensions[1].collector.timeout: 30s is longer than the dimension's sampling "
+            "interval (15s); use at most 15s",
+        ),
+        (
+            "- name: c\n  collector: {type: http, url: 'http://x/', query: a, timeout: 2m}\n",
+            "dimensions[1].collector.timeout: 120s is longer than the dimension's sampling "
+            "interval (60s); use at most 60s",
         ),
         (
             "- name: c\n  collector: {type: system, metric: net_sent_bytes}\n  aggregate: avg\n",
@@ -324,3 +335,19 @@ def test_cli_missing_config_via_env_names_the_variable(tmp_path: Path) -> None:
     result = run_cli("check", "--offline", env={"METERING_AGENT_CONFIG": str(tmp_path / "x.yaml")})
     assert result.returncode == EX_CONFIG
     assert "METERING_AGENT_CONFIG" in result.stderr
+
+
+def test_every_collector_has_a_timeout_no_longer_than_its_interval(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        dims="""
+      - name: a
+        collector: {type: system, metric: users}
+      - name: b
+        collector: {type: system, metric: users}
+        interval: 5s
+      - name: c
+        collector: {type: http, url: 'http://127.0.0.1/', query: n, timeout: 3s}
+    """,
+    )
+    assert [d.collector.options["timeout"] for d in cfg.dimensions] == [10, 5, 3]

@@ -107,12 +107,18 @@ def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
     return d
 
 
+def run_round(d: Daemon, interval: int = 60) -> None:
+    """One sampling round, waiting for its reads (each runs in its own thread)."""
+    d.sample_round(interval)
+    assert d.reads.wait(10)
+
+
 def test_rounds_across_an_hour_boundary_seal_it_once(tmp_path: Path) -> None:
     clock = FakeClock(H - 120)
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
     for _ in range(4):  # H-2m, H-1m, H, H+1m
-        d.sample_round(60)
+        run_round(d)
         ps.user_list = [*ps.user_list, object()]  # one more user each minute: +1 per round
         clock.advance(60)
     assert d.ledger is not None
@@ -128,7 +134,7 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     clock = FakeClock(H + 600)
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
-    d.sample_round(60)
+    run_round(d)
     assert d.ledger is not None
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
     from agent.sealing import seal_hours
@@ -136,13 +142,13 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
     clock.advance(60)
     ps.user_list = [*ps.user_list, object(), object()]
-    d.sample_round(60)  # restarted: the hour H is sealed already
+    run_round(d)  # restarted: the hour H is sealed already
     status = {s.dimension: s for s in d.ledger.dimension_status()}
     assert status["vcpus"].dropped == 1
     clock.t = H + 3600 + 60
-    d.sample_round(60)
+    run_round(d)
     clock.t = H + 7200
-    d.sample_round(60)
+    run_round(d)
     requests = [h for h in d.ledger.hours() if h.dimension == "requests" and h.hour == H + 3600]
     assert requests[0].quantity.value == 2  # the two users that arrived after the stop
 
@@ -160,10 +166,10 @@ def test_a_failing_collector_is_counted_every_round_but_logged_once(
     ps.cpu_count = broken  # type: ignore[method-assign]
     with caplog.at_level("INFO"):
         for _ in range(3):
-            d.sample_round(60)
+            run_round(d)
             clock.advance(60)
         ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
-        d.sample_round(60)
+        run_round(d)
     assert d.ledger is not None
     status = {s.dimension: s for s in d.ledger.dimension_status()}
     assert status["vcpus"].errors == 3  # status counts every failed round

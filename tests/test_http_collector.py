@@ -47,6 +47,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/slow":
             time.sleep(2)
+        if self.path.startswith("/trickle"):  # a valid answer, one byte every 0.1 s
+            data = b'{"users": {"active": 1234567}}'
+            head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
+            where = head if self.path == "/trickle-headers" else b""
+            if not where:
+                self.wfile.write(head)
+            for byte in where + data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         if self.path == "/elsewhere":
             self.send_response(302)
             self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/stats")
@@ -157,7 +168,7 @@ def test_same_host_redirect_is_followed(server: str) -> None:
         ("/stats", {"query": "users"}, "gave dict, not a number"),
         ("/notjson", {"query": "x"}, "did not answer JSON"),
         ("/big", {"query": "[0]", "max_bytes": 1024}, "more than 1024 bytes"),
-        ("/slow", {"query": "x", "timeout": 1}, "unreachable"),
+        ("/slow", {"query": "x", "timeout": 1}, "no complete answer within the 1 s timeout"),
         ("/elsewhere", {"query": "users.active"}, "redirected to another host"),
         ("/metrics", {"format": "prometheus", "query": "http_requestz_total"}, "no metric"),
         ("/badprom", {"format": "prometheus", "query": "active_users"}, "line 2: not a valid"),
@@ -168,6 +179,18 @@ def test_same_host_redirect_is_followed(server: str) -> None:
 def test_failures_are_collector_errors(server: str, path: str, options: dict, message: str) -> None:
     with pytest.raises(CollectorError, match=message):
         probe(f"{server}{path}", **options)
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers"])
+def test_a_trickling_server_ends_at_the_total_deadline(server: str, path: str) -> None:
+    """urllib's timeout is per socket operation: each byte resets it. The probe's own deadline
+    ends the read at `timeout`, and a body cut short is never parsed as a (smaller) number."""
+    started = time.monotonic()
+    with pytest.raises(CollectorError, match="no complete answer within the 1 s timeout"):
+        probe(f"{server}{path}", query="users.active", timeout=1)
+    assert time.monotonic() - started < 2.0
+    # the same answer, given time, is read in full
+    assert probe(f"{server}/trickle", query="users.active", timeout=15) == 1234567
 
 
 def test_connection_refused_is_a_collector_error() -> None:

@@ -209,12 +209,18 @@ def test_undecodable_bytes_never_crash(tmp_path: Path) -> None:
     assert Tail(collector(log)).read() == 2
 
 
-def test_sum_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_sum_mode(tmp_path: Path) -> None:
     log = tmp_path / "jobs.log"
     log.write_bytes(b"job done rows=10\njob done rows=2.5\nother rows=99\njob done rows=oops\n")
     c = collector(log, pattern=r"job done rows=(?P<value>\S+)", mode="sum")
-    assert Tail(c).read() == Decimal("12.5")
-    assert "1 matching line(s) had a non-numeric (?P<value>...) and added 0" in caplog.text
+    reading = c.read({"files": {}})  # a known log: read from its start
+    assert reading.value == Decimal("12.5")
+    assert reading.problem is not None and reading.problem.startswith("1 matching line(s)")
+    append(log, b"job done rows=nan\njob done rows=1e61\njob done rows=4\n")
+    reading = c.read(reading.state)
+    assert reading.value == 4  # the lines that are numbers are billed; the position moves on
+    assert reading.problem is not None and reading.problem.startswith("2 matching line(s)")
+    assert c.read(reading.state).problem is None
 
 
 def test_patterns_that_could_span_lines_stay_per_line(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ class Registry:
             for k, f in cls.options.items()
         ):
             raise ConfigError("", f"{where}: `options` must map option names to agent.fields.Field")
-        reserved = {"type", "counter"} & set(cls.options)
+        reserved = {"type", "counter", "timeout"} & set(cls.options)
         if reserved:
             raise ConfigError("", f"{where}: option names {sorted(reserved)} are reserved")
         if cls.produces not in ("level", "increment"):

@@ -88,6 +88,10 @@ class Reading:
             legacy_total,
         )
 
+    # A problem with part of the source that did not stop the reading (a log line whose value is
+    # not a number): the sample is stored, and the problem is counted in `status` as an error.
+    problem: str | None = None
+
 
 @dataclass
 class Sources:

@@ -9,14 +9,23 @@ set) with its OpenMetrics/prometheus_client `_created` time as the series' epoch
 differences each series separately. The body may be the classic text format or OpenMetrics
 (`exposition.py`); a line that cannot be parsed fails the reading.
 
-Bounded: the body is capped, the timeout enforced, redirects to another host refused. A failed probe
-raises CollectorError: that round records no sample and `status` counts it.
+Bounded: the body is capped, redirects to another host refused, and `timeout` is a total deadline
+for the whole probe (connect, headers, body, redirects): urllib's own timeout is per socket
+operation, so a server trickling a byte every 2 s would never time out; at the deadline the
+connection's socket is shut down. A failed probe raises CollectorError: that round records no
+sample and `status` counts it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import heapq
 import http.client
 import re
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +36,7 @@ from typing import Any, ClassVar
 from agent.collectors import exposition
 from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources, series_key
 from agent.errors import ConfigError
-from agent.fields import Duration, Enum, Field, Int, MapOf, Str
+from agent.fields import Enum, Field, Int, MapOf, Str
 
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
@@ -40,7 +49,6 @@ class HttpCollector(Collector):
                      required=True, doc="the endpoint to probe"),
         "method": Field(Enum(("GET", "POST", "HEAD")), default="GET"),
         "headers": Field(MapOf(Str(min_len=0)), doc="extra request headers"),
-        "timeout": Field(Duration(1, 60), default=5, doc="seconds before the probe fails"),
         "format": Field(Enum(("json", "prometheus", "text")), default="json"),
         "query": Field(Str(), doc="json: JMESPath; prometheus: metric{label=\"v\"}; text: regex"),
         "mode": Field(Enum(("value", "up")), default="value",
@@ -81,8 +89,9 @@ class HttpCollector(Collector):
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
+        self.deadline = _Deadline(0)  # the probe in progress: one at a time per collector
         self.opener = sources.extra.get("http_opener") or urllib.request.build_opener(
-            _SameHostRedirects()
+            _SameHostRedirects(), _DeadlineHTTPHandler(self), _DeadlineHTTPSHandler(self)
         )
         self.selector = (
             parse_selector(self.config["query"], "query")
@@ -119,8 +128,10 @@ class HttpCollector(Collector):
             url, method=self.config["method"], headers=self.config.get("headers") or {}
         )
         limit = int(self.config["max_bytes"])
+        timeout = float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+        deadline = self.deadline = _Deadline(timeout)
         try:
-            with self.opener.open(req, timeout=self.config["timeout"]) as resp:
+            with self.opener.open(req, timeout=deadline.remaining()) as resp:
                 body = resp.read(limit + 1)
                 status = resp.status
                 self._content_type = (resp.headers.get("Content-Type") or "").strip().lower()
@@ -131,8 +142,16 @@ class HttpCollector(Collector):
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if self.config["mode"] == "up":
                 return 0, b""
+            if deadline.passed():  # shut down by the reaper, or the last per-op timeout
+                raise CollectorError(_late(url, timeout)) from None
             reason = getattr(e, "reason", e)
             raise CollectorError(f"{url} unreachable: {reason}") from None
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # the socket was shut down mid-answer: the body may be cut short
+            if self.config["mode"] == "up":
+                return 0, b""
+            raise CollectorError(_late(url, timeout))
         if len(body) > limit:
             raise CollectorError(f"{url} answered more than {limit} bytes (max_bytes)")
         return status, body
@@ -154,6 +173,134 @@ class HttpCollector(Collector):
         if m is None:
             raise CollectorError(f"pattern {self.config['query']!r} not found in the answer")
         return _number(m.group(1), f"pattern {self.config['query']!r}")
+
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def _late(url: str, timeout: float) -> str:
+    return f"{url} gave no complete answer within the {timeout:g} s timeout"
+
+
+class _Deadline:
+    """A total deadline for one probe, shared by every connection it opens (redirects too).
+
+    Each connection's socket gets a per-operation timeout no longer than what is left, and is
+    handed to the reaper, which shuts it down when the deadline passes: that ends a read which a
+    server keeps alive by trickling bytes. `cancel()` at the end of the probe.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self.done = False
+
+    def remaining(self) -> float:
+        return max(0.001, self.end - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.end - 0.05
+
+    def watch(self, sock: socket.socket) -> None:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            self.expire(sock)
+            return
+        current = sock.gettimeout()
+        sock.settimeout(left if current is None else min(current, left))
+        _REAPER.add(self, sock)
+
+    def expire(self, sock: socket.socket) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            # The plain socket's shutdown, also under TLS: it wakes a blocked recv with EOF.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self.done = True
+
+
+class _Reaper:
+    """One daemon thread for every probe of the process: shuts down the sockets of probes whose
+    deadline passed (a thread per probe would cost more CPU than the probe itself)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline, socket.socket]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline, sock: socket.socket) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._heap, (deadline.end, self._count, deadline, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="http deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _end, _n, deadline, sock = heapq.heappop(self._heap)
+                    if not deadline.done:
+                        deadline.expire(sock)
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+
+_REAPER = _Reaper()
+
+
+class _GuardedHTTP(http.client.HTTPConnection):
+    probe: HttpCollector
+
+    def connect(self) -> None:
+        super().connect()
+        self.probe.deadline.watch(self.sock)
+
+
+class _GuardedHTTPS(http.client.HTTPSConnection):
+    probe: HttpCollector
+
+    def connect(self) -> None:
+        super().connect()
+        self.probe.deadline.watch(self.sock)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """Opens connections that put their socket under the probe's current deadline."""
+
+    def __init__(self, probe: HttpCollector) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_connection, _GuardedHTTP, self.probe), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, probe: HttpCollector) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(
+            functools.partial(_connection, _GuardedHTTPS, self.probe),
+            req,
+            context=self._context,  # type: ignore[attr-defined]
+        )
+
+
+def _connection(
+    cls: type[_GuardedHTTP] | type[_GuardedHTTPS], probe: HttpCollector, *args: Any, **kw: Any
+) -> http.client.HTTPConnection:
+    conn = cls(*args, **kw)
+    conn.probe = probe
+    return conn
 
 
 def _number(value: Any, what: str) -> Decimal:

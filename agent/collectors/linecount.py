@@ -17,6 +17,8 @@ import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from agent.aggregate import reading_problem
+
 if sys.version_info >= (3, 11):
     from re import _parser as sre_parse  # type: ignore[attr-defined]
 else:  # pragma: no cover
@@ -271,12 +273,18 @@ class LineMatcher:
         return total
 
     def _value(self, m: re.Match[bytes]) -> Decimal:
+        """The line's number; a value that is not a finite decimal (nan, inf, 1e61, 61 digits)
+        adds 0 and is counted in `bad_values`, so one odd line never stops the dimension."""
         self.matched_lines += 1
         raw = m.group("value")
         try:
-            return (
+            value = (
                 Decimal(raw.decode(self.encoding, errors="replace").strip()) if raw else Decimal(0)
             )
         except InvalidOperation:
             self.bad_values += 1
             return Decimal(0)
+        if reading_problem(value) is not None:
+            self.bad_values += 1
+            return Decimal(0)
+        return value

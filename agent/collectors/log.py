@@ -246,15 +246,17 @@ class LogCollector(Collector):
             kept.append(s)
         bad = self.matcher.bad_values - bad_before
         if bad:
-            log.warning(
-                "%s: %d matching line(s) had a non-numeric (?P<value>...) and added 0",
-                self.glob,
-                bad,
+            problem = (
+                f"{bad} matching line(s) in {self.glob} had a (?P<value>...) that is not a "
+                "finite decimal and added 0"
             )
         self.last.matched = (
             total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
         )
-        return Reading(total, {"v": STATE_VERSION, "streams": kept})
+        state = {"v": STATE_VERSION, "streams": kept}
+        if bad:
+            return Reading(total, state, problem=problem)
+        return Reading(total, state)
 
     def _assign(self, files: dict[str, _File], streams: list[dict[str, Any]]) -> None:
         """Give each file the stream whose content it carries, if any.
