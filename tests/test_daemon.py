@@ -204,15 +204,18 @@ def test_a_restart_leaves_the_hour_open_for_the_restarted_agent(tmp_path: Path) 
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
     d.sample_round(60)
+    assert d.reads.wait(10)
     d.restarting = lambda: True
     d.shutdown()  # systemctl restart at H+10m
     clock.advance(60)
     ps.cpus = 8  # the hour's max comes after the restart
     d2 = daemon_for(tmp_path, clock, ps)
     d2.sample_round(60)
+    assert d2.reads.wait(10)
     assert _vcpus(d2) == {}  # still open
     clock.t = H + 3600
     d2.sample_round(60)
+    assert d2.reads.wait(10)
     assert _vcpus(d2) == {H: "8"}  # one record, the whole hour's max
     status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
     assert status["vcpus"].dropped == 0
@@ -225,6 +228,7 @@ def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
     d.sample_round(60)
+    assert d.reads.wait(10)
     d.restarting = lambda: False
     d.shutdown()  # a shutdown at H+10m: sealed and sent at once
     d2 = daemon_for(tmp_path, clock, ps)
@@ -233,6 +237,7 @@ def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
         for _ in range(5):  # booted again within the same hour
             clock.advance(60)
             d2.sample_round(60)
+            assert d2.reads.wait(10)
     status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
     assert status["vcpus"].dropped == 5  # status counts every dropped sample
     assert caplog.text.count("already sealed") == 1  # the journal hears of it once this hour
@@ -250,6 +255,7 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
     d.reload()
     assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
     d.sample_round(60)  # the new dimension samples with the rest
+    assert d.reads.wait(10)
     assert d.ledger is not None
     assert {s.dimension for s in d.ledger.dimension_status()} >= {"extra"}
     for bad in [

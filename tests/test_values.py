@@ -328,7 +328,7 @@ def hung_daemon(tmp_path: Path, clock: FakeClock) -> Daemon:
     """,
     )
     ps = FakePsutil()
-    sampler = Sampler(cfg, registry, Sources(psutil=ps), boot_time=lambda: ps.boot)
+    sampler = Sampler(cfg, registry, Sources(psutil=ps))
     d = Daemon(
         cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
     )
