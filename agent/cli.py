@@ -242,6 +242,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             _say("fail", f"collector {dim.name}: {error}")
         else:
             _say("ok", f"collector {dim.name}: read {_num(s.raw)}")
+    warn_service_access(cfg)
     if args.offline:
         return EX_OK
     from agent import metering
@@ -261,6 +262,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def warn_service_access(cfg: Any) -> None:
+    """Run as root, `check` reads every file; the service cannot. Say which logs it would miss."""
+    if os.geteuid() != 0:
+        return  # the check's own reads already ran with this user's rights
+    from agent import access
+
+    who = access.service_account()
+    if who is None:
+        return
+    for dim in cfg.dimensions:
+        if dim.collector.type != "log":
+            continue
+        opts = dim.collector.options
+        for problem in access.log_problems(opts["path"], opts.get("rotated"), who):
+            _say(
+                "warn",
+                f"collector {dim.name}: {problem}; the service bills nothing from a file it cannot "
+                "read: make it readable by group adm (logrotate: create 0640 <owner> adm)",
+            )
 
 
 def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
