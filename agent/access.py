@@ -109,23 +109,33 @@ def path_problem(
         except OSError:
             return None  # not there (yet): nothing to judge
         if not _allows(st, who, 0o1):
-            return f"the {who.name} user cannot enter {_describe(str(folder), st)}"
+            return (
+                f"the {who.name} user cannot enter {_describe(str(folder), st)}; "
+                "let group adm enter it (chgrp adm, chmod g+x)"
+            )
     try:
         st = stat_fn(str(p))
     except OSError:
         return None
     if stat.S_ISDIR(st.st_mode):
         if not _allows(st, who, 0o5):
-            return f"the {who.name} user cannot list {_describe(str(p), st)}"
+            return (
+                f"the {who.name} user cannot list {_describe(str(p), st)}; "
+                "let group adm list it (chgrp adm, chmod g+rx)"
+            )
         return None
     if not _allows(st, who, 0o4):
-        return f"the {who.name} user cannot read {_describe(str(p), st)}"
+        return (
+            f"the {who.name} user cannot read {_describe(str(p), st)}; make it readable by "
+            "group adm (chgrp adm, chmod g+r; logrotate: create 0640 <owner> adm)"
+        )
     if list_folder:
         parent = str(p.parent)
         pst = stat_fn(parent)
         if not _allows(pst, who, 0o5):
             return (
-                f"the {who.name} user cannot list {_describe(parent, pst)} to find rotated copies"
+                f"the {who.name} user cannot list {_describe(parent, pst)} to find rotated "
+                "copies; let group adm list it (chgrp adm, chmod g+rx)"
             )
     return None
 

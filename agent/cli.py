@@ -280,8 +280,8 @@ def warn_service_access(cfg: Any) -> None:
         for problem in access.log_problems(opts["path"], opts.get("rotated"), who):
             _say(
                 "warn",
-                f"collector {dim.name}: {problem}; the service bills nothing from a file it cannot "
-                "read: make it readable by group adm (logrotate: create 0640 <owner> adm)",
+                f"collector {dim.name}: {problem} (the service runs as {who.name}, with group "
+                "adm, and bills nothing from a log it cannot read)",
             )
 
 
