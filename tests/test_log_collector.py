@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent.collectors import Sources
+from agent.collectors import log as log_module
 from agent.collectors.log import FORGET_AFTER, LogCollector
 from agent.errors import ConfigError
 from tests.conftest import run_cli
@@ -460,3 +461,106 @@ def test_a_damaged_compressed_copy_never_stops_the_count(tmp_path: Path) -> None
     (tmp_path / "access.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 60)
     append(log, lines(4, 4))
     assert t.read() == 2
+
+
+class Rollovers:
+    """Python's RotatingFileHandler rolling the log over at a chosen point inside a reading:
+    right before the collector's N-th filesystem call (stat, scandir, open). Sweeping N puts the
+    renames between every two steps of a reading (listing, stat, fingerprint, read) in turn,
+    without relying on load or timing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
+        self.log, self.next, self.at, self.calls, self.fired = log, 1000, 0, 0, False
+        self.every_open = False
+        for name in ("stat", "scandir"):
+            monkeypatch.setattr(os, name, self._hooked(getattr(os, name)))
+        monkeypatch.setattr(log_module, "open", self._hooked(open, opens=True), raising=False)
+
+    def _hooked(self, call: Any, opens: bool = False) -> Any:
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            if self.at:
+                self.calls += 1
+                if self.calls == self.at:
+                    self.at, self.fired = 0, True
+                    self.roll_over()
+            elif opens and self.every_open:
+                self.roll_over()
+            return call(*args, **kwargs)
+
+        return hooked
+
+    def arm(self, at: int) -> None:
+        """Roll over before the at-th filesystem call of the next reading (0: never)."""
+        self.at, self.calls = at, 0
+
+    def roll_over(self) -> None:
+        """access.log.K -> access.log.K+1 from the oldest down, access.log -> access.log.1, a new
+        access.log with a few lines (what doRollover does, then the next records)."""
+        prefix = self.log.name + "."
+        numbers = [
+            int(n[len(prefix) :]) for n in os.listdir(self.log.parent) if n.startswith(prefix)
+        ]
+        for k in sorted(numbers, reverse=True):
+            os.rename(f"{self.log}.{k}", f"{self.log}.{k + 1}")
+        os.rename(self.log, f"{self.log}.1")
+        self.log.write_bytes(lines(self.next, 4))
+        self.next += 4
+
+    def write(self, n: int) -> None:
+        append(self.log, lines(self.next, n))
+        self.next += n
+
+
+def matching_on_disk(folder: Path) -> int:
+    return sum(p.read_bytes().count(b'"GET /api/') for p in folder.iterdir())
+
+
+def test_rollovers_between_any_two_steps_of_a_reading_bill_each_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race in every reading (enough readings in a row for a stream to be forgotten),
+    then quiet readings: the total equals what is on disk, for every point of the race."""
+    at = 0
+    while True:
+        at += 1
+        folder = tmp_path / str(at)
+        folder.mkdir()
+        log = folder / "access.log"
+        log.write_bytes(lines(0, 6))
+        churn = Rollovers(monkeypatch, log)
+        t = Tail(collector(log))
+        total, fired = t.read(), False
+        for _ in range(FORGET_AFTER + 1):
+            churn.write(6)
+            churn.roll_over()  # a copy made between readings, read from its start
+            churn.write(6)
+            churn.arm(at)
+            total += t.read()
+            fired |= churn.fired
+        churn.arm(0)
+        total += t.read() + t.read()
+        assert total == matching_on_disk(folder), f"rollover before filesystem call {at}"
+        monkeypatch.undo()
+        if not fired:
+            break  # past the last filesystem call of a reading: every point was tried
+    assert at > 10
+
+
+def test_a_file_renamed_before_every_open_for_several_readings_is_neither_lost_nor_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log rolling over faster than a reading opens its files: no file can be looked into for
+    more readings than a stream's grace, yet each stream is kept while its file is on disk."""
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 6))
+    churn = Rollovers(monkeypatch, log)
+    t = Tail(collector(log))
+    total = t.read()
+    churn.write(6)
+    churn.every_open = True
+    for _ in range(FORGET_AFTER + 1):
+        total += t.read()
+        churn.write(6)
+    churn.every_open = False
+    total += t.read() + t.read()
+    assert total == matching_on_disk(tmp_path)

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import lzma
 import os
+import stat
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class _File:
     head: bytes = b""
     stream: dict[str, Any] | None = None
     quick: bool = False  # unchanged since the last reading, which read it to its end
+    unopened: bool = False  # its name held another file, or none, when it was to be opened
 
 
 class LogCollector(Collector):
@@ -182,15 +184,9 @@ class LogCollector(Collector):
         live = self._live_paths()
         bases = set(live) | {s["base"] for s in streams if s.get("base")}
         files: dict[str, _File] = {}
-        for path, is_live in [(p, True) for p in live] + [
-            (p, False) for p in self._copy_paths(bases)
-        ]:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # gone between the listing and now
+        for path, is_live, st in self._list(live, bases):
             key = f"{st.st_dev}:{st.st_ino}"
-            if key not in files and os.path.isfile(path):
+            if key not in files:
                 files[key] = _File(path, st, is_live, key)
         if not files and not first:
             raise SourceMissing(f"no file matches {self.glob}")
@@ -225,25 +221,23 @@ class LogCollector(Collector):
         for s, group in groups.values():
             value, finished = self._advance(s, group)
             total += value
-            # Files read to their end (or unchanged) are skipped while they stay as they are.
+            # Files whose whole content is behind the offset (or unchanged) are skipped while they
+            # stay as they are; one whose read did not happen (renamed over or gone since the
+            # listing) is not, whatever its size, so that its lines are read at the next reading.
             s["ids"] = {
                 f.key: [f.st.st_size, f.st.st_mtime_ns]
                 for f in group
-                if f.quick or f.codec is None or f.key in finished or s.get("done")
+                if f.quick
+                or (f.codec is None and f.st.st_size <= s["off"])
+                or f.key in finished
+                or s.get("done")
             }
             s["miss"] = 0
             carriers = [f for f in group if f.codec is None] or group
             s["home"] = max(carriers, key=lambda f: f.st.st_size).st.st_ino
             if any(f.live for f in group):
                 s["base"] = next(f.path for f in group if f.live)
-        kept = []
-        listed = {f.st.st_ino for f in files.values()}
-        for s in streams:
-            if id(s) not in groups and not _still_there(s, listed):
-                s["miss"] = s.get("miss", 0) + 1
-                if s["miss"] >= FORGET_AFTER:
-                    continue
-            kept.append(s)
+        kept = self._keep(streams, groups, files, bases)
         bad = self.matcher.bad_values - bad_before
         if bad:
             log.warning(
@@ -255,6 +249,57 @@ class LogCollector(Collector):
             total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
         )
         return Reading(total, {"v": STATE_VERSION, "streams": kept})
+
+    def _list(self, live: list[str], bases: set[str]) -> list[tuple[str, bool, os.stat_result]]:
+        """(path, live, stat) of the live files, then of the places their copies may be."""
+        out = []
+        for path, is_live in [(p, True) for p in live] + [
+            (p, False) for p in self._copy_paths(bases)
+        ]:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone between the listing and now
+            if stat.S_ISREG(st.st_mode):
+                out.append((path, is_live, st))
+        return out
+
+    def _keep(
+        self,
+        streams: list[dict[str, Any]],
+        groups: Mapping[int, Any],
+        files: Mapping[str, _File],
+        bases: set[str],
+    ) -> list[dict[str, Any]]:
+        """The streams to keep: each one carried by a file this reading, and each one whose
+        content may still be on disk, for up to FORGET_AFTER readings in a row without a file.
+
+        A stream forgotten while its file is still there would be read again from its start, so a
+        miss counts only once its file is known to be gone or to hold other content: a file that
+        was listed but not looked into (renamed over or removed between the listing and its open)
+        may still carry it, and a file missing from the listing is looked for once more, since a
+        rename racing the listing (a name moved from the part not yet listed to the part already
+        listed) hides a file from it.
+        """
+        listed = {f.st.st_ino for f in files.values()}
+        unopened = {f.st.st_ino for f in files.values() if f.unopened}
+        missing = [
+            s
+            for s in streams
+            if id(s) not in groups and s.get("home") not in unopened and not _still_there(s, listed)
+        ]
+        again: set[int] = set()
+        if any(s.get("home") not in listed for s in missing):
+            again = {st.st_ino for _, _, st in self._list(self._live_paths(), bases)} - listed
+        kept = []
+        gone = {id(s) for s in missing if s.get("home") not in again}
+        for s in streams:
+            if id(s) in gone:
+                s["miss"] = s.get("miss", 0) + 1
+                if s["miss"] >= FORGET_AFTER:
+                    continue
+            kept.append(s)
+        return kept
 
     def _assign(self, files: dict[str, _File], streams: list[dict[str, Any]]) -> None:
         """Give each file the stream whose content it carries, if any.
@@ -297,9 +342,8 @@ class LogCollector(Collector):
         out of this reading and looked at again at the next one."""
         try:
             raw = _open_same(f)
-        except _Moved:
-            return  # renamed over since the listing: looked at again next reading
-        except FileNotFoundError:
+        except (_Moved, FileNotFoundError):
+            f.unopened = True  # renamed over or removed since the listing: next reading
             return
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
