@@ -80,6 +80,7 @@ class _File:
     stream: dict[str, Any] | None = None
     quick: bool = False  # unchanged since the last reading, which read it to its end
     unopened: bool = False  # its name held another file, or none, when it was to be opened
+    opened: str = ""  # where it was found when opened, if a rename moved it since the listing
 
 
 class LogCollector(Collector):
@@ -400,7 +401,7 @@ class LogCollector(Collector):
         for f in group:
             if f.quick:
                 continue
-            if f.codec == "gz" and _gzip_size(f.path) == s["off"] % (1 << 32):
+            if f.codec == "gz" and _gzip_size(f) == s["off"] % (1 << 32):
                 finished.add(f.key)  # read to its end already, from the file it was made of
                 continue
             value = self._read_compressed(s, f)
@@ -422,8 +423,8 @@ class LogCollector(Collector):
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
         self._extend_fingerprint(s, head)
-        s["path"] = f.path
-        self.last.files.append(f.path)
+        s["path"] = f.opened or f.path
+        self.last.files.append(s["path"])
         return value
 
     def _read_compressed(self, s: dict[str, Any], f: _File) -> Decimal | None:
@@ -439,8 +440,8 @@ class LogCollector(Collector):
                 self._warned.add(f.path)
                 log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, f.path, e)
             return None
-        s["off"], s["skip"], s["path"] = off, skip, f.path
-        self.last.files.append(f.path)
+        s["off"], s["skip"], s["path"] = off, skip, f.opened or f.path
+        self.last.files.append(s["path"])
         return value
 
     def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:
@@ -451,10 +452,10 @@ class LogCollector(Collector):
         size = f.st.st_size
         window = min(size, self.max_line)
         try:
-            with open(f.path, "rb", buffering=0) as fh:
+            with _open_same(f) as fh:
                 fh.seek(size - window)
                 tail = fh.read(window)
-        except OSError:
+        except (OSError, _Moved):
             return size, False
         nl = tail.rfind(b"\n")
         if nl >= 0:
@@ -514,13 +515,37 @@ class _Moved(Exception):
 
 
 def _open_same(f: _File) -> Any:
-    """Open f's path, making sure it is still the file that was listed (same device and inode)."""
-    fh = open(f.path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
-    st = os.fstat(fh.fileno())
-    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
-        fh.close()
-        raise _Moved(f.path)
-    return fh
+    """Open the file that was listed as f (same device and inode): at its name, else where a
+    rename in the same folder has put it since (rotation shifts names while a reading runs).
+
+    _Moved when it is in neither place: it is looked at again at the next reading."""
+    path: str | None = f.opened or f.path
+    for _ in range(3):
+        if path is None:
+            break
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
+        except FileNotFoundError:
+            pass
+        else:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) == (f.st.st_dev, f.st.st_ino):
+                if path != f.path:
+                    f.opened = path
+                return fh
+            fh.close()
+        path = _named(os.path.dirname(f.path), f.st.st_ino)
+    raise _Moved(f.path)
+
+
+def _named(directory: str, ino: int) -> str | None:
+    """The entry of `directory` whose inode is `ino` (the folder's own record; the open that
+    follows checks it)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next((e.path for e in entries if e.inode() == ino), None)
+    except OSError:
+        return None
 
 
 def _is_copy(path: str, others: set[str]) -> bool:
@@ -565,14 +590,15 @@ def _match(streams: list[dict[str, Any]], head: bytes) -> dict[str, Any] | None:
     return best
 
 
-def _gzip_size(path: str) -> int | None:
+def _gzip_size(f: _File) -> int | None:
     """The uncompressed size mod 2**32 that a gzip file's trailer states (a hint, never trusted
-    alone: a mismatch means the file is decompressed and read)."""
+    alone: a mismatch means the file is decompressed and read). Read from the listed file, never
+    from whatever now has its name: another copy's size must not mark this one read."""
     try:
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            return int.from_bytes(f.read(4), "little")
-    except OSError:
+        with _open_same(f) as fh:
+            fh.seek(-4, os.SEEK_END)
+            return int.from_bytes(fh.read(4), "little")
+    except (OSError, _Moved):
         return None
 
 
