@@ -14,7 +14,9 @@ present at the dimension's first reading, and copies present then count as alrea
 Positions travel in the Reading's state, which the ledger commits in the same transaction as the
 count it produced: kill -9 at any moment neither loses nor repeats a line. The state holds one small
 entry per stream still on disk; a stream that no file carries any more is forgotten after a few
-readings (the grace covers a directory listing that raced a rename).
+readings in which its file is known to be gone or to hold other content (a listing that raced a
+rename, or a file renamed away before it could be opened, is no proof: see `_keep`). A file is
+recorded as read only when its whole content is behind the stream's offset.
 
 Reads are binary, in large blocks, never decoding (bad bytes cannot crash it); a partial last line
 waits for its newline; a line longer than `max_line_bytes` is judged by its first bytes and the rest
