@@ -632,3 +632,52 @@ def test_a_compressed_copy_is_never_judged_by_another_copys_trailer(
         if calls["n"] < at:
             break
     assert at > 3
+
+
+class TruncatedWhileRead:
+    """A file handle on which copytruncate (and the application's next lines) lands in the middle
+    of the collector's read: the first block comes back short, then the file is copied, emptied
+    and written again past where the read goes on."""
+
+    def __init__(self, fh: Any, log: Path) -> None:
+        self.fh, self.log, self.done = fh, log, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+    def __enter__(self) -> TruncatedWhileRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def readinto(self, buffer: Any) -> int:
+        if self.done or os.fstat(self.fh.fileno()).st_ino != self.log.stat().st_ino:
+            return self.fh.readinto(buffer)
+        self.done = True
+        n = self.fh.readinto(memoryview(buffer)[: len(buffer) // 2])
+        copytruncate(self.log, self.log.parent / "access.log.1")
+        append(self.log, lines(1000, 300))
+        return n
+
+
+def test_copytruncate_in_the_middle_of_a_read_never_mixes_two_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    total = t.read()
+    append(log, lines(10, 100))
+    handles: list[TruncatedWhileRead] = []
+
+    def opened(*args: Any, **kwargs: Any) -> Any:
+        handles.append(TruncatedWhileRead(open(*args, **kwargs), log))  # noqa: SIM115
+        return handles[-1]
+
+    monkeypatch.setattr(log_module, "open", opened, raising=False)
+    total += t.read()
+    monkeypatch.undo()
+    assert any(h.done for h in handles)
+    total += t.read() + t.read()
+    assert total == 5 + 50 + 150 == matching_on_disk(tmp_path)

@@ -419,7 +419,13 @@ class LogCollector(Collector):
                 head = fh.read(FINGERPRINT)
                 if not _begins(head, s):
                     return Decimal(0)  # truncated and rewritten since listed: next reading
-                value, s["off"], s["skip"] = self._consume(fh, s["off"], s["skip"], size)
+                value, off, skip = self._consume(fh, s["off"], s["skip"], size)
+                if not _begins(os.pread(fh.fileno(), s["fl"], 0), s):
+                    # Truncated (copytruncate) and written again while being read: the bytes
+                    # read may belong to two contents. Nothing is kept; the next reading finishes
+                    # the old content from its copy, and reads the new from its start.
+                    return Decimal(0)
+                s["off"], s["skip"] = off, skip
         except (FileNotFoundError, _Moved):
             return Decimal(0)  # gone or renamed over since the listing: next reading
         except OSError as e:
