@@ -274,8 +274,8 @@ class LogCollector(Collector):
         files: Mapping[str, _File],
         bases: set[str],
     ) -> list[dict[str, Any]]:
-        """The streams to keep: each one carried by a file this reading, and each one whose
-        content may still be on disk, for up to FORGET_AFTER readings in a row without a file.
+        """The streams to keep: each one carried by a file this reading, and each other one
+        until FORGET_AFTER readings (since a file last carried it) have found its file gone.
 
         A stream forgotten while its file is still there would be read again from its start, so a
         miss counts only once its file is known to be gone or to hold other content: a file that
