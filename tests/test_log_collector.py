@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent.collectors import Sources
+from agent.collectors import log as log_module
 from agent.collectors.log import FORGET_AFTER, LogCollector
 from agent.errors import ConfigError
 from tests.conftest import run_cli
@@ -466,3 +467,223 @@ def test_a_damaged_compressed_copy_never_stops_the_count(tmp_path: Path) -> None
     (tmp_path / "access.log.2.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 60)
     append(log, lines(4, 4))
     assert t.read() == 2
+
+
+class Rollovers:
+    """Python's RotatingFileHandler rolling the log over at a chosen point inside a reading:
+    right before the collector's N-th filesystem call (stat, scandir, open). Sweeping N puts the
+    renames between every two steps of a reading (listing, stat, fingerprint, read) in turn,
+    without relying on load or timing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
+        self.log, self.next, self.at, self.calls, self.fired = log, 1000, 0, 0, False
+        self.every_open = self.next_open = False
+        for name in ("stat", "scandir"):
+            monkeypatch.setattr(os, name, self._hooked(getattr(os, name)))
+        monkeypatch.setattr(log_module, "open", self._hooked(open, opens=True), raising=False)
+
+    def _hooked(self, call: Any, opens: bool = False) -> Any:
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            if self.at:
+                self.calls += 1
+                if self.calls == self.at:
+                    self.at, self.fired = 0, True
+                    self.roll_over()
+            elif opens and (self.every_open or self.next_open):
+                self.next_open = False
+                self.roll_over()
+            return call(*args, **kwargs)
+
+        return hooked
+
+    def arm(self, at: int) -> None:
+        """Roll over before the at-th filesystem call of the next reading (0: never)."""
+        self.at, self.calls = at, 0
+
+    def roll_over(self) -> None:
+        """access.log.K -> access.log.K+1 from the oldest down, access.log -> access.log.1, a new
+        access.log with a few lines (what doRollover does, then the next records)."""
+        prefix = self.log.name + "."
+        numbers = [
+            int(n[len(prefix) :]) for n in os.listdir(self.log.parent) if n.startswith(prefix)
+        ]
+        for k in sorted(numbers, reverse=True):
+            os.rename(f"{self.log}.{k}", f"{self.log}.{k + 1}")
+        os.rename(self.log, f"{self.log}.1")
+        self.log.write_bytes(lines(self.next, 4))
+        self.next += 4
+
+    def write(self, n: int) -> None:
+        append(self.log, lines(self.next, n))
+        self.next += n
+
+
+def matching_on_disk(folder: Path) -> int:
+    return sum(p.read_bytes().count(b'"GET /api/') for p in folder.iterdir())
+
+
+def test_rollovers_between_any_two_steps_of_a_reading_bill_each_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race in every reading (enough readings in a row for a stream to be forgotten),
+    then quiet readings: the total equals what is on disk, for every point of the race."""
+    at = 0
+    while True:
+        at += 1
+        folder = tmp_path / str(at)
+        folder.mkdir()
+        log = folder / "access.log"
+        log.write_bytes(lines(0, 6))
+        churn = Rollovers(monkeypatch, log)
+        t = Tail(collector(log))
+        total, fired = t.read(), False
+        for _ in range(FORGET_AFTER + 1):
+            churn.write(6)
+            churn.roll_over()  # a copy made between readings, read from its start
+            churn.write(6)
+            churn.arm(at)
+            total += t.read()
+            fired |= churn.fired
+        churn.arm(0)
+        total += t.read() + t.read()
+        assert total == matching_on_disk(folder), f"rollover before filesystem call {at}"
+        monkeypatch.undo()
+        if not fired:
+            break  # past the last filesystem call of a reading: every point was tried
+    assert at > 10
+
+
+def test_a_file_renamed_before_every_open_for_several_readings_is_neither_lost_nor_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log rolling over faster than a reading opens its files: no file can be looked into for
+    more readings than a stream's grace, yet each stream is kept while its file is on disk."""
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 6))
+    churn = Rollovers(monkeypatch, log)
+    t = Tail(collector(log))
+    total = t.read()
+    churn.write(6)
+    churn.every_open = True
+    for _ in range(FORGET_AFTER + 1):
+        total += t.read()
+        churn.write(6)
+    churn.every_open = False
+    total += t.read() + t.read()
+    assert total == matching_on_disk(tmp_path)
+
+
+def test_a_file_renamed_between_the_listing_and_its_open_is_read_where_it_went(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotation shifts names while a reading runs: the file listed is found again by its inode,
+    so the lines on disk when a reading starts are billed by that reading, not a later one."""
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 6))
+    churn = Rollovers(monkeypatch, log)
+    t = Tail(collector(log))
+    total = t.read()
+    for _ in range(3):
+        churn.write(6)
+        churn.roll_over()
+        churn.write(6)
+        before = matching_on_disk(tmp_path)
+        churn.next_open = True  # after the listing, before the first file is opened
+        total += t.read()
+        assert not churn.next_open
+        assert total >= before
+    total += t.read()
+    assert total == matching_on_disk(tmp_path)
+
+
+def test_a_compressed_copy_is_never_judged_by_another_copys_trailer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two .gz copies trade names between the listing and the look at a trailer; the other one
+    states the very size this stream was read to: the stream is still finished from its own."""
+    import gzip
+
+    at = 0
+    while True:
+        at += 1
+        folder = tmp_path / str(at)
+        folder.mkdir()
+        log = folder / "access.log"
+        log.write_bytes(lines(0, 10))
+        t = Tail(collector(log))
+        total = t.read()
+        append(log, lines(10, 10))  # 5 more, then compressed away before the next reading
+        with gzip.open(folder / "access.log.1.gz", "wb") as z:
+            z.write(log.read_bytes())
+        log.write_bytes(lines(100, 2))
+        with gzip.open(folder / "access.log.2.gz", "wb") as z:  # as long as what was read
+            z.write(b"#" * (len(lines(0, 10)) - 1) + b"\n")
+        calls = {"n": 0}
+
+        def swap_names(
+            path: Any, *args: Any, _at: int = at, _dir: Path = folder, _n: dict = calls, **kw: Any
+        ) -> Any:
+            _n["n"] += 1
+            if _n["n"] == _at:
+                os.rename(_dir / "access.log.1.gz", _dir / "swap")
+                os.rename(_dir / "access.log.2.gz", _dir / "access.log.1.gz")
+                os.rename(_dir / "swap", _dir / "access.log.2.gz")
+            return open(path, *args, **kw)
+
+        monkeypatch.setattr(log_module, "open", swap_names, raising=False)
+        total += t.read()
+        monkeypatch.undo()
+        total += t.read()
+        assert total == 5 + 5 + 1, f"names swapped before open {at}"
+        if calls["n"] < at:
+            break
+    assert at > 3
+
+
+class TruncatedWhileRead:
+    """A file handle on which copytruncate (and the application's next lines) lands in the middle
+    of the collector's read: the first block comes back short, then the file is copied, emptied
+    and written again past where the read goes on."""
+
+    def __init__(self, fh: Any, log: Path) -> None:
+        self.fh, self.log, self.done = fh, log, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+    def __enter__(self) -> TruncatedWhileRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def readinto(self, buffer: Any) -> int:
+        if self.done or os.fstat(self.fh.fileno()).st_ino != self.log.stat().st_ino:
+            return self.fh.readinto(buffer)
+        self.done = True
+        n = self.fh.readinto(memoryview(buffer)[: len(buffer) // 2])
+        copytruncate(self.log, self.log.parent / "access.log.1")
+        append(self.log, lines(1000, 300))
+        return n
+
+
+def test_copytruncate_in_the_middle_of_a_read_never_mixes_two_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    total = t.read()
+    append(log, lines(10, 100))
+    handles: list[TruncatedWhileRead] = []
+
+    def opened(*args: Any, **kwargs: Any) -> Any:
+        handles.append(TruncatedWhileRead(open(*args, **kwargs), log))  # noqa: SIM115
+        return handles[-1]
+
+    monkeypatch.setattr(log_module, "open", opened, raising=False)
+    total += t.read()
+    monkeypatch.undo()
+    assert any(h.done for h in handles)
+    total += t.read() + t.read()
+    assert total == 5 + 50 + 150 == matching_on_disk(tmp_path)

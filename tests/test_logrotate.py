@@ -58,6 +58,27 @@ class HandlerWriter(threading.Thread):
         handler.close()
 
 
+class Rotator(threading.Thread):
+    """Runs the real logrotate: at the scenario's call, or on its own every `every` seconds."""
+
+    def __init__(self, root: Path, conf: Path, every: float) -> None:
+        super().__init__(daemon=True)
+        self.root, self.conf, self.every = root, conf, every
+        self.stop, self.rotations = threading.Event(), 0
+
+    def rotate(self) -> None:
+        subprocess.run(
+            [LOGROTATE, "-f", "-s", str(self.root / "logrotate.state"), str(self.conf)],
+            check=True,
+            capture_output=True,
+        )
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.rotate()
+            self.rotations += 1
+
+
 class Agent:
     """The daemon's sampling path without the scheduler: Sampler.take, then Ledger.record_sample
     with the position, in one transaction. `kill9` drops everything held in memory."""
@@ -97,7 +118,10 @@ def run_scenario(
     seconds: float = 6.0,
     interval: float = 0.25,
     prepare: Callable[[Path], None] | None = None,
+    racing: float = 0.0,
 ) -> tuple[int, Decimal, int]:
+    """`racing`: logrotate runs on its own every `racing` seconds, so that rotations land in the
+    middle of readings (otherwise it runs between two readings)."""
     logs = tmp_path / "logs"
     logs.mkdir()
     if prepare:
@@ -119,6 +143,9 @@ def run_scenario(
         conf.write_text(f"{log} {{\n  rotate 500\n  missingok\n  nocompress\n{rotate_conf}\n}}\n")
     writer = writer_cls(log)
     writer.start()  # type: ignore[attr-defined]
+    rotator = Rotator(tmp_path, conf, racing)
+    if racing:
+        rotator.start()
     start = time.monotonic()
     next_rotation, kills, rotations = start + 1.0, [1.7, 3.1, 4.4], 0
     try:
@@ -130,16 +157,16 @@ def run_scenario(
                 if len(kills) == 1:
                     agent.sample(commit=False)  # read, then die before the commit
                 agent.kill9()
-            if rotate_conf is not None and time.monotonic() >= next_rotation:
-                subprocess.run(
-                    [LOGROTATE, "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)],
-                    check=True,
-                    capture_output=True,
-                )
+            if rotate_conf is not None and not racing and time.monotonic() >= next_rotation:
+                rotator.rotate()
                 rotations += 1
                 next_rotation = time.monotonic() + 1.2
             agent.sample()
     finally:
+        rotator.stop.set()
+        if racing:
+            rotator.join()
+            rotations = rotator.rotations
         writer.stop.set()  # type: ignore[attr-defined]
         writer.join()  # type: ignore[attr-defined]
     for _ in range(2):
@@ -213,6 +240,18 @@ def test_rotating_file_handler_rolls_over_several_times_between_readings(tmp_pat
     copies = list((tmp_path / "logs").glob("access.log.*"))
     assert len(copies) >= 20  # several rollovers between two readings
     assert billed == expected
+
+
+@pytest.mark.parametrize(
+    "rotate_conf",
+    ["  create", "  create\n  compress", "  create\n  compress\n  delaycompress"],
+    ids=["create", "compress", "delaycompress"],
+)
+def test_rotations_racing_the_readings(tmp_path: Path, rotate_conf: str) -> None:
+    """logrotate shifting every copy's name (.1 -> .2, .2.gz -> .3.gz, ...) while a reading lists,
+    opens and reads them. (Not copytruncate: a reading inside its copy-to-truncate window bills
+    lines the truncate then removes, as the README says.)"""
+    assert_exact(run_scenario(tmp_path, rotate_conf, racing=0.3, interval=0.2), min_rotations=8)
 
 
 def test_state_stays_small(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ present at the dimension's first reading, and copies present then count as alrea
 Positions travel in the Reading's state, which the ledger commits in the same transaction as the
 count it produced: kill -9 at any moment neither loses nor repeats a line. The state holds one small
 entry per stream still on disk; a stream that no file carries any more is forgotten after a few
-readings (the grace covers a directory listing that raced a rename).
+readings in which its file is known to be gone or to hold other content (a listing that raced a
+rename, or a file renamed away before it could be opened, is no proof: see `_keep`). A file is
+recorded as read only when its whole content is behind the stream's offset.
 
 Reads are binary, in large blocks, never decoding (bad bytes cannot crash it); a partial last line
 waits for its newline; a line longer than `max_line_bytes` is judged by its first bytes and the rest
@@ -31,6 +33,7 @@ import hashlib
 import logging
 import lzma
 import os
+import stat
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +81,8 @@ class _File:
     head: bytes = b""
     stream: dict[str, Any] | None = None
     quick: bool = False  # unchanged since the last reading, which read it to its end
+    unopened: bool = False  # its name held another file, or none, when it was to be opened
+    opened: str = ""  # where it was found when opened, if a rename moved it since the listing
 
 
 class LogCollector(Collector):
@@ -182,15 +187,9 @@ class LogCollector(Collector):
         live = self._live_paths()
         bases = set(live) | {s["base"] for s in streams if s.get("base")}
         files: dict[str, _File] = {}
-        for path, is_live in [(p, True) for p in live] + [
-            (p, False) for p in self._copy_paths(bases)
-        ]:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # gone between the listing and now
+        for path, is_live, st in self._list(live, bases):
             key = f"{st.st_dev}:{st.st_ino}"
-            if key not in files and os.path.isfile(path):
+            if key not in files:
                 files[key] = _File(path, st, is_live, key)
         if not files and not first:
             raise SourceMissing(f"no file matches {self.glob}")
@@ -225,25 +224,23 @@ class LogCollector(Collector):
         for s, group in groups.values():
             value, finished = self._advance(s, group)
             total += value
-            # Files read to their end (or unchanged) are skipped while they stay as they are.
+            # Files whose whole content is behind the offset (or unchanged) are skipped while they
+            # stay as they are; one whose read did not happen (renamed over or gone since the
+            # listing) is not, whatever its size, so that its lines are read at the next reading.
             s["ids"] = {
                 f.key: [f.st.st_size, f.st.st_mtime_ns]
                 for f in group
-                if f.quick or f.codec is None or f.key in finished or s.get("done")
+                if f.quick
+                or (f.codec is None and f.st.st_size <= s["off"])
+                or f.key in finished
+                or s.get("done")
             }
             s["miss"] = 0
             carriers = [f for f in group if f.codec is None] or group
             s["home"] = max(carriers, key=lambda f: f.st.st_size).st.st_ino
             if any(f.live for f in group):
                 s["base"] = next(f.path for f in group if f.live)
-        kept = []
-        listed = {f.st.st_ino for f in files.values()}
-        for s in streams:
-            if id(s) not in groups and not _still_there(s, listed):
-                s["miss"] = s.get("miss", 0) + 1
-                if s["miss"] >= FORGET_AFTER:
-                    continue
-            kept.append(s)
+        kept = self._keep(streams, groups, files, bases)
         bad = self.matcher.bad_values - bad_before
         if bad:
             problem = (
@@ -257,6 +254,57 @@ class LogCollector(Collector):
         if bad:
             return Reading(total, state, problem=problem)
         return Reading(total, state)
+
+    def _list(self, live: list[str], bases: set[str]) -> list[tuple[str, bool, os.stat_result]]:
+        """(path, live, stat) of the live files, then of the places their copies may be."""
+        out = []
+        for path, is_live in [(p, True) for p in live] + [
+            (p, False) for p in self._copy_paths(bases)
+        ]:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone between the listing and now
+            if stat.S_ISREG(st.st_mode):
+                out.append((path, is_live, st))
+        return out
+
+    def _keep(
+        self,
+        streams: list[dict[str, Any]],
+        groups: Mapping[int, Any],
+        files: Mapping[str, _File],
+        bases: set[str],
+    ) -> list[dict[str, Any]]:
+        """The streams to keep: each one carried by a file this reading, and each other one
+        until FORGET_AFTER readings (since a file last carried it) have found its file gone.
+
+        A stream forgotten while its file is still there would be read again from its start, so a
+        miss counts only once its file is known to be gone or to hold other content: a file that
+        was listed but not looked into (renamed over or removed between the listing and its open)
+        may still carry it, and a file missing from the listing is looked for once more, since a
+        rename racing the listing (a name moved from the part not yet listed to the part already
+        listed) hides a file from it.
+        """
+        listed = {f.st.st_ino for f in files.values()}
+        unopened = {f.st.st_ino for f in files.values() if f.unopened}
+        missing = [
+            s
+            for s in streams
+            if id(s) not in groups and s.get("home") not in unopened and not _still_there(s, listed)
+        ]
+        again: set[int] = set()
+        if any(s.get("home") not in listed for s in missing):
+            again = {st.st_ino for _, _, st in self._list(self._live_paths(), bases)} - listed
+        kept = []
+        gone = {id(s) for s in missing if s.get("home") not in again}
+        for s in streams:
+            if id(s) in gone:
+                s["miss"] = s.get("miss", 0) + 1
+                if s["miss"] >= FORGET_AFTER:
+                    continue
+            kept.append(s)
+        return kept
 
     def _assign(self, files: dict[str, _File], streams: list[dict[str, Any]]) -> None:
         """Give each file the stream whose content it carries, if any.
@@ -299,9 +347,8 @@ class LogCollector(Collector):
         out of this reading and looked at again at the next one."""
         try:
             raw = _open_same(f)
-        except _Moved:
-            return  # renamed over since the listing: looked at again next reading
-        except FileNotFoundError:
+        except (_Moved, FileNotFoundError):
+            f.unopened = True  # renamed over or removed since the listing: next reading
             return
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
@@ -358,7 +405,7 @@ class LogCollector(Collector):
         for f in group:
             if f.quick:
                 continue
-            if f.codec == "gz" and _gzip_size(f.path) == s["off"] % (1 << 32):
+            if f.codec == "gz" and _gzip_size(f) == s["off"] % (1 << 32):
                 finished.add(f.key)  # read to its end already, from the file it was made of
                 continue
             value = self._read_compressed(s, f)
@@ -374,14 +421,20 @@ class LogCollector(Collector):
                 head = fh.read(FINGERPRINT)
                 if not _begins(head, s):
                     return Decimal(0)  # truncated and rewritten since listed: next reading
-                value, s["off"], s["skip"] = self._consume(fh, s["off"], s["skip"], size)
+                value, off, skip = self._consume(fh, s["off"], s["skip"], size)
+                if not _begins(os.pread(fh.fileno(), s["fl"], 0), s):
+                    # Truncated (copytruncate) and written again while being read: the bytes
+                    # read may belong to two contents. Nothing is kept; the next reading finishes
+                    # the old content from its copy, and reads the new from its start.
+                    return Decimal(0)
+                s["off"], s["skip"] = off, skip
         except (FileNotFoundError, _Moved):
             return Decimal(0)  # gone or renamed over since the listing: next reading
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
         self._extend_fingerprint(s, head)
-        s["path"] = f.path
-        self.last.files.append(f.path)
+        s["path"] = f.opened or f.path
+        self.last.files.append(s["path"])
         return value
 
     def _read_compressed(self, s: dict[str, Any], f: _File) -> Decimal | None:
@@ -397,8 +450,8 @@ class LogCollector(Collector):
                 self._warned.add(f.path)
                 log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, f.path, e)
             return None
-        s["off"], s["skip"], s["path"] = off, skip, f.path
-        self.last.files.append(f.path)
+        s["off"], s["skip"], s["path"] = off, skip, f.opened or f.path
+        self.last.files.append(s["path"])
         return value
 
     def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:
@@ -409,10 +462,10 @@ class LogCollector(Collector):
         size = f.st.st_size
         window = min(size, self.max_line)
         try:
-            with open(f.path, "rb", buffering=0) as fh:
+            with _open_same(f) as fh:
                 fh.seek(size - window)
                 tail = fh.read(window)
-        except OSError:
+        except (OSError, _Moved):
             return size, False
         nl = tail.rfind(b"\n")
         if nl >= 0:
@@ -472,13 +525,37 @@ class _Moved(Exception):
 
 
 def _open_same(f: _File) -> Any:
-    """Open f's path, making sure it is still the file that was listed (same device and inode)."""
-    fh = open(f.path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
-    st = os.fstat(fh.fileno())
-    if (st.st_dev, st.st_ino) != (f.st.st_dev, f.st.st_ino):
-        fh.close()
-        raise _Moved(f.path)
-    return fh
+    """Open the file that was listed as f (same device and inode): at its name, else where a
+    rename in the same folder has put it since (rotation shifts names while a reading runs).
+
+    _Moved when it is in neither place: it is looked at again at the next reading."""
+    path: str | None = f.opened or f.path
+    for _ in range(3):
+        if path is None:
+            break
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
+        except FileNotFoundError:
+            pass
+        else:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) == (f.st.st_dev, f.st.st_ino):
+                if path != f.path:
+                    f.opened = path
+                return fh
+            fh.close()
+        path = _named(os.path.dirname(f.path), f.st.st_ino)
+    raise _Moved(f.path)
+
+
+def _named(directory: str, ino: int) -> str | None:
+    """The entry of `directory` whose inode is `ino` (the folder's own record; the open that
+    follows checks it)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next((e.path for e in entries if e.inode() == ino), None)
+    except OSError:
+        return None
 
 
 def _is_copy(path: str, others: set[str]) -> bool:
@@ -523,14 +600,15 @@ def _match(streams: list[dict[str, Any]], head: bytes) -> dict[str, Any] | None:
     return best
 
 
-def _gzip_size(path: str) -> int | None:
+def _gzip_size(f: _File) -> int | None:
     """The uncompressed size mod 2**32 that a gzip file's trailer states (a hint, never trusted
-    alone: a mismatch means the file is decompressed and read)."""
+    alone: a mismatch means the file is decompressed and read). Read from the listed file, never
+    from whatever now has its name: another copy's size must not mark this one read."""
     try:
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            return int.from_bytes(f.read(4), "little")
-    except OSError:
+        with _open_same(f) as fh:
+            fh.seek(-4, os.SEEK_END)
+            return int.from_bytes(fh.read(4), "little")
+    except (OSError, _Moved):
         return None
 
 
