@@ -406,6 +406,13 @@ class Ledger:
         ).fetchall()
         return [Point(float(t), Decimal(v), float(s)) for t, v, s in rows]
 
+    def drop_samples(self, db: sqlite3.Connection, dimension: str, instants: list[float]) -> None:
+        """Remove samples that can never be billed (not a finite number: an older agent stored
+        them before values were checked), so they no longer hold their hour."""
+        db.executemany(
+            "DELETE FROM samples WHERE dimension = ? AND t = ?", [(dimension, t) for t in instants]
+        )
+
     # -- sealed hours ------------------------------------------------------------------------
 
     def insert_sealed(

@@ -106,14 +106,24 @@ def _seal_one(
     name = dim.name
     with ledger.transaction() as db:
         points = ledger.points(db, name, hour)
+        bad = [p for p in points if not p.value.is_finite()]
+        if bad:
+            # Stored by an agent that did not check values yet (a `rows=nan` line): such a value
+            # is that round's collector error today, so it is dropped and the hour's finite
+            # samples are billed rather than held for good.
+            ledger.drop_samples(db, name, [p.t for p in bad])
+            points = [p for p in points if p.value.is_finite()]
+            log.warning(
+                "hour %s dimension %s: dropped %d stored sample(s) that are not a finite number "
+                "(the first at %s: %s)",
+                iso_hour(hour),
+                name,
+                len(bad),
+                iso(bad[0].t),
+                bad[0].value,
+            )
         if not points:
             return None
-        bad = [p for p in points if not p.value.is_finite()]
-        if bad:  # stored by an agent that did not check values yet
-            raise ValueError(
-                f"{len(bad)} stored sample(s) are not a finite number "
-                f"(the first at {iso(bad[0].t)}: {bad[0].value})"
-            )
         raw = combine(dim.aggregate, points)
         quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
         if quantity.clamped_from is not None:

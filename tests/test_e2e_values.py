@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent.clock import hour_start, iso_hour
+from agent.clock import hour_start
 from agent.emulator import Emulator
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, run_cli
-from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for
+from tests.e2e import Agent, faketime_env, offset_to_before_boundary, wait_for
 
 pytestmark = pytest.mark.e2e
 CPUS = os.cpu_count() or 1
@@ -128,12 +128,12 @@ def test_a_nan_line_beside_a_healthy_dimension(
     assert_no_duplicates(emulator)
 
 
-def test_a_ledger_with_a_nan_sample_holds_only_that_dimension(
+def test_a_ledger_with_a_nan_sample_bills_the_finite_samples(
     emulator: Emulator, tmp_path: Path, agents: list[Agent]
 ) -> None:
-    """The ledger an older agent left after `rows=nan`: a NaN sample stored for `rows`. The other
-    dimension's hour is sealed and sent; `rows`' hour is held, named in health.json and status;
-    SIGTERM exits 0 and the restart's start-up seal does not crash."""
+    """The ledger an older agent left after `rows=nan`: a NaN sample stored for `rows` (that agent
+    then sealed nothing). The upgraded agent drops the NaN sample and bills both dimensions' hour
+    from their finite samples; SIGTERM exits 0 and the restart's start-up seal does not crash."""
     state = tmp_path / "state"
     previous = hour_start(time.time()) - 3600
     ledger = Ledger(state)
@@ -157,21 +157,22 @@ def test_a_ledger_with_a_nan_sample_holds_only_that_dimension(
     )
     agent = Agent(config, env_for(emulator)).start()
     agents.append(agent)
-    wait_for("the healthy hour sent", lambda: (previous, "vcpus") in billed(emulator), 30, agent)
-    health = json.loads((state / "health.json").read_text())
-    assert health["ok"] is False
-    assert health["reason"].startswith(f"hour {iso_hour(previous)} dimension rows: cannot seal")
-    rows = next(d for d in status_json(config)["dimensions"] if d["name"] == "rows")
-    assert rows["seal_error"]["hour"] == iso_hour(previous)
+    wait_for(
+        "both hours sent",
+        lambda: {(previous, "vcpus"), (previous, "rows")} <= set(billed(emulator)),
+        30,
+        agent,
+    )
     assert agent.terminate() == 0
+    health = json.loads((state / "health.json").read_text())
+    assert health["ok"] is True, health
     again = Agent(config, env_for(emulator)).start()
     agents.append(again)
     time.sleep(4)
     assert again.alive()
     assert again.terminate() == 0
     assert billed(emulator)[(previous, "vcpus")] == "4"
-    assert (previous, "rows") not in billed(emulator)
-    assert (previous, "rows") not in {(h.hour, h.dimension) for h in ledger_hours(state)}
+    assert billed(emulator)[(previous, "rows")] == "5"
     assert_no_duplicates(emulator)
 
 

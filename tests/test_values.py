@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import config, health
+from agent import config, health, sealing
 from agent.aggregate import Point, combine, reading_problem, to_quantity
 from agent.clock import Clock
 from agent.collectors import Collector, Reading, Registry, Sources
@@ -125,11 +125,21 @@ def store_raw(ledger: Ledger, dim: str, t: float, value: str) -> None:
         )
 
 
-def test_one_dimension_that_cannot_seal_never_holds_another(tmp_path: Path) -> None:
+def test_one_dimension_that_cannot_seal_never_holds_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sealing.combine
+
+    def combine(aggregate: str, points: list) -> D:
+        if any(p.value == 13 for p in points):
+            raise ArithmeticError("injected")
+        return real(aggregate, points)
+
+    monkeypatch.setattr(sealing, "combine", combine)
     cfg = sealing_config(tmp_path)
     ledger = Ledger(cfg.state_dir)
     store_raw(ledger, "rows", H + 60, "5")
-    store_raw(ledger, "rows", H + 120, "NaN")  # left by the old agent
+    store_raw(ledger, "rows", H + 120, "13")  # this hour's arithmetic fails
     store_raw(ledger, "vcpus", H + 60, "4")
     store_raw(ledger, "vcpus", H + 3600 + 60, "4")
     store_raw(ledger, "rows", H + 3600 + 60, "6")
@@ -140,7 +150,7 @@ def test_one_dimension_that_cannot_seal_never_holds_another(tmp_path: Path) -> N
         ("rows", H + 3600),  # the next hour of the same dimension is not held either
     }
     ((dim, hour, error),) = ledger.seal_errors()
-    assert (dim, hour) == ("rows", H) and "not a finite number" in error
+    assert (dim, hour) == ("rows", H) and "injected" in error
     snap = health.snapshot(ledger)
     assert snap["ok"] is False
     assert "hour 2027-01-15T08:00Z dimension rows: cannot seal" in snap["reason"]
@@ -149,24 +159,36 @@ def test_one_dimension_that_cannot_seal_never_holds_another(tmp_path: Path) -> N
     assert rows["seal_error"]["hour"] == "2027-01-15T08:00Z"
     # the samples are kept; once the hour can be sealed, the error is gone and health is ok
     with ledger.transaction() as db:
-        db.execute("DELETE FROM samples WHERE value = 'NaN'")
+        db.execute("DELETE FROM samples WHERE value = '13'")
     sealed = seal_hours(ledger, cfg, H + 7200 + 90, offset=0)
     assert [(s.dimension, s.hour, s.quantity) for s in sealed] == [("rows", H, "5")]
     assert ledger.seal_errors() == []
     assert health.snapshot(ledger)["ok"] is True
 
 
-def test_a_stop_seal_and_a_restart_survive_a_bad_stored_sample(tmp_path: Path) -> None:
+def test_a_stored_sample_that_is_no_finite_number_is_dropped_and_the_rest_billed(
+    tmp_path: Path,
+) -> None:
+    """An older agent stored `rows=nan` samples (and then sealed nothing): after the upgrade
+    the hour's finite samples are billed, the bad ones dropped, and a restart finds nothing left."""
     cfg = sealing_config(tmp_path)
     ledger = Ledger(cfg.state_dir)
-    store_raw(ledger, "rows", H + 60, "Infinity")
+    store_raw(ledger, "rows", H + 60, "5")
+    store_raw(ledger, "rows", H + 120, "NaN")
+    store_raw(ledger, "rows", H + 180, "2.5")
+    store_raw(ledger, "rows", H + 3600 + 60, "Infinity")  # the only sample of its hour
     store_raw(ledger, "vcpus", H + 60, "4")
-    sealed = seal_hours(ledger, cfg, H + 600, offset=0, include_current=True)
-    assert [s.dimension for s in sealed] == ["vcpus"]
+    sealed = seal_hours(ledger, cfg, H + 7200 + 30, offset=0)
+    assert sorted((s.dimension, s.hour, s.quantity) for s in sealed) == [
+        ("rows", H, "5"),  # the max of the finite samples
+        ("vcpus", H, "4"),
+    ]
+    assert ledger.seal_errors() == []
+    assert ledger.unsealed_sample_count() == 0
     ledger.close()
     ledger = Ledger(cfg.state_dir)  # the restart's start-up seal
-    assert seal_hours(ledger, cfg, H + 3600 + 5, offset=0) == []
-    assert [e[0] for e in ledger.seal_errors()] == ["rows"]
+    assert seal_hours(ledger, cfg, H + 7200 + 90, offset=0) == []
+    assert health.snapshot(ledger)["ok"] is True
 
 
 # -- 4. unique instants, spans ---------------------------------------------------------------
@@ -390,10 +412,16 @@ def test_reads_hold_sealing_only_within_their_deadline() -> None:
     assert reads.wait(5)
 
 
-def test_health_file_names_the_hour_and_dimension(tmp_path: Path) -> None:
+def test_health_file_names_the_hour_and_dimension(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def combine(aggregate: str, points: list) -> D:
+        raise ArithmeticError("injected")
+
+    monkeypatch.setattr(sealing, "combine", combine)
     cfg = sealing_config(tmp_path)
     ledger = Ledger(cfg.state_dir)
-    store_raw(ledger, "rows", H + 60, "NaN")
+    store_raw(ledger, "rows", H + 60, "5")
     seal_hours(ledger, cfg, H + 3700, offset=0)
     health.write(cfg.state_dir, ledger)
     data = json.loads((cfg.state_dir / "health.json").read_text())
