@@ -20,11 +20,13 @@ ledger refuses an instant a dimension already has, so re-lived minutes are not b
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +42,7 @@ from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, ownership, sealing, stopreason
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.config import Config, Dimension
+from agent.config import Config, Dimension, load
 from agent.errors import AgentError, LockHeld
 from agent.hooks import Hooks
 from agent.ledger import INSTANT_TAKEN, Ledger
@@ -56,6 +58,34 @@ log = logging.getLogger(__name__)
 SEND_TICK = 15  # seconds of clock time between checks for due work
 STOP_FLUSH = 30  # seconds the stop flush may spend sending
 SENDER_TIMEOUT = 600  # a send child that runs longer than this is killed (it is safe to)
+RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
+
+
+def snapshot_config(source: Path, state_dir: Path) -> tuple[Config, Path]:
+    """Copy the config file into state_dir and load the copy; `keep_snapshot` then makes it the
+    one the sender children read. So a child sends with exactly the config the daemon runs, not
+    whatever the file says since (an edit not yet reloaded, or one a reload refused)."""
+    tmp = state_dir / (RUNNING_CONFIG + ".new")
+    shutil.copyfile(source, tmp)
+    try:
+        return dataclasses.replace(load(tmp), source=source), tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_snapshot(state_dir: Path, tmp: Path) -> Path:
+    dest = state_dir / RUNNING_CONFIG
+    os.replace(tmp, dest)
+    ownership.adopt(state_dir, dest)
+    return dest
+
+
+def changed_dimensions(old: Config, new: Config) -> list[Dimension]:
+    """The old config's dimensions that the new one drops or bills differently (collector,
+    aggregate, scale, rounding, decimals, interval): their open hour cannot be continued."""
+    now = {d.name: dataclasses.replace(d, path="") for d in new.dimensions}
+    return [d for d in old.dimensions if now.get(d.name) != dataclasses.replace(d, path="")]
 
 
 class ClockTrigger(BaseTrigger):
@@ -154,6 +184,7 @@ class Daemon:
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
+        self.running_config: Path | None = None  # snapshot_config's copy, once run() made it
         self._reload = threading.Event()
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
@@ -168,6 +199,8 @@ class Daemon:
             self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
             self.lock.acquire()
             self.product_lock = take_product_lock(self.config)
+            self.config, snapshot = snapshot_config(self.config.source, self.state_dir)
+            self.running_config = keep_snapshot(self.state_dir, snapshot)
         except OSError as e:
             raise AgentError(
                 f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "
@@ -273,22 +306,48 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
-        its samples go on. A config that does not load is logged and the running one kept."""
-        from agent.config import load
+        its samples go on. A config that does not load is logged and the running one kept.
 
+        What only a restart may change (state_dir, product code, endpoint: the locks and the
+        ledger depend on them) is refused. A dimension that the new config drops or bills
+        differently has its open hour sealed first, under the config it was sampled with:
+        its samples could not be aggregated under the new one."""
+        snapshot: Path | None = None
         try:
-            new = load(self.config.source)
-            if Path(new.state_dir) != self.state_dir:
-                raise AgentError(f"state_dir: changed to {new.state_dir}; that needs a restart")
+            new, snapshot = snapshot_config(self.config.source, self.state_dir)
+            for key, old_value, new_value in (
+                ("state_dir", self.state_dir, Path(new.state_dir)),
+                ("product_code", self.config.product_code, new.product_code),
+                ("metering.endpoint_url", self.config.metering.endpoint_url,
+                 new.metering.endpoint_url),
+            ):  # fmt: skip
+                if old_value != new_value:
+                    raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
         except AgentError as e:
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
+            self._drop_snapshot(snapshot)
             return
         except Exception:  # a reload must never take the running agent down
             log.exception("reload of %s failed, keeping the running config", self.config.source)
+            self._drop_snapshot(snapshot)
             return
         assert self.ledger is not None
+        self.running_config = keep_snapshot(self.state_dir, snapshot)
         with self._round_lock:
+            changed = changed_dimensions(self.config, new)
+            if changed and self._verified():
+                for dim in changed:
+                    log.info(
+                        "reload: dimension %s is dropped or billed differently; sealing its "
+                        "hour %s as it was sampled",
+                        dim.name,
+                        iso_hour(self.clock.time()),
+                    )
+                old = dataclasses.replace(self.config, dimensions=tuple(changed))
+                sealing.seal_hours(
+                    self.ledger, old, self.clock.time(), self.offset, include_current=True
+                )
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
                 self.offset = sealing.send_offset(
@@ -315,6 +374,11 @@ class Daemon:
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
 
+    @staticmethod
+    def _drop_snapshot(snapshot: Path | None) -> None:
+        if snapshot is not None:
+            snapshot.unlink(missing_ok=True)
+
     def shutdown(self) -> None:
         """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
 
@@ -325,6 +389,19 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         self._stop_child(grace=5.0)
         restart = self.restarting()
+        changed: list[Dimension] = []
+        if restart:
+            # The restarted agent continues the hour with the config on disk: if that does not
+            # load (it would not start), stop as for a shutdown; a dimension it drops or bills
+            # differently is sealed now, as it was sampled.
+            try:
+                changed = changed_dimensions(self.config, load(self.config.source))
+            except Exception as e:
+                log.warning(
+                    "restart, but the config on disk does not load (%s): sealing and sending now",
+                    e,
+                )
+                restart = False
         assert self.ledger is not None
         with self._round_lock:  # a read storing its sample finishes its write first
             self._stopped = True  # reads still running (hung sources) are abandoned
@@ -335,6 +412,9 @@ class Daemon:
                 sealing.seal_hours(
                     self.ledger, self.config, stop, self.offset, include_current=not restart
                 )
+                if restart and changed:
+                    old = dataclasses.replace(self.config, dimensions=tuple(changed))
+                    sealing.seal_hours(self.ledger, old, stop, self.offset, include_current=True)
         health.write(self.state_dir, self.ledger, self.clock.time())
         if not self._verified():
             log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
@@ -379,14 +459,17 @@ class Daemon:
                 budget = min(
                     float(dim.collector.options.get("timeout", 10)), interval / self.clock.rate
                 )
-                busy = self.reads.start(dim.name, t, budget, functools.partial(self._read, dim, t))
+                read = functools.partial(self._read, dim, t, self.sampler)
+                busy = self.reads.start(dim.name, t, budget, read)
                 if busy is not None:
                     self._collector_error(dim, t, busy)
         with self._round_lock:
             if not self._stopped:
                 self.seal()
 
-    def _read(self, dim: Dimension, t: float, in_time: Callable[[], bool]) -> None:
+    def _read(
+        self, dim: Dimension, t: float, sampler: Sampler, in_time: Callable[[], bool]
+    ) -> None:
         """One dimension's read at instant `t` (on its worker thread), stored with its position.
 
         A read that ends after its deadline has already cost its dimension the instants it
@@ -398,10 +481,12 @@ class Daemon:
         try:
             if self._stopped:
                 return
-            sample = self.sampler.take(dim, t, self.ledger.position(dim.name))
+            sample = sampler.take(dim, t, self.ledger.position(dim.name))
             with self._round_lock:
-                if self._stopped:
-                    return
+                if self._stopped or changed_dimensions(
+                    dataclasses.replace(self.config, dimensions=(dim,)), self.config
+                ):
+                    return  # read under a config that a reload replaced: its position not kept
                 late = not in_time()
                 self._sample(dim, t, sample)
                 if late and sample.error is None:  # a late error already says why
@@ -519,7 +604,8 @@ class Daemon:
     # -- the sender child --------------------------------------------------------------------
 
     def _default_sender_command(self, flush: bool, deadline: float | None) -> list[str]:
-        cmd = [sys.executable, "-m", "agent", "send", "-c", str(self.config.source.resolve())]
+        config = self.running_config or self.config.source
+        cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
         cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         cmd += ["--log-format", self.log_format]
         if flush:
@@ -536,8 +622,13 @@ class Daemon:
             child = self._child
             if child is None:
                 return False
-            if child.poll() is not None:
+            code = child.poll()
+            if code is not None:
                 self._child = None
+                if code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
+                    log.error(
+                        "send process %d exited %d; pending hours stay pending", child.pid, code
+                    )
                 return False
             if self.clock.monotonic() - self._child_started > SENDER_TIMEOUT:
                 log.error("send process %d ran over %d s; killing it", child.pid, SENDER_TIMEOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -9,12 +10,14 @@ import pytest
 
 from agent.clock import Clock
 from agent.collectors import Registry, Sources
+from agent.config import load as config_load
 from agent.daemon import ClockTrigger, Daemon, StateLock, resolve_identity, snap
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.metering import ImdsError
 from agent.sampling import Sampler
 from tests.billing import H, make_config
+from tests.conftest import PRODUCT
 from tests.fakes import FakeClock, FakePsutil
 
 
@@ -267,3 +270,101 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
         d.reload()
         assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
         assert d.state_dir == tmp_path / "state"
+
+
+def _sealed(d: Daemon) -> dict[tuple[str, int], str]:
+    assert d.ledger is not None
+    return {(h.dimension, h.hour): h.quantity.text for h in d.ledger.hours()}
+
+
+def test_reload_seals_a_dimension_it_bills_differently_as_it_was_sampled(tmp_path: Path) -> None:
+    """vcpus sampled as `max` for 10 minutes, then reloaded as `sum`: its hour so far is sealed
+    as the max it was (4), not summed under the new aggregate; a dropped dimension is sealed too;
+    an unchanged one stays open."""
+    clock = FakeClock(H + 600)
+    d = daemon_for(tmp_path, clock, FakePsutil())
+    for _ in range(10):
+        run_round(d)
+        clock.advance(60)
+    source = d.config.source
+    text = source.read_text()
+    text = text.replace(
+        "  - name: vcpus\n    collector: {type: system, metric: cpu_count}\n",
+        "  - name: vcpus\n    collector: {type: system, metric: cpu_count}\n    aggregate: sum\n",
+    )
+    text = text[: text.index("  - name: vcpu_hours")]  # dropped
+    source.write_text(text)
+    d.reload()
+    assert d.config.dimensions[0].aggregate == "sum"
+    sealed = _sealed(d)
+    assert sealed[("vcpus", H)] == "4"
+    assert ("vcpu_hours", H) in sealed
+    assert ("requests", H) not in sealed  # unchanged: its hour goes on
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (f"product_code: {PRODUCT}", "product_code: zzzz1234efgh5678ijkl90mn"),
+        ("dimensions:", "metering: {endpoint_url: 'http://127.0.0.1:9'}\ndimensions:"),
+    ],
+)
+def test_reload_refuses_what_needs_a_restart(tmp_path: Path, old: str, new: str) -> None:
+    d = daemon_for(tmp_path, FakeClock(H + 600), FakePsutil())
+    before = d.config
+    d.config.source.write_text(d.config.source.read_text().replace(old, new, 1))
+    d.reload()
+    assert d.config is before
+
+
+def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path) -> None:
+    """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
+    from agent.daemon import keep_snapshot, snapshot_config
+
+    d = daemon_for(tmp_path, FakeClock(H + 600), FakePsutil())
+    d.sender_command = d._default_sender_command
+    d.config, snap = snapshot_config(d.config.source, d.state_dir)
+    d.running_config = keep_snapshot(d.state_dir, snap)
+    running = d.config.source.read_text()
+    d.config.source.write_text("dimensions: [")  # a broken edit
+    d.reload()  # refused
+    cmd = d.sender_command(False, None)
+    child_config = Path(cmd[cmd.index("-c") + 1])
+    assert child_config != d.config.source.resolve()
+    assert child_config.read_text() == running
+    assert config_load(child_config).product_code == PRODUCT
+
+
+def test_a_restart_whose_config_no_longer_loads_seals_as_a_stop(tmp_path: Path) -> None:
+    clock = FakeClock(H + 600)
+    d = daemon_for(tmp_path, clock, FakePsutil())
+    run_round(d)
+    d.restarting = lambda: True
+    d.config.source.write_text("dimensions: [")  # the restarted agent would not start
+    d.shutdown()
+    d2 = daemon_for_existing(tmp_path, clock)
+    assert _vcpus(d2) == {H: "4"}  # sealed at once, not left open for an agent that won't run
+
+
+def test_a_restart_seals_the_dimensions_the_new_config_changes(tmp_path: Path) -> None:
+    clock = FakeClock(H + 600)
+    d = daemon_for(tmp_path, clock, FakePsutil())
+    run_round(d)
+    d.restarting = lambda: True
+    source = d.config.source
+    source.write_text(source.read_text()[: source.read_text().index("  - name: vcpu_hours")])
+    d.shutdown()
+    d2 = daemon_for_existing(tmp_path, clock)
+    sealed = _sealed(d2)
+    assert ("vcpu_hours", H) in sealed  # dropped by the new config: sealed as sampled
+    assert ("vcpus", H) not in sealed  # unchanged: left open for the restarted agent
+
+
+def daemon_for_existing(tmp_path: Path, clock: FakeClock) -> Daemon:
+    """A second daemon on the same state dir, whatever the config file says now."""
+    (tmp_path / "again").mkdir(exist_ok=True)
+    cfg = make_config(tmp_path / "again")
+    cfg = dataclasses.replace(cfg, state_dir=tmp_path / "state")
+    d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"))
+    d.ledger = Ledger(cfg.state_dir)
+    return d
