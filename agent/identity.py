@@ -5,7 +5,10 @@ build instance names that instance; on the buyer's first boot IMDS may be slow t
 IMDS has confirmed the id, the ledger is *unverified*: `run` keeps sampling into it but seals and
 sends nothing (health says why), and asks IMDS again with backoff (quickly for the first minute,
 then every minute). Once IMDS answers: the same id verifies it; another id moves the ledger aside
-unsent and starts a fresh one that takes over the samples and positions this run wrote.
+unsent and starts a fresh one that takes over the samples and positions written since the first
+unverified run began. That instant is kept in the ledger's meta (`unverified_since`), so a run that
+stops before IMDS answers loses nothing: the next start carries its samples too; samples the build
+instance took before baking predate it and stay behind.
 
 A ledger with no id yet, or a random one (made where IMDS never answered: not EC2), is this
 host's own and is verified at once; an IMDS id that answers later is adopted.
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
 RETRY_EVERY = 60.0
 UNVERIFIED = "identity_unverified"
+SINCE = "unverified_since"  # start of the first unverified run: its samples are this machine's
 
 
 def ask(imds: Imds) -> str | None:
@@ -51,11 +55,14 @@ def settle(
     """Apply one IMDS answer (None: no answer) to the ledger; returns the ledger to use.
 
     A ledger naming another IMDS instance is moved aside unsent, and a fresh one takes over the
-    samples and positions written since `carry_since` (this run's, while it waited)."""
+    samples and positions written since the earlier of `carry_since` and the ledger's
+    `unverified_since` mark (the unverified runs', this one's or earlier ones that stopped before
+    IMDS answered)."""
     known = ledger.get_meta("instance_id")
     source = ledger.get_meta("instance_id_source")
     if instance_id and known and known != instance_id and source == "imds":
-        samples, positions = ledger.since(carry_since) if carry_since is not None else ([], [])
+        marks = [t for t in (carry_since, ledger.get_meta(SINCE)) if t is not None]
+        samples, positions = ledger.since(min(marks)) if marks else ([], [])
         ledger.close()
         moved = move_aside(state_dir, f"instance-{known}", now)
         log.warning(
@@ -73,7 +80,7 @@ def settle(
     elif not known:
         ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
     if instance_id or source != "imds":
-        ledger.update_meta(**{UNVERIFIED: None})
+        ledger.update_meta(**{UNVERIFIED: None, SINCE: None})
     return ledger
 
 
@@ -102,7 +109,9 @@ class Identity:
                 "or sent from it until IMDS confirms this is that instance"
             )
             log.warning("%s", reason)
-            ledger.update_meta(**{UNVERIFIED: reason})
+            since = ledger.get_meta(SINCE)  # an earlier unverified run's start: keep the earliest
+            mark = self.started if since is None else min(since, self.started)
+            ledger.update_meta(**{UNVERIFIED: reason, SINCE: mark})
             health.write(self.state_dir, ledger, self.started)
             return ledger
         ledger = settle(ledger, answer, self.state_dir, self.started)

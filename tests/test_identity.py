@@ -102,3 +102,58 @@ def test_the_same_instance_verifies_at_once(tmp_path: Path) -> None:
     ledger = ident.start(Ledger(state))
     assert ident.verified.is_set()
     assert [h.state for h in ledger.hours()] == ["pending"]  # its own hour: sent as usual
+
+
+def samples_at(ledger: Ledger) -> list[float]:
+    return sorted(r[2] for r in ledger.since(0)[0])
+
+
+def test_unverified_runs_that_stop_before_imds_answers_are_carried_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    state = baked(tmp_path)
+    build = Ledger(state)  # the build instance sampled a little more before the image was baked
+    build.record_sample("vcpus", H + 10, Decimal(2), 60, {"p": 0}, carry=False)
+    build.close()
+    imds = SlowImds("i-buyer")
+    # first boot: IMDS silent; the run samples and stops
+    first = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
+    ledger = first.start(Ledger(state))
+    assert not first.verified.is_set()
+    ledger.record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
+    ledger.close()
+    # second start: still silent; the mark stays at the first run's start
+    second = identity.Identity(imds, FakeClock(H + 700), state)  # type: ignore[arg-type]
+    ledger = second.start(Ledger(state))
+    assert not second.verified.is_set()
+    assert ledger.get_meta(identity.SINCE) == H + 100
+    ledger.record_sample("vcpus", H + 720, Decimal(4), 60, {"p": 2}, carry=False)
+    ledger.close()
+    # third start: IMDS answers another id at once
+    imds.up = True
+    third = identity.Identity(imds, FakeClock(H + 1500), state)  # type: ignore[arg-type]
+    fresh = third.start(Ledger(state))
+    assert third.verified.is_set()
+    assert fresh.get_meta("instance_id") == "i-buyer"
+    assert fresh.get_meta(identity.SINCE) is None and fresh.get_meta(identity.UNVERIFIED) is None
+    assert samples_at(fresh) == [H + 120, H + 720]  # both unverified runs', not the build's
+    assert fresh.position("vcpus") == {"p": 2}
+    (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
+    with sqlite3.connect(moved) as db:
+        assert db.execute("SELECT t FROM samples ORDER BY t").fetchall() == [
+            (H + 10,),
+            (H + 120,),
+            (H + 720,),
+        ]
+
+
+def test_the_same_id_answering_late_clears_the_mark(tmp_path: Path) -> None:
+    state = baked(tmp_path)
+    imds = SlowImds("i-build")
+    ledger = identity.Identity(imds, FakeClock(H + 100), state).start(Ledger(state))  # type: ignore[arg-type]
+    assert ledger.get_meta(identity.SINCE) == H + 100
+    ledger.close()
+    imds.up = True
+    ident = identity.Identity(imds, FakeClock(H + 200), state)  # type: ignore[arg-type]
+    ledger = ident.start(Ledger(state))
+    assert ident.verified.is_set() and ledger.get_meta(identity.SINCE) is None
