@@ -119,7 +119,11 @@ class Identity:
         return ledger
 
     def _settle(self, ledger: Ledger, instance_id: str) -> Ledger:
-        return settle(ledger, instance_id, self.state_dir, self.clock.time(), self.started)
+        """Run by `swap` under the daemon's round lock: the ledger is verified in the same step,
+        so a stop cannot slip between the swap and the verification and skip its seal."""
+        ledger = settle(ledger, instance_id, self.state_dir, self.clock.time(), self.started)
+        self.verified.set()
+        return ledger
 
     def keep_asking(
         self,
@@ -128,7 +132,7 @@ class Identity:
         wanted: Callable[[], bool],
     ) -> None:
         """In the background: ask IMDS with backoff while `wanted()`; on an answer, `swap` runs
-        the settling under the daemon's round lock (False: stopping) and the ledger is verified."""
+        the settling under the daemon's round lock (False: stopping), which verifies the ledger."""
 
         def loop() -> None:
             tries = 0
@@ -142,7 +146,6 @@ class Identity:
                     continue
                 if not swap(functools.partial(self._settle, instance_id=answer)):
                     return  # stopping
-                self.verified.set()
                 log.info("IMDS answered: instance %s; the ledger is verified", answer)
                 return
 

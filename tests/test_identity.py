@@ -73,8 +73,12 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     # this run samples while it waits (t >= the run's start)
     holder["ledger"].record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
 
+    verified_in_swap = []
+
     def swap(settle):  # type: ignore[no-untyped-def]
         holder["ledger"] = settle(holder["ledger"])
+        # verified before the swap lets go of the round lock: a stop then seals
+        verified_in_swap.append(ident.verified.is_set())
         return True
 
     stop = threading.Event()
@@ -84,6 +88,7 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     imds.up = True
     assert ident.verified.wait(5)
     stop.set()
+    assert verified_in_swap == [True]
     fresh = holder["ledger"]
     assert fresh.get_meta("instance_id") == "i-buyer"
     assert fresh.get_meta("identity_unverified") is None
