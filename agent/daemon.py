@@ -257,7 +257,11 @@ class Daemon:
             assert self.ledger is not None
             if self.stop_event.is_set():
                 return False
-            ledger = settle(self.ledger)
+            try:
+                ledger = settle(self.ledger)
+            except Exception as e:  # no usable ledger: stop (exit 1) rather than store into none
+                log.error("stopping: the ledger is unusable after a failed identity swap: %s", e)
+                identity.stop_now(1)
             if ledger is not self.ledger:
                 self.ledger = ledger
                 if self.hooks is not None:

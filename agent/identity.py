@@ -5,7 +5,10 @@ build instance names that instance; on the buyer's first boot IMDS may be slow t
 IMDS has confirmed the id, the ledger is *unverified*: `run` keeps sampling into it but seals and
 sends nothing (health says why), and asks IMDS again with backoff (quickly for the first minute,
 then every minute). Once IMDS answers: the same id verifies it; another id moves the ledger aside
-unsent and starts a fresh one that takes over the samples and positions this run wrote.
+unsent and starts a fresh one that takes over the samples and positions written since the first
+unverified run began. That instant is kept in the ledger's meta (`unverified_since`), so a run that
+stops before IMDS answers loses nothing: the next start carries its samples too; samples the build
+instance took before baking predate it and stay behind.
 
 A ledger with no id yet, or a random one (made where IMDS never answered: not EC2), is this
 host's own and is verified at once; an IMDS id that answers later is adopted.
@@ -15,14 +18,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from agent import health
 from agent.clock import Clock, iso
-from agent.ledger import Ledger, move_aside
+from agent.errors import AgentError
+from agent.ledger import LEDGER_FILE, Ledger, move_aside
 from agent.metering import Imds, ImdsError
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
 RETRY_EVERY = 60.0
 UNVERIFIED = "identity_unverified"
+SINCE = "unverified_since"  # start of the first unverified run: its samples are this machine's
 
 
 def ask(imds: Imds) -> str | None:
@@ -51,13 +59,27 @@ def settle(
     """Apply one IMDS answer (None: no answer) to the ledger; returns the ledger to use.
 
     A ledger naming another IMDS instance is moved aside unsent, and a fresh one takes over the
-    samples and positions written since `carry_since` (this run's, while it waited)."""
+    samples and positions written since the earlier of `carry_since` and the ledger's
+    `unverified_since` mark (the unverified runs', this one's or earlier ones that stopped before
+    IMDS answered)."""
     known = ledger.get_meta("instance_id")
     source = ledger.get_meta("instance_id_source")
     if instance_id and known and known != instance_id and source == "imds":
-        samples, positions = ledger.since(carry_since) if carry_since is not None else ([], [])
+        marks = [t for t in (carry_since, ledger.get_meta(SINCE)) if t is not None]
+        samples, positions = ledger.since(min(marks)) if marks else ([], [])
         ledger.close()
         moved = move_aside(state_dir, f"instance-{known}", now)
+        try:
+            fresh = Ledger(state_dir)
+        except Exception:
+            put_back(moved, state_dir)
+            raise
+        try:
+            fresh.take_over(samples, positions)
+        except Exception:
+            fresh.close()
+            put_back(moved, state_dir)
+            raise
         log.warning(
             "the ledger belongs to instance %s, this is %s (an image baked with state?): moved "
             "it to %s and started a fresh one; nothing from it will be sent",
@@ -65,16 +87,57 @@ def settle(
             instance_id,
             moved,
         )
-        ledger = Ledger(state_dir)
-        ledger.take_over(samples, positions)
+        ledger = fresh
         known = None
     if instance_id and known != instance_id:
         ledger.update_meta(instance_id=instance_id, instance_id_source="imds")
     elif not known:
         ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
     if instance_id or source != "imds":
-        ledger.update_meta(**{UNVERIFIED: None})
+        ledger.update_meta(**{UNVERIFIED: None, SINCE: None})
     return ledger
+
+
+def put_back(moved: Path, state_dir: Path) -> None:
+    """Undo a move aside whose fresh ledger could not be made: drop what the attempt left and
+    rename the old ledger back, so it stays in use (unverified) and the move is tried again."""
+    src = Path(state_dir) / LEDGER_FILE
+    for suffix in ("-wal", "-shm", ""):  # the failed fresh ledger's: empty, or half made
+        Path(str(src) + suffix).unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(str(moved) + suffix)
+        if part.exists():
+            os.replace(part, Path(str(src) + suffix))
+
+
+def usable(ledger: Ledger, state_dir: Path) -> Ledger:
+    """The ledger after a failed settle: the same one if still open, else the file reopened.
+
+    Why: settle closes the ledger before moving it aside; a failure after that must not leave
+    the daemon storing into a closed ledger. No file to reopen (or it will not open): AgentError,
+    and the daemon stops rather than run on without a ledger."""
+    try:
+        ledger.get_meta("instance_id")
+        return ledger
+    except sqlite3.Error:
+        ledger.close()
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.exists():  # half moved: a new file here would pair with the old one's WAL
+        raise AgentError(f"{path}: gone after a failed move aside; restart to recover it")
+    try:
+        return Ledger(state_dir)
+    except (OSError, sqlite3.Error) as e:
+        raise AgentError(f"{path}: cannot reopen it after a failed move aside: {e}") from None
+
+
+def stop_now(code: int = 1) -> NoReturn:
+    """Exit the process at once, from any thread, with `code` (systemd restarts the agent).
+
+    Why: for a daemon left without a usable ledger every later store would fail silently; a
+    restart loses nothing, as the unverified run's samples are carried from `unverified_since`."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(code)
 
 
 class Identity:
@@ -87,6 +150,7 @@ class Identity:
         self.state_dir = state_dir
         self.verified = threading.Event()
         self.started = 0.0
+        self.settled = False  # the late answer applied (settle succeeded in the swap)
         self._thread: threading.Thread | None = None
 
     def start(self, ledger: Ledger) -> Ledger:
@@ -94,23 +158,48 @@ class Identity:
         self.started = self.clock.time()
         answer = ask(self.imds)
         source = ledger.get_meta("instance_id_source")
-        if answer is None and source == "imds":
-            known = ledger.get_meta("instance_id")
-            reason = (
-                f"instance identity not verified: IMDS has not answered since "
-                f"{iso(self.started)}; the ledger names instance {known}, and nothing is sealed "
-                "or sent from it until IMDS confirms this is that instance"
-            )
-            log.warning("%s", reason)
-            ledger.update_meta(**{UNVERIFIED: reason})
-            health.write(self.state_dir, ledger, self.started)
-            return ledger
-        ledger = settle(ledger, answer, self.state_dir, self.started)
-        self.verified.set()  # an IMDS answer, or this host's own ledger (new or a random id)
+        known = ledger.get_meta("instance_id")
+        if answer is not None or source != "imds":
+            try:
+                ledger = settle(ledger, answer, self.state_dir, self.started)
+            except Exception as e:
+                if not (answer and known and known != answer and source == "imds"):
+                    raise  # not a move aside: nothing to fall back on (exit 1, one line)
+                log.error("could not move aside the ledger of instance %s: %s", known, e)
+                ledger = usable(ledger, self.state_dir)
+            else:
+                self.verified.set()  # an IMDS answer, or this host's own ledger (new or random)
+                return ledger
+            wait = f"IMDS says this is {answer} but that ledger could not be moved aside"
+        else:
+            wait = f"IMDS has not answered since {iso(self.started)}"
+        reason = (
+            f"instance identity not verified: {wait}; the ledger names instance {known}, and "
+            "nothing is sealed or sent from it until IMDS confirms this is that instance"
+        )
+        log.warning("%s", reason)
+        since = ledger.get_meta(SINCE)  # an earlier unverified run's start: keep the earliest
+        mark = self.started if since is None else min(since, self.started)
+        ledger.update_meta(**{UNVERIFIED: reason, SINCE: mark})
+        health.write(self.state_dir, ledger, self.started)
         return ledger
 
     def _settle(self, ledger: Ledger, instance_id: str) -> Ledger:
-        return settle(ledger, instance_id, self.state_dir, self.clock.time(), self.started)
+        """Run by `swap` under the daemon's round lock: the ledger is verified in the same step,
+        so a stop cannot slip between the swap and the verification and skip its seal. A failed
+        move aside leaves the ledger as it was (reopened), unverified, and is tried again."""
+        try:
+            ledger = settle(ledger, instance_id, self.state_dir, self.clock.time(), self.started)
+        except Exception as e:
+            log.error(
+                "could not settle the ledger for instance %s (trying again later): %s",
+                instance_id,
+                e,
+            )
+            return usable(ledger, self.state_dir)  # AgentError if it cannot be: the caller stops
+        self.verified.set()
+        self.settled = True
+        return ledger
 
     def keep_asking(
         self,
@@ -119,7 +208,7 @@ class Identity:
         wanted: Callable[[], bool],
     ) -> None:
         """In the background: ask IMDS with backoff while `wanted()`; on an answer, `swap` runs
-        the settling under the daemon's round lock (False: stopping) and the ledger is verified."""
+        the settling under the daemon's round lock (False: stopping), which verifies the ledger."""
 
         def loop() -> None:
             tries = 0
@@ -133,7 +222,8 @@ class Identity:
                     continue
                 if not swap(functools.partial(self._settle, instance_id=answer)):
                     return  # stopping
-                self.verified.set()
+                if not self.settled:
+                    continue  # it failed (logged) and the ledger is as it was: ask again
                 log.info("IMDS answered: instance %s; the ledger is verified", answer)
                 return
 

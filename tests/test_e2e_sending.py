@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import psutil
@@ -232,11 +233,19 @@ def test_a_second_agent_for_the_product_exits_1_naming_the_first(
         emulator.stop()
 
 
+def samples_in(db_path: Path, since: float = 0.0) -> set[tuple[str, float]]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT dimension, t FROM samples WHERE t >= ?", (since,)).fetchall()
+    return {(d, t) for d, t in rows}
+
+
 def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
     emulator: Emulator, tmp_path: Path, agents: list[Agent]
 ) -> None:
-    """IMDS silent for the first 20 s; the image carries the build instance's ledger with a
-    pending hour. Nothing from it is sent; once IMDS answers it is moved aside."""
+    """The image carries the build instance's ledger with a pending hour and a few unsealed
+    samples. First boot: IMDS silent and the agent stopped before it answers; second start: IMDS
+    silent for a while, then it answers. Nothing from the build instance is sent or carried; the
+    ledger is moved aside and both buyer runs' samples are carried into the fresh one and sent."""
     state = tmp_path / "state"
     build = make_config(tmp_path)  # writes tmp_path/config.yaml; replaced below
     ledger = Ledger(state)
@@ -246,11 +255,16 @@ def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
     fill(ledger, "vcpus", baked_hour, 3)
     seal_hours(ledger, build, now, offset=0)
     (baked,) = ledger.pending()
+    built_at = max(hour_start(now), now - 30)  # sampled on the build instance, before baking
+    ledger.record_sample("vcpus", built_at, Decimal(2), 1, None, carry=False)
     ledger.close()
     cfg = tmp_path / "config.yaml"
     cfg.write_text(config_text(state, emulator.url))
     emulator.configure(imds_hang=2.0)
-    agent = start(agents, cfg, {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url})
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
+
+    # first boot: IMDS never answers; the agent samples, then stops
+    agent = start(agents, cfg, env)
     wait_for(
         "health to say the identity is unverified",
         lambda: "not verified" in (health(state).get("reason") or ""),
@@ -258,12 +272,28 @@ def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
         agent,
     )
     assert health(state)["ok"] is False
-    time.sleep(20 - 2)
+    wait_for("a few samples", lambda: len(samples_in(state / "ledger.db", now)) >= 4, 20, agent)
+    assert agent.terminate() == 0
     assert list(state.glob("ledger.db.instance-*")) == []  # not decided without IMDS
+    first_run = samples_in(state / "ledger.db", now)
+    assert ("vcpus", built_at) not in first_run and len(first_run) >= 4
+
+    # second start: IMDS silent a while longer, then it answers
+    agent = start(agents, cfg, env)
+    wait_for(
+        "the second run to sample",
+        lambda: samples_in(state / "ledger.db") - first_run - {("vcpus", built_at)},
+        20,
+        agent,
+    )
+    assert list(state.glob("ledger.db.instance-*")) == []
     emulator.configure(imds_hang=0.0)
     wait_for(
         "the baked ledger moved aside", lambda: list(state.glob("ledger.db.instance-*")), 40, agent
     )
+    carried = samples_in(state / "ledger.db")
+    assert first_run <= carried, "the first run's samples are carried into the fresh ledger"
+    assert ("vcpus", built_at) not in carried, "the build instance's samples are not"
     wait_for(
         "the fresh ledger's DryRun", lambda: health(state).get("authorized") is True, 30, agent
     )
@@ -279,6 +309,8 @@ def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
         assert db.execute("SELECT state, client_token FROM hours").fetchall() == [
             ("pending", baked.client_token)
         ]
+    assert ("vcpus", built_at) in samples_in(moved)
     fresh = hours(state)
     assert all(h.hour != baked_hour for h in fresh)
+    assert samples_in(state / "ledger.db") == set(), "every carried sample was sealed"
     assert health(state)["ok"] is True

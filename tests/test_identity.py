@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 from agent import identity
 from agent.ledger import Ledger
@@ -73,8 +76,12 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     # this run samples while it waits (t >= the run's start)
     holder["ledger"].record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
 
+    verified_in_swap = []
+
     def swap(settle):  # type: ignore[no-untyped-def]
         holder["ledger"] = settle(holder["ledger"])
+        # verified before the swap lets go of the round lock: a stop then seals
+        verified_in_swap.append(ident.verified.is_set())
         return True
 
     stop = threading.Event()
@@ -84,6 +91,7 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     imds.up = True
     assert ident.verified.wait(5)
     stop.set()
+    assert verified_in_swap == [True]
     fresh = holder["ledger"]
     assert fresh.get_meta("instance_id") == "i-buyer"
     assert fresh.get_meta("identity_unverified") is None
@@ -102,3 +110,170 @@ def test_the_same_instance_verifies_at_once(tmp_path: Path) -> None:
     ledger = ident.start(Ledger(state))
     assert ident.verified.is_set()
     assert [h.state for h in ledger.hours()] == ["pending"]  # its own hour: sent as usual
+
+
+def samples_at(ledger: Ledger) -> list[float]:
+    return sorted(r[2] for r in ledger.since(0)[0])
+
+
+def test_unverified_runs_that_stop_before_imds_answers_are_carried_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    state = baked(tmp_path)
+    build = Ledger(state)  # the build instance sampled a little more before the image was baked
+    build.record_sample("vcpus", H + 10, Decimal(2), 60, {"p": 0}, carry=False)
+    build.close()
+    imds = SlowImds("i-buyer")
+    # first boot: IMDS silent; the run samples and stops
+    first = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
+    ledger = first.start(Ledger(state))
+    assert not first.verified.is_set()
+    ledger.record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
+    ledger.close()
+    # second start: still silent; the mark stays at the first run's start
+    second = identity.Identity(imds, FakeClock(H + 700), state)  # type: ignore[arg-type]
+    ledger = second.start(Ledger(state))
+    assert not second.verified.is_set()
+    assert ledger.get_meta(identity.SINCE) == H + 100
+    ledger.record_sample("vcpus", H + 720, Decimal(4), 60, {"p": 2}, carry=False)
+    ledger.close()
+    # third start: IMDS answers another id at once
+    imds.up = True
+    third = identity.Identity(imds, FakeClock(H + 1500), state)  # type: ignore[arg-type]
+    fresh = third.start(Ledger(state))
+    assert third.verified.is_set()
+    assert fresh.get_meta("instance_id") == "i-buyer"
+    assert fresh.get_meta(identity.SINCE) is None and fresh.get_meta(identity.UNVERIFIED) is None
+    assert samples_at(fresh) == [H + 120, H + 720]  # both unverified runs', not the build's
+    assert fresh.position("vcpus") == {"p": 2}
+    (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
+    with sqlite3.connect(moved) as db:
+        assert db.execute("SELECT t FROM samples ORDER BY t").fetchall() == [
+            (H + 10,),
+            (H + 120,),
+            (H + 720,),
+        ]
+
+
+def test_the_same_id_answering_late_clears_the_mark(tmp_path: Path) -> None:
+    state = baked(tmp_path)
+    imds = SlowImds("i-build")
+    ledger = identity.Identity(imds, FakeClock(H + 100), state).start(Ledger(state))  # type: ignore[arg-type]
+    assert ledger.get_meta(identity.SINCE) == H + 100
+    ledger.close()
+    imds.up = True
+    ident = identity.Identity(imds, FakeClock(H + 200), state)  # type: ignore[arg-type]
+    ledger = ident.start(Ledger(state))
+    assert ident.verified.is_set() and ledger.get_meta(identity.SINCE) is None
+
+
+def fail_first(monkeypatch, name: str, error: Exception, half_move: bool = False):  # type: ignore[no-untyped-def]
+    """Make identity's `name` (move_aside or Ledger) raise once, then work again."""
+    real = getattr(identity, name)
+    calls = []
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 1:
+            if half_move:  # the ledger file renamed, then the failure
+                real(*args, **kwargs)
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(identity, name, failing)
+    return calls
+
+
+def no_moved_aside(state: Path) -> bool:
+    return list(state.glob("ledger.db.instance-*")) == []
+
+
+@pytest.mark.parametrize("name", ["move_aside", "Ledger"])
+def test_a_failed_late_swap_keeps_a_usable_ledger_and_tries_again(
+    tmp_path: Path, monkeypatch, name: str
+) -> None:
+    monkeypatch.setattr(identity, "RETRY_DELAYS", (0.01,) * 3)
+    monkeypatch.setattr(identity, "RETRY_EVERY", 0.01)
+    state = baked(tmp_path)
+    imds = SlowImds("i-buyer")
+    ident = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
+    holder = {"ledger": ident.start(Ledger(state))}
+    holder["ledger"].record_sample("vcpus", H + 120, Decimal(4), 60, {"p": 1}, carry=False)
+    calls = fail_first(monkeypatch, name, OSError(28, "No space left on device"))
+    swaps = []
+    after_failure = threading.Event()
+
+    def swap(settle):  # type: ignore[no-untyped-def]
+        holder["ledger"] = settle(holder["ledger"])
+        swaps.append(ident.verified.is_set())
+        if len(swaps) == 1:
+            # the failed swap left a ledger this run goes on storing into
+            assert holder["ledger"].get_meta("instance_id") == "i-build"
+            holder["ledger"].record_sample("vcpus", H + 180, Decimal(4), 60, {"p": 2}, carry=False)
+            after_failure.set()
+        return True
+
+    stop = threading.Event()
+    imds.up = True
+    ident.keep_asking(stop, swap, lambda: not ident.verified.is_set())
+    assert ident.verified.wait(5)
+    stop.set()
+    assert after_failure.is_set() and swaps == [False, True]
+    # move_aside: failed, then worked; Ledger: the fresh one failed, the old reopened, fresh again
+    assert len(calls) == (2 if name == "move_aside" else 3)
+    fresh = holder["ledger"]
+    assert fresh.get_meta("instance_id") == "i-buyer"
+    assert samples_at(fresh) == [H + 120, H + 180] and fresh.position("vcpus") == {"p": 2}
+    (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
+    with sqlite3.connect(moved) as db:
+        assert db.execute("SELECT state FROM hours").fetchall() == [("pending",)]
+
+
+def test_a_failed_move_at_start_stays_unverified_on_the_old_ledger(
+    tmp_path: Path, monkeypatch
+) -> None:
+    state = baked(tmp_path)
+    imds = SlowImds("i-buyer")
+    imds.up = True
+    fail_first(monkeypatch, "move_aside", PermissionError(13, "Permission denied"))
+    ident = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
+    ledger = ident.start(Ledger(state))
+    assert not ident.verified.is_set() and no_moved_aside(state)
+    assert (
+        ledger.get_meta("instance_id") == "i-build" and ledger.get_meta(identity.SINCE) == H + 100
+    )
+    ledger.record_sample("vcpus", H + 120, Decimal(4), 60, None, carry=False)  # usable
+    assert json.loads((state / "health.json").read_text())["ok"] is False
+    ledger.close()
+    # the next start moves it and carries this run's sample
+    ident = identity.Identity(imds, FakeClock(H + 900), state)  # type: ignore[arg-type]
+    fresh = ident.start(Ledger(state))
+    assert ident.verified.is_set() and samples_at(fresh) == [H + 120]
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_the_daemon_stops_with_exit_1_when_no_usable_ledger_is_left(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from agent.daemon import Daemon
+
+    state = baked(tmp_path)
+    imds = SlowImds("i-buyer")
+    d = Daemon(make_config(tmp_path), FakeClock(H + 100), imds=imds)  # type: ignore[arg-type]
+    d.identity = identity.Identity(imds, d.clock, state)  # type: ignore[arg-type]
+    d.ledger = d.identity.start(Ledger(state))
+    # half moved (the ledger renamed, its WAL not): no ledger.db left to reopen safely
+    fail_first(monkeypatch, "move_aside", OSError(5, "Input/output error"), half_move=True)
+    codes = []
+
+    def stop_now(code: int = 1) -> None:
+        codes.append(code)
+        raise Stopped
+
+    monkeypatch.setattr(identity, "stop_now", stop_now)
+    with pytest.raises(Stopped):
+        d._swap_ledger(functools.partial(d.identity._settle, instance_id="i-buyer"))
+    assert codes == [1] and not d.identity.verified.is_set()
