@@ -23,7 +23,7 @@ from typing import Any
 from agent.aggregate import Point, Quantity
 from agent.clock import HOUR, hour_start
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -98,7 +98,7 @@ _MIGRATIONS: dict[int, str] = {
         AND NEW.timestamp = OLD.timestamp
         AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
         AND NEW.reissues = OLD.reissues + 1
-        AND (OLD.attempts = 0 OR OLD.last_error LIKE 'InvalidProductCodeException%')
+        AND (OLD.attempts = 0 OR COALESCE(OLD.last_error, '') LIKE 'InvalidProductCodeException%')
     )
     BEGIN
         SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
@@ -112,6 +112,31 @@ _MIGRATIONS: dict[int, str] = {
     CREATE UNIQUE INDEX samples_one_per_instant ON samples (dimension, t);
     ALTER TABLE dimension_status ADD COLUMN seal_error TEXT;
     ALTER TABLE dimension_status ADD COLUMN seal_error_hour INTEGER;
+    """,
+    # `attempts` counts requests that left (begin_attempt, before MeterUsage is called), and
+    # `refusals` those answered InvalidProductCodeException: an hour is re-issued only when the
+    # two are equal, i.e. no request of it can have been recorded. A held hour an older agent
+    # left refused is taken as refused every time (its every request was the identical one).
+    4: """
+    ALTER TABLE hours ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
+    UPDATE hours SET refusals = attempts
+    WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
+    DROP TRIGGER sealed_request_is_immutable;
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    WHEN NOT (
+        OLD.state = 'pending' AND NEW.state = 'pending'
+        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
+        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
+        AND NEW.timestamp = OLD.timestamp
+        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
+        AND NEW.reissues = OLD.reissues + 1
+        AND OLD.refusals = OLD.attempts
+    )
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
     """,
 }
 
@@ -170,6 +195,7 @@ class SealedHour:
     next_attempt: float
     done_at: float | None
     reissues: int = 0
+    refusals: int = 0
 
 
 @dataclass(frozen=True)
@@ -511,11 +537,17 @@ class Ledger:
         next_attempt: float | None = None,
         count_attempt: bool = True,
     ) -> None:
-        """Record how a send of a sealed hour ended. Only send-state columns change."""
+        """Record how a send of a sealed hour ended. Only send-state columns change.
+
+        `count_attempt`: the request was not counted by begin_attempt (the sender counts each
+        request as it leaves and passes False). An InvalidProductCodeException answer counts a
+        refusal either way.
+        """
         with self.transaction() as db:
             db.execute(
                 "UPDATE hours SET state = ?, record_id = COALESCE(?, record_id), "
                 "attempts = attempts + ?, last_error = ?, "
+                "refusals = refusals + (COALESCE(?, '') LIKE 'InvalidProductCodeException%'), "
                 "next_attempt = COALESCE(?, next_attempt), "
                 "done_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
                 "WHERE dimension = ? AND hour = ? AND state = 'pending'",
@@ -523,6 +555,7 @@ class Ledger:
                     state,
                     record_id,
                     int(count_attempt),
+                    error,
                     error,
                     next_attempt,
                     state,
@@ -532,13 +565,30 @@ class Ledger:
                 ),
             )
 
+    def begin_attempt(self, dimension: str, hour: int, now: float) -> None:
+        """Count a request as leaving, before MeterUsage is called.
+
+        Why before: a send child killed mid-request (stop, the send timeout) never records an
+        answer, yet the service may have recorded the request. Counted first, that hour has
+        more attempts than refusals and is never re-issued under another product code and
+        ClientToken (a second bill); it is resent identically. Until an answer is recorded,
+        last_error says none was.
+        """
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE hours SET attempts = attempts + 1, last_error = ? "
+                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                (f"no answer recorded for the request sent at {now:.0f}", dimension, hour),
+            )
+
     def reissue(
         self, dimension: str, hour: int, *, product_code: str, client_token: str, now: float
     ) -> bool:
         """Give a held hour the current product code and a new ClientToken, keeping the old ones.
 
-        Only for an hour the service never accepted: pending, and either never tried or refused
-        for its product code (the trigger enforces both); False when it does not qualify.
+        Only for an hour the service never accepted: pending, and every request that left refused
+        for its product code, or none left (the trigger enforces both); False when it does not
+        qualify.
         """
         with self.transaction() as db:
             row = db.execute(
@@ -555,7 +605,8 @@ class Ledger:
             try:
                 db.execute(
                     "UPDATE hours SET product_code = ?, client_token = ?, reissues = reissues + 1, "
-                    "reissued_from = ?, attempts = 0, last_error = NULL, next_attempt = ? "
+                    "reissued_from = ?, attempts = 0, refusals = 0, last_error = NULL, "
+                    "next_attempt = ? "
                     "WHERE dimension = ? AND hour = ? AND state = 'pending'",
                     (product_code, client_token, json.dumps(history), now, dimension, hour),
                 )
@@ -602,7 +653,7 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals"
 )
 
 
@@ -611,6 +662,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
+        int(row[17]),
     )  # fmt: skip
 
 
