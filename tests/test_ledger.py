@@ -187,3 +187,24 @@ def test_migration_of_many_samples_keeps_every_value(tmp_path: Path) -> None:
     rows = stored(ledger)
     assert [(d, v) for d, _, v in rows] == [(d, v) for d, _, v in old]
     assert len({(d, t) for d, t, _ in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("command", [["status"], ["report", "--since", "1d"]])
+def test_a_ledger_an_older_agent_wrote_is_named_not_misread(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """status/report never migrate; a ledger still at an older schema gets one line saying so
+    and how to migrate it (not a missing column blamed on permissions), exit 1."""
+    from tests.billing import make_config
+    from tests.conftest import run_cli
+
+    cfg = make_config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    v1_ledger(cfg.state_dir, [("vcpus", H + 60.0, "4")])
+    result = run_cli(*command, "-c", str(cfg.source))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"schema 1, this agent is schema {SCHEMA_VERSION}" in line
+    assert "systemctl start metering-agent" in line and "Traceback" not in result.stderr
+    Ledger(cfg.state_dir).close()  # what the agent's start does: migrate
+    assert run_cli(*command, "-c", str(cfg.source)).returncode == 0
