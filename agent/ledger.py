@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Point, Quantity
-from agent.clock import HOUR, hour_start
+from agent.clock import HOUR, hour_start, iso
 
 SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.db"
@@ -578,7 +578,7 @@ class Ledger:
             db.execute(
                 "UPDATE hours SET attempts = attempts + 1, last_error = ? "
                 "WHERE dimension = ? AND hour = ? AND state = 'pending'",
-                (f"no answer recorded for the request sent at {now:.0f}", dimension, hour),
+                (f"no answer recorded for the request sent at {iso(now)}", dimension, hour),
             )
 
     def reissue(

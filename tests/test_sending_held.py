@@ -167,6 +167,8 @@ def test_an_hour_whose_send_was_killed_mid_request_is_never_reissued(tmp_path: P
     with pytest.raises(KeyboardInterrupt):
         Sender(ledger, cfg, killed, clock).run()
     recorded = killed.calls[0]  # the service has this one
+    left = {h.dimension: (h.attempts, h.refusals) for h in ledger.hours()}
+    assert left == {recorded.dimension: (1, 0), "vcpus": (0, 0)}  # counted before it left
     clock.advance(600)
     client = FakeClient()
     report = Sender(ledger, make_config(tmp_path, dims=TWO_DIMS), client, clock).run()
