@@ -364,8 +364,12 @@ def _billed(dim: Any, t: float, value: Decimal) -> str:
 
 
 def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
-    """The ledger for reading, or None when there is none yet; never creates or writes one."""
-    from agent.ledger import LEDGER_FILE, Ledger
+    """The ledger for reading, or None when there is none yet; never creates or writes one.
+
+    A read-only open never migrates: a ledger an older agent wrote (a lower schema version) is
+    named as such, with how to migrate it, instead of failing on the first missing column.
+    """
+    from agent.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger
 
     path = Path(state_dir) / LEDGER_FILE
     try:
@@ -376,11 +380,19 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
     if not os.access(path, os.R_OK):
         raise ownership.unreadable(Path(state_dir), command)
     try:
-        return Ledger(state_dir, readonly=True)
+        ledger = Ledger(state_dir, readonly=True)
+        version = int(ledger.db.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.Error as e:
         if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
             raise ownership.unreadable(Path(state_dir), command) from None
         raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
+    if version < SCHEMA_VERSION:
+        ledger.close()
+        raise AgentError(
+            f"{state_dir}/{LEDGER_FILE}: the ledger is schema {version}, this agent is schema "
+            f"{SCHEMA_VERSION}; start the agent once (systemctl start metering-agent) to migrate it"
+        )
+    return ledger
 
 
 # -- run / send -------------------------------------------------------------------------------

@@ -14,16 +14,16 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Point, Quantity
-from agent.clock import HOUR, hour_start
+from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -98,7 +98,7 @@ _MIGRATIONS: dict[int, str] = {
         AND NEW.timestamp = OLD.timestamp
         AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
         AND NEW.reissues = OLD.reissues + 1
-        AND (OLD.attempts = 0 OR OLD.last_error LIKE 'InvalidProductCodeException%')
+        AND (OLD.attempts = 0 OR COALESCE(OLD.last_error, '') LIKE 'InvalidProductCodeException%')
     )
     BEGIN
         SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
@@ -106,22 +106,72 @@ _MIGRATIONS: dict[int, str] = {
     """,
     # One sample per (dimension, instant): a restart's start-up round or a backward clock step
     # never stores an instant twice. Duplicates an older agent stored are kept (an increment is
-    # real usage), each moved a microsecond later; sealing errors are kept per dimension.
+    # real usage), each moved a few microseconds later first (_spread_instants); sealing errors
+    # are kept per dimension.
     3: """
-    CREATE TEMP TABLE duplicate_instants AS
-        SELECT a.id AS id,
-               (SELECT COUNT(*) FROM samples b
-                WHERE b.dimension = a.dimension AND b.t = a.t AND b.id < a.id) AS n
-        FROM samples a;
-    UPDATE samples
-    SET t = t + 0.000001 * (SELECT n FROM duplicate_instants d WHERE d.id = samples.id)
-    WHERE id IN (SELECT id FROM duplicate_instants WHERE n > 0);
-    DROP TABLE duplicate_instants;
     CREATE UNIQUE INDEX samples_one_per_instant ON samples (dimension, t);
     ALTER TABLE dimension_status ADD COLUMN seal_error TEXT;
     ALTER TABLE dimension_status ADD COLUMN seal_error_hour INTEGER;
     """,
+    # `attempts` counts requests that left (begin_attempt, before MeterUsage is called), and
+    # `refusals` those answered InvalidProductCodeException: an hour is re-issued only when the
+    # two are equal, i.e. no request of it can have been recorded. A held hour an older agent
+    # left refused is taken as refused every time (its every request was the identical one).
+    4: """
+    ALTER TABLE hours ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
+    UPDATE hours SET refusals = attempts
+    WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
+    DROP TRIGGER sealed_request_is_immutable;
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    WHEN NOT (
+        OLD.state = 'pending' AND NEW.state = 'pending'
+        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
+        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
+        AND NEW.timestamp = OLD.timestamp
+        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
+        AND NEW.reissues = OLD.reissues + 1
+        AND OLD.refusals = OLD.attempts
+    )
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
+    """,
 }
+
+
+def _spread_instants(db: sqlite3.Connection) -> None:
+    """Move every sample that shares its (dimension, instant) with an older one (lower id) a
+    microsecond later per older one, until every instant is held once.
+
+    Why a loop: a moved sample may land on an instant another sample already holds (t + 1 us
+    was stored too); the next pass moves the younger of those two on, so no value is lost and
+    the unique index that follows can always be built. Each pass is a sort (window function)
+    plus an indexed lookup, not a scan per sample: 20,000 samples take well under a second, where
+    a correlated COUNT(*) took over a minute, longer than systemd waits for the agent to start.
+    """
+    db.execute("CREATE INDEX samples_spreading ON samples (dimension, t)")
+    db.execute("CREATE TEMP TABLE spread (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+    while True:
+        db.execute("DELETE FROM temp.spread")
+        moved = db.execute(
+            "INSERT INTO temp.spread (id, n) SELECT id, n FROM (SELECT id, ROW_NUMBER() OVER "
+            "(PARTITION BY dimension, t ORDER BY id) - 1 AS n FROM samples) WHERE n > 0"
+        ).rowcount
+        if moved <= 0:
+            break
+        db.execute(
+            "UPDATE samples SET t = t + 0.000001 * "
+            "(SELECT n FROM temp.spread s WHERE s.id = samples.id) "
+            "WHERE id IN (SELECT id FROM temp.spread)"
+        )
+    db.execute("DROP TABLE temp.spread")
+    db.execute("DROP INDEX samples_spreading")
+
+
+# Python steps run before a migration's SQL, in the same transaction.
+_MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: _spread_instants}
 
 # record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
 INSTANT_TAKEN = -1
@@ -145,6 +195,7 @@ class SealedHour:
     next_attempt: float
     done_at: float | None
     reissues: int = 0
+    refusals: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +259,8 @@ class Ledger:
                     f"understands ({SCHEMA_VERSION}); install the newer metering-agent again"
                 )
             for v in range(version + 1, SCHEMA_VERSION + 1):
+                if v in _MIGRATION_STEPS:
+                    _MIGRATION_STEPS[v](db)
                 for statement in _split_sql(_MIGRATIONS[v]):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {v}")
@@ -491,11 +544,17 @@ class Ledger:
         next_attempt: float | None = None,
         count_attempt: bool = True,
     ) -> None:
-        """Record how a send of a sealed hour ended. Only send-state columns change."""
+        """Record how a send of a sealed hour ended. Only send-state columns change.
+
+        `count_attempt`: the request was not counted by begin_attempt (the sender counts each
+        request as it leaves and passes False). An InvalidProductCodeException answer counts a
+        refusal either way.
+        """
         with self.transaction() as db:
             db.execute(
                 "UPDATE hours SET state = ?, record_id = COALESCE(?, record_id), "
                 "attempts = attempts + ?, last_error = ?, "
+                "refusals = refusals + (COALESCE(?, '') LIKE 'InvalidProductCodeException%'), "
                 "next_attempt = COALESCE(?, next_attempt), "
                 "done_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
                 "WHERE dimension = ? AND hour = ? AND state = 'pending'",
@@ -503,6 +562,7 @@ class Ledger:
                     state,
                     record_id,
                     int(count_attempt),
+                    error,
                     error,
                     next_attempt,
                     state,
@@ -512,13 +572,30 @@ class Ledger:
                 ),
             )
 
+    def begin_attempt(self, dimension: str, hour: int, now: float) -> None:
+        """Count a request as leaving, before MeterUsage is called.
+
+        Why before: a send child killed mid-request (stop, the send timeout) never records an
+        answer, yet the service may have recorded the request. Counted first, that hour has
+        more attempts than refusals and is never re-issued under another product code and
+        ClientToken (a second bill); it is resent identically. Until an answer is recorded,
+        last_error says none was.
+        """
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE hours SET attempts = attempts + 1, last_error = ? "
+                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                (f"no answer recorded for the request sent at {iso(now)}", dimension, hour),
+            )
+
     def reissue(
         self, dimension: str, hour: int, *, product_code: str, client_token: str, now: float
     ) -> bool:
         """Give a held hour the current product code and a new ClientToken, keeping the old ones.
 
-        Only for an hour the service never accepted: pending, and either never tried or refused
-        for its product code (the trigger enforces both); False when it does not qualify.
+        Only for an hour the service never accepted: pending, and every request that left refused
+        for its product code, or none left (the trigger enforces both); False when it does not
+        qualify.
         """
         with self.transaction() as db:
             row = db.execute(
@@ -535,7 +612,8 @@ class Ledger:
             try:
                 db.execute(
                     "UPDATE hours SET product_code = ?, client_token = ?, reissues = reissues + 1, "
-                    "reissued_from = ?, attempts = 0, last_error = NULL, next_attempt = ? "
+                    "reissued_from = ?, attempts = 0, refusals = 0, last_error = NULL, "
+                    "next_attempt = ? "
                     "WHERE dimension = ? AND hour = ? AND state = 'pending'",
                     (product_code, client_token, json.dumps(history), now, dimension, hour),
                 )
@@ -582,7 +660,7 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals"
 )
 
 
@@ -591,6 +669,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
+        int(row[17]),
     )  # fmt: skip
 
 

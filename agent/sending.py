@@ -19,7 +19,7 @@ from agent.aggregate import Quantity
 from agent.clock import HOUR, Clock, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger, SealedHour
-from agent.metering import PRODUCT_CODE_REFUSED, Outcome, error_code
+from agent.metering import PRODUCT_CODE_REFUSED, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,8 @@ class Sender:
             error,
         )
         self.ledger.mark(
-            h.dimension, h.hour, state="expired", now=now, error=error,
-            count_attempt=error is not h.last_error,
-        )  # fmt: skip
+            h.dimension, h.hour, state="expired", now=now, error=error, count_attempt=False
+        )
         report.expired.append((h.dimension, h.hour))
         health.note_failure(self.ledger, now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
 
@@ -236,6 +235,7 @@ class Sender:
                 queue.pop(0)
                 continue
             h = queue[0] = self._current_product(h, now, report)
+            self.ledger.begin_attempt(h.dimension, h.hour, now)
             outcome = self.client.meter_usage(
                 h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token
             )
@@ -257,12 +257,13 @@ class Sender:
 
     def _current_product(self, h: SealedHour, now: float, report: Report) -> SealedHour:
         """An hour sealed under another product code goes out under the config's current one,
-        with a new ClientToken, when the service never accepted it: never tried, or refused for
-        its product code. Otherwise (it may have been recorded) it is resent identically."""
+        with a new ClientToken, when the service never accepted it: no request of it left, or
+        every one was refused for its product code. Otherwise (one may have been recorded: a
+        timeout, a send child killed mid-request) it is resent identically."""
         current = self.config.product_code
         if h.product_code == current:
             return h
-        if h.attempts and error_code(h.last_error) != PRODUCT_CODE_REFUSED:
+        if h.refusals != h.attempts:
             return h
         token = str(uuid.uuid4())
         if not self.ledger.reissue(
@@ -297,7 +298,7 @@ class Sender:
         )
         self.ledger.mark(
             h.dimension, h.hour, state="pending", now=now, error=outcome.error,
-            next_attempt=now + delay,
+            next_attempt=now + delay, count_attempt=False,
         )  # fmt: skip
         health.note_failure(self.ledger, now, f"{where} refused: {outcome.error}")
         report.held.append((h.dimension, h.hour, outcome.error or ""))
@@ -306,8 +307,9 @@ class Sender:
         where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
         if outcome.status == "sent":
             self.ledger.mark(
-                h.dimension, h.hour, state="sent", now=now, record_id=outcome.record_id
-            )
+                h.dimension, h.hour, state="sent", now=now, record_id=outcome.record_id,
+                count_attempt=False,
+            )  # fmt: skip
             self.ledger.update_meta(failures=0, backoff_until=None, authorized=True)
             health.note_success(self.ledger, now)
             log.info("%s: sent quantity %s, record %s", where, h.quantity.text, outcome.record_id)
@@ -316,7 +318,10 @@ class Sender:
             self._mark_expired(h, now, "the service said so", report, error=outcome.error)
         else:
             log.error("%s: quantity %s rejected: %s", where, h.quantity.text, outcome.error)
-            self.ledger.mark(h.dimension, h.hour, state="rejected", now=now, error=outcome.error)
+            self.ledger.mark(
+                h.dimension, h.hour, state="rejected", now=now, error=outcome.error,
+                count_attempt=False,
+            )  # fmt: skip
             health.note_failure(self.ledger, now, f"{where} rejected: {outcome.error}")
             report.rejected.append((h.dimension, h.hour, outcome.error or ""))
 
@@ -332,7 +337,7 @@ class Sender:
         )
         self.ledger.mark(
             h.dimension, h.hour, state="pending", now=now, error=outcome.error,
-            next_attempt=now + delay,
+            next_attempt=now + delay, count_attempt=False,
         )  # fmt: skip
         health.note_failure(self.ledger, now, outcome.error or "send failed")
         report.retry.append((h.dimension, h.hour, outcome.error or ""))
@@ -346,7 +351,9 @@ class Sender:
             outcome.error,
             DRYRUN_RECHECK,
         )
-        self.ledger.mark(h.dimension, h.hour, state="pending", now=now, error=outcome.error)
+        self.ledger.mark(
+            h.dimension, h.hour, state="pending", now=now, error=outcome.error, count_attempt=False
+        )
         self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
         health.note_failure(self.ledger, now, outcome.error or "not authorized")
         report.paused = True

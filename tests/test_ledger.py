@@ -128,3 +128,83 @@ def test_move_aside_renames_the_files(tmp_path: Path) -> None:
     Ledger(tmp_path).close()
     moved = move_aside(tmp_path, "instance-i-1", H)
     assert moved.exists() and not (tmp_path / "ledger.db").exists()
+
+
+# -- migrating a ledger an older agent wrote --------------------------------------------------
+
+
+def v1_ledger(path: Path, samples: list[tuple[str, float, str]]) -> None:
+    """A ledger as the released agent (schema 1) left it, with `samples` unsealed."""
+    from agent.ledger import _MIGRATIONS, _split_sql
+
+    db = sqlite3.connect(path / "ledger.db")
+    for statement in _split_sql(_MIGRATIONS[1]):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.executemany(
+        "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, 60)",
+        [(dim, H, t, value) for dim, t, value in samples],
+    )
+    db.commit()
+    db.close()
+
+
+def stored(ledger: Ledger) -> list[tuple[str, float, str]]:
+    rows = ledger.db.execute("SELECT dimension, t, value FROM samples ORDER BY id").fetchall()
+    return [(str(d), float(t), str(v)) for d, t, v in rows]
+
+
+def test_migration_spreads_duplicate_instants_onto_free_ones(tmp_path: Path) -> None:
+    """Three samples at one instant, and another already a microsecond later: the one moved
+    there must not collide with it (the ledger would never open again)."""
+    t = H + 60.0
+    later = t + 0.000001
+    old = [("x", t, "3"), ("x", t, "4"), ("x", later, "5"), ("x", t, "6"), ("y", t, "7")]
+    v1_ledger(tmp_path, old)
+    ledger = Ledger(tmp_path)
+    assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    rows = stored(ledger)
+    assert [(d, v) for d, _, v in rows] == [(d, v) for d, _, v in old]  # none lost, none changed
+    instants = [(d, t2) for d, t2, _ in rows]
+    assert len(set(instants)) == len(instants)
+    assert rows[0][1] == t and rows[4][1] == t  # the oldest at an instant keeps it
+    assert all(t <= t2 < t + 0.00001 for _, t2, _ in rows)
+    with ledger.transaction() as db:
+        assert sorted(p.value for p in ledger.points(db, "x", H)) == [
+            Decimal(3), Decimal(4), Decimal(5), Decimal(6)
+        ]  # fmt: skip
+
+
+def test_migration_of_many_samples_keeps_every_value(tmp_path: Path) -> None:
+    """20,000 unsealed samples (a big v1 ledger, four to an instant per dimension) migrate,
+    every value kept; benchmarks/ measure how long it takes."""
+    old = []
+    for i in range(20_000):
+        instant = H + 60.0 * (i // 8) + (0.000001 if i % 8 == 6 else 0)  # t + 1 us taken
+        old.append((f"d{i % 2}", instant, str(i)))
+    v1_ledger(tmp_path, old)
+    ledger = Ledger(tmp_path)
+    rows = stored(ledger)
+    assert [(d, v) for d, _, v in rows] == [(d, v) for d, _, v in old]
+    assert len({(d, t) for d, t, _ in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("command", [["status"], ["report", "--since", "1d"]])
+def test_a_ledger_an_older_agent_wrote_is_named_not_misread(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """status/report never migrate; a ledger still at an older schema gets one line saying so
+    and how to migrate it (not a missing column blamed on permissions), exit 1."""
+    from tests.billing import make_config
+    from tests.conftest import run_cli
+
+    cfg = make_config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    v1_ledger(cfg.state_dir, [("vcpus", H + 60.0, "4")])
+    result = run_cli(*command, "-c", str(cfg.source))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"schema 1, this agent is schema {SCHEMA_VERSION}" in line
+    assert "systemctl start metering-agent" in line and "Traceback" not in result.stderr
+    Ledger(cfg.state_dir).close()  # what the agent's start does: migrate
+    assert run_cli(*command, "-c", str(cfg.source)).returncode == 0

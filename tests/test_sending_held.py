@@ -150,3 +150,108 @@ def test_the_trigger_still_forbids_any_other_change(tmp_path: Path) -> None:
                            "reissues = reissues + 1")  # fmt: skip
     with pytest.raises(sqlite3.IntegrityError):  # the quantity never changes
         ledger2.db.execute("UPDATE hours SET quantity = '99'")
+
+
+class KilledMidRequest(FakeClient):
+    """The service records the request, then the send child is killed before the answer is
+    stored (stop's terminate after 5 s, the send timeout's kill)."""
+
+    def meter_usage(self, product_code, dimension, timestamp, quantity, client_token):  # type: ignore[no-untyped-def, override]
+        super().meter_usage(product_code, dimension, timestamp, quantity, client_token)
+        raise KeyboardInterrupt  # a BaseException, as a signal's would be: nothing is marked
+
+
+def test_an_hour_whose_send_was_killed_mid_request_is_never_reissued(tmp_path: Path) -> None:
+    cfg, ledger, clock = sealed(tmp_path, product="oldcode")
+    killed = KilledMidRequest()
+    with pytest.raises(KeyboardInterrupt):
+        Sender(ledger, cfg, killed, clock).run()
+    recorded = killed.calls[0]  # the service has this one
+    left = {h.dimension: (h.attempts, h.refusals) for h in ledger.hours()}
+    assert left == {recorded.dimension: (1, 0), "vcpus": (0, 0)}  # counted before it left
+    clock.advance(600)
+    client = FakeClient()
+    report = Sender(ledger, make_config(tmp_path, dims=TWO_DIMS), client, clock).run()
+    assert (recorded.dimension, H) not in report.reissued
+    again = [c for c in client.calls if c.dimension == recorded.dimension]
+    assert [(c.product_code, c.client_token) for c in again] == [
+        (recorded.product_code, recorded.client_token)
+    ]  # resent identically: the service answers with the record it has, no second bill
+    h = {x.dimension: x for x in ledger.hours()}[recorded.dimension]
+    assert (h.state, h.reissues, h.attempts) == ("sent", 0, 2)
+
+
+def test_attempts_count_the_requests_that_left(tmp_path: Path) -> None:
+    cfg, ledger, clock = sealed(tmp_path, product="oldcode")
+    refused = Outcome("held", code="InvalidProductCodeException", message="unknown product")
+    timeout = Outcome("retry", code="ReadTimeoutError", message="timed out")
+    client = FakeClient(script=[refused, timeout, refused])  # egress_gb, vcpus, vcpus again
+    Sender(ledger, cfg, client, clock).run()
+    by_dim = {h.dimension: h for h in ledger.hours()}
+    sent = {d: sum(c.dimension == d for c in client.calls) for d in by_dim}
+    assert {d: h.attempts for d, h in by_dim.items()} == sent == {"egress_gb": 1, "vcpus": 2}
+    assert {d: h.refusals for d, h in by_dim.items()} == {"egress_gb": 1, "vcpus": 1}
+    # vcpus timed out once (maybe recorded), then was refused: never re-issued
+    clock.advance(3600)
+    client = FakeClient()
+    report = Sender(ledger, make_config(tmp_path, dims=TWO_DIMS), client, clock).run()
+    assert report.reissued == [("egress_gb", H)]
+    assert {(c.dimension, c.product_code) for c in client.calls} == {
+        ("egress_gb", PRODUCT), ("vcpus", "oldcode")
+    }  # fmt: skip
+
+
+def reissue_update(db: sqlite3.Connection) -> None:
+    db.execute("UPDATE hours SET product_code = 'x', client_token = 'y', reissues = reissues + 1")
+
+
+def test_a_tried_hour_without_an_error_is_never_reissued(tmp_path: Path) -> None:
+    """attempts > 0 with last_error NULL (a request left, no answer): the trigger must fire, and
+    a NULL in its condition must not switch it off."""
+    ledger = sealed(tmp_path)[1]
+    ledger.db.execute("UPDATE hours SET attempts = 1, last_error = NULL")
+    with pytest.raises(sqlite3.IntegrityError):
+        reissue_update(ledger.db)
+    # migration 2's trigger alone (a ledger a developer migrated to 2) is NULL-safe too
+    from agent.ledger import _MIGRATIONS, _split_sql
+
+    db = sqlite3.connect(":memory:")
+    for v in (1, 2):
+        for statement in _split_sql(_MIGRATIONS[v]):
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
+        "client_token, samples, raw, state, attempts, last_error, sealed_at, next_attempt) "
+        "VALUES ('d', 0, 'p', '1', 0, 3540, 't', 1, '1', 'pending', 1, NULL, 3600, 3600)"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        reissue_update(db)
+
+
+def test_migration_4_keeps_held_hours_reissuable_and_tried_ones_not(tmp_path: Path) -> None:
+    from agent.ledger import _MIGRATIONS, _split_sql
+
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    for v in (1, 2, 3):
+        for statement in _split_sql(_MIGRATIONS[v]):
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 3")
+    for dim, attempts, error in [
+        ("refused", 3, "InvalidProductCodeException: unknown"),
+        ("timeout", 1, "ReadTimeoutError: timed out"),
+        ("untried", 0, None),
+    ]:
+        db.execute(
+            "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
+            "client_token, samples, raw, state, attempts, last_error, sealed_at, next_attempt) "
+            "VALUES (?, 0, 'p', '1', 0, 3540, 't', 1, '1', 'pending', ?, ?, 3600, 3600)",
+            (dim, attempts, error),
+        )
+    db.commit()
+    db.close()
+    ledger = Ledger(tmp_path)
+    done = {
+        h.dimension: ledger.reissue(h.dimension, 0, product_code="x", client_token="y", now=4000)
+        for h in ledger.hours()
+    }
+    assert done == {"refused": True, "timeout": False, "untried": True}
