@@ -381,7 +381,7 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
         raise ownership.unreadable(Path(state_dir), command)
     try:
         ledger = Ledger(state_dir, readonly=True)
-        version = int(ledger.db.execute("PRAGMA user_version").fetchone()[0])
+        version = ledger.schema_version()
     except sqlite3.Error as e:
         if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
             raise ownership.unreadable(Path(state_dir), command) from None

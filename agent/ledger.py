@@ -29,6 +29,31 @@ KEEP_SEALED_DAYS = 90
 
 STATES = ("pending", "sent", "rejected", "expired")
 
+
+def _reissue_only_trigger(condition: str) -> str:
+    """The immutability trigger, rebuilt to allow one thing: a pending hour re-issued under another
+    product code with a new ClientToken (reissues + 1), everything else equal, when `condition`
+    (SQL on OLD) says no request of it can have been recorded."""
+    return f"""
+    DROP TRIGGER sealed_request_is_immutable;
+    CREATE TRIGGER sealed_request_is_immutable
+    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    ON hours
+    WHEN NOT (
+        OLD.state = 'pending' AND NEW.state = 'pending'
+        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
+        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
+        AND NEW.timestamp = OLD.timestamp
+        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
+        AND NEW.reissues = OLD.reissues + 1
+        AND ({condition})
+    )
+    BEGIN
+        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
+    END;
+    """
+
+
 _MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -87,23 +112,10 @@ _MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE hours ADD COLUMN reissues INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hours ADD COLUMN reissued_from TEXT;
-    DROP TRIGGER sealed_request_is_immutable;
-    CREATE TRIGGER sealed_request_is_immutable
-    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
-    ON hours
-    WHEN NOT (
-        OLD.state = 'pending' AND NEW.state = 'pending'
-        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
-        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
-        AND NEW.timestamp = OLD.timestamp
-        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
-        AND NEW.reissues = OLD.reissues + 1
-        AND (OLD.attempts = 0 OR COALESCE(OLD.last_error, '') LIKE 'InvalidProductCodeException%')
-    )
-    BEGIN
-        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
-    END;
-    """,
+    """
+    + _reissue_only_trigger(
+        "OLD.attempts = 0 OR COALESCE(OLD.last_error, '') LIKE 'InvalidProductCodeException%'"
+    ),
     # One sample per (dimension, instant): a restart's start-up round or a backward clock step
     # never stores an instant twice. Duplicates an older agent stored are kept (an increment is
     # real usage), each moved a few microseconds later first (_spread_instants); sealing errors
@@ -121,23 +133,8 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE hours ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
     UPDATE hours SET refusals = attempts
     WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
-    DROP TRIGGER sealed_request_is_immutable;
-    CREATE TRIGGER sealed_request_is_immutable
-    BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
-    ON hours
-    WHEN NOT (
-        OLD.state = 'pending' AND NEW.state = 'pending'
-        AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
-        AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
-        AND NEW.timestamp = OLD.timestamp
-        AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
-        AND NEW.reissues = OLD.reissues + 1
-        AND OLD.refusals = OLD.attempts
-    )
-    BEGIN
-        SELECT RAISE(ABORT, 'a sealed hour''s request fields never change');
-    END;
-    """,
+    """
+    + _reissue_only_trigger("OLD.refusals = OLD.attempts"),
 }
 
 
@@ -235,6 +232,11 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    def schema_version(self) -> int:
+        """The schema this ledger file is at (a read-only open never migrates it)."""
+        with self._lock:
+            return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
