@@ -81,11 +81,17 @@ def keep_snapshot(state_dir: Path, tmp: Path) -> Path:
     return dest
 
 
+def bills_alike(a: Dimension | None, b: Dimension) -> bool:
+    """Same name, collector, aggregate, scale, rounding, decimals and interval (its place in the
+    file aside): samples of one can be continued under the other."""
+    return a is not None and dataclasses.replace(a, path="") == dataclasses.replace(b, path="")
+
+
 def changed_dimensions(old: Config, new: Config) -> list[Dimension]:
-    """The old config's dimensions that the new one drops or bills differently (collector,
-    aggregate, scale, rounding, decimals, interval): their open hour cannot be continued."""
-    now = {d.name: dataclasses.replace(d, path="") for d in new.dimensions}
-    return [d for d in old.dimensions if now.get(d.name) != dataclasses.replace(d, path="")]
+    """The old config's dimensions that the new one drops or bills differently: their open hour
+    cannot be continued."""
+    now = {d.name: d for d in new.dimensions}
+    return [d for d in old.dimensions if not bills_alike(now.get(d.name), d)]
 
 
 class ClockTrigger(BaseTrigger):
@@ -487,9 +493,8 @@ class Daemon:
                 return
             sample = sampler.take(dim, t, self.ledger.position(dim.name))
             with self._round_lock:
-                if self._stopped or changed_dimensions(
-                    dataclasses.replace(self.config, dimensions=(dim,)), self.config
-                ):
+                current = next((d for d in self.config.dimensions if d.name == dim.name), None)
+                if self._stopped or not bills_alike(current, dim):
                     return  # read under a config that a reload replaced: its position not kept
                 late = not in_time()
                 self._sample(dim, t, sample)
