@@ -153,6 +153,9 @@ class Sampler:
         saved = saved or {}
         try:
             reading = collector.read(saved.get("collector"))
+            problem = _value_problem(reading.value)  # before any arithmetic on it
+            if problem is not None:
+                return Sample(dim.name, t, None, None, None, problem)
             state: dict[str, Any] = {}
             if reading.state is not None:
                 state["collector"] = reading.state
@@ -168,7 +171,7 @@ class Sampler:
         except Exception as e:  # contain a plugin's bug at the job boundary
             log.exception("collector for %s failed unexpectedly", dim.name)
             return Sample(dim.name, t, None, None, None, f"{type(e).__name__}: {e}")
-        problem = _value_problem(reading.value) or _value_problem(value)
+        problem = _value_problem(value)
         if problem is not None:
             return Sample(dim.name, t, None, None, None, problem)
         return Sample(dim.name, t, reading.value, value, state or None, warning=reading.problem)

@@ -104,6 +104,26 @@ def test_a_collector_value_that_is_not_a_finite_decimal_is_a_collector_error(
     assert sampler.take(cfg.dimensions[0], H, None).value == D("3.5")
 
 
+@pytest.mark.parametrize("value", [D("NaN"), D("sNaN"), D("Infinity")])
+def test_a_counter_that_reads_no_finite_decimal_is_a_collector_error_and_keeps_its_baseline(
+    tmp_path: Path, value: Any
+) -> None:
+    registry = Registry()
+    registry.register("fixed", Fixed)
+    cfg = config_with(
+        tmp_path, registry, "- name: odd\n  collector: {type: fixed, counter: true}\n"
+    )
+    sampler = Sampler(cfg, registry, Sources())
+    dim = cfg.dimensions[0]
+    Fixed.value = D(10)
+    first = sampler.take(dim, H, None)
+    Fixed.value = value
+    odd = sampler.take(dim, H + 60, first.state)
+    assert odd.error is not None and "finite" in odd.error and odd.state is None
+    Fixed.value = D(15)
+    assert sampler.take(dim, H + 120, first.state).value == D(5)  # the baseline still holds
+
+
 def sealing_config(tmp_path: Path) -> Any:
     return make_config(
         tmp_path,
