@@ -51,7 +51,7 @@ from agent.productlock import ProductLock, is_loopback
 from agent.reads import Reads
 from agent.sampling import Sample, Sampler
 from agent.sdnotify import Notifier
-from agent.sending import next_due, work_due
+from agent.sending import due
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Daemon:
         instance_id = self.ledger.get_meta("instance_id")
         self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
         if self.config.metering.startup_check:
-            self.ledger.update_meta(dryrun_due=now)
+            self.ledger.schedule_dryrun(now)
         self.hooks = Hooks(self.config, self.ledger, self.clock)
         log.info(
             "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
@@ -273,7 +273,7 @@ class Daemon:
                 if self.hooks is not None:
                     self.hooks.ledger = ledger
                 if self.config.metering.startup_check:
-                    ledger.update_meta(dryrun_due=self.clock.time())
+                    ledger.schedule_dryrun(self.clock.time())
             instance_id = ledger.get_meta("instance_id")
             self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
             health.write(self.state_dir, ledger, self.clock.time())
@@ -586,10 +586,10 @@ class Daemon:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
         assert self.ledger is not None
-        due = next_due(self.ledger)
-        if due is None or self.scheduler is None:
+        when = due(self.ledger.send_state(), self.ledger.pending())
+        if when is None or self.scheduler is None:
             return
-        wall = self.clock.to_wall(max(due, self.clock.time()))
+        wall = self.clock.to_wall(max(when, self.clock.time()))
         self.scheduler.add_job(
             self.send_tick,
             DateTrigger(datetime.fromtimestamp(wall, tz=timezone.utc)),
@@ -604,7 +604,8 @@ class Daemon:
             self.hooks.check()
         if self.stop_event.is_set() or self._sender_running() or not self._verified():
             return
-        if work_due(self.ledger, self.clock.time()):
+        when = due(self.ledger.send_state(), self.ledger.pending())
+        if when is not None and when <= self.clock.time():
             cmd = self.sender_command(False, None)
             with self._child_lock:
                 self._child = subprocess.Popen(cmd)

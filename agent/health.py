@@ -41,24 +41,24 @@ def describe(h: SealedHour) -> str:
 
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
-    failing_since = ledger.get_meta("failing_since")
+    state = ledger.send_state()
+    failing_since = state.failing_since
     pending = {h.hour for h in ledger.pending()}
     reasons = []
-    unverified = ledger.get_meta("identity_unverified")
-    if unverified:
-        reasons.append(str(unverified))
+    if state.unverified:
+        reasons.append(state.unverified)
     lost = refused_hours(ledger, now)
     if lost:
         more = f" (and {len(lost) - 1} more hour(s) in the last 24 h)" if len(lost) > 1 else ""
         reasons.append(describe(lost[0]) + more)
     if failing_since is not None:
-        current = ledger.get_meta("reason")
+        current = state.reason
         if current and current not in reasons and not (lost and current in reasons[-1]):
             reasons.append(current)
     data = {
-        "ok": failing_since is None and not lost and not unverified,
-        "authorized": ledger.get_meta("authorized"),
-        "last_success": iso(ledger.get_meta("last_success")),
+        "ok": failing_since is None and not lost and not state.unverified,
+        "authorized": state.authorized,
+        "last_success": iso(state.last_success),
         "failing_since": iso(failing_since),
         "pending_hours": len(pending),
         "reason": "; ".join(reasons) or None,
@@ -96,14 +96,3 @@ def write(state_dir: Path, ledger: Ledger, now: float | None = None) -> dict[str
             os.unlink(tmp)
         raise
     return data
-
-
-def note_success(ledger: Ledger, now: float) -> None:
-    ledger.update_meta(failing_since=None, last_success=now, reason=None)
-
-
-def note_failure(ledger: Ledger, now: float, reason: str) -> None:
-    values: dict[str, Any] = {"reason": reason}
-    if ledger.get_meta("failing_since") is None:
-        values["failing_since"] = now
-    ledger.update_meta(**values)

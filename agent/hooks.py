@@ -35,17 +35,17 @@ class Hooks:
         failure, recovery = self.config.on_metering_failure, self.config.on_recovery
         if failure is None:
             return None
-        failing_since = self.ledger.get_meta("failing_since")
-        fired_for = self.ledger.get_meta("failure_hook_for")
+        state = self.ledger.send_state()
+        failing_since, fired_for = state.failing_since, state.failure_hook_for
         now = self.clock.time()
         if failing_since is not None:
             if fired_for != failing_since and now - failing_since >= failure.after:
-                self.ledger.update_meta(failure_hook_for=failing_since)
+                self.ledger.note_failure_hook(failing_since)
                 self._run("on_metering_failure", failure, failing_since)
                 return "failure"
             return None
         if fired_for is not None:
-            self.ledger.update_meta(failure_hook_for=None)
+            self.ledger.note_failure_hook(None)
             if recovery is not None:
                 self._run("on_recovery", recovery, None)
             return "recovery"
@@ -55,7 +55,7 @@ class Hooks:
         env = dict(os.environ)
         env["METERING_AGENT_EVENT"] = name
         env["METERING_AGENT_FAILING_SINCE"] = iso(failing_since) or ""
-        env["METERING_AGENT_REASON"] = str(self.ledger.get_meta("reason") or "")
+        env["METERING_AGENT_REASON"] = self.ledger.send_state().reason or ""
         env["METERING_AGENT_HEALTH_FILE"] = str(self.config.state_dir / "health.json")
         self._queue.put((name, list(hook.command), hook.timeout, env))
         if self._worker is None:

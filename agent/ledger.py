@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,27 @@ def _spread_instants(db: sqlite3.Connection) -> None:
 # Python steps run before a migration's SQL, in the same transaction.
 _MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: _spread_instants}
 
+# Meta keys of SendState fields whose key is not the field's name.
+UNVERIFIED = "identity_unverified"  # written by identity with its `unverified_since`
+_SEND_KEYS = {"unverified": UNVERIFIED}
+
+
+@dataclass(frozen=True)
+class SendState:
+    """The send state machine, kept in the meta table: read as one value (Ledger.send_state) and
+    written only by the Ledger's named transitions, each in one transaction."""
+
+    authorized: bool | None = None  # False: paused until a DryRun passes; None: never checked
+    dryrun_due: float | None = None
+    backoff_until: float = 0.0  # no send before this (a failure streak's backoff)
+    failures: int = 0  # failures in a row
+    failing_since: float | None = None  # first failure not yet followed by a success
+    last_success: float | None = None
+    reason: str | None = None  # the latest failure, while failing
+    failure_hook_for: float | None = None  # the failing_since the failure hook ran for
+    unverified: str | None = None  # why the ledger's instance identity awaits IMDS
+
+
 # record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
 INSTANT_TAKEN = -1
 
@@ -285,6 +306,70 @@ class Ledger:
         with self.transaction() as db:
             for key, value in values.items():
                 self.set_meta(db, key, value)
+
+    # -- send state ----------------------------------------------------------------------------
+
+    def send_state(self) -> SendState:
+        with self._lock:
+            return self._send_state(self.db)
+
+    def _send_state(self, db: sqlite3.Connection) -> SendState:
+        keys = {f.name: _SEND_KEYS.get(f.name, f.name) for f in fields(SendState)}
+        rows = dict(db.execute(
+            f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(keys))})",
+            list(keys.values()),
+        ).fetchall())  # fmt: skip
+        values = {f: json.loads(rows[k]) for f, k in keys.items() if rows.get(k) is not None}
+        return SendState(**{f: v for f, v in values.items() if v is not None})
+
+    def _change(self, change: Callable[[SendState], dict[str, Any]]) -> SendState:
+        """Apply one transition to the send state in one transaction; the state it left."""
+        with self.transaction() as db:
+            before = self._send_state(db)
+            values = change(before)
+            for name, value in values.items():
+                self.set_meta(db, _SEND_KEYS.get(name, name), value)
+        return replace(before, **values)
+
+    def note_success(self, now: float) -> None:
+        """A send or DryRun succeeded: authorized, no failure streak, no backoff."""
+        self._change(lambda s: dict(authorized=True, failures=0, backoff_until=None,
+                                    failing_since=None, last_success=now, reason=None))  # fmt: skip
+
+    def note_failure(self, now: float, reason: str) -> None:
+        """Something failed: `reason` is the current one; failing since the first of a streak."""
+        self._change(lambda s: dict(reason=reason, failing_since=s.failing_since or now))
+
+    def back_off(self, now: float, reason: str, delay_for: Callable[[int], float]) -> float:
+        """One more failure in a row: sends and DryRun wait `delay_for(failures)`; the delay."""
+
+        delays: list[float] = []
+
+        def change(s: SendState) -> dict[str, Any]:
+            delays.append(delay_for(s.failures + 1))
+            until = now + delays[0]
+            due = None if s.dryrun_due is None else max(s.dryrun_due, until)
+            return dict(failures=s.failures + 1, backoff_until=until, dryrun_due=due,
+                        reason=reason, failing_since=s.failing_since or now)  # fmt: skip
+
+        self._change(change)
+        return delays[0]
+
+    def authorize(self) -> None:
+        """A DryRun found the role and product fine: sending goes on, no DryRun due."""
+        self._change(lambda s: dict(authorized=True, dryrun_due=None))
+
+    def deauthorize(self, now: float, reason: str, recheck_at: float) -> None:
+        """Not authorized: sending pauses until a DryRun, due at `recheck_at`, passes."""
+        self._change(lambda s: dict(authorized=False, dryrun_due=recheck_at, reason=reason,
+                                    failing_since=s.failing_since or now))  # fmt: skip
+
+    def schedule_dryrun(self, at: float) -> None:
+        self._change(lambda s: dict(dryrun_due=at))
+
+    def note_failure_hook(self, failing_since: float | None) -> None:
+        """The failure hook ran for the streak that began at `failing_since` (None: recovered)."""
+        self._change(lambda s: dict(failure_hook_for=failing_since))
 
     # -- samples -----------------------------------------------------------------------------
 
@@ -534,45 +619,52 @@ class Ledger:
     def pending(self) -> list[SealedHour]:
         return self.hours(states=("pending",))
 
-    def mark(
-        self,
-        dimension: str,
-        hour: int,
-        *,
-        state: str,
-        now: float,
-        record_id: str | None = None,
-        error: str | None = None,
-        next_attempt: float | None = None,
-        count_attempt: bool = True,
+    def _update_pending(
+        self, db: sqlite3.Connection, dimension: str, hour: int, sets: str, *args: Any
     ) -> None:
-        """Record how a send of a sealed hour ended. Only send-state columns change.
+        """UPDATE one pending hour's send columns; raise if it is not pending (nothing changed)."""
+        cur = db.execute(
+            f"UPDATE hours SET {sets} WHERE dimension = ? AND hour = ? AND state = 'pending'",
+            (*args, dimension, hour),
+        )
+        if cur.rowcount != 1:
+            raise RuntimeError(f"hour {iso(hour)} dimension {dimension} is not pending")
 
-        `count_attempt`: the request was not counted by begin_attempt (the sender counts each
-        request as it leaves and passes False). An InvalidProductCodeException answer counts a
-        refusal either way.
-        """
+    def _settle_hour(self, state: str, dimension: str, hour: int, now: float,
+                     error: str | None, record_id: str | None = None) -> None:  # fmt: skip
         with self.transaction() as db:
-            db.execute(
-                "UPDATE hours SET state = ?, record_id = COALESCE(?, record_id), "
-                "attempts = attempts + ?, last_error = ?, "
-                "refusals = refusals + (COALESCE(?, '') LIKE 'InvalidProductCodeException%'), "
-                "next_attempt = COALESCE(?, next_attempt), "
-                "done_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
-                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
-                (
-                    state,
-                    record_id,
-                    int(count_attempt),
-                    error,
-                    error,
-                    next_attempt,
-                    state,
-                    now,
-                    dimension,
-                    hour,
-                ),
-            )
+            self._update_pending(db, dimension, hour,
+                                 "state = ?, record_id = ?, last_error = ?, done_at = ?",
+                                 state, record_id, error, now)  # fmt: skip
+
+    def mark_sent(self, dimension: str, hour: int, *, record_id: str | None, now: float) -> None:
+        """The service recorded the hour (its MeteringRecordId): sent, for good."""
+        self._settle_hour("sent", dimension, hour, now, None, record_id)
+
+    def expire(self, dimension: str, hour: int, *, error: str, now: float) -> None:
+        """The hour is past the MeterUsage window: expired, unsent; `error` says why."""
+        self._settle_hour("expired", dimension, hour, now, error)
+
+    def reject(self, dimension: str, hour: int, *, error: str | None, now: float) -> None:
+        """The service refused the hour for good (a final error)."""
+        self._settle_hour("rejected", dimension, hour, now, error)
+
+    def schedule_retry(
+        self, dimension: str, hour: int, *, error: str | None, next_attempt: float
+    ) -> None:
+        """The hour stays pending with its last error, next tried at `next_attempt`."""
+        with self.transaction() as db:
+            self._update_pending(db, dimension, hour, "last_error = ?, next_attempt = ?",
+                                 error, next_attempt)  # fmt: skip
+
+    def hold(self, dimension: str, hour: int, *, error: str | None, next_attempt: float) -> None:
+        """The seller's config was refused for the hour: pending, retried at `next_attempt`; a
+        refusal of its product code is counted (see reissue)."""
+        with self.transaction() as db:
+            self._update_pending(
+                db, dimension, hour, "last_error = ?, next_attempt = ?, refusals = refusals + "
+                "(COALESCE(?, '') LIKE 'InvalidProductCodeException%')", error, next_attempt, error
+            )  # fmt: skip
 
     def begin_attempt(self, dimension: str, hour: int, now: float) -> None:
         """Count a request as leaving, before MeterUsage is called.
@@ -584,11 +676,9 @@ class Ledger:
         last_error says none was.
         """
         with self.transaction() as db:
-            db.execute(
-                "UPDATE hours SET attempts = attempts + 1, last_error = ? "
-                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
-                (f"no answer recorded for the request sent at {iso(now)}", dimension, hour),
-            )
+            self._update_pending(db, dimension, hour, "attempts = attempts + 1, last_error = ?",
+                                 f"no answer recorded for the request sent at {iso(now)}",
+                                 )  # fmt: skip
 
     def reissue(
         self, dimension: str, hour: int, *, product_code: str, client_token: str, now: float

@@ -14,11 +14,12 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from agent.aggregate import Quantity
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
+from agent.ledger import SealedHour
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,15 @@ def resolve_region(
     return imds.region(), "IMDS placement/region"
 
 
+# What the ledger does with an hour after one answer (a DryRun's: dryrun_ok if permitted).
+Status = Literal["sent", "retry", "held", "unauthorized", "expired", "rejected", "dryrun_ok"]
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one MeterUsage (or DryRun) call ended, in the ledger's terms."""
 
-    status: str  # sent | retry | held | unauthorized | expired | rejected | dryrun_ok
+    status: Status
     record_id: str | None = None
     code: str | None = None
     message: str | None = None
@@ -157,7 +162,7 @@ class Outcome:
         return f"{self.code}: {self.message}" if self.message else self.code
 
 
-def classify(code: str, http_status: int | None, message: str = "") -> str:
+def classify(code: str, http_status: int | None, message: str = "") -> Status:
     """Map a service error code to what the ledger does with the hour."""
     if code in UNAUTHORIZED:
         return "unauthorized"
@@ -280,15 +285,11 @@ class MeteringClient:
             return Outcome("dryrun_ok", record_id=record_id)
         return Outcome("sent", record_id=record_id)
 
-    def meter_usage(
-        self,
-        product_code: str,
-        dimension: str,
-        timestamp: float,
-        quantity: Quantity,
-        client_token: str,
-    ) -> Outcome:
-        return self.call(build_request(product_code, dimension, timestamp, quantity, client_token))
+    def meter_usage(self, h: SealedHour) -> Outcome:
+        """The sealed hour's request, identical on every try."""
+        return self.call(
+            build_request(h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token)
+        )
 
     def dry_run(
         self, product_code: str, dimension: str, decimals: int | None, now: float

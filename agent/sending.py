@@ -8,17 +8,17 @@ with a fake one in unit tests.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from agent import health
-from agent.aggregate import Quantity
-from agent.clock import HOUR, Clock, iso, iso_hour
+from agent import health, sealing
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
-from agent.ledger import Ledger, SealedHour
+from agent.ledger import Ledger, SealedHour, SendState
 from agent.metering import PRODUCT_CODE_REFUSED, Outcome
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,7 @@ PATIENCE = 60.0  # a send run waits out short backoffs itself, up to this long, 
 
 
 class Client(Protocol):
-    def meter_usage(
-        self,
-        product_code: str,
-        dimension: str,
-        timestamp: float,
-        quantity: Quantity,
-        client_token: str,
-    ) -> Outcome: ...
+    def meter_usage(self, h: SealedHour) -> Outcome: ...
 
     def dry_run(
         self, product_code: str, dimension: str, decimals: int | None, now: float
@@ -62,49 +55,50 @@ def backoff(failures: int, rng: random.Random) -> float:
     return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 30)))
 
 
-def work_due(ledger: Ledger, now: float) -> bool:
-    """Whether a send run would do anything now: the daemon asks before spawning one."""
-    dryrun_due = ledger.get_meta("dryrun_due")
-    if dryrun_due is not None and dryrun_due <= now:
-        return True
-    if ledger.get_meta("authorized") is False:
-        return False
-    if (ledger.get_meta("backoff_until") or 0) > now:
-        return False
-    return any(h.next_attempt <= now or now - h.timestamp > EXPIRY for h in ledger.pending())
+def _never(x: NoReturn) -> NoReturn:
+    """mypy proves each `match` on an outcome handles every one (typing.assert_never is 3.11+)."""
+    raise AssertionError(f"unhandled outcome {x!r}")
 
 
-def next_due(ledger: Ledger) -> float | None:
-    """When the next send or DryRun is due (for `status`)."""
-    candidates = [h.next_attempt for h in ledger.pending()]
-    if ledger.get_meta("authorized") is False:
-        candidates = []
-    backoff_until = ledger.get_meta("backoff_until") or 0
-    candidates = [max(c, backoff_until) for c in candidates]
-    dryrun_due = ledger.get_meta("dryrun_due")
-    if dryrun_due is not None:
-        candidates.append(dryrun_due)
-    return min(candidates) if candidates else None
+def expired(h: SealedHour, now: float) -> bool:
+    return now >= h.timestamp + EXPIRY
 
 
-def back_off(ledger: Ledger, now: float, rng: random.Random) -> float:
-    """Count one more failure in a row and hold every send until its backoff ends; the delay."""
-    failures = ledger.get_meta("failures", 0) + 1
-    delay = backoff(failures, rng)
-    ledger.update_meta(failures=failures, backoff_until=now + delay)
-    return delay
+def sendable_at(state: SendState, next_attempt: float) -> float | None:
+    """When an hour next tried at `next_attempt` may go: not before the backoff ends, and not
+    while sending is paused (None)."""
+    return None if state.authorized is False else max(next_attempt, state.backoff_until)
+
+
+def due(state: SendState, pending: list[SealedHour]) -> float | None:
+    """The earliest time a send run would do something: a DryRun, a pending hour's send, or its
+    expiry; None if nothing. The one rule for the daemon's scheduling, its "start a sender now?"
+    (due <= now), the sender's own per-hour decision (sendable_at) and `status`."""
+    if state.unverified:  # nothing leaves until IMDS confirms the instance
+        return None
+    times = [float(h.timestamp + EXPIRY) for h in pending]
+    times += [t for h in pending if (t := sendable_at(state, h.next_attempt)) is not None]
+    if state.dryrun_due is not None:
+        times.append(state.dryrun_due)
+    return min(times, default=None)
+
+
+def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
+    """When the next send is due, for `status`: `due`, or the open hour's send slot if sooner (it
+    is sealed at its end and sent at its end plus this instance's send offset)."""
+    state = ledger.send_state()
+    when = due(state, ledger.pending())
+    offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
+    slot = None if state.unverified else sendable_at(state, hour_start(now) + HOUR + offset)
+    return min((t for t in (when, slot) if t is not None), default=None)
 
 
 def note_unreachable(
     ledger: Ledger, config: Config, now: float, reason: str, rng: random.Random | None = None
 ) -> None:
     """The service could not even be addressed (no region, no IMDS): back off as for a retry."""
-    delay = back_off(ledger, now, rng or random.Random())
+    delay = ledger.back_off(now, reason, functools.partial(backoff, rng=rng or random.Random()))
     log.warning("cannot send: %s; trying again in %.0f s", reason, delay)
-    due = ledger.get_meta("dryrun_due")
-    if due is not None:
-        ledger.update_meta(dryrun_due=max(due, now + delay))
-    health.note_failure(ledger, now, reason)
     health.write(config.state_dir, ledger, now)
 
 
@@ -134,7 +128,7 @@ class Sender:
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
         try:
-            unverified = self.ledger.get_meta("identity_unverified")
+            unverified = self.ledger.send_state().unverified
             if unverified:
                 # A ledger maybe baked on another instance: `run` verifies it through IMDS.
                 log.warning("not sending: %s", unverified)
@@ -153,69 +147,71 @@ class Sender:
 
     def _authorized(self, report: Report) -> bool:
         now = self.clock.time()
-        due = self.ledger.get_meta("dryrun_due")
+        due = self.ledger.send_state().dryrun_due
         if due is not None and due <= now:
             self._dry_run(report, now)
-        return self.ledger.get_meta("authorized") is not False
+        return self.ledger.send_state().authorized is not False
+
+    def _backoff(self, failures: int) -> float:
+        return backoff(failures, self.rng)
 
     def _dry_run(self, report: Report, now: float) -> None:
         dim = self.config.dimensions[0]
         outcome = self.client.dry_run(self.config.product_code, dim.name, dim.decimals, now)
         report.dry_run = outcome.status
-        if outcome.status == "dryrun_ok":
-            log.info("MeterUsage DryRun: permitted")
-            self.ledger.update_meta(authorized=True, dryrun_due=None)
-            health.note_success(self.ledger, now)
-        elif outcome.status == "held" and outcome.code != PRODUCT_CODE_REFUSED:
-            # An unknown dimension says the role and product are fine: only that dimension's
-            # hours are held (and named in health), the others are sent.
-            log.error(
-                "MeterUsage DryRun for dimension %s: %s; its hours are held until the listing "
-                "has it or they expire",
-                dim.name,
-                outcome.error,
-            )
-            self.ledger.update_meta(authorized=True, dryrun_due=None)
-        elif outcome.status in ("unauthorized", "rejected", "expired", "held"):
-            # Not authorized or not entitled: sending pauses and the DryRun repeats.
-            log.error(
-                "MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
-                outcome.error,
-                DRYRUN_RECHECK,
-            )
-            self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
-            health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
-        else:
-            delay = back_off(self.ledger, now, self.rng)
-            log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
-            self.ledger.update_meta(dryrun_due=now + delay)
-            health.note_failure(self.ledger, now, f"DryRun: {outcome.error}")
+        match outcome.status:
+            case "dryrun_ok":
+                log.info("MeterUsage DryRun: permitted")
+                self.ledger.authorize()
+                self.ledger.note_success(now)
+            case "held" if outcome.code != PRODUCT_CODE_REFUSED:
+                # An unknown dimension says the role and product are fine: only that dimension's
+                # hours are held (and named in health), the others are sent.
+                log.error(
+                    "MeterUsage DryRun for dimension %s: %s; its hours are held until the listing "
+                    "has it or they expire",
+                    dim.name,
+                    outcome.error,
+                )
+                self.ledger.authorize()
+            case "unauthorized" | "rejected" | "expired" | "held":
+                # Not authorized or not entitled: sending pauses and the DryRun repeats.
+                log.error(
+                    "MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
+                    outcome.error,
+                    DRYRUN_RECHECK,
+                )
+                self.ledger.deauthorize(now, f"DryRun: {outcome.error}", now + DRYRUN_RECHECK)
+            case "retry" | "sent":
+                delay = self.ledger.back_off(now, f"DryRun: {outcome.error}", self._backoff)
+                log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
+            case _:
+                _never(outcome.status)
 
     # -- sending -----------------------------------------------------------------------------
 
     def _expire(self, report: Report) -> None:
         now = self.clock.time()
         for h in self.ledger.pending():
-            if now - h.timestamp > EXPIRY:
+            if expired(h, now):
                 self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
 
     def _mark_expired(
         self, h: SealedHour, now: float, why: str, report: Report, error: str | None = None
     ) -> None:
-        error = error or h.last_error or why
+        """Expire an unsent hour. Its last_error keeps the last answer (or `error`, the service's
+        own), else says `why`; attempts stay as counted when requests left."""
         log.error(
             "hour %s dimension %s: quantity %s expired unsent (%s; last error: %s)",
             iso_hour(h.hour),
             h.dimension,
             h.quantity.text,
             why,
-            error,
+            error or h.last_error or "none, never sent",
         )
-        self.ledger.mark(
-            h.dimension, h.hour, state="expired", now=now, error=error, count_attempt=False
-        )
+        self.ledger.expire(h.dimension, h.hour, error=error or h.last_error or why, now=now)
         report.expired.append((h.dimension, h.hour))
-        health.note_failure(self.ledger, now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
+        self.ledger.note_failure(now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
 
     def _send_pending(self, report: Report, flush: bool, deadline: float) -> None:
         queue = self.ledger.pending()
@@ -225,35 +221,47 @@ class Sender:
                 return
             h = queue[0]
             if not flush:
-                if (self.ledger.get_meta("backoff_until") or 0) > now:
-                    return
-                if h.next_attempt > now:
+                at = sendable_at(self.ledger.send_state(), h.next_attempt)
+                if at is None or at > now:
                     queue.pop(0)
                     continue
-            if now - h.timestamp > EXPIRY:
+            if expired(h, now):
                 self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
                 queue.pop(0)
                 continue
             h = queue[0] = self._current_product(h, now, report)
             self.ledger.begin_attempt(h.dimension, h.hour, now)
-            outcome = self.client.meter_usage(
-                h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token
-            )
+            outcome = self.client.meter_usage(h)
             now = self.clock.time()
-            if outcome.status == "retry":
-                delay = self._retry(h, outcome, now, report)
-                if now + delay >= deadline:
+            where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
+            match outcome.status:
+                case "retry":
+                    delay = self._retry(h, outcome, now, report)
+                    if now + delay >= deadline:
+                        return
+                    self.clock.sleep(delay)
+                    continue  # the same hour again, the identical request
+                case "unauthorized":
+                    self._paused(h, outcome, now, report)
                     return
-                self.clock.sleep(delay)
-                continue  # the same hour again, the identical request
+                case "held":
+                    self._hold(h, outcome, now, report)
+                case "sent":
+                    self.ledger.mark_sent(h.dimension, h.hour, record_id=outcome.record_id, now=now)
+                    self.ledger.note_success(now)
+                    log.info("%s: sent quantity %s, record %s", where, h.quantity.text,
+                             outcome.record_id)  # fmt: skip
+                    report.sent.append((h.dimension, h.hour, outcome.record_id or ""))
+                case "expired":
+                    self._mark_expired(h, now, "the service said so", report, error=outcome.error)
+                case "rejected" | "dryrun_ok":
+                    log.error("%s: quantity %s rejected: %s", where, h.quantity.text, outcome.error)
+                    self.ledger.reject(h.dimension, h.hour, error=outcome.error, now=now)
+                    self.ledger.note_failure(now, f"{where} rejected: {outcome.error}")
+                    report.rejected.append((h.dimension, h.hour, outcome.error or ""))
+                case _:
+                    _never(outcome.status)
             queue.pop(0)
-            if outcome.status == "unauthorized":
-                self._paused(h, outcome, now, report)
-                return
-            if outcome.status == "held":
-                self._hold(h, outcome, now, report)
-                continue
-            self._settle(h, outcome, now, report)
 
     def _current_product(self, h: SealedHour, now: float, report: Report) -> SealedHour:
         """An hour sealed under another product code goes out under the config's current one,
@@ -296,37 +304,12 @@ class Sender:
             delay,
             iso(h.timestamp + EXPIRY),
         )
-        self.ledger.mark(
-            h.dimension, h.hour, state="pending", now=now, error=outcome.error,
-            next_attempt=now + delay, count_attempt=False,
-        )  # fmt: skip
-        health.note_failure(self.ledger, now, f"{where} refused: {outcome.error}")
+        self.ledger.hold(h.dimension, h.hour, error=outcome.error, next_attempt=now + delay)
+        self.ledger.note_failure(now, f"{where} refused: {outcome.error}")
         report.held.append((h.dimension, h.hour, outcome.error or ""))
 
-    def _settle(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
-        where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
-        if outcome.status == "sent":
-            self.ledger.mark(
-                h.dimension, h.hour, state="sent", now=now, record_id=outcome.record_id,
-                count_attempt=False,
-            )  # fmt: skip
-            self.ledger.update_meta(failures=0, backoff_until=None, authorized=True)
-            health.note_success(self.ledger, now)
-            log.info("%s: sent quantity %s, record %s", where, h.quantity.text, outcome.record_id)
-            report.sent.append((h.dimension, h.hour, outcome.record_id or ""))
-        elif outcome.status == "expired":
-            self._mark_expired(h, now, "the service said so", report, error=outcome.error)
-        else:
-            log.error("%s: quantity %s rejected: %s", where, h.quantity.text, outcome.error)
-            self.ledger.mark(
-                h.dimension, h.hour, state="rejected", now=now, error=outcome.error,
-                count_attempt=False,
-            )  # fmt: skip
-            health.note_failure(self.ledger, now, f"{where} rejected: {outcome.error}")
-            report.rejected.append((h.dimension, h.hour, outcome.error or ""))
-
     def _retry(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> float:
-        delay = back_off(self.ledger, now, self.rng)
+        delay = self.ledger.back_off(now, outcome.error or "send failed", self._backoff)
         log.warning(
             "hour %s dimension %s: send failed (%s); retrying after %.1f s (until %s)",
             iso_hour(h.hour),
@@ -335,11 +318,9 @@ class Sender:
             delay,
             iso(h.timestamp + EXPIRY),
         )
-        self.ledger.mark(
-            h.dimension, h.hour, state="pending", now=now, error=outcome.error,
-            next_attempt=now + delay, count_attempt=False,
-        )  # fmt: skip
-        health.note_failure(self.ledger, now, outcome.error or "send failed")
+        self.ledger.schedule_retry(
+            h.dimension, h.hour, error=outcome.error, next_attempt=now + delay
+        )
         report.retry.append((h.dimension, h.hour, outcome.error or ""))
         return delay
 
@@ -351,9 +332,8 @@ class Sender:
             outcome.error,
             DRYRUN_RECHECK,
         )
-        self.ledger.mark(
-            h.dimension, h.hour, state="pending", now=now, error=outcome.error, count_attempt=False
+        self.ledger.schedule_retry(
+            h.dimension, h.hour, error=outcome.error, next_attempt=h.next_attempt
         )
-        self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
-        health.note_failure(self.ledger, now, outcome.error or "not authorized")
+        self.ledger.deauthorize(now, outcome.error or "not authorized", now + DRYRUN_RECHECK)
         report.paused = True

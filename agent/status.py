@@ -11,7 +11,7 @@ from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger
-from agent.sending import next_due
+from agent.sending import next_send
 
 
 def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "ledger": str(ledger.path),
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
-        "next_send": iso(next_due(ledger)),
+        "next_send": iso(next_send(ledger, config, now)),
         "health": health.snapshot(ledger, now),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "dimensions": [

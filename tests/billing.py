@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent import config
 from agent.aggregate import Quantity
+from agent.ledger import SealedHour
 from agent.metering import Outcome
 from tests.conftest import PRODUCT
 
@@ -58,18 +59,13 @@ class FakeClient:
     calls: list[Call] = field(default_factory=list)
     dry_runs: int = 0
 
-    def meter_usage(
-        self,
-        product_code: str,
-        dimension: str,
-        timestamp: float,
-        quantity: Quantity,
-        client_token: str,
-    ) -> Outcome:
-        self.calls.append(Call(product_code, dimension, timestamp, quantity, client_token))
+    def meter_usage(self, h: SealedHour) -> Outcome:
+        self.calls.append(
+            Call(h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token)
+        )
         if self.script:
             return self.script.pop(0)
-        return Outcome("sent", record_id=f"rec-{dimension}-{int(timestamp) // 3600}")
+        return Outcome("sent", record_id=f"rec-{h.dimension}-{h.timestamp // 3600}")
 
     def dry_run(
         self, product_code: str, dimension: str, decimals: int | None, now: float
@@ -78,6 +74,15 @@ class FakeClient:
         if self.dry_script:
             return self.dry_script.pop(0)
         return Outcome("dryrun_ok", code="DryRunOperation")
+
+
+def sealed_hour(
+    dimension: str, timestamp: float, quantity: Quantity, client_token: str, product: str = PRODUCT
+) -> SealedHour:
+    """A pending sealed hour as the sender hands it to a client."""
+    ts = int(timestamp)
+    return SealedHour(dimension, ts // 3600 * 3600, product, quantity, ts, client_token, 1, "",
+                      "pending", None, 0, None, float(ts), float(ts), None)  # fmt: skip
 
 
 def retry(code: str = "ThrottlingException") -> Outcome:

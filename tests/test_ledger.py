@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -100,10 +101,22 @@ def test_sealed_request_fields_never_change(ledger: Ledger) -> None:
     assert (h.quantity, h.client_token, h.timestamp) == (Quantity(4), "tok", H + 3540)
 
 
-def test_mark_moves_only_pending_hours(ledger: Ledger) -> None:
+def test_transitions_move_only_pending_hours(ledger: Ledger) -> None:
     seal_one(ledger)
-    ledger.mark("vcpus", H, state="sent", now=H + 4000, record_id="r1")
-    ledger.mark("vcpus", H, state="rejected", now=H + 5000, error="late")
+    ledger.begin_attempt("vcpus", H, H + 3900)
+    ledger.mark_sent("vcpus", H, record_id="r1", now=H + 4000)
+    late = dict(error="late", now=H + 5000)
+    for transition in (
+        functools.partial(ledger.reject, "vcpus", H, **late),
+        functools.partial(ledger.expire, "vcpus", H, **late),
+        functools.partial(ledger.mark_sent, "vcpus", H, record_id="r2", now=H + 5000),
+        functools.partial(ledger.schedule_retry, "vcpus", H, error="late", next_attempt=H),
+        functools.partial(ledger.hold, "vcpus", H, error="late", next_attempt=H),
+        functools.partial(ledger.begin_attempt, "vcpus", H, H + 5000),
+        functools.partial(ledger.expire, "other", H, **late),  # no such hour
+    ):
+        with pytest.raises(RuntimeError, match="is not pending"):
+            transition()
     (h,) = ledger.hours()
     assert (h.state, h.record_id, h.attempts, h.last_error) == ("sent", "r1", 1, None)
 
@@ -111,7 +124,7 @@ def test_mark_moves_only_pending_hours(ledger: Ledger) -> None:
 def test_prune_keeps_90_days_and_all_pending(ledger: Ledger) -> None:
     seal_one(ledger, "a", H)
     seal_one(ledger, "b", H)
-    ledger.mark("a", H, state="sent", now=H, record_id="r")
+    ledger.mark_sent("a", H, record_id="r", now=H)
     ledger.prune(H + 91 * 86400)
     assert [h.dimension for h in ledger.hours()] == ["b"]
 

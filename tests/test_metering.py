@@ -17,6 +17,7 @@ from agent.metering import (
     dry_run_verdict,
     resolve_region,
 )
+from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 
 
@@ -68,7 +69,7 @@ def test_error_classes_through_a_stubbed_client(
     client = MeteringClient("us-east-1", "http://127.0.0.1:9")
     with Stubber(client.client) as stub:
         stub.add_client_error("meter_usage", service_error_code=code, http_status_code=status)
-        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+        outcome = client.meter_usage(sealed_hour("vcpus", 1_800_000_000, Quantity(1), "tok"))
     assert (outcome.status, outcome.code) == (expected, code)
     assert classify(code, status) == expected
 
@@ -94,7 +95,7 @@ def test_request_carries_sealed_fields_exactly(static_credentials: None) -> None
             },
         )
         ts = datetime(2027, 1, 15, 8, 59, 0, 900000, tzinfo=timezone.utc).timestamp()
-        outcome = client.meter_usage(PRODUCT, "gb", ts, Quantity("1.250"), "sealed-token")
+        outcome = client.meter_usage(sealed_hour("gb", ts, Quantity("1.250"), "sealed-token"))
     assert outcome == Outcome("sent", record_id="rec-1")
 
 
@@ -198,7 +199,7 @@ def test_signature_expired_message_is_retryable_and_names_the_skew(
             http_status_code=400,
             response_meta={"HTTPHeaders": {"date": "Fri, 15 Jan 2027 08:00:00 GMT"}},
         )
-        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+        outcome = client.meter_usage(sealed_hour("vcpus", 1_800_000_000, Quantity(1), "tok"))
     assert outcome.status == "retry"
     assert "1200 s ahead of the service" in (outcome.error or "")
 
@@ -214,7 +215,7 @@ def test_a_clock_in_step_names_no_skew(static_credentials: None) -> None:
             http_status_code=403,
             response_meta={"HTTPHeaders": {"date": "Fri, 15 Jan 2027 08:00:00 GMT"}},
         )
-        outcome = client.meter_usage(PRODUCT, "vcpus", 1_800_000_000, Quantity(1), "tok")
+        outcome = client.meter_usage(sealed_hour("vcpus", 1_800_000_000, Quantity(1), "tok"))
     assert outcome.status == "retry" and "clock" not in (outcome.error or "")
 
 
@@ -230,7 +231,7 @@ def test_a_skewed_clock_through_the_emulator(static_credentials: None) -> None:
     url = emulator.serve(0)
     try:
         client = MeteringClient("us-east-1", url)
-        out = client.meter_usage(PRODUCT, "vcpus", now, Quantity(1), "tok-skew")
+        out = client.meter_usage(sealed_hour("vcpus", now, Quantity(1), "tok-skew"))
     finally:
         emulator.stop()
     assert (out.status, out.code) == ("retry", "InvalidSignatureException")

@@ -36,14 +36,14 @@ def test_hooks_run_once_per_transition(tmp_path: Path) -> None:
     clock = FakeClock(H)
     hooks = Hooks(cfg, ledger, clock)
     assert hooks.check() is None
-    ledger.update_meta(failing_since=H)  # what the sender records at the first failure
+    ledger.note_failure(H, "ThrottlingException")  # what the sender records at the first failure
     clock.advance(7199)
     assert hooks.check() is None  # not before two hours
     clock.advance(1)
     assert hooks.check() == "failure"
     assert hooks.check() is None  # once per transition
     assert Hooks(cfg, ledger, clock).check() is None  # not again after a restart
-    ledger.update_meta(failing_since=None)  # a send succeeded
+    ledger.note_success(H + 7300)  # a send succeeded
     assert hooks.check() == "recovery"
     assert hooks.check() is None
     hooks.wait(10)
@@ -58,10 +58,10 @@ def test_short_failures_run_no_hook(tmp_path: Path) -> None:
     ledger = Ledger(cfg.state_dir)
     clock = FakeClock(H)
     hooks = Hooks(cfg, ledger, clock)
-    ledger.update_meta(failing_since=H)
+    ledger.note_failure(H, "ThrottlingException")
     clock.advance(600)
     hooks.check()
-    ledger.update_meta(failing_since=None)
+    ledger.note_success(H + 600)
     assert hooks.check() is None  # nothing fired, so there is nothing to recover from
 
 
@@ -70,7 +70,7 @@ def test_a_missing_hook_command_is_logged_not_fatal(
 ) -> None:
     cfg = make_config(tmp_path, "on_metering_failure: {after: 0, command: [/nonexistent/cmd]}\n")
     ledger = Ledger(cfg.state_dir)
-    ledger.update_meta(failing_since=H)
+    ledger.note_failure(H, "ThrottlingException")
     hooks = Hooks(cfg, ledger, FakeClock(H))
     with caplog.at_level(logging.ERROR):
         assert hooks.check() == "failure"
@@ -84,8 +84,8 @@ def billed_ledger(tmp_path: Path) -> Path:
     for hour in (H, H + 3600):
         fill(ledger, "vcpus", hour, 3)
     seal_hours(ledger, cfg, H + 7200, offset=0)
-    ledger.mark("vcpus", H, state="sent", now=H + 3700, record_id="rec-1")
-    ledger.mark("vcpus", H + 3600, state="sent", now=H + 7300, record_id="rec-2")
+    ledger.mark_sent("vcpus", H, record_id="rec-1", now=H + 3700)
+    ledger.mark_sent("vcpus", H + 3600, record_id="rec-2", now=H + 7300)
     ledger.close()
     return tmp_path / "config.yaml"
 
@@ -174,9 +174,8 @@ def test_status_table_shows_health_dimensions_and_hours(tmp_path: Path) -> None:
     config = billed_ledger(tmp_path)
     ledger = Ledger(tmp_path / "state")
     ledger.record_collector_error("vcpu_hours", H + 7300, "source missing: no file")
-    ledger.update_meta(
-        failing_since=H + 7000, reason="ThrottlingException: slow down", authorized=True
-    )
+    ledger.authorize()
+    ledger.note_failure(H + 7000, "ThrottlingException: slow down")
     ledger.close()
     result = run_cli("status", "-c", str(config), "--hours", "100000")
     assert result.returncode == 0, result.stderr

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from agent import sealing
 from agent.aggregate import Quantity
 from agent.config import Config
 from agent.ledger import Ledger
 from agent.metering import Outcome
 from agent.sealing import seal_hours
-from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, next_due, note_unreachable, work_due
+from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, due, next_send, note_unreachable
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock
 from tests.test_sealing import fill
@@ -26,6 +27,12 @@ def setup(tmp_path: Path) -> tuple[Config, Ledger, FakeClock]:
     clock = FakeClock(H + 2 * 3600)
     seal_hours(ledger, cfg, clock.time(), offset=30)
     return cfg, ledger, clock
+
+
+def work_due(ledger: Ledger, now: float) -> bool:
+    """The daemon's question before it starts a sender."""
+    when = due(ledger.send_state(), ledger.pending())
+    return when is not None and when <= now
 
 
 def health(cfg: Config) -> dict:
@@ -62,7 +69,7 @@ def test_nothing_is_sent_before_the_send_slot(tmp_path: Path) -> None:
     clock = FakeClock(H + 3600 + 5)
     seal_hours(ledger, cfg, clock.time(), offset=120)
     assert not work_due(ledger, clock.time())
-    assert next_due(ledger) == H + 3600 + 120
+    assert next_send(ledger, cfg, clock.time()) == H + 3600 + 120
     client = FakeClient()
     Sender(ledger, cfg, client, clock).run()
     assert client.calls == []
@@ -93,7 +100,8 @@ def test_retry_resends_the_identical_request(setup) -> None:
 def test_a_long_backoff_ends_the_pass_and_waits(setup) -> None:
     cfg, ledger, clock = setup
     clock.advance(30)
-    ledger.update_meta(failures=8)  # backoff up to 300 s: longer than the pass's patience
+    for _ in range(8):  # backoff up to 300 s: longer than the pass's patience
+        ledger.back_off(clock.time(), "ThrottlingException", lambda failures: 0.0)
     client = FakeClient(script=[retry()])
     rng = random.Random(0)
     report = Sender(ledger, cfg, client, clock, rng=rng).run(deadline=clock.time() + 1)
@@ -117,7 +125,7 @@ def test_access_denied_pauses_until_dry_run_passes(setup) -> None:
     )
     report = Sender(ledger, cfg, client, clock).run()
     assert report.paused and len(client.calls) == 1
-    assert ledger.get_meta("authorized") is False
+    assert ledger.send_state().authorized is False
     assert health(cfg)["authorized"] is False
     assert not work_due(ledger, clock.time())
     clock.advance(300)
@@ -132,11 +140,11 @@ def test_access_denied_pauses_until_dry_run_passes(setup) -> None:
 
 def test_startup_dry_run_failing_to_connect_backs_off(setup) -> None:
     cfg, ledger, clock = setup
-    ledger.update_meta(dryrun_due=clock.time())
+    ledger.schedule_dryrun(clock.time())
     client = FakeClient(dry_script=[retry("EndpointConnectionError")])
     report = Sender(ledger, cfg, client, clock).run()
     assert report.dry_run == "retry"
-    assert ledger.get_meta("dryrun_due") > clock.time()
+    assert ledger.send_state().dryrun_due > clock.time()
     assert health(cfg)["reason"].startswith("DryRun: EndpointConnectionError")
 
 
@@ -148,6 +156,49 @@ def test_hours_past_the_window_expire_without_a_call(setup) -> None:
     assert report.expired == [("vcpus", H)]
     assert [c.timestamp for c in client.calls] == [H + 3600 + 3540]
     assert [h.state for h in ledger.hours()] == ["expired", "sent"]
+
+
+def test_an_hour_that_expires_never_sent_shows_no_attempt(setup) -> None:
+    cfg, ledger, clock = setup
+    clock.advance(30)
+    client = FakeClient(script=[retry()] * 100)  # the first hour is tried, the second never
+    Sender(ledger, cfg, client, clock).run(deadline=clock.time() + 1)
+    assert client.calls and {c.timestamp for c in client.calls} == {H + 3540}
+    clock.t = H + 3600 + 3540 + EXPIRY  # both out of the window
+    sent = len(client.calls)
+    Sender(ledger, cfg, client, clock).run()
+    tried, never = ledger.hours()
+    assert len(client.calls) == sent
+    assert (tried.state, tried.attempts, tried.last_error) == (
+        "expired", sent, "ThrottlingException: try later"
+    )  # fmt: skip
+    assert (never.state, never.attempts, never.last_error) == (
+        "expired", 0, "older than the 6 h MeterUsage window"
+    )  # fmt: skip
+
+
+def test_one_rule_for_when_a_send_run_is_due(setup) -> None:
+    cfg, ledger, clock = setup
+    first, second = ledger.pending()
+    assert due(ledger.send_state(), [first, second]) == first.next_attempt
+    ledger.back_off(clock.time(), "ThrottlingException", lambda failures: 100.0)
+    assert due(ledger.send_state(), [second]) == clock.time() + 100  # the backoff holds it
+    ledger.deauthorize(clock.time(), "AccessDeniedException", clock.time() + 9 * 3600)
+    # paused: no send, but the run that expires the oldest hour is still due
+    assert due(ledger.send_state(), [first, second]) == first.timestamp + EXPIRY
+    assert next_send(ledger, cfg, clock.time()) == first.timestamp + EXPIRY
+    clock.t = first.timestamp + EXPIRY
+    Sender(ledger, cfg, FakeClient(), clock).run()
+    assert ledger.hours()[0].state == "expired"
+
+
+def test_next_send_with_nothing_pending_is_the_open_hours_slot(setup) -> None:
+    cfg, ledger, clock = setup
+    clock.advance(30)
+    Sender(ledger, cfg, FakeClient(), clock).run()
+    assert ledger.pending() == [] and due(ledger.send_state(), []) is None
+    offset = sealing.send_offset(ledger.get_meta("instance_id") or "", cfg.metering.send_window)
+    assert next_send(ledger, cfg, clock.time()) == H + 3 * 3600 + offset
 
 
 def test_service_timestamp_out_of_bounds_expires(setup) -> None:

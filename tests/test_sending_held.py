@@ -10,7 +10,7 @@ import pytest
 
 from agent import health
 from agent.config import Config
-from agent.ledger import Ledger
+from agent.ledger import Ledger, SealedHour
 from agent.metering import Outcome
 from agent.sealing import seal_hours
 from agent.sending import EXPIRY, Sender
@@ -43,9 +43,9 @@ def sealed(tmp_path: Path, product: str = PRODUCT) -> tuple[Config, Ledger, Fake
 class DimensionUnknown(FakeClient):
     """The listing has no `egress_gb`: every call for it is refused."""
 
-    def meter_usage(self, product_code, dimension, timestamp, quantity, client_token):  # type: ignore[no-untyped-def, override]
-        out = super().meter_usage(product_code, dimension, timestamp, quantity, client_token)
-        if dimension == "egress_gb":
+    def meter_usage(self, h: SealedHour) -> Outcome:
+        out = super().meter_usage(h)
+        if h.dimension == "egress_gb":
             return Outcome("held", code="InvalidUsageDimensionException", message="egress_gb")
         return out
 
@@ -80,7 +80,7 @@ def test_an_unknown_dimension_is_held_and_never_blocks_the_others(tmp_path: Path
     assert {h.dimension: h.state for h in ledger.hours()}["egress_gb"] == "expired"
     assert health.snapshot(ledger, clock.time())["ok"] is False
     # after a later success, and 24 h on, the loss is history: ok again
-    health.note_success(ledger, H + 10 * 3600)
+    ledger.note_success(H + 10 * 3600)
     assert health.snapshot(ledger, H + 10 * 3600)["ok"] is False
     assert health.snapshot(ledger, H + 26 * 3600)["ok"] is True
 
@@ -144,7 +144,8 @@ def test_the_trigger_still_forbids_any_other_change(tmp_path: Path) -> None:
     ledger2 = Ledger(make_config(tmp_path / "b", dims=TWO_DIMS).state_dir)
     fill(ledger2, "vcpus", H, 3)
     seal_hours(ledger2, cfg, H + 3600, offset=0)
-    ledger2.mark("vcpus", H, state="pending", now=H + 3600, error="ThrottlingException: slow")
+    ledger2.begin_attempt("vcpus", H, H + 3600)
+    ledger2.schedule_retry("vcpus", H, error="ThrottlingException: slow", next_attempt=H + 3600)
     with pytest.raises(sqlite3.IntegrityError):  # tried, and not refused for its product code
         ledger2.db.execute("UPDATE hours SET product_code = 'x', client_token = 'y', "
                            "reissues = reissues + 1")  # fmt: skip
@@ -156,8 +157,8 @@ class KilledMidRequest(FakeClient):
     """The service records the request, then the send child is killed before the answer is
     stored (stop's terminate after 5 s, the send timeout's kill)."""
 
-    def meter_usage(self, product_code, dimension, timestamp, quantity, client_token):  # type: ignore[no-untyped-def, override]
-        super().meter_usage(product_code, dimension, timestamp, quantity, client_token)
+    def meter_usage(self, h: SealedHour) -> Outcome:
+        super().meter_usage(h)
         raise KeyboardInterrupt  # a BaseException, as a signal's would be: nothing is marked
 
 
