@@ -45,8 +45,8 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     failing_since = state.failing_since
     pending = {h.hour for h in ledger.pending()}
     reasons = []
-    if state.unverified:
-        reasons.append(state.unverified)
+    if state.identity_unverified:
+        reasons.append(state.identity_unverified)
     lost = refused_hours(ledger, now)
     if lost:
         more = f" (and {len(lost) - 1} more hour(s) in the last 24 h)" if len(lost) > 1 else ""
@@ -56,7 +56,7 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         if current and current not in reasons and not (lost and current in reasons[-1]):
             reasons.append(current)
     data = {
-        "ok": failing_since is None and not lost and not state.unverified,
+        "ok": failing_since is None and not lost and not state.identity_unverified,
         "authorized": state.authorized,
         "last_success": iso(state.last_success),
         "failing_since": iso(failing_since),

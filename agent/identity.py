@@ -29,7 +29,7 @@ from typing import NoReturn
 from agent import health
 from agent.clock import Clock, iso
 from agent.errors import AgentError
-from agent.ledger import LEDGER_FILE, UNVERIFIED, Ledger, move_aside
+from agent.ledger import LEDGER_FILE, Ledger, move_aside
 from agent.metering import Imds, ImdsError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Seconds between IMDS tries: about a minute of quick ones, then once a minute for good.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
 RETRY_EVERY = 60.0
+UNVERIFIED = "identity_unverified"  # read as SendState.identity_unverified
 SINCE = "unverified_since"  # start of the first unverified run: its samples are this machine's
 
 

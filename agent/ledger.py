@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -170,15 +170,12 @@ def _spread_instants(db: sqlite3.Connection) -> None:
 # Python steps run before a migration's SQL, in the same transaction.
 _MIGRATION_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: _spread_instants}
 
-# Meta keys of SendState fields whose key is not the field's name.
-UNVERIFIED = "identity_unverified"  # written by identity with its `unverified_since`
-_SEND_KEYS = {"unverified": UNVERIFIED}
-
 
 @dataclass(frozen=True)
 class SendState:
     """The send state machine, kept in the meta table: read as one value (Ledger.send_state) and
-    written only by the Ledger's named transitions, each in one transaction."""
+    written only by the Ledger's named transitions, each in one transaction. Each field is the
+    meta key of the same name."""
 
     authorized: bool | None = None  # False: paused until a DryRun passes; None: never checked
     dryrun_due: float | None = None
@@ -188,7 +185,7 @@ class SendState:
     last_success: float | None = None
     reason: str | None = None  # the latest failure, while failing
     failure_hook_for: float | None = None  # the failing_since the failure hook ran for
-    unverified: str | None = None  # why the ledger's instance identity awaits IMDS
+    identity_unverified: str | None = None  # why IMDS must confirm the instance (identity.py)
 
 
 # record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
@@ -309,55 +306,46 @@ class Ledger:
 
     # -- send state ----------------------------------------------------------------------------
 
-    def send_state(self) -> SendState:
+    def send_state(self, db: sqlite3.Connection | None = None) -> SendState:
+        names = [f.name for f in fields(SendState)]
+        sql = f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(names))})"
         with self._lock:
-            return self._send_state(self.db)
+            rows = (db or self.db).execute(sql, names).fetchall()
+        values = {k: json.loads(v) for k, v in rows if v is not None}
+        return SendState(**{k: v for k, v in values.items() if v is not None})
 
-    def _send_state(self, db: sqlite3.Connection) -> SendState:
-        keys = {f.name: _SEND_KEYS.get(f.name, f.name) for f in fields(SendState)}
-        rows = dict(db.execute(
-            f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(keys))})",
-            list(keys.values()),
-        ).fetchall())  # fmt: skip
-        values = {f: json.loads(rows[k]) for f, k in keys.items() if rows.get(k) is not None}
-        return SendState(**{f: v for f, v in values.items() if v is not None})
-
-    def _change(self, change: Callable[[SendState], dict[str, Any]]) -> SendState:
-        """Apply one transition to the send state in one transaction; the state it left."""
+    def _change(self, change: Callable[[SendState], dict[str, Any]]) -> None:
+        """Apply one transition, computed from the state before it, in one transaction."""
         with self.transaction() as db:
-            before = self._send_state(db)
-            values = change(before)
-            for name, value in values.items():
-                self.set_meta(db, _SEND_KEYS.get(name, name), value)
-        return replace(before, **values)
+            for key, value in change(self.send_state(db)).items():
+                self.set_meta(db, key, value)
 
     def note_success(self, now: float) -> None:
         """A send or DryRun succeeded: authorized, no failure streak, no backoff."""
-        self._change(lambda s: dict(authorized=True, failures=0, backoff_until=None,
-                                    failing_since=None, last_success=now, reason=None))  # fmt: skip
+        self.update_meta(authorized=True, failures=0, backoff_until=None, failing_since=None,
+                         last_success=now, reason=None)  # fmt: skip
 
     def note_failure(self, now: float, reason: str) -> None:
         """Something failed: `reason` is the current one; failing since the first of a streak."""
         self._change(lambda s: dict(reason=reason, failing_since=s.failing_since or now))
 
     def back_off(self, now: float, reason: str, delay_for: Callable[[int], float]) -> float:
-        """One more failure in a row: sends and DryRun wait `delay_for(failures)`; the delay."""
-
-        delays: list[float] = []
+        """One more failure in a row: sends and a due DryRun wait `delay_for(failures)`, which
+        it returns."""
+        delay = []
 
         def change(s: SendState) -> dict[str, Any]:
-            delays.append(delay_for(s.failures + 1))
-            until = now + delays[0]
-            due = None if s.dryrun_due is None else max(s.dryrun_due, until)
-            return dict(failures=s.failures + 1, backoff_until=until, dryrun_due=due,
+            delay.append(delay_for(s.failures + 1))
+            due = None if s.dryrun_due is None else max(s.dryrun_due, now + delay[0])
+            return dict(failures=s.failures + 1, backoff_until=now + delay[0], dryrun_due=due,
                         reason=reason, failing_since=s.failing_since or now)  # fmt: skip
 
         self._change(change)
-        return delays[0]
+        return delay[0]
 
     def authorize(self) -> None:
         """A DryRun found the role and product fine: sending goes on, no DryRun due."""
-        self._change(lambda s: dict(authorized=True, dryrun_due=None))
+        self.update_meta(authorized=True, dryrun_due=None)
 
     def deauthorize(self, now: float, reason: str, recheck_at: float) -> None:
         """Not authorized: sending pauses until a DryRun, due at `recheck_at`, passes."""
@@ -365,11 +353,11 @@ class Ledger:
                                     failing_since=s.failing_since or now))  # fmt: skip
 
     def schedule_dryrun(self, at: float) -> None:
-        self._change(lambda s: dict(dryrun_due=at))
+        self.update_meta(dryrun_due=at)
 
     def note_failure_hook(self, failing_since: float | None) -> None:
         """The failure hook ran for the streak that began at `failing_since` (None: recovered)."""
-        self._change(lambda s: dict(failure_hook_for=failing_since))
+        self.update_meta(failure_hook_for=failing_since)
 
     # -- samples -----------------------------------------------------------------------------
 
@@ -652,19 +640,16 @@ class Ledger:
     def schedule_retry(
         self, dimension: str, hour: int, *, error: str | None, next_attempt: float
     ) -> None:
-        """The hour stays pending with its last error, next tried at `next_attempt`."""
-        with self.transaction() as db:
-            self._update_pending(db, dimension, hour, "last_error = ?, next_attempt = ?",
-                                 error, next_attempt)  # fmt: skip
-
-    def hold(self, dimension: str, hour: int, *, error: str | None, next_attempt: float) -> None:
-        """The seller's config was refused for the hour: pending, retried at `next_attempt`; a
-        refusal of its product code is counted (see reissue)."""
+        """The hour stays pending with its last error, next tried at `next_attempt`. An answer
+        refusing its product code counts a refusal (see reissue)."""
         with self.transaction() as db:
             self._update_pending(
                 db, dimension, hour, "last_error = ?, next_attempt = ?, refusals = refusals + "
                 "(COALESCE(?, '') LIKE 'InvalidProductCodeException%')", error, next_attempt, error
             )  # fmt: skip
+
+    # The seller's config (product code, dimension) was refused: held pending, retried alike.
+    hold = schedule_retry
 
     def begin_attempt(self, dimension: str, hour: int, now: float) -> None:
         """Count a request as leaving, before MeterUsage is called.

@@ -74,7 +74,7 @@ def due(state: SendState, pending: list[SealedHour]) -> float | None:
     """The earliest time a send run would do something: a DryRun, a pending hour's send, or its
     expiry; None if nothing. The one rule for the daemon's scheduling, its "start a sender now?"
     (due <= now), the sender's own per-hour decision (sendable_at) and `status`."""
-    if state.unverified:  # nothing leaves until IMDS confirms the instance
+    if state.identity_unverified:  # nothing leaves until IMDS confirms the instance
         return None
     times = [float(h.timestamp + EXPIRY) for h in pending]
     times += [t for h in pending if (t := sendable_at(state, h.next_attempt)) is not None]
@@ -87,10 +87,11 @@ def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
     """When the next send is due, for `status`: `due`, or the open hour's send slot if sooner (it
     is sealed at its end and sent at its end plus this instance's send offset)."""
     state = ledger.send_state()
-    when = due(state, ledger.pending())
+    if state.identity_unverified:  # as in due(): nothing leaves
+        return None
     offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
-    slot = None if state.unverified else sendable_at(state, hour_start(now) + HOUR + offset)
-    return min((t for t in (when, slot) if t is not None), default=None)
+    times = (due(state, ledger.pending()), sendable_at(state, hour_start(now) + HOUR + offset))
+    return min((t for t in times if t is not None), default=None)
 
 
 def note_unreachable(
@@ -128,7 +129,7 @@ class Sender:
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
         try:
-            unverified = self.ledger.send_state().unverified
+            unverified = self.ledger.send_state().identity_unverified
             if unverified:
                 # A ledger maybe baked on another instance: `run` verifies it through IMDS.
                 log.warning("not sending: %s", unverified)
@@ -234,18 +235,38 @@ class Sender:
             outcome = self.client.meter_usage(h)
             now = self.clock.time()
             where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
+            error, until = outcome.error, iso(h.timestamp + EXPIRY)
             match outcome.status:
                 case "retry":
-                    delay = self._retry(h, outcome, now, report)
+                    delay = self.ledger.back_off(now, error or "send failed", self._backoff)
+                    log.warning("%s: send failed (%s); retrying after %.1f s (until %s)", where,
+                                error, delay, until)  # fmt: skip
+                    self.ledger.schedule_retry(h.dimension, h.hour, error=error,
+                                               next_attempt=now + delay)  # fmt: skip
+                    report.retry.append((h.dimension, h.hour, error or ""))
                     if now + delay >= deadline:
                         return
                     self.clock.sleep(delay)
                     continue  # the same hour again, the identical request
                 case "unauthorized":
-                    self._paused(h, outcome, now, report)
+                    log.error("%s: not authorized (%s); sending paused, DryRun every %d s", where,
+                              error, DRYRUN_RECHECK)  # fmt: skip
+                    self.ledger.schedule_retry(h.dimension, h.hour, error=error,
+                                               next_attempt=h.next_attempt)  # fmt: skip
+                    self.ledger.deauthorize(now, error or "not authorized", now + DRYRUN_RECHECK)
+                    report.paused = True
                     return
                 case "held":
-                    self._hold(h, outcome, now, report)
+                    # The seller's configuration was refused (product code, dimension): pending
+                    # until it expires, retried on its own backoff so other hours keep going out.
+                    delay = max(BACKOFF_BASE, backoff(h.attempts + 1, self.rng))
+                    log.error("%s: quantity %s refused (%s); held, not lost: fix the config "
+                              "(product_code, dimensions[].name) or the listing and restart; "
+                              "retrying in %.0f s until %s", where, h.quantity.text, error, delay,
+                              until)  # fmt: skip
+                    self.ledger.hold(h.dimension, h.hour, error=error, next_attempt=now + delay)
+                    self.ledger.note_failure(now, f"{where} refused: {error}")
+                    report.held.append((h.dimension, h.hour, error or ""))
                 case "sent":
                     self.ledger.mark_sent(h.dimension, h.hour, record_id=outcome.record_id, now=now)
                     self.ledger.note_success(now)
@@ -253,12 +274,12 @@ class Sender:
                              outcome.record_id)  # fmt: skip
                     report.sent.append((h.dimension, h.hour, outcome.record_id or ""))
                 case "expired":
-                    self._mark_expired(h, now, "the service said so", report, error=outcome.error)
+                    self._mark_expired(h, now, "the service said so", report, error=error)
                 case "rejected" | "dryrun_ok":
-                    log.error("%s: quantity %s rejected: %s", where, h.quantity.text, outcome.error)
-                    self.ledger.reject(h.dimension, h.hour, error=outcome.error, now=now)
-                    self.ledger.note_failure(now, f"{where} rejected: {outcome.error}")
-                    report.rejected.append((h.dimension, h.hour, outcome.error or ""))
+                    log.error("%s: quantity %s rejected: %s", where, h.quantity.text, error)
+                    self.ledger.reject(h.dimension, h.hour, error=error, now=now)
+                    self.ledger.note_failure(now, f"{where} rejected: {error}")
+                    report.rejected.append((h.dimension, h.hour, error or ""))
                 case _:
                     _never(outcome.status)
             queue.pop(0)
@@ -289,51 +310,3 @@ class Sender:
         report.reissued.append((h.dimension, h.hour))
         fresh = [x for x in self.ledger.pending() if (x.dimension, x.hour) == (h.dimension, h.hour)]
         return fresh[0] if fresh else h
-
-    def _hold(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
-        """The seller's configuration was refused (product code, dimension): the hour stays
-        pending until it expires, retried on its own backoff so other hours keep going out."""
-        delay = max(BACKOFF_BASE, backoff(h.attempts + 1, self.rng))
-        where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
-        log.error(
-            "%s: quantity %s refused (%s); held, not lost: fix the config (product_code, "
-            "dimensions[].name) or the listing and restart; retrying in %.0f s until %s",
-            where,
-            h.quantity.text,
-            outcome.error,
-            delay,
-            iso(h.timestamp + EXPIRY),
-        )
-        self.ledger.hold(h.dimension, h.hour, error=outcome.error, next_attempt=now + delay)
-        self.ledger.note_failure(now, f"{where} refused: {outcome.error}")
-        report.held.append((h.dimension, h.hour, outcome.error or ""))
-
-    def _retry(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> float:
-        delay = self.ledger.back_off(now, outcome.error or "send failed", self._backoff)
-        log.warning(
-            "hour %s dimension %s: send failed (%s); retrying after %.1f s (until %s)",
-            iso_hour(h.hour),
-            h.dimension,
-            outcome.error,
-            delay,
-            iso(h.timestamp + EXPIRY),
-        )
-        self.ledger.schedule_retry(
-            h.dimension, h.hour, error=outcome.error, next_attempt=now + delay
-        )
-        report.retry.append((h.dimension, h.hour, outcome.error or ""))
-        return delay
-
-    def _paused(self, h: SealedHour, outcome: Outcome, now: float, report: Report) -> None:
-        log.error(
-            "hour %s dimension %s: not authorized (%s); sending paused, DryRun every %d s",
-            iso_hour(h.hour),
-            h.dimension,
-            outcome.error,
-            DRYRUN_RECHECK,
-        )
-        self.ledger.schedule_retry(
-            h.dimension, h.hour, error=outcome.error, next_attempt=h.next_attempt
-        )
-        self.ledger.deauthorize(now, outcome.error or "not authorized", now + DRYRUN_RECHECK)
-        report.paused = True

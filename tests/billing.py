@@ -77,11 +77,15 @@ class FakeClient:
 
 
 def sealed_hour(
-    dimension: str, timestamp: float, quantity: Quantity, client_token: str, product: str = PRODUCT
+    dimension: str,
+    timestamp: float,
+    quantity: Quantity,
+    client_token: str,
+    product_code: str = PRODUCT,
 ) -> SealedHour:
     """A pending sealed hour as the sender hands it to a client."""
     ts = int(timestamp)
-    return SealedHour(dimension, ts // 3600 * 3600, product, quantity, ts, client_token, 1, "",
+    return SealedHour(dimension, ts // 3600 * 3600, product_code, quantity, ts, client_token, 1, "",
                       "pending", None, 0, None, float(ts), float(ts), None)  # fmt: skip
 
 

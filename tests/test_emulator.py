@@ -12,6 +12,7 @@ import pytest
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
 from agent.metering import Imds, MeteringClient
+from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 
 
@@ -34,7 +35,7 @@ def send(client: MeteringClient, **kw: Any):
         "client_token": "tok-1",
     }
     args.update(kw)
-    return client.meter_usage(**args)
+    return client.meter_usage(sealed_hour(**args))
 
 
 def test_identical_request_returns_the_same_record(

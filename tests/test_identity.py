@@ -94,7 +94,7 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     assert verified_in_swap == [True]
     fresh = holder["ledger"]
     assert fresh.get_meta("instance_id") == "i-buyer"
-    assert fresh.send_state().unverified is None
+    assert fresh.send_state().identity_unverified is None
     assert fresh.hours() == []  # the baked pending hour stays in the moved-aside ledger
     assert fresh.unsealed_sample_count() == 1 and fresh.position("vcpus") == {"p": 1}
     (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
@@ -143,7 +143,7 @@ def test_unverified_runs_that_stop_before_imds_answers_are_carried_at_the_next_s
     fresh = third.start(Ledger(state))
     assert third.verified.is_set()
     assert fresh.get_meta("instance_id") == "i-buyer"
-    assert fresh.get_meta(identity.SINCE) is None and fresh.send_state().unverified is None
+    assert fresh.get_meta(identity.SINCE) is None and fresh.send_state().identity_unverified is None
     assert samples_at(fresh) == [H + 120, H + 720]  # both unverified runs', not the build's
     assert fresh.position("vcpus") == {"p": 2}
     (moved,) = state.glob("ledger.db.instance-i-build.*[0-9]")
