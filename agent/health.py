@@ -42,7 +42,6 @@ def describe(h: SealedHour) -> str:
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
     state = ledger.send_state()
-    failing_since = state.failing_since
     pending = {h.hour for h in ledger.pending()}
     reasons = []
     if state.identity_unverified:
@@ -51,15 +50,15 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     if lost:
         more = f" (and {len(lost) - 1} more hour(s) in the last 24 h)" if len(lost) > 1 else ""
         reasons.append(describe(lost[0]) + more)
-    if failing_since is not None:
+    if state.failing_since is not None:
         current = state.reason
         if current and current not in reasons and not (lost and current in reasons[-1]):
             reasons.append(current)
     data = {
-        "ok": failing_since is None and not lost and not state.identity_unverified,
+        "ok": state.failing_since is None and not lost and not state.identity_unverified,
         "authorized": state.authorized,
         "last_success": iso(state.last_success),
-        "failing_since": iso(failing_since),
+        "failing_since": iso(state.failing_since),
         "pending_hours": len(pending),
         "reason": "; ".join(reasons) or None,
     }

@@ -24,6 +24,7 @@ from agent.metering import PRODUCT_CODE_REFUSED, Outcome
 log = logging.getLogger(__name__)
 
 EXPIRY = 6 * HOUR - 60  # TimestampOutOfBounds past 6 h; give up a minute early
+OUT_OF_WINDOW = "older than the 6 h MeterUsage window"
 DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
@@ -58,10 +59,6 @@ def backoff(failures: int, rng: random.Random) -> float:
 def _never(x: NoReturn) -> NoReturn:
     """mypy proves each `match` on an outcome handles every one (typing.assert_never is 3.11+)."""
     raise AssertionError(f"unhandled outcome {x!r}")
-
-
-def expired(h: SealedHour, now: float) -> bool:
-    return now >= h.timestamp + EXPIRY
 
 
 def sendable_at(state: SendState, next_attempt: float) -> float | None:
@@ -135,7 +132,9 @@ class Sender:
                 log.warning("not sending: %s", unverified)
                 report.paused = True
                 return report
-            self._expire(report)
+            now = self.clock.time()
+            for h in (h for h in self.ledger.pending() if now >= h.timestamp + EXPIRY):
+                self._mark_expired(h, now, OUT_OF_WINDOW, report)
             if not self._authorized(report):
                 report.paused = True
                 return report
@@ -147,8 +146,7 @@ class Sender:
     # -- DryRun ------------------------------------------------------------------------------
 
     def _authorized(self, report: Report) -> bool:
-        now = self.clock.time()
-        due = self.ledger.send_state().dryrun_due
+        now, due = self.clock.time(), self.ledger.send_state().dryrun_due
         if due is not None and due <= now:
             self._dry_run(report, now)
         return self.ledger.send_state().authorized is not False
@@ -168,20 +166,13 @@ class Sender:
             case "held" if outcome.code != PRODUCT_CODE_REFUSED:
                 # An unknown dimension says the role and product are fine: only that dimension's
                 # hours are held (and named in health), the others are sent.
-                log.error(
-                    "MeterUsage DryRun for dimension %s: %s; its hours are held until the listing "
-                    "has it or they expire",
-                    dim.name,
-                    outcome.error,
-                )
+                log.error("MeterUsage DryRun for dimension %s: %s; its hours are held until the "
+                          "listing has it or they expire", dim.name, outcome.error)  # fmt: skip
                 self.ledger.authorize()
             case "unauthorized" | "rejected" | "expired" | "held":
                 # Not authorized or not entitled: sending pauses and the DryRun repeats.
-                log.error(
-                    "MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
-                    outcome.error,
-                    DRYRUN_RECHECK,
-                )
+                log.error("MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
+                          outcome.error, DRYRUN_RECHECK)  # fmt: skip
                 self.ledger.deauthorize(now, f"DryRun: {outcome.error}", now + DRYRUN_RECHECK)
             case "retry" | "sent":
                 delay = self.ledger.back_off(now, f"DryRun: {outcome.error}", self._backoff)
@@ -191,25 +182,14 @@ class Sender:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _expire(self, report: Report) -> None:
-        now = self.clock.time()
-        for h in self.ledger.pending():
-            if expired(h, now):
-                self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
-
     def _mark_expired(
         self, h: SealedHour, now: float, why: str, report: Report, error: str | None = None
     ) -> None:
         """Expire an unsent hour. Its last_error keeps the last answer (or `error`, the service's
         own), else says `why`; attempts stay as counted when requests left."""
-        log.error(
-            "hour %s dimension %s: quantity %s expired unsent (%s; last error: %s)",
-            iso_hour(h.hour),
-            h.dimension,
-            h.quantity.text,
-            why,
-            error or h.last_error or "none, never sent",
-        )
+        log.error("hour %s dimension %s: quantity %s expired unsent (%s; last error: %s)",
+                  iso_hour(h.hour), h.dimension, h.quantity.text, why,
+                  error or h.last_error or "none, never sent")  # fmt: skip
         self.ledger.expire(h.dimension, h.hour, error=error or h.last_error or why, now=now)
         report.expired.append((h.dimension, h.hour))
         self.ledger.note_failure(now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
@@ -226,8 +206,8 @@ class Sender:
                 if at is None or at > now:
                     queue.pop(0)
                     continue
-            if expired(h, now):
-                self._mark_expired(h, now, "older than the 6 h MeterUsage window", report)
+            if now >= h.timestamp + EXPIRY:
+                self._mark_expired(h, now, OUT_OF_WINDOW, report)
                 queue.pop(0)
                 continue
             h = queue[0] = self._current_product(h, now, report)
