@@ -28,8 +28,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -41,6 +39,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, ownership, sealing, stopreason
+from agent.child import STOP_FLUSH, SenderProcess, send_command
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension, load
 from agent.errors import AgentError, LockHeld
@@ -56,8 +55,6 @@ from agent.sending import next_due, work_due
 log = logging.getLogger(__name__)
 
 SEND_TICK = 15  # seconds of clock time between checks for due work
-STOP_FLUSH = 30  # seconds the stop flush may spend sending
-SENDER_TIMEOUT = 600  # a send child that runs longer than this is killed (it is safe to)
 RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
 
 
@@ -160,81 +157,101 @@ def take_product_lock(config: Config) -> ProductLock | None:
     return lock if lock.acquire() else None
 
 
+def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
+    """Take the locks, copy the config for the sender children and verify the ledger's
+    instance: a Daemon with everything it runs on, ready to `run`."""
+    state_dir = Path(config.state_dir)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = StateLock(state_dir)  # kept: the flock lives as long as the file
+        lock.acquire()
+        product_lock = take_product_lock(config)
+        config, snapshot = snapshot_config(config.source, state_dir)
+        keep_snapshot(state_dir, snapshot)
+    except OSError as e:
+        raise AgentError(
+            f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
+            "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
+        ) from None
+    return Daemon.open(config, clock, Imds(), log_format=log_format, held=(lock, product_lock))
+
+
 class Daemon:
     def __init__(
         self,
         config: Config,
         clock: Clock,
-        sampler: Sampler | None = None,
-        imds: Imds | None = None,
-        sender_command: Callable[[bool, float | None], list[str]] | None = None,
-        log_format: str = "text",
+        ledger: Ledger,
+        ident: identity.Identity,
+        sampler: Sampler,
+        sender: SenderProcess,
+        held: tuple[object, ...] = (),
     ) -> None:
         self.config = config
         self.clock = clock
-        self.sampler = sampler or Sampler(config)
-        self.imds = imds or Imds()
-        self.sender_command = sender_command or self._default_sender_command
+        self.ledger = ledger
+        self.identity = ident
+        self.sampler = sampler
+        self.sender = sender
+        self.held = held  # the locks this run holds, for as long as it runs
         self.state_dir = Path(config.state_dir)
-        self.log_format = log_format
-        self.hooks: Hooks | None = None
+        self.offset = sealing.send_offset(
+            ledger.get_meta("instance_id"), config.metering.send_window
+        )
+        self.hooks = Hooks(config, ledger, clock)
         self.notify = Notifier()
         self.stop_event = threading.Event()
-        self.ledger: Ledger | None = None
-        self.identity: identity.Identity | None = None
-        self.offset = 0.0
-        self.scheduler: Any = None
-        self._child: subprocess.Popen[bytes] | None = None
-        self._child_lock = threading.Lock()
-        self._child_started = 0.0
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
-        self.running_config: Path | None = None  # snapshot_config's copy, once run() made it
         self._reload = threading.Event()
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
         self._seal_errors: list[tuple[str, int, str]] = []
+        self.scheduler = self._scheduler()
+
+    @classmethod
+    def open(
+        cls,
+        config: Config,
+        clock: Clock,
+        imds: Imds,
+        sampler: Sampler | None = None,
+        sender_command: Callable[[bool, float | None], list[str]] | None = None,
+        log_format: str = "text",
+        held: tuple[object, ...] = (),
+    ) -> Daemon:
+        """Open the ledger, verified by IMDS's instance id or marked unverified (identity), and
+        build the daemon on it; a start-up DryRun is made due if the config asks for one."""
+        now = clock.time()
+        ident = identity.Identity(imds, clock, Path(config.state_dir))
+        ledger = ident.start(Ledger(config.state_dir))
+        if config.metering.startup_check:
+            ledger.update_meta(dryrun_due=now)
+        running = Path(config.state_dir) / RUNNING_CONFIG
+        command = sender_command or functools.partial(send_command, running, clock, log_format)
+        sender = SenderProcess(command, clock.monotonic)
+        return cls(config, clock, ledger, ident, sampler or Sampler(config), sender, held)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
-            self.lock.acquire()
-            self.product_lock = take_product_lock(self.config)
-            self.config, snapshot = snapshot_config(self.config.source, self.state_dir)
-            self.running_config = keep_snapshot(self.state_dir, snapshot)
-        except OSError as e:
-            raise AgentError(
-                f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "
-                "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
-            ) from None
-        now = self.clock.time()
-        self.identity = identity.Identity(self.imds, self.clock, self.state_dir)
-        self.ledger = self.identity.start(Ledger(self.state_dir))
-        instance_id = self.ledger.get_meta("instance_id")
-        self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
-        if self.config.metering.startup_check:
-            self.ledger.update_meta(dryrun_due=now)
-        self.hooks = Hooks(self.config, self.ledger, self.clock)
         log.info(
             "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
             "after each hour",
             self.config.product_code,
             len(self.config.dimensions),
-            instance_id,
+            self.ledger.get_meta("instance_id"),
             self.offset,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        self.seal()
+        self.close_hours()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
-        self._start_scheduler()
+        self.scheduler.start()
         self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -249,18 +266,16 @@ class Daemon:
 
     def _verified(self) -> bool:
         """Whether this run may seal and send from its ledger (see identity)."""
-        return self.identity is None or self.identity.verified.is_set()
+        return self.identity.verified.is_set()
 
     def _imds_wanted(self) -> bool:
         """Keep asking IMDS while the ledger is unverified or has only a random id."""
-        assert self.ledger is not None
         return not self._verified() or self.ledger.get_meta("instance_id_source") != "imds"
 
     def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> bool:
         """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced.
         Not once the stop has begun (False): the stop keeps what it decided with."""
         with self._round_lock:
-            assert self.ledger is not None
             if self.stop_event.is_set():
                 return False
             try:
@@ -269,9 +284,7 @@ class Daemon:
                 log.error("stopping: the ledger is unusable after a failed identity swap: %s", e)
                 identity.stop_now(1)
             if ledger is not self.ledger:
-                self.ledger = ledger
-                if self.hooks is not None:
-                    self.hooks.ledger = ledger
+                self.ledger = self.hooks.ledger = ledger
                 if self.config.metering.startup_check:
                     ledger.update_meta(dryrun_due=self.clock.time())
             instance_id = ledger.get_meta("instance_id")
@@ -284,18 +297,13 @@ class Daemon:
         self.notify.stopping("stopping")
         self.stop_event.set()
 
-    def _start_scheduler(self) -> None:
+    def _scheduler(self) -> BackgroundScheduler:
+        """The jobs, not yet started (`run` starts them)."""
         scheduler = BackgroundScheduler(
             timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
-        for interval in sorted({d.interval for d in self.config.dimensions}):
-            scheduler.add_job(
-                self.sample_round,
-                ClockTrigger(self.clock, interval),
-                args=[interval],
-                id=f"sample-{interval}s",
-            )
+        self._add_sampling_jobs(scheduler, self.config)
         scheduler.add_job(self._seal_at_boundary, ClockTrigger(self.clock, HOUR), id="seal")
         if self.notify.watchdog_seconds:
             # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
@@ -311,8 +319,16 @@ class Daemon:
             id="send",
             next_run_time=datetime.now(timezone.utc),  # at once: start-up DryRun, leftovers
         )
-        scheduler.start()
-        self.scheduler = scheduler
+        return scheduler
+
+    def _add_sampling_jobs(self, scheduler: BackgroundScheduler, config: Config) -> None:
+        for interval in sorted({d.interval for d in config.dimensions}):
+            scheduler.add_job(
+                self.sample_round,
+                ClockTrigger(self.clock, interval),
+                args=[interval],
+                id=f"sample-{interval}s",
+            )
 
     def reload(self) -> None:
         """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
@@ -342,8 +358,7 @@ class Daemon:
             log.exception("reload of %s failed, keeping the running config", self.config.source)
             self._drop_snapshot(snapshot)
             return
-        assert self.ledger is not None
-        self.running_config = keep_snapshot(self.state_dir, snapshot)
+        keep_snapshot(self.state_dir, snapshot)
         with self._round_lock:
             changed = changed_dimensions(self.config, new)
             if changed and self._verified():
@@ -363,19 +378,10 @@ class Daemon:
                 self.offset = sealing.send_offset(
                     self.ledger.get_meta("instance_id"), new.metering.send_window
                 )
-            self.config, self.sampler = new, sampler
-            if self.hooks is not None:
-                self.hooks.config = new
-            if self.scheduler is not None:
-                for interval in old_intervals:
-                    self.scheduler.remove_job(f"sample-{interval}s")
-                for interval in sorted({d.interval for d in new.dimensions}):
-                    self.scheduler.add_job(
-                        self.sample_round,
-                        ClockTrigger(self.clock, interval),
-                        args=[interval],
-                        id=f"sample-{interval}s",
-                    )
+            self.config, self.sampler, self.hooks.config = new, sampler, new
+            for interval in old_intervals:
+                self.scheduler.remove_job(f"sample-{interval}s")
+            self._add_sampling_jobs(self.scheduler, new)
         log.info(
             "reloaded %s: product %s, %d dimensions",
             new.source,
@@ -395,9 +401,9 @@ class Daemon:
         A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
         sends nothing: the restarted agent continues the hour, seals it at the boundary and
         sends at once what is pending."""
-        if self.scheduler is not None:
+        if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        self._stop_child(grace=5.0)
+        self.sender.stop()
         restart = self.restarting()
         changed: list[Dimension] = []
         if restart:
@@ -412,7 +418,6 @@ class Daemon:
                     e,
                 )
                 restart = False
-        assert self.ledger is not None
         with self._round_lock:  # a read storing its sample finishes its write first
             self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
@@ -433,9 +438,8 @@ class Daemon:
                 "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
             )
         elif self.ledger.pending():
-            self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
-        if self.hooks is not None:
-            self.hooks.wait(timeout=5)
+            self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
+        self.hooks.wait(timeout=5)
         left = len(self.ledger.pending())
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
@@ -445,7 +449,7 @@ class Daemon:
     def check_clock(self) -> None:
         """Reschedule every job after a wall-clock step (see the module docstring)."""
         step = self.clock.stepped()
-        if not step or self.scheduler is None:
+        if not step:
             return
         log.warning(
             "the wall clock stepped %+.0f s (now %s): rescheduling sampling, sealing and sends",
@@ -462,7 +466,6 @@ class Daemon:
         """Start a read of every dimension on this interval, each on its own (see reads.py)."""
         if self.stop_event.is_set():
             return
-        assert self.ledger is not None
         t = snap(self.clock.time(), interval)
         for dim in self.config.dimensions:
             if dim.interval == interval:
@@ -475,7 +478,7 @@ class Daemon:
                     self._collector_error(dim, t, busy)
         with self._round_lock:
             if not self._stopped:
-                self.seal()
+                self.close_hours()
 
     def _read(
         self, dim: Dimension, t: float, sampler: Sampler, in_time: Callable[[], bool]
@@ -487,7 +490,6 @@ class Daemon:
         advanced to, so a slow log backlog is never read again from the same place forever; the
         lateness is a collector error in `status`. After the stop seal nothing is stored.
         """
-        assert self.ledger is not None
         try:
             if self._stopped:
                 return
@@ -504,20 +506,18 @@ class Daemon:
                         dim, t, f"read took longer than its {timeout} s timeout (stored late)"
                     )
                 if hour_start(t) < hour_start(self.clock.time()):
-                    self.seal()  # a read that ended after its hour did (the round's seal held it)
+                    self.close_hours()  # a read that outlived its hour (the round's seal held it)
         except Exception:  # a ledger failure: logged, the next round tries again
             log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
 
     def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
         """Every failure is counted for `status`; the journal hears of each new error once."""
-        assert self.ledger is not None
         if self._last_error.get(dim.name) != error:
             log.warning("dimension %s: collector failed: %s", dim.name, error)
             self._last_error[dim.name] = error
         self.ledger.record_collector_error(dim.name, t, error)
 
     def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
-        assert self.ledger is not None
         if sample.error or sample.value is None:
             self._collector_error(dim, t, sample.error or "no value")
             return
@@ -563,31 +563,36 @@ class Daemon:
         """The hourly job: seal like a read does, under the same lock, never after the stop."""
         with self._round_lock:
             if not self._stopped:
-                self.seal()
+                self.close_hours()
 
-    def seal(self) -> None:
-        assert self.ledger is not None
+    def close_hours(self) -> None:
+        """After each round, at each boundary and at start-up: seal the hours that ended; if any
+        did, prune, publish health and schedule their send; else publish a changed seal error."""
         if not self._verified():
             return
-        now = self.clock.time()
-        sealed = sealing.seal_hours(
-            self.ledger, self.config, now, self.offset, hold=self.reads.holds
-        )
-        errors = self.ledger.seal_errors()
-        if sealed:
-            self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
-        if sealed or errors != self._seal_errors:
-            self._seal_errors = errors
-            health.write(self.state_dir, self.ledger, self.clock.time())
-        if sealed:
-            self._schedule_send()
+        if self.seal_closed_hours():
+            self.ledger.prune(self.clock.time())  # once an hour: sealed hours are kept 90 days
+            self.publish_health()
+            self.schedule_send()
+        elif self.ledger.seal_errors() != self._seal_errors:
+            self.publish_health()
 
-    def _schedule_send(self) -> None:
+    def seal_closed_hours(self) -> list[sealing.Sealed]:
+        """Seal every hour that ended (a read still in time holds its own); how many sealed."""
+        return sealing.seal_hours(
+            self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
+        )
+
+    def publish_health(self) -> None:
+        """Rewrite health.json; remember the seal errors it shows, to notice when they change."""
+        self._seal_errors = self.ledger.seal_errors()
+        health.write(self.state_dir, self.ledger, self.clock.time())
+
+    def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
-        assert self.ledger is not None
         due = next_due(self.ledger)
-        if due is None or self.scheduler is None:
+        if due is None:
             return
         wall = self.clock.to_wall(max(due, self.clock.time()))
         self.scheduler.add_job(
@@ -599,71 +604,8 @@ class Daemon:
 
     def send_tick(self) -> None:
         """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
-        assert self.ledger is not None
-        if self.hooks is not None:
-            self.hooks.check()
-        if self.stop_event.is_set() or self._sender_running() or not self._verified():
+        self.hooks.check()
+        if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
         if work_due(self.ledger, self.clock.time()):
-            cmd = self.sender_command(False, None)
-            with self._child_lock:
-                self._child = subprocess.Popen(cmd)
-                self._child_started = self.clock.monotonic()
-
-    # -- the sender child --------------------------------------------------------------------
-
-    def _default_sender_command(self, flush: bool, deadline: float | None) -> list[str]:
-        config = self.running_config or self.config.source
-        cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
-        cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-        cmd += ["--log-format", self.log_format]
-        if flush:
-            cmd.append("--flush")
-        if deadline is not None:
-            cmd += ["--deadline", repr(deadline)]
-        if self.clock.spec:
-            cmd += ["--clock", self.clock.spec]
-        return cmd
-
-    def _sender_running(self) -> bool:
-        """Reap a finished sender; kill one that hangs (safe: the next resends identically)."""
-        with self._child_lock:
-            child = self._child
-            if child is None:
-                return False
-            code = child.poll()
-            if code is not None:
-                self._child = None
-                if code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
-                    log.error(
-                        "send process %d exited %d; pending hours stay pending", child.pid, code
-                    )
-                return False
-            if self.clock.monotonic() - self._child_started > SENDER_TIMEOUT:
-                log.error("send process %d ran over %d s; killing it", child.pid, SENDER_TIMEOUT)
-                child.kill()
-                child.wait()
-                self._child = None
-                return False
-            return True
-
-    def _run_sender(self, flush: bool, deadline: float | None) -> int:
-        """Run a sender child to completion (the stop flush)."""
-        child = subprocess.Popen(self.sender_command(flush, deadline))
-        try:
-            return child.wait(timeout=STOP_FLUSH + 10)
-        except subprocess.TimeoutExpired:
-            log.error("the stop flush ran over %d s; killed it", STOP_FLUSH + 10)
-            child.kill()
-            return child.wait()
-
-    def _stop_child(self, grace: float) -> None:
-        with self._child_lock:
-            child = self._child
-        if child is None:
-            return
-        try:
-            child.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            child.terminate()
-            child.wait()
+            self.sender.start()

@@ -103,11 +103,9 @@ class TestIdentity:
 def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
     cfg = make_config(tmp_path)
     sampler = Sampler(cfg, Registry(), Sources(psutil=ps, proc=tmp_path / "proc"))
-    d = Daemon(
-        cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
+    return Daemon.open(
+        cfg, clock, FakeImds("i-1"), sampler=sampler, sender_command=lambda *_: ["true"]
     )
-    d.ledger = Ledger(cfg.state_dir)
-    return d
 
 
 def run_round(d: Daemon, interval: int = 60) -> None:
@@ -321,14 +319,15 @@ def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path)
     """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
     from agent.daemon import keep_snapshot, snapshot_config
 
-    d = daemon_for(tmp_path, FakeClock(H + 600), FakePsutil())
-    d.sender_command = d._default_sender_command
-    d.config, snap = snapshot_config(d.config.source, d.state_dir)
-    d.running_config = keep_snapshot(d.state_dir, snap)
+    cfg = make_config(tmp_path)
+    Path(cfg.state_dir).mkdir()
+    cfg, snap = snapshot_config(cfg.source, Path(cfg.state_dir))
+    keep_snapshot(Path(cfg.state_dir), snap)
+    d = Daemon.open(cfg, FakeClock(H + 600), FakeImds("i-1"))
     running = d.config.source.read_text()
     d.config.source.write_text("dimensions: [")  # a broken edit
     d.reload()  # refused
-    cmd = d.sender_command(False, None)
+    cmd = d.sender.command(False, None)
     child_config = Path(cmd[cmd.index("-c") + 1])
     assert child_config != d.config.source.resolve()
     assert child_config.read_text() == running
@@ -365,6 +364,4 @@ def daemon_for_existing(tmp_path: Path, clock: FakeClock) -> Daemon:
     (tmp_path / "again").mkdir(exist_ok=True)
     cfg = make_config(tmp_path / "again")
     cfg = dataclasses.replace(cfg, state_dir=tmp_path / "state")
-    d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"))
-    d.ledger = Ledger(cfg.state_dir)
-    return d
+    return Daemon.open(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg))

@@ -255,9 +255,8 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
             """,
         )
         clock = FakeClock(H)
-        d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"),
-                   sender_command=lambda *_: ["true"])  # fmt: skip
-        d.ledger = Ledger(cfg.state_dir)
+        d = Daemon.open(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg),
+                        sender_command=lambda *_: ["true"])  # fmt: skip
         d.sample_round(60)  # baseline 10
         assert d.reads.wait(10)
         clock.advance(60)
@@ -271,7 +270,7 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
         status = {s.dimension: s for s in d.ledger.dimension_status()}
         assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
         clock.advance(3600)
-        d.seal()
+        d.close_hours()
         assert [h.quantity.value for h in d.ledger.hours()] == [30 + 5]
     finally:
         srv.shutdown()

@@ -262,9 +262,7 @@ def test_the_daemon_stops_with_exit_1_when_no_usable_ledger_is_left(
 
     state = baked(tmp_path)
     imds = SlowImds("i-buyer")
-    d = Daemon(make_config(tmp_path), FakeClock(H + 100), imds=imds)  # type: ignore[arg-type]
-    d.identity = identity.Identity(imds, d.clock, state)  # type: ignore[arg-type]
-    d.ledger = d.identity.start(Ledger(state))
+    d = Daemon.open(make_config(tmp_path), FakeClock(H + 100), imds)  # type: ignore[arg-type]
     # half moved (the ledger renamed, its WAL not): no ledger.db left to reopen safely
     fail_first(monkeypatch, "move_aside", OSError(5, "Input/output error"), half_move=True)
     codes = []

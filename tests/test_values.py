@@ -317,7 +317,7 @@ def test_after_a_backward_step_every_job_fires_on_the_new_wall_time(tmp_path: Pa
     """What APScheduler holds after a step back of ten minutes: next runs ten minutes away.
     check_clock gives each ClockTrigger job its next fire time from the wall clock again."""
     clock = SteppedClock(H)
-    d = Daemon(make_config(tmp_path), clock, imds=FakeImds("i-1"))
+    d = Daemon.open(make_config(tmp_path), clock, FakeImds("i-1"))
     scheduler = BackgroundScheduler()
     scheduler.start(paused=True)
     try:
@@ -371,11 +371,9 @@ def hung_daemon(tmp_path: Path, clock: FakeClock) -> Daemon:
     )
     ps = FakePsutil()
     sampler = Sampler(cfg, registry, Sources(psutil=ps))
-    d = Daemon(
-        cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
+    return Daemon.open(
+        cfg, clock, FakeImds("i-1"), sampler=sampler, sender_command=lambda *_: ["true"]
     )
-    d.ledger = Ledger(cfg.state_dir)
-    return d
 
 
 def test_a_hung_source_skips_only_its_own_instants(tmp_path: Path) -> None:
