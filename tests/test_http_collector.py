@@ -223,7 +223,6 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
     """The round with a bad line stores nothing (baselines included) and `status` counts it; the
     next good round bills everything since the last good one."""
     from agent.daemon import Daemon
-    from agent.ledger import Ledger
     from agent.sampling import Sampler
     from tests.billing import H, make_config
     from tests.fakes import FakeClock

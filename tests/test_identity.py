@@ -260,7 +260,7 @@ def test_the_daemon_stops_with_exit_1_when_no_usable_ledger_is_left(
 ) -> None:
     from agent.daemon import Daemon
 
-    state = baked(tmp_path)
+    baked(tmp_path)
     imds = SlowImds("i-buyer")
     d = Daemon.open(make_config(tmp_path), FakeClock(H + 100), imds)  # type: ignore[arg-type]
     # half moved (the ledger renamed, its WAL not): no ledger.db left to reopen safely
