@@ -143,12 +143,6 @@ class StateLock:
         self._file.flush()
 
 
-def resolve_identity(ledger: Ledger, imds: Imds, state_dir: Path, now: float) -> Ledger:
-    """One instance, one ledger. A ledger that names another instance (baked into an AMI on the
-    seller's build instance) is moved aside unsent and a fresh one started (see identity)."""
-    return identity.settle(ledger, identity.ask(imds), state_dir, now)
-
-
 def take_product_lock(config: Config) -> ProductLock | None:
     """One sender per product per machine (see productlock); none for a loopback emulator."""
     if is_loopback(config.metering.endpoint_url):
@@ -350,13 +344,11 @@ class Daemon:
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
-        except AgentError as e:
-            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
-            self._drop_snapshot(snapshot)
-            return
-        except Exception:  # a reload must never take the running agent down
-            log.exception("reload of %s failed, keeping the running config", self.config.source)
-            self._drop_snapshot(snapshot)
+        except Exception as e:  # a reload must never take the running agent down
+            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
+                      exc_info=not isinstance(e, AgentError))  # fmt: skip
+            if snapshot is not None:
+                snapshot.unlink(missing_ok=True)
             return
         keep_snapshot(self.state_dir, snapshot)
         with self._round_lock:
@@ -389,11 +381,6 @@ class Daemon:
             len(new.dimensions),
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
-
-    @staticmethod
-    def _drop_snapshot(snapshot: Path | None) -> None:
-        if snapshot is not None:
-            snapshot.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         """Stop sampling; seal the partial hour and send what is pending for at most 30 s.

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from agent import identity
 from agent.clock import Clock
 from agent.collectors import Registry, Sources
 from agent.config import load as config_load
-from agent.daemon import ClockTrigger, Daemon, StateLock, resolve_identity, snap
+from agent.daemon import ClockTrigger, Daemon, StateLock, snap
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.metering import ImdsError
@@ -68,6 +69,10 @@ def test_second_run_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     held.acquire()
     with pytest.raises(LockHeld, match="another metering-agent run holds"):
         StateLock(tmp_path).acquire()
+
+
+def resolve_identity(ledger: Ledger, imds: FakeImds, state_dir: Path, now: float) -> Ledger:
+    return identity.settle(ledger, identity.ask(imds), state_dir, now)  # type: ignore[arg-type]
 
 
 class TestIdentity:
