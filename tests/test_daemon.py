@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
-from agent.clock import Clock
+from agent import daemon, identity
+from agent.clock import Clock, iso_hour
 from agent.collectors import Registry, Sources
 from agent.config import load as config_load
 from agent.daemon import ClockTrigger, Daemon, StateLock, snap
@@ -19,7 +19,7 @@ from agent.metering import ImdsError
 from agent.sampling import Sampler
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
-from tests.fakes import FakeClock, FakePsutil
+from tests.fakes import FakeClock, FakePsutil, RecordingLog
 
 
 class FakeImds:
@@ -160,27 +160,29 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
 
 
 def test_a_failing_collector_is_counted_every_round_but_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock(H)
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
+    journal = RecordingLog()
+    monkeypatch.setattr(daemon, "log", journal)
 
     def broken(logical: bool = True) -> int:
         raise RuntimeError("psutil exploded")
 
     ps.cpu_count = broken  # type: ignore[method-assign]
-    with caplog.at_level("INFO"):
-        for _ in range(3):
-            run_round(d)
-            clock.advance(60)
-        ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
+    for _ in range(3):
         run_round(d)
-    assert d.ledger is not None
+        clock.advance(60)
+    failed = journal.at("warning")
+    ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
+    run_round(d)
     status = {s.dimension: s for s in d.ledger.dimension_status()}
     assert status["vcpus"].errors == 3  # status counts every failed round
-    assert caplog.text.count("collector failed") == 2  # vcpus and vcpu_hours, once each
-    assert "dimension vcpus: collector works again" in caplog.text
+    assert sorted(args[0] for args in failed) == ["vcpu_hours", "vcpus"]  # once each
+    assert ("vcpus",) in journal.at("info")  # and once that it works again
+    assert journal.at("warning") == failed  # the good round warned of nothing
     assert status["requests"].errors == 0  # the other dimensions kept billing
 
 
@@ -228,7 +230,7 @@ def test_a_restart_leaves_the_hour_open_for_the_restarted_agent(tmp_path: Path) 
 
 
 def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock(H + 600)
     ps = FakePsutil()
@@ -239,14 +241,16 @@ def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
     d.shutdown()  # a shutdown at H+10m: sealed and sent at once
     d2 = daemon_for(tmp_path, clock, ps)
     assert _vcpus(d2) == {H: "4"}
-    with caplog.at_level("WARNING"):
-        for _ in range(5):  # booted again within the same hour
-            clock.advance(60)
-            d2.sample_round(60)
-            assert d2.reads.wait(10)
-    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    journal = RecordingLog()
+    monkeypatch.setattr(daemon, "log", journal)
+    for _ in range(5):  # booted again within the same hour
+        clock.advance(60)
+        d2.sample_round(60)
+        assert d2.reads.wait(10)
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}
     assert status["vcpus"].dropped == 5  # status counts every dropped sample
-    assert caplog.text.count("already sealed") == 1  # the journal hears of it once this hour
+    (dropped,) = journal.at("warning")  # the journal hears of it once this hour
+    assert dropped[0] == "vcpus" and dropped[2] == iso_hour(H)
 
 
 def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path: Path) -> None:
