@@ -152,8 +152,8 @@ def take_product_lock(config: Config) -> ProductLock | None:
 
 
 def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
-    """Take the locks, copy the config for the sender children and verify the ledger's
-    instance: a Daemon with everything it runs on, ready to `run`."""
+    """Take the locks, copy the config for the sender children, open the ledger verified by
+    IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
     state_dir = Path(config.state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,14 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
             f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
             "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
         ) from None
-    return Daemon.open(config, clock, Imds(), log_format=log_format, held=(lock, product_lock))
+    now = clock.time()
+    ident = identity.Identity(Imds(), clock, state_dir)
+    ledger = ident.start(Ledger(state_dir))
+    if config.metering.startup_check:
+        ledger.update_meta(dryrun_due=now)
+    command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
+    sender = SenderProcess(command, clock.monotonic)
+    return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock))
 
 
 class Daemon:
@@ -204,29 +211,6 @@ class Daemon:
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
         self._seal_errors: list[tuple[str, int, str]] = []
         self.scheduler = self._scheduler()
-
-    @classmethod
-    def open(
-        cls,
-        config: Config,
-        clock: Clock,
-        imds: Imds,
-        sampler: Sampler | None = None,
-        sender_command: Callable[[bool, float | None], list[str]] | None = None,
-        log_format: str = "text",
-        held: tuple[object, ...] = (),
-    ) -> Daemon:
-        """Open the ledger, verified by IMDS's instance id or marked unverified (identity), and
-        build the daemon on it; a start-up DryRun is made due if the config asks for one."""
-        now = clock.time()
-        ident = identity.Identity(imds, clock, Path(config.state_dir))
-        ledger = ident.start(Ledger(config.state_dir))
-        if config.metering.startup_check:
-            ledger.update_meta(dryrun_due=now)
-        running = Path(config.state_dir) / RUNNING_CONFIG
-        command = sender_command or functools.partial(send_command, running, clock, log_format)
-        sender = SenderProcess(command, clock.monotonic)
-        return cls(config, clock, ledger, ident, sampler or Sampler(config), sender, held)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent import daemon, identity
+from agent.child import SenderProcess, send_command
 from agent.clock import Clock, iso_hour
 from agent.collectors import Registry, Sources
+from agent.config import Config
 from agent.config import load as config_load
-from agent.daemon import ClockTrigger, Daemon, StateLock, snap
+from agent.daemon import RUNNING_CONFIG, ClockTrigger, Daemon, StateLock, snap
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.metering import ImdsError
@@ -71,6 +76,25 @@ def test_second_run_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
         StateLock(tmp_path).acquire()
 
 
+def open_daemon(
+    cfg: Config,
+    clock: Clock,
+    imds: Any,
+    sampler: Sampler | None = None,
+    sender_command: Callable[[bool, float | None], list[str]] | None = None,
+) -> Daemon:
+    """A Daemon on its ledger as `daemon.start` builds it, without the locks (two daemons on one
+    state dir, one after the other, is how these tests restart) and with a fake IMDS."""
+    state = Path(cfg.state_dir)
+    ident = identity.Identity(imds, clock, state)
+    ledger = ident.start(Ledger(state))
+    command = sender_command or functools.partial(
+        send_command, state / RUNNING_CONFIG, clock, "text"
+    )
+    sender = SenderProcess(command, clock.monotonic)
+    return Daemon(cfg, clock, ledger, ident, sampler or Sampler(cfg), sender)
+
+
 def resolve_identity(ledger: Ledger, imds: FakeImds, state_dir: Path, now: float) -> Ledger:
     return identity.settle(ledger, identity.ask(imds), state_dir, now)  # type: ignore[arg-type]
 
@@ -108,7 +132,7 @@ class TestIdentity:
 def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
     cfg = make_config(tmp_path)
     sampler = Sampler(cfg, Registry(), Sources(psutil=ps, proc=tmp_path / "proc"))
-    return Daemon.open(
+    return open_daemon(
         cfg, clock, FakeImds("i-1"), sampler=sampler, sender_command=lambda *_: ["true"]
     )
 
@@ -127,7 +151,6 @@ def test_rounds_across_an_hour_boundary_seal_it_once(tmp_path: Path) -> None:
         run_round(d)
         ps.user_list = [*ps.user_list, object()]  # one more user each minute: +1 per round
         clock.advance(60)
-    assert d.ledger is not None
     hours = {(h.dimension, h.hour): h for h in d.ledger.hours()}
     assert set(hours) == {("vcpus", H - 3600), ("requests", H - 3600), ("vcpu_hours", H - 3600)}
     assert hours[("vcpus", H - 3600)].quantity.value == 4
@@ -141,7 +164,6 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
     run_round(d)
-    assert d.ledger is not None
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
     from agent.sealing import seal_hours
 
@@ -203,7 +225,6 @@ def test_an_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
 
 
 def _vcpus(d: Daemon) -> dict[int, str]:
-    assert d.ledger is not None
     return {h.hour: str(h.quantity.text) for h in d.ledger.hours() if h.dimension == "vcpus"}
 
 
@@ -225,7 +246,7 @@ def test_a_restart_leaves_the_hour_open_for_the_restarted_agent(tmp_path: Path) 
     d2.sample_round(60)
     assert d2.reads.wait(10)
     assert _vcpus(d2) == {H: "8"}  # one record, the whole hour's max
-    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}
     assert status["vcpus"].dropped == 0
 
 
@@ -266,7 +287,6 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
     assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
     d.sample_round(60)  # the new dimension samples with the rest
     assert d.reads.wait(10)
-    assert d.ledger is not None
     assert {s.dimension for s in d.ledger.dimension_status()} >= {"extra"}
     for bad in [
         "dimensions: [",
@@ -280,7 +300,6 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
 
 
 def _sealed(d: Daemon) -> dict[tuple[str, int], str]:
-    assert d.ledger is not None
     return {(h.dimension, h.hour): h.quantity.text for h in d.ledger.hours()}
 
 
@@ -332,7 +351,7 @@ def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path)
     Path(cfg.state_dir).mkdir()
     cfg, snap = snapshot_config(cfg.source, Path(cfg.state_dir))
     keep_snapshot(Path(cfg.state_dir), snap)
-    d = Daemon.open(cfg, FakeClock(H + 600), FakeImds("i-1"))
+    d = open_daemon(cfg, FakeClock(H + 600), FakeImds("i-1"))
     running = d.config.source.read_text()
     d.config.source.write_text("dimensions: [")  # a broken edit
     d.reload()  # refused
@@ -373,4 +392,4 @@ def daemon_for_existing(tmp_path: Path, clock: FakeClock) -> Daemon:
     (tmp_path / "again").mkdir(exist_ok=True)
     cfg = make_config(tmp_path / "again")
     cfg = dataclasses.replace(cfg, state_dir=tmp_path / "state")
-    return Daemon.open(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg))
+    return open_daemon(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg))
