@@ -282,7 +282,7 @@ class Daemon:
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
         self._add_sampling_jobs(scheduler, self.config)
-        scheduler.add_job(self._seal_at_boundary, ClockTrigger(self.clock, HOUR), id="seal")
+        scheduler.add_job(self._close_hours_locked, ClockTrigger(self.clock, HOUR), id="seal")
         if self.notify.watchdog_seconds:
             # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
             # and systemd restarts the agent. Real seconds, whatever the agent clock does.
@@ -336,19 +336,8 @@ class Daemon:
             return
         keep_snapshot(self.state_dir, snapshot)
         with self._round_lock:
-            changed = changed_dimensions(self.config, new)
-            if changed and self._verified():
-                for dim in changed:
-                    log.info(
-                        "reload: dimension %s is dropped or billed differently; sealing its "
-                        "hour %s as it was sampled",
-                        dim.name,
-                        iso_hour(self.clock.time()),
-                    )
-                old = dataclasses.replace(self.config, dimensions=tuple(changed))
-                sealing.seal_hours(
-                    self.ledger, old, self.clock.time(), self.offset, include_current=True
-                )
+            if self._verified():
+                self._seal_as_sampled(changed_dimensions(self.config, new), self.clock.time())
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
                 self.offset = sealing.send_offset(
@@ -365,6 +354,17 @@ class Daemon:
             len(new.dimensions),
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
+    def _seal_as_sampled(self, changed: list[Dimension], now: float) -> None:
+        """Seal now the open hour of the dimensions a new config drops or bills differently,
+        under the config they were sampled with: the new one cannot continue their samples."""
+        if not changed:
+            return
+        for dim in changed:
+            log.info("dimension %s: dropped or billed differently by the new config; sealing "
+                     "its hour %s as it was sampled", dim.name, iso_hour(now))  # fmt: skip
+        old = dataclasses.replace(self.config, dimensions=tuple(changed))
+        sealing.seal_hours(self.ledger, old, now, self.offset, include_current=True)
 
     def shutdown(self) -> None:
         """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
@@ -398,9 +398,8 @@ class Daemon:
                 sealing.seal_hours(
                     self.ledger, self.config, stop, self.offset, include_current=not restart
                 )
-                if restart and changed:
-                    old = dataclasses.replace(self.config, dimensions=tuple(changed))
-                    sealing.seal_hours(self.ledger, old, stop, self.offset, include_current=True)
+                if restart:
+                    self._seal_as_sampled(changed, stop)
         health.write(self.state_dir, self.ledger, self.clock.time())
         if not self._verified():
             log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
@@ -447,9 +446,7 @@ class Daemon:
                 busy = self.reads.start(dim.name, t, budget, read)
                 if busy is not None:
                     self._collector_error(dim, t, busy)
-        with self._round_lock:
-            if not self._stopped:
-                self.close_hours()
+        self._close_hours_locked()
 
     def _read(
         self, dim: Dimension, t: float, sampler: Sampler, in_time: Callable[[], bool]
@@ -530,8 +527,9 @@ class Daemon:
                 iso(hour),
             )
 
-    def _seal_at_boundary(self) -> None:
-        """The hourly job: seal like a read does, under the same lock, never after the stop."""
+    def _close_hours_locked(self) -> None:
+        """Each round's end and the hourly job: under the lock a read stores with, not after
+        the stop seal."""
         with self._round_lock:
             if not self._stopped:
                 self.close_hours()

@@ -124,8 +124,7 @@ class Emulator:
 
     def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
         self.settings = settings or Settings()
-        self.clock = clock or Clock()  # the service's clock: Timestamps, Date, SigV4 window
-        self.wall = Clock()  # the instance's, for IMDS credentials (the service's may be faster)
+        self.clock = clock or Clock()  # the service's: Timestamps, Date, SigV4, calls, throttling
         self.state = State()
         self.lock = threading.Lock()
         self.bucket = TokenBucket(self.settings.rate, self.settings.burst, self.clock.monotonic())
@@ -278,13 +277,8 @@ class Emulator:
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
         """Start serving in a background thread; returns the base URL (tests may listen on
         another of this machine's addresses, to be a non-loopback endpoint)."""
-        emulator = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.emulator = emulator
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        handler = type("Handler", (_Handler,), {"emulator": self})
+        self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -384,7 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path in answers:
             return self._text(200, answers[path])
         if path == creds_path + s.role:
-            now = e.wall.time()  # botocore checks the expiry on the client's own wall clock
+            now = Clock().time()  # botocore checks the expiry on the client's own wall clock
             expires = datetime.fromtimestamp(now + 6 * HOUR, tz=timezone.utc)
             return self._send(
                 200,
