@@ -28,6 +28,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -39,7 +41,6 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, ownership, sealing, stopreason
-from agent.child import STOP_FLUSH, SenderProcess, send_command
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension, load
 from agent.errors import AgentError, LockHeld
@@ -55,6 +56,9 @@ from agent.sending import next_due, work_due
 log = logging.getLogger(__name__)
 
 SEND_TICK = 15  # seconds of clock time between checks for due work
+STOP_FLUSH = 30  # seconds the stop flush may spend sending
+SENDER_TIMEOUT = 600  # a send child that runs longer than this is ended (it is safe to)
+GRACE = 5.0  # seconds between asking a child to stop (SIGTERM) and killing it
 RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
 
 
@@ -71,11 +75,9 @@ def snapshot_config(source: Path, state_dir: Path) -> tuple[Config, Path]:
         raise
 
 
-def keep_snapshot(state_dir: Path, tmp: Path) -> Path:
-    dest = state_dir / RUNNING_CONFIG
-    os.replace(tmp, dest)
-    ownership.adopt(state_dir, dest)
-    return dest
+def keep_snapshot(state_dir: Path, tmp: Path) -> None:
+    os.replace(tmp, state_dir / RUNNING_CONFIG)
+    ownership.adopt(state_dir, state_dir / RUNNING_CONFIG)
 
 
 def bills_alike(a: Dimension | None, b: Dimension) -> bool:
@@ -547,7 +549,7 @@ class Daemon:
             self.publish_health()
 
     def seal_closed_hours(self) -> list[sealing.Sealed]:
-        """Seal every hour that ended (a read still in time holds its own); how many sealed."""
+        """Seal every hour that ended (a read still in time holds its own); the hours sealed."""
         return sealing.seal_hours(
             self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
         )
@@ -578,3 +580,90 @@ class Daemon:
             return
         if work_due(self.ledger, self.clock.time()):
             self.sender.start()
+
+
+# -- the sender child ----------------------------------------------------------------------
+
+
+def send_command(
+    config: Path, clock: Clock, log_format: str, flush: bool, deadline: float | None
+) -> list[str]:
+    """The child's command line: the running config, this process's logging and clock."""
+    cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
+    cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+    cmd += ["--log-format", log_format]
+    cmd += ["--flush"] if flush else []
+    cmd += ["--deadline", repr(deadline)] if deadline is not None else []
+    cmd += ["--clock", clock.spec] if clock.spec else []
+    return cmd
+
+
+def end(child: subprocess.Popen[bytes], grace: float = GRACE) -> int:
+    """Ask a child to stop (SIGTERM); kill it if it has not after `grace` seconds."""
+    child.terminate()
+    try:
+        return child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+class SenderProcess:
+    """The `metering-agent send` child: at most one at a time, never waited for by a job; ending
+    it at any point is safe (the ledger counts an attempt before its request leaves, and the
+    next sender resends it identically). `command(flush, deadline)` is its command line, `popen`
+    starts it (subprocess.Popen; a fake in tests), `monotonic` times it."""
+
+    def __init__(
+        self,
+        command: Callable[[bool, float | None], list[str]],
+        monotonic: Callable[[], float],
+        popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+    ) -> None:
+        self.command, self.monotonic, self.popen = command, monotonic, popen
+        self._child: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start a sender of the hours due now; returns at once (`running` reaps it later)."""
+        with self._lock:
+            self._child = self.popen(self.command(False, None))
+            self._started = self.monotonic()
+
+    def running(self) -> bool:
+        """Whether a sender still runs: a finished one is reaped, one over its time ended."""
+        with self._lock:
+            child = self._child
+            if child is None:
+                return False
+            code = child.poll()
+            if code is None and self.monotonic() - self._started <= SENDER_TIMEOUT:
+                return True
+            self._child = None
+            if code is None:
+                log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
+                end(child)
+            elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
+                log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
+            return False
+
+    def flush(self, deadline: float) -> int:
+        """Send every pending hour in a child, waited for (the stop flush); its exit code."""
+        child = self.popen(self.command(True, deadline))
+        try:
+            return child.wait(timeout=STOP_FLUSH + 10)
+        except subprocess.TimeoutExpired:
+            log.error("the stop flush ran over %d s; ending it", STOP_FLUSH + 10)
+            return end(child)
+
+    def stop(self, grace: float = GRACE) -> None:
+        """At the daemon's stop: a running sender may finish within `grace`, then it is ended."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is None:
+            return
+        try:
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            end(child, grace)

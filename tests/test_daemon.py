@@ -12,12 +12,19 @@ from typing import Any
 import pytest
 
 from agent import daemon, identity
-from agent.child import SenderProcess, send_command
 from agent.clock import Clock, iso_hour
 from agent.collectors import Registry, Sources
 from agent.config import Config
 from agent.config import load as config_load
-from agent.daemon import RUNNING_CONFIG, ClockTrigger, Daemon, StateLock, snap
+from agent.daemon import (
+    RUNNING_CONFIG,
+    ClockTrigger,
+    Daemon,
+    SenderProcess,
+    StateLock,
+    send_command,
+    snap,
+)
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.metering import ImdsError
