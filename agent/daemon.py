@@ -563,7 +563,7 @@ class Daemon:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
         due = next_due(self.ledger)
-        if due is None:
+        if due is None or not self.scheduler.running:  # at start-up the send tick fires at once
             return
         wall = self.clock.to_wall(max(due, self.clock.time()))
         self.scheduler.add_job(

@@ -400,3 +400,25 @@ def daemon_for_existing(tmp_path: Path, clock: FakeClock) -> Daemon:
     cfg = make_config(tmp_path / "again")
     cfg = dataclasses.replace(cfg, state_dir=tmp_path / "state")
     return open_daemon(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg))
+
+
+def test_start_builds_the_whole_daemon_on_a_verified_ledger_under_its_lock(
+    tmp_path: Path, emulator
+) -> None:
+    """What `run` runs on is there before it runs: the lock held, the running config copied for
+    the sender, the ledger named by IMDS's instance id, the start-up DryRun due."""
+    from agent.daemon import start
+
+    cfg = make_config(tmp_path, f"metering: {{endpoint_url: '{emulator.url}'}}\n")
+    clock = FakeClock(H + 600)
+    d = start(cfg, clock)
+    assert d.identity.verified.is_set()
+    assert d.ledger.get_meta("instance_id") == emulator.settings.instance_id
+    assert d.ledger.get_meta("dryrun_due") == H + 600
+    running = Path(cfg.state_dir) / RUNNING_CONFIG
+    assert running.read_text() == cfg.source.read_text()
+    cmd = d.sender.command(False, None)
+    assert cmd[cmd.index("-c") + 1] == str(running.resolve())
+    assert not d.scheduler.running  # jobs are made, started by run()
+    with pytest.raises(LockHeld):
+        start(cfg, clock)
