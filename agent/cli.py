@@ -399,11 +399,11 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Daemon
+    from agent.daemon import start
 
     cfg = load_config(args)
     ownership.check_writer(Path(cfg.state_dir), "run")
-    return Daemon(cfg, make_clock(args), log_format=args.log_format).run()
+    return start(cfg, make_clock(args), log_format=args.log_format).run()
 
 
 def cmd_send(args: argparse.Namespace) -> int:

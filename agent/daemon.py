@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 SEND_TICK = 15  # seconds of clock time between checks for due work
 STOP_FLUSH = 30  # seconds the stop flush may spend sending
-SENDER_TIMEOUT = 600  # a send child that runs longer than this is killed (it is safe to)
+SENDER_TIMEOUT = 600  # a send child that runs longer than this is ended (it is safe to)
+GRACE = 5.0  # seconds between asking a child to stop (SIGTERM) and killing it
 RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
 
 
@@ -74,11 +75,9 @@ def snapshot_config(source: Path, state_dir: Path) -> tuple[Config, Path]:
         raise
 
 
-def keep_snapshot(state_dir: Path, tmp: Path) -> Path:
-    dest = state_dir / RUNNING_CONFIG
-    os.replace(tmp, dest)
-    ownership.adopt(state_dir, dest)
-    return dest
+def keep_snapshot(state_dir: Path, tmp: Path) -> None:
+    os.replace(tmp, state_dir / RUNNING_CONFIG)
+    ownership.adopt(state_dir, state_dir / RUNNING_CONFIG)
 
 
 def bills_alike(a: Dimension | None, b: Dimension) -> bool:
@@ -146,12 +145,6 @@ class StateLock:
         self._file.flush()
 
 
-def resolve_identity(ledger: Ledger, imds: Imds, state_dir: Path, now: float) -> Ledger:
-    """One instance, one ledger. A ledger that names another instance (baked into an AMI on the
-    seller's build instance) is moved aside unsent and a fresh one started (see identity)."""
-    return identity.settle(ledger, identity.ask(imds), state_dir, now)
-
-
 def take_product_lock(config: Config) -> ProductLock | None:
     """One sender per product per machine (see productlock); none for a loopback emulator."""
     if is_loopback(config.metering.endpoint_url):
@@ -160,81 +153,85 @@ def take_product_lock(config: Config) -> ProductLock | None:
     return lock if lock.acquire() else None
 
 
+def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
+    """Take the locks, copy the config for the sender children, open the ledger verified by
+    IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
+    state_dir = Path(config.state_dir)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = StateLock(state_dir)  # kept: the flock lives as long as the file
+        lock.acquire()
+        product_lock = take_product_lock(config)
+        config, snapshot = snapshot_config(config.source, state_dir)
+        keep_snapshot(state_dir, snapshot)
+    except OSError as e:
+        raise AgentError(
+            f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
+            "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
+        ) from None
+    now = clock.time()
+    ident = identity.Identity(Imds(), clock, state_dir)
+    ledger = ident.start(Ledger(state_dir))
+    if config.metering.startup_check:
+        ledger.schedule_dryrun(now)
+    command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
+    sender = SenderProcess(command, clock.monotonic)
+    return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock))
+
+
 class Daemon:
     def __init__(
         self,
         config: Config,
         clock: Clock,
-        sampler: Sampler | None = None,
-        imds: Imds | None = None,
-        sender_command: Callable[[bool, float | None], list[str]] | None = None,
-        log_format: str = "text",
+        ledger: Ledger,
+        ident: identity.Identity,
+        sampler: Sampler,
+        sender: SenderProcess,
+        held: tuple[object, ...] = (),
     ) -> None:
         self.config = config
         self.clock = clock
-        self.sampler = sampler or Sampler(config)
-        self.imds = imds or Imds()
-        self.sender_command = sender_command or self._default_sender_command
+        self.ledger = ledger
+        self.identity = ident
+        self.sampler = sampler
+        self.sender = sender
+        self.held = held  # the locks this run holds, for as long as it runs
         self.state_dir = Path(config.state_dir)
-        self.log_format = log_format
-        self.hooks: Hooks | None = None
+        self.offset = sealing.send_offset(
+            ledger.get_meta("instance_id"), config.metering.send_window
+        )
+        self.hooks = Hooks(config, ledger, clock)
         self.notify = Notifier()
         self.stop_event = threading.Event()
-        self.ledger: Ledger | None = None
-        self.identity: identity.Identity | None = None
-        self.offset = 0.0
-        self.scheduler: Any = None
-        self._child: subprocess.Popen[bytes] | None = None
-        self._child_lock = threading.Lock()
-        self._child_started = 0.0
         self._last_error: dict[str, str] = {}
         self._round_lock = threading.Lock()
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
-        self.running_config: Path | None = None  # snapshot_config's copy, once run() made it
         self._reload = threading.Event()
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
         self._seal_errors: list[tuple[str, int, str]] = []
+        self.scheduler = self._scheduler()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = StateLock(self.state_dir)  # kept: the flock lives as long as the file
-            self.lock.acquire()
-            self.product_lock = take_product_lock(self.config)
-            self.config, snapshot = snapshot_config(self.config.source, self.state_dir)
-            self.running_config = keep_snapshot(self.state_dir, snapshot)
-        except OSError as e:
-            raise AgentError(
-                f"state_dir {self.state_dir}: {e.strerror}; it must be writable by the agent's "
-                "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
-            ) from None
-        now = self.clock.time()
-        self.identity = identity.Identity(self.imds, self.clock, self.state_dir)
-        self.ledger = self.identity.start(Ledger(self.state_dir))
-        instance_id = self.ledger.get_meta("instance_id")
-        self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
-        if self.config.metering.startup_check:
-            self.ledger.schedule_dryrun(now)
-        self.hooks = Hooks(self.config, self.ledger, self.clock)
         log.info(
             "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
             "after each hour",
             self.config.product_code,
             len(self.config.dimensions),
-            instance_id,
+            self.ledger.get_meta("instance_id"),
             self.offset,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        self.seal()
+        self.close_hours()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
-        self._start_scheduler()
+        self.scheduler.start()
         self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -249,18 +246,16 @@ class Daemon:
 
     def _verified(self) -> bool:
         """Whether this run may seal and send from its ledger (see identity)."""
-        return self.identity is None or self.identity.verified.is_set()
+        return self.identity.verified.is_set()
 
     def _imds_wanted(self) -> bool:
         """Keep asking IMDS while the ledger is unverified or has only a random id."""
-        assert self.ledger is not None
         return not self._verified() or self.ledger.get_meta("instance_id_source") != "imds"
 
     def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> bool:
         """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced.
         Not once the stop has begun (False): the stop keeps what it decided with."""
         with self._round_lock:
-            assert self.ledger is not None
             if self.stop_event.is_set():
                 return False
             try:
@@ -269,9 +264,7 @@ class Daemon:
                 log.error("stopping: the ledger is unusable after a failed identity swap: %s", e)
                 identity.stop_now(1)
             if ledger is not self.ledger:
-                self.ledger = ledger
-                if self.hooks is not None:
-                    self.hooks.ledger = ledger
+                self.ledger = self.hooks.ledger = ledger
                 if self.config.metering.startup_check:
                     ledger.schedule_dryrun(self.clock.time())
             instance_id = ledger.get_meta("instance_id")
@@ -284,19 +277,14 @@ class Daemon:
         self.notify.stopping("stopping")
         self.stop_event.set()
 
-    def _start_scheduler(self) -> None:
+    def _scheduler(self) -> BackgroundScheduler:
+        """The jobs, not yet started (`run` starts them)."""
         scheduler = BackgroundScheduler(
             timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
-        for interval in sorted({d.interval for d in self.config.dimensions}):
-            scheduler.add_job(
-                self.sample_round,
-                ClockTrigger(self.clock, interval),
-                args=[interval],
-                id=f"sample-{interval}s",
-            )
-        scheduler.add_job(self._seal_at_boundary, ClockTrigger(self.clock, HOUR), id="seal")
+        self._add_sampling_jobs(scheduler, self.config)
+        scheduler.add_job(self._close_hours_locked, ClockTrigger(self.clock, HOUR), id="seal")
         if self.notify.watchdog_seconds:
             # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
             # and systemd restarts the agent. Real seconds, whatever the agent clock does.
@@ -311,8 +299,16 @@ class Daemon:
             id="send",
             next_run_time=datetime.now(timezone.utc),  # at once: start-up DryRun, leftovers
         )
-        scheduler.start()
-        self.scheduler = scheduler
+        return scheduler
+
+    def _add_sampling_jobs(self, scheduler: BackgroundScheduler, config: Config) -> None:
+        for interval in sorted({d.interval for d in config.dimensions}):
+            scheduler.add_job(
+                self.sample_round,
+                ClockTrigger(self.clock, interval),
+                args=[interval],
+                id=f"sample-{interval}s",
+            )
 
     def reload(self) -> None:
         """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
@@ -334,48 +330,25 @@ class Daemon:
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
-        except AgentError as e:
-            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e)
-            self._drop_snapshot(snapshot)
+        except Exception as e:  # a reload must never take the running agent down
+            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
+                      exc_info=not isinstance(e, AgentError))  # fmt: skip
+            if snapshot is not None:
+                snapshot.unlink(missing_ok=True)
             return
-        except Exception:  # a reload must never take the running agent down
-            log.exception("reload of %s failed, keeping the running config", self.config.source)
-            self._drop_snapshot(snapshot)
-            return
-        assert self.ledger is not None
-        self.running_config = keep_snapshot(self.state_dir, snapshot)
+        keep_snapshot(self.state_dir, snapshot)
         with self._round_lock:
-            changed = changed_dimensions(self.config, new)
-            if changed and self._verified():
-                for dim in changed:
-                    log.info(
-                        "reload: dimension %s is dropped or billed differently; sealing its "
-                        "hour %s as it was sampled",
-                        dim.name,
-                        iso_hour(self.clock.time()),
-                    )
-                old = dataclasses.replace(self.config, dimensions=tuple(changed))
-                sealing.seal_hours(
-                    self.ledger, old, self.clock.time(), self.offset, include_current=True
-                )
+            if self._verified():
+                self._seal_as_sampled(changed_dimensions(self.config, new), self.clock.time())
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
                 self.offset = sealing.send_offset(
                     self.ledger.get_meta("instance_id"), new.metering.send_window
                 )
-            self.config, self.sampler = new, sampler
-            if self.hooks is not None:
-                self.hooks.config = new
-            if self.scheduler is not None:
-                for interval in old_intervals:
-                    self.scheduler.remove_job(f"sample-{interval}s")
-                for interval in sorted({d.interval for d in new.dimensions}):
-                    self.scheduler.add_job(
-                        self.sample_round,
-                        ClockTrigger(self.clock, interval),
-                        args=[interval],
-                        id=f"sample-{interval}s",
-                    )
+            self.config, self.sampler, self.hooks.config = new, sampler, new
+            for interval in old_intervals:
+                self.scheduler.remove_job(f"sample-{interval}s")
+            self._add_sampling_jobs(self.scheduler, new)
         log.info(
             "reloaded %s: product %s, %d dimensions",
             new.source,
@@ -384,10 +357,16 @@ class Daemon:
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
 
-    @staticmethod
-    def _drop_snapshot(snapshot: Path | None) -> None:
-        if snapshot is not None:
-            snapshot.unlink(missing_ok=True)
+    def _seal_as_sampled(self, changed: list[Dimension], now: float) -> None:
+        """Seal now the open hour of the dimensions a new config drops or bills differently,
+        under the config they were sampled with: the new one cannot continue their samples."""
+        if not changed:
+            return
+        for dim in changed:
+            log.info("dimension %s: dropped or billed differently by the new config; sealing "
+                     "its hour %s as it was sampled", dim.name, iso_hour(now))  # fmt: skip
+        old = dataclasses.replace(self.config, dimensions=tuple(changed))
+        sealing.seal_hours(self.ledger, old, now, self.offset, include_current=True)
 
     def shutdown(self) -> None:
         """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
@@ -395,9 +374,9 @@ class Daemon:
         A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
         sends nothing: the restarted agent continues the hour, seals it at the boundary and
         sends at once what is pending."""
-        if self.scheduler is not None:
+        if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        self._stop_child(grace=5.0)
+        self.sender.stop()
         restart = self.restarting()
         changed: list[Dimension] = []
         if restart:
@@ -412,7 +391,6 @@ class Daemon:
                     e,
                 )
                 restart = False
-        assert self.ledger is not None
         with self._round_lock:  # a read storing its sample finishes its write first
             self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
@@ -422,9 +400,8 @@ class Daemon:
                 sealing.seal_hours(
                     self.ledger, self.config, stop, self.offset, include_current=not restart
                 )
-                if restart and changed:
-                    old = dataclasses.replace(self.config, dimensions=tuple(changed))
-                    sealing.seal_hours(self.ledger, old, stop, self.offset, include_current=True)
+                if restart:
+                    self._seal_as_sampled(changed, stop)
         health.write(self.state_dir, self.ledger, self.clock.time())
         if not self._verified():
             log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
@@ -433,9 +410,8 @@ class Daemon:
                 "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
             )
         elif self.ledger.pending():
-            self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
-        if self.hooks is not None:
-            self.hooks.wait(timeout=5)
+            self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
+        self.hooks.wait(timeout=5)
         left = len(self.ledger.pending())
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
@@ -445,7 +421,7 @@ class Daemon:
     def check_clock(self) -> None:
         """Reschedule every job after a wall-clock step (see the module docstring)."""
         step = self.clock.stepped()
-        if not step or self.scheduler is None:
+        if not step:
             return
         log.warning(
             "the wall clock stepped %+.0f s (now %s): rescheduling sampling, sealing and sends",
@@ -462,7 +438,6 @@ class Daemon:
         """Start a read of every dimension on this interval, each on its own (see reads.py)."""
         if self.stop_event.is_set():
             return
-        assert self.ledger is not None
         t = snap(self.clock.time(), interval)
         for dim in self.config.dimensions:
             if dim.interval == interval:
@@ -473,9 +448,7 @@ class Daemon:
                 busy = self.reads.start(dim.name, t, budget, read)
                 if busy is not None:
                     self._collector_error(dim, t, busy)
-        with self._round_lock:
-            if not self._stopped:
-                self.seal()
+        self._close_hours_locked()
 
     def _read(
         self, dim: Dimension, t: float, sampler: Sampler, in_time: Callable[[], bool]
@@ -487,7 +460,6 @@ class Daemon:
         advanced to, so a slow log backlog is never read again from the same place forever; the
         lateness is a collector error in `status`. After the stop seal nothing is stored.
         """
-        assert self.ledger is not None
         try:
             if self._stopped:
                 return
@@ -504,20 +476,18 @@ class Daemon:
                         dim, t, f"read took longer than its {timeout} s timeout (stored late)"
                     )
                 if hour_start(t) < hour_start(self.clock.time()):
-                    self.seal()  # a read that ended after its hour did (the round's seal held it)
+                    self.close_hours()  # a read that outlived its hour (the round's seal held it)
         except Exception:  # a ledger failure: logged, the next round tries again
             log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
 
     def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
         """Every failure is counted for `status`; the journal hears of each new error once."""
-        assert self.ledger is not None
         if self._last_error.get(dim.name) != error:
             log.warning("dimension %s: collector failed: %s", dim.name, error)
             self._last_error[dim.name] = error
         self.ledger.record_collector_error(dim.name, t, error)
 
     def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
-        assert self.ledger is not None
         if sample.error or sample.value is None:
             self._collector_error(dim, t, sample.error or "no value")
             return
@@ -559,35 +529,41 @@ class Daemon:
                 iso(hour),
             )
 
-    def _seal_at_boundary(self) -> None:
-        """The hourly job: seal like a read does, under the same lock, never after the stop."""
+    def _close_hours_locked(self) -> None:
+        """Each round's end and the hourly job: under the lock a read stores with, not after
+        the stop seal."""
         with self._round_lock:
             if not self._stopped:
-                self.seal()
+                self.close_hours()
 
-    def seal(self) -> None:
-        assert self.ledger is not None
+    def close_hours(self) -> None:
+        """After each round, at each boundary and at start-up: seal the hours that ended; if any
+        did, prune, publish health and schedule their send; else publish a changed seal error."""
         if not self._verified():
             return
-        now = self.clock.time()
-        sealed = sealing.seal_hours(
-            self.ledger, self.config, now, self.offset, hold=self.reads.holds
-        )
-        errors = self.ledger.seal_errors()
-        if sealed:
-            self.ledger.prune(now)  # once an hour: sealed hours are kept 90 days
-        if sealed or errors != self._seal_errors:
-            self._seal_errors = errors
-            health.write(self.state_dir, self.ledger, self.clock.time())
-        if sealed:
-            self._schedule_send()
+        if self.seal_closed_hours():
+            self.ledger.prune(self.clock.time())  # once an hour: sealed hours are kept 90 days
+            self.publish_health()
+            self.schedule_send()
+        elif self.ledger.seal_errors() != self._seal_errors:
+            self.publish_health()
 
-    def _schedule_send(self) -> None:
+    def seal_closed_hours(self) -> list[sealing.Sealed]:
+        """Seal every hour that ended (a read still in time holds its own); the hours sealed."""
+        return sealing.seal_hours(
+            self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
+        )
+
+    def publish_health(self) -> None:
+        """Rewrite health.json; remember the seal errors it shows, to notice when they change."""
+        self._seal_errors = self.ledger.seal_errors()
+        health.write(self.state_dir, self.ledger, self.clock.time())
+
+    def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
-        assert self.ledger is not None
         when = due(self.ledger.send_state(), self.ledger.pending())
-        if when is None or self.scheduler is None:
+        if when is None or not self.scheduler.running:  # at start-up the send tick fires at once
             return
         wall = self.clock.to_wall(max(when, self.clock.time()))
         self.scheduler.add_job(
@@ -599,72 +575,96 @@ class Daemon:
 
     def send_tick(self) -> None:
         """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
-        assert self.ledger is not None
-        if self.hooks is not None:
-            self.hooks.check()
-        if self.stop_event.is_set() or self._sender_running() or not self._verified():
+        self.hooks.check()
+        if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
         when = due(self.ledger.send_state(), self.ledger.pending())
         if when is not None and when <= self.clock.time():
-            cmd = self.sender_command(False, None)
-            with self._child_lock:
-                self._child = subprocess.Popen(cmd)
-                self._child_started = self.clock.monotonic()
+            self.sender.start()
 
-    # -- the sender child --------------------------------------------------------------------
 
-    def _default_sender_command(self, flush: bool, deadline: float | None) -> list[str]:
-        config = self.running_config or self.config.source
-        cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
-        cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-        cmd += ["--log-format", self.log_format]
-        if flush:
-            cmd.append("--flush")
-        if deadline is not None:
-            cmd += ["--deadline", repr(deadline)]
-        if self.clock.spec:
-            cmd += ["--clock", self.clock.spec]
-        return cmd
+# -- the sender child ----------------------------------------------------------------------
 
-    def _sender_running(self) -> bool:
-        """Reap a finished sender; kill one that hangs (safe: the next resends identically)."""
-        with self._child_lock:
+
+def send_command(
+    config: Path, clock: Clock, log_format: str, flush: bool, deadline: float | None
+) -> list[str]:
+    """The child's command line: the running config, this process's logging and clock."""
+    cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
+    cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+    cmd += ["--log-format", log_format]
+    cmd += ["--flush"] if flush else []
+    cmd += ["--deadline", repr(deadline)] if deadline is not None else []
+    cmd += ["--clock", clock.spec] if clock.spec else []
+    return cmd
+
+
+def end(child: subprocess.Popen[bytes], grace: float = GRACE) -> int:
+    """Ask a child to stop (SIGTERM); kill it if it has not after `grace` seconds."""
+    child.terminate()
+    try:
+        return child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+class SenderProcess:
+    """The `metering-agent send` child: at most one at a time, never waited for by a job; ending
+    it at any point is safe (the ledger counts an attempt before its request leaves, and the
+    next sender resends it identically). `command(flush, deadline)` is its command line, `popen`
+    starts it (subprocess.Popen; a fake in tests), `monotonic` times it."""
+
+    def __init__(
+        self,
+        command: Callable[[bool, float | None], list[str]],
+        monotonic: Callable[[], float],
+        popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+    ) -> None:
+        self.command, self.monotonic, self.popen = command, monotonic, popen
+        self._child: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start a sender of the hours due now; returns at once (`running` reaps it later)."""
+        with self._lock:
+            self._child = self.popen(self.command(False, None))
+            self._started = self.monotonic()
+
+    def running(self) -> bool:
+        """Whether a sender still runs: a finished one is reaped, one over its time ended."""
+        with self._lock:
             child = self._child
             if child is None:
                 return False
             code = child.poll()
-            if code is not None:
-                self._child = None
-                if code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
-                    log.error(
-                        "send process %d exited %d; pending hours stay pending", child.pid, code
-                    )
-                return False
-            if self.clock.monotonic() - self._child_started > SENDER_TIMEOUT:
-                log.error("send process %d ran over %d s; killing it", child.pid, SENDER_TIMEOUT)
-                child.kill()
-                child.wait()
-                self._child = None
-                return False
-            return True
+            if code is None and self.monotonic() - self._started <= SENDER_TIMEOUT:
+                return True
+            self._child = None
+            if code is None:
+                log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
+                end(child)
+            elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
+                log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
+            return False
 
-    def _run_sender(self, flush: bool, deadline: float | None) -> int:
-        """Run a sender child to completion (the stop flush)."""
-        child = subprocess.Popen(self.sender_command(flush, deadline))
+    def flush(self, deadline: float) -> int:
+        """Send every pending hour in a child, waited for (the stop flush); its exit code."""
+        child = self.popen(self.command(True, deadline))
         try:
             return child.wait(timeout=STOP_FLUSH + 10)
         except subprocess.TimeoutExpired:
-            log.error("the stop flush ran over %d s; killed it", STOP_FLUSH + 10)
-            child.kill()
-            return child.wait()
+            log.error("the stop flush ran over %d s; ending it", STOP_FLUSH + 10)
+            return end(child)
 
-    def _stop_child(self, grace: float) -> None:
-        with self._child_lock:
-            child = self._child
+    def stop(self, grace: float = GRACE) -> None:
+        """At the daemon's stop: a running sender may finish within `grace`, then it is ended."""
+        with self._lock:
+            child, self._child = self._child, None
         if child is None:
             return
         try:
             child.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            child.terminate()
-            child.wait()
+            end(child, grace)

@@ -29,13 +29,13 @@ from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from agent.aggregate import DECIMAL_PATTERN, MAX_INT
 from agent.clock import HOUR, Clock, hour_start, iso
+from agent.config import PRODUCT_CODE
 
 TARGET_PREFIX = "AWSMPMeteringService."
 MAX_AGE = 6 * HOUR
 FUTURE_SLACK = 300  # a few minutes of clock skew is tolerated
-DECIMAL = re.compile(r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$")
-PRODUCT_CODE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{0,255}$")
 ACCESS_KEY = "ASIAEMULATOREXAMPLE1"
 CREDENTIAL = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
 
@@ -124,10 +124,10 @@ class Emulator:
 
     def __init__(self, settings: Settings | None = None, clock: Clock | None = None) -> None:
         self.settings = settings or Settings()
-        self.clock = clock or Clock()
+        self.clock = clock or Clock()  # the service's: Timestamps, Date, SigV4, calls, throttling
         self.state = State()
         self.lock = threading.Lock()
-        self.bucket = TokenBucket(self.settings.rate, self.settings.burst, time.monotonic())
+        self.bucket = TokenBucket(self.settings.rate, self.settings.burst, self.clock.monotonic())
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -145,7 +145,9 @@ class Emulator:
                 if key in ("product_codes", "dimensions") and value is not None:
                     value = set(value)
                 setattr(self.settings, key, value)
-            self.bucket = TokenBucket(self.settings.rate, self.settings.burst, time.monotonic())
+            self.bucket = TokenBucket(
+                self.settings.rate, self.settings.burst, self.clock.monotonic()
+            )
 
     def records(self) -> list[Record]:
         with self.lock:
@@ -185,7 +187,7 @@ class Emulator:
         if fault and fault.kind == "error":
             raise ServiceError(fault.code, fault.message, fault.status)
         with self.lock:
-            if not self.bucket.take(time.monotonic()):
+            if not self.bucket.take(self.clock.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
             answer = self._meter_usage(body, caller, signed_region)
         if fault and fault.kind == "lose":
@@ -201,7 +203,7 @@ class Emulator:
             )
         product = body.get("ProductCode")
         dimension = body.get("UsageDimension")
-        if not isinstance(product, str) or not PRODUCT_CODE.match(product):
+        if not isinstance(product, str) or not re.fullmatch(PRODUCT_CODE, product):
             raise ServiceError("ValidationException", "ProductCode is missing or malformed")
         if not isinstance(dimension, str) or not 1 <= len(dimension) <= 255:
             raise ServiceError("ValidationException", "UsageDimension is missing or malformed")
@@ -275,13 +277,8 @@ class Emulator:
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
         """Start serving in a background thread; returns the base URL (tests may listen on
         another of this machine's addresses, to be a non-loopback endpoint)."""
-        emulator = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.emulator = emulator
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        handler = type("Handler", (_Handler,), {"emulator": self})
+        self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -381,12 +378,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path in answers:
             return self._text(200, answers[path])
         if path == creds_path + s.role:
-            expires = datetime.fromtimestamp(time.time() + 6 * HOUR, tz=timezone.utc)
+            now = Clock().time()  # botocore checks the expiry on the client's own wall clock
+            expires = datetime.fromtimestamp(now + 6 * HOUR, tz=timezone.utc)
             return self._send(
                 200,
                 {
                     "Code": "Success",
-                    "LastUpdated": iso(time.time()),
+                    "LastUpdated": iso(now),
                     "Type": "AWS-HMAC",
                     "AccessKeyId": ACCESS_KEY,
                     "SecretAccessKey": "emulatorsecretkeyemulatorsecretkey000000",
@@ -406,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else target
         auth = self.headers.get("Authorization", "")
         m = CREDENTIAL.search(auth)
-        call: dict[str, Any] = {"operation": operation, "time": time.time()}
+        call: dict[str, Any] = {"operation": operation, "time": self.emulator.clock.time()}
         try:
             if not m:
                 raise ServiceError("MissingAuthenticationTokenException", "request is not signed")
@@ -495,13 +493,13 @@ def _quantity(body: dict[str, Any]) -> tuple[Decimal, str]:
         )
     if has_dec:
         text = body["UsageQuantityAsDecimal"]
-        if not isinstance(text, str) or not DECIMAL.match(text):
+        if not isinstance(text, str) or not DECIMAL_PATTERN.match(text):
             raise ServiceError(
                 "ValidationException", f"UsageQuantityAsDecimal {text!r} is not a valid decimal"
             )
         return Decimal(text), text
     value = body.get("UsageQuantity", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_147_483_647:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
         raise ServiceError("ValidationException", f"UsageQuantity {value!r} is out of range")
     return Decimal(value), str(value)
 

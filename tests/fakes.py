@@ -113,3 +113,18 @@ class FakeHost:
         for child in sorted(folder.rglob("*"), reverse=True):
             child.rmdir() if child.is_dir() else child.unlink()
         folder.rmdir()
+
+
+class RecordingLog:
+    """Stands in for a module's `log` (monkeypatched): records each event's level and arguments,
+    never its wording, so a test asserts which events happened, for what, and how often."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda msg, *args, **kwargs: self.events.append((level, args))
+
+    def at(self, level: str) -> list[tuple[Any, ...]]:
+        """The arguments of every event at `level` (debug, info, warning, error...), in order."""
+        return [args for lvl, args in self.events if lvl == level]

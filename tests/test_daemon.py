@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.clock import Clock
+from agent import daemon, identity
+from agent.clock import Clock, iso_hour
 from agent.collectors import Registry, Sources
+from agent.config import Config
 from agent.config import load as config_load
-from agent.daemon import ClockTrigger, Daemon, StateLock, resolve_identity, snap
+from agent.daemon import (
+    RUNNING_CONFIG,
+    ClockTrigger,
+    Daemon,
+    SenderProcess,
+    StateLock,
+    send_command,
+    snap,
+)
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.metering import ImdsError
 from agent.sampling import Sampler
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
-from tests.fakes import FakeClock, FakePsutil
+from tests.fakes import FakeClock, FakePsutil, RecordingLog
 
 
 class FakeImds:
@@ -70,6 +83,29 @@ def test_second_run_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
         StateLock(tmp_path).acquire()
 
 
+def open_daemon(
+    cfg: Config,
+    clock: Clock,
+    imds: Any,
+    sampler: Sampler | None = None,
+    sender_command: Callable[[bool, float | None], list[str]] | None = None,
+) -> Daemon:
+    """A Daemon on its ledger as `daemon.start` builds it, without the locks (two daemons on one
+    state dir, one after the other, is how these tests restart) and with a fake IMDS."""
+    state = Path(cfg.state_dir)
+    ident = identity.Identity(imds, clock, state)
+    ledger = ident.start(Ledger(state))
+    command = sender_command or functools.partial(
+        send_command, state / RUNNING_CONFIG, clock, "text"
+    )
+    sender = SenderProcess(command, clock.monotonic)
+    return Daemon(cfg, clock, ledger, ident, sampler or Sampler(cfg), sender)
+
+
+def resolve_identity(ledger: Ledger, imds: FakeImds, state_dir: Path, now: float) -> Ledger:
+    return identity.settle(ledger, identity.ask(imds), state_dir, now)  # type: ignore[arg-type]
+
+
 class TestIdentity:
     def test_records_the_imds_id(self, tmp_path: Path) -> None:
         ledger = resolve_identity(Ledger(tmp_path), FakeImds("i-1"), tmp_path, H)
@@ -103,11 +139,9 @@ class TestIdentity:
 def daemon_for(tmp_path: Path, clock: FakeClock, ps: FakePsutil) -> Daemon:
     cfg = make_config(tmp_path)
     sampler = Sampler(cfg, Registry(), Sources(psutil=ps, proc=tmp_path / "proc"))
-    d = Daemon(
-        cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
+    return open_daemon(
+        cfg, clock, FakeImds("i-1"), sampler=sampler, sender_command=lambda *_: ["true"]
     )
-    d.ledger = Ledger(cfg.state_dir)
-    return d
 
 
 def run_round(d: Daemon, interval: int = 60) -> None:
@@ -124,7 +158,6 @@ def test_rounds_across_an_hour_boundary_seal_it_once(tmp_path: Path) -> None:
         run_round(d)
         ps.user_list = [*ps.user_list, object()]  # one more user each minute: +1 per round
         clock.advance(60)
-    assert d.ledger is not None
     hours = {(h.dimension, h.hour): h for h in d.ledger.hours()}
     assert set(hours) == {("vcpus", H - 3600), ("requests", H - 3600), ("vcpu_hours", H - 3600)}
     assert hours[("vcpus", H - 3600)].quantity.value == 4
@@ -138,7 +171,6 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
     run_round(d)
-    assert d.ledger is not None
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
     from agent.sealing import seal_hours
 
@@ -157,27 +189,29 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
 
 
 def test_a_failing_collector_is_counted_every_round_but_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock(H)
     ps = FakePsutil()
     d = daemon_for(tmp_path, clock, ps)
+    journal = RecordingLog()
+    monkeypatch.setattr(daemon, "log", journal)
 
     def broken(logical: bool = True) -> int:
         raise RuntimeError("psutil exploded")
 
     ps.cpu_count = broken  # type: ignore[method-assign]
-    with caplog.at_level("INFO"):
-        for _ in range(3):
-            run_round(d)
-            clock.advance(60)
-        ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
+    for _ in range(3):
         run_round(d)
-    assert d.ledger is not None
+        clock.advance(60)
+    failed = journal.at("warning")
+    ps.cpu_count = lambda logical=True: 4  # type: ignore[method-assign]
+    run_round(d)
     status = {s.dimension: s for s in d.ledger.dimension_status()}
     assert status["vcpus"].errors == 3  # status counts every failed round
-    assert caplog.text.count("collector failed") == 2  # vcpus and vcpu_hours, once each
-    assert "dimension vcpus: collector works again" in caplog.text
+    assert sorted(args[0] for args in failed) == ["vcpu_hours", "vcpus"]  # once each
+    assert ("vcpus",) in journal.at("info")  # and once that it works again
+    assert journal.at("warning") == failed  # the good round warned of nothing
     assert status["requests"].errors == 0  # the other dimensions kept billing
 
 
@@ -198,7 +232,6 @@ def test_an_unwritable_state_dir_is_one_line(tmp_path: Path) -> None:
 
 
 def _vcpus(d: Daemon) -> dict[int, str]:
-    assert d.ledger is not None
     return {h.hour: str(h.quantity.text) for h in d.ledger.hours() if h.dimension == "vcpus"}
 
 
@@ -220,12 +253,12 @@ def test_a_restart_leaves_the_hour_open_for_the_restarted_agent(tmp_path: Path) 
     d2.sample_round(60)
     assert d2.reads.wait(10)
     assert _vcpus(d2) == {H: "8"}  # one record, the whole hour's max
-    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}
     assert status["vcpus"].dropped == 0
 
 
 def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock(H + 600)
     ps = FakePsutil()
@@ -236,14 +269,16 @@ def test_a_stop_seals_at_once_and_late_drops_warn_once_per_hour(
     d.shutdown()  # a shutdown at H+10m: sealed and sent at once
     d2 = daemon_for(tmp_path, clock, ps)
     assert _vcpus(d2) == {H: "4"}
-    with caplog.at_level("WARNING"):
-        for _ in range(5):  # booted again within the same hour
-            clock.advance(60)
-            d2.sample_round(60)
-            assert d2.reads.wait(10)
-    status = {s.dimension: s for s in d2.ledger.dimension_status()}  # type: ignore[union-attr]
+    journal = RecordingLog()
+    monkeypatch.setattr(daemon, "log", journal)
+    for _ in range(5):  # booted again within the same hour
+        clock.advance(60)
+        d2.sample_round(60)
+        assert d2.reads.wait(10)
+    status = {s.dimension: s for s in d2.ledger.dimension_status()}
     assert status["vcpus"].dropped == 5  # status counts every dropped sample
-    assert caplog.text.count("already sealed") == 1  # the journal hears of it once this hour
+    (dropped,) = journal.at("warning")  # the journal hears of it once this hour
+    assert dropped[0] == "vcpus" and dropped[2] == iso_hour(H)
 
 
 def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path: Path) -> None:
@@ -259,7 +294,6 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
     assert [x.name for x in d.config.dimensions] == ["vcpus", "extra", "requests", "vcpu_hours"]
     d.sample_round(60)  # the new dimension samples with the rest
     assert d.reads.wait(10)
-    assert d.ledger is not None
     assert {s.dimension for s in d.ledger.dimension_status()} >= {"extra"}
     for bad in [
         "dimensions: [",
@@ -273,7 +307,6 @@ def test_reload_takes_a_good_config_and_keeps_the_running_one_on_a_bad(tmp_path:
 
 
 def _sealed(d: Daemon) -> dict[tuple[str, int], str]:
-    assert d.ledger is not None
     return {(h.dimension, h.hour): h.quantity.text for h in d.ledger.hours()}
 
 
@@ -321,14 +354,15 @@ def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path)
     """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
     from agent.daemon import keep_snapshot, snapshot_config
 
-    d = daemon_for(tmp_path, FakeClock(H + 600), FakePsutil())
-    d.sender_command = d._default_sender_command
-    d.config, snap = snapshot_config(d.config.source, d.state_dir)
-    d.running_config = keep_snapshot(d.state_dir, snap)
+    cfg = make_config(tmp_path)
+    Path(cfg.state_dir).mkdir()
+    cfg, snap = snapshot_config(cfg.source, Path(cfg.state_dir))
+    keep_snapshot(Path(cfg.state_dir), snap)
+    d = open_daemon(cfg, FakeClock(H + 600), FakeImds("i-1"))
     running = d.config.source.read_text()
     d.config.source.write_text("dimensions: [")  # a broken edit
     d.reload()  # refused
-    cmd = d.sender_command(False, None)
+    cmd = d.sender.command(False, None)
     child_config = Path(cmd[cmd.index("-c") + 1])
     assert child_config != d.config.source.resolve()
     assert child_config.read_text() == running
@@ -365,6 +399,26 @@ def daemon_for_existing(tmp_path: Path, clock: FakeClock) -> Daemon:
     (tmp_path / "again").mkdir(exist_ok=True)
     cfg = make_config(tmp_path / "again")
     cfg = dataclasses.replace(cfg, state_dir=tmp_path / "state")
-    d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"))
-    d.ledger = Ledger(cfg.state_dir)
-    return d
+    return open_daemon(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg))
+
+
+def test_start_builds_the_whole_daemon_on_a_verified_ledger_under_its_lock(
+    tmp_path: Path, emulator
+) -> None:
+    """What `run` runs on is there before it runs: the lock held, the running config copied for
+    the sender, the ledger named by IMDS's instance id, the start-up DryRun due."""
+    from agent.daemon import start
+
+    cfg = make_config(tmp_path, f"metering: {{endpoint_url: '{emulator.url}'}}\n")
+    clock = FakeClock(H + 600)
+    d = start(cfg, clock)
+    assert d.identity.verified.is_set()
+    assert d.ledger.get_meta("instance_id") == emulator.settings.instance_id
+    assert d.ledger.send_state().dryrun_due == H + 600
+    running = Path(cfg.state_dir) / RUNNING_CONFIG
+    assert running.read_text() == cfg.source.read_text()
+    cmd = d.sender.command(False, None)
+    assert cmd[cmd.index("-c") + 1] == str(running.resolve())
+    assert not d.scheduler.running  # jobs are made, started by run()
+    with pytest.raises(LockHeld):
+        start(cfg, clock)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from datetime import datetime, timezone
 from typing import Any
@@ -175,3 +176,19 @@ def test_control_api_over_http(emulator: Emulator) -> None:
     assert emulator.settings.region == "eu-central-1"
     records = json.loads(urllib.request.urlopen(f"{emulator.url}/_emulator/records").read())
     assert records == []
+
+
+@pytest.mark.parametrize("product", ["", "x" * 256, "has space"])
+def test_a_product_code_the_config_refuses_the_service_refuses(
+    emulator: Emulator, product: str
+) -> None:
+    """One pattern for both: a 0-character product code was once accepted here."""
+    from agent.config import PRODUCT_CODE
+    from agent.emulator import ServiceError
+
+    assert re.fullmatch(PRODUCT_CODE, product) is None
+    body = {"ProductCode": product, "UsageDimension": "vcpus", "Timestamp": now_hour()}
+    with pytest.raises(ServiceError) as info:
+        emulator.meter_usage({**body, "UsageQuantity": 1}, "caller", None)
+    assert info.value.code == "ValidationException"
+    assert emulator.calls() == [] and emulator.records() == []

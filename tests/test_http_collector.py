@@ -222,12 +222,10 @@ def test_selector_parsing() -> None:
 def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path) -> None:
     """The round with a bad line stores nothing (baselines included) and `status` counts it; the
     next good round bills everything since the last good one."""
-    from agent.daemon import Daemon
-    from agent.ledger import Ledger
     from agent.sampling import Sampler
     from tests.billing import H, make_config
     from tests.fakes import FakeClock
-    from tests.test_daemon import FakeImds
+    from tests.test_daemon import FakeImds, open_daemon
 
     body = {"text": '# TYPE jobs counter\njobs_total{t="a"} 10\n'}
 
@@ -255,9 +253,8 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
             """,
         )
         clock = FakeClock(H)
-        d = Daemon(cfg, clock, sampler=Sampler(cfg), imds=FakeImds("i-1"),
-                   sender_command=lambda *_: ["true"])  # fmt: skip
-        d.ledger = Ledger(cfg.state_dir)
+        d = open_daemon(cfg, clock, FakeImds("i-1"), sampler=Sampler(cfg),
+                        sender_command=lambda *_: ["true"])  # fmt: skip
         d.sample_round(60)  # baseline 10
         assert d.reads.wait(10)
         clock.advance(60)
@@ -271,7 +268,7 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
         status = {s.dimension: s for s in d.ledger.dimension_status()}
         assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
         clock.advance(3600)
-        d.seal()
+        d.close_hours()
         assert [h.quantity.value for h in d.ledger.hours()] == [30 + 5]
     finally:
         srv.shutdown()

@@ -258,13 +258,11 @@ class Stopped(Exception):
 def test_the_daemon_stops_with_exit_1_when_no_usable_ledger_is_left(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from agent.daemon import Daemon
+    from tests.test_daemon import open_daemon
 
-    state = baked(tmp_path)
+    baked(tmp_path)
     imds = SlowImds("i-buyer")
-    d = Daemon(make_config(tmp_path), FakeClock(H + 100), imds=imds)  # type: ignore[arg-type]
-    d.identity = identity.Identity(imds, d.clock, state)  # type: ignore[arg-type]
-    d.ledger = d.identity.start(Ledger(state))
+    d = open_daemon(make_config(tmp_path), FakeClock(H + 100), imds)
     # half moved (the ledger renamed, its WAL not): no ledger.db left to reopen safely
     fail_first(monkeypatch, "move_aside", OSError(5, "Input/output error"), half_move=True)
     codes = []

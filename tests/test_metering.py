@@ -110,27 +110,30 @@ def test_dry_run_success_in_both_styles(emulator: Emulator, style: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("settings", "error", "text"),
+    ("settings", "error", "text", "exit_code"),
     [
-        ({"authorized": False}, NotAuthorized, "aws-marketplace:MeterUsage"),
+        ({"authorized": False}, NotAuthorized, "aws-marketplace:MeterUsage", 77),
         (
             {"authorized": False, "deny_code": "UnauthorizedException"},
             NotAuthorized,
             "instance role",
+            77,
         ),
-        ({"entitled": False}, NotAuthorized, "subscription"),
-        ({"product_codes": {"someotherproduct"}}, NotAuthorized, "product_code matches"),
-        ({"region": "eu-west-1"}, Unavailable, "instance's region"),
-        ({"dimensions": {"other"}}, NotAuthorized, "dimension of the listing"),
+        ({"entitled": False}, NotAuthorized, "subscription", 77),
+        ({"product_codes": {"someotherproduct"}}, NotAuthorized, "product_code matches", 77),
+        ({"region": "eu-west-1"}, Unavailable, "instance's region", 69),
+        ({"dimensions": {"other"}}, NotAuthorized, "dimension of the listing", 77),
     ],
 )
-def test_dry_run_refusals(emulator: Emulator, settings: dict, error: type, text: str) -> None:
+def test_dry_run_refusals(
+    emulator: Emulator, settings: dict, error: type, text: str, exit_code: int
+) -> None:
     emulator.configure(**settings)
     client = MeteringClient("us-east-1", emulator.url)
     out = client.dry_run(PRODUCT, "vcpus", None, datetime.now(timezone.utc).timestamp())
     with pytest.raises(error, match=text) as info:
         dry_run_verdict(out)
-    assert info.value.exit_code == error.exit_code
+    assert info.value.exit_code == exit_code  # sysexits: 77 no permission, 69 unavailable
 
 
 def test_dry_run_with_nothing_listening_is_unavailable() -> None:

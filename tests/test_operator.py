@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import hooks as hooks_module
 from agent.hooks import Hooks
 from agent.ledger import Ledger
 from agent.logs import JsonFormatter, Redact, redact
@@ -17,7 +18,7 @@ from agent.report import UsageError, parse_when
 from agent.sealing import seal_hours
 from tests.billing import H, make_config
 from tests.conftest import run_cli
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, RecordingLog
 from tests.test_sealing import fill
 
 HOOKS = """
@@ -66,16 +67,26 @@ def test_short_failures_run_no_hook(tmp_path: Path) -> None:
 
 
 def test_a_missing_hook_command_is_logged_not_fatal(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = make_config(tmp_path, "on_metering_failure: {after: 0, command: [/nonexistent/cmd]}\n")
+    out = tmp_path / "recovered"
+    cfg = make_config(
+        tmp_path,
+        "on_metering_failure: {after: 0, command: [/nonexistent/cmd]}\n"
+        f"on_recovery: {{command: [touch, '{out}']}}\n",
+    )
+    journal = RecordingLog()
+    monkeypatch.setattr(hooks_module, "log", journal)
     ledger = Ledger(cfg.state_dir)
     ledger.note_failure(H, "ThrottlingException")
     hooks = Hooks(cfg, ledger, FakeClock(H))
-    with caplog.at_level(logging.ERROR):
-        assert hooks.check() == "failure"
-        hooks.wait(10)
-    assert "command not found: /nonexistent/cmd" in caplog.text
+    assert hooks.check() == "failure"
+    hooks.wait(10)
+    assert [args for args in journal.at("error") if "/nonexistent/cmd" in args] != []
+    ledger.update_meta(failing_since=None)
+    assert hooks.check() == "recovery"  # the worker that met the missing command goes on
+    hooks.wait(10)
+    assert out.exists()
 
 
 def billed_ledger(tmp_path: Path) -> Path:

@@ -28,7 +28,7 @@ from agent.sealing import seal_hours, span_for
 from agent.status import collect
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil
-from tests.test_daemon import FakeImds
+from tests.test_daemon import FakeImds, open_daemon
 
 D = Decimal
 
@@ -317,7 +317,7 @@ def test_after_a_backward_step_every_job_fires_on_the_new_wall_time(tmp_path: Pa
     """What APScheduler holds after a step back of ten minutes: next runs ten minutes away.
     check_clock gives each ClockTrigger job its next fire time from the wall clock again."""
     clock = SteppedClock(H)
-    d = Daemon(make_config(tmp_path), clock, imds=FakeImds("i-1"))
+    d = open_daemon(make_config(tmp_path), clock, FakeImds("i-1"))
     scheduler = BackgroundScheduler()
     scheduler.start(paused=True)
     try:
@@ -371,18 +371,15 @@ def hung_daemon(tmp_path: Path, clock: FakeClock) -> Daemon:
     )
     ps = FakePsutil()
     sampler = Sampler(cfg, registry, Sources(psutil=ps))
-    d = Daemon(
-        cfg, clock, sampler=sampler, imds=FakeImds("i-1"), sender_command=lambda *_: ["true"]
+    return open_daemon(
+        cfg, clock, FakeImds("i-1"), sampler=sampler, sender_command=lambda *_: ["true"]
     )
-    d.ledger = Ledger(cfg.state_dir)
-    return d
 
 
 def test_a_hung_source_skips_only_its_own_instants(tmp_path: Path) -> None:
     Hung.release = threading.Event()
     clock = FakeClock(H + 10)
     d = hung_daemon(tmp_path, clock)
-    assert d.ledger is not None
     started = time.monotonic()
     for _ in range(4):
         d.sample_round(1)
