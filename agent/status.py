@@ -11,6 +11,7 @@ from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger
+from agent.report import hour_row, table
 from agent.sending import next_due
 
 
@@ -55,20 +56,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
             }
             for d in config.dimensions
         ],
-        "hours": [
-            {
-                "hour": iso_hour(h.hour),
-                "dimension": h.dimension,
-                "quantity": h.quantity.text,
-                "state": h.state,
-                "record_id": h.record_id,
-                "attempts": h.attempts,
-                "last_error": h.last_error,
-                "timestamp": iso(h.timestamp),
-                "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
-            }
-            for h in ledger.hours(since=since)
-        ],
+        "hours": [hour_row(h) for h in ledger.hours(since=since)],
     }
 
 
@@ -100,26 +88,13 @@ def render(report: dict[str, Any]) -> str:
             line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
     lines.append("")
-    rows = [("HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR")]
-    for r in report["hours"]:
-        rows.append(
-            (
-                r["hour"],
-                r["dimension"],
-                r["quantity"],
-                r["state"],
-                r["record_id"] or "-",
-                str(r["attempts"]),
-                r["last_error"] or "",
-            )
-        )
-    if len(rows) == 1:
-        lines.append("no sealed hours in this period")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(6)]
-        for row in rows:
-            cells = [row[i].ljust(widths[i]) for i in range(6)] + [row[6]]
-            lines.append("  ".join(cells).rstrip())
+    header = ["HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR"]
+    cells = [
+        [r["hour"], r["dimension"], r["quantity"], r["state"], r["record_id"] or "-",
+         str(r["attempts"]), r["last_error"] or ""]
+        for r in report["hours"]
+    ]  # fmt: skip
+    lines.extend(table([header, *cells]) if cells else ["no sealed hours in this period"])
     return "\n".join(lines)
 
 
