@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent import health
+from agent import health, sealing
 from agent.aggregate import Quantity
-from agent.clock import HOUR, Clock, iso, iso_hour
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger, SealedHour
 from agent.metering import PRODUCT_CODE_REFUSED, Outcome
@@ -357,3 +357,13 @@ class Sender:
         self.ledger.update_meta(authorized=False, dryrun_due=now + DRYRUN_RECHECK)
         health.note_failure(self.ledger, now, outcome.error or "not authorized")
         report.paused = True
+
+
+def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
+    """When the next send or DryRun is due; while nothing is pending, the open hour's send slot
+    (its end plus this instance's offset), so `status` never says `-` while an hour is open."""
+    due = next_due(ledger)
+    if due is not None:
+        return due
+    offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
+    return hour_start(now) + HOUR + offset
