@@ -368,7 +368,11 @@ class Ledger:
             db.execute(
                 "INSERT INTO dimension_status (dimension, last_t, last_value) VALUES (?, ?, ?) "
                 "ON CONFLICT (dimension) DO UPDATE SET last_t = MAX(COALESCE(last_t, 0), "
-                "excluded.last_t), last_value = excluded.last_value",
+                "excluded.last_t), last_value = excluded.last_value, "
+                # the collector works again: an error noted before this reading is over (one at
+                # this very instant, a warning or a late read, stays); the count is kept
+                "last_error = CASE WHEN error_t < excluded.last_t THEN NULL ELSE last_error END, "
+                "error_t = CASE WHEN error_t < excluded.last_t THEN NULL ELSE error_t END",
                 (dimension, t, str(value)),
             )
         return hour
