@@ -436,7 +436,7 @@ class Daemon:
             self._run_sender(flush=True, deadline=stop + STOP_FLUSH * self.clock.rate)
         if self.hooks is not None:
             self.hooks.wait(timeout=5)
-        left = len(self.ledger.pending())
+        left = self.ledger.pending_hour_count()
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
 

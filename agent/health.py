@@ -42,7 +42,6 @@ def describe(h: SealedHour) -> str:
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
     failing_since = ledger.get_meta("failing_since")
-    pending = {h.hour for h in ledger.pending()}
     reasons = []
     unverified = ledger.get_meta("identity_unverified")
     if unverified:
@@ -60,7 +59,7 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         "authorized": ledger.get_meta("authorized"),
         "last_success": iso(ledger.get_meta("last_success")),
         "failing_since": iso(failing_since),
-        "pending_hours": len(pending),
+        "pending_hours": ledger.pending_hour_count(),
         "reason": "; ".join(reasons) or None,
     }
     return _with_seal_errors(data, ledger)

@@ -538,6 +538,12 @@ class Ledger:
     def pending(self) -> list[SealedHour]:
         return self.hours(states=("pending",))
 
+    def pending_hour_count(self) -> int:
+        """Distinct hours with a pending record: the one count health, status and a stop give."""
+        with self._lock:
+            row = self.db.execute("SELECT COUNT(DISTINCT hour) FROM hours WHERE state = 'pending'")
+            return int(row.fetchone()[0])
+
     def mark(
         self,
         dimension: str,
