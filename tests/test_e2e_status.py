@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,40 @@ def test_status_with_the_daemon_running_and_stopped(emulator: Emulator, tmp_path
     assert stopped["health"]["pending_hours"] == 0  # the stop sealed and sent the partial hour
     assert {h["state"] for h in stopped["hours"]} == {"sent"}
     assert run_cli("status", "--check", "-c", str(config)).returncode == 0
+
+
+def test_a_collector_error_clears_once_the_source_is_back(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A log that is not there yet is an error in `status`, with its time; once the product writes
+    it, the next read clears it (the count stays) and its lines are in the hour so far."""
+    log = tmp_path / "app.log"
+    config = write_config(
+        tmp_path,
+        emulator.url,
+        f"""
+        - name: requests
+          collector: {{type: log, path: '{log}', pattern: 'GET '}}
+        """,
+    )
+    agent = Agent(config, env_for(emulator)).start()
+
+    def requests() -> dict[str, Any]:
+        return status_json(config)["dimensions"][0]
+
+    try:
+        missing = wait_for(
+            "the missing log's error", lambda: requests().get("last_error"), 30, agent
+        )
+        assert missing and requests()["last_error_at"] is not None
+        log.write_text("GET /a\nGET /b\nPOST /c\n")
+        wait_for("the error to clear", lambda: requests().get("last_error", 1) is None, 30, agent)
+        back = requests()
+        assert back["collector_errors"] >= 1 and back["last_error_at"] is None
+        # the two GET lines (oracle: the file written above), unless the hour just turned
+        wait_for("the lines in the hour so far", lambda: requests()["current_hour_so_far"], 10)
+        assert requests()["current_hour_so_far"] == "2" or time.time() % 3600 < 30
+        assert agent.terminate() == 0
+    finally:
+        if agent.alive():
+            agent.kill9()
