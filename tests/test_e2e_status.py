@@ -60,6 +60,8 @@ def test_status_with_the_daemon_running_and_stopped(emulator: Emulator, tmp_path
     assert stopped["daemon"]["running"] is False
     assert stopped["health"]["pending_hours"] == 0  # the stop sealed and sent the partial hour
     assert {h["state"] for h in stopped["hours"]} == {"sent"}
+    sealed = {h["hour"]: h["quantity"] for h in stopped["hours"]}  # the stop sealed the open hour
+    assert sealed[running["current_hour"]] == vcpus["current_hour_so_far"]
     assert run_cli("status", "--check", "-c", str(config)).returncode == 0
 
 
