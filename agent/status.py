@@ -117,7 +117,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"dimensions (current hour {report['current_hour']}, so far in billed units):")
     for d in report["dimensions"]:
-        line = f"  {d['name']:<24} so far {_text(d['current_hour_so_far'])}"
+        line = f"  {d['name']:<24} so far {_text(d['current_hour_so_far']):<10}"
         line += f"   last sample {_text(d['last_sample'])} value {_text(d['last_value'])}"
         if d["last_error"]:  # cleared by the collector's next good reading
             line += f"   errors {d['collector_errors']} (last: {d['last_error']})"
