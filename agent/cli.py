@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="hours in the ledger and metering health")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hours", type=int, default=24, help="how many hours back to list (default 24)")
+    p.add_argument(
+        "--check", action="store_true", help="print nothing; exit 0 when health is ok, else 1"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -440,6 +443,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     ledger = open_ledger_readonly(cfg.state_dir)
+    if args.check:  # a product's own probe: no ledger yet is not ok
+        return EX_OK if ledger is not None and status.healthy(ledger, Clock()) else EX_SOFTWARE
     report = status.collect(ledger, cfg, Clock(), hours=args.hours)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return EX_OK

@@ -120,7 +120,8 @@ def snap(t: float, interval: int) -> float:
 
 
 class StateLock:
-    """An exclusive flock on <state_dir>/lock: one `run` per state directory."""
+    """An exclusive flock on <state_dir>/lock: one `run` per state directory; the file says which
+    process holds it and its version ("PID VERSION")."""
 
     def __init__(self, state_dir: Path, name: str = "lock") -> None:
         self.path = state_dir / name
@@ -139,9 +140,11 @@ class StateLock:
                 f"another metering-agent run holds {self.path}; stop it first "
                 "(systemctl stop metering-agent)"
             ) from None
+        from agent import __version__  # here: keeps this edit off the module's imports
+
         self._file.seek(0)
         self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
+        self._file.write(f"{os.getpid()} {__version__}\n")  # read by `status`
         self._file.flush()
 
 
@@ -412,7 +415,7 @@ class Daemon:
         elif self.ledger.pending():
             self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
         self.hooks.wait(timeout=5)
-        left = len(self.ledger.pending())
+        left = self.ledger.pending_hour_count()
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
 

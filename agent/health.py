@@ -42,7 +42,6 @@ def describe(h: SealedHour) -> str:
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
     state = ledger.send_state()
-    pending = {h.hour for h in ledger.pending()}
     reasons = []
     if state.identity_unverified:
         reasons.append(state.identity_unverified)
@@ -59,7 +58,7 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         "authorized": state.authorized,
         "last_success": iso(state.last_success),
         "failing_since": iso(state.failing_since),
-        "pending_hours": len(pending),
+        "pending_hours": ledger.pending_hour_count(),
         "reason": "; ".join(reasons) or None,
     }
     return _with_seal_errors(data, ledger)

@@ -441,7 +441,11 @@ class Ledger:
             db.execute(
                 "INSERT INTO dimension_status (dimension, last_t, last_value) VALUES (?, ?, ?) "
                 "ON CONFLICT (dimension) DO UPDATE SET last_t = MAX(COALESCE(last_t, 0), "
-                "excluded.last_t), last_value = excluded.last_value",
+                "excluded.last_t), last_value = excluded.last_value, "
+                # the collector works again: an error noted before this reading is over (one at
+                # this very instant, a warning or a late read, stays); the count is kept
+                "last_error = CASE WHEN error_t < excluded.last_t THEN NULL ELSE last_error END, "
+                "error_t = CASE WHEN error_t < excluded.last_t THEN NULL ELSE error_t END",
                 (dimension, t, str(value)),
             )
         return hour
@@ -606,6 +610,12 @@ class Ledger:
 
     def pending(self) -> list[SealedHour]:
         return self.hours(states=("pending",))
+
+    def pending_hour_count(self) -> int:
+        """Distinct hours with a pending record: the one count health, status and a stop give."""
+        with self._lock:
+            row = self.db.execute("SELECT COUNT(DISTINCT hour) FROM hours WHERE state = 'pending'")
+            return int(row.fetchone()[0])
 
     def _update_pending(
         self, db: sqlite3.Connection, dimension: str, hour: int, sets: str, *args: Any

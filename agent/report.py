@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.clock import iso, iso_hour
 from agent.errors import AgentError
-from agent.ledger import Ledger
+from agent.ledger import Ledger, SealedHour
 
 _AGO = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -42,23 +42,34 @@ def parse_when(text: str, now: float, option: str) -> float:
     return when.timestamp()
 
 
+def hour_row(h: SealedHour) -> dict[str, Any]:
+    """One sealed hour as `status` and `report` show it (table, CSV and JSON)."""
+    return {
+        "hour": iso_hour(h.hour),
+        "dimension": h.dimension,
+        "quantity": h.quantity.text,
+        "state": h.state,
+        "record_id": h.record_id,
+        "timestamp": iso(h.timestamp),
+        "sent_at": iso(h.done_at) if h.state == "sent" else None,
+        "product_code": h.product_code,
+        "attempts": h.attempts,
+        "last_error": h.last_error,
+        "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
+    }
+
+
 def rows(ledger: Ledger | None, since: float, until: float | None) -> list[dict[str, Any]]:
     if ledger is None:
         return []
+    return [hour_row(h) for h in ledger.hours(since=since - since % 3600, until=until)]
+
+
+def table(cells: list[list[str]]) -> list[str]:
+    """Aligned text columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return [
-        {
-            "hour": iso_hour(h.hour),
-            "dimension": h.dimension,
-            "quantity": h.quantity.text,
-            "state": h.state,
-            "record_id": h.record_id,
-            "timestamp": iso(h.timestamp),
-            "sent_at": iso(h.done_at) if h.state == "sent" else None,
-            "product_code": h.product_code,
-            "attempts": h.attempts,
-            "last_error": h.last_error,
-        }
-        for h in ledger.hours(since=since - since % 3600, until=until)
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
 
 
@@ -67,7 +78,7 @@ def render(data: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(data, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(out, COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(data)
         return out.getvalue().rstrip("\n")
@@ -78,10 +89,7 @@ def _table(data: list[dict[str, Any]]) -> str:
     if not data:
         return "no sealed hours in this period"
     cols = ["hour", "dimension", "quantity", "state", "record_id", "sent_at"]
-    table = [[c.upper() for c in cols]] + [[str(r[c] or "-") for c in cols] for r in data]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in table]  # fmt: skip
+    lines = table([[c.upper() for c in cols]] + [[str(r[c] or "-") for c in cols] for r in data])
     totals: dict[str, Decimal] = {}
     for r in data:
         if r["state"] == "sent":

@@ -12,8 +12,9 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
-from agent.aggregate import combine, to_quantity
+from agent.aggregate import Point, Quantity, combine, to_quantity
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.ledger import Ledger
@@ -124,8 +125,7 @@ def _seal_one(
             )
         if not points:
             return None
-        raw = combine(dim.aggregate, points)
-        quantity = to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
+        raw, quantity = billed(dim, points)
         if quantity.clamped_from is not None:
             log.warning(
                 "hour %s dimension %s: quantity %s is outside what MeterUsage accepts; sending %s",
@@ -151,6 +151,19 @@ def _seal_one(
             next_attempt=hour + HOUR + offset,
         )
     return Sealed(name, hour, quantity.text, len(points))
+
+
+def billed(dim: Dimension, points: list[Point]) -> tuple[Decimal, Quantity]:
+    """The hour's aggregate and the quantity it bills: what sealing stores and `status` shows."""
+    raw = combine(dim.aggregate, points)
+    return raw, to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
+
+
+def so_far(ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+    """What `dim`'s open hour would bill if it were sealed now (None: no sample yet). Reads only,
+    skipping a value that is not finite as sealing drops it."""
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    return billed(dim, points)[1].text if points else None
 
 
 def _note_seal_error(ledger: Ledger, name: str, hour: int, error: str) -> None:

@@ -1,17 +1,49 @@
 """`status`: what the ledger says, for a seller's support team or a buyer's auditor.
 
-Reads only; works while the daemon runs (WAL) and before it ever ran.
+Reads only; works while the daemon runs (WAL) and before it ever ran. Whether `run` is active is
+the state lock's answer (see `daemon_state`), not a guess from the ledger's last sample.
 """
 
 from __future__ import annotations
 
+import fcntl
+from pathlib import Path
 from typing import Any
 
-from agent import health, sealing
+from agent import health, sealing, sending
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger
-from agent.sending import next_send
+from agent.report import hour_row, table
+
+
+def daemon_state(state_dir: Path) -> dict[str, Any]:
+    """Whether `run` holds <state_dir>/lock, with the pid and version it wrote there.
+
+    Probed with a non-blocking shared flock, released at once: it fails exactly while a `run`
+    holds the lock. `running` is None when the lock file cannot be opened (not readable).
+    """
+    answer: dict[str, Any] = {"running": False, "pid": None, "version": None}
+    try:
+        f = open(Path(state_dir) / "lock")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return answer
+    except OSError:
+        return {**answer, "running": None}
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, version = f.read().strip().partition(" ")
+            pid_or_none = int(pid) if pid.isdigit() else None
+            return {"running": True, "pid": pid_or_none, "version": version or None}
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return answer
+
+
+def healthy(ledger: Ledger, clock: Clock) -> bool:
+    """`status --check`: the health file's `ok`, computed from the ledger as the daemon does."""
+    return bool(health.snapshot(ledger, clock.time())["ok"])
 
 
 def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:
@@ -19,6 +51,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     if ledger is None:
         return {
             "state_dir": str(config.state_dir),
+            "daemon": daemon_state(config.state_dir),
             "ledger": None,
             "health": None,
             "dimensions": [{"name": d.name} for d in config.dimensions],
@@ -29,18 +62,22 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     dims = {s.dimension: s for s in ledger.dimension_status()}
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     since = hour_start(now) - hours * HOUR
+    so_far = {d.name: sealing.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
     return {
         "state_dir": str(config.state_dir),
         "ledger": str(ledger.path),
+        "daemon": daemon_state(config.state_dir),
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
-        "next_send": iso(next_send(ledger, config, now)),
+        "next_send": iso(sending.next_send(ledger, config, now)),
         "health": health.snapshot(ledger, now),
         "unsealed_samples": ledger.unsealed_sample_count(),
+        "current_hour": iso_hour(now),
         "dimensions": [
             {
                 "name": d.name,
                 "aggregate": d.aggregate,
+                "current_hour_so_far": so_far[d.name],
                 "last_sample": iso(dims[d.name].last_t) if d.name in dims else None,
                 "last_value": dims[d.name].last_value if d.name in dims else None,
                 "collector_errors": dims[d.name].errors if d.name in dims else 0,
@@ -55,27 +92,17 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
             }
             for d in config.dimensions
         ],
-        "hours": [
-            {
-                "hour": iso_hour(h.hour),
-                "dimension": h.dimension,
-                "quantity": h.quantity.text,
-                "state": h.state,
-                "record_id": h.record_id,
-                "attempts": h.attempts,
-                "last_error": h.last_error,
-                "timestamp": iso(h.timestamp),
-                "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
-            }
-            for h in ledger.hours(since=since)
-        ],
+        "hours": [hour_row(h) for h in ledger.hours(since=since)],
     }
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = []
+    lines = [_daemon_line(report["daemon"])]
     if report["ledger"] is None:
-        return f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
+        lines.append(
+            f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
+        )
+        return "\n".join(lines)
     h = report["health"]
     since = f" since {h['failing_since']}" if h["failing_since"] else ""
     verdict = "ok" if h["ok"] else f"FAILING{since}: {h['reason']}"
@@ -88,39 +115,35 @@ def render(report: dict[str, Any]) -> str:
         f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
     )
     lines.append("")
-    lines.append("dimensions:")
+    lines.append(f"dimensions (current hour {report['current_hour']}, so far in billed units):")
     for d in report["dimensions"]:
-        line = f"  {d['name']:<24} last sample {_text(d['last_sample'])}"
-        line += f" value {_text(d['last_value'])}"
-        if d["collector_errors"]:
+        line = f"  {d['name']:<24} so far {_text(d['current_hour_so_far']):<10}"
+        line += f"   last sample {_text(d['last_sample'])} value {_text(d['last_value'])}"
+        if d["last_error"]:  # cleared by the collector's next good reading
             line += f"   errors {d['collector_errors']} (last: {d['last_error']})"
+            line += f" at {d['last_error_at']}"
         if d["dropped_late_samples"]:
             line += f"   dropped late samples {d['dropped_late_samples']}"
         if d.get("seal_error"):
             line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
     lines.append("")
-    rows = [("HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR")]
-    for r in report["hours"]:
-        rows.append(
-            (
-                r["hour"],
-                r["dimension"],
-                r["quantity"],
-                r["state"],
-                r["record_id"] or "-",
-                str(r["attempts"]),
-                r["last_error"] or "",
-            )
-        )
-    if len(rows) == 1:
-        lines.append("no sealed hours in this period")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(6)]
-        for row in rows:
-            cells = [row[i].ljust(widths[i]) for i in range(6)] + [row[6]]
-            lines.append("  ".join(cells).rstrip())
+    header = ["HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR"]
+    cells = [
+        [r["hour"], r["dimension"], r["quantity"], r["state"], r["record_id"] or "-",
+         str(r["attempts"]), r["last_error"] or ""]
+        for r in report["hours"]
+    ]  # fmt: skip
+    lines.extend(table([header, *cells]) if cells else ["no sealed hours in this period"])
     return "\n".join(lines)
+
+
+def _daemon_line(daemon: dict[str, Any]) -> str:
+    if daemon["running"] is None:
+        return "agent: cannot tell whether `run` is active (state lock not readable)"
+    if not daemon["running"]:
+        return "agent: `run` is not active"
+    return f"agent: running, pid {_text(daemon['pid'])}, version {_text(daemon['version'])}"
 
 
 def _text(value: Any) -> str:

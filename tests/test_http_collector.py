@@ -261,12 +261,14 @@ def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path)
         body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 25\njobs_total{t="b" 5\n'
         d.sample_round(60)
         assert d.reads.wait(10)
+        status = {s.dimension: s for s in d.ledger.dimension_status()}
+        assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
         clock.advance(60)
         body["text"] = '# TYPE jobs counter\njobs_total{t="a"} 40\njobs_total{t="b"} 5\n'
         d.sample_round(60)
         assert d.reads.wait(10)
         status = {s.dimension: s for s in d.ledger.dimension_status()}
-        assert status["jobs"].errors == 1 and "line 3" in (status["jobs"].last_error or "")
+        assert status["jobs"].errors == 1 and status["jobs"].last_error is None  # recovered
         clock.advance(3600)
         d.close_hours()
         assert [h.quantity.value for h in d.ledger.hours()] == [30 + 5]
