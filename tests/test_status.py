@@ -88,8 +88,9 @@ def test_next_send_is_the_open_hours_slot_while_nothing_is_pending(tmp_path: Pat
     assert report["next_send"] == iso(H + HOUR + offset)
     ledger.record_sample("vcpus", H + 10, D(4), 60.0, None, carry=False)
     seal_hours(ledger, cfg, H + HOUR + 5, offset=offset)
-    assert sending.next_send(ledger, cfg, H + HOUR + 5) == sending.next_due(ledger)
-    assert sending.next_due(ledger) == H + HOUR + offset
+    due = sending.due(ledger.send_state(), ledger.pending())
+    assert due == H + HOUR + offset
+    assert sending.next_send(ledger, cfg, H + HOUR + 5) == due
 
 
 def test_one_pending_count_of_distinct_hours(tmp_path: Path) -> None:
