@@ -159,8 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept any product code and dimension (default: those in -c's config, if given)",
     )
+    p.add_argument(
+        "--dimensions",
+        default=None,
+        help="the listing's dimension names, comma-separated: others are refused as AWS would",
+    )
     add_clock_options(p)
     p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser(
+        "trial",
+        parents=[common],
+        help="your config end to end against the built-in emulator, on a fast clock",
+    )
+    p.add_argument("--hours", type=int, default=2, help="billing hours to run (default 2)")
+    p.add_argument(
+        "--speed", type=float, default=60.0, help="clock speed-up (default 60: an hour a minute)"
+    )
+    p.add_argument(
+        "--dimensions",
+        default=None,
+        help="the listing's dimension names, comma-separated: MeterUsage refuses others",
+    )
+    p.set_defaults(func=cmd_trial)
     return parser
 
 
@@ -484,6 +505,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         cfg = load_config(args)
         settings.product_codes = {cfg.product_code}
         settings.dimensions = {d.name for d in cfg.dimensions}
+    if args.dimensions:
+        settings.dimensions = {d.strip() for d in args.dimensions.split(",") if d.strip()}
     emulator = Emulator(settings, make_clock(args))
     try:
         url = emulator.serve(args.port)
@@ -501,3 +524,12 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     stop.wait()
     emulator.stop()
     return EX_OK
+
+
+# -- trial ------------------------------------------------------------------------------------
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from agent import config, trial
+
+    return trial.main(config.resolve_path(args.config), args.hours, args.speed, args.dimensions)
