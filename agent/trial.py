@@ -26,7 +26,7 @@ import yaml
 
 from agent import config as config_mod
 from agent.clock import HOUR, Clock, hour_start, iso_hour
-from agent.emulator import Emulator, Record, Settings, _timestamp
+from agent.emulator import Emulator, Record, ServiceError, Settings, _timestamp
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 
 LEAD = 3.0  # real seconds the daemon gets to start before the first hour begins
@@ -104,7 +104,7 @@ def refusals(emulator: Emulator) -> list[Refusal]:
             continue
         try:
             hour: int | None = hour_start(_timestamp(request.get("Timestamp")))
-        except Exception:  # noqa: BLE001 - a malformed request has no hour to show
+        except ServiceError:  # a malformed request has no hour to show
             hour = None
         what = ("DryRun " if request.get("DryRun") else "") + str(request.get("UsageDimension"))
         seen[(None if request.get("DryRun") else hour, what, str(call.get("code")))] += 1
@@ -151,10 +151,10 @@ def run(
     code: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     try:
+        clock_args = ["--clock", clock.spec or ""]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "-c", str(cfg_copy)]
-                + ["--clock", clock.spec or ""],
+                [sys.executable, "-m", "agent", "run", "-c", str(cfg_copy), *clock_args],
                 env=child_env(url, work / "run"),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -263,9 +263,7 @@ def _allocations(r: Record) -> str:
     return " ".join(parts)
 
 
-def main(
-    cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: Any = None
-) -> int:
+def main(cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: Any = None) -> int:
     """The `trial` command: 0 when every hour went through, 1 on any refusal or failure."""
     out = out or sys.stdout
     if not 1 <= hours <= 48:
