@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,10 @@ def test_trial_table_is_what_the_emulator_received(
     (progress,) = [line for line in text.splitlines() if line.startswith("hour 1/1 ")]
     whole_hour = progress.split()[2].rstrip(":")
     whole = {r.dimension: r.quantity_text for r in records if iso_hour(r.hour) == whole_hour}
-    assert whole == {"vcpus": str(cpus), "vcpu_hours": f"{cpus}.000"}
+    assert whole["vcpus"] == str(cpus)
+    # integral: the whole hour, but for a round that fired late on a loaded machine (at 120x one
+    # clock second, daemon.snap's tolerance, is 8 ms): then that sample's span starts off-grid
+    assert cpus * (1 - 2 / 60) <= Decimal(whole["vcpu_hours"]) <= cpus
     assert not state.exists()  # the config's own state dir is never touched
 
 
