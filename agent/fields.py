@@ -39,6 +39,21 @@ def suggest(word: str, known: list[str]) -> str:
     return f'; did you mean "{close[0]}"?' if close else ""
 
 
+def collect(errors: list[ConfigError], parse: Callable[..., Any], *args: Any) -> Any:
+    """`parse(*args)`, keeping its ConfigErrors in `errors` (None then) instead of stopping at the
+    first: the loader reports every mistake at once."""
+    try:
+        return parse(*args)
+    except ConfigError as e:
+        errors.extend(e.errors)
+        return None
+
+
+def raise_all(errors: list[ConfigError], where: str = "") -> None:
+    if errors:
+        raise ConfigError.of(errors, where)
+
+
 class Spec:
     """A validator for one value."""
 
@@ -222,7 +237,12 @@ class ListOf(Spec):
             raise ConfigError(path, f"expected a list; found {describe(value)}")
         if len(value) < self.min_items:
             raise ConfigError(path, f"expected at least {self.min_items} item(s); found none")
-        return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
+        errors: list[ConfigError] = []
+        items = tuple(
+            collect(errors, self.item.parse, v, f"{path}[{i}]") for i, v in enumerate(value)
+        )
+        raise_all(errors)
+        return items
 
     def schema(self) -> dict[str, Any]:
         return {"type": "array", "items": self.item.schema(), "minItems": self.min_items}
@@ -281,21 +301,23 @@ class Section(Spec):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping; found {describe(value)}")
         known = list(self.fields)
+        errors: list[ConfigError] = []
         for key in value:
             if key not in self.fields:
                 where = f"{path}.{key}" if path else str(key)
                 listing = ", ".join(known)
                 hint = suggest(key, known) if isinstance(key, str) else ""
-                raise ConfigError(where, f"unknown key (known: {listing}{hint})")
+                errors.append(ConfigError(where, f"unknown key (known: {listing}{hint})"))
         out: dict[str, Any] = {}
         for key, field in self.fields.items():
             where = f"{path}.{key}" if path else key
             if key in value:
-                out[key] = field.spec.parse(value[key], where)
+                out[key] = collect(errors, field.spec.parse, value[key], where)
             elif field.required:
-                raise ConfigError(where, "required key is missing")
+                errors.append(ConfigError(where, "required key is missing"))
             else:
                 out[key] = field.default
+        raise_all(errors)
         if self.check:
             self.check(out, path)
         return out
