@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the listing's dimension names, comma-separated: MeterUsage refuses others",
     )
     p.set_defaults(func=cmd_trial)
+
+    p = sub.add_parser(
+        "prepare-image",
+        parents=[common],
+        help="the last step before creating an AMI: remove the ledger, health file and locks",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_prepare_image)
     return parser
 
 
@@ -539,3 +547,15 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from agent import config, trial
 
     return trial.main(config.resolve_path(args.config), args.hours, args.speed, args.dimensions)
+
+
+# -- prepare-image ----------------------------------------------------------------------------
+
+
+def cmd_prepare_image(args: argparse.Namespace) -> int:
+    from agent import image
+    from agent.sampling import Sampler
+
+    cfg = load_config(args)
+    Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
+    return image.prepare(cfg, args.yes)
