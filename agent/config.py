@@ -196,6 +196,15 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:  # `{{a: b}}` or `? [a, b]`: a mapping or list as a key
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{describe(key)} as a key; a key must be a plain word",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(

@@ -65,6 +65,8 @@ class Outcome:
     exit_code: int | None  # the daemon's
     first_hour: int
     hours: int
+    dimensions: list[str]
+    work: Path  # the temporary state dir, config copy and the agent's log
 
 
 def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict[str, Any]:
@@ -150,6 +152,7 @@ def run(
     )
     code: int | None = None
     proc: subprocess.Popen[bytes] | None = None
+    names = [d.name for d in cfg.dimensions]
     try:
         clock_args = ["--clock", clock.spec or ""]
         with open(log_path, "ab") as log:
@@ -160,7 +163,6 @@ def run(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        names = [d.name for d in cfg.dimensions]
         for i in range(hours):
             hour = first_hour + i * HOUR
             if not _wait_hour(clock, emulator, proc, hour, names):
@@ -180,15 +182,7 @@ def run(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         emulator.stop()
-    outcome = Outcome(emulator.records(), refusals(emulator), code, first_hour, hours)
-    if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        print(f"trial: the agent exited {code}; its log ({log_path}) ends:", file=out)
-        for line in tail:
-            print(f"  {line}", file=out)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return outcome
+    return Outcome(emulator.records(), refusals(emulator), code, first_hour, hours, names, work)
 
 
 def _wait_hour(
@@ -273,18 +267,24 @@ def main(cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: 
     listing = [d.strip() for d in dimensions.split(",") if d.strip()] if dimensions else None
     outcome = run(cfg_path, hours, speed, listing, out)
     print(render(outcome), file=out, flush=True)
-    whole = {r.hour for r in outcome.records}
-    missing = [
-        iso_hour(h)
-        for h in range(outcome.first_hour, outcome.first_hour + outcome.hours * HOUR, HOUR)
-        if h not in whole
-    ]
+    problems = []
     if outcome.exit_code != 0:
-        return EX_SOFTWARE
+        problems.append(f"the agent exited {outcome.exit_code}")
     if outcome.refusals:
-        print("trial: MeterUsage refused requests (see above)", file=out)
-        return EX_SOFTWARE
-    if missing:
-        print(f"trial: nothing received for {', '.join(missing)}", file=out)
-        return EX_SOFTWARE
-    return EX_OK
+        problems.append("MeterUsage refused requests (see above)")
+    got: set[tuple[int | None, str]] = {(r.hour, r.dimension) for r in outcome.records}
+    got |= {(f.hour, f.dimension) for f in outcome.refusals}
+    for h in range(outcome.first_hour, outcome.first_hour + outcome.hours * HOUR, HOUR):
+        missing = [d for d in outcome.dimensions if (h, d) not in got]
+        if missing:  # no samples: a collector that failed, or a source that was never there
+            problems.append(f"nothing received for {iso_hour(h)} {', '.join(missing)}")
+    if not problems:
+        shutil.rmtree(outcome.work, ignore_errors=True)
+        return EX_OK
+    log_path = outcome.work / "agent.log"
+    for problem in problems:
+        print(f"trial: {problem}", file=out)
+    print(f"trial: the agent's log ({log_path}) ends:", file=out)
+    for line in log_path.read_text(errors="replace").splitlines()[-15:]:
+        print(f"  {line}", file=out)
+    return EX_SOFTWARE

@@ -245,3 +245,14 @@ def test_one_error_stays_one_line(write_config: ConfigWriter) -> None:
     result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     assert result.stderr.strip() == "metering-agent: dimensions: expected a list; found 5"
+
+
+@pytest.mark.parametrize("text", ["collector: {{type: http}}", "? [a, b]\n    : 1"])
+def test_a_mapping_or_list_as_a_key_is_one_line_not_a_traceback(
+    write_config: ConfigWriter, text: str
+) -> None:
+    path = write_config(f"product_code: {PRODUCT}\ndimensions:\n  - name: x\n    {text}\n")
+    result = run_cli("check", "--offline", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"metering-agent: {path}:") and "as a key" in line

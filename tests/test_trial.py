@@ -35,6 +35,11 @@ CONFIG = f"""
         collector: {{{{type: system, metric: net_sent_bytes}}}}
         scale: 0.000000001
         decimals: 6
+{{extra}}"""
+
+UNREACHABLE = """\
+      - name: users
+        collector: {type: http, url: "http://127.0.0.1:9/stats", query: users}
 """
 
 
@@ -66,9 +71,9 @@ def test_trial_table_is_what_the_emulator_received(
     monkeypatch.setattr(trial, "Emulator", KeptEmulator)
     state = tmp_path / "state"
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(textwrap.dedent(CONFIG.format(state=state)))
+    cfg.write_text(textwrap.dedent(CONFIG.format(state=state, extra=UNREACHABLE)))
     out = io.StringIO()
-    code = trial.main(cfg, hours=1, speed=120, dimensions="vcpus,vcpu_hours", out=out)
+    code = trial.main(cfg, hours=1, speed=120, dimensions="vcpus,vcpu_hours,users", out=out)
     text = out.getvalue()
 
     (emulator,) = kept
@@ -90,13 +95,16 @@ def test_trial_table_is_what_the_emulator_received(
     # integral: the whole hour, but for a round that fired late on a loaded machine (at 120x one
     # clock second, daemon.snap's tolerance, is 8 ms): then that sample's span starts off-grid
     assert cpus * (1 - 2 / 60) <= Decimal(whole["vcpu_hours"]) <= cpus
+    # a dimension whose source never answered: named, not silently absent
+    (missing,) = [line for line in text.splitlines() if line.startswith("trial: nothing received")]
+    assert missing.endswith(f"{whole_hour} users")
     assert not state.exists()  # the config's own state dir is never touched
 
 
 @pytest.mark.e2e
 def test_trial_exits_0_when_every_hour_went_through(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(textwrap.dedent(CONFIG.format(state=tmp_path / "state")))
+    cfg.write_text(textwrap.dedent(CONFIG.format(state=tmp_path / "state", extra="")))
     result = run_cli("trial", "-c", str(cfg), "--hours", "1", "--speed", "240", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = table_rows(result.stdout)
