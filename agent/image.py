@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from agent.config import Config
+from agent.config import Config, traps
 from agent.errors import AgentError, LockHeld
 
 LEDGER = "ledger.db"
@@ -94,6 +94,8 @@ def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
         print("the buyer's first boot:", file=out)
         for line in first_boot(cfg):
             print(f"  {line}", file=out)
+        for trap in traps(cfg):  # the last chance to see an emulator endpoint before it ships
+            print(f"warning: {trap}", file=out)
     return code
 
 

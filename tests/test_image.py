@@ -65,6 +65,7 @@ def test_prepare_image_removes_the_agents_files_and_says_what_first_boot_reads(
     late = next(line for line in boot.splitlines() if line.strip().startswith("late_requests:"))
     assert "from the beginning" in early and "only lines written" in late
     assert "600 s" in boot  # the first record: end of hour + up to send_window
+    assert "warning:" not in result.stdout
     # a second run finds nothing to remove and succeeds
     again = run_cli("prepare-image", "--yes", "-c", str(config))
     assert again.returncode == 0 and "removed" not in again.stdout
@@ -110,3 +111,17 @@ def test_prepare_image_on_a_bad_config_exits_78(tmp_path: Path) -> None:
     result = run_cli("prepare-image", "--yes", "-c", str(config))
     assert result.returncode == EX_CONFIG
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_image_warns_of_an_emulator_endpoint_left_in_the_config(tmp_path: Path) -> None:
+    config, _state, _ = bake_state(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            "metering: {send_window: 10m}",
+            "metering: {send_window: 10m, endpoint_url: 'http://127.0.0.1:8787'}",
+        )
+    )
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 0
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert "metering.endpoint_url" in warning
