@@ -150,6 +150,8 @@ def run(
         file=out,
         flush=True,
     )
+    for trap in config_mod.traps(cfg):  # what `check` warns of shows in the table, too
+        print(f"warning: {trap}", file=out, flush=True)
     code: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     names = [d.name for d in cfg.dimensions]
