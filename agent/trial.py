@@ -179,6 +179,9 @@ def run(
                 code = proc.wait()
         else:
             code = proc.returncode
+    except KeyboardInterrupt:  # Ctrl-C: nothing of the trial stays behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
