@@ -121,3 +121,24 @@ def test_trial_on_a_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_the_table_shows_allocations_and_refusals_when_there_are_any() -> None:
+    from agent.emulator import Record
+
+    h = 1_800_000_000 // 3600 * 3600
+    alloc = [
+        {"AllocatedUsageQuantity": 3, "Tags": [{"Key": "Tenant", "Value": "acme"}]},
+        {"AllocatedUsageQuantity": 1},
+    ]
+    records = [
+        Record("r1", "c", PRODUCT, "api", h, h + 3599, Decimal(4), "4", "t1", alloc),
+        Record("r2", "c", PRODUCT, "vcpus", h, h + 3599, Decimal(2), "2", "t2"),
+    ]
+    refusal = trial.Refusal(h, "egress_gb", "InvalidUsageDimensionException", 3)
+    outcome = trial.Outcome(records, [refusal], 0, h, 1, ["api", "vcpus", "egress_gb"], Path("/x"))
+    text = trial.render(outcome)
+    assert table_rows(text) == {(iso_hour(h), "api"): "4", (iso_hour(h), "vcpus"): "2"}
+    api = next(line for line in text.splitlines() if " api " in line)
+    assert api.split()[3:] == ["Tenant=acme:3", "untagged:1"]
+    assert f"{iso_hour(h)}  egress_gb  InvalidUsageDimensionException  x3" in text
