@@ -158,3 +158,14 @@ def log_problems(
         if problem and problem not in problems:
             problems.append(problem)
     return problems
+
+
+def sandbox_problems(pattern: str, rotated: str | None) -> list[str]:
+    """The paths the unit's sandbox hides whoever the service runs as: what `check` can still say
+    where the service user does not exist yet (the package is not installed)."""
+    problems = []
+    for path in (pattern, rotated):
+        why = hidden_by_sandbox(os.path.realpath(path)) if path else None
+        if why:
+            problems.append(f"{path}: {why}; log somewhere else (e.g. /var/log/<product>/)")
+    return problems

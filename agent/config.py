@@ -30,7 +30,9 @@ from agent.fields import (
     Passthrough,
     Section,
     Str,
+    collect,
     describe,
+    raise_all,
 )
 
 DEFAULT_PATH = "/etc/metering-agent/config.yaml"
@@ -194,6 +196,15 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:  # `{{a: b}}` or `? [a, b]`: a mapping or list as a key
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{describe(key)} as a key; a key must be a plain word",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
@@ -255,7 +266,16 @@ def load(path: Path, registry: Registry | None = None) -> Config:
 
 
 def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
-    top = TOP.parse(data, "")
+    errors: list[ConfigError] = []
+    top = collect(errors, TOP.parse, data, "")
+    if top is None:  # still judge every collector, so one pass shows every mistake
+        raw_dims = data.get("dimensions")
+        for i, raw in enumerate(raw_dims if isinstance(raw_dims, list) else []):
+            if isinstance(raw, Mapping) and "collector" in raw:
+                collect(
+                    errors, _collector, raw["collector"], f"dimensions[{i}].collector", registry
+                )
+        raise_all(errors, f"{source}")
     metering = METERING.parse({}, "metering") if top["metering"] is None else top["metering"]
     sampling = SAMPLING.parse({}, "sampling") if top["sampling"] is None else top["sampling"]
     dimensions = []
@@ -264,10 +284,13 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         path = f"dimensions[{i}]"
         name = raw["name"]
         if name in seen:
-            raise ConfigError(f"{path}.name", f'"{name}" is already used by {seen[name]}')
+            errors.append(ConfigError(f"{path}.name", f'"{name}" is already used by {seen[name]}'))
         seen[name] = path
-        collector = _collector(raw["collector"], f"{path}.collector", registry)
-        dimensions.append(_dimension(raw, collector, path, sampling["interval"]))
+        collector = collect(errors, _collector, raw["collector"], f"{path}.collector", registry)
+        if collector is not None:
+            dim = collect(errors, _dimension, raw, collector, path, sampling["interval"])
+            dimensions.append(dim)
+    raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
     recovery = top["on_recovery"]
     return Config(
@@ -283,6 +306,37 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
         source=source,
     )
+
+
+def traps(cfg: Config) -> list[str]:
+    """Valid settings that bill what a seller rarely means; `check` prints them as warnings.
+
+    Why: a config can be valid and still wrong for the image it is baked into: an emulator endpoint
+    left in bills nothing, and `up` rounding below the billed step bills a whole step for a crumb.
+    """
+    from agent.aggregate import to_quantity
+    from agent.productlock import is_loopback
+
+    found = []
+    if is_loopback(cfg.metering.endpoint_url):
+        found.append(
+            f"metering.endpoint_url: {cfg.metering.endpoint_url} is on this machine (the "
+            "emulator?): an image baked with it bills nothing; remove it before baking"
+        )
+    for dim in cfg.dimensions:
+        step = Decimal(1).scaleb(-(dim.decimals or 0))
+        if dim.rounding != "up" or dim.scale >= step:
+            continue
+        billed = to_quantity(Decimal(3), dim.scale, "up", dim.decimals).text
+        unit = "a whole unit" if dim.decimals is None else f"a whole {step}"
+        fix = "add decimals" if dim.decimals is None else "raise decimals"
+        found.append(
+            f"{dim.path}.rounding ({dim.name}): up with scale {dim.scale} and "
+            f"{'no decimals' if dim.decimals is None else f'decimals {dim.decimals}'} bills "
+            f"{unit} for any usage in an hour: 3 counted bill {billed} "
+            f"(3 x {dim.scale} = {Decimal(3) * dim.scale}); {fix} or use rounding: nearest"
+        )
+    return found
 
 
 def collector_section(cls: Any) -> Section:

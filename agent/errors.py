@@ -27,7 +27,18 @@ class ConfigError(AgentError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         self.message = message
+        self.errors: list[ConfigError] = [self]
         super().__init__(f"{path}: {message}" if path else message)
+
+    @classmethod
+    def of(cls, errors: list[ConfigError], where: str = "") -> ConfigError:
+        """One error for several: each on its own line, so a seller fixes them in one pass."""
+        if len(errors) == 1:
+            return errors[0]
+        lines = "".join(f"\n  {e}" for e in errors)
+        error = cls(where, f"{len(errors)} errors:{lines}")
+        error.errors = list(errors)
+        return error
 
 
 class NotAuthorized(AgentError):

@@ -15,7 +15,13 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*(s|m|h)?\s*$")  # [0-9]: ECMA-262's \d
+# A number written as a string; the same text is the JSON Schema's pattern (ECMA-262 reads it
+# alike). Positive: a non-zero digit before any exponent.
+_MANTISSA = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*"
+_NUMBER_TEXT = r"\s*[+-]?" + _MANTISSA
+_UNSIGNED_TEXT = r"\s*\+?" + _MANTISSA
+_POSITIVE_TEXT = r"\s*\+?(?=[^eE]*[1-9])" + _MANTISSA
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600}
 
 
@@ -37,6 +43,21 @@ def describe(value: Any) -> str:
 def suggest(word: str, known: list[str]) -> str:
     close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
     return f'; did you mean "{close[0]}"?' if close else ""
+
+
+def collect(errors: list[ConfigError], parse: Callable[..., Any], *args: Any) -> Any:
+    """`parse(*args)`, keeping its ConfigErrors in `errors` (None then) instead of stopping at the
+    first: the loader reports every mistake at once."""
+    try:
+        return parse(*args)
+    except ConfigError as e:
+        errors.extend(e.errors)
+        return None
+
+
+def raise_all(errors: list[ConfigError], where: str = "") -> None:
+    if errors:
+        raise ConfigError.of(errors, where)
 
 
 class Spec:
@@ -80,6 +101,7 @@ class Int(Spec):
     maximum: int | None = None
 
     def parse(self, value: Any, path: str) -> int:
+        value = _whole(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected a whole number; found {describe(value)}")
         _check_range(value, self.minimum, self.maximum, path)
@@ -99,6 +121,8 @@ class Number(Spec):
     def parse(self, value: Any, path: str) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(path, f"expected a number; found {describe(value)}")
+        if isinstance(value, str) and not re.fullmatch(_NUMBER_TEXT, value):
+            raise ConfigError(path, f"expected a number; found {describe(value)}")
         try:
             number = Decimal(str(value))
         except InvalidOperation:
@@ -114,10 +138,14 @@ class Number(Spec):
 
     def schema(self) -> dict[str, Any]:
         s: dict[str, Any] = {"type": "number"}
+        text = _NUMBER_TEXT
         if self.minimum is not None:
             key = "exclusiveMinimum" if self.exclusive_minimum else "minimum"
             s[key] = float(self.minimum)
-        return s
+            if self.minimum == 0:  # the string form's bound, where a pattern can say it
+                text = _POSITIVE_TEXT if self.exclusive_minimum else _UNSIGNED_TEXT
+        # Quoted numbers ("0.001") keep their exact decimal digits through YAML: both forms.
+        return {"oneOf": [s, {"type": "string", "pattern": f"^{text}$"}]}
 
 
 class Bool(Spec):
@@ -140,6 +168,7 @@ class Duration(Spec):
 
     def parse(self, value: Any, path: str) -> int:
         seconds: int | None = None
+        value = _whole(value)
         if isinstance(value, int) and not isinstance(value, bool):
             seconds = value
         elif isinstance(value, str):
@@ -198,7 +227,7 @@ class Regex(Spec):
         return text
 
     def schema(self) -> dict[str, Any]:
-        return {"type": "string", "format": "regex", "minLength": 1}
+        return {**Str().schema(), "format": "regex"}
 
 
 @dataclass(frozen=True)
@@ -222,7 +251,12 @@ class ListOf(Spec):
             raise ConfigError(path, f"expected a list; found {describe(value)}")
         if len(value) < self.min_items:
             raise ConfigError(path, f"expected at least {self.min_items} item(s); found none")
-        return tuple(self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
+        errors: list[ConfigError] = []
+        items = tuple(
+            collect(errors, self.item.parse, v, f"{path}[{i}]") for i, v in enumerate(value)
+        )
+        raise_all(errors)
+        return items
 
     def schema(self) -> dict[str, Any]:
         return {"type": "array", "items": self.item.schema(), "minItems": self.min_items}
@@ -281,21 +315,23 @@ class Section(Spec):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping; found {describe(value)}")
         known = list(self.fields)
+        errors: list[ConfigError] = []
         for key in value:
             if key not in self.fields:
                 where = f"{path}.{key}" if path else str(key)
                 listing = ", ".join(known)
                 hint = suggest(key, known) if isinstance(key, str) else ""
-                raise ConfigError(where, f"unknown key (known: {listing}{hint})")
+                errors.append(ConfigError(where, f"unknown key (known: {listing}{hint})"))
         out: dict[str, Any] = {}
         for key, field in self.fields.items():
             where = f"{path}.{key}" if path else key
             if key in value:
-                out[key] = field.spec.parse(value[key], where)
+                out[key] = collect(errors, field.spec.parse, value[key], where)
             elif field.required:
-                raise ConfigError(where, "required key is missing")
+                errors.append(ConfigError(where, "required key is missing"))
             else:
                 out[key] = field.default
+        raise_all(errors)
         if self.check:
             self.check(out, path)
         return out
@@ -316,6 +352,13 @@ class Section(Spec):
         if self.doc:
             s["description"] = self.doc
         return s
+
+
+def _whole(value: Any) -> Any:
+    """2.0 is a whole number to JSON Schema (and to a YAML writer), so to the loader too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _check_range(value: int, lo: int | None, hi: int | None, path: str, unit: str = "") -> None:

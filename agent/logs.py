@@ -86,7 +86,10 @@ class JournalFormatter(logging.Formatter):
         super().__init__("%(levelname)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+        # journald makes each line an entry: every line of a multi-line message (a reload's list
+        # of config errors, a traceback) keeps the event's priority.
+        prefix = f"<{_PRIORITY.get(record.levelname, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
 def text_formatter(stream: IO[str]) -> logging.Formatter:

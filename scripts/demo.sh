@@ -70,3 +70,6 @@ metering-agent status -c "$work/config.yaml"
 echo
 echo "health file ($work/state/health.json):"
 cat "$work/state/health.json"
+echo
+echo "== next: your own config, a couple of whole hours in two minutes (no AWS account needed):"
+echo "   metering-agent trial -c my-config.yaml --dimensions <the listing's dimension names>"

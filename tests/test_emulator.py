@@ -192,3 +192,42 @@ def test_a_product_code_the_config_refuses_the_service_refuses(
         emulator.meter_usage({**body, "UsageQuantity": 1}, "caller", None)
     assert info.value.code == "ValidationException"
     assert emulator.calls() == [] and emulator.records() == []
+
+
+def test_the_emulator_command_refuses_dimensions_outside_its_listing(monkeypatch) -> None:
+    """`emulator --dimensions` plays the listing: other names get InvalidUsageDimensionException."""
+    import os
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    from agent.metering import MeteringClient
+    from tests.conftest import ROOT
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "emulator", "--port", str(port), "--any-product",
+         "--dimensions", "vcpus, egress_gb"],
+        cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIATEST")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        client = MeteringClient("us-east-1", f"http://127.0.0.1:{port}")
+        now = datetime.now(timezone.utc).timestamp()
+        assert client.dry_run("p1", "vcpus", None, now).status == "dryrun_ok"
+        assert client.dry_run("p1", "egress_gb", None, now).status == "dryrun_ok"
+        refused = client.dry_run("p1", "users", None, now)
+        assert refused.code == "InvalidUsageDimensionException"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

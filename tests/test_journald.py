@@ -31,6 +31,18 @@ def _log_to_file(tmp_path: Path, journal_stream: str | None) -> list[str]:
     return path.read_text().splitlines()
 
 
+def test_each_line_of_a_multi_line_event_keeps_its_priority() -> None:
+    import logging
+
+    from agent.logs import JournalFormatter
+
+    record = logging.LogRecord("agent", logging.ERROR, "", 0, "reload failed: %s", ("a\nb",), None)
+    assert JournalFormatter().format(record).splitlines() == [
+        "<3>ERROR reload failed: a",
+        "<3>b",
+    ]
+
+
 def test_journal_lines_carry_priority_and_no_timestamp(tmp_path: Path) -> None:
     assert _log_to_file(tmp_path, "self") == [
         "<4>WARNING hour 08:00Z dimension vcpus: late",

@@ -1,0 +1,127 @@
+"""`metering-agent prepare-image`: the state dir made ready to bake, never under a running agent."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from agent import image
+from agent.config import load
+from agent.daemon import StateLock
+from agent.errors import EX_CONFIG, AgentError, LockHeld
+from agent.ledger import Ledger
+from tests.conftest import PRODUCT, run_cli
+
+
+def bake_state(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    """A config and a state dir as a seller's test run leaves them; returns (config, state, the
+    files the agent made)."""
+    state = tmp_path / "state"
+    early, late = tmp_path / "early.log", tmp_path / "late.log"
+    early.write_text("GET /\n" * 3)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+product_code: {PRODUCT}
+state_dir: {state}
+metering: {{send_window: 10m}}
+dimensions:
+  - name: early_requests
+    collector: {{type: log, path: {early}, pattern: GET, start_at: beginning}}
+  - name: late_requests
+    collector: {{type: log, path: {late}, pattern: GET}}
+  - name: vcpus
+    collector: {{type: system, metric: cpu_count}}
+"""
+    )
+    ledger = Ledger(state)  # the real ledger, WAL files and all
+    ledger.close()
+    (state / "health.json").write_text(json.dumps({"ok": True}))
+    (state / "config.running.yaml").write_text(config.read_text())
+    moved = state / "ledger.db.instance-i-0build.1700000000"
+    moved.write_text("")
+    for name in ("lock", "send.lock"):
+        (state / name).write_text("123\n")
+    made = sorted(p for p in state.iterdir())
+    (state / "seller-notes.txt").write_text("not the agent's\n")
+    return config, state, made
+
+
+def test_prepare_image_removes_the_agents_files_and_says_what_first_boot_reads(
+    tmp_path: Path,
+) -> None:
+    config, state, made = bake_state(tmp_path)
+    assert state / "ledger.db" in made
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert sorted(state.iterdir()) == [state / "seller-notes.txt"]
+    removed = {line.split(" ", 1)[1] for line in result.stdout.splitlines() if "removed " in line}
+    assert removed == {str(p) for p in made}
+    boot = result.stdout.split("the buyer's first boot:")[1]
+    early = next(line for line in boot.splitlines() if line.strip().startswith("early_requests:"))
+    late = next(line for line in boot.splitlines() if line.strip().startswith("late_requests:"))
+    assert "from the beginning" in early and "only lines written" in late
+    assert "600 s" in boot  # the first record: end of hour + up to send_window
+    assert "warning:" not in result.stdout
+    # a second run finds nothing to remove and succeeds
+    again = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert again.returncode == 0 and "removed" not in again.stdout
+
+
+@pytest.mark.parametrize("lock", ["lock", "send.lock"])
+def test_prepare_image_refuses_while_an_agent_holds_the_state_dir(
+    tmp_path: Path, lock: str
+) -> None:
+    config, state, _ = bake_state(tmp_path)
+    held = StateLock(state, name=lock)
+    held.acquire()  # as `run` (lock) or its sender child (send.lock) holds it
+    before = sorted(state.iterdir())
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert str(state / lock) in line and "systemctl stop metering-agent" in line
+    assert sorted(state.iterdir()) == before  # nothing removed
+    with pytest.raises(LockHeld):
+        image.prepare(load(config), yes=True, out=io.StringIO())
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_prepare_image_asks_on_a_terminal_and_refuses_without_one(tmp_path: Path) -> None:
+    config, _state, made = bake_state(tmp_path)
+    cfg = load(config)
+    with pytest.raises(AgentError, match="--yes"):
+        image.prepare(cfg, yes=False, out=io.StringIO(), stdin=io.StringIO("y\n"))
+    assert all(p.exists() for p in made)
+    assert image.prepare(cfg, yes=False, out=io.StringIO(), stdin=Terminal("n\n")) == 1
+    assert all(p.exists() for p in made)
+    assert image.prepare(cfg, yes=False, out=io.StringIO(), stdin=Terminal("y\n")) == 0
+    assert not any(p.exists() for p in made)
+
+
+def test_prepare_image_on_a_bad_config_exits_78(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"product_code: {PRODUCT}\ndimensions: []\n")
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == EX_CONFIG
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_image_warns_of_an_emulator_endpoint_left_in_the_config(tmp_path: Path) -> None:
+    config, _state, _ = bake_state(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            "metering: {send_window: 10m}",
+            "metering: {send_window: 10m, endpoint_url: 'http://127.0.0.1:8787'}",
+        )
+    )
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 0
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert "metering.endpoint_url" in warning
