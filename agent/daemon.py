@@ -112,11 +112,12 @@ class ClockTrigger(BaseTrigger):
         return f"every {self.period}s (+{self.phase}s) on the agent clock"
 
 
-def snap(t: float, interval: int) -> float:
+def snap(t: float, interval: int, rate: float = 1.0) -> float:
     """Put a reading taken a hair before or after its instant on the instant itself, so a round
-    fired at 09:59:59.999 for 10:00 lands in the 10:00 hour."""
+    fired at 09:59:59.999 for 10:00 lands in the 10:00 hour. The hair is one real second: on a
+    clock running `rate` times faster (`trial`), that many clock seconds."""
     grid = round(t / interval) * interval
-    return float(grid) if abs(t - grid) <= min(1.0, interval / 4) else t
+    return float(grid) if abs(t - grid) <= min(rate, interval / 4) else t
 
 
 class StateLock:
@@ -441,7 +442,7 @@ class Daemon:
         """Start a read of every dimension on this interval, each on its own (see reads.py)."""
         if self.stop_event.is_set():
             return
-        t = snap(self.clock.time(), interval)
+        t = snap(self.clock.time(), interval, self.clock.rate)
         for dim in self.config.dimensions:
             if dim.interval == interval:
                 budget = min(

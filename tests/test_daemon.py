@@ -76,6 +76,13 @@ def test_snap(t: float, interval: int, expected: float) -> None:
     assert snap(t, interval) == expected
 
 
+def test_snap_allows_one_real_second_on_an_accelerated_clock() -> None:
+    """At 120x a round 50 ms (real) late is 6 clock seconds late: still its instant's reading."""
+    assert snap(H + 6, 60, rate=120) == H
+    assert snap(H + 6, 60) == H + 6
+    assert snap(H + 16, 60, rate=120) == H + 16  # a quarter interval stays the bound
+
+
 def test_second_run_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     held = StateLock(tmp_path)
     held.acquire()
