@@ -142,3 +142,47 @@ def test_the_table_shows_allocations_and_refusals_when_there_are_any() -> None:
     api = next(line for line in text.splitlines() if " api " in line)
     assert api.split()[3:] == ["Tenant=acme:3", "untagged:1"]
     assert f"{iso_hour(h)}  egress_gb  InvalidUsageDimensionException  x3" in text
+
+
+def test_a_speed_faster_than_the_config_can_bill_is_refused_in_one_line(tmp_path: Path) -> None:
+    """interval 10 s: a round 1/5 s late must stay within 2.5 clock seconds, so 50x at most."""
+    cfg = tmp_path / "config.yaml"
+    text = textwrap.dedent(CONFIG.format(state=tmp_path / "state", extra=""))
+    cfg.write_text(text.replace("dimensions:", "sampling: {interval: 10}\ndimensions:", 1))
+    result = run_cli("trial", "-c", str(cfg), "--hours", "1", "--speed", "60")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "--speed 60" in line and "50" in line
+    assert not (tmp_path / "state").exists()
+
+
+def test_ctrl_c_stops_the_agent_before_its_files_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent runs in its own session (Ctrl-C does not reach it): the trial kills it first,
+    then removes its temporary dir, so nothing writes there afterwards."""
+    import tempfile
+    import time
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(textwrap.dedent(CONFIG.format(state=tmp_path / "state", extra="")))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    children: list[Any] = []
+
+    def interrupt(clock: Any, wall: Any, emulator: Any, proc: Any, *args: Any) -> bool:
+        children.append(proc)
+        deadline = time.monotonic() + 30
+        while not list(scratch.glob("*/state/ledger.db")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the agent is up and writing in the trial's state dir
+        assert list(scratch.glob("*/state/ledger.db")), "the agent never started"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial, "_wait_hour", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trial.run(cfg, hours=1, speed=60, out=io.StringIO())
+    (child,) = children
+    assert child.poll() is not None  # killed, not left running
+    time.sleep(0.5)
+    assert list(scratch.iterdir()) == []
