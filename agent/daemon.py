@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,7 @@ SEND_TICK = 15  # seconds of clock time between checks for due work
 STOP_FLUSH = 30  # seconds the stop flush may spend sending
 SENDER_TIMEOUT = 600  # a send child that runs longer than this is ended (it is safe to)
 GRACE = 5.0  # seconds between asking a child to stop (SIGTERM) and killing it
+PROBE_TRIES = 20  # x 25 ms: how long a start waits out a `status` probe of the state lock
 RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
 
 
@@ -120,6 +122,18 @@ def snap(t: float, interval: int, rate: float = 1.0) -> float:
     return float(grid) if abs(t - grid) <= min(rate, interval / 4) else t
 
 
+def _flock(f: IO[str], wait: bool) -> None:
+    """flock, or BlockingIOError; a probe (`status`, `prepare-image`) holds the lock for a
+    moment, so a start that meets one tries again for up to half a second."""
+    for _ in range(PROBE_TRIES - 1):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return
+        except BlockingIOError:
+            time.sleep(0.025)
+    fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+
+
 class StateLock:
     """An exclusive flock on <state_dir>/lock: one `run` per state directory; the file says which
     process holds it and its version ("PID VERSION")."""
@@ -134,7 +148,7 @@ class StateLock:
         self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
         ownership.adopt(self.path.parent, self.path)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            _flock(self._file, wait)
         except BlockingIOError:
             self._file.close()
             raise LockHeld(

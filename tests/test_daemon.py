@@ -429,3 +429,20 @@ def test_start_builds_the_whole_daemon_on_a_verified_ledger_under_its_lock(
     assert not d.scheduler.running  # jobs are made, started by run()
     with pytest.raises(LockHeld):
         start(cfg, clock)
+
+
+def test_a_status_probe_of_the_lock_does_not_make_a_starting_run_fail(tmp_path: Path) -> None:
+    """`status` takes a shared flock for a moment; a `run` starting then waits it out."""
+    import fcntl
+    import threading
+
+    (tmp_path / "lock").write_text("")
+    probe = open(tmp_path / "lock")  # noqa: SIM115 - closed by the thread
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    release = threading.Timer(0.1, probe.close)
+    release.start()
+    held = StateLock(tmp_path)
+    held.acquire()  # raised LockHeld before the retry
+    release.join()
+    with pytest.raises(LockHeld):
+        StateLock(tmp_path).acquire()  # a real holder is still refused
