@@ -642,11 +642,14 @@ class SenderProcess:
         self.command, self.monotonic, self.popen = command, monotonic, popen
         self._child: subprocess.Popen[bytes] | None = None
         self._started = 0.0
+        self._closed = False  # stopped: a send tick still running starts nothing more
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start a sender of the hours due now; returns at once (`running` reaps it later)."""
         with self._lock:
+            if self._closed:  # it would hold send.lock against the stop flush
+                return
             self._child = self.popen(self.command(False, None))
             self._started = self.monotonic()
 
@@ -660,12 +663,12 @@ class SenderProcess:
             if code is None and self.monotonic() - self._started <= SENDER_TIMEOUT:
                 return True
             self._child = None
-            if code is None:
-                log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
-                end(child)
-            elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
-                log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
-            return False
+        if code is None:  # ended outside the lock: `stop` must not wait on it
+            log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
+            end(child)
+        elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
+            log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
+        return False
 
     def flush(self, deadline: float) -> int:
         """Send every pending hour in a child, waited for (the stop flush); its exit code."""
@@ -679,7 +682,7 @@ class SenderProcess:
     def stop(self, grace: float = GRACE) -> None:
         """At the daemon's stop: a running sender may finish within `grace`, then it is ended."""
         with self._lock:
-            child, self._child = self._child, None
+            child, self._child, self._closed = self._child, None, True
         if child is None:
             return
         try:

@@ -115,8 +115,8 @@ def test_one_over_its_time_that_ignores_sigterm_is_killed_after_the_grace() -> N
 
 def test_stop_lets_a_running_sender_finish_within_the_grace_then_ends_it() -> None:
     popen, mono = FakePopen(ignores_sigterm=True), Mono()
+    sender(FakePopen(), mono).stop()  # nothing running: nothing to do
     s = sender(popen, mono)
-    s.stop()  # nothing running: nothing to do
     s.start()
     s.stop(grace=2.0)
     child = popen.children[0]
@@ -131,6 +131,18 @@ def test_stop_of_a_sender_that_finishes_in_time_sends_no_signal() -> None:
     popen.children[0].code = 0
     s.stop()
     assert popen.children[0].calls == [("wait", GRACE)]
+
+
+def test_after_the_stop_a_late_send_tick_starts_nothing_but_the_flush_still_runs() -> None:
+    """A tick already past its stop check must not start a sender that would hold send.lock
+    against the stop flush (the partial hour would then wait for the next start)."""
+    popen, mono = FakePopen(), Mono()
+    s = sender(popen, mono)
+    s.stop()
+    s.start()
+    assert popen.children == [] and s.running() is False
+    s.flush(deadline=5.0)
+    assert [c.cmd for c in popen.children] == [["send", "--flush", "5.0"]]
 
 
 def test_the_flush_is_waited_for_and_ended_when_it_runs_over() -> None:
