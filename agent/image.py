@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import IO, Any
 
+from agent.clock import iso_hour
 from agent.config import Config, traps
 from agent.errors import AgentError, LockHeld
+from agent.ledger import Ledger
 
 LEDGER = "ledger.db"
 LOCKS = ("lock", "send.lock")
@@ -40,6 +43,8 @@ def hold(path: Path) -> IO[str] | None:
         f: IO[str] = open(path)  # noqa: SIM115 - held until the caller closes it
     except FileNotFoundError:
         return None
+    except OSError as e:  # the unit's UMask makes the lock 0600, the service user's
+        raise AgentError(f"cannot open {path}: {e.strerror}; run prepare-image as root") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,11 +104,36 @@ def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
     return code
 
 
+def _unsent(state_dir: Path) -> str | None:
+    """The ledger's hours sealed and never sent, which go with it: on a build machine that was
+    subscribed (and billed), that is usage nobody will be billed for."""
+    if not (state_dir / LEDGER).is_file():
+        return None
+    try:
+        ledger = Ledger(state_dir, readonly=True)
+    except (AgentError, OSError, sqlite3.Error) as e:
+        return f"cannot read {state_dir / LEDGER} to count its unsent hours ({e})"
+    try:
+        pending = ledger.pending()
+    finally:
+        ledger.close()
+    if not pending:
+        return None
+    hours = sorted({h.hour for h in pending})
+    return (
+        f"the ledger holds {len(hours)} hour(s) sealed and never sent (oldest "
+        f"{iso_hour(hours[0])}); removing it means they are never billed"
+    )
+
+
 def _remove(state_dir: Path, yes: bool, out: Any, stdin: Any) -> int:
+    unsent = _unsent(state_dir)  # first: reading the ledger may make its -wal and -shm files
     files = agent_files(state_dir) if state_dir.is_dir() else []
     if not files:
         print(f"{state_dir}: nothing to remove (no ledger, health file or locks)", file=out)
         return 0
+    if unsent:
+        print(f"warning: {unsent}", file=out)
     if not yes:
         if not stdin.isatty():
             raise AgentError(

@@ -161,9 +161,13 @@ def billed(dim: Dimension, points: list[Point]) -> tuple[Decimal, Quantity]:
 
 def so_far(ledger: Ledger, dim: Dimension, hour: int) -> str | None:
     """What `dim`'s open hour would bill if it were sealed now (None: no sample yet). Reads only,
-    skipping a value that is not finite as sealing drops it."""
+    skipping a value that is not finite as sealing drops it; None too when the arithmetic fails
+    (sealing will then record the hour's seal error, which status shows)."""
     points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
-    return billed(dim, points)[1].text if points else None
+    try:
+        return billed(dim, points)[1].text if points else None
+    except (ArithmeticError, ValueError):  # e.g. decimal.Overflow: as seal_hours contains it
+        return None
 
 
 def _note_seal_error(ledger: Ledger, name: str, hour: int, error: str) -> None:

@@ -59,7 +59,8 @@ def test_prepare_image_removes_the_agents_files_and_says_what_first_boot_reads(
     assert result.returncode == 0, result.stderr
     assert sorted(state.iterdir()) == [state / "seller-notes.txt"]
     removed = {line.split(" ", 1)[1] for line in result.stdout.splitlines() if "removed " in line}
-    assert removed == {str(p) for p in made}
+    # reading the ledger for unsent hours may leave its -wal/-shm: removed as well
+    assert removed - {f"{state}/ledger.db-wal", f"{state}/ledger.db-shm"} == {str(p) for p in made}
     boot = result.stdout.split("the buyer's first boot:")[1]
     early = next(line for line in boot.splitlines() if line.strip().startswith("early_requests:"))
     late = next(line for line in boot.splitlines() if line.strip().startswith("late_requests:"))
@@ -125,3 +126,34 @@ def test_prepare_image_warns_of_an_emulator_endpoint_left_in_the_config(tmp_path
     assert result.returncode == 0
     (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
     assert "metering.endpoint_url" in warning
+
+
+def test_prepare_image_names_the_unsent_hours_it_discards(tmp_path: Path) -> None:
+    """A build machine that was subscribed billed real hours: those never sent are named."""
+    from decimal import Decimal
+
+    from agent.sealing import seal_hours
+
+    config, state, _ = bake_state(tmp_path)
+    cfg = load(config)
+    h = 1_790_000_000 // 3600 * 3600
+    ledger = Ledger(state)
+    ledger.record_sample("vcpus", h + 10, Decimal(2), 60.0, None, carry=False)
+    seal_hours(ledger, cfg, h + 3600 + 5, offset=0)
+    assert len(ledger.pending()) >= 1
+    ledger.close()
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    (warning,) = [line for line in result.stdout.splitlines() if "never sent" in line]
+    assert warning.startswith("warning: the ledger holds 1 hour(s)")
+
+
+def test_prepare_image_that_cannot_open_a_lock_says_so_in_one_line(tmp_path: Path) -> None:
+    """The unit's UMask makes the lock 0600, the service user's: a seller without sudo."""
+    config, state, _ = bake_state(tmp_path)
+    (state / "lock").unlink()
+    (state / "lock").mkdir()  # as unopenable for reading as a 0600 file is to another user
+    result = run_cli("prepare-image", "--yes", "-c", str(config))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert str(state / "lock") in line and "root" in line

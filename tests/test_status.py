@@ -138,3 +138,20 @@ def test_status_check_exits_by_health_and_prints_nothing(tmp_path: Path) -> None
     ledger.close()
     result = run_cli("status", "--check", "-c", str(cfg.source))
     assert (result.returncode, result.stdout) == (1, "")
+
+
+def test_status_shows_an_open_hour_sealing_cannot_bill_without_a_traceback(tmp_path: Path) -> None:
+    """Values whose sum overflows: the open hour has no figure (sealing will record the error)."""
+    dims = """
+      - name: api
+        collector: {type: system, metric: users}
+        aggregate: sum
+        scale: 10
+    """
+    cfg = make_config(tmp_path, dims=dims)
+    ledger = Ledger(cfg.state_dir)
+    for t in (H + 10, H + 70):
+        ledger.record_sample("api", t, D("9E+999999"), 60.0, None, carry=False)
+    report = status.collect(ledger, cfg, FakeClock(H + 100))
+    assert [d["current_hour_so_far"] for d in report["dimensions"]] == [None]
+    assert "so far -" in status.render(report)
