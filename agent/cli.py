@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return closed_pipe()
     except AgentError as e:
         print(f"metering-agent: {e}", file=sys.stderr)
-        return e.exit_code
+        return EX_SOFTWARE if getattr(args, "check", False) else e.exit_code
     except sqlite3.Error as e:
         # Permissions (the ledger is the agent user's, mode 0600), a full disk, a damaged file.
         print(
@@ -477,9 +477,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent import status
 
     cfg = load_config(args)
+    if args.check:  # a product's own probe: exit 0 or 1 only (SPEC); no ledger yet is not ok
+        return EX_OK if status.check(cfg.state_dir, Clock()) else EX_SOFTWARE
     ledger = open_ledger_readonly(cfg.state_dir)
-    if args.check:  # a product's own probe: no ledger yet is not ok
-        return EX_OK if ledger is not None and status.healthy(ledger, Clock()) else EX_SOFTWARE
     report = status.collect(ledger, cfg, Clock(), hours=args.hours)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     return EX_OK

@@ -7,13 +7,16 @@ the state lock's answer (see `daemon_state`), not a guess from the ledger's last
 from __future__ import annotations
 
 import fcntl
+import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from agent import health, sealing, sending
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
-from agent.ledger import Ledger
+from agent.errors import AgentError
+from agent.ledger import LEDGER_FILE, Ledger
 from agent.report import hour_row, table
 
 
@@ -41,9 +44,23 @@ def daemon_state(state_dir: Path) -> dict[str, Any]:
     return answer
 
 
-def healthy(ledger: Ledger, clock: Clock) -> bool:
-    """`status --check`: the health file's `ok`, computed from the ledger as the daemon does."""
-    return bool(health.snapshot(ledger, clock.time())["ok"])
+def check(state_dir: Path, clock: Clock) -> bool:
+    """`status --check`: health computed from the ledger as the daemon does; where the ledger
+    cannot be read (a product's own user: it is the agent's, mode 0600), health.json's `ok`,
+    written 0644 for that reader. No ledger yet, or nothing readable: not ok."""
+    try:
+        if not (Path(state_dir) / LEDGER_FILE).is_file():
+            return False
+        ledger = Ledger(state_dir, readonly=True)
+        try:
+            return bool(health.snapshot(ledger, clock.time())["ok"])
+        finally:
+            ledger.close()
+    except (OSError, sqlite3.Error, AgentError):
+        try:
+            return json.loads((Path(state_dir) / health.HEALTH_FILE).read_text())["ok"] is True
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
 
 
 def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:

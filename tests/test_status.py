@@ -131,13 +131,34 @@ def test_status_check_exits_by_health_and_prints_nothing(tmp_path: Path) -> None
     result = run_cli("status", "--check", "-c", str(cfg.source))
     assert (result.returncode, result.stdout) == (1, "")  # no ledger yet: nothing metered
     ledger = Ledger(cfg.state_dir)
-    ledger.update_meta(authorized=True)
+    ledger.note_success(H)
     result = run_cli("status", "--check", "-c", str(cfg.source))
     assert (result.returncode, result.stdout) == (0, "")
-    ledger.update_meta(failing_since=H, reason="ThrottlingException: slow down")
+    ledger.note_failure(H + 60, "ThrottlingException: slow down")
     ledger.close()
     result = run_cli("status", "--check", "-c", str(cfg.source))
     assert (result.returncode, result.stdout) == (1, "")
+
+
+def test_status_check_is_0_or_1_only(tmp_path: Path) -> None:
+    """A ledger the probe cannot read (the product's own user; here a damaged file) falls back
+    to health.json, which is written for that reader; a bad config is 1 with one line."""
+    cfg = make_config(tmp_path)
+    state = Path(cfg.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "ledger.db").write_bytes(b"not a database" * 100)
+    for ok, code in ((True, 0), (False, 1)):
+        (state / "health.json").write_text(f'{{"ok": {str(ok).lower()}}}')
+        result = run_cli("status", "--check", "-c", str(cfg.source))
+        assert (result.returncode, result.stdout, result.stderr) == (code, "", "")
+    (state / "health.json").unlink()
+    result = run_cli("status", "--check", "-c", str(cfg.source))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("product_code: x\ndimensions: []\n")
+    result = run_cli("status", "--check", "-c", str(bad))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_status_shows_an_open_hour_sealing_cannot_bill_without_a_traceback(tmp_path: Path) -> None:
