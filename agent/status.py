@@ -80,13 +80,19 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     since = hour_start(now) - hours * HOUR
     so_far = {d.name: sealing.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
+    daemon = daemon_state(config.state_dir)
+    # stopped, nothing goes out: only what the next start would send at once (or `-`)
+    if daemon["running"] is False:
+        next_send = sending.due(ledger.send_state(), ledger.pending())
+    else:
+        next_send = sending.next_send(ledger, config, now)
     return {
         "state_dir": str(config.state_dir),
         "ledger": str(ledger.path),
-        "daemon": daemon_state(config.state_dir),
+        "daemon": daemon,
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
-        "next_send": iso(sending.next_send(ledger, config, now)),
+        "next_send": iso(next_send),
         "health": health.snapshot(ledger, now),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "current_hour": iso_hour(now),

@@ -85,6 +85,10 @@ def test_next_send_is_the_open_hours_slot_while_nothing_is_pending(tmp_path: Pat
     offset = send_offset("i-0123456789abcdef0", 600)
     assert sending.next_send(ledger, cfg, H + 1234) == H + HOUR + offset
     report = status.collect(ledger, cfg, FakeClock(H + 1234))
+    assert report["next_send"] is None  # no `run` active: nothing will go out
+    run = StateLock(cfg.state_dir)
+    run.acquire()  # as a running `run` holds it
+    report = status.collect(ledger, cfg, FakeClock(H + 1234))
     assert report["next_send"] == iso(H + HOUR + offset)
     ledger.record_sample("vcpus", H + 10, D(4), 60.0, None, carry=False)
     seal_hours(ledger, cfg, H + HOUR + 5, offset=offset)
