@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 # Seconds between IMDS tries: about a minute of quick ones, then once a minute for good.
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0)
 RETRY_EVERY = 60.0
-UNVERIFIED = "identity_unverified"  # read as SendState.identity_unverified
 SINCE = "unverified_since"  # start of the first unverified run: its samples are this machine's
 
 
@@ -94,7 +93,7 @@ def settle(
     elif not known:
         ledger.update_meta(instance_id=f"local-{uuid.uuid4()}", instance_id_source="random")
     if instance_id or source != "imds":
-        ledger.update_meta(**{UNVERIFIED: None, SINCE: None})
+        ledger.mark_verified()
     return ledger
 
 
@@ -178,9 +177,7 @@ class Identity:
             "nothing is sealed or sent from it until IMDS confirms this is that instance"
         )
         log.warning("%s", reason)
-        since = ledger.get_meta(SINCE)  # an earlier unverified run's start: keep the earliest
-        mark = self.started if since is None else min(since, self.started)
-        ledger.update_meta(**{UNVERIFIED: reason, SINCE: mark})
+        ledger.mark_unverified(reason, self.started)
         health.write(self.state_dir, ledger, self.started)
         return ledger
 

@@ -355,6 +355,16 @@ class Ledger:
     def schedule_dryrun(self, at: float) -> None:
         self.update_meta(dryrun_due=at)
 
+    def mark_unverified(self, reason: str, started: float) -> None:
+        """IMDS has not confirmed this is the ledger's instance: nothing is sealed or sent; the
+        earliest unverified run's start is kept (its samples are this machine's)."""
+        since = self.get_meta("unverified_since")
+        since = started if since is None else min(since, started)
+        self.update_meta(identity_unverified=reason, unverified_since=since)
+
+    def mark_verified(self) -> None:
+        self.update_meta(identity_unverified=None, unverified_since=None)
+
     def note_failure_hook(self, failing_since: float | None) -> None:
         """The failure hook ran for the streak that began at `failing_since` (None: recovered)."""
         self.update_meta(failure_hook_for=failing_since)
