@@ -152,6 +152,10 @@ class Collector:
     def validate(cls, options: dict[str, Any], path: str) -> None:
         """Cross-key checks beyond each option's own spec; raise ConfigError naming the key."""
 
+    def labels(self) -> frozenset[str] | None:
+        """The label names this collector's readings can break down by (None: unknown, anything)."""
+        return None
+
     def probe(self) -> None:
         """Raise SourceMissing when the source is absent; by default every source is present."""
 
