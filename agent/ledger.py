@@ -14,36 +14,41 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Point, Quantity
+from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
 STATES = ("pending", "sent", "rejected", "expired")
 
 
-def _reissue_only_trigger(condition: str) -> str:
+def _reissue_only_trigger(condition: str, also: tuple[str, ...] = ()) -> str:
     """The immutability trigger, rebuilt to allow one thing: a pending hour re-issued under another
     product code with a new ClientToken (reissues + 1), everything else equal, when `condition`
-    (SQL on OLD) says no request of it can have been recorded."""
+    (SQL on OLD) says no request of it can have been recorded. `also`: request columns added
+    since (NULL allowed), immutable alike."""
+    columns = "".join(f", {c}" for c in also)
+    unchanged = "".join(f" AND NEW.{c} IS OLD.{c}" for c in also)
     return f"""
     DROP TRIGGER sealed_request_is_immutable;
     CREATE TRIGGER sealed_request_is_immutable
     BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    {columns}
     ON hours
     WHEN NOT (
         OLD.state = 'pending' AND NEW.state = 'pending'
         AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
         AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
-        AND NEW.timestamp = OLD.timestamp
+        AND NEW.timestamp = OLD.timestamp{unchanged}
         AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
         AND NEW.reissues = OLD.reissues + 1
         AND ({condition})
@@ -135,6 +140,13 @@ _MIGRATIONS: dict[int, str] = {
     WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
     """
     + _reissue_only_trigger("OLD.refusals = OLD.attempts"),
+    5: "",  # the labels helper's samples.breakdown (issue 14), merged separately
+    # The hour's UsageAllocations (JSON, as sent; NULL: none) are part of its sealed request:
+    # immutable like the quantity, kept through a re-issue.
+    6: """
+    ALTER TABLE hours ADD COLUMN allocations TEXT;
+    """
+    + _reissue_only_trigger("OLD.refusals = OLD.attempts", also=("allocations",)),
 }
 
 
@@ -211,6 +223,7 @@ class SealedHour:
     done_at: float | None
     reissues: int = 0
     refusals: int = 0
+    allocations: tuple[Allocation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -561,11 +574,12 @@ class Ledger:
         raw: str,
         sealed_at: float,
         next_attempt: float,
+        allocations: Sequence[Allocation] = (),
     ) -> None:
         db.execute(
             "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
-            "client_token, samples, raw, state, sealed_at, next_attempt) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            "client_token, samples, raw, state, sealed_at, next_attempt, allocations) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
             (
                 dimension,
                 hour,
@@ -578,6 +592,7 @@ class Ledger:
                 raw,
                 sealed_at,
                 next_attempt,
+                json.dumps(to_json(allocations)) if allocations else None,
             ),
         )
         db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
@@ -747,7 +762,8 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals, "
+    "allocations"
 )
 
 
@@ -756,7 +772,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
-        int(row[17]),
+        int(row[17]), tuple(Allocation.from_request(a) for a in json.loads(row[18] or "[]")),
     )  # fmt: skip
 
 
