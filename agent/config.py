@@ -68,6 +68,7 @@ class Dimension:
     decimals: int | None
     interval: int
     path: str  # where it sits in the file, for messages: dimensions[1]
+    max_label_sets: int = 2500  # label sets kept apart per hour; further ones count under ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ DIMENSION_FIELDS = {
     "rounding": Field(Enum(("up", "down", "nearest")), default="nearest", doc="half up"),
     "decimals": Field(Int(1, 6), doc="send UsageQuantityAsDecimal with this many places"),
     "interval": Field(INTERVAL, doc="this dimension's sampling interval (default: sampling's)"),
+    "max_label_sets": Field(
+        Int(1, 10_000), default=2500, doc="label sets kept apart per hour; more count unlabelled"
+    ),
 }
 
 TOP = Section(
@@ -403,6 +407,7 @@ def _dimension(
         decimals=raw["decimals"],
         interval=interval,
         path=path,
+        max_label_sets=raw["max_label_sets"],
     )
 
 
