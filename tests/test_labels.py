@@ -27,7 +27,7 @@ from agent.collectors.linecount import LineMatcher
 from agent.ledger import Ledger
 from agent.sampling import Sampler, _exact_breakdown
 from tests.billing import H
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, run_cli
 from tests.fakes import FakeHost
 from tests.test_prometheus_exporter import Exporter
 
@@ -359,3 +359,27 @@ def test_max_label_sets_is_checked(tmp_path: Path) -> None:
         config.load(path)
     assert "max_label_sets" in str(e.value)
     assert re.search(r"max_label_sets", json.dumps(config.json_schema()))
+
+
+def test_sample_prints_the_breakdown(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    lines = [f'"GET /api/a tenant=t{i % 7}' for i in range(70)] + ['"GET /api/b'] * 30
+    write(log, lines + [f'"GET /api/a tenant=t{i}' for i in range(3)])  # t0..t2 lead
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"product_code: {PRODUCT}\nstate_dir: {tmp_path / 'state'}\ndimensions:\n"
+        f"  - name: requests\n    collector: {{type: log, path: '{log}', pattern: '{PATTERN}',"
+        " start_at: beginning}\n"
+    )
+    result = run_cli("sample", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith("requests 103 ")
+    assert out[1:] == [
+        "  (no labels)  30",
+        "  tenant=t0  11",
+        "  tenant=t1  11",
+        "  tenant=t2  11",
+        "  tenant=t3  10",
+        "  ... 3 more label sets  30",
+    ]
