@@ -383,3 +383,13 @@ def test_sample_prints_the_breakdown(tmp_path: Path) -> None:
         "  tenant=t3  10",
         "  ... 3 more label sets  30",
     ]
+
+
+def test_the_example_plugin_carries_a_breakdown(tmp_path: Path) -> None:
+    usage = tmp_path / "usage.txt"
+    usage.write_text("acme 12\nglobex 3.5\nacme 1\n")
+    agent = Agent(tmp_path, f"{{type: file_value, path: '{usage}', label: tenant}}")
+    sample = agent.reading()
+    assert sample.value == D("16.5")
+    assert sample.breakdown == {tenant("acme"): D(13), tenant("globex"): D("3.5")}
+    assert agent.sampler.collectors["usage"].labels() == {"tenant"}
