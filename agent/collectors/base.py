@@ -88,8 +88,11 @@ class Reading:
         state: dict[str, Any] | None = None,
         epochs: Iterable[tuple[Mapping[str, str], str]] = (),
         legacy_total: Decimal | None = None,
+        breakdown: Mapping[LabelSet, Decimal] | None = None,
     ) -> Reading:
-        """A reading made of per-series running totals; a label set listed twice is summed."""
+        """A reading made of per-series running totals; a label set listed twice is summed.
+        A `breakdown` (with `counter: true`, any mapping, e.g. `{}`) asks for samples broken
+        down by the labels of each series."""
         values: dict[str, Decimal] = {}
         for labels, value in series:
             key = series_key(labels)
@@ -101,6 +104,7 @@ class Reading:
             values,
             {k: v for k, v in marks.items() if k in values} or None,
             legacy_total,
+            breakdown=breakdown,
         )
 
     # A problem with part of the source that did not stop the reading (a log line whose value is

@@ -17,8 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agent.collectors import Collector, CollectorError, Reading, SourceMissing
-from agent.collectors.base import label_set
+from agent.collectors import Collector, CollectorError, Reading, SourceMissing, label_set
 from agent.fields import Field, Str
 
 
