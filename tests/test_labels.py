@@ -393,3 +393,40 @@ def test_the_example_plugin_carries_a_breakdown(tmp_path: Path) -> None:
     assert sample.value == D("16.5")
     assert sample.breakdown == {tenant("acme"): D(13), tenant("globex"): D("3.5")}
     assert agent.sampler.collectors["usage"].labels() == {"tenant"}
+
+
+class Totals(Collector):
+    """Running totals per queue, asking for a breakdown by series."""
+
+    type_name = "totals"
+    totals: ClassVar[dict[str, int]] = {}
+
+    def read(self, state: dict[str, Any] | None) -> Reading:
+        series = [({"queue": q}, D(v)) for q, v in self.totals.items()]
+        return Reading.of_series(series, breakdown={})
+
+
+def test_a_counter_breaks_down_by_series_across_a_reboot(tmp_path: Path) -> None:
+    registry = Registry()
+    registry.register("totals", Totals)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"product_code: {PRODUCT}\nstate_dir: {tmp_path}\ndimensions:\n  - name: x\n"
+        "    collector: {type: totals, counter: true}\n"
+    )
+    cfg = config.load(path, registry)
+    dim = cfg.dimensions[0]
+    host = FakeHost(tmp_path / "host")
+    host.boot("b1")
+    sampler = Sampler(cfg, registry, Sources(proc=host.proc))
+    eu, us = (("queue", "eu"),), (("queue", "us"),)
+    Totals.totals = {"eu": 100, "us": 50}
+    first = sampler.take(dim, H + 1, None)
+    assert first.value == 0 and first.breakdown == {}
+    Totals.totals = {"eu": 130, "us": 40}  # us went down: it restarted, counts 40
+    second = sampler.take(dim, H + 61, first.state)
+    assert second.value == 70 and second.breakdown == {eu: 30, us: 40}
+    host.boot("b2")
+    Totals.totals = {"eu": 5}
+    third = sampler.take(dim, H + 121, second.state)
+    assert third.value == 5 and third.breakdown == {eu: 5}
