@@ -20,7 +20,6 @@ HOUR = Decimal(3600)
 # the collector failed. Below it, the arithmetic of an hour stays exact enough to round and clamp.
 MAX_READING = Decimal(10) ** 30
 _SAFE_TO_ROUND = Decimal(10) ** 40  # quantize() at 60 digits of precision never overflows below
-
 LabelSet = tuple[tuple[str, str], ...]
 
 
@@ -39,11 +38,7 @@ def reading_problem(value: Decimal) -> str | None:
 
 @dataclass(frozen=True)
 class Point:
-    """One sample as aggregation sees it: when, what, and how many seconds it stands for.
-
-    `breakdown` splits `value` by label set (its values sum exactly to `value`); None: the sample
-    has none, which is `{(): value}`.
-    """
+    """One sample as aggregation sees it: when, what, and how many seconds it stands for."""
 
     t: float
     value: Decimal

@@ -73,6 +73,7 @@ class Dimension:
     interval: int
     path: str  # where it sits in the file, for messages: dimensions[1]
     allocations: Mapping[str, str] | None = None  # tag key (what the buyer sees) -> label
+    max_label_sets: int = 2500  # label sets kept apart per hour; further ones count under ()
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,9 @@ DIMENSION_FIELDS = {
             }
         ),
         doc="split each hour's quantity by label into MeterUsage UsageAllocations",
+    ),
+    "max_label_sets": Field(
+        Int(1, 10_000), default=2500, doc="label sets kept apart per hour; more count unlabelled"
     ),
 }
 
@@ -432,6 +436,7 @@ def _dimension(
         interval=interval,
         path=path,
         allocations=raw["allocations"]["tags"] if raw["allocations"] else None,
+        max_label_sets=raw["max_label_sets"],
     )
 
 

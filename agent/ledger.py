@@ -14,13 +14,13 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate import Point, Quantity
+from agent.aggregate import LabelSet, Point, Quantity
 from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
@@ -140,7 +140,10 @@ _MIGRATIONS: dict[int, str] = {
     WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
     """
     + _reissue_only_trigger("OLD.refusals = OLD.attempts"),
-    5: "",  # the labels helper's samples.breakdown (issue 14), merged separately
+    # A sample's value broken down by label set (JSON, `_breakdown_text`); NULL: no breakdown.
+    5: """
+    ALTER TABLE samples ADD COLUMN breakdown TEXT;
+    """,
     # The hour's UsageAllocations (JSON, as sent; NULL: none) are part of its sealed request:
     # immutable like the quantity, kept through a re-issue.
     6: """
@@ -390,6 +393,7 @@ class Ledger:
         state: dict[str, Any] | None,
         carry: bool,
         increment: bool = False,
+        breakdown: Mapping[LabelSet, Decimal] | None = None,
     ) -> int | None:
         """Store a sample with its collector position, atomically; returns the hour it went to.
 
@@ -405,11 +409,12 @@ class Ledger:
         `last` loses nothing by a re-lived instant and keeps it. An increment is usage since the
         last reading, so it is always stored, and added to the sample already at that instant if
         there is one. A new sample ends the span of the one before it, so `integral` never counts
-        the overlap after a kill -9 twice.
+        the overlap after a kill -9 twice. `breakdown` (the value by label set) is stored with
+        the sample; an increment added to a stored one adds its breakdown to that one's.
         """
         with self.transaction() as db:
             same = db.execute(
-                "SELECT id, value, hour FROM samples WHERE dimension = ? AND t = ?",
+                "SELECT id, value, hour, breakdown FROM samples WHERE dimension = ? AND t = ?",
                 (dimension, t),
             ).fetchone()
             row = db.execute(
@@ -433,8 +438,12 @@ class Ledger:
             else:
                 if same is not None:  # an increment at a stored instant: add to it
                     db.execute(
-                        "UPDATE samples SET value = ? WHERE id = ?",
-                        (str(Decimal(same[1]) + value), same[0]),
+                        "UPDATE samples SET value = ?, breakdown = ? WHERE id = ?",
+                        (
+                            str(Decimal(same[1]) + value),
+                            _added_breakdown(same[3], Decimal(same[1]), breakdown, value),
+                            same[0],
+                        ),
                     )
                     hour = int(same[2])
                 else:
@@ -445,9 +454,9 @@ class Ledger:
                         (t, dimension, t),
                     )
                     db.execute(
-                        "INSERT INTO samples (dimension, hour, t, value, span) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (dimension, hour, t, str(value), span),
+                        "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (dimension, hour, t, str(value), span, _breakdown_text(breakdown)),
                     )
             if state is not None:
                 self._save_position(db, dimension, state, t)
@@ -546,10 +555,11 @@ class Ledger:
 
     def points(self, db: sqlite3.Connection, dimension: str, hour: int) -> list[Point]:
         rows = db.execute(
-            "SELECT t, value, span FROM samples WHERE dimension = ? AND hour = ? ORDER BY t",
+            "SELECT t, value, span, breakdown FROM samples WHERE dimension = ? AND hour = ? "
+            "ORDER BY t",
             (dimension, hour),
         ).fetchall()
-        return [Point(float(t), Decimal(v), float(s)) for t, v, s in rows]
+        return [Point(float(t), Decimal(v), float(s), _breakdown(b)) for t, v, s, b in rows]
 
     def drop_samples(self, db: sqlite3.Connection, dimension: str, instants: list[float]) -> None:
         """Remove samples that can never be billed (not a finite number: an older agent stored
@@ -727,7 +737,8 @@ class Ledger:
         """Unsealed samples and collector positions written at or after `t` (this run's)."""
         with self._lock:
             samples = self.db.execute(
-                "SELECT dimension, hour, t, value, span FROM samples WHERE t >= ?", (t,)
+                "SELECT dimension, hour, t, value, span, breakdown FROM samples WHERE t >= ?",
+                (t,),
             ).fetchall()
             positions = self.db.execute(
                 "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
@@ -738,7 +749,8 @@ class Ledger:
         """Store samples and positions carried from a ledger that was moved aside."""
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 samples,
             )
             db.executemany(
@@ -765,6 +777,37 @@ _HOUR_COLUMNS = (
     "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals, "
     "allocations"
 )
+
+
+def _breakdown_text(breakdown: Mapping[LabelSet, Decimal] | None) -> str | None:
+    """A breakdown as JSON: `[[[["tenant", "acme"]], "12"], ...]`, decimals as strings."""
+    if breakdown is None:
+        return None
+    return json.dumps(
+        [[[list(pair) for pair in labels], str(v)] for labels, v in breakdown.items()],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _breakdown(text: str | None) -> dict[LabelSet, Decimal] | None:
+    if text is None:
+        return None
+    return {
+        tuple((str(k), str(v)) for k, v in labels): Decimal(v) for labels, v in json.loads(text)
+    }
+
+
+def _added_breakdown(
+    text: str | None, before: Decimal, breakdown: Mapping[LabelSet, Decimal] | None, value: Decimal
+) -> str | None:
+    """A stored sample's breakdown with an increment's added to it (None if neither has one)."""
+    if text is None and breakdown is None:
+        return None
+    out = _breakdown(text) or ({(): before} if text is None and before else {})
+    for labels, v in (breakdown if breakdown is not None else {(): value}).items():
+        out[labels] = out.get(labels, Decimal(0)) + v
+    return _breakdown_text({k: v for k, v in out.items() if v})
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:

@@ -99,8 +99,28 @@ def test_a_key_of_100_characters_and_every_allowed_character_loads(tmp_path: Pat
 
 
 def test_a_collector_that_cannot_tell_accepts_any_label(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "{Team: team}", "{type: http, url: 'http://127.0.0.1:9/m', query: x}")
+    prometheus = "{type: http, url: 'http://127.0.0.1:9/m', format: prometheus, query: jobs}"
+    cfg = load(tmp_path, "{Team: team}", prometheus)  # a series may carry any label
     assert cfg.dimensions[0].allocations == {"Team": "team"}
+
+
+@pytest.mark.parametrize(
+    ("collector", "produces"),
+    [
+        ("{type: log, path: /x.log, pattern: 'GET (?P<value>[0-9]+)', mode: sum}", "none"),
+        ("{type: log, path: /x.log, pattern: 'GET (?P<tenants>[a-z]+)'}", "tenants"),
+        ("{type: http, url: 'http://127.0.0.1:9/s', query: users}", "none"),
+        ("{type: http, url: 'http://127.0.0.1:9/s', query: users, label: customer}", "customer"),
+    ],
+)
+def test_a_label_the_collector_cannot_produce_is_refused(
+    tmp_path: Path, collector: str, produces: str
+) -> None:
+    expected = (
+        'dimensions[0].allocations.tags.Tenant: label "tenant" is not one this '
+        f"{collector.split(',')[0].split()[-1]} collector produces (it produces: {produces})"
+    )
+    assert expected in error_of(tmp_path, "{Tenant: tenant}", collector)
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,7 @@ CASES: list[tuple[tuple[Any, ...], Any, str | None]] = [
             "tenant",
         )
     ],
+    (("dimensions", 1), labelled({"tags": {"Customer": "customer"}}), LOADER_ONLY),
 ]
 
 
