@@ -112,6 +112,29 @@ def test_sealing_stores_allocations_summing_to_the_quantity(tmp_path: Path) -> N
     assert hours["plain"].allocations == ()
 
 
+def test_sealing_splits_the_stored_breakdowns_by_tenant(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, dims=LABELLED)
+    ledger = Ledger(cfg.state_dir)
+    acme, globex = (("tenant", "acme"),), (("tenant", "globex"),)
+    for i, split in enumerate(({acme: 3, (): 1}, {acme: 2, globex: 5})):
+        t = H + i * 60
+        parts = {k: Decimal(v) for k, v in split.items()}
+        ledger.record_sample("api", t, sum(parts.values(), Decimal(0)), span_for(t, 60), None,
+                             carry=True, increment=True, breakdown=parts)  # fmt: skip
+    ledger.close()
+    ledger = Ledger(cfg.state_dir)  # the breakdowns come back from disk
+    seal_hours(ledger, cfg, H + 3700, offset=0)
+    (h,) = ledger.pending()
+    # 11 x 0.5 = 5.5, up: 6. acme 2.5, globex 2.5, untagged 0.5: floors 2 + 2 + 0, two units
+    # left, all remainders .5: the tie goes in tag order (untagged first, then acme)
+    assert h.quantity == Quantity(6)
+    assert h.allocations == (
+        Allocation((), 1),
+        Allocation((("Tenant", "acme"),), 3),
+        Allocation((("Tenant", "globex"),), 2),
+    )
+
+
 @pytest.fixture
 def client(emulator: Emulator) -> MeteringClient:
     return MeteringClient("us-east-1", emulator.url)
