@@ -5,7 +5,8 @@ It speaks the real AWS JSON 1.1 protocol (`X-Amz-Target: AWSMPMeteringService.Me
 the Timestamp is rounded down to the hour; one record per {caller, dimension, hour}; an identical
 request returns the same MeteringRecordId and a different quantity gets DuplicateRequestException;
 a ClientToken reused with other parameters gets IdempotencyConflictException; records more than
-6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles.
+6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles; UsageAllocations
+are checked as the service checks them (`_check_allocations`) and kept with the record.
 
 Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
 code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
