@@ -446,7 +446,10 @@ def _producible(dim: Dimension, registry: Registry) -> None:
     get a value would silently bill everything untagged."""
     assert dim.allocations is not None
     cls = registry.get(dim.collector.type, f"{dim.path}.collector.type")
-    known = cls(dim.collector.options, Sources()).labels()
+    try:
+        known = cls(dim.collector.options, Sources()).labels()
+    except Exception:  # a plugin that cannot be built is reported by sampling.build_collector
+        return
     if known is None:
         return
     errors = []
