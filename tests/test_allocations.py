@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -123,6 +124,30 @@ def test_every_aggregate_allocates_the_sealed_quantity_exactly(
     assert all(D(str(a.quantity)) > 0 for a in allocs)
     assert all(isinstance(a.quantity, str) == q.is_decimal for a in allocs)  # never mixed
     assert len({a.tags for a in allocs}) == len(allocs)  # tag sets unique
+    step = Fraction(1, 10 ** (decimals or 0))
+    got = {k: Fraction(D(str(v))) / step for k, v in as_dict(allocs).items()}
+    for key, share in plain_shares(aggregate, splits).items():
+        exact = share * Fraction(scale) / step
+        assert abs(got.get(key, 0) - exact) < 1, (key, got.get(key), exact)
+
+
+def plain_shares(aggregate: str, splits: list[dict[str | None, Decimal]]) -> dict[str, Fraction]:
+    """Each tag set's aggregate as SPEC words it, in exact fractions: the oracle."""
+    samples = []
+    for split in splits:
+        merged: dict[str, Fraction] = {}
+        for k, v in split.items():
+            key = "-" if k is None else "Tenant=" + k.replace("#", "_").replace("$", "_")
+            merged[key] = merged.get(key, Fraction(0)) + Fraction(v)
+        samples.append(merged)
+    totals = [sum(m.values()) for m in samples]
+    if aggregate in ("max", "min", "last"):
+        pick = {"max": max, "min": min}.get(aggregate)
+        return samples[totals.index(pick(totals))] if pick else samples[-1]
+    keys = {k for m in samples for k in m}
+    sums = {k: sum((m.get(k, Fraction(0)) for m in samples), Fraction(0)) for k in keys}
+    divisor = {"sum": 1, "avg": len(samples), "integral": Fraction(3600, 60)}[aggregate]
+    return {k: v / divisor for k, v in sums.items()}
 
 
 def test_round_down_then_largest_remainders_ties_in_tag_order() -> None:
