@@ -7,7 +7,7 @@ Everything from `scale` onwards is `decimal.Decimal`, so 0.1 + 0.2 bills as 0.3.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
 
@@ -20,6 +20,7 @@ HOUR = Decimal(3600)
 # the collector failed. Below it, the arithmetic of an hour stays exact enough to round and clamp.
 MAX_READING = Decimal(10) ** 30
 _SAFE_TO_ROUND = Decimal(10) ** 40  # quantize() at 60 digits of precision never overflows below
+LabelSet = tuple[tuple[str, str], ...]
 
 
 def reading_problem(value: Decimal) -> str | None:
@@ -42,6 +43,7 @@ class Point:
     t: float
     value: Decimal
     span: float
+    breakdown: Mapping[LabelSet, Decimal] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -384,7 +384,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
             last = collector.last
             text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
         print(text)
+        for line in breakdown_lines(s.breakdown or {}):
+            print(line)
     return EX_OK
+
+
+def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]:
+    """A reading's breakdown for `sample`: the `top` largest label sets, then what the rest add."""
+    ranked = sorted(breakdown.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [
+        f"  {' '.join(f'{k}={v}' for k, v in labels) or '(no labels)'}  {_num(value)}"
+        for labels, value in ranked[:top]
+    ]
+    rest = ranked[top:]
+    if rest:
+        total = sum((v for _, v in rest), Decimal(0))
+        lines.append(f"  ... {len(rest)} more label sets  {_num(total)}")
+    return lines
 
 
 def _billed(dim: Any, t: float, value: Decimal) -> str:

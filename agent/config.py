@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from agent.collectors import Registry
-from agent.collectors.base import Kind
+from agent.collectors.base import Kind, Sources
 from agent.errors import ConfigError
 from agent.fields import (
     Bool,
@@ -25,6 +25,7 @@ from agent.fields import (
     Field,
     Int,
     ListOf,
+    MapOf,
     Nullable,
     Number,
     Passthrough,
@@ -47,6 +48,9 @@ AGGREGATES = ("max", "min", "avg", "sum", "last", "integral")
 LEVEL_ONLY = ("avg", "integral")
 PRODUCT_CODE = r"[-a-zA-Z0-9/=:_.@]{1,255}"
 REGION = r"auto|[a-z]{2}(-[a-z]+)+-\d+"
+# MeterUsage's tag keys and values: letters, digits, space and + - = . _ : / @ (SPEC).
+TAG_CHAR = r"[a-zA-Z0-9+ =._:/@-]"
+MAX_TAGS = 5
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Dimension:
     decimals: int | None
     interval: int
     path: str  # where it sits in the file, for messages: dimensions[1]
+    allocations: Mapping[str, str] | None = None  # tag key (what the buyer sees) -> label
+    max_label_sets: int = 2500  # label sets kept apart per hour; further ones count under ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,30 @@ DIMENSION_FIELDS = {
     "rounding": Field(Enum(("up", "down", "nearest")), default="nearest", doc="half up"),
     "decimals": Field(Int(1, 6), doc="send UsageQuantityAsDecimal with this many places"),
     "interval": Field(INTERVAL, doc="this dimension's sampling interval (default: sampling's)"),
+    "allocations": Field(
+        Section(
+            {
+                "tags": Field(
+                    MapOf(
+                        Str(),
+                        key=Str(
+                            f"{TAG_CHAR}+",
+                            max_len=100,
+                            hint="a tag key is letters, digits, spaces and + - = . _ : / @",
+                        ),
+                        min_items=1,
+                        max_items=MAX_TAGS,
+                    ),
+                    required=True,
+                    doc="tag key (the buyer sees aws:marketplace:isv:<Key>) -> label; 1..5",
+                )
+            }
+        ),
+        doc="split each hour's quantity by label into MeterUsage UsageAllocations",
+    ),
+    "max_label_sets": Field(
+        Int(1, 10_000), default=2500, doc="label sets kept apart per hour; more count unlabelled"
+    ),
 }
 
 TOP = Section(
@@ -290,6 +320,8 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         if collector is not None:
             dim = collect(errors, _dimension, raw, collector, path, sampling["interval"])
             dimensions.append(dim)
+            if dim is not None and dim.allocations:
+                collect(errors, _producible, dim, registry)
     raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
     recovery = top["on_recovery"]
@@ -403,7 +435,35 @@ def _dimension(
         decimals=raw["decimals"],
         interval=interval,
         path=path,
+        allocations=raw["allocations"]["tags"] if raw["allocations"] else None,
+        max_label_sets=raw["max_label_sets"],
     )
+
+
+def _producible(dim: Dimension, registry: Registry) -> None:
+    """Every label an allocation tag maps must be one the collector can produce (`labels()`;
+    None: it cannot tell, e.g. Prometheus series or a plugin). Why at load: a tag that can never
+    get a value would silently bill everything untagged."""
+    assert dim.allocations is not None
+    cls = registry.get(dim.collector.type, f"{dim.path}.collector.type")
+    try:
+        known = cls(dim.collector.options, Sources()).labels()
+    except Exception:  # a plugin that cannot be built is reported by sampling.build_collector
+        return
+    if known is None:
+        return
+    errors = []
+    have = ", ".join(sorted(known)) or "none"
+    for key, label in dim.allocations.items():
+        if label not in known:
+            errors.append(
+                ConfigError(
+                    f"{dim.path}.allocations.tags.{key}",
+                    f'label "{label}" is not one this {dim.collector.type} collector produces '
+                    f"(it produces: {have}); a log pattern names it as a group (?P<{label}>...)",
+                )
+            )
+    raise_all(errors)
 
 
 def _with_timeout(collector: CollectorConfig, interval: int, path: str) -> CollectorConfig:

@@ -521,6 +521,7 @@ class Daemon:
             sample.state,
             carry=sealing.carries(dim),
             increment=dim.collector.kind == "increment",
+            breakdown=sample.breakdown,
         )
         if hour == INSTANT_TAKEN:
             log.debug(

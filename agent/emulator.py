@@ -5,7 +5,8 @@ It speaks the real AWS JSON 1.1 protocol (`X-Amz-Target: AWSMPMeteringService.Me
 the Timestamp is rounded down to the hour; one record per {caller, dimension, hour}; an identical
 request returns the same MeteringRecordId and a different quantity gets DuplicateRequestException;
 a ClientToken reused with other parameters gets IdempotencyConflictException; records more than
-6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles.
+6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles; UsageAllocations
+are checked as the service checks them (`_check_allocations`) and kept with the record.
 
 Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
 code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
@@ -25,25 +26,33 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent.aggregate import DECIMAL_PATTERN, MAX_INT
+from agent.allocations import MAX_ALLOCATIONS, MAX_TAG_VALUE
 from agent.clock import HOUR, Clock, hour_start, iso
-from agent.config import PRODUCT_CODE
+from agent.config import MAX_TAGS, PRODUCT_CODE, TAG_CHAR
 
 TARGET_PREFIX = "AWSMPMeteringService."
 MAX_AGE = 6 * HOUR
 FUTURE_SLACK = 300  # a few minutes of clock skew is tolerated
 ACCESS_KEY = "ASIAEMULATOREXAMPLE1"
 CREDENTIAL = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
+ALLOCATED = {True: "AllocatedUsageQuantityAsDecimal", False: "AllocatedUsageQuantity"}
+_TAG = re.compile(f"{TAG_CHAR}+")
 
 
 class ServiceError(Exception):
     def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
+
+
+class InvalidAllocations(ServiceError):
+    def __init__(self, message: str) -> None:
+        super().__init__("InvalidUsageAllocationsException", message)
 
 
 @dataclass
@@ -232,7 +241,7 @@ class Emulator:
             raise ServiceError("InvalidUsageDimensionException", f"unknown dimension {dimension}")
         allocations = body.get("UsageAllocations")
         if allocations is not None:
-            _check_allocations(allocations, quantity)
+            _check_allocations(allocations, quantity, "UsageQuantityAsDecimal" in body)
         if body.get("DryRun"):
             if s.dryrun_style == "200":
                 return {"MeteringRecordId": "DryRunOperation"}
@@ -504,25 +513,59 @@ def _quantity(body: dict[str, Any]) -> tuple[Decimal, str]:
     return Decimal(value), str(value)
 
 
-def _check_allocations(allocations: Any, total: Decimal) -> None:
-    if not isinstance(allocations, list) or not allocations:
-        raise ServiceError("InvalidUsageAllocationsException", "UsageAllocations must be a list")
-    summed = Decimal(0)
-    for a in allocations:
-        try:
-            if "AllocatedUsageQuantityAsDecimal" in a:
-                summed += Decimal(a["AllocatedUsageQuantityAsDecimal"])
-            else:
-                summed += Decimal(int(a["AllocatedUsageQuantity"]))
-        except (KeyError, TypeError, ValueError, InvalidOperation):
-            raise ServiceError(
-                "InvalidUsageAllocationsException", "each allocation needs a quantity"
-            ) from None
-    if summed != total:
+def _check_allocations(allocations: Any, total: Decimal, decimal: bool) -> None:
+    """UsageAllocations as the service checks them (botocore's model and its documentation):
+    1..2,500 allocations, each in the request's quantity type and none mixed, summing exactly to
+    the quantity; 0 or 1..5 tags each, keys 1..100 and values 1..256 characters of the tag set
+    (SPEC's reading of the model's pattern), one value per key; each tag set unique."""
+    if not isinstance(allocations, list) or not 1 <= len(allocations) <= MAX_ALLOCATIONS:
         raise ServiceError(
-            "InvalidUsageAllocationsException",
-            f"allocations sum to {summed}, but the usage quantity is {total}",
+            "ValidationException", f"UsageAllocations must hold 1 to {MAX_ALLOCATIONS} allocations"
         )
+    field, other = ALLOCATED[decimal], ALLOCATED[not decimal]
+    summed = Decimal(0)
+    seen: set[frozenset[tuple[str, str]]] = set()
+    for a in allocations:
+        if not isinstance(a, dict):
+            raise ServiceError("ValidationException", "each allocation must be a structure")
+        if other in a or field not in a:
+            raise InvalidAllocations(
+                f"each allocation needs {field} (the request's quantity type), and not {other}"
+            )
+        value = a[field]
+        if decimal and not (isinstance(value, str) and DECIMAL_PATTERN.match(value)):
+            raise ServiceError("ValidationException", f"{field} {value!r} is not a valid decimal")
+        if not decimal and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT
+        ):
+            raise ServiceError("ValidationException", f"{field} {value!r} is out of range")
+        summed += Decimal(value)
+        tags = _tags(a.get("Tags"))
+        if tags in seen:
+            raise InvalidAllocations("each allocation must have a unique set of tags")
+        seen.add(tags)
+    if summed != total:
+        raise InvalidAllocations(f"allocations sum to {summed}, but the usage quantity is {total}")
+
+
+def _tags(tags: Any) -> frozenset[tuple[str, str]]:
+    if tags is None:
+        return frozenset()
+    if not isinstance(tags, list) or not 1 <= len(tags) <= MAX_TAGS:
+        raise ServiceError("InvalidTagException", f"an allocation takes 1 to {MAX_TAGS} tags")
+    pairs: set[tuple[str, str]] = set()
+    for t in tags:
+        key, value = (t.get("Key"), t.get("Value")) if isinstance(t, dict) else (None, None)
+        for text, most in ((key, 100), (value, MAX_TAG_VALUE)):
+            if not isinstance(text, str) or len(text) > most or not _TAG.fullmatch(text):
+                raise ServiceError(
+                    "InvalidTagException",
+                    f"tag {text!r}: expected 1 to {most} letters, digits, spaces, +-=._:/@",
+                )
+        pairs.add((str(key), str(value)))
+    if len({k for k, _ in pairs}) != len(tags):
+        raise ServiceError("InvalidTagException", "each tag key appears once per allocation")
+    return frozenset(pairs)
 
 
 def _timestamp(value: Any) -> float:
@@ -546,4 +589,5 @@ def _record_json(r: Record) -> dict[str, Any]:
         "Timestamp": iso(r.timestamp),
         "Quantity": r.quantity_text,
         "ClientToken": r.client_token,
+        "UsageAllocations": r.allocations,
     }

@@ -264,22 +264,39 @@ class ListOf(Spec):
 
 @dataclass(frozen=True)
 class MapOf(Spec):
-    """A mapping from free-form string keys to values of one kind (HTTP headers)."""
+    """A mapping from string keys to values of one kind (HTTP headers, allocation tags); `key`
+    and the entry counts constrain the keys where the format does."""
 
     value: Spec
+    key: Str | None = None
+    min_items: int = 0
+    max_items: int | None = None
 
     def parse(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping; found {describe(value)}")
+        if len(value) < self.min_items or len(value) > (self.max_items or len(value)):
+            raise ConfigError(
+                path, f"expected {self.min_items} to {self.max_items} entries; found {len(value)}"
+            )
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(path, f"keys must be strings; found {describe(k)}")
+            if self.key is not None:
+                self.key.parse(k, f"{path}.{k}")
             out[k] = self.value.parse(v, f"{path}.{k}")
         return out
 
     def schema(self) -> dict[str, Any]:
-        return {"type": "object", "additionalProperties": self.value.schema()}
+        s: dict[str, Any] = {"type": "object", "additionalProperties": self.value.schema()}
+        if self.key is not None:
+            s["propertyNames"] = self.key.schema()
+        if self.min_items:
+            s["minProperties"] = self.min_items
+        if self.max_items is not None:
+            s["maxProperties"] = self.max_items
+        return s
 
 
 @dataclass(frozen=True)

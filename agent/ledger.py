@@ -14,36 +14,41 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate import Point, Quantity
+from agent.aggregate import LabelSet, Point, Quantity
+from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
 STATES = ("pending", "sent", "rejected", "expired")
 
 
-def _reissue_only_trigger(condition: str) -> str:
+def _reissue_only_trigger(condition: str, also: tuple[str, ...] = ()) -> str:
     """The immutability trigger, rebuilt to allow one thing: a pending hour re-issued under another
     product code with a new ClientToken (reissues + 1), everything else equal, when `condition`
-    (SQL on OLD) says no request of it can have been recorded."""
+    (SQL on OLD) says no request of it can have been recorded. `also`: request columns added
+    since (NULL allowed), immutable alike."""
+    columns = "".join(f", {c}" for c in also)
+    unchanged = "".join(f" AND NEW.{c} IS OLD.{c}" for c in also)
     return f"""
     DROP TRIGGER sealed_request_is_immutable;
     CREATE TRIGGER sealed_request_is_immutable
     BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
+    {columns}
     ON hours
     WHEN NOT (
         OLD.state = 'pending' AND NEW.state = 'pending'
         AND NEW.dimension = OLD.dimension AND NEW.hour = OLD.hour
         AND NEW.quantity = OLD.quantity AND NEW.is_decimal = OLD.is_decimal
-        AND NEW.timestamp = OLD.timestamp
+        AND NEW.timestamp = OLD.timestamp{unchanged}
         AND NEW.product_code != OLD.product_code AND NEW.client_token != OLD.client_token
         AND NEW.reissues = OLD.reissues + 1
         AND ({condition})
@@ -135,6 +140,16 @@ _MIGRATIONS: dict[int, str] = {
     WHERE state = 'pending' AND COALESCE(last_error, '') LIKE 'InvalidProductCodeException%';
     """
     + _reissue_only_trigger("OLD.refusals = OLD.attempts"),
+    # A sample's value broken down by label set (JSON, `_breakdown_text`); NULL: no breakdown.
+    5: """
+    ALTER TABLE samples ADD COLUMN breakdown TEXT;
+    """,
+    # The hour's UsageAllocations (JSON, as sent; NULL: none) are part of its sealed request:
+    # immutable like the quantity, kept through a re-issue.
+    6: """
+    ALTER TABLE hours ADD COLUMN allocations TEXT;
+    """
+    + _reissue_only_trigger("OLD.refusals = OLD.attempts", also=("allocations",)),
 }
 
 
@@ -211,6 +226,7 @@ class SealedHour:
     done_at: float | None
     reissues: int = 0
     refusals: int = 0
+    allocations: tuple[Allocation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -387,6 +403,7 @@ class Ledger:
         state: dict[str, Any] | None,
         carry: bool,
         increment: bool = False,
+        breakdown: Mapping[LabelSet, Decimal] | None = None,
     ) -> int | None:
         """Store a sample with its collector position, atomically; returns the hour it went to.
 
@@ -402,11 +419,12 @@ class Ledger:
         `last` loses nothing by a re-lived instant and keeps it. An increment is usage since the
         last reading, so it is always stored, and added to the sample already at that instant if
         there is one. A new sample ends the span of the one before it, so `integral` never counts
-        the overlap after a kill -9 twice.
+        the overlap after a kill -9 twice. `breakdown` (the value by label set) is stored with
+        the sample; an increment added to a stored one adds its breakdown to that one's.
         """
         with self.transaction() as db:
             same = db.execute(
-                "SELECT id, value, hour FROM samples WHERE dimension = ? AND t = ?",
+                "SELECT id, value, hour, breakdown FROM samples WHERE dimension = ? AND t = ?",
                 (dimension, t),
             ).fetchone()
             row = db.execute(
@@ -430,8 +448,12 @@ class Ledger:
             else:
                 if same is not None:  # an increment at a stored instant: add to it
                     db.execute(
-                        "UPDATE samples SET value = ? WHERE id = ?",
-                        (str(Decimal(same[1]) + value), same[0]),
+                        "UPDATE samples SET value = ?, breakdown = ? WHERE id = ?",
+                        (
+                            str(Decimal(same[1]) + value),
+                            _added_breakdown(same[3], Decimal(same[1]), breakdown, value),
+                            same[0],
+                        ),
                     )
                     hour = int(same[2])
                 else:
@@ -442,9 +464,9 @@ class Ledger:
                         (t, dimension, t),
                     )
                     db.execute(
-                        "INSERT INTO samples (dimension, hour, t, value, span) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (dimension, hour, t, str(value), span),
+                        "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (dimension, hour, t, str(value), span, _breakdown_text(breakdown)),
                     )
             if state is not None:
                 self._save_position(db, dimension, state, t)
@@ -543,10 +565,11 @@ class Ledger:
 
     def points(self, db: sqlite3.Connection, dimension: str, hour: int) -> list[Point]:
         rows = db.execute(
-            "SELECT t, value, span FROM samples WHERE dimension = ? AND hour = ? ORDER BY t",
+            "SELECT t, value, span, breakdown FROM samples WHERE dimension = ? AND hour = ? "
+            "ORDER BY t",
             (dimension, hour),
         ).fetchall()
-        return [Point(float(t), Decimal(v), float(s)) for t, v, s in rows]
+        return [Point(float(t), Decimal(v), float(s), _breakdown(b)) for t, v, s, b in rows]
 
     def drop_samples(self, db: sqlite3.Connection, dimension: str, instants: list[float]) -> None:
         """Remove samples that can never be billed (not a finite number: an older agent stored
@@ -571,11 +594,12 @@ class Ledger:
         raw: str,
         sealed_at: float,
         next_attempt: float,
+        allocations: Sequence[Allocation] = (),
     ) -> None:
         db.execute(
             "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
-            "client_token, samples, raw, state, sealed_at, next_attempt) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            "client_token, samples, raw, state, sealed_at, next_attempt, allocations) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
             (
                 dimension,
                 hour,
@@ -588,6 +612,7 @@ class Ledger:
                 raw,
                 sealed_at,
                 next_attempt,
+                json.dumps(to_json(allocations)) if allocations else None,
             ),
         )
         db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
@@ -722,7 +747,8 @@ class Ledger:
         """Unsealed samples and collector positions written at or after `t` (this run's)."""
         with self._lock:
             samples = self.db.execute(
-                "SELECT dimension, hour, t, value, span FROM samples WHERE t >= ?", (t,)
+                "SELECT dimension, hour, t, value, span, breakdown FROM samples WHERE t >= ?",
+                (t,),
             ).fetchall()
             positions = self.db.execute(
                 "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
@@ -733,7 +759,8 @@ class Ledger:
         """Store samples and positions carried from a ledger that was moved aside."""
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO samples (dimension, hour, t, value, span) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 samples,
             )
             db.executemany(
@@ -757,8 +784,40 @@ class Ledger:
 
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
-    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals"
+    "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals, "
+    "allocations"
 )
+
+
+def _breakdown_text(breakdown: Mapping[LabelSet, Decimal] | None) -> str | None:
+    """A breakdown as JSON: `[[[["tenant", "acme"]], "12"], ...]`, decimals as strings."""
+    if breakdown is None:
+        return None
+    return json.dumps(
+        [[[list(pair) for pair in labels], str(v)] for labels, v in breakdown.items()],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _breakdown(text: str | None) -> dict[LabelSet, Decimal] | None:
+    if text is None:
+        return None
+    return {
+        tuple((str(k), str(v)) for k, v in labels): Decimal(v) for labels, v in json.loads(text)
+    }
+
+
+def _added_breakdown(
+    text: str | None, before: Decimal, breakdown: Mapping[LabelSet, Decimal] | None, value: Decimal
+) -> str | None:
+    """A stored sample's breakdown with an increment's added to it (None if neither has one)."""
+    if text is None and breakdown is None:
+        return None
+    out = _breakdown(text) or ({(): before} if text is None and before else {})
+    for labels, v in (breakdown if breakdown is not None else {(): value}).items():
+        out[labels] = out.get(labels, Decimal(0)) + v
+    return _breakdown_text({k: v for k, v in out.items() if v})
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:
@@ -766,7 +825,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
     return SealedHour(
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
-        int(row[17]),
+        int(row[17]), tuple(Allocation.from_request(a) for a in json.loads(row[18] or "[]")),
     )  # fmt: skip
 
 

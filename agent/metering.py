@@ -11,12 +11,13 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from agent.aggregate import Quantity
+from agent.allocations import Allocation, to_json
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
 from agent.ledger import SealedHour
@@ -288,7 +289,9 @@ class MeteringClient:
     def meter_usage(self, h: SealedHour) -> Outcome:
         """The sealed hour's request, identical on every try."""
         return self.call(
-            build_request(h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token)
+            build_request(
+                h.product_code, h.dimension, h.timestamp, h.quantity, h.client_token, h.allocations
+            )
         )
 
     def dry_run(
@@ -307,6 +310,7 @@ def build_request(
     timestamp: float,
     quantity: Quantity,
     client_token: str | None,
+    allocations: Sequence[Allocation] = (),
 ) -> dict[str, Any]:
     request: dict[str, Any] = {
         "ProductCode": product_code,
@@ -314,6 +318,8 @@ def build_request(
         "UsageDimension": dimension,
         **quantity.request_fields(),
     }
+    if allocations:  # sealed with the quantity, in its type (Allocation.request_fields)
+        request["UsageAllocations"] = to_json(allocations)
     if client_token:
         request["ClientToken"] = client_token
     return request

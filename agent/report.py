@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from agent.allocations import to_json
 from agent.clock import iso, iso_hour
 from agent.errors import AgentError
 from agent.ledger import Ledger, SealedHour
@@ -56,6 +57,7 @@ def hour_row(h: SealedHour) -> dict[str, Any]:
         "attempts": h.attempts,
         "last_error": h.last_error,
         "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
+        "allocations": to_json(h.allocations),  # UsageAllocations as sent; [] for none
     }
 
 

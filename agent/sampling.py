@@ -4,6 +4,11 @@ hour receives (counter differencing included). Writes nothing: the caller persis
 The state a dimension carries from one reading to the next — a log position, per-series counter
 baselines with the kernel's boot id — travels in `Sample.state` so the ledger can store it in the
 same transaction as the sample; that is what makes a restart neither lose nor repeat usage.
+
+A reading's breakdown by labels becomes `Sample.breakdown`, in the sample's own units and summing
+exactly to its value (a counter's: each series' increment under that series' labels). A dimension
+keeps at most `max_label_sets` label sets apart per hour; a new one beyond that is counted under
+`()`, with one warning per dimension and hour.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from agent.aggregate import reading_problem
+from agent.aggregate import LabelSet, reading_problem
+from agent.clock import hour_start, iso_hour
 from agent.collectors import (
     Collector,
     CollectorError,
@@ -22,6 +28,7 @@ from agent.collectors import (
     Registry,
     SourceMissing,
     Sources,
+    series_labels,
 )
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
@@ -38,11 +45,20 @@ class Sample:
     state: dict[str, Any] | None  # to persist with the sample
     error: str | None = None
     warning: str | None = None  # a good sample, but part of the source was not: Reading.problem
+    breakdown: Mapping[LabelSet, Decimal] | None = None  # `value` by label set; sums to it
 
 
 def counter_increment(
     reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
 ) -> tuple[Decimal, dict[str, Any]]:
+    """`counter_parts` without the per-series increments."""
+    value, _, new = counter_parts(reading, boot_id, saved)
+    return value, new
+
+
+def counter_parts(
+    reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
+) -> tuple[Decimal, dict[str, Decimal] | None, dict[str, Any]]:
     """Difference a running total against its saved baseline; return the increase and the new state.
 
     No baseline yet (the dimension's first reading): 0, since we cannot know what happened before
@@ -50,7 +66,8 @@ def counter_increment(
     the reading itself. A reading made of series (`Reading.series`) is differenced per series, see
     `series_increment`. A baseline saved before boot ids were kept (it has psutil's boot time,
     which moves when the clock is stepped, so it is not used) counts as the same boot unless the
-    reading is below it.
+    reading is below it. The middle item is each series' increment by its key (None when the
+    totals were compared instead).
     """
     new: dict[str, Any] = {"boot_id": boot_id}
     if reading.series is not None:
@@ -60,12 +77,13 @@ def counter_increment(
     else:
         new["baseline"] = str(reading.value)
     if not saved or ("baseline" not in saved and "series" not in saved):
-        return Decimal(0), new
+        return Decimal(0), {}, new
     legacy = "boot_id" not in saved
     if saved.get("boot_id") and boot_id and saved["boot_id"] != boot_id:
-        return reading.value, new
+        return reading.value, None if reading.series is None else dict(reading.series), new
     if reading.series is not None and "series" in saved:
-        return series_increment(reading, saved["series"], saved.get("epochs") or {}), new
+        parts = series_increments(reading, saved["series"], saved.get("epochs") or {})
+        return sum(parts.values(), Decimal(0)), parts, new
     # One side has no per-series values (a baseline from an older agent, or a collector that
     # changed shape): compare the totals, as that baseline was taken.
     if "baseline" in saved:
@@ -75,13 +93,20 @@ def counter_increment(
     now = reading.value
     if legacy and reading.legacy_total is not None:
         now = reading.legacy_total
-    return (now - before if now >= before else reading.value), new
+    return (now - before if now >= before else reading.value), None, new
 
 
 def series_increment(
     reading: Reading, baselines: Mapping[str, str], epochs: Mapping[str, str]
 ) -> Decimal:
-    """The sum of each series' own increase since its baseline.
+    """The sum of `series_increments`."""
+    return sum(series_increments(reading, baselines, epochs).values(), Decimal(0))
+
+
+def series_increments(
+    reading: Reading, baselines: Mapping[str, str], epochs: Mapping[str, str]
+) -> dict[str, Decimal]:
+    """Each series' own increase since its baseline, by series key.
 
     A series that went down (or whose epoch changed: it was re-created) restarted: it counts its
     new value. A series without a baseline appeared after the dimension's first reading, so it
@@ -90,17 +115,17 @@ def series_increment(
     """
     assert reading.series is not None
     now_epochs = reading.epochs or {}
-    total = Decimal(0)
+    parts: dict[str, Decimal] = {}
     for key, value in reading.series.items():
         base = baselines.get(key)
         if base is None:
-            total += value
+            parts[key] = value
             continue
         before = Decimal(base)
         epoch, old_epoch = now_epochs.get(key), epochs.get(key)
         restarted = epoch is not None and old_epoch is not None and epoch != old_epoch
-        total += value if restarted or value < before else value - before
-    return total
+        parts[key] = value if restarted or value < before else value - before
+    return parts
 
 
 def build_collector(dim: Dimension, registry: Registry, sources: Sources) -> Collector:
@@ -127,6 +152,8 @@ class Sampler:
         self.sources = sources or Sources()
         self.collectors: dict[str, Collector] = {}
         self.start_errors: dict[str, str] = {}
+        # per dimension: the hour and the label sets its samples have kept apart in it so far
+        self._label_sets: dict[str, tuple[int, set[LabelSet]]] = {}
         for dim in config.dimensions:
             try:
                 self.collectors[dim.name] = build_collector(dim, self.registry, self.sources)
@@ -159,11 +186,14 @@ class Sampler:
             state: dict[str, Any] = {}
             if reading.state is not None:
                 state["collector"] = reading.state
-            value = reading.value
+            value, parts = reading.value, reading.breakdown
             if dim.collector.cumulative:
-                value, state["counter"] = counter_increment(
+                value, increments, state["counter"] = counter_parts(
                     reading, self.sources.boot_id(), saved.get("counter")
                 )
+                if parts is not None:
+                    parts = _by_labels(increments, value)
+            breakdown = None if parts is None else _exact_breakdown(parts, value)
         except SourceMissing as e:
             return Sample(dim.name, t, None, None, None, f"source missing: {e}")
         except CollectorError as e:
@@ -174,7 +204,82 @@ class Sampler:
         problem = _value_problem(value)
         if problem is not None:
             return Sample(dim.name, t, None, None, None, problem)
-        return Sample(dim.name, t, reading.value, value, state or None, warning=reading.problem)
+        if isinstance(breakdown, str):
+            return Sample(dim.name, t, None, None, None, breakdown)
+        if breakdown is not None:
+            breakdown = self._bounded(dim, t, breakdown)
+        return Sample(
+            dim.name,
+            t,
+            reading.value,
+            value,
+            state or None,
+            warning=reading.problem,
+            breakdown=breakdown,
+        )
+
+    def _bounded(
+        self, dim: Dimension, t: float, breakdown: dict[LabelSet, Decimal]
+    ) -> dict[LabelSet, Decimal]:
+        """Keep at most `max_label_sets` label sets apart per dimension and hour: a new one beyond
+        that has its usage moved under `()`, with one warning per dimension and hour."""
+        hour = hour_start(t)
+        held = self._label_sets.get(dim.name)
+        if held is None or held[0] != hour:
+            held = self._label_sets[dim.name] = (hour, set())
+        seen = held[1]
+        out: dict[LabelSet, Decimal] = {}
+        over = False
+        for key, value in breakdown.items():
+            if key and key not in seen:
+                if len(seen) >= dim.max_label_sets:
+                    over, key = True, ()
+                else:
+                    seen.add(key)
+            out[key] = out.get(key, Decimal(0)) + value
+        if over and () not in seen:
+            seen.add(())  # (marks the warning as given; () is never counted against the cap)
+            log.warning(
+                "dimension %s: hour %s has more than %d label sets (max_label_sets); the usage "
+                "of further ones is counted without labels",
+                dim.name,
+                iso_hour(t),
+                dim.max_label_sets,
+            )
+        return out
+
+
+def _by_labels(increments: Mapping[str, Decimal] | None, value: Decimal) -> dict[LabelSet, Decimal]:
+    """A counter's increment by the labels of the series each part came from (all under `()`
+    when the totals were compared instead of the series)."""
+    if increments is None:
+        return {(): value}
+    out: dict[LabelSet, Decimal] = {}
+    for key, part in increments.items():
+        labels = tuple(sorted(series_labels(key).items()))
+        out[labels] = out.get(labels, Decimal(0)) + part
+    return out
+
+
+def _exact_breakdown(parts: Mapping[Any, Any], value: Decimal) -> dict[LabelSet, Decimal] | str:
+    """The breakdown checked (label sets of string pairs, finite numbers) and made to sum exactly
+    to `value`: whatever the parts leave over (rounding, usage without labels) goes under `()`.
+    Parts of 0 are left out. A breakdown that is not one is that round's error (a string)."""
+    out: dict[LabelSet, Decimal] = {}
+    for key, part in parts.items():
+        try:
+            labels = tuple(sorted((str(k), str(v)) for k, v in key))
+        except (TypeError, ValueError):
+            return f"the collector's breakdown has {key!r}, not a label set of (name, value) pairs"
+        problem = _value_problem(part)
+        if problem is not None:
+            return f"the collector's breakdown for {labels!r}: {problem}"
+        number = Decimal(str(part)) if isinstance(part, float) else Decimal(part)
+        out[labels] = out.get(labels, Decimal(0)) + number
+    rest = value - sum(out.values(), Decimal(0))
+    if rest:
+        out[()] = out.get((), Decimal(0)) + rest
+    return {k: v for k, v in out.items() if v}
 
 
 def _value_problem(value: Any) -> str | None:

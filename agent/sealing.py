@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from agent.aggregate import Point, Quantity, combine, to_quantity
+from agent.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
 from agent.ledger import Ledger
@@ -134,6 +135,16 @@ def _seal_one(
                 quantity.clamped_from,
                 quantity.text,
             )
+        allocated = allocate(dim, points, quantity)
+        if allocated.folded:
+            log.warning(
+                "hour %s dimension %s: %d tag sets beyond the %d allocations MeterUsage takes are "
+                "billed untagged (the smallest)",
+                iso_hour(hour),
+                name,
+                allocated.folded,
+                MAX_ALLOCATIONS,
+            )
         last = max(p.t for p in points)
         ledger.insert_sealed(
             db,
@@ -149,6 +160,7 @@ def _seal_one(
             raw=format(raw.normalize(), "f"),
             sealed_at=now,
             next_attempt=hour + HOUR + offset,
+            allocations=allocated.allocations,
         )
     return Sealed(name, hour, quantity.text, len(points))
 

@@ -8,11 +8,14 @@ and sends the sealed hour to the in-process emulator. Meanwhile it samples, ever
   (daemon + sender child);
 - the daemon's CPU time (user + system), over a window with no send, divided by the rounds in it.
 Start-up time is from process start to the first sample committed to the ledger.
+A third run (real clock) has one labelled log dimension, `(?P<tenant>...)`, fed lines of 1,000
+tenants: its steady memory with every tenant's breakdown stored with each sample.
 
     python benchmarks/footprint.py [--seconds 50] [--lead 25]
 
 Targets (issue "Operator experience and footprint"): steady memory <= 40 MiB, CPU <= 5 ms per
-round of three dimensions, first sample within 1 s.
+round of three dimensions, first sample within 1 s; issue 14: steady memory < 30 MiB with one
+labelled log dimension of 1,000 tenants.
 """
 
 from __future__ import annotations
@@ -140,6 +143,42 @@ def quiet_cpu(marks: list[tuple[float, float, bool]], started: float) -> tuple[f
     return best
 
 
+def measure_labelled(url: str, work: Path, seconds: float) -> dict:
+    """One log dimension with a `tenant` label, fed 4,000 lines/s cycling through 1,000 tenants
+    (every tenant in every reading), real clock."""
+    log = work / "tenants.log"
+    log.write_text("")
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        with open(log, "a") as f:
+            while not stop.wait(0.05):
+                lines = []
+                for _ in range(200):
+                    n += 1
+                    lines.append(f'10.0.0.1 "GET /api/v1/orders tenant=t{n % 1000:04d}" 200\n')
+                f.write("".join(lines))
+                f.flush()
+
+    threading.Thread(target=writer, daemon=True).start()
+    config = work / "labelled.yaml"
+    config.write_text(
+        f"""product_code: {PRODUCT}
+state_dir: {work / "state"}
+metering: {{endpoint_url: "{url}", send_window: 0}}
+sampling: {{interval: 1}}
+dimensions:
+  - name: api_requests
+    collector: {{type: log, path: {log}, pattern: '"GET /api/\\S* tenant=(?P<tenant>\\w+)'}}
+"""
+    )
+    try:
+        return measure(url, config, work, seconds, None)
+    finally:
+        stop.set()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="length of each run")
@@ -178,6 +217,7 @@ dimensions:
     collector: {{type: http, url: "{stats_url}", query: users.active}}
 """
     )
+    labelled = measure_labelled(url, work, args.seconds)
     # Run 1, real clock: start-up, steady memory and CPU (libfaketime itself costs ~4 ms/round).
     real = measure(url, config, work, args.seconds, None)
     # Run 2, wall clock shifted to `lead` s before an hour: the boundary, the seal, the send.
@@ -201,6 +241,10 @@ dimensions:
          f"{max(during) / 1024:.1f} MiB" if during else "-", ""),
         ("CPU per round of 3 dimensions", f"{per_round_ms:.2f} ms",
          f"<= 5 ms ({seconds:.0f} s window, real clock)"),
+        ("labelled log, 1,000 tenants: PSS median",
+         f"{statistics.median(labelled['between']) / 1024:.1f} MiB", "< 30 MiB"),
+        ("labelled log, 1,000 tenants: PSS max",
+         f"{max(labelled['between']) / 1024:.1f} MiB", ""),
     ]  # fmt: skip
     print(f"state and logs in {work}")
     for name, value, target in rows:

@@ -38,6 +38,20 @@ BASE: dict[str, Any] = {
     ],
 }
 
+
+def labelled(allocations: Any) -> dict[str, Any]:
+    """The log dimension with a `tenant` label and these allocations."""
+    return {
+        "name": "requests",
+        "collector": {
+            "type": "log",
+            "path": "/var/log/app/access.log",
+            "pattern": "GET (tenant=(?P<tenant>[a-z]+))?",
+        },
+        "allocations": allocations,
+    }
+
+
 D0, LOG, HTTP = ("dimensions", 0), ("dimensions", 1, "collector"), ("dimensions", 2, "collector")
 LOADER_ONLY = "loader-only"  # a rule JSON Schema cannot state: the schema accepts, the loader not
 
@@ -86,6 +100,27 @@ CASES: list[tuple[tuple[Any, ...], Any, str | None]] = [
     ],
     *[(("on_recovery",), v, None) for v in ({"command": ["x"]}, {"command": ["x"], "after": 1})],
     (("bogus",), 1, None),
+    # allocations: 1..5 tags, each key 1..100 of letters, digits, space and + - = . _ : / @
+    *[
+        (("dimensions", 1), labelled(v), None)
+        for v in (
+            {"tags": {"Tenant": "tenant"}},
+            {"tags": {"aZ09+ -=._:/@": "tenant", "K" * 100: "tenant"}},
+            {"tags": {f"K{i}": "tenant" for i in range(5)}},
+            {"tags": {f"K{i}": "tenant" for i in range(6)}},
+            {"tags": {}},
+            {"tags": {"bad#key": "tenant"}},
+            {"tags": {"K" * 101: "tenant"}},
+            {"tags": {"Tenant": 5}},
+            {"tags": {"Tenant": ""}},
+            {"tags": ["tenant"]},
+            {"tags": {"Tenant": "tenant"}, "bogus": 1},
+            {},
+            None,
+            "tenant",
+        )
+    ],
+    (("dimensions", 1), labelled({"tags": {"Customer": "customer"}}), LOADER_ONLY),
 ]
 
 

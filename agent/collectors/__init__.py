@@ -17,6 +17,7 @@ from agent.collectors.base import (
     Reading,
     SourceMissing,
     Sources,
+    label_set,
     series_key,
     series_labels,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Registry",
     "SourceMissing",
     "Sources",
+    "label_set",
     "series_key",
     "series_labels",
 ]

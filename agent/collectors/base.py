@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from agent.aggregate import LabelSet
 from agent.fields import Field
 
 Kind = Literal["level", "increment"]
@@ -47,6 +48,16 @@ def series_labels(key: str) -> dict[str, str]:
     return dict(json.loads(key))
 
 
+# The most distinct label sets one reading carries; the rest of its usage goes under `()`. It
+# bounds a reading's memory whatever the source holds (a label that is really a request id).
+MAX_LABEL_SETS = 10_000
+
+
+def label_set(labels: Mapping[str, str | None]) -> LabelSet:
+    """(name, value) pairs sorted by name, only the labels that have a value; `()` for none."""
+    return tuple(sorted((k, v) for k, v in labels.items() if v is not None))
+
+
 @dataclass(frozen=True)
 class Reading:
     """What one `read` returns: the value and the collector's position to persist with it.
@@ -58,6 +69,10 @@ class Reading:
     interface's ifindex: a changed epoch means that series restarted from 0.
     `legacy_total` is only for built-ins whose reading changed meaning: what an older agent would
     have read, to migrate a baseline it saved.
+    `breakdown` (optional) splits `value` by labels, `{(("tenant", "acme"),): Decimal(12)}` (see
+    `label_set`); its parts sum to `value` (usage without labels under `()`). For a running
+    total (`counter: true`) give `series` instead: with a breakdown present, the sampler breaks
+    each sample down by the labels of the series its increment came from.
     """
 
     value: Decimal
@@ -73,8 +88,11 @@ class Reading:
         state: dict[str, Any] | None = None,
         epochs: Iterable[tuple[Mapping[str, str], str]] = (),
         legacy_total: Decimal | None = None,
+        breakdown: Mapping[LabelSet, Decimal] | None = None,
     ) -> Reading:
-        """A reading made of per-series running totals; a label set listed twice is summed."""
+        """A reading made of per-series running totals; a label set listed twice is summed.
+        A `breakdown` (with `counter: true`, any mapping, e.g. `{}`) asks for samples broken
+        down by the labels of each series."""
         values: dict[str, Decimal] = {}
         for labels, value in series:
             key = series_key(labels)
@@ -86,11 +104,13 @@ class Reading:
             values,
             {k: v for k, v in marks.items() if k in values} or None,
             legacy_total,
+            breakdown=breakdown,
         )
 
     # A problem with part of the source that did not stop the reading (a log line whose value is
     # not a number): the sample is stored, and the problem is counted in `status` as an error.
     problem: str | None = None
+    breakdown: Mapping[LabelSet, Decimal] | None = None
 
 
 @dataclass
@@ -151,6 +171,10 @@ class Collector:
     @classmethod
     def validate(cls, options: dict[str, Any], path: str) -> None:
         """Cross-key checks beyond each option's own spec; raise ConfigError naming the key."""
+
+    def labels(self) -> frozenset[str] | None:
+        """The label names this collector's breakdowns can carry; None: unknown (any)."""
+        return None
 
     def probe(self) -> None:
         """Raise SourceMissing when the source is absent; by default every source is present."""

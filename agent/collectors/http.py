@@ -34,7 +34,17 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 from agent.collectors import exposition
-from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources, series_key
+from agent.collectors.base import (
+    MAX_LABEL_SETS,
+    Collector,
+    CollectorError,
+    Kind,
+    Reading,
+    Sources,
+    label_set,
+    series_key,
+    series_labels,
+)
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, Int, MapOf, Str
 
@@ -51,6 +61,8 @@ class HttpCollector(Collector):
         "headers": Field(MapOf(Str(min_len=0)), doc="extra request headers"),
         "format": Field(Enum(("json", "prometheus", "text")), default="json"),
         "query": Field(Str(), doc="json: JMESPath; prometheus: metric{label=\"v\"}; text: regex"),
+        "label": Field(Str(r"[a-zA-Z_][a-zA-Z0-9_]*", hint="expected a label name"),
+                       doc="json: the query gives an object of numbers, keyed by this label"),
         "mode": Field(Enum(("value", "up")), default="value",
                       doc="value: the queried number; up: 1 for a 2xx answer, else 0"),
         "max_bytes": Field(Int(1024, 64 << 20), default=1 << 20, doc="response body cap"),
@@ -64,6 +76,8 @@ class HttpCollector(Collector):
         if not query:
             raise ConfigError(f"{path}.query", f"required for format {options['format']}")
         fmt = options["format"]
+        if options.get("label") and fmt != "json":
+            raise ConfigError(f"{path}.label", "only format: json takes label")
         if fmt == "json":
             import jmespath
             from jmespath.exceptions import JMESPathError
@@ -107,7 +121,7 @@ class HttpCollector(Collector):
             raise CollectorError(f"{self.config['url']} answered HTTP {status}")
         fmt = self.config["format"]
         if fmt == "json":
-            return Reading(self._json(body))
+            return self._json(body)
         if fmt == "prometheus":
             assert self.selector is not None
             text = body.decode("utf-8", errors="replace")
@@ -156,7 +170,16 @@ class HttpCollector(Collector):
             raise CollectorError(f"{url} answered more than {limit} bytes (max_bytes)")
         return status, body
 
-    def _json(self, body: bytes) -> Decimal:
+    def labels(self) -> frozenset[str] | None:
+        """json with `label`: that label; prometheus: any (the series' own); else none."""
+        if self.config["mode"] == "up" or self.config["format"] == "text":
+            return frozenset()
+        if self.config["format"] == "json":
+            label = self.config.get("label")
+            return frozenset([label]) if label else frozenset()
+        return None
+
+    def _json(self, body: bytes) -> Reading:
         import json
 
         import jmespath
@@ -165,8 +188,20 @@ class HttpCollector(Collector):
             data = json.loads(body)
         except ValueError as e:
             raise CollectorError(f"{self.config['url']} did not answer JSON: {e}") from None
+        what = f"JMESPath {self.config['query']!r}"
         found = jmespath.search(self.config["query"], data)
-        return _number(found, f"JMESPath {self.config['query']!r}")
+        label = self.config.get("label")
+        if not label:
+            return Reading(_number(found, what))
+        if not isinstance(found, dict):
+            raise CollectorError(f"{what} gave {type(found).__name__}, not an object of numbers")
+        breakdown: dict[tuple[tuple[str, str], ...], Decimal] = {}
+        for key, value in found.items():
+            part = label_set({label: str(key)})
+            if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
+                part = ()
+            breakdown[part] = breakdown.get(part, Decimal(0)) + _number(value, f"{what}[{key!r}]")
+        return Reading(sum(breakdown.values(), Decimal(0)), breakdown=breakdown)
 
     def _text(self, body: bytes) -> Decimal:
         m = re.search(self.config["query"], body.decode("utf-8", errors="replace"))
@@ -380,7 +415,14 @@ def prometheus_reading(
             epochs[key] = _epoch(mark)
     if not known:
         raise CollectorError(f"the answer has no metric {name}")
-    return Reading(sum(series.values(), Decimal(0)), series=series, epochs=epochs or None)
+    breakdown: dict[tuple[tuple[str, str], ...], Decimal] = {}
+    for key, value in series.items():
+        part = label_set(series_labels(key))
+        if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
+            part = ()
+        breakdown[part] = breakdown.get(part, Decimal(0)) + value
+    total = sum(series.values(), Decimal(0))
+    return Reading(total, series=series, epochs=epochs or None, breakdown=breakdown)
 
 
 def _labels_id(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:

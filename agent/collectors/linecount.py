@@ -7,7 +7,9 @@ the empty string), and `findall`, whose only group is empty, just counts.
 
 That shortcut is exact only when a match cannot run across a newline. Patterns that could
 (`\\s`, `[^"]`, an explicit `\\n`, ...) take the exact path: each match is confined to its line and
-re-checked there. `mode: sum` always takes a per-match path, since it needs each line's value.
+re-checked there. `mode: sum` always takes a per-match path, since it needs each line's value,
+and so does a pattern with named groups other than `value` (labels): each matching line's usage is
+added to its label set in `parts`. A pattern without labels keeps the fast path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from agent.aggregate import reading_problem
+from agent.aggregate import LabelSet, reading_problem
 
 if sys.version_info >= (3, 11):
     from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -25,6 +27,7 @@ else:  # pragma: no cover
     import sre_parse
 
 NEWLINE = 10
+MAX_PARTS = 10_000  # label sets kept apart per scan (base.MAX_LABEL_SETS); the rest go to ()
 SPARSE_BYTES = 1024  # fewer required-literal hits than one per this many bytes: visit each
 DENSE_SKIP = 7  # after a dense block, blocks that go straight to the regex engine
 DENSE_AFTER = 64  # candidates seen before density is judged
@@ -168,14 +171,22 @@ def _set_has_newline(items: list[tuple[Any, Any]]) -> bool:
 
 
 class LineMatcher:
-    """Counts lines matching `pattern`, or sums its named group `value` over matching lines."""
+    """Counts lines matching `pattern`, or sums its named group `value` over matching lines.
+
+    With named groups other than `value` (its `labels`), each matching line's usage is also added
+    to `parts` under the line's label set: a group that did not take part in the line gives that
+    label no value. The caller empties `parts` (`take_parts`) between scans it keeps or drops.
+    """
 
     def __init__(self, pattern: str, mode: str = "count", encoding: str = "utf-8") -> None:
         raw = pattern.encode(encoding)
         self.mode = mode
         self.encoding = encoding
         self.pattern = re.compile(raw, re.MULTILINE)
-        self.exact = may_match_newline(pattern) or mode == "sum"
+        self.labels = tuple(sorted(n for n in self.pattern.groupindex if n != "value"))
+        self.parts: dict[LabelSet, Any] | None = {} if self.labels else None
+        self._label_sets: dict[Any, LabelSet] = {}  # raw group values -> label set (a cache)
+        self.exact = may_match_newline(pattern) or mode == "sum" or bool(self.labels)
         # One match per line (see the module docstring); the empty group keeps findall cheap.
         # Leading global flags such as (?i) must stay in front of the wrapper.
         flags = GLOBAL_FLAGS.match(raw)
@@ -227,7 +238,13 @@ class LineMatcher:
                 line_end = end
             m = search(buf, line_start, line_end)
             if m is not None:
-                total += self._value(m) if self.mode == "sum" else 1
+                total += (
+                    self._take(m)
+                    if self.parts is not None
+                    else self._value(m)
+                    if self.mode == "sum"
+                    else 1
+                )
             pos = line_end + 1
             seen += 1
             if seen >= DENSE_AFTER and seen * SPARSE_BYTES > pos - start:
@@ -244,7 +261,13 @@ class LineMatcher:
                 line_end = end
             m = search(bytes(buf[pos:line_end]))
             if m is not None:
-                total += self._value(m) if self.mode == "sum" else 1
+                total += (
+                    self._take(m)
+                    if self.parts is not None
+                    else self._value(m)
+                    if self.mode == "sum"
+                    else 1
+                )
             pos = line_end + 1
         return total
 
@@ -268,9 +291,44 @@ class LineMatcher:
             if m.end() > line_end:  # it ran past its line: judge the line on its own
                 m = search(buf, line_start, line_end)
             if m is not None:
-                total += self._value(m) if self.mode == "sum" else 1
+                total += (
+                    self._take(m)
+                    if self.parts is not None
+                    else self._value(m)
+                    if self.mode == "sum"
+                    else 1
+                )
             pos = line_end + 1
         return total
+
+    def _take(self, m: re.Match[bytes]) -> Decimal | int:
+        """The line's usage, also added to its label set in `parts`."""
+        assert self.parts is not None
+        value: Decimal | int = self._value(m) if self.mode == "sum" else 1
+        raw = m.group(*self.labels)
+        key = self._label_sets.get(raw)
+        if key is None:
+            values: tuple[Any, ...] = (raw,) if len(self.labels) == 1 else raw
+            key = tuple(
+                (name, v.decode(self.encoding, errors="replace"))
+                for name, v in zip(self.labels, values, strict=True)
+                if v is not None
+            )
+            if len(self._label_sets) < MAX_PARTS:
+                self._label_sets[raw] = key
+        parts = self.parts
+        if key in parts:
+            parts[key] += value
+        elif len(parts) < MAX_PARTS:
+            parts[key] = value
+        else:
+            parts[()] = parts.get((), 0) + value
+        return value
+
+    def take_parts(self) -> dict[LabelSet, Decimal]:
+        """The usage per label set since the last call (nothing without labels), then empty."""
+        parts, self.parts = self.parts or {}, {} if self.labels else None
+        return {k: Decimal(v) for k, v in parts.items() if v}
 
     def _value(self, m: re.Match[bytes]) -> Decimal:
         """The line's number; a value that is not a finite decimal (nan, inf, 1e61, 61 digits)

@@ -40,7 +40,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar, Protocol
 
-from agent.collectors.base import Collector, CollectorError, Reading, SourceMissing, Sources
+from agent.aggregate import LabelSet
+from agent.collectors.base import (
+    MAX_LABEL_SETS,
+    Collector,
+    CollectorError,
+    Reading,
+    SourceMissing,
+    Sources,
+)
 from agent.collectors.linecount import LineMatcher
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, Int, Regex, Str
@@ -135,8 +143,13 @@ class LogCollector(Collector):
             self.config["pattern"], self.config["mode"], self.config["encoding"]
         )
         self.count_lines = False  # `sample` turns it on to report lines read
+        self._parts: dict[LabelSet, Decimal] = {}  # this reading's usage per label set
         self.last = ReadStats()
         self._warned: set[str] = set()
+
+    def labels(self) -> frozenset[str] | None:
+        """The pattern's named groups other than `value`."""
+        return frozenset(self.matcher.labels)
 
     def probe(self) -> None:
         if not self._live_paths():
@@ -184,6 +197,7 @@ class LogCollector(Collector):
         first = state is None
         streams = _load_streams(state)
         self.last = ReadStats()
+        self._parts = {}
         live = self._live_paths()
         bases = set(live) | {s["base"] for s in streams if s.get("base")}
         files: dict[str, _File] = {}
@@ -251,9 +265,10 @@ class LogCollector(Collector):
             total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
         )
         state = {"v": STATE_VERSION, "streams": kept}
+        breakdown = self._parts if self.matcher.labels else None
         if bad:
-            return Reading(total, state, problem=problem)
-        return Reading(total, state)
+            return Reading(total, state, problem=problem, breakdown=breakdown)
+        return Reading(total, state, breakdown=breakdown)
 
     def _list(self, live: list[str], bases: set[str]) -> list[tuple[str, bool, os.stat_result]]:
         """(path, live, stat) of the live files, then of the places their copies may be."""
@@ -421,7 +436,7 @@ class LogCollector(Collector):
                 head = fh.read(FINGERPRINT)
                 if not _begins(head, s):
                     return Decimal(0)  # truncated and rewritten since listed: next reading
-                value, off, skip = self._consume(fh, s["off"], s["skip"], size)
+                value, off, skip, parts = self._consume(fh, s["off"], s["skip"], size)
                 if not _begins(os.pread(fh.fileno(), s["fl"], 0), s):
                     # Truncated (copytruncate) and written again while being read: the bytes
                     # read may belong to two contents. Nothing is kept; the next reading finishes
@@ -432,6 +447,7 @@ class LogCollector(Collector):
             return Decimal(0)  # gone or renamed over since the listing: next reading
         except OSError as e:
             raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
+        self._add_parts(parts)
         self._extend_fingerprint(s, head)
         s["path"] = f.opened or f.path
         self.last.files.append(s["path"])
@@ -442,7 +458,7 @@ class LogCollector(Collector):
         assert f.codec is not None
         try:
             with _open_same(f) as raw, OPENERS[f.codec](raw, "rb") as z:
-                value, off, skip = self._consume(z, s["off"], s["skip"], None)
+                value, off, skip, parts = self._consume(z, s["off"], s["skip"], None)
         except (FileNotFoundError, _Moved):
             return None
         except DECOMPRESS_ERRORS as e:
@@ -451,8 +467,18 @@ class LogCollector(Collector):
                 log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, f.path, e)
             return None
         s["off"], s["skip"], s["path"] = off, skip, f.opened or f.path
+        self._add_parts(parts)
         self.last.files.append(s["path"])
         return value
+
+    def _add_parts(self, parts: Mapping[LabelSet, Decimal]) -> None:
+        """Add a kept read's usage per label set to the reading's; beyond MAX_LABEL_SETS label
+        sets, a new one's usage goes under `()`."""
+        mine = self._parts
+        for key, value in parts.items():
+            if key not in mine and len(mine) >= MAX_LABEL_SETS:
+                key = ()
+            mine[key] = mine.get(key, Decimal(0)) + value
 
     def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:
         if s["fl"] < FINGERPRINT and len(head) > s["fl"] and _hash(head[: s["fl"]]) == s["fp"]:
@@ -474,13 +500,14 @@ class LogCollector(Collector):
 
     def _consume(
         self, f: _Readable, offset: int, skip: bool, size: int | None
-    ) -> tuple[Decimal, int, bool]:
+    ) -> tuple[Decimal, int, bool, dict[LabelSet, Decimal]]:
         """Match complete lines from `offset` up to `size` (None: to the end of the stream);
-        returns (value, new offset, skip)."""
+        returns (value, new offset, skip, value per label set)."""
         value = Decimal(0)
         remaining = (size - offset) if size is not None else 1 << 62
         if remaining <= 0:
-            return value, offset, skip
+            return value, offset, skip, {}
+        self.matcher.take_parts()  # (nothing left over from a read that was not kept)
         f.seek(offset)
         buf = bytearray(min(BLOCK, remaining) + self.max_line + 1)
         view = memoryview(buf)
@@ -517,7 +544,7 @@ class LogCollector(Collector):
                 base, have = base + last, tail
         finally:
             view.release()
-        return value, base, skip
+        return value, base, skip, self.matcher.take_parts()
 
 
 class _Moved(Exception):

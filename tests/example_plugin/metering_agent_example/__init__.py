@@ -4,6 +4,10 @@ A product that already knows its usage (licensed seats, active tenants) writes i
 agent bills it like any other level. Everything a plugin needs is here: `type_name`, an `options`
 table (validated by the agent before the collector is built), `read`, and `probe` for
 `check --offline`.
+
+With `label: NAME` the file holds one `LABEL_VALUE NUMBER` line per tenant (or project...) instead,
+and the reading carries that breakdown (`Reading.breakdown`, keys made by `label_set`); `labels()`
+tells the agent which label names it can produce.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agent.collectors import Collector, CollectorError, Reading, SourceMissing
+from agent.collectors import Collector, CollectorError, Reading, SourceMissing, label_set
 from agent.fields import Field, Str
 
 
@@ -23,7 +27,12 @@ class FileValueCollector(Collector):
     options: ClassVar[Mapping[str, Field]] = {
         "path": Field(Str(r"/.*", hint="expected an absolute path"), required=True,
                       doc="a file holding one number"),
+        "label": Field(Str(r"[a-z_]+"), doc="the file holds `VALUE NUMBER` lines, by this label"),
     }  # fmt: skip
+
+    def labels(self) -> frozenset[str] | None:
+        label = self.config.get("label")
+        return frozenset([label]) if label else frozenset()
 
     def probe(self) -> None:
         if not Path(self.config["path"]).exists():
@@ -37,7 +46,15 @@ class FileValueCollector(Collector):
             raise SourceMissing(f"{path} does not exist") from None
         except OSError as e:
             raise CollectorError(f"cannot read {path}: {e.strerror}") from None
+        label = self.config.get("label")
         try:
-            return Reading(Decimal(text))
-        except InvalidOperation:
+            if not label:
+                return Reading(Decimal(text))
+            parts: dict[tuple[tuple[str, str], ...], Decimal] = {}
+            for line in text.splitlines():
+                name, number = line.rsplit(None, 1)
+                key = label_set({label: name})
+                parts[key] = parts.get(key, Decimal(0)) + Decimal(number)
+            return Reading(sum(parts.values(), Decimal(0)), breakdown=parts)
+        except (InvalidOperation, ValueError):
             raise CollectorError(f"{path} holds {text[:40]!r}, not a number") from None

@@ -1,0 +1,175 @@
+"""Pure functions: an hour's labelled samples -> MeterUsage `UsageAllocations` (SPEC "Labels and
+usage allocations").
+
+Why a module of its own, with no I/O: sealing computes the allocations once, in the transaction
+that seals the quantity, and stores them with the request, so every resend is identical; tests
+call these functions directly. The aggregation is `aggregate.combine`, run per tag set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal, localcontext
+from typing import TYPE_CHECKING, Any
+
+from agent.aggregate import LabelSet, Point, Quantity, combine
+from agent.config import TAG_CHAR
+
+if TYPE_CHECKING:
+    from agent.config import Dimension
+
+Tags = tuple[tuple[str, str], ...]  # (tag key, value) sorted by key; () is the untagged bucket
+MAX_ALLOCATIONS = 2500
+MAX_TAG_VALUE = 256
+_OUTSIDE = re.compile("[^" + TAG_CHAR[1:])  # any character a tag may not hold
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One bucket of an hour's quantity: its tags and its share, of the quantity's own type."""
+
+    tags: Tags
+    quantity: int | str  # int: AllocatedUsageQuantity; str: ...AsDecimal (as the Quantity)
+
+    def request_fields(self) -> dict[str, Any]:
+        if isinstance(self.quantity, str):
+            out: dict[str, Any] = {"AllocatedUsageQuantityAsDecimal": self.quantity}
+        else:
+            out = {"AllocatedUsageQuantity": self.quantity}
+        if self.tags:
+            out["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags]
+        return out
+
+    @classmethod
+    def from_request(cls, fields: Mapping[str, Any]) -> Allocation:
+        tags = tuple((t["Key"], t["Value"]) for t in fields.get("Tags") or ())
+        if "AllocatedUsageQuantityAsDecimal" in fields:
+            return cls(tags, str(fields["AllocatedUsageQuantityAsDecimal"]))
+        return cls(tags, int(fields["AllocatedUsageQuantity"]))
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """An hour's allocations, and how many tag sets beyond the API's limit went untagged."""
+
+    allocations: tuple[Allocation, ...]
+    folded: int = 0
+
+
+def tag_value(value: str) -> str:
+    """A label value as a tag value: each character outside the API's set becomes `_`, and it
+    is cut to 256 characters."""
+    return _OUTSIDE.sub("_", value)[:MAX_TAG_VALUE]
+
+
+def tags_of(labels: LabelSet, mapping: Mapping[str, str]) -> Tags:
+    """The tags a label set bills under: one per mapped label that has a value."""
+    values = dict(labels)
+    found = ((key, values.get(label)) for key, label in mapping.items())
+    return tuple(sorted((key, tag_value(value)) for key, value in found if value))
+
+
+def shares(method: str, points: Sequence[Point], mapping: Mapping[str, str]) -> dict[Tags, Decimal]:
+    """Each tag set's aggregate over the hour, before scale: `sum`, `integral`, `avg` and `last`
+    over its own samples (a sample without it counts 0 there), `max` and `min` the breakdown of
+    the sample that set the extreme (the first to reach it).
+
+    Labels that are not mapped are summed away first, and so are tag sets that sanitizing made
+    equal: tag sets are unique in a request.
+    """
+    if not points:
+        return {}
+    cache: dict[LabelSet, Tags] = {}
+    ordered = sorted(points, key=lambda p: p.t)
+    projected: list[dict[Tags, Decimal]] = []
+    for p in ordered:
+        breakdown = p.breakdown if p.breakdown is not None else {(): p.value}
+        out: dict[Tags, Decimal] = {}
+        for labels, value in breakdown.items():
+            tags = cache.get(labels)
+            if tags is None:
+                tags = cache[labels] = tags_of(labels, mapping)
+            out[tags] = out.get(tags, ZERO) + value
+        projected.append(out)
+    if method in ("max", "min", "last"):
+        target = combine(method, ordered)
+        chosen = [b for p, b in zip(ordered, projected, strict=True) if p.value == target]
+        return dict(chosen[-1] if method == "last" else chosen[0])
+    series: dict[Tags, list[Point]] = {}
+    for p, b in zip(ordered, projected, strict=True):
+        for tags, value in b.items():
+            series.setdefault(tags, []).append(Point(p.t, value, p.span))
+    absent = Point(0.0, ZERO, 0.0)  # counts 0 in a sum, an integral and an average
+    return {
+        tags: combine(method, own + [absent] * (len(ordered) - len(own)))
+        for tags, own in series.items()
+    }
+
+
+def apportion(exact: Mapping[Tags, Decimal], total: int) -> dict[Tags, int]:
+    """Whole units summing exactly to `total`: each share rounded down, then the units left
+    handed one each to the largest remainders (ties: tags in sorted order).
+
+    The shares are normally the exact split of `total` before its rounding, so at most one unit
+    per share is left over. When they are not (the quantity was clamped to the API's range, or a
+    negative share was taken as 0), the shares are first scaled to sum to `total`.
+    """
+    positive = {t: v for t, v in exact.items() if v > 0}
+    if not positive or total <= 0:
+        return {(): total} if total > 0 else {}
+    with localcontext() as ctx:
+        ctx.prec = 60
+        floors = {t: int(v.to_integral_value(ROUND_FLOOR)) for t, v in positive.items()}
+        left = total - sum(floors.values())
+        if not 0 <= left <= len(positive):
+            whole = sum(positive.values(), ZERO)
+            positive = {t: v * total / whole for t, v in positive.items()}
+            floors = {t: int(v.to_integral_value(ROUND_FLOOR)) for t, v in positive.items()}
+            left = total - sum(floors.values())
+        order = sorted(positive, key=lambda t: (floors[t] - positive[t], t))
+    for t in order[:left]:
+        floors[t] += 1
+    return floors
+
+
+def allocate(dim: Dimension, points: Sequence[Point], quantity: Quantity) -> Allocated:
+    """The hour's allocations for a dimension with `allocations`, summing exactly to the sealed
+    `quantity` in its own type; none for a quantity of 0 or a dimension without allocations.
+
+    Beyond the API's 2,500 allocations, the smallest tag sets are billed in the untagged one
+    (`folded` says how many) so the hour is still accepted.
+    """
+    if not dim.allocations or not points:
+        return Allocated(())
+    step = Decimal(1).scaleb(-(dim.decimals or 0))
+    total = int(Decimal(quantity.text) / step)
+    if total == 0:
+        return Allocated(())
+    with localcontext() as ctx:
+        ctx.prec = 60
+        exact = {
+            t: v * dim.scale / step
+            for t, v in shares(dim.aggregate, points, dim.allocations).items()
+            if v > 0
+        }
+    folded = 0
+    if len(exact) > MAX_ALLOCATIONS:
+        ranked = sorted((t for t in exact if t), key=lambda t: (-exact[t], t))
+        spill = ranked[MAX_ALLOCATIONS - 1 :]
+        folded = len(spill)
+        exact[()] = exact.get((), ZERO) + sum((exact.pop(t) for t in spill), ZERO)
+    units = apportion(exact, total)
+    allocations = tuple(
+        Allocation(t, n if dim.decimals is None else format(step * n, "f"))
+        for t, n in sorted(units.items())
+        if n > 0
+    )
+    return Allocated(allocations, folded)
+
+
+def to_json(allocations: Sequence[Allocation]) -> list[dict[str, Any]]:
+    """The request's `UsageAllocations`, also how the ledger stores them and reports show them."""
+    return [a.request_fields() for a in allocations]
