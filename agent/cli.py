@@ -365,7 +365,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from agent.sampling import Sampler
 
     cfg = load_config(args)
-    sampler = Sampler(cfg)
+    sampler = Sampler(cfg, all_labels=True)  # shows each reading's breakdown
     clock = Clock()
     ledger = open_ledger_readonly(cfg.state_dir)
     for dim in cfg.dimensions:

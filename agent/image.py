@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from agent.clock import iso_hour
 from agent.config import Config, traps
 from agent.errors import AgentError, LockHeld
 from agent.ledger import Ledger
@@ -113,16 +112,17 @@ def _unsent(state_dir: Path) -> str | None:
         ledger = Ledger(state_dir, readonly=True)
     except (AgentError, OSError, sqlite3.Error) as e:
         return f"cannot read {state_dir / LEDGER} to count its unsent hours ({e})"
-    try:
-        pending = ledger.pending()
+    try:  # a count any schema version answers (a read-only open does not migrate)
+        count = ledger.pending_hour_count()
+    except sqlite3.Error as e:
+        return f"cannot read {state_dir / LEDGER} to count its unsent hours ({e})"
     finally:
         ledger.close()
-    if not pending:
+    if not count:
         return None
-    hours = sorted({h.hour for h in pending})
     return (
-        f"the ledger holds {len(hours)} hour(s) sealed and never sent (oldest "
-        f"{iso_hour(hours[0])}); removing it means they are never billed"
+        f"the ledger holds {count} hour(s) sealed and never sent; removing it means they are "
+        "never billed"
     )
 
 

@@ -146,8 +146,13 @@ class Sampler:
         config: Config,
         registry: Registry | None = None,
         sources: Sources | None = None,
+        all_labels: bool = False,
     ) -> None:
+        """`all_labels`: keep every reading's breakdown (`sample` shows it); else only that of a
+        dimension with allocations, reduced to the labels they map (which alone count against
+        its `max_label_sets`)."""
         self.config = config
+        self.all_labels = all_labels
         self.registry = registry or Registry()
         self.sources = sources or Sources()
         self.collectors: dict[str, Collector] = {}
@@ -159,6 +164,8 @@ class Sampler:
                 self.collectors[dim.name] = build_collector(dim, self.registry, self.sources)
             except CollectorError as e:
                 self.start_errors[dim.name] = str(e)
+            else:
+                self.collectors[dim.name].count_labels(all_labels or bool(dim.allocations))
 
     def probe(self, dim: Dimension) -> str | None:
         """None if the dimension's source is there; else why not (for `check --offline`)."""
@@ -193,7 +200,11 @@ class Sampler:
                 )
                 if parts is not None:
                     parts = _by_labels(increments, value)
+            if not (self.all_labels or dim.allocations):
+                parts = None  # nothing bills labels: not stored, not counted
             breakdown = None if parts is None else _exact_breakdown(parts, value)
+            if dim.allocations and isinstance(breakdown, dict) and not self.all_labels:
+                breakdown = _mapped(breakdown, frozenset(dim.allocations.values()))
         except SourceMissing as e:
             return Sample(dim.name, t, None, None, None, f"source missing: {e}")
         except CollectorError as e:
@@ -249,6 +260,15 @@ class Sampler:
         return out
 
 
+def _mapped(parts: Mapping[LabelSet, Decimal], names: frozenset[str]) -> dict[LabelSet, Decimal]:
+    """The breakdown by the labels allocations map only (others summed away, as sealing would)."""
+    out: dict[LabelSet, Decimal] = {}
+    for key, part in parts.items():
+        kept = tuple(pair for pair in key if pair[0] in names)
+        out[kept] = out.get(kept, Decimal(0)) + part
+    return {k: v for k, v in out.items() if v}
+
+
 def _by_labels(increments: Mapping[str, Decimal] | None, value: Decimal) -> dict[LabelSet, Decimal]:
     """A counter's increment by the labels of the series each part came from (all under `()`
     when the totals were compared instead of the series)."""
@@ -256,7 +276,7 @@ def _by_labels(increments: Mapping[str, Decimal] | None, value: Decimal) -> dict
         return {(): value}
     out: dict[LabelSet, Decimal] = {}
     for key, part in increments.items():
-        labels = tuple(sorted(series_labels(key).items()))
+        labels = tuple(sorted((k, v) for k, v in series_labels(key).items() if v is not None))
         out[labels] = out.get(labels, Decimal(0)) + part
     return out
 
@@ -268,7 +288,7 @@ def _exact_breakdown(parts: Mapping[Any, Any], value: Decimal) -> dict[LabelSet,
     out: dict[LabelSet, Decimal] = {}
     for key, part in parts.items():
         try:
-            labels = tuple(sorted((str(k), str(v)) for k, v in key))
+            labels = tuple(sorted((str(k), str(v)) for k, v in key if v is not None))
         except (TypeError, ValueError):
             return f"the collector's breakdown has {key!r}, not a label set of (name, value) pairs"
         problem = _value_problem(part)

@@ -68,7 +68,9 @@ class Agent:
         self.restart()
 
     def restart(self) -> None:
-        self.sampler = Sampler(self.config, Registry(), Sources(proc=self.host.proc))
+        self.sampler = Sampler(
+            self.config, Registry(), Sources(proc=self.host.proc), all_labels=True
+        )
         self.ledger = Ledger(self.config.state_dir)
 
     def reading(self) -> Any:
@@ -317,7 +319,7 @@ def test_label_sets_per_hour_are_capped(tmp_path: Path) -> None:
     )
     cfg = config.load(path, registry)
     dim = cfg.dimensions[0]
-    sampler = Sampler(cfg, registry, Sources())
+    sampler = Sampler(cfg, registry, Sources(), all_labels=True)
     Plugin.parts = {tenant(f"t{i}"): D(i + 1) for i in range(5)} | {(): D(100)}
     first = sampler.take(dim, H + 10, None).breakdown
     assert first == {tenant("t0"): 1, tenant("t1"): 2, tenant("t2"): 3, (): 100 + 4 + 5}
@@ -418,7 +420,7 @@ def test_a_counter_breaks_down_by_series_across_a_reboot(tmp_path: Path) -> None
     dim = cfg.dimensions[0]
     host = FakeHost(tmp_path / "host")
     host.boot("b1")
-    sampler = Sampler(cfg, registry, Sources(proc=host.proc))
+    sampler = Sampler(cfg, registry, Sources(proc=host.proc), all_labels=True)
     eu, us = (("queue", "eu"),), (("queue", "us"),)
     Totals.totals = {"eu": 100, "us": 50}
     first = sampler.take(dim, H + 1, None)
@@ -430,3 +432,84 @@ def test_a_counter_breaks_down_by_series_across_a_reboot(tmp_path: Path) -> None
     Totals.totals = {"eu": 5}
     third = sampler.take(dim, H + 121, second.state)
     assert third.value == 5 and third.breakdown == {eu: 5}
+
+
+def test_a_json_map_of_running_totals_is_differenced_per_key(
+    tmp_path: Path, json_server: JsonServer
+) -> None:
+    """`counter: true` with `label:`: each key is its own counter. Compared as one total, a key
+    that disappeared made the next increment re-bill what it had already counted."""
+    agent = Agent(
+        tmp_path,
+        f"{{type: http, url: '{json_server.url}', query: usage, label: tenant, counter: true}}",
+    )
+    answers = [{"acme": 100, "globex": 50}, {"acme": 130, "globex": 60}, {"acme": 140}]
+    samples = []
+    for answer in answers:
+        json_server.body = json.dumps({"usage": answer}).encode()
+        samples.append(agent.reading())
+    assert samples[1].value == 40
+    assert samples[1].breakdown == {tenant("acme"): 30, tenant("globex"): 10}
+    assert samples[2].value == 10  # not 140: acme's own increase; globex's key is gone
+    assert samples[2].breakdown == {tenant("acme"): 10}
+
+
+def test_without_allocations_no_breakdown_is_kept_and_the_fast_path_stays(tmp_path: Path) -> None:
+    """A named group used only to match (`ip`) costs nothing when no allocation bills it."""
+    log = tmp_path / "app.log"
+    write(log, ['1.2.3.4 "GET /api/x tenant=acme', '5.6.7.8 "GET /api/y'])
+    pattern = r'(?P<ip>[0-9.]+) "GET /api/'
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"product_code: {PRODUCT}\nstate_dir: {tmp_path / 'state'}\ndimensions:\n"
+        f"  - name: plain\n    collector: {{type: log, path: '{log}', pattern: '{pattern}',"
+        " start_at: beginning}\n"
+        f"  - name: billed\n    collector: {{type: log, path: '{log}', pattern: '{pattern}',"
+        " start_at: beginning}\n    allocations: {tags: {Client: ip}}\n"
+    )
+    cfg = config.load(path)
+    sampler = Sampler(cfg, Registry(), Sources())
+    plain, billed = cfg.dimensions
+    assert sampler.collectors["plain"].matcher.exact is False  # type: ignore[attr-defined]
+    assert sampler.take(plain, H, None).breakdown is None
+    got = sampler.take(billed, H, None)
+    assert got.value == 2
+    assert got.breakdown == {(("ip", "1.2.3.4"),): 1, (("ip", "5.6.7.8"),): 1}
+
+
+def test_only_the_mapped_labels_count_against_the_cap(tmp_path: Path) -> None:
+    """3 teams x 1,000 instances with max_label_sets 10: three team label sets, nothing moved
+    to the untagged bucket (unmapped labels are summed away before the cap)."""
+    registry = Registry()
+    registry.register("labelled", Plugin)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"product_code: {PRODUCT}\nstate_dir: {tmp_path}\ndimensions:\n  - name: x\n"
+        "    collector: {type: labelled}\n    max_label_sets: 10\n"
+        "    allocations: {tags: {Team: team}}\n"
+    )
+    cfg = config.load(path, registry)
+    Plugin.parts = {
+        (("instance", f"i{i}"), ("team", team)): D(1)
+        for i in range(1000)
+        for team in ("a", "b", "c")
+    }
+    got = Sampler(cfg, registry, Sources()).take(cfg.dimensions[0], H, None).breakdown
+    assert got == {(("team", t),): 1000 for t in ("a", "b", "c")}
+
+
+def test_a_label_without_a_value_is_left_out() -> None:
+    assert _exact_breakdown({(("tenant", None),): D(5)}, D(5)) == {(): D(5)}
+
+
+def test_allocations_on_a_collector_without_labels_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"product_code: {PRODUCT}\nstate_dir: {tmp_path}\ndimensions:\n  - name: vcpus\n"
+        "    collector: {type: system, metric: cpu_count}\n"
+        "    allocations: {tags: {Tenant: tenant}}\n"
+    )
+    result = run_cli("check", "--offline", "-c", str(path))
+    assert result.returncode == 78
+    (line,) = result.stderr.strip().splitlines()
+    assert "allocations.tags.Tenant" in line

@@ -176,6 +176,11 @@ class Collector:
         """The label names this collector's breakdowns can carry; None: unknown (any)."""
         return None
 
+    def count_labels(self, on: bool) -> None:
+        """Whether the dimension bills labels (allocations); a collector for which keeping them
+        apart costs work skips it when off. By default there is nothing to skip."""
+        return None
+
     def probe(self) -> None:
         """Raise SourceMissing when the source is absent; by default every source is present."""
 

@@ -201,7 +201,10 @@ class HttpCollector(Collector):
             if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
                 part = ()
             breakdown[part] = breakdown.get(part, Decimal(0)) + _number(value, f"{what}[{key!r}]")
-        return Reading(sum(breakdown.values(), Decimal(0)), breakdown=breakdown)
+        # each key is a series: with `counter: true` each is differenced on its own (a key that
+        # disappears or resets is not netted against the others)
+        series = [({label: str(key)}, _number(v, f"{what}[{key!r}]")) for key, v in found.items()]
+        return Reading.of_series(series, breakdown=breakdown)
 
     def _text(self, body: bytes) -> Decimal:
         m = re.search(self.config["query"], body.decode("utf-8", errors="replace"))

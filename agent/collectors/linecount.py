@@ -186,7 +186,8 @@ class LineMatcher:
         self.labels = tuple(sorted(n for n in self.pattern.groupindex if n != "value"))
         self.parts: dict[LabelSet, Any] | None = {} if self.labels else None
         self._label_sets: dict[Any, LabelSet] = {}  # raw group values -> label set (a cache)
-        self.exact = may_match_newline(pattern) or mode == "sum" or bool(self.labels)
+        self._exact = may_match_newline(pattern) or mode == "sum"
+        self.exact = self._exact or bool(self.labels)
         # One match per line (see the module docstring); the empty group keeps findall cheap.
         # Leading global flags such as (?i) must stay in front of the wrapper.
         flags = GLOBAL_FLAGS.match(raw)
@@ -325,9 +326,15 @@ class LineMatcher:
             parts[()] = parts.get((), 0) + value
         return value
 
+    def count_labels(self, on: bool) -> None:
+        """Off: the labels are not counted (no allocations bill them), and a pattern whose only
+        slow part is its named groups keeps the fast path."""
+        self.parts = {} if on and self.labels else None
+        self.exact = self._exact or self.parts is not None
+
     def take_parts(self) -> dict[LabelSet, Decimal]:
         """The usage per label set since the last call (nothing without labels), then empty."""
-        parts, self.parts = self.parts or {}, {} if self.labels else None
+        parts, self.parts = self.parts or {}, None if self.parts is None else {}
         return {k: Decimal(v) for k, v in parts.items() if v}
 
     def _value(self, m: re.Match[bytes]) -> Decimal:

@@ -147,6 +147,9 @@ class LogCollector(Collector):
         self.last = ReadStats()
         self._warned: set[str] = set()
 
+    def count_labels(self, on: bool) -> None:
+        self.matcher.count_labels(on)
+
     def labels(self) -> frozenset[str] | None:
         """The pattern's named groups other than `value`."""
         return frozenset(self.matcher.labels)
@@ -265,7 +268,7 @@ class LogCollector(Collector):
             total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
         )
         state = {"v": STATE_VERSION, "streams": kept}
-        breakdown = self._parts if self.matcher.labels else None
+        breakdown = self._parts if self.matcher.parts is not None else None
         if bad:
             return Reading(total, state, problem=problem, breakdown=breakdown)
         return Reading(total, state, breakdown=breakdown)

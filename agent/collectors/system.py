@@ -97,6 +97,9 @@ class SystemCollector(Collector):
         ),
     }
 
+    def labels(self) -> frozenset[str] | None:
+        return frozenset()  # a machine-wide number: nothing to break it down by
+
     @classmethod
     def kind(cls, options: Mapping[str, Any]) -> Kind:
         return "increment" if cls.cumulative(options) else "level"
