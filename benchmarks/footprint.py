@@ -171,6 +171,7 @@ sampling: {{interval: 1}}
 dimensions:
   - name: api_requests
     collector: {{type: log, path: {log}, pattern: '"GET /api/\\S* tenant=(?P<tenant>\\w+)'}}
+    allocations: {{tags: {{Tenant: tenant}}}}   # labels are kept only where allocations bill them
 """
     )
     try:
