@@ -239,13 +239,7 @@ class LineMatcher:
                 line_end = end
             m = search(buf, line_start, line_end)
             if m is not None:
-                total += (
-                    self._take(m)
-                    if self.parts is not None
-                    else self._value(m)
-                    if self.mode == "sum"
-                    else 1
-                )
+                total += self._usage(m)
             pos = line_end + 1
             seen += 1
             if seen >= DENSE_AFTER and seen * SPARSE_BYTES > pos - start:
@@ -262,15 +256,16 @@ class LineMatcher:
                 line_end = end
             m = search(bytes(buf[pos:line_end]))
             if m is not None:
-                total += (
-                    self._take(m)
-                    if self.parts is not None
-                    else self._value(m)
-                    if self.mode == "sum"
-                    else 1
-                )
+                total += self._usage(m)
             pos = line_end + 1
         return total
+
+    def _usage(self, m: re.Match[bytes]) -> Any:
+        """A matching line's usage (1, or its value in sum mode), also added to its label set
+        while labels are counted."""
+        if self.parts is not None:
+            return self._take(m)
+        return self._value(m) if self.mode == "sum" else 1
 
     def match_line(self, line: bytes) -> Decimal:
         """The value one line adds (0 or 1 in count mode): used for capped very long lines."""
@@ -292,13 +287,7 @@ class LineMatcher:
             if m.end() > line_end:  # it ran past its line: judge the line on its own
                 m = search(buf, line_start, line_end)
             if m is not None:
-                total += (
-                    self._take(m)
-                    if self.parts is not None
-                    else self._value(m)
-                    if self.mode == "sum"
-                    else 1
-                )
+                total += self._usage(m)
             pos = line_end + 1
         return total
 
