@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
-from agent.aggregate import LabelSet, Point, Quantity, combine
+from agent.aggregate import HOUR, LabelSet, Point, Quantity, combine
 from agent.config import TAG_CHAR
 
 if TYPE_CHECKING:
@@ -83,30 +83,35 @@ def shares(method: str, points: Sequence[Point], mapping: Mapping[str, str]) -> 
     if not points:
         return {}
     cache: dict[LabelSet, Tags] = {}
-    ordered = sorted(points, key=lambda p: p.t)
-    projected: list[dict[Tags, Decimal]] = []
-    for p in ordered:
-        breakdown = p.breakdown if p.breakdown is not None else {(): p.value}
+
+    def project(p: Point) -> dict[Tags, Decimal]:
         out: dict[Tags, Decimal] = {}
-        for labels, value in breakdown.items():
+        for labels, value in (p.breakdown if p.breakdown is not None else {(): p.value}).items():
             tags = cache.get(labels)
             if tags is None:
                 tags = cache[labels] = tags_of(labels, mapping)
             out[tags] = out.get(tags, ZERO) + value
-        projected.append(out)
+        return out
+
+    ordered = sorted(points, key=lambda p: p.t)
     if method in ("max", "min", "last"):
         target = combine(method, ordered)
-        chosen = [b for p, b in zip(ordered, projected, strict=True) if p.value == target]
-        return dict(chosen[-1] if method == "last" else chosen[0])
-    series: dict[Tags, list[Point]] = {}
-    for p, b in zip(ordered, projected, strict=True):
-        for tags, value in b.items():
-            series.setdefault(tags, []).append(Point(p.t, value, p.span))
-    absent = Point(0.0, ZERO, 0.0)  # counts 0 in a sum, an integral and an average
-    return {
-        tags: combine(method, own + [absent] * (len(ordered) - len(own)))
-        for tags, own in series.items()
-    }
+        chosen = [p for p in ordered if p.value == target]
+        return project(chosen[-1] if method == "last" else chosen[0])
+    # sum, avg and integral are linear: one running total per tag set, each sample's breakdown
+    # read once and let go (a sample without a tag set counts 0 there), then finished as
+    # combine() finishes them over the whole hour's samples
+    totals: dict[Tags, Decimal] = {}
+    for p in ordered:
+        weight = Decimal(repr(p.span)) if method == "integral" else None
+        for tags, value in project(p).items():
+            totals[tags] = totals.get(tags, ZERO) + (value if weight is None else value * weight)
+    if method == "sum":
+        return totals
+    if method not in ("avg", "integral"):
+        raise ValueError(f"unknown aggregate {method!r}")
+    divisor = Decimal(len(ordered)) if method == "avg" else HOUR
+    return {tags: total / divisor for tags, total in totals.items()}
 
 
 def apportion(exact: Mapping[Tags, Decimal], total: int) -> dict[Tags, int]:

@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
@@ -569,7 +569,10 @@ class Ledger:
             "ORDER BY t",
             (dimension, hour),
         ).fetchall()
-        return [Point(float(t), Decimal(v), float(s), _breakdown(b)) for t, v, s, b in rows]
+        return [
+            Point(float(t), Decimal(v), float(s), None if b is None else StoredBreakdown(b))
+            for t, v, s, b in rows
+        ]
 
     def drop_samples(self, db: sqlite3.Connection, dimension: str, instants: list[float]) -> None:
         """Remove samples that can never be billed (not a finite number: an older agent stored
@@ -798,6 +801,31 @@ def _breakdown_text(breakdown: Mapping[LabelSet, Decimal] | None) -> str | None:
         ensure_ascii=False,
         separators=(",", ":"),
     )
+
+
+class StoredBreakdown(Mapping[LabelSet, Decimal]):
+    """A stored sample's breakdown, parsed each time it is read and never kept: an hour of a
+    thousand tenants' samples would otherwise sit in memory at once while it seals."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def _parsed(self) -> dict[LabelSet, Decimal]:
+        return _breakdown(self.text) or {}
+
+    def __getitem__(self, key: LabelSet) -> Decimal:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[LabelSet]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def items(self) -> ItemsView[LabelSet, Decimal]:
+        return self._parsed().items()
 
 
 def _breakdown(text: str | None) -> dict[LabelSet, Decimal] | None:
