@@ -57,6 +57,7 @@ def test_labelled_log_across_kill9(emulator: Emulator, tmp_path: Path) -> None:
             dimensions:
               - name: api_requests
                 collector: {{type: log, path: {log}, pattern: '{PATTERN}'}}
+                allocations: {{tags: {{Tenant: tenant}}}}  # breakdowns are kept for allocations
             """
         )
     )
