@@ -48,14 +48,6 @@ class Sample:
     breakdown: Mapping[LabelSet, Decimal] | None = None  # `value` by label set; sums to it
 
 
-def counter_increment(
-    reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
-) -> tuple[Decimal, dict[str, Any]]:
-    """`counter_parts` without the per-series increments."""
-    value, _, new = counter_parts(reading, boot_id, saved)
-    return value, new
-
-
 def counter_parts(
     reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
 ) -> tuple[Decimal, dict[str, Decimal] | None, dict[str, Any]]:
@@ -64,7 +56,7 @@ def counter_parts(
     No baseline yet (the dimension's first reading): 0, since we cannot know what happened before
     we looked. A new boot (the kernel's boot id changed) restarts every counter: the increment is
     the reading itself. A reading made of series (`Reading.series`) is differenced per series, see
-    `series_increment`. A baseline saved before boot ids were kept (it has psutil's boot time,
+    `series_increments`. A baseline saved before boot ids were kept (it has psutil's boot time,
     which moves when the clock is stepped, so it is not used) counts as the same boot unless the
     reading is below it. The middle item is each series' increment by its key (None when the
     totals were compared instead).
@@ -94,13 +86,6 @@ def counter_parts(
     if legacy and reading.legacy_total is not None:
         now = reading.legacy_total
     return (now - before if now >= before else reading.value), None, new
-
-
-def series_increment(
-    reading: Reading, baselines: Mapping[str, str], epochs: Mapping[str, str]
-) -> Decimal:
-    """The sum of `series_increments`."""
-    return sum(series_increments(reading, baselines, epochs).values(), Decimal(0))
 
 
 def series_increments(

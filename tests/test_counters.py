@@ -14,7 +14,7 @@ from agent import config
 from agent.collectors import Reading, Registry, Sources, series_key, series_labels
 from agent.collectors.system import SystemCollector
 from agent.errors import ConfigError
-from agent.sampling import Sampler, counter_increment
+from agent.sampling import Sampler, counter_parts
 from tests.conftest import PRODUCT
 from tests.fakes import FakeHost, FakePsutil, Net
 
@@ -27,7 +27,8 @@ def series(**values: int) -> Reading:
 
 
 def step(reading: Reading, saved: dict[str, Any] | None, boot: str | None = "b1") -> tuple:
-    return counter_increment(reading, boot, saved)
+    value, _, new = counter_parts(reading, boot, saved)
+    return value, new
 
 
 class TestSeriesKey:
