@@ -279,17 +279,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for trap in traps(cfg):
         print(f"warning: {trap}", flush=True)
+    from agent import platform
+
+    plat = platform.detect(cfg.platform, os.environ)
+    _say("ok", f"platform {plat.name} ({plat.how})")
     if args.offline:
         return EX_OK
     from agent import metering
 
-    region, where = metering.resolve_region(cfg.metering.region)
+    metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
+    check_identity(plat, metadata)
+    region, where = metering.resolve_region(
+        cfg.metering.region, platform=plat.name, metadata=metadata
+    )
     _say("ok", f"region {region} (from {where})")
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
     if not client.has_credentials():
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
-    creds = client.session.get_credentials()
-    _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
+    method = client.credential_source()
+    refused = platform.node_role_refusal(plat.name, method)
+    if refused:
+        from agent.errors import NotAuthorized
+
+        _say("fail", f"credentials: {method}")
+        raise NotAuthorized(refused)
+    _say("ok", f"credentials found ({method})")
     dry_run_every_dimension(cfg, client, clock)
     if unreachable:
         print(
@@ -298,6 +312,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def check_identity(plat: Any, metadata: Any) -> None:
+    """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
+    or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
+    from agent import metering, platform
+
+    if plat.container:
+        task_id, source = platform.identity(plat.name, os.environ, metadata)
+        _say("ok", f"identity {task_id} (from {source})")
+        return
+    try:
+        _say("ok", f"identity {metering.Imds().instance_id()} (from IMDS instance-id)")
+    except metering.ImdsError as e:
+        _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
 
 
 def warn_service_access(cfg: Any) -> None:
@@ -473,17 +502,45 @@ def cmd_send(args: argparse.Namespace) -> int:
     send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
     send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
     ledger = Ledger(cfg.state_dir)
+    from agent import platform
+
+    plat = platform.detect(cfg.platform, os.environ)
     try:
-        region, _ = metering.resolve_region(cfg.metering.region)
+        region, where = metering.resolve_region(cfg.metering.region, platform=plat.name)
     except Unavailable as e:
         note_unreachable(ledger, cfg, clock.time(), str(e))
         return EX_UNAVAILABLE
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
+    note_sender_context(ledger, plat, region, where, client)
     report = Sender(ledger, cfg, client, clock).run(flush=args.flush, deadline=args.deadline)
     ledger.close()
     if report.paused:
         return EX_NOPERM
     return EX_UNAVAILABLE if report.retry else EX_OK
+
+
+def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client: Any) -> None:
+    """Keep in the ledger's meta what only the sender knows (botocore's credential source) with
+    the region it signs for, for `status`; logged when it changes."""
+    try:
+        method = client.credential_source()
+    except Exception as e:  # botocore raises many kinds while fetching from IMDS/ECS/STS
+        method = f"lookup failed: {e}"
+    context = {
+        "platform": plat.name,
+        "region": region,
+        "region_source": where,
+        "credential_source": method,
+    }
+    if ledger.get_meta("sender_context") != context:
+        log.info(
+            "sending as platform %s, region %s (from %s), credentials %s",
+            plat.name,
+            region,
+            where,
+            method,
+        )
+        ledger.update_meta(sender_context=context)
 
 
 # -- status -----------------------------------------------------------------------------------
