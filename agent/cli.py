@@ -607,7 +607,11 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     print(
         f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
         f"  export {IMDS_ENV}={url}\n"
-        f"  metering: {{endpoint_url: {url}}}",
+        f"  metering: {{endpoint_url: {url}}}\n"
+        f"as an ECS task: export ECS_CONTAINER_METADATA_URI_V4={url}/ecs/v4 "
+        f"AWS_CONTAINER_CREDENTIALS_FULL_URI={url}/ecs/credentials\n"
+        f"as an EKS pod (IRSA): export AWS_ENDPOINT_URL_STS={url} AWS_ROLE_ARN=<any role arn> "
+        f"AWS_WEB_IDENTITY_TOKEN_FILE=<any file> AWS_REGION={settings.region} POD_UID=<any id>",
         flush=True,
     )
     stop = threading.Event()

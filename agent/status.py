@@ -148,6 +148,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
         )
+        lines.append(_platform_line(report["platform"]))
         return "\n".join(lines)
     h = report["health"]
     since = f" since {h['failing_since']}" if h["failing_since"] else ""
