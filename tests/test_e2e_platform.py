@@ -182,3 +182,26 @@ def test_a_ledger_from_another_task_is_sent_not_moved_aside(
     assert meta(state, "instance_id") == TASK_ARN
     assert meta(state, "previous_instance_id") == old_arn
     assert agent.terminate() == EX_OK
+
+
+def test_a_throttled_startup_check_is_retried_and_a_refused_one_ends_run_with_77(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """on_check_failure: exit (the ECS default) stops only for a final answer: a throttled
+    DryRun is tried again and `run` goes on; AccessDenied from the service ends it with 77."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    env = {**ecs_env(emu), "AWS_EC2_METADATA_SERVICE_ENDPOINT": CLOSED}
+    emu.inject("error", count=1, code="ThrottlingException", status=400, message="Rate exceeded")
+    agent = start(agents, cfg, env)
+    wait_for("the DryRun permitted", lambda: health(state).get("authorized") is True, 45, agent)
+    throttled = [c for c in emu.calls() if c.get("code") == "ThrottlingException"]
+    assert len(throttled) == 1 and agent.alive()
+    assert agent.terminate() == 0
+
+    emu.configure(authorized=False)
+    agent = start(agents, cfg, env)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=45) == EX_NOPERM
+    assert health(state)["authorized"] is False
