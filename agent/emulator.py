@@ -443,7 +443,9 @@ class _Handler(BaseHTTPRequestHandler):
             f"{s.task_id}/metering-agent",
         }
         if self.path.rstrip("/") == "/ecs/v4/task":
-            self._record({"operation": "TaskMetadata", "time": self.emulator.clock.time()})
+            self._record(
+                {"operation": "TaskMetadata", "time": self.emulator.clock.time(), "outcome": "ok"}
+            )
             return self._send(
                 200,
                 {
@@ -461,7 +463,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") == "/ecs/v4":
             return self._send(200, container)
         if self.path.rstrip("/") == "/ecs/credentials":
-            self._record({"operation": "ContainerCredentials", "time": self.emulator.clock.time()})
+            self._record(
+                {
+                    "operation": "ContainerCredentials",
+                    "time": self.emulator.clock.time(),
+                    "outcome": "ok",
+                }
+            )
             return self._send(
                 200,
                 {
@@ -483,7 +491,7 @@ class _Handler(BaseHTTPRequestHandler):
         session = (form.get("RoleSessionName") or ["metering-agent"])[0]
         self._record(
             {"operation": "AssumeRoleWithWebIdentity", "time": self.emulator.clock.time(),
-             "role": role, "token": bool(form.get("WebIdentityToken"))}
+             "outcome": "ok", "role": role, "token": bool(form.get("WebIdentityToken"))}
         )  # fmt: skip
         xml = f"""<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <AssumeRoleWithWebIdentityResult>

@@ -72,8 +72,9 @@ class TestTaskMetadata:
         assert meta.task_arn() == task_arn(emu)
         assert {"Cluster", "Family", "Revision", "AvailabilityZone"} <= set(meta.task())
         meta.task_arn()
-        asked = [c for c in emu.calls() if c["operation"] == "TaskMetadata"]
+        asked = [c for c in emu.calls("ok") if c["operation"] == "TaskMetadata"]
         assert len(asked) == 1  # fetched once per client
+        assert emu.calls("error") == []  # what `trial` reads as refusals
 
     def test_unreachable_is_one_line_69(self) -> None:
         meta = platform.TaskMetadata({"ECS_CONTAINER_METADATA_URI_V4": CLOSED}, timeout=0.2)
@@ -319,3 +320,13 @@ class TestCli:
         assert result.returncode == EX_OK, result.stderr
         report = json.loads(result.stdout)["platform"]
         assert (report["name"], report["on_check_failure"]) == ("eks", "exit")
+
+
+def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
+    from agent.trial import container_env
+
+    ecs = container_env("ecs", "http://127.0.0.1:1")
+    assert platform.detect("auto", ecs).name == "ecs"
+    assert platform.TaskMetadata(ecs).uri == "http://127.0.0.1:1/ecs/v4"
+    assert platform.identity("eks", container_env("eks", "u"))[1] == "$POD_UID"
+    assert container_env("ec2", "u") == container_env("auto", "u") == {}
