@@ -21,7 +21,13 @@ from agent.allocations import Allocation, to_json
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
 from agent.ledger import SealedHour
-from agent.platform import NODE_ROLE_CODE, TaskMetadata, node_role_refusal, task_region
+from agent.platform import (
+    NODE_ROLE_CODE,
+    ROLE_TO_SET,
+    TaskMetadata,
+    node_role_refusal,
+    task_region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +316,12 @@ class MeteringClient:
         try:
             resp = self.client.meter_usage(**request)
         except MetadataRetrievalError as e:
+            if self.platform in ROLE_TO_SET:  # only IMDS was left, and its role is refused here
+                return Outcome(
+                    "unauthorized",
+                    code="NoCredentials",
+                    message=f"{e}; {ROLE_TO_SET[self.platform]}",
+                )
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except ClientError as e:
             err = e.response.get("Error", {})
@@ -326,6 +338,12 @@ class MeteringClient:
                     message = f"{message}; {note}" if message else note
             return Outcome(verdict, code=code, message=message)
         except NoCredentialsError as e:
+            if self.platform in ROLE_TO_SET:  # no task role / IRSA: final until one is set
+                return Outcome(
+                    "unauthorized",
+                    code="NoCredentials",
+                    message=f"{e}; {ROLE_TO_SET[self.platform]}",
+                )
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
             return Outcome("retry", code=type(e).__name__, message=str(e))

@@ -208,6 +208,17 @@ class TestCredentials:
         assert ec2.credential_source() == "iam-role"
         assert ec2.dry_run(PRODUCT, "vcpus", None, time.time()).status == "dryrun_ok"
 
+    def test_no_credentials_at_all_in_a_container_pauses_naming_the_role(self) -> None:
+        """No task role (Fargate: no IMDS either): final until one is set, so a container's
+        start-up check fails (77) instead of retrying forever; on EC2 it stays a retry."""
+        ecs = MeteringClient("ap-southeast-2", CLOSED, platform="ecs").dry_run(
+            PRODUCT, "vcpus", None, time.time()
+        )
+        assert (ecs.status, ecs.code) == ("unauthorized", "NoCredentials")
+        assert "taskRoleArn" in (ecs.message or "")
+        ec2 = MeteringClient("ap-southeast-2", CLOSED, platform="ec2")
+        assert ec2.dry_run(PRODUCT, "vcpus", None, time.time()).status == "retry"
+
     def test_the_service_refuses_the_node_role_from_a_container(
         self, emu: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
