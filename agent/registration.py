@@ -222,16 +222,22 @@ def verify(token: Any, pem: bytes, expected: Mapping[str, Any], now: float) -> d
     if not isinstance(token, str) or token.count(".") != 2:
         raise refused("Signature is not a JWT (three dot-separated parts)")
     head_b64, body_b64, sig_b64 = token.split(".")
+    malformed = "Signature is a malformed JWT"
     try:
         header = json.loads(_b64url(head_b64))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise refused(f"{malformed} (its header is not base64url JSON)") from None
+    if not isinstance(header, dict):
+        raise refused(f"{malformed} (its header is not a JSON object)")
+    if header.get("alg") != ALG:
+        raise refused(f"the JWT's alg is {header.get('alg')!r}; only {ALG} is accepted")
+    try:
         claims = json.loads(_b64url(body_b64))
         signature = _b64url(sig_b64)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise refused("Signature is a malformed JWT (a part is not base64url JSON)") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise refused("Signature is a malformed JWT (header or claims not a JSON object)")
-    if header.get("alg") != ALG:
-        raise refused(f"the JWT's alg is {header.get('alg')!r}; only {ALG} is accepted")
+        raise refused(f"{malformed} (its claims or signature are not base64url)") from None
+    if not isinstance(claims, dict):
+        raise refused(f"{malformed} (its claims are not a JSON object)")
     key = load_public_key(pem)
     try:
         key.verify(
