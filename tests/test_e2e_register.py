@@ -151,3 +151,45 @@ def test_run_retries_throttling_and_shows_the_rotation_in_status(fast, tmp_path:
     text = run_cli("status", "-c", str(agent.config)).stdout
     assert "WARNING RegisterUsage: public key version 1 is being rotated out" in text
     assert agent.terminate() == 0
+
+
+def test_trial_registers_with_the_emulators_own_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seller's config with the listing's key: `trial` points it at the emulator's key, so the
+    whole container path runs offline."""
+    import io
+
+    from agent import trial
+
+    kept: list[Emulator] = []
+
+    class KeptEmulator(Emulator):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            kept.append(self)
+
+    monkeypatch.setattr(trial, "Emulator", KeptEmulator)
+    listing_key = tmp_path / "listing.pem"
+    listing_key.write_bytes(other_key_pem())
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            product_code: {PRODUCT}
+            state_dir: {tmp_path / "state"}
+            dimensions:
+              - name: vcpus
+                collector: {{type: system, metric: cpu_count}}
+            register_usage: {{public_key_version: 2, public_key: {listing_key}}}
+            """
+        )
+    )
+    out = io.StringIO()
+    assert trial.main(cfg, hours=1, speed=240, dimensions=None, out=out) == 0, out.getvalue()
+    (emulator,) = kept
+    ops = operations(emulator)
+    assert ops[0] == "RegisterUsage" and ops.count("RegisterUsage") == 1
+    (call,) = [c for c in emulator.calls() if c["operation"] == "RegisterUsage"]
+    assert call["outcome"] == "ok" and call["request"]["PublicKeyVersion"] == 2
+    assert {r.dimension for r in emulator.records()} == {"vcpus"}
