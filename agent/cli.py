@@ -589,7 +589,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     print(
         f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
         f"  export {IMDS_ENV}={url}\n"
-        f"  metering: {{endpoint_url: {url}}}",
+        f"  metering: {{endpoint_url: {url}}}\n"
+        f"RegisterUsage answers are signed with the key at {url}/_emulator/public_key",
         flush=True,
     )
     stop = threading.Event()
