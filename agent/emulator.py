@@ -24,6 +24,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -187,8 +188,17 @@ class Emulator:
     # -- MeterUsage ----------------------------------------------------------------------------
 
     def meter_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
-        """Apply the service's rules; returns the answer or raises ServiceError / _Drop."""
-        fault = self._next_fault("MeterUsage")
+        return self.call("MeterUsage", body, caller, signed_region)
+
+    def call(
+        self, operation: str, body: dict[str, Any], caller: str, signed_region: str | None
+    ) -> Any:
+        """Apply queued faults, the token bucket and the operation's rules (OPERATIONS); returns
+        the answer or raises ServiceError / _Drop."""
+        handler = OPERATIONS.get(operation)
+        if handler is None:
+            raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
+        fault = self._next_fault(operation)
         if fault and fault.kind == "slow":
             time.sleep(fault.delay)
         if fault and fault.kind == "drop":
@@ -198,7 +208,7 @@ class Emulator:
         with self.lock:
             if not self.bucket.take(self.clock.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
-            answer = self._meter_usage(body, caller, signed_region)
+            answer = handler(self, body, caller, signed_region)
         if fault and fault.kind == "lose":
             raise _Drop()
         return answer
@@ -305,6 +315,12 @@ class Emulator:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+
+# The operations the emulator answers (X-Amz-Target's suffix): each applies the service's rules
+# under the emulator's lock, after faults and throttling (Emulator.call).
+Operation = Callable[[Emulator, dict[str, Any], str, str | None], Any]
+OPERATIONS: dict[str, Operation] = {"MeterUsage": Emulator._meter_usage}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -426,9 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
             call["request"] = body
             with self.emulator.lock:
                 self.emulator.state.received.append(dict(call))
-            if operation != "MeterUsage":
-                raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
-            answer = self.emulator.meter_usage(body, caller, signed_region)
+            answer = self.emulator.call(operation, body, caller, signed_region)
         except _Drop:
             call["outcome"] = "dropped"
             self._record(call)
