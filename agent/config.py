@@ -100,6 +100,19 @@ class Hook:
 
 
 @dataclass(frozen=True)
+class Registration:
+    listen: str  # host:port the fulfillment handler serves on
+    redirect: str  # where a registered buyer goes: {customer_aws_account_id}, {license_arn}, ...
+
+
+@dataclass(frozen=True)
+class Saas:
+    customer_label: str  # the label that names the customer in every dimension
+    idle_zero: bool  # each hour, send 0 for every known customer without usage
+    registration: Registration | None
+
+
+@dataclass(frozen=True)
 class Config:
     product_code: str
     state_dir: Path
@@ -111,6 +124,8 @@ class Config:
     source: Path
     version: int = 1
     register_usage: RegisterUsage | None = None
+    mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
+    saas: Saas | None = None  # set exactly when mode is saas
 
 
 INTERVAL = Duration(minimum=1, maximum=3600, divides=3600)
@@ -216,6 +231,39 @@ REGISTER_USAGE = Section(
     }
 )
 
+SAAS = Section(
+    {
+        "customer_label": Field(
+            Str(r"[a-zA-Z_][a-zA-Z0-9_]*", max_len=100, hint="a label name such as customer"),
+            default="customer",
+            doc="the label (see Labels) that names the customer in every dimension",
+        ),
+        "idle_zero": Field(
+            Bool(), default=True, doc="each hour, send 0 for every known customer without usage"
+        ),
+        "registration": Field(
+            Nullable(
+                Section(
+                    {
+                        "listen": Field(
+                            Str(r"[^\s:]+:\d{1,5}", hint="expected host:port, e.g. 127.0.0.1:8788"),
+                            default="127.0.0.1:8788",
+                            doc="where the fulfillment URL handler listens",
+                        ),
+                        "redirect": Field(
+                            Str(r"https?://\S+", hint="expected an http:// or https:// URL"),
+                            required=True,
+                            doc="302 target; {customer_aws_account_id}, {license_arn}, "
+                            "{agreement_id}, {customer} are filled in",
+                        ),
+                    }
+                )
+            ),
+            doc="optional: serve the fulfillment URL (the buyer's registration POST)",
+        ),
+    }
+)
+
 TOP = Section(
     {
         "version": Field(Int(1, 1), default=1, doc="config format version"),
@@ -239,6 +287,12 @@ TOP = Section(
             Nullable(REGISTER_USAGE),
             doc="call RegisterUsage at start (container products priced by the hour)",
         ),
+        "mode": Field(
+            Enum(("instance", "saas")),
+            default="instance",
+            doc="instance: MeterUsage per instance; saas: BatchMeterUsage per customer",
+        ),
+        "saas": Field(Nullable(SAAS), doc="SaaS mode's customers and registration (mode: saas)"),
     }
 )
 
@@ -348,6 +402,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
             if dim is not None and dim.allocations:
                 collect(errors, _producible, dim, registry)
     register = collect(errors, _register_usage, top["register_usage"])
+    saas = _saas(top, errors)
     raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
     recovery = top["on_recovery"]
@@ -364,6 +419,28 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
         source=source,
         register_usage=register,
+        mode=top["mode"],
+        saas=saas,
+    )
+
+
+def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
+    """The `saas:` section, defaults filled in, exactly when `mode: saas`."""
+    raw = top["saas"]
+    if top["mode"] != "saas":
+        if raw is not None:
+            errors.append(
+                ConfigError(
+                    "saas", "is only read with mode: saas; set mode: saas or remove the section"
+                )
+            )
+        return None
+    section = SAAS.parse({}, "saas") if raw is None else raw
+    reg = section["registration"]
+    return Saas(
+        customer_label=section["customer_label"],
+        idle_zero=section["idle_zero"],
+        registration=Registration(reg["listen"], reg["redirect"]) if reg else None,
     )
 
 

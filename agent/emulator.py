@@ -31,6 +31,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -205,8 +206,17 @@ class Emulator:
     # -- MeterUsage ----------------------------------------------------------------------------
 
     def meter_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
-        """Apply the service's rules; returns the answer or raises ServiceError / _Drop."""
-        fault = self._next_fault("MeterUsage")
+        return self.call("MeterUsage", body, caller, signed_region)
+
+    def call(
+        self, operation: str, body: dict[str, Any], caller: str, signed_region: str | None
+    ) -> Any:
+        """Apply queued faults, the token bucket and the operation's rules (OPERATIONS); returns
+        the answer or raises ServiceError / _Drop."""
+        handler = OPERATIONS.get(operation)
+        if handler is None:
+            raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
+        fault = self._next_fault(operation)
         if fault and fault.kind == "slow":
             time.sleep(fault.delay)
         if fault and fault.kind == "drop":
@@ -216,7 +226,7 @@ class Emulator:
         with self.lock:
             if not self.bucket.take(self.clock.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
-            answer = self._meter_usage(body, caller, signed_region)
+            answer = handler(self, body, caller, signed_region)
         if fault and fault.kind == "lose":
             raise _Drop()
         return answer
@@ -322,28 +332,10 @@ class Emulator:
 
     def register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
         """RegisterUsage's rules and its signed answer; raises ServiceError / _Drop."""
-        fault = self._next_fault("RegisterUsage")
-        if fault and fault.kind == "slow":
-            time.sleep(fault.delay)
-        if fault and fault.kind == "drop":
-            raise _Drop()
-        if fault and fault.kind == "error":
-            raise ServiceError(fault.code, fault.message, fault.status)
-        with self.lock:
-            if not self.register_bucket.take(self.clock.monotonic()):
-                raise ServiceError("ThrottlingException", "Rate exceeded", 400)
-            claims = self._register_usage(body, caller, signed_region)
-            rotation = self.settings.rotation_timestamp
-        answer: dict[str, Any] = {"Signature": sign_jwt(self.private_key, claims)}
-        if rotation is not None:
-            answer["PublicKeyRotationTimestamp"] = rotation
-        if fault and fault.kind == "lose":
-            raise _Drop()
-        return answer
+        return self.call("RegisterUsage", body, caller, signed_region)
 
-    def _register_usage(
-        self, body: dict[str, Any], caller: str, signed_region: str | None
-    ) -> dict[str, Any]:
+    def _register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """Under the lock, after faults and the account's bucket (`call`)."""
         s = self.settings
         product = body.get("ProductCode")
         version = body.get("PublicKeyVersion")
@@ -377,11 +369,16 @@ class Emulator:
             raise ServiceError(
                 "CustomerNotEntitledException", "the customer is not subscribed to the product"
             )
+        if not self.register_bucket.take(self.clock.monotonic()):  # its own quota: 5/s
+            raise ServiceError("ThrottlingException", "Rate exceeded", 400)
         claims: dict[str, Any] = {"productCode": product, "publicKeyVersion": version}
         if nonce is not None:
             claims["nonce"] = nonce
         claims["iat"] = int(self.clock.time())
-        return claims
+        answer: dict[str, Any] = {"Signature": sign_jwt(self.private_key, claims)}
+        if s.rotation_timestamp is not None:
+            answer["PublicKeyRotationTimestamp"] = s.rotation_timestamp
+        return answer
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -407,6 +404,15 @@ class Emulator:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+
+# The operations the emulator answers (X-Amz-Target's suffix): each applies the service's rules
+# under the emulator's lock, after faults and throttling (Emulator.call).
+Operation = Callable[[Emulator, dict[str, Any], str, str | None], Any]
+OPERATIONS: dict[str, Operation] = {
+    "MeterUsage": Emulator._meter_usage,
+    "RegisterUsage": Emulator._register_usage,
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -528,12 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
             call["request"] = body
             with self.emulator.lock:
                 self.emulator.state.received.append(dict(call))
-            if operation == "RegisterUsage":
-                answer = self.emulator.register_usage(body, caller, signed_region)
-            elif operation == "MeterUsage":
-                answer = self.emulator.meter_usage(body, caller, signed_region)
-            else:
-                raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
+            answer = self.emulator.call(operation, body, caller, signed_region)
         except _Drop:
             call["outcome"] = "dropped"
             self._record(call)
