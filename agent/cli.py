@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_clock_options(p)
     p.set_defaults(func=cmd_send)
 
+    # Internal: `run`'s RegisterUsage child (registration.at_start); not listed in --help.
+    p = sub.add_parser("register-usage", parents=[common])
+    add_clock_options(p)
+    p.set_defaults(func=cmd_register_usage)
+
     p = sub.add_parser("status", parents=[common], help="hours in the ledger and metering health")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hours", type=int, default=24, help="how many hours back to list (default 24)")
@@ -279,6 +284,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for trap in traps(cfg):
         print(f"warning: {trap}", flush=True)
+    if cfg.register_usage is not None and cfg.register_usage.public_key:
+        from agent.registration import describe_key
+
+        key = cfg.register_usage.public_key
+        _say("ok", f"register_usage.public_key {key}: {describe_key(key)}")
     if args.offline:
         return EX_OK
     from agent import metering
@@ -291,12 +301,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     creds = client.session.get_credentials()
     _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
     dry_run_every_dimension(cfg, client, clock)
+    if cfg.register_usage is not None:
+        refused = check_register_usage(cfg, client, clock)
+        if refused:
+            return refused
     if unreachable:
         print(
             f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
             file=sys.stderr,
         )
         return EX_UNAVAILABLE
+    return EX_OK
+
+
+def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
+    """RegisterUsage as `run` calls it (it has no DryRun): one `ok` line, or one `fail` line and
+    the error's exit code (77 for the final errors and a signature that does not verify)."""
+    from agent import registration
+
+    try:
+        done = registration.register(client, cfg, clock)
+    except AgentError as e:
+        _say("fail", str(e))
+        return e.exit_code
+    how = "signature verified" if done.verified else "signature not verified (no public_key)"
+    _say("ok", f"RegisterUsage: registered, public key version {done.public_key_version}, {how}")
+    if done.rotation is not None:
+        rotation = registration.rotation_warning(done.public_key_version, done.rotation)
+        print(f"warning: RegisterUsage: {rotation}", flush=True)
     return EX_OK
 
 
@@ -486,6 +518,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EX_UNAVAILABLE if report.retry else EX_OK
 
 
+def cmd_register_usage(args: argparse.Namespace) -> int:
+    """RegisterUsage once (with retries), for `run`: one JSON line on stdout (registration)."""
+    from agent import registration
+
+    return registration.child_main(load_config(args), make_clock(args))
+
+
 # -- status -----------------------------------------------------------------------------------
 
 
@@ -550,7 +589,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     print(
         f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
         f"  export {IMDS_ENV}={url}\n"
-        f"  metering: {{endpoint_url: {url}}}",
+        f"  metering: {{endpoint_url: {url}}}\n"
+        f"RegisterUsage answers are signed with the key at {url}/_emulator/public_key",
         flush=True,
     )
     stop = threading.Event()

@@ -85,6 +85,14 @@ class MeteringConfig:
 
 
 @dataclass(frozen=True)
+class RegisterUsage:
+    """`register_usage:`: RegisterUsage at start (hourly-priced container products)."""
+
+    public_key_version: int
+    public_key: str | None = None  # PEM file: verify the signed answer with it
+
+
+@dataclass(frozen=True)
 class Hook:
     command: tuple[str, ...]
     after: int
@@ -115,6 +123,7 @@ class Config:
     on_recovery: Hook | None
     source: Path
     version: int = 1
+    register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
 
@@ -210,6 +219,18 @@ DIMENSION_FIELDS = {
     ),
 }
 
+REGISTER_USAGE = Section(
+    {
+        "public_key_version": Field(
+            Int(1), required=True, doc="the listing's public key version (RegisterUsage)"
+        ),
+        "public_key": Field(
+            Nullable(Str()),
+            doc="PEM file of the listing's RSA public key: verify RegisterUsage's signed answer",
+        ),
+    }
+)
+
 SAAS = Section(
     {
         "customer_label": Field(
@@ -262,6 +283,10 @@ TOP = Section(
             Nullable(_hook(7200)), doc="run once when sending has failed for `after`"
         ),
         "on_recovery": Field(Nullable(_hook(None)), doc="run once when sending works again"),
+        "register_usage": Field(
+            Nullable(REGISTER_USAGE),
+            doc="call RegisterUsage at start (container products priced by the hour)",
+        ),
         "mode": Field(
             Enum(("instance", "saas")),
             default="instance",
@@ -376,6 +401,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
             dimensions.append(dim)
             if dim is not None and dim.allocations:
                 collect(errors, _producible, dim, registry)
+    register = collect(errors, _register_usage, top["register_usage"])
     saas = _saas(top, errors)
     raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
@@ -392,6 +418,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         else None,
         on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
         source=source,
+        register_usage=register,
         mode=top["mode"],
         saas=saas,
     )
@@ -415,6 +442,59 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
         idle_zero=section["idle_zero"],
         registration=Registration(reg["listen"], reg["redirect"]) if reg else None,
     )
+
+
+def _register_usage(raw: Mapping[str, Any] | None) -> RegisterUsage | None:
+    if raw is None:
+        return None
+    key = raw["public_key"]
+    if key is not None:
+        problem = public_key_problem(Path(key))
+        if problem:
+            raise ConfigError("register_usage.public_key", problem)
+    return RegisterUsage(public_key_version=raw["public_key_version"], public_key=key)
+
+
+# DER of the two OIDs an RSA SubjectPublicKeyInfo names: rsaEncryption and RSASSA-PSS.
+_RSA_OIDS = (bytes.fromhex("06092a864886f70d010101"), bytes.fromhex("06092a864886f70d01010a"))
+
+
+def public_key_problem(path: Path) -> str | None:
+    """Why `path` is not an RSA public key PEM (None: it is), without `cryptography`: the config
+    loads in the daemon, which stays small; the child that verifies parses the key in full.
+
+    Why at load: a missing or wrong key file would otherwise surface only at the first start
+    on the buyer's machine, as a refusal to run."""
+    import base64
+    import binascii
+
+    fix = "use the PEM public key of the listing's public_key_version (-----BEGIN PUBLIC KEY-----)"
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return f"{path}: no such file; {fix}"
+    except IsADirectoryError:
+        return f"{path}: is a directory; {fix}"
+    except PermissionError:
+        return f"{path}: permission denied; make it readable by the agent's user"
+    except (UnicodeDecodeError, OSError) as e:
+        return f"{path}: cannot read a PEM text ({e}); {fix}"
+    for kind in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        begin, end = f"-----BEGIN {kind}-----", f"-----END {kind}-----"
+        if begin in text and end in text.split(begin, 1)[1]:
+            body = text.split(begin, 1)[1].split(end, 1)[0]
+            try:
+                der = base64.b64decode("".join(body.split()), validate=True)
+            except (binascii.Error, ValueError):
+                return f"{path}: the PEM body is not base64; {fix}"
+            if kind == "RSA PUBLIC KEY" or any(oid in der[:32] for oid in _RSA_OIDS):
+                return None
+            return f"{path}: a public key, but not an RSA one; {fix}"
+    if "PRIVATE KEY" in text:
+        return f"{path}: holds a private key; {fix}"
+    if "CERTIFICATE" in text:
+        return f"{path}: holds a certificate, not a public key; {fix}"
+    return f"{path}: not a PEM public key; {fix}"
 
 
 def traps(cfg: Config) -> list[str]:

@@ -13,10 +13,17 @@ code and HTTP status), `drop` (close the connection before recording), `lose` (r
 without answering), `slow` (answer after a delay). `Date` headers follow the emulator's clock;
 `signature_window` refuses SigV4 dates that far off (a skewed client clock), and `imds_hang` makes
 IMDS hold and drop every request (a slow first boot).
+
+RegisterUsage (`AWSMPMeteringService.RegisterUsage`) validates as the service does (ProductCode,
+PublicKeyVersion >= 1 and known, Nonce <= 255 characters) and answers a PS256 JWT signed with an RSA
+key pair the emulator makes on first use (`GET /_emulator/public_key` serves its PEM); settings
+`entitled`, `authorized`, `rotation_timestamp` and `public_key_version` shape the answer, and faults
+with `operation: RegisterUsage` inject errors. `cryptography` is imported only then.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import json
@@ -86,6 +93,9 @@ class Settings:
     imds: bool = True
     imds_hang: float = 0.0  # IMDS holds each request this long, then closes it unanswered
     signature_window: float | None = None  # refuse a SigV4 date further off than this (5 min)
+    public_key_version: int = 1  # RegisterUsage: the newest key version; higher ones are invalid
+    rotation_timestamp: float | None = None  # RegisterUsage answers PublicKeyRotationTimestamp
+    register_rate: float = 5.0  # RegisterUsage requests per second per account
 
 
 @dataclass
@@ -138,8 +148,13 @@ class Emulator:
         self.state = State()
         self.lock = threading.Lock()
         self.bucket = TokenBucket(self.settings.rate, self.settings.burst, self.clock.monotonic())
+        self.register_bucket = TokenBucket(
+            self.settings.register_rate, self.settings.register_rate, self.clock.monotonic()
+        )
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._key: Any = None  # the RegisterUsage signing key, made on first use
+        self._key_lock = threading.Lock()
 
     # -- control -------------------------------------------------------------------------------
 
@@ -157,6 +172,9 @@ class Emulator:
                 setattr(self.settings, key, value)
             self.bucket = TokenBucket(
                 self.settings.rate, self.settings.burst, self.clock.monotonic()
+            )
+            self.register_bucket = TokenBucket(
+                self.settings.register_rate, self.settings.register_rate, self.clock.monotonic()
             )
 
     def records(self) -> list[Record]:
@@ -291,6 +309,77 @@ class Emulator:
             self.state.tokens[token] = (fingerprint, record_id)
         return {"MeteringRecordId": record_id}
 
+    # -- RegisterUsage -------------------------------------------------------------------------
+
+    @property
+    def private_key(self) -> Any:
+        """The RSA key RegisterUsage answers are signed with (2048-bit, made once)."""
+        with self._key_lock:
+            if self._key is None:
+                from cryptography.hazmat.primitives.asymmetric import rsa
+
+                self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            return self._key
+
+    def public_key_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return bytes(
+            self.private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    def register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """RegisterUsage's rules and its signed answer; raises ServiceError / _Drop."""
+        return self.call("RegisterUsage", body, caller, signed_region)
+
+    def _register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """Under the lock, after faults and the account's bucket (`call`)."""
+        s = self.settings
+        product = body.get("ProductCode")
+        version = body.get("PublicKeyVersion")
+        nonce = body.get("Nonce")
+        if not isinstance(product, str) or not re.fullmatch(PRODUCT_CODE, product):
+            raise ServiceError("ValidationException", "ProductCode is missing or malformed")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ServiceError(
+                "ValidationException", "PublicKeyVersion must be an integer of at least 1"
+            )
+        if nonce is not None and (not isinstance(nonce, str) or len(nonce) > 255):
+            raise ServiceError("ValidationException", "Nonce must be at most 255 characters")
+        if signed_region and signed_region != s.region:
+            raise ServiceError(
+                "InvalidRegionException",
+                f"RegisterUsage must be called in the task's region ({s.region}), "
+                f"not {signed_region}",
+            )
+        if not s.authorized:
+            raise ServiceError(
+                s.deny_code,
+                f"User is not authorized to perform: aws-marketplace:RegisterUsage ({caller})",
+            )
+        if s.product_codes is not None and product not in s.product_codes:
+            raise ServiceError("InvalidProductCodeException", f"unknown product code {product}")
+        if version > s.public_key_version:
+            raise ServiceError(
+                "InvalidPublicKeyVersionException", f"public key version {version} does not exist"
+            )
+        if not s.entitled:
+            raise ServiceError(
+                "CustomerNotEntitledException", "the customer is not subscribed to the product"
+            )
+        if not self.register_bucket.take(self.clock.monotonic()):  # its own quota: 5/s
+            raise ServiceError("ThrottlingException", "Rate exceeded", 400)
+        claims: dict[str, Any] = {"productCode": product, "publicKeyVersion": version}
+        if nonce is not None:
+            claims["nonce"] = nonce
+        claims["iat"] = int(self.clock.time())
+        answer: dict[str, Any] = {"Signature": sign_jwt(self.private_key, claims)}
+        if s.rotation_timestamp is not None:
+            answer["PublicKeyRotationTimestamp"] = s.rotation_timestamp
+        return answer
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -320,7 +409,10 @@ class Emulator:
 # The operations the emulator answers (X-Amz-Target's suffix): each applies the service's rules
 # under the emulator's lock, after faults and throttling (Emulator.call).
 Operation = Callable[[Emulator, dict[str, Any], str, str | None], Any]
-OPERATIONS: dict[str, Operation] = {"MeterUsage": Emulator._meter_usage}
+OPERATIONS: dict[str, Operation] = {
+    "MeterUsage": Emulator._meter_usage,
+    "RegisterUsage": Emulator._register_usage,
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -489,6 +581,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, [_record_json(r) for r in e.records()])
         if self.path == "/_emulator/calls":
             return self._send(200, e.calls())
+        if self.path == "/_emulator/public_key":
+            return self._send(200, e.public_key_pem(), "text/plain")
         self._text(404, "Not Found")
 
     def _control_post(self, raw: bytes) -> None:
@@ -505,6 +599,26 @@ class _Handler(BaseHTTPRequestHandler):
         except (TypeError, ValueError) as err:
             return self._send(400, {"error": str(err)})
         self._send(200, {"ok": True})
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign_jwt(private_key: Any, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """A JWS compact token signed PS256 (RSA-PSS, SHA-256, MGF1 SHA-256, 32-byte salt: RFC 7518
+    3.5), as RegisterUsage's `Signature`; tests pass another `header` or key to forge one."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    head = b64url(json.dumps(header or {"alg": "PS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    signature = private_key.sign(
+        f"{head}.{body}".encode("ascii"),
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
+        hashes.SHA256(),
+    )
+    return f"{head}.{body}.{b64url(signature)}"
 
 
 def _quantity(body: dict[str, Any]) -> tuple[Decimal, str]:
