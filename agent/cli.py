@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_clock_options(p)
     p.set_defaults(func=cmd_send)
 
+    # Internal: `run`'s RegisterUsage child (registration.at_start); not listed in --help.
+    p = sub.add_parser("register-usage", parents=[common])
+    add_clock_options(p)
+    p.set_defaults(func=cmd_register_usage)
+
     p = sub.add_parser("status", parents=[common], help="hours in the ledger and metering health")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hours", type=int, default=24, help="how many hours back to list (default 24)")
@@ -283,6 +288,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     plat = platform.detect(cfg.platform, os.environ)
     _say("ok", f"platform {plat.name} ({plat.how})")
+    if cfg.register_usage is not None and cfg.register_usage.public_key:
+        from agent.registration import describe_key
+
+        key = cfg.register_usage.public_key
+        _say("ok", f"register_usage.public_key {key}: {describe_key(key)}")
     if args.offline:
         return EX_OK
     from agent import metering
@@ -297,14 +307,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not client.has_credentials():
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
     method = client.credential_source()
-    refused = platform.node_role_refusal(plat.name, method)
-    if refused:
+    node_role = platform.node_role_refusal(plat.name, method)
+    if node_role:
         from agent.errors import NotAuthorized
 
         _say("fail", f"credentials: {method}")
-        raise NotAuthorized(refused)
+        raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
     dry_run_every_dimension(cfg, client, clock)
+    if cfg.register_usage is not None:
+        refused = check_register_usage(cfg, client, clock)
+        if refused:
+            return refused
     if unreachable:
         print(
             f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
@@ -327,6 +341,24 @@ def check_identity(plat: Any, metadata: Any) -> None:
         _say("ok", f"identity {metering.Imds().instance_id()} (from IMDS instance-id)")
     except metering.ImdsError as e:
         _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
+
+
+def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
+    """RegisterUsage as `run` calls it (it has no DryRun): one `ok` line, or one `fail` line and
+    the error's exit code (77 for the final errors and a signature that does not verify)."""
+    from agent import registration
+
+    try:
+        done = registration.register(client, cfg, clock)
+    except AgentError as e:
+        _say("fail", str(e))
+        return e.exit_code
+    how = "signature verified" if done.verified else "signature not verified (no public_key)"
+    _say("ok", f"RegisterUsage: registered, public key version {done.public_key_version}, {how}")
+    if done.rotation is not None:
+        rotation = registration.rotation_warning(done.public_key_version, done.rotation)
+        print(f"warning: RegisterUsage: {rotation}", flush=True)
+    return EX_OK
 
 
 def warn_service_access(cfg: Any) -> None:
@@ -543,6 +575,13 @@ def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client:
         ledger.update_meta(sender_context=context)
 
 
+def cmd_register_usage(args: argparse.Namespace) -> int:
+    """RegisterUsage once (with retries), for `run`: one JSON line on stdout (registration)."""
+    from agent import registration
+
+    return registration.child_main(load_config(args), make_clock(args))
+
+
 # -- status -----------------------------------------------------------------------------------
 
 
@@ -611,7 +650,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         f"as an ECS task: export ECS_CONTAINER_METADATA_URI_V4={url}/ecs/v4 "
         f"AWS_CONTAINER_CREDENTIALS_FULL_URI={url}/ecs/credentials\n"
         f"as an EKS pod (IRSA): export AWS_ENDPOINT_URL_STS={url} AWS_ROLE_ARN=<any role arn> "
-        f"AWS_WEB_IDENTITY_TOKEN_FILE=<any file> AWS_REGION={settings.region} POD_UID=<any id>",
+        f"AWS_WEB_IDENTITY_TOKEN_FILE=<any file> AWS_REGION={settings.region} POD_UID=<any id>\n"
+        f"RegisterUsage answers are signed with the key at {url}/_emulator/public_key",
         flush=True,
     )
     stop = threading.Event()

@@ -86,10 +86,31 @@ class MeteringConfig:
 
 
 @dataclass(frozen=True)
+class RegisterUsage:
+    """`register_usage:`: RegisterUsage at start (hourly-priced container products)."""
+
+    public_key_version: int
+    public_key: str | None = None  # PEM file: verify the signed answer with it
+
+
+@dataclass(frozen=True)
 class Hook:
     command: tuple[str, ...]
     after: int
     timeout: int
+
+
+@dataclass(frozen=True)
+class Registration:
+    listen: str  # host:port the fulfillment handler serves on
+    redirect: str  # where a registered buyer goes: {customer_aws_account_id}, {license_arn}, ...
+
+
+@dataclass(frozen=True)
+class Saas:
+    customer_label: str  # the label that names the customer in every dimension
+    idle_zero: bool  # each hour, send 0 for every known customer without usage
+    registration: Registration | None
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,9 @@ class Config:
     source: Path
     version: int = 1
     platform: str = "auto"  # auto | ec2 | ecs | eks (agent/platform.py)
+    register_usage: RegisterUsage | None = None
+    mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
+    saas: Saas | None = None  # set exactly when mode is saas
 
 
 INTERVAL = Duration(minimum=1, maximum=3600, divides=3600)
@@ -202,6 +226,51 @@ DIMENSION_FIELDS = {
     ),
 }
 
+REGISTER_USAGE = Section(
+    {
+        "public_key_version": Field(
+            Int(1), required=True, doc="the listing's public key version (RegisterUsage)"
+        ),
+        "public_key": Field(
+            Nullable(Str()),
+            doc="PEM file of the listing's RSA public key: verify RegisterUsage's signed answer",
+        ),
+    }
+)
+
+SAAS = Section(
+    {
+        "customer_label": Field(
+            Str(r"[a-zA-Z_][a-zA-Z0-9_]*", max_len=100, hint="a label name such as customer"),
+            default="customer",
+            doc="the label (see Labels) that names the customer in every dimension",
+        ),
+        "idle_zero": Field(
+            Bool(), default=True, doc="each hour, send 0 for every known customer without usage"
+        ),
+        "registration": Field(
+            Nullable(
+                Section(
+                    {
+                        "listen": Field(
+                            Str(r"[^\s:]+:\d{1,5}", hint="expected host:port, e.g. 127.0.0.1:8788"),
+                            default="127.0.0.1:8788",
+                            doc="where the fulfillment URL handler listens",
+                        ),
+                        "redirect": Field(
+                            Str(r"https?://\S+", hint="expected an http:// or https:// URL"),
+                            required=True,
+                            doc="302 target; {customer_aws_account_id}, {license_arn}, "
+                            "{agreement_id}, {customer} are filled in",
+                        ),
+                    }
+                )
+            ),
+            doc="optional: serve the fulfillment URL (the buyer's registration POST)",
+        ),
+    }
+)
+
 TOP = Section(
     {
         "version": Field(Int(1, 1), default=1, doc="config format version"),
@@ -227,6 +296,16 @@ TOP = Section(
             Nullable(_hook(7200)), doc="run once when sending has failed for `after`"
         ),
         "on_recovery": Field(Nullable(_hook(None)), doc="run once when sending works again"),
+        "register_usage": Field(
+            Nullable(REGISTER_USAGE),
+            doc="call RegisterUsage at start (container products priced by the hour)",
+        ),
+        "mode": Field(
+            Enum(("instance", "saas")),
+            default="instance",
+            doc="instance: MeterUsage per instance; saas: BatchMeterUsage per customer",
+        ),
+        "saas": Field(Nullable(SAAS), doc="SaaS mode's customers and registration (mode: saas)"),
     }
 )
 
@@ -335,6 +414,8 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
             dimensions.append(dim)
             if dim is not None and dim.allocations:
                 collect(errors, _producible, dim, registry)
+    register = collect(errors, _register_usage, top["register_usage"])
+    saas = _saas(top, errors)
     raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
     recovery = top["on_recovery"]
@@ -351,7 +432,83 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
         source=source,
         platform=top["platform"],
+        register_usage=register,
+        mode=top["mode"],
+        saas=saas,
     )
+
+
+def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
+    """The `saas:` section, defaults filled in, exactly when `mode: saas`."""
+    raw = top["saas"]
+    if top["mode"] != "saas":
+        if raw is not None:
+            errors.append(
+                ConfigError(
+                    "saas", "is only read with mode: saas; set mode: saas or remove the section"
+                )
+            )
+        return None
+    section = SAAS.parse({}, "saas") if raw is None else raw
+    reg = section["registration"]
+    return Saas(
+        customer_label=section["customer_label"],
+        idle_zero=section["idle_zero"],
+        registration=Registration(reg["listen"], reg["redirect"]) if reg else None,
+    )
+
+
+def _register_usage(raw: Mapping[str, Any] | None) -> RegisterUsage | None:
+    if raw is None:
+        return None
+    key = raw["public_key"]
+    if key is not None:
+        problem = public_key_problem(Path(key))
+        if problem:
+            raise ConfigError("register_usage.public_key", problem)
+    return RegisterUsage(public_key_version=raw["public_key_version"], public_key=key)
+
+
+# DER of the two OIDs an RSA SubjectPublicKeyInfo names: rsaEncryption and RSASSA-PSS.
+_RSA_OIDS = (bytes.fromhex("06092a864886f70d010101"), bytes.fromhex("06092a864886f70d01010a"))
+
+
+def public_key_problem(path: Path) -> str | None:
+    """Why `path` is not an RSA public key PEM (None: it is), without `cryptography`: the config
+    loads in the daemon, which stays small; the child that verifies parses the key in full.
+
+    Why at load: a missing or wrong key file would otherwise surface only at the first start
+    on the buyer's machine, as a refusal to run."""
+    import base64
+    import binascii
+
+    fix = "use the PEM public key of the listing's public_key_version (-----BEGIN PUBLIC KEY-----)"
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return f"{path}: no such file; {fix}"
+    except IsADirectoryError:
+        return f"{path}: is a directory; {fix}"
+    except PermissionError:
+        return f"{path}: permission denied; make it readable by the agent's user"
+    except (UnicodeDecodeError, OSError) as e:
+        return f"{path}: cannot read a PEM text ({e}); {fix}"
+    for kind in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        begin, end = f"-----BEGIN {kind}-----", f"-----END {kind}-----"
+        if begin in text and end in text.split(begin, 1)[1]:
+            body = text.split(begin, 1)[1].split(end, 1)[0]
+            try:
+                der = base64.b64decode("".join(body.split()), validate=True)
+            except (binascii.Error, ValueError):
+                return f"{path}: the PEM body is not base64; {fix}"
+            if kind == "RSA PUBLIC KEY" or any(oid in der[:32] for oid in _RSA_OIDS):
+                return None
+            return f"{path}: a public key, but not an RSA one; {fix}"
+    if "PRIVATE KEY" in text:
+        return f"{path}: holds a private key; {fix}"
+    if "CERTIFICATE" in text:
+        return f"{path}: holds a certificate, not a public key; {fix}"
+    return f"{path}: not a PEM public key; {fix}"
 
 
 def traps(cfg: Config) -> list[str]:

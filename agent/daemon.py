@@ -198,6 +198,12 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     else:
         ident = identity.Identity(Imds(), clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
+    if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
+        from agent import registration
+
+        registration.at_start(
+            registration.child_command(state_dir / RUNNING_CONFIG, clock, log_format), ledger
+        )
     if config.metering.startup_check:
         ledger.schedule_dryrun(now)
     command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)

@@ -28,10 +28,17 @@ Containers (fixed paths; packaging/ci/container-check.sh relies on them):
   AWS answers a node-role call from a task or pod.
 Each of these is kept in `calls()` under its operation (TaskMetadata, ContainerCredentials,
 AssumeRoleWithWebIdentity); a record's `Caller` is the access key that signed it.
+
+RegisterUsage (`AWSMPMeteringService.RegisterUsage`) validates as the service does (ProductCode,
+PublicKeyVersion >= 1 and known, Nonce <= 255 characters) and answers a PS256 JWT signed with an RSA
+key pair the emulator makes on first use (`GET /_emulator/public_key` serves its PEM); settings
+`entitled`, `authorized`, `rotation_timestamp` and `public_key_version` shape the answer, and faults
+with `operation: RegisterUsage` inject errors. `cryptography` is imported only then.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import json
@@ -40,6 +47,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -108,6 +116,9 @@ class Settings:
     signature_window: float | None = None  # refuse a SigV4 date further off than this (5 min)
     task_id: str = "0123456789abcdef0123456789abcdef"  # the ECS task in the TaskARN
     container_only: bool = False  # MeterUsage signed by the IMDS (node) role is refused
+    public_key_version: int = 1  # RegisterUsage: the newest key version; higher ones are invalid
+    rotation_timestamp: float | None = None  # RegisterUsage answers PublicKeyRotationTimestamp
+    register_rate: float = 5.0  # RegisterUsage requests per second per account
 
 
 @dataclass
@@ -160,8 +171,13 @@ class Emulator:
         self.state = State()
         self.lock = threading.Lock()
         self.bucket = TokenBucket(self.settings.rate, self.settings.burst, self.clock.monotonic())
+        self.register_bucket = TokenBucket(
+            self.settings.register_rate, self.settings.register_rate, self.clock.monotonic()
+        )
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._key: Any = None  # the RegisterUsage signing key, made on first use
+        self._key_lock = threading.Lock()
 
     # -- control -------------------------------------------------------------------------------
 
@@ -179,6 +195,9 @@ class Emulator:
                 setattr(self.settings, key, value)
             self.bucket = TokenBucket(
                 self.settings.rate, self.settings.burst, self.clock.monotonic()
+            )
+            self.register_bucket = TokenBucket(
+                self.settings.register_rate, self.settings.register_rate, self.clock.monotonic()
             )
 
     def records(self) -> list[Record]:
@@ -210,8 +229,17 @@ class Emulator:
     # -- MeterUsage ----------------------------------------------------------------------------
 
     def meter_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
-        """Apply the service's rules; returns the answer or raises ServiceError / _Drop."""
-        fault = self._next_fault("MeterUsage")
+        return self.call("MeterUsage", body, caller, signed_region)
+
+    def call(
+        self, operation: str, body: dict[str, Any], caller: str, signed_region: str | None
+    ) -> Any:
+        """Apply queued faults, the token bucket and the operation's rules (OPERATIONS); returns
+        the answer or raises ServiceError / _Drop."""
+        handler = OPERATIONS.get(operation)
+        if handler is None:
+            raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
+        fault = self._next_fault(operation)
         if fault and fault.kind == "slow":
             time.sleep(fault.delay)
         if fault and fault.kind == "drop":
@@ -221,7 +249,7 @@ class Emulator:
         with self.lock:
             if not self.bucket.take(self.clock.monotonic()):
                 raise ServiceError("ThrottlingException", "Rate exceeded", 400)
-            answer = self._meter_usage(body, caller, signed_region)
+            answer = handler(self, body, caller, signed_region)
         if fault and fault.kind == "lose":
             raise _Drop()
         return answer
@@ -306,6 +334,77 @@ class Emulator:
             self.state.tokens[token] = (fingerprint, record_id)
         return {"MeteringRecordId": record_id}
 
+    # -- RegisterUsage -------------------------------------------------------------------------
+
+    @property
+    def private_key(self) -> Any:
+        """The RSA key RegisterUsage answers are signed with (2048-bit, made once)."""
+        with self._key_lock:
+            if self._key is None:
+                from cryptography.hazmat.primitives.asymmetric import rsa
+
+                self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            return self._key
+
+    def public_key_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return bytes(
+            self.private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    def register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """RegisterUsage's rules and its signed answer; raises ServiceError / _Drop."""
+        return self.call("RegisterUsage", body, caller, signed_region)
+
+    def _register_usage(self, body: dict[str, Any], caller: str, signed_region: str | None) -> Any:
+        """Under the lock, after faults and the account's bucket (`call`)."""
+        s = self.settings
+        product = body.get("ProductCode")
+        version = body.get("PublicKeyVersion")
+        nonce = body.get("Nonce")
+        if not isinstance(product, str) or not re.fullmatch(PRODUCT_CODE, product):
+            raise ServiceError("ValidationException", "ProductCode is missing or malformed")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ServiceError(
+                "ValidationException", "PublicKeyVersion must be an integer of at least 1"
+            )
+        if nonce is not None and (not isinstance(nonce, str) or len(nonce) > 255):
+            raise ServiceError("ValidationException", "Nonce must be at most 255 characters")
+        if signed_region and signed_region != s.region:
+            raise ServiceError(
+                "InvalidRegionException",
+                f"RegisterUsage must be called in the task's region ({s.region}), "
+                f"not {signed_region}",
+            )
+        if not s.authorized:
+            raise ServiceError(
+                s.deny_code,
+                f"User is not authorized to perform: aws-marketplace:RegisterUsage ({caller})",
+            )
+        if s.product_codes is not None and product not in s.product_codes:
+            raise ServiceError("InvalidProductCodeException", f"unknown product code {product}")
+        if version > s.public_key_version:
+            raise ServiceError(
+                "InvalidPublicKeyVersionException", f"public key version {version} does not exist"
+            )
+        if not s.entitled:
+            raise ServiceError(
+                "CustomerNotEntitledException", "the customer is not subscribed to the product"
+            )
+        if not self.register_bucket.take(self.clock.monotonic()):  # its own quota: 5/s
+            raise ServiceError("ThrottlingException", "Rate exceeded", 400)
+        claims: dict[str, Any] = {"productCode": product, "publicKeyVersion": version}
+        if nonce is not None:
+            claims["nonce"] = nonce
+        claims["iat"] = int(self.clock.time())
+        answer: dict[str, Any] = {"Signature": sign_jwt(self.private_key, claims)}
+        if s.rotation_timestamp is not None:
+            answer["PublicKeyRotationTimestamp"] = s.rotation_timestamp
+        return answer
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -330,6 +429,15 @@ class Emulator:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+
+# The operations the emulator answers (X-Amz-Target's suffix): each applies the service's rules
+# under the emulator's lock, after faults and throttling (Emulator.call).
+Operation = Callable[[Emulator, dict[str, Any], str, str | None], Any]
+OPERATIONS: dict[str, Operation] = {
+    "MeterUsage": Emulator._meter_usage,
+    "RegisterUsage": Emulator._register_usage,
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -540,9 +648,7 @@ class _Handler(BaseHTTPRequestHandler):
             call["request"] = body
             with self.emulator.lock:
                 self.emulator.state.received.append(dict(call))
-            if operation != "MeterUsage":
-                raise ServiceError("UnknownOperationException", f"unknown operation {operation}")
-            answer = self.emulator.meter_usage(body, caller, signed_region)
+            answer = self.emulator.call(operation, body, caller, signed_region)
         except _Drop:
             call["outcome"] = "dropped"
             self._record(call)
@@ -589,6 +695,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, [_record_json(r) for r in e.records()])
         if self.path == "/_emulator/calls":
             return self._send(200, e.calls())
+        if self.path == "/_emulator/public_key":
+            return self._send(200, e.public_key_pem(), "text/plain")
         self._text(404, "Not Found")
 
     def _control_post(self, raw: bytes) -> None:
@@ -613,6 +721,26 @@ def _expiration() -> str:
     return datetime.fromtimestamp(Clock().time() + 6 * HOUR, tz=timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ"
     )
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign_jwt(private_key: Any, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """A JWS compact token signed PS256 (RSA-PSS, SHA-256, MGF1 SHA-256, 32-byte salt: RFC 7518
+    3.5), as RegisterUsage's `Signature`; tests pass another `header` or key to forge one."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    head = b64url(json.dumps(header or {"alg": "PS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    signature = private_key.sign(
+        f"{head}.{body}".encode("ascii"),
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
+        hashes.SHA256(),
+    )
+    return f"{head}.{body}.{b64url(signature)}"
 
 
 def _quantity(body: dict[str, Any]) -> tuple[Decimal, str]:

@@ -24,7 +24,7 @@ from agent.aggregate import LabelSet, Point, Quantity
 from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -39,7 +39,7 @@ def _reissue_only_trigger(condition: str, also: tuple[str, ...] = ()) -> str:
     columns = "".join(f", {c}" for c in also)
     unchanged = "".join(f" AND NEW.{c} IS OLD.{c}" for c in also)
     return f"""
-    DROP TRIGGER sealed_request_is_immutable;
+    DROP TRIGGER IF EXISTS sealed_request_is_immutable;
     CREATE TRIGGER sealed_request_is_immutable
     BEFORE UPDATE OF dimension, hour, product_code, quantity, is_decimal, timestamp, client_token
     {columns}
@@ -150,6 +150,66 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE hours ADD COLUMN allocations TEXT;
     """
     + _reissue_only_trigger("OLD.refusals = OLD.attempts", also=("allocations",)),
+    # SaaS mode: a sealed record is per (customer, dimension, hour); '' in instance mode, so every
+    # instance-mode row keeps its meaning. SQLite cannot change a primary key: the table is
+    # rebuilt. Customers (ResolveCustomer's answer under the label value that names them in the
+    # usage) and usage held for a label no customer has yet get their own tables.
+    7: """
+    CREATE TABLE hours_v7 (
+        customer TEXT NOT NULL DEFAULT '',
+        dimension TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        product_code TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        is_decimal INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        client_token TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        raw TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'rejected', 'expired')),
+        record_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sealed_at REAL NOT NULL,
+        next_attempt REAL NOT NULL,
+        done_at REAL,
+        reissues INTEGER NOT NULL DEFAULT 0,
+        reissued_from TEXT,
+        refusals INTEGER NOT NULL DEFAULT 0,
+        allocations TEXT,
+        PRIMARY KEY (customer, dimension, hour)
+    );
+    INSERT INTO hours_v7 (dimension, hour, product_code, quantity, is_decimal, timestamp,
+        client_token, samples, raw, state, record_id, attempts, last_error, sealed_at,
+        next_attempt, done_at, reissues, reissued_from, refusals, allocations)
+    SELECT dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples,
+        raw, state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues,
+        reissued_from, refusals, allocations FROM hours;
+    DROP TABLE hours;
+    ALTER TABLE hours_v7 RENAME TO hours;
+    CREATE INDEX hours_pending ON hours (state, hour);
+    CREATE TABLE customers (
+        label TEXT PRIMARY KEY,         -- the customer label's value in the usage
+        account_id TEXT,                -- CustomerAWSAccountId (with license_arn: new integrations)
+        license_arn TEXT,
+        agreement_id TEXT,
+        customer_identifier TEXT,       -- legacy integrations: CustomerIdentifier instead
+        product_code TEXT,              -- as ResolveCustomer answered (NULL when added by hand)
+        added_at REAL NOT NULL,
+        removed_at REAL,                -- no more idle zeros; usage is still billed
+        CHECK ((account_id IS NOT NULL AND license_arn IS NOT NULL)
+               OR customer_identifier IS NOT NULL)
+    );
+    CREATE TABLE held_usage (
+        customer TEXT NOT NULL,         -- a label value no customer has (yet)
+        dimension TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        points TEXT NOT NULL,           -- JSON [[t, value, span], ...], as sealing would use them
+        held_at REAL NOT NULL,
+        PRIMARY KEY (customer, dimension, hour)
+    );
+    """
+    + _reissue_only_trigger("OLD.refusals = OLD.attempts", also=("allocations", "customer")),
 }
 
 
@@ -227,6 +287,33 @@ class SealedHour:
     reissues: int = 0
     refusals: int = 0
     allocations: tuple[Allocation, ...] = ()
+    customer: str = ""  # SaaS mode: the customer label's value; '' in instance mode
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A SaaS customer, under the label value that names it in the usage."""
+
+    label: str
+    account_id: str | None  # CustomerAWSAccountId (legacy answers may carry it too)
+    license_arn: str | None
+    agreement_id: str | None
+    customer_identifier: str | None  # legacy integrations, instead of account_id
+    product_code: str | None
+    added_at: float
+    removed_at: float | None = None
+
+    @property
+    def legacy(self) -> bool:
+        """A legacy integration: records name CustomerIdentifier (and the request ProductCode)
+        rather than CustomerAWSAccountId + LicenseArn."""
+        return self.license_arn is None
+
+
+_CUSTOMER_COLUMNS = (
+    "label, account_id, license_arn, agreement_id, customer_identifier, product_code, added_at, "
+    "removed_at"
+)
 
 
 @dataclass(frozen=True)
@@ -598,11 +685,15 @@ class Ledger:
         sealed_at: float,
         next_attempt: float,
         allocations: Sequence[Allocation] = (),
+        customer: str = "",
+        keep_samples: bool = False,
     ) -> None:
+        """One sealed record, pending; the (dimension, hour)'s samples go with it unless
+        `keep_samples` (SaaS sealing inserts a record per customer, then drops them once)."""
         db.execute(
             "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
-            "client_token, samples, raw, state, sealed_at, next_attempt, allocations) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+            "client_token, samples, raw, state, sealed_at, next_attempt, allocations, customer) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
             (
                 dimension,
                 hour,
@@ -616,9 +707,11 @@ class Ledger:
                 sealed_at,
                 next_attempt,
                 json.dumps(to_json(allocations)) if allocations else None,
+                customer,
             ),
         )
-        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
+        if not keep_samples:
+            db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
 
     def prune(self, now: float) -> None:
         """Sealed hours are kept 90 days, then forgotten."""
@@ -643,7 +736,7 @@ class Ledger:
             sql += " AND hour < ?"
             args.append(until)
         with self._lock:
-            rows = self.db.execute(sql + " ORDER BY hour, dimension", args).fetchall()
+            rows = self.db.execute(sql + " ORDER BY hour, dimension, customer", args).fetchall()
         return [_sealed(row) for row in rows]
 
     def pending(self) -> list[SealedHour]:
@@ -656,50 +749,67 @@ class Ledger:
             return int(row.fetchone()[0])
 
     def _update_pending(
-        self, db: sqlite3.Connection, dimension: str, hour: int, sets: str, *args: Any
-    ) -> None:
-        """UPDATE one pending hour's send columns; raise if it is not pending (nothing changed)."""
+        self, db: sqlite3.Connection, dimension: str, hour: int, customer: str, sets: str,
+        *args: Any,
+    ) -> None:  # fmt: skip
+        """UPDATE one pending record's send columns; raise if not pending (nothing changed)."""
         cur = db.execute(
-            f"UPDATE hours SET {sets} WHERE dimension = ? AND hour = ? AND state = 'pending'",
-            (*args, dimension, hour),
+            f"UPDATE hours SET {sets} "
+            "WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'pending'",
+            (*args, customer, dimension, hour),
         )
         if cur.rowcount != 1:
-            raise RuntimeError(f"hour {iso(hour)} dimension {dimension} is not pending")
+            whose = f" customer {customer}" if customer else ""
+            raise RuntimeError(f"hour {iso(hour)} dimension {dimension}{whose} is not pending")
 
     def _settle_hour(self, state: str, dimension: str, hour: int, now: float,
-                     error: str | None, record_id: str | None = None) -> None:  # fmt: skip
+                     error: str | None, record_id: str | None = None, customer: str = "",
+                     ) -> None:  # fmt: skip
         with self.transaction() as db:
-            self._update_pending(db, dimension, hour,
+            self._update_pending(db, dimension, hour, customer,
                                  "state = ?, record_id = ?, last_error = ?, done_at = ?",
                                  state, record_id, error, now)  # fmt: skip
 
-    def mark_sent(self, dimension: str, hour: int, *, record_id: str | None, now: float) -> None:
+    def mark_sent(
+        self, dimension: str, hour: int, *, record_id: str | None, now: float, customer: str = ""
+    ) -> None:
         """The service recorded the hour (its MeteringRecordId): sent, for good."""
-        self._settle_hour("sent", dimension, hour, now, None, record_id)
+        self._settle_hour("sent", dimension, hour, now, None, record_id, customer)
 
-    def expire(self, dimension: str, hour: int, *, error: str, now: float) -> None:
-        """The hour is past the MeterUsage window: expired, unsent; `error` says why."""
-        self._settle_hour("expired", dimension, hour, now, error)
+    def expire(
+        self, dimension: str, hour: int, *, error: str, now: float, customer: str = ""
+    ) -> None:
+        """The hour is past the service's window: expired, unsent; `error` says why."""
+        self._settle_hour("expired", dimension, hour, now, error, None, customer)
 
-    def reject(self, dimension: str, hour: int, *, error: str | None, now: float) -> None:
+    def reject(
+        self, dimension: str, hour: int, *, error: str | None, now: float, customer: str = ""
+    ) -> None:
         """The service refused the hour for good (a final error)."""
-        self._settle_hour("rejected", dimension, hour, now, error)
+        self._settle_hour("rejected", dimension, hour, now, error, None, customer)
 
     def schedule_retry(
-        self, dimension: str, hour: int, *, error: str | None, next_attempt: float
+        self,
+        dimension: str,
+        hour: int,
+        *,
+        error: str | None,
+        next_attempt: float,
+        customer: str = "",
     ) -> None:
         """The hour stays pending with its last error, next tried at `next_attempt`. An answer
         refusing its product code counts a refusal (see reissue)."""
         with self.transaction() as db:
             self._update_pending(
-                db, dimension, hour, "last_error = ?, next_attempt = ?, refusals = refusals + "
-                "(COALESCE(?, '') LIKE 'InvalidProductCodeException%')", error, next_attempt, error
+                db, dimension, hour, customer, "last_error = ?, next_attempt = ?, refusals = "
+                "refusals + (COALESCE(?, '') LIKE 'InvalidProductCodeException%')", error,
+                next_attempt, error,
             )  # fmt: skip
 
     # The seller's config (product code, dimension) was refused: held pending, retried alike.
     hold = schedule_retry
 
-    def begin_attempt(self, dimension: str, hour: int, now: float) -> None:
+    def begin_attempt(self, dimension: str, hour: int, now: float, customer: str = "") -> None:
         """Count a request as leaving, before MeterUsage is called.
 
         Why before: a send child killed mid-request (stop, the send timeout) never records an
@@ -709,7 +819,8 @@ class Ledger:
         last_error says none was.
         """
         with self.transaction() as db:
-            self._update_pending(db, dimension, hour, "attempts = attempts + 1, last_error = ?",
+            self._update_pending(db, dimension, hour, customer,
+                                 "attempts = attempts + 1, last_error = ?",
                                  f"no answer recorded for the request sent at {iso(now)}",
                                  )  # fmt: skip
 
@@ -725,7 +836,7 @@ class Ledger:
         with self.transaction() as db:
             row = db.execute(
                 "SELECT product_code, client_token, reissued_from, last_error FROM hours "
-                "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                "WHERE customer = '' AND dimension = ? AND hour = ? AND state = 'pending'",
                 (dimension, hour),
             ).fetchone()
             if row is None:
@@ -739,12 +850,56 @@ class Ledger:
                     "UPDATE hours SET product_code = ?, client_token = ?, reissues = reissues + 1, "
                     "reissued_from = ?, attempts = 0, refusals = 0, last_error = NULL, "
                     "next_attempt = ? "
-                    "WHERE dimension = ? AND hour = ? AND state = 'pending'",
+                    "WHERE customer = '' AND dimension = ? AND hour = ? AND state = 'pending'",
                     (product_code, client_token, json.dumps(history), now, dimension, hour),
                 )
             except sqlite3.IntegrityError:
                 return False
         return True
+
+    # -- customers (SaaS mode) ---------------------------------------------------------------
+
+    def add_customer(self, customer: Customer) -> bool:
+        """Store a customer under its label; True if new or changed. Adding a removed label again
+        brings it back (idle zeros resume)."""
+        with self.transaction() as db:
+            old = db.execute(
+                f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer.label,)
+            ).fetchone()
+            if old is not None and Customer(*old) == customer:
+                return False
+            db.execute(
+                f"INSERT OR REPLACE INTO customers ({_CUSTOMER_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(getattr(customer, f.name) for f in fields(Customer)),
+            )
+        return True
+
+    def remove_customer(self, label: str, now: float) -> bool:
+        """Mark a customer removed (no more idle zeros; usage is still billed); False if unknown
+        or already removed."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE customers SET removed_at = ? WHERE label = ? AND removed_at IS NULL",
+                (now, label),
+            )
+        return cur.rowcount == 1
+
+    def customers(self, include_removed: bool = False) -> list[Customer]:
+        sql = f"SELECT {_CUSTOMER_COLUMNS} FROM customers"
+        if not include_removed:
+            sql += " WHERE removed_at IS NULL"
+        with self._lock:
+            rows = self.db.execute(sql + " ORDER BY label").fetchall()
+        return [Customer(*row) for row in rows]
+
+    def customer(self, label: str) -> Customer | None:
+        """The customer under `label`, removed or not (its usage is billed either way)."""
+        with self._lock:
+            row = self.db.execute(
+                f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (label,)
+            ).fetchone()
+        return None if row is None else Customer(*row)
 
     def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """Unsealed samples and collector positions written at or after `t` (this run's)."""
@@ -788,7 +943,7 @@ class Ledger:
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
     "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals, "
-    "allocations"
+    "allocations, customer"
 )
 
 
@@ -854,6 +1009,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
         int(row[17]), tuple(Allocation.from_request(a) for a in json.loads(row[18] or "[]")),
+        row[19],
     )  # fmt: skip
 
 

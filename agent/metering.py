@@ -1,4 +1,5 @@
-"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check and MeterUsage.
+"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check, MeterUsage and
+RegisterUsage.
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon can import
 this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in a short child.
@@ -192,6 +193,57 @@ class Outcome:
         return f"{self.code}: {self.message}" if self.message else self.code
 
 
+# RegisterUsage's answers: final (exit 77), retried (throttling, 5xx, the network, credentials
+# not yet there, a signature a refresh fixes), anything else a failure of its own (exit 1).
+REGISTER_REFUSED = {
+    "CustomerNotEntitledException",
+    "PlatformNotSupportedException",
+    "InvalidProductCodeException",
+    "InvalidPublicKeyVersionException",
+    "InvalidRegionException",
+    "DisabledApiException",
+    *UNAUTHORIZED,
+}
+REGISTER_RETRYABLE = {
+    "ThrottlingException",
+    "InternalServiceErrorException",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    *SIGNING,
+}
+
+RegistrationVerdict = Literal["ok", "retry", "refused", "failed"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How one RegisterUsage call ended: `ok` with the signed token (and the key's rotation time
+    when the service sends one), `retry`, `refused` (the final errors: exit 77) or `failed`."""
+
+    verdict: RegistrationVerdict
+    signature: str | None = None
+    rotation: float | None = None  # PublicKeyRotationTimestamp, epoch seconds
+    code: str | None = None
+    message: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        if self.code is None:
+            return None
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+
+def classify_registration(code: str, http_status: int | None) -> RegistrationVerdict:
+    """A RegisterUsage error code -> retry it, or stop (refused: 77; failed: anything else)."""
+    if code in REGISTER_REFUSED:
+        return "refused"
+    if code in REGISTER_RETRYABLE or (http_status is not None and http_status >= 500):
+        return "retry"
+    return "failed"
+
+
 def classify(code: str, http_status: int | None, message: str = "") -> Status:
     """Map a service error code to what the ledger does with the hour."""
     if code in UNAUTHORIZED:
@@ -351,6 +403,39 @@ class MeteringClient:
         if record_id == "DryRunOperation":
             return Outcome("dryrun_ok", record_id=record_id)
         return Outcome("sent", record_id=record_id)
+
+    def register_usage(
+        self, product_code: str, public_key_version: int, nonce: str | None
+    ) -> Registration:
+        """One RegisterUsage call; never raises for anything the network or service does."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        request: dict[str, Any] = {
+            "ProductCode": product_code,
+            "PublicKeyVersion": public_key_version,
+        }
+        if nonce is not None:
+            request["Nonce"] = nonce
+        try:
+            resp = self.client.register_usage(**request)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code") or "Unknown")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = str(err.get("Message") or "")
+            return Registration(classify_registration(code, status), code=code, message=message)
+        except NoCredentialsError as e:
+            return Registration("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
+        except BotoCoreError as e:  # timeouts, refused connections, credential fetch errors
+            return Registration("retry", code=type(e).__name__, message=str(e))
+        rotation = resp.get("PublicKeyRotationTimestamp")
+        if isinstance(rotation, datetime):
+            rotation = rotation.timestamp()
+        return Registration(
+            "ok",
+            signature=resp.get("Signature"),
+            rotation=float(rotation) if rotation is not None else None,
+        )
 
     def meter_usage(self, h: SealedHour) -> Outcome:
         """The sealed hour's request, identical on every try."""

@@ -139,6 +139,26 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
             for d in config.dimensions
         ],
         "hours": [hour_row(h) for h in ledger.hours(since=since)],
+        "register_usage": registration_status(ledger, config),
+    }
+
+
+def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None:
+    """The last RegisterUsage of `run` (ledger meta), with the key rotation warning if the
+    service named one; None when register_usage is not configured."""
+    if config.register_usage is None:
+        return None
+    from agent.registration import META, rotation_warning
+
+    last = ledger.get_meta(META) or {}
+    rotation = last.get("rotation")
+    version = last.get("public_key_version", config.register_usage.public_key_version)
+    return {
+        "registered_at": iso(last["at"]) if last.get("at") is not None else None,
+        "public_key_version": version,
+        "signature_verified": last.get("verified"),
+        "rotation_timestamp": iso(rotation) if rotation is not None else None,
+        "warning": rotation_warning(version, rotation) if rotation is not None else None,
     }
 
 
@@ -162,6 +182,15 @@ def render(report: dict[str, Any]) -> str:
         f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
     )
     lines.append(_platform_line(report["platform"]))
+    reg = report.get("register_usage")
+    if reg is not None:
+        verified = {True: "verified", False: "not verified", None: "-"}[reg["signature_verified"]]
+        lines.append(
+            f"  RegisterUsage: registered at {_text(reg['registered_at'])}   public key version "
+            f"{reg['public_key_version']}   signature {verified}"
+        )
+        if reg["warning"]:
+            lines.append(f"  WARNING RegisterUsage: {reg['warning']}")
     lines.append("")
     lines.append(f"dimensions (current hour {report['current_hour']}, so far in billed units):")
     for d in report["dimensions"]:

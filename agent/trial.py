@@ -166,10 +166,18 @@ def run(
     settings = Settings(region=region, product_codes={cfg.product_code})
     if listing:
         settings.dimensions = set(listing)
+    if cfg.register_usage is not None:
+        settings.public_key_version = cfg.register_usage.public_key_version
     emulator = Emulator(settings, clock)
     url = emulator.serve(0)
+    data = trial_config(raw, work / "state", url)
+    if cfg.register_usage is not None and cfg.register_usage.public_key:
+        # RegisterUsage is answered by the emulator, signed with its own key, not the listing's
+        key = work / "emulator-public-key.pem"
+        key.write_bytes(emulator.public_key_pem())
+        data["register_usage"] = {**data["register_usage"], "public_key": str(key)}
     cfg_copy = work / "config.yaml"
-    cfg_copy.write_text(yaml.safe_dump(trial_config(raw, work / "state", url), sort_keys=False))
+    cfg_copy.write_text(yaml.safe_dump(data, sort_keys=False))
     config_mod.load(cfg_copy)  # the overrides keep it valid
     log_path = work / "agent.log"
     print(

@@ -221,3 +221,70 @@ def test_a_ledger_an_older_agent_wrote_is_named_not_misread(
     assert "systemctl start metering-agent" in line and "Traceback" not in result.stderr
     Ledger(cfg.state_dir).close()  # what the agent's start does: migrate
     assert run_cli(*command, "-c", str(cfg.source)).returncode == 0
+
+
+def test_migration_7_keeps_sealed_hours_and_their_immutability(tmp_path: Path) -> None:
+    """A schema-6 ledger with a pending and a sent hour: after the rebuild that adds `customer`,
+    both read back unchanged (customer ''), the request fields still refuse an UPDATE, a held
+    hour can still be re-issued, and a SaaS record sits beside an instance one."""
+    from agent.ledger import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
+
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    for v in range(1, 7):
+        if v in _MIGRATION_STEPS:
+            _MIGRATION_STEPS[v](db)
+        for statement in _split_sql(_MIGRATIONS[v]):
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 6")
+    for dim, state in (("a", "pending"), ("b", "sent")):
+        db.execute(
+            "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
+            "client_token, samples, raw, state, sealed_at, next_attempt, allocations) "
+            "VALUES (?, ?, 'p', '7', 0, ?, ?, 3, '7', ?, ?, ?, NULL)",
+            (dim, H, H + 3599, f"tok-{dim}", state, H + 3600, H + 3600),
+        )
+    db.commit()
+    db.close()
+    ledger = Ledger(tmp_path)
+    assert ledger.schema_version() == SCHEMA_VERSION
+    hours = {h.dimension: h for h in ledger.hours()}
+    assert {
+        d: (h.state, h.quantity.text, h.client_token, h.customer) for d, h in hours.items()
+    } == {
+        "a": ("pending", "7", "tok-a", ""),
+        "b": ("sent", "7", "tok-b", ""),
+    }
+    with pytest.raises(sqlite3.IntegrityError), ledger.transaction() as tx:
+        tx.execute("UPDATE hours SET quantity = '8' WHERE dimension = 'a'")
+    with pytest.raises(sqlite3.IntegrityError), ledger.transaction() as tx:
+        tx.execute("UPDATE hours SET customer = 'x' WHERE dimension = 'a'")
+    assert ledger.reissue("a", H, product_code="q", client_token="tok-new", now=H + 4000)
+    with ledger.transaction() as tx:
+        ledger.insert_sealed(
+            tx, dimension="a", hour=H, product_code="p", quantity=hours["a"].quantity,
+            timestamp=H + 3599, client_token="tok-c", samples=1, raw="7", sealed_at=H + 3600,
+            next_attempt=H + 3600, customer="acme",
+        )  # fmt: skip
+    ledger.mark_sent("a", H, record_id="r-acme", now=H + 3700, customer="acme")
+    after = {(h.customer, h.dimension): (h.state, h.product_code) for h in ledger.hours()}
+    assert after[("", "a")] == ("pending", "q") and after[("acme", "a")] == ("sent", "p")
+
+
+def test_customers_are_kept_removed_and_brought_back(tmp_path: Path) -> None:
+    from agent.ledger import Customer
+
+    ledger = Ledger(tmp_path)
+    acme = Customer("acme", "111122223333", "arn:aws:license-manager::1:license:l-1", "agmt-1",
+                    None, "p", H)  # fmt: skip
+    legacy = Customer("old", None, None, None, "cust-x", "p", H)
+    assert ledger.add_customer(acme) and ledger.add_customer(legacy)
+    assert not ledger.add_customer(acme)  # the same again: unchanged
+    assert [c.label for c in ledger.customers()] == ["acme", "old"]
+    assert legacy.legacy and not acme.legacy
+    assert ledger.remove_customer("acme", H + 10) and not ledger.remove_customer("acme", H + 11)
+    assert [c.label for c in ledger.customers()] == ["old"]
+    assert ledger.customer("acme") == Customer(*[*acme.__dict__.values()][:-1], removed_at=H + 10)
+    assert ledger.add_customer(acme)  # added again: back, idle zeros resume
+    assert [c.label for c in ledger.customers()] == ["acme", "old"]
+    with pytest.raises(sqlite3.IntegrityError):  # neither a license nor a legacy id
+        ledger.add_customer(Customer("none", "111122223333", None, None, None, None, H))
