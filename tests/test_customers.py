@@ -339,3 +339,13 @@ def test_redirect_may_name_only_the_filled_fields() -> None:
     assert check_redirect(REDIRECT) == REDIRECT
     with pytest.raises(Exception, match=r"saas.registration.redirect: unknown field \{acount\}"):
         check_redirect("https://x.example/?a={acount}")
+
+
+def test_a_redirect_naming_an_unknown_field_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(saas_config(tmp_path, "http://127.0.0.1:9", redirect="https://x.example/?a={acount}"))
+    assert cli_main("check", "--offline", "-c", cfg) == 78
+    assert "saas.registration.redirect" in capsys.readouterr().err
+    assert cli_main("run", "-c", cfg) == 78  # before any lock or ledger is made
+    assert not (tmp_path / "state").exists()

@@ -16,7 +16,7 @@ import pytest
 
 from agent.emulator import Emulator
 from agent.ledger import Ledger
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, run_cli
 from tests.e2e import Agent, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -114,6 +114,10 @@ def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_pa
         for refused in (expired, bad, None):
             status, headers, text = post(f"{base}/register", refused)
             assert status == 400 and "Location" not in headers and "expired" in text
+        # the command writes the ledger while the daemon (and its handler child) write it too
+        added = run_cli("customers", "add", "-c", str(config), "--account", "444455556666",
+                        "--license", LICENSE.replace("1111", "4444"), "--as", "globex")  # fmt: skip
+        assert added.returncode == 0, added.stderr
         assert agent.terminate() == 0
         assert not listening(base + "/register")  # the handler child ended with the daemon
     finally:
@@ -121,7 +125,7 @@ def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_pa
             agent.kill9()
     ledger = Ledger(tmp_path / "state", readonly=True)
     try:
-        assert [c.label for c in ledger.customers(include_removed=True)] == [ACCOUNT]
+        assert [c.label for c in ledger.customers(include_removed=True)] == [ACCOUNT, "globex"]
     finally:
         ledger.close()
     resolved = [c for c in emulator.calls() if c["operation"] == "ResolveCustomer"]
