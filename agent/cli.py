@@ -665,8 +665,9 @@ def cmd_customers_add(args: argparse.Namespace) -> int:
         if args.label is not None:
             customers.check_label(args.label)
         token = _token_argument(args.token)
+        ownership.check_writer(Path(cfg.state_dir), "customers add")  # before the token is used
         resolved = _resolver(cfg).resolve_customer(token)
-        customer = customers.from_resolved(resolved, args.label, now)
+        customer = customers.from_resolved(resolved, args.label, now, cfg.product_code)
     else:
         if args.label is None:
             raise customers.BadArgument(

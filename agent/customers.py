@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import iso
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, NotAuthorized
 from agent.ledger import Customer, Ledger
 from agent.metering import Resolved
 
@@ -54,9 +54,22 @@ def check_label(label: str, option: str = "--as") -> str:
     return label
 
 
-def from_resolved(resolved: Resolved, label: str | None, now: float) -> Customer:
+class OtherProduct(NotAuthorized):
+    """The token is a subscription to another product than the one this config meters."""
+
+
+def from_resolved(
+    resolved: Resolved, label: str | None, now: float, product_code: str | None = None
+) -> Customer:
     """ResolveCustomer's answer under `label` (default: the account id, else the legacy
-    CustomerIdentifier)."""
+    CustomerIdentifier). With `product_code`, a token for another product is refused: its buyer
+    is not subscribed to this one, and every record for them would be refused."""
+    if product_code and resolved.product_code and resolved.product_code != product_code:
+        raise OtherProduct(
+            f"ResolveCustomer: the token is a subscription to product {resolved.product_code}, "
+            f"but this config meters product_code {product_code}; point that product's "
+            "fulfillment URL at its own agent"
+        )
     chosen = label or resolved.account_id or resolved.customer_identifier
     if not chosen:
         raise AgentError("ResolveCustomer answered neither CustomerAWSAccountId nor "

@@ -109,7 +109,8 @@ class Registrar:
         from agent.ledger import Ledger
 
         resolved = self.client().resolve_customer(token)
-        customer = customers.from_resolved(resolved, None, self.clock.time())
+        now = self.clock.time()
+        customer = customers.from_resolved(resolved, None, now, self.cfg.product_code)
         ledger = Ledger(self.cfg.state_dir)
         try:
             stored = customers.store(ledger, customer)

@@ -366,6 +366,11 @@ def resolve(client: MeteringClient, token: str) -> Resolved:
                     f"ResolveCustomer: the registration token is not valid ({text}); pass the "
                     "x-amzn-marketplace-token exactly as AWS Marketplace posted it"
                 ) from None
+            if code == "ExpiredTokenException" and "security token" in text.lower():
+                raise Unavailable(  # the seller's own session credentials, not the buyer's token
+                    f"ResolveCustomer: the AWS credentials' session has expired ({text}); "
+                    "refresh the credentials the agent runs with"
+                ) from None
             if code == "ExpiredTokenException":
                 raise TokenRefused(
                     f"ResolveCustomer: the registration token has expired ({text}); a token must "

@@ -349,3 +349,30 @@ def test_a_redirect_naming_an_unknown_field_is_a_config_error(
     assert "saas.registration.redirect" in capsys.readouterr().err
     assert cli_main("run", "-c", cfg) == 78  # before any lock or ledger is made
     assert not (tmp_path / "state").exists()
+
+
+def test_a_token_for_another_product_is_refused(
+    emu: Emulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent import config
+
+    path = saas_config(tmp_path, emu.url)
+    other = emu.issue_token(account=ACCOUNT, license=LICENSE, product="zzzz1234efgh5678ijkl90mn")
+    assert cli_main("customers", "add", "-c", str(path), "--token", other) == 77
+    assert "zzzz1234efgh5678ijkl90mn" in capsys.readouterr().err
+    status, headers, _ = wsgi(
+        make_app(config.load(path)), "POST", f"x-amzn-marketplace-token={other}".encode()
+    )
+    assert status.startswith("503") and "Location" not in headers
+    assert customers_in(tmp_path) == []
+
+
+def test_an_expired_session_of_the_sellers_credentials_is_not_the_buyers_token(
+    emu: Emulator,
+) -> None:
+    emu.inject("error", operation="ResolveCustomer", code="ExpiredTokenException", status=400,
+               message="The security token included in the request is expired")  # fmt: skip
+    client = MeteringClient("us-east-1", emu.url)
+    with pytest.raises(Unavailable, match="credentials") as info:
+        client.resolve_customer(emu.issue_token(account=ACCOUNT, license=LICENSE))
+    assert info.value.exit_code == 69
