@@ -25,9 +25,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from agent.clock import Clock
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
@@ -211,24 +209,32 @@ def _hide(text: str, token: str) -> str:
 # -- serving ---------------------------------------------------------------------------------
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+def _server_classes() -> tuple[type, type]:
+    """wsgiref's server and handler, quiet about tokens; made here, when serving, so that `run`
+    (which imports this module for HandlerProcess) never loads http.server and wsgiref."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        log.warning("fulfillment: a connection from %s failed: %s", client_address[0],
-                    type(exc).__name__)  # fmt: skip
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            log.warning("fulfillment: a connection from %s failed: %s", client_address[0],
+                        type(exc).__name__)  # fmt: skip
 
-class _Handler(WSGIRequestHandler):
-    """Access lines without the query string or request line (either could carry a token)."""
+    class Handler(WSGIRequestHandler):
+        """Access lines without the query string or request line (either may carry a token)."""
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        log.info("fulfillment: %s %s %s from %s", self.command, path, code, self.client_address[0])
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            log.info("fulfillment: %s %s %s from %s", self.command, path, code,
+                     self.client_address[0])  # fmt: skip
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("fulfillment: a malformed request from %s", self.client_address[0])
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("fulfillment: a malformed request from %s", self.client_address[0])
+
+    return Server, Handler
 
 
 def listen_address(listen: str) -> tuple[str, int]:
@@ -241,8 +247,12 @@ def serve(cfg: Any, clock: Clock | None = None) -> int:
     app = make_app(cfg, registrar=Registrar(cfg, clock))
     listen = cfg.saas.registration.listen
     host, port = listen_address(listen)
+    from wsgiref.simple_server import make_server
+
+    server_class, handler_class = _server_classes()
     try:
-        server = make_server(host, port, app, server_class=_Server, handler_class=_Handler)
+        server: Any = make_server(host, port, app, server_class=server_class,
+                             handler_class=handler_class)  # fmt: skip
     except OSError as e:
         raise Unavailable(
             f"saas.registration.listen {listen}: cannot listen ({e.strerror}); choose a free "
