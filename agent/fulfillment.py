@@ -17,6 +17,7 @@ request's path without its query string (wsgiref's own prints the whole request 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import string
 import subprocess
@@ -243,7 +244,8 @@ def listen_address(listen: str) -> tuple[str, int]:
 
 
 def serve(cfg: Any, clock: Clock | None = None) -> int:
-    """Serve the handler on saas.registration.listen until SIGTERM/SIGINT."""
+    """Serve the handler on saas.registration.listen until SIGTERM/SIGINT, or until the process
+    that started it (`run`) is gone."""
     app = make_app(cfg, registrar=Registrar(cfg, clock))
     listen = cfg.saas.registration.listen
     host, port = listen_address(listen)
@@ -265,7 +267,11 @@ def serve(cfg: Any, clock: Clock | None = None) -> int:
     thread.start()
     log.info("fulfillment: listening on %s, redirecting to %s", listen,
              cfg.saas.registration.redirect)  # fmt: skip
-    stop.wait()
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # `run` was killed (-9): no orphan keeps the port
+            log.warning("fulfillment: the parent process %d is gone; stopping", parent)
+            break
     server.shutdown()
     server.server_close()
     thread.join()

@@ -4,6 +4,9 @@ boto3 client against the emulator; the customer lands in the ledger, and the tok
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import textwrap
 import urllib.error
@@ -58,12 +61,13 @@ def listening(url: str) -> bool:
         return False
 
 
-def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_path: Path) -> None:
-    port = free_port()
-    redirect = (
-        "https://app.example.com/welcome?account={customer_aws_account_id}"
-        "&license={license_arn}&agreement={agreement_id}&c={customer}"
-    )
+REDIRECT = (
+    "https://app.example.com/welcome?account={customer_aws_account_id}"
+    "&license={license_arn}&agreement={agreement_id}&c={customer}"
+)
+
+
+def saas_config(tmp_path: Path, emulator: Emulator, port: int, redirect: str = REDIRECT) -> Path:
     config = tmp_path / "config.yaml"
     config.write_text(
         textwrap.dedent(
@@ -86,6 +90,12 @@ def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_pa
             """
         )
     )
+    return config
+
+
+def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_path: Path) -> None:
+    port = free_port()
+    config = saas_config(tmp_path, emulator, port)
     agent = Agent(config, {}, extra=["--log-level", "debug"]).start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -135,3 +145,21 @@ def test_registration_post_through_the_running_daemon(emulator: Emulator, tmp_pa
     assert ACCOUNT in log  # the handler's lines are in this output (else the check below is void)
     for secret in (token, expired, bad):
         assert secret not in log
+
+
+def test_the_handler_child_ends_when_run_is_killed(emulator: Emulator, tmp_path: Path) -> None:
+    """kill -9 of the daemon alone (not its process group): the handler child notices and exits,
+    so no orphan keeps the port (and an old config) after the daemon is started again."""
+    port = free_port()
+    agent = Agent(saas_config(tmp_path, emulator, port), {}).start()
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for("the fulfillment handler", lambda: listening(base), 30, agent)
+        assert agent.proc is not None
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(timeout=10)
+        wait_for("the orphaned handler to exit", lambda: not listening(base), 15)
+    finally:
+        if agent.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.proc.pid, signal.SIGKILL)
