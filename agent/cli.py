@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -201,7 +202,7 @@ def add_customer_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """SaaS mode: `customers add|list|remove`, `resolve-customer`, `serve-registration`."""
     p = sub.add_parser("customers", help="SaaS mode: the customers usage is billed to")
     csub = p.add_subparsers(title="customers commands", metavar="ACTION")
-    p.set_defaults(func=lambda args: p.print_help(sys.stderr) or 2)
+    p.set_defaults(func=functools.partial(_usage, p))
     c = csub.add_parser(
         "add",
         parents=[common],
@@ -628,6 +629,12 @@ def cmd_prepare_image(args: argparse.Namespace) -> int:
 
 
 # -- customers (SaaS mode) --------------------------------------------------------------------
+
+
+def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`customers` without an action: its usage, exit 2 (as argparse's own usage errors)."""
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def _token_argument(token: str) -> str:

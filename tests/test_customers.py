@@ -376,3 +376,9 @@ def test_an_expired_session_of_the_sellers_credentials_is_not_the_buyers_token(
     with pytest.raises(Unavailable, match="credentials") as info:
         client.resolve_customer(emu.issue_token(account=ACCOUNT, license=LICENSE))
     assert info.value.exit_code == 69
+
+
+def test_customers_without_an_action_shows_its_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main("customers") == 2
+    err = capsys.readouterr().err
+    assert "metering-agent customers" in err and "remove" in err
