@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,15 @@ class Shifted(Clock):
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Any:
+    """cli.main points the root logger at this test's captured stderr: put it back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture
