@@ -392,3 +392,21 @@ def test_customers_without_an_action_shows_its_usage(capsys: pytest.CaptureFixtu
     assert cli_main("customers") == 2
     err = capsys.readouterr().err
     assert "metering-agent customers" in err and "remove" in err
+
+
+def test_emulator_tokens_over_http(emu: Emulator) -> None:
+    import urllib.error
+    import urllib.request
+
+    def make(body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(emu.url + "/_emulator/tokens", json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    token = make({"account": ACCOUNT, "license": LICENSE, "agreement": AGREEMENT,
+                  "legacy_identifier": None, "expires_in": 3600})["token"]  # fmt: skip
+    client = MeteringClient("us-east-1", emu.url)
+    assert client.resolve_customer(token).agreement_id == AGREEMENT
+    with pytest.raises(urllib.error.HTTPError) as info:
+        make({"account": ACCOUNT})  # no license, no legacy identifier: not a customer
+    assert info.value.code == 400
