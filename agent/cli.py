@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -198,7 +199,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_prepare_image)
+    add_customer_commands(sub, common)
     return parser
+
+
+def add_customer_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """SaaS mode: `customers add|list|remove`, `resolve-customer`, `serve-registration`."""
+    p = sub.add_parser("customers", help="SaaS mode: the customers usage is billed to")
+    csub = p.add_subparsers(title="customers commands", metavar="ACTION")
+    p.set_defaults(func=functools.partial(_usage, p))
+    c = csub.add_parser(
+        "add",
+        parents=[common],
+        help="add a customer: --token TOKEN (ResolveCustomer), or --account ID --license ARN "
+        "--as LABEL, or --customer-identifier ID --as LABEL (legacy)",
+    )
+    c.add_argument("--token", help="a registration token (x-amzn-marketplace-token); - reads stdin")
+    c.add_argument("--account", help="CustomerAWSAccountId (12 digits)")
+    c.add_argument("--license", dest="license_arn", help="the customer's LicenseArn")
+    c.add_argument("--agreement", help="the AgreementId (optional, kept for reference)")
+    c.add_argument("--customer-identifier", help="a legacy integration's CustomerIdentifier")
+    c.add_argument(
+        "--as", dest="label", help="the customer label's value in the usage (default: account id)"
+    )
+    c.set_defaults(func=cmd_customers_add)
+    c = csub.add_parser("list", parents=[common], help="the customers, removed ones marked")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_customers_list)
+    c = csub.add_parser(
+        "remove", parents=[common], help="no more idle zeros for LABEL (its usage is still billed)"
+    )
+    c.add_argument("label", metavar="LABEL")
+    c.set_defaults(func=cmd_customers_remove)
+    p = sub.add_parser(
+        "resolve-customer",
+        parents=[common],
+        help="ResolveCustomer for a registration token; prints the answer as JSON, stores nothing",
+    )
+    p.add_argument("token", metavar="TOKEN", help="the registration token; - reads stdin")
+    p.set_defaults(func=cmd_resolve_customer)
+    p = sub.add_parser(
+        "serve-registration",
+        parents=[common],
+        help="serve the fulfillment URL handler (what `run` starts when saas.registration is set)",
+    )
+    add_clock_options(p)
+    p.set_defaults(func=cmd_serve_registration)
 
 
 def add_clock_options(p: argparse.ArgumentParser) -> None:
@@ -620,3 +666,126 @@ def cmd_prepare_image(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
     return image.prepare(cfg, args.yes)
+
+
+# -- customers (SaaS mode) --------------------------------------------------------------------
+
+
+def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`customers` without an action: its usage, exit 2 (as argparse's own usage errors)."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _token_argument(token: str) -> str:
+    """A token from the command line, or from stdin with `-` (out of `ps` and shell history)."""
+    from agent.customers import BadArgument
+
+    if token == "-":
+        token = sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        raise BadArgument("the registration token is empty")
+    return token
+
+
+def _resolver(cfg: Any) -> Any:
+    from agent import metering
+
+    region, _ = metering.resolve_region(cfg.metering.region)
+    return metering.MeteringClient(region, cfg.metering.endpoint_url)
+
+
+def cmd_customers_add(args: argparse.Namespace) -> int:
+    from agent import customers
+    from agent.ledger import Ledger
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers add")
+    now = Clock().time()
+    if args.token is not None:
+        if args.account or args.license_arn or args.customer_identifier or args.agreement:
+            raise customers.BadArgument(
+                "--token takes the customer from ResolveCustomer: without --account, --license, "
+                "--agreement or --customer-identifier"
+            )
+        if args.label is not None:
+            customers.check_label(args.label)
+        token = _token_argument(args.token)
+        ownership.check_writer(Path(cfg.state_dir), "customers add")  # before the token is used
+        resolved = _resolver(cfg).resolve_customer(token)
+        customer = customers.from_resolved(resolved, args.label, now, cfg.product_code)
+    else:
+        if args.label is None:
+            raise customers.BadArgument(
+                "--as LABEL is required with --account/--license or --customer-identifier"
+            )
+        customer = customers.by_hand(args.label, now, args.account, args.license_arn,
+                                     args.agreement, args.customer_identifier)  # fmt: skip
+    ownership.check_writer(Path(cfg.state_dir), "customers add")
+    ledger = Ledger(cfg.state_dir)
+    try:
+        stored = customers.store(ledger, customer)
+    finally:
+        ledger.close()
+    print(stored.line())
+    return EX_OK
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    from agent import customers
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers list")
+    ledger = open_ledger_readonly(cfg.state_dir, "customers list")
+    found = [] if ledger is None else ledger.customers(include_removed=True)
+    if ledger is not None:
+        ledger.close()
+    if args.json:
+        print(json.dumps([customers.as_json(c) for c in found], indent=2))
+    else:
+        print(customers.table(found))
+    return EX_OK
+
+
+def cmd_customers_remove(args: argparse.Namespace) -> int:
+    from agent import customers
+    from agent.ledger import Ledger
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers remove")
+    ownership.check_writer(Path(cfg.state_dir), "customers remove")
+    ledger = Ledger(cfg.state_dir)
+    try:
+        known = ledger.customer(args.label)
+        if known is None:
+            raise AgentError(
+                f"no customer labelled {args.label!r} (metering-agent customers list shows them)"
+            )
+        if not ledger.remove_customer(args.label, Clock().time()):
+            print(f"customer {args.label} was already removed")
+            return EX_OK
+    finally:
+        ledger.close()
+    print(f"customer {args.label} removed: no more idle zeros; its usage is still billed")
+    return EX_OK
+
+
+def cmd_resolve_customer(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    resolved = _resolver(cfg).resolve_customer(_token_argument(args.token))
+    print(json.dumps(resolved.as_json(), indent=2))
+    return EX_OK
+
+
+def cmd_serve_registration(args: argparse.Namespace) -> int:
+    from agent import fulfillment
+    from agent.customers import require_saas
+
+    cfg = load_config(args)
+    require_saas(cfg, "serve-registration")
+    if cfg.saas.registration is None:
+        from agent.errors import ConfigError
+
+        raise ConfigError("saas.registration", "not set: add listen and redirect to serve it")
+    return fulfillment.serve(cfg, make_clock(args))

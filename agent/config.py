@@ -437,6 +437,13 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
         return None
     section = SAAS.parse({}, "saas") if raw is None else raw
     reg = section["registration"]
+    if reg:
+        from agent.fulfillment import check_redirect  # the fields the handler fills in
+
+        try:
+            check_redirect(reg["redirect"])
+        except ConfigError as e:
+            errors.append(e)
     return Saas(
         customer_label=section["customer_label"],
         idle_zero=section["idle_zero"],

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -874,6 +874,37 @@ class Ledger:
                 tuple(getattr(customer, f.name) for f in fields(Customer)),
             )
         return True
+
+    def register_customer(self, customer: Customer) -> tuple[str, Customer | None]:
+        """Store `customer` unless its label names another buyer, in one transaction (the
+        fulfillment handler and `customers add` may race): ('added' | 'updated' | 'unchanged' |
+        'conflict', the row that was there). The same buyer (account id, else legacy customer
+        identifier) may come back with a new license or agreement: updated, brought back if
+        removed, its first added_at kept. Another buyer under the label is refused: usage under
+        it, held or late, would be billed to the wrong account."""
+        with self.transaction() as db:
+            row = db.execute(
+                f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer.label,)
+            ).fetchone()
+            old = None if row is None else Customer(*row)
+            if old is not None:
+                same = (
+                    (old.account_id, old.customer_identifier)
+                    == (customer.account_id, customer.customer_identifier)
+                    if old.account_id is None or customer.account_id is None
+                    else old.account_id == customer.account_id
+                )
+                if not same:
+                    return "conflict", old
+                customer = replace(customer, added_at=old.added_at, removed_at=None)
+                if customer == old:
+                    return "unchanged", old
+            db.execute(
+                f"INSERT OR REPLACE INTO customers ({_CUSTOMER_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(getattr(customer, f.name) for f in fields(Customer)),
+            )
+        return ("added" if old is None else "updated"), old
 
     def remove_customer(self, label: str, now: float) -> bool:
         """Mark a customer removed (no more idle zeros; usage is still billed); False if unknown
