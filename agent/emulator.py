@@ -395,6 +395,7 @@ class Emulator:
         answer: dict[str, Any] = {"Signature": sign_jwt(self.private_key, claims)}
         if s.rotation_timestamp is not None:
             answer["PublicKeyRotationTimestamp"] = s.rotation_timestamp
+        return answer
 
     # -- ResolveCustomer ------------------------------------------------------------------------
 
