@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import config as config_mod  # noqa: E402
-from agent.ledger import Customer, Ledger  # noqa: E402
-from agent.sealing import seal_hours, span_for  # noqa: E402
+from agent import config as config_mod
+from agent.ledger import Customer, Ledger
+from agent.sealing import seal_hours, span_for
 
 H = 1_800_000_000
 
@@ -55,7 +55,7 @@ def main() -> None:
         names = [f"c{i}" for i in range(args.customers)]
         for m in range(60):
             t = H + 60.0 * m
-            who = rng.sample(names, min(args.active, len(names))) + [f"x{m % 7}"]
+            who = [*rng.sample(names, min(args.active, len(names))), f"x{m % 7}"]
             parts = {(("customer", c),): Decimal(rng.randint(1, 50)) for c in who}
             ledger.record_sample("api", t, sum(parts.values(), Decimal(0)), span_for(t, 60),
                                  None, carry=True, increment=True, breakdown=parts)  # fmt: skip

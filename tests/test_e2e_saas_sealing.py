@@ -23,7 +23,14 @@ from agent.clock import hour_start
 from agent.emulator import Emulator
 from agent.ledger import Customer, Ledger
 from tests.conftest import PRODUCT
-from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for
+from tests.e2e import (
+    Agent,
+    faketime_env,
+    ledger_hours,
+    ledger_samples,
+    offset_to_before_boundary,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 CUSTOMERS = ("acme", "globex", "initech")  # known, with usage
@@ -84,9 +91,9 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
             sampling: {{interval: 1}}
             dimensions:
               - name: api_requests
-                collector: {{type: log, path: {log}, pattern: '{pattern}'}}
+                collector: {{type: log, path: {log}, pattern: '{pattern}', start_at: beginning}}
               - name: api_hundreds
-                collector: {{type: log, path: {log}, pattern: '{pattern}'}}
+                collector: {{type: log, path: {log}, pattern: '{pattern}', start_at: beginning}}
                 scale: 0.01
                 rounding: up
             """
@@ -102,8 +109,7 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
     agent = Agent(config, faketime_env(offset, emulator.url)).start()
     rng = random.Random(16)
     try:
-        wait_for("the daemon's first round", lambda: (state / "ledger.db").exists(), 20, agent)
-        time.sleep(2)  # the log collectors' first reading (start_at: end) has happened
+        wait_for("the daemon's first round", lambda: ledger_samples(state) > 0, 20, agent)
         write_lines(log, boundary - 6, rng)  # the first hour's lines, all read before its end
         cut = log.stat().st_size
         while time.time() < boundary + 3:
@@ -130,7 +136,9 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
         ledger = Ledger(state, readonly=True)
         held = {(h.customer, h.dimension): h for h in ledger.held_usage()}
         ledger.close()
-        assert set(held) == {(x, d) for x in (STRANGER, "") for d in ("api_requests", "api_hundreds")}
+        assert set(held) == {
+            (x, d) for x in (STRANGER, "") for d in ("api_requests", "api_hundreds")
+        }
         assert sum(p.value for p in held[(STRANGER, "api_requests")].points) == one[STRANGER]
         assert sum(p.value for p in held[("", "api_requests")].points) == one[""]
         # the stranger becomes a customer (what `customers add` stores): its usage is sealed
