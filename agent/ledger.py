@@ -944,15 +944,23 @@ class Ledger:
         )
 
     def held_usage(
-        self, db: sqlite3.Connection | None = None, customers: Sequence[str] | None = None
+        self,
+        db: sqlite3.Connection | None = None,
+        customers: Sequence[str] | None = None,
+        settle_by: float | None = None,
     ) -> list[HeldUsage]:
         """Usage held for labels that name no customer (oldest first); only `customers`' when
-        given."""
-        sql = "SELECT customer, dimension, hour, points, held_at FROM held_usage"
+        given. `settle_by`: only what a pass at that time may settle: held for a label that is
+        now a customer, or of an hour that began at or before `settle_by` (its window may have
+        passed), so a pass does not parse every held point each round."""
+        sql = "SELECT customer, dimension, hour, points, held_at FROM held_usage WHERE 1"
         args: list[Any] = []
         if customers is not None:
-            sql += f" WHERE customer IN ({','.join('?' * len(customers))})"
+            sql += f" AND customer IN ({','.join('?' * len(customers))})"
             args = list(customers)
+        if settle_by is not None:
+            sql += " AND (customer IN (SELECT label FROM customers) OR hour <= ?)"
+            args.append(settle_by)
         with self._lock:
             try:
                 rows = (
@@ -966,16 +974,6 @@ class Ledger:
             HeldUsage(c, d, int(h), tuple(_json_point(p) for p in json.loads(pts)), float(at))
             for c, d, h, pts, at in rows
         ]
-
-    def held_labels(self, db: sqlite3.Connection | None = None) -> list[str]:
-        """The distinct labels that have held usage."""
-        with self._lock:
-            rows = (
-                (db or self.db)
-                .execute("SELECT DISTINCT customer FROM held_usage ORDER BY customer")
-                .fetchall()
-            )
-        return [str(r[0]) for r in rows]
 
     def release_held(
         self, db: sqlite3.Connection, held: HeldUsage, expired: str | None = None

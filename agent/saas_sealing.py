@@ -209,7 +209,7 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
-    for held in ledger.held_usage():
+    for held in ledger.held_usage(settle_by=now - SAAS_EXPIRY):
         dim = dims.get(held.dimension)
         if dim is None:
             continue  # kept: the dimension may come back with the config
