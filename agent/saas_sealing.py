@@ -46,6 +46,11 @@ class CustomerSealed:
     quantity: str
 
 
+# One customer's shares of an hour: by sample index, its usage (and, for a dimension with
+# allocations, that usage by the other labels).
+Shares = dict[int, Decimal] | dict[int, tuple[Decimal, dict[LabelSet, Decimal]]]
+
+
 def split_by_customer(
     points: Sequence[Point], label: str, dim: Dimension
 ) -> dict[str, list[Point]]:
@@ -58,8 +63,17 @@ def split_by_customer(
     0 lowers a `min`, counts in an `avg`, is the `last`). Either way the hour's last sample is
     listed for every customer: it is the record's Timestamp.
     """
-    keep_labels = frozenset(dim.allocations.values()) if dim.allocations else frozenset()
-    shares: dict[str, dict[int, tuple[Decimal, dict[LabelSet, Decimal]]]] = {}
+    by = shares_by_customer(points, label, dim)
+    return {c: customer_points(points, mine, dim) for c, mine in by.items()}
+
+
+def shares_by_customer(points: Sequence[Point], label: str, dim: Dimension) -> dict[str, Shares]:
+    """Each sample's breakdown read once, into each customer's shares (see split_by_customer);
+    points are made from them one customer at a time (customer_points), so an hour of many
+    customers never holds every customer's points at once."""
+    keep = frozenset(dim.allocations.values()) if dim.allocations else None
+    plain: dict[str, dict[int, Decimal]] = {}
+    rich: dict[str, dict[int, tuple[Decimal, dict[LabelSet, Decimal]]]] = {}
     for i, p in enumerate(points):
         parts: Mapping[LabelSet, Decimal] = (
             p.breakdown if p.breakdown is not None else {(): p.value}
@@ -68,35 +82,41 @@ def split_by_customer(
             if not value:
                 continue
             customer = ""
-            rest: list[tuple[str, str]] = []
             for name, v in labels:
                 if name == label:
                     customer = v
-                if name in keep_labels:
-                    rest.append((name, v))
-            mine = shares.setdefault(customer, {})
-            total, by_rest = mine.get(i, (ZERO, {}))
-            key = tuple(rest)
-            by_rest[key] = by_rest.get(key, ZERO) + value
-            mine[i] = (total + value, by_rest)
-    sparse = dim.aggregate in ("sum", "integral")
+                    break
+            if keep is None:
+                mine = plain.setdefault(customer, {})
+                mine[i] = mine.get(i, ZERO) + value
+                continue
+            rest = tuple(pair for pair in labels if pair[0] in keep)
+            kept = rich.setdefault(customer, {})
+            total, by_rest = kept.get(i, (ZERO, {}))
+            by_rest[rest] = by_rest.get(rest, ZERO) + value
+            kept[i] = (total + value, by_rest)
+    return dict(plain) if keep is None else dict(rich)
+
+
+def customer_points(points: Sequence[Point], mine: Shares, dim: Dimension) -> list[Point]:
+    """One customer's points from its shares (see split_by_customer for which are listed)."""
     last = len(points) - 1
-    out: dict[str, list[Point]] = {}
-    for customer, mine in shares.items():
-        indices = sorted(set(mine) | {last}) if sparse else range(len(points))
-        out[customer] = [_share(points[i], mine.get(i), bool(dim.allocations)) for i in indices]
+    if dim.aggregate in ("sum", "integral"):
+        indices: Sequence[int] = sorted({*mine, last})
+    else:
+        indices = range(len(points))
+    out = []
+    for i in indices:
+        p, share = points[i], mine.get(i)
+        if dim.allocations is None:
+            out.append(Point(p.t, share if isinstance(share, Decimal) else ZERO, p.span))
+        elif share is None:
+            out.append(Point(p.t, ZERO, p.span, {}))
+        else:
+            assert isinstance(share, tuple)
+            total, by_rest = share
+            out.append(Point(p.t, total, p.span, {k: v for k, v in by_rest.items() if v}))
     return out
-
-
-def _share(
-    p: Point, mine: tuple[Decimal, dict[LabelSet, Decimal]] | None, breakdowns: bool
-) -> Point:
-    if mine is None:
-        return Point(p.t, ZERO, p.span, {} if breakdowns else None)
-    total, by_rest = mine
-    return Point(
-        p.t, total, p.span, {k: v for k, v in by_rest.items() if v} if breakdowns else None
-    )
 
 
 def seal_one(
@@ -115,14 +135,14 @@ def seal_one(
             return None
         known = {c.label for c in ledger.customers(include_removed=True)}
         active = {c.label for c in ledger.customers()} if config.saas.idle_zero else set()
-        split = split_by_customer(points, config.saas.customer_label, dim)
+        split = shares_by_customer(points, config.saas.customer_label, dim)
         last = max(p.t for p in points)
         timestamp = min(max(int(last), hour), hour + HOUR - 1)
         done: list[CustomerSealed] = []
         for customer in sorted(set(split) | active):
             mine = split.get(customer)
             if mine is not None and customer not in known:
-                ledger.hold_usage(db, customer, name, hour, mine, now)
+                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
                 log.warning(
                     "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
                     "add` names it, within 24 h",
@@ -134,12 +154,12 @@ def seal_one(
                 continue
             if mine is None:  # idle zero: what an hour of nothing bills
                 raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
-                count = 0
+                own: list[Point] = []
             else:
-                raw, quantity = billed(dim, mine)
-                count = len(mine)
-            _insert(ledger, db, config, dim, customer, hour, mine or [], raw, quantity,
-                    timestamp, count, now, hour + HOUR + offset)  # fmt: skip
+                own = customer_points(points, mine, dim)
+                raw, quantity = billed(dim, own)
+            _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
+                    timestamp, len(own), now, hour + HOUR + offset)  # fmt: skip
             done.append(CustomerSealed(customer, name, hour, quantity.text))
         db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (name, hour))
     held = sorted(c for c in split if c not in known)

@@ -95,6 +95,7 @@ parts_strategy = st.dictionaries(
     scale=st.sampled_from([D("1"), D("0.1"), D("0.37")]),
     rounding=st.sampled_from(["up", "down", "nearest"]),
     decimals=st.sampled_from([None, 2]),
+    tags=st.sampled_from([None, {"Tenant": "tenant"}]),
 )
 def test_each_customer_is_billed_what_it_alone_would_be(
     samples: list[dict[tuple[str | None, str | None], Decimal]],
@@ -103,10 +104,11 @@ def test_each_customer_is_billed_what_it_alone_would_be(
     scale: Decimal,
     rounding: str,
     decimals: int | None,
+    tags: dict[str, str] | None,
 ) -> None:
     dim = Dimension(
         "api", config_mod.CollectorConfig("log", {}, False, "level", False), aggregate, scale,
-        rounding, decimals, 60, "dimensions[0]", {"Tenant": "tenant"},
+        rounding, decimals, 60, "dimensions[0]", tags,
     )  # fmt: skip
     hour = [
         (H + 60.0 * m, {key(c, t): v for (c, t), v in parts.items() if v})
