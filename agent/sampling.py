@@ -153,6 +153,8 @@ class Sampler:
                 self.start_errors[dim.name] = str(e)
             else:
                 self.collectors[dim.name].count_labels(all_labels or self._bills_labels(dim))
+                if config.saas is not None:
+                    self.collectors[dim.name].keep_label = config.saas.customer_label
 
     def probe(self, dim: Dimension) -> str | None:
         """None if the dimension's source is there; else why not (for `check --offline`)."""

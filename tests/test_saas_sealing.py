@@ -260,3 +260,26 @@ def test_through_the_ledger_every_customer_matches_the_oracle(
         zero = to_quantity(D(0), dim.scale, dim.rounding, dim.decimals).text
         assert rows.get(c) == (oracle(dim, hour, c)[1] if used else (zero if c in KNOWN else None))
     ledger.close()
+
+
+def test_a_reading_of_more_customers_than_the_collector_cap_keeps_each(tmp_path: Path) -> None:
+    """Beyond the collectors' 10,000 label sets a reading folds the rest under `()`; in SaaS mode
+    a set keeps its customer label, so no customer's lines become nobody's usage."""
+    from agent.collectors.base import MAX_LABEL_SETS
+    from agent.sampling import Sampler
+
+    log = tmp_path / "app.log"
+    n = MAX_LABEL_SETS + 50
+    log.write_text("".join(f"c={i} t=x{i % 3} n=1\n" for i in range(n)) + "c=7 t=y n=2\n")
+    dims = LOG_DIMS.replace("/nonexistent/app.log", str(log)).replace(
+        "mode: sum}", "mode: sum, start_at: beginning}"
+    )
+    cfg = saas_config(tmp_path, dims)
+    sample = Sampler(cfg).take(cfg.dimensions[0], H, None)
+    assert sample.error is None and sample.value == n + 2
+    by: dict[str, Decimal] = {}
+    for k, v in (sample.breakdown or {}).items():
+        who = dict(k).get("customer", "")
+        by[who] = by.get(who, D(0)) + v
+    assert "" not in by and len(by) == n
+    assert by["7"] == 3 and all(by[str(i)] == 1 for i in range(n) if i != 7)
