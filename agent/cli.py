@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", required=True, help="a duration ago (24h, 7d) or a date (2026-11-01)")
     p.add_argument("--until", default=None, help="same forms as --since (default: now)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--customer", default=None, help="SaaS mode: only this customer label's records")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
@@ -462,9 +463,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
             last = collector.last
             text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
         print(text)
+        if cfg.saas is not None:
+            for line in customer_lines(cfg.saas.customer_label, s.breakdown or {}, ledger):
+                print(line)
+            continue
         for line in breakdown_lines(s.breakdown or {}):
             print(line)
     return EX_OK
+
+
+def customer_lines(label: str, breakdown: Mapping[Any, Decimal], ledger: Any) -> list[str]:
+    """SaaS mode's `sample`: the reading per customer (the value of `label`), each marked
+    unknown when no customer has it yet (its usage would be held)."""
+    by: dict[str, Decimal] = {}
+    for labels, value in breakdown.items():
+        who = dict(labels).get(label, "")
+        by[who] = by.get(who, Decimal(0)) + value
+    lines = []
+    for who, value in sorted(by.items()):
+        if not value:
+            continue
+        known = bool(who) and ledger is not None and ledger.customer(who) is not None
+        note = "" if known else "  (unknown customer: held until `customers add`)"
+        lines.append(f"  customer {who or '(no label)'}  {_num(value)}{note}")
+    return lines
 
 
 def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]:
@@ -598,9 +620,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     until = report.parse_when(args.until, now, "--until") if args.until else None
     if until is not None and until <= since:
         raise report.UsageError("--until must be later than --since")
+    if args.customer is not None and cfg.mode != "saas":
+        raise report.UsageError(f"--customer is for SaaS mode; {cfg.source} has mode: instance")
     ledger = open_ledger_readonly(cfg.state_dir, "report")
-    print(report.render(report.rows(ledger, since, until), args.format))
+    data = report.rows(ledger, since, until, cfg.mode == "saas", args.customer)
+    if args.customer is not None and not data and (ledger is None or not _known(ledger, args)):
+        raise report.UsageError(
+            f"--customer {args.customer}: no such customer in {cfg.state_dir}; "
+            "see `metering-agent customers list`"
+        )
+    print(report.render(data, args.format))
     return EX_OK
+
+
+def _known(ledger: Any, args: argparse.Namespace) -> bool:
+    return ledger.customer(args.customer) is not None
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -652,6 +686,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from agent import config, trial
+    from agent.errors import ConfigError
+
+    cfg = config.load(config.resolve_path(args.config))
+    if cfg.mode == "saas":
+        raise ConfigError(
+            "mode", f"trial runs instance mode (MeterUsage) only; {cfg.source} has mode: saas; "
+            "try it with `metering-agent sample` and `status` against a test state_dir",
+        )  # fmt: skip
 
     return trial.main(config.resolve_path(args.config), args.hours, args.speed, args.dimensions)
 
