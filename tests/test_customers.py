@@ -91,8 +91,11 @@ def saas_config(tmp_path: Path, url: str, mode: str = "saas", redirect: str = RE
             mode: {mode}
             metering: {{endpoint_url: "{url}", region: us-east-1, send_window: 0}}
             dimensions:
-              - name: vcpus
-                collector: {{type: system, metric: cpu_count}}
+              - name: requests
+                collector:
+                  type: log
+                  path: {tmp_path / "app.log"}
+                  pattern: 'customer=(?P<customer>\\S+)'
             """
         )
         + textwrap.dedent(saas)

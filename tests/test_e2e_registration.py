@@ -85,8 +85,11 @@ def saas_config(tmp_path: Path, emulator: Emulator, port: int, redirect: str = R
               send_window: 0
               startup_check: false
             dimensions:
-              - name: vcpus
-                collector: {{type: system, metric: cpu_count}}
+              - name: requests
+                collector:
+                  type: log
+                  path: {tmp_path / "app.log"}
+                  pattern: 'customer=(?P<customer>\\S+)'
             """
         )
     )
