@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", required=True, help="a duration ago (24h, 7d) or a date (2026-11-01)")
     p.add_argument("--until", default=None, help="same forms as --since (default: now)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--customer", default=None, help="SaaS mode: only this customer label's records")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
@@ -198,7 +200,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_prepare_image)
+    add_customer_commands(sub, common)
     return parser
+
+
+def add_customer_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """SaaS mode: `customers add|list|remove`, `resolve-customer`, `serve-registration`."""
+    p = sub.add_parser("customers", help="SaaS mode: the customers usage is billed to")
+    csub = p.add_subparsers(title="customers commands", metavar="ACTION")
+    p.set_defaults(func=functools.partial(_usage, p))
+    c = csub.add_parser(
+        "add",
+        parents=[common],
+        help="add a customer: --token TOKEN (ResolveCustomer), or --account ID --license ARN "
+        "--as LABEL, or --customer-identifier ID --as LABEL (legacy)",
+    )
+    c.add_argument("--token", help="a registration token (x-amzn-marketplace-token); - reads stdin")
+    c.add_argument("--account", help="CustomerAWSAccountId (12 digits)")
+    c.add_argument("--license", dest="license_arn", help="the customer's LicenseArn")
+    c.add_argument("--agreement", help="the AgreementId (optional, kept for reference)")
+    c.add_argument("--customer-identifier", help="a legacy integration's CustomerIdentifier")
+    c.add_argument(
+        "--as", dest="label", help="the customer label's value in the usage (default: account id)"
+    )
+    c.set_defaults(func=cmd_customers_add)
+    c = csub.add_parser("list", parents=[common], help="the customers, removed ones marked")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_customers_list)
+    c = csub.add_parser(
+        "remove", parents=[common], help="no more idle zeros for LABEL (its usage is still billed)"
+    )
+    c.add_argument("label", metavar="LABEL")
+    c.set_defaults(func=cmd_customers_remove)
+    p = sub.add_parser(
+        "resolve-customer",
+        parents=[common],
+        help="ResolveCustomer for a registration token; prints the answer as JSON, stores nothing",
+    )
+    p.add_argument("token", metavar="TOKEN", help="the registration token; - reads stdin")
+    p.set_defaults(func=cmd_resolve_customer)
+    p = sub.add_parser(
+        "serve-registration",
+        parents=[common],
+        help="serve the fulfillment URL handler (what `run` starts when saas.registration is set)",
+    )
+    add_clock_options(p)
+    p.set_defaults(func=cmd_serve_registration)
 
 
 def add_clock_options(p: argparse.ArgumentParser) -> None:
@@ -445,9 +492,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
             last = collector.last
             text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
         print(text)
+        if cfg.saas is not None:
+            for line in customer_lines(cfg.saas.customer_label, s.breakdown or {}, ledger):
+                print(line)
+            continue
         for line in breakdown_lines(s.breakdown or {}):
             print(line)
     return EX_OK
+
+
+def customer_lines(label: str, breakdown: Mapping[Any, Decimal], ledger: Any) -> list[str]:
+    """SaaS mode's `sample`: the reading per customer (the value of `label`), each marked
+    unknown when no customer has it yet (its usage would be held)."""
+    by: dict[str, Decimal] = {}
+    for labels, value in breakdown.items():
+        who = dict(labels).get(label, "")
+        by[who] = by.get(who, Decimal(0)) + value
+    lines = []
+    for who, value in sorted(by.items()):
+        if not value:
+            continue
+        known = bool(who) and ledger is not None and ledger.customer(who) is not None
+        note = "" if known else "  (unknown customer: held until `customers add`)"
+        lines.append(f"  customer {who or '(no label)'}  {_num(value)}{note}")
+    return lines
 
 
 def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]:
@@ -609,9 +677,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     until = report.parse_when(args.until, now, "--until") if args.until else None
     if until is not None and until <= since:
         raise report.UsageError("--until must be later than --since")
+    if args.customer is not None and cfg.mode != "saas":
+        raise report.UsageError(f"--customer is for SaaS mode; {cfg.source} has mode: instance")
     ledger = open_ledger_readonly(cfg.state_dir, "report")
-    print(report.render(report.rows(ledger, since, until), args.format))
+    data = report.rows(ledger, since, until, cfg.mode == "saas", args.customer)
+    if args.customer is not None and not data and (ledger is None or not _known(ledger, args)):
+        raise report.UsageError(
+            f"--customer {args.customer}: no such customer in {cfg.state_dir}; "
+            "see `metering-agent customers list`"
+        )
+    print(report.render(data, args.format))
     return EX_OK
+
+
+def _known(ledger: Any, args: argparse.Namespace) -> bool:
+    return ledger.customer(args.customer) is not None
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -667,6 +747,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from agent import config, trial
+    from agent.errors import ConfigError
+
+    cfg = config.load(config.resolve_path(args.config))
+    if cfg.mode == "saas":
+        raise ConfigError(
+            "mode", f"trial runs instance mode (MeterUsage) only; {cfg.source} has mode: saas; "
+            "try it with `metering-agent sample` and `status` against a test state_dir",
+        )  # fmt: skip
 
     return trial.main(config.resolve_path(args.config), args.hours, args.speed, args.dimensions)
 
@@ -681,3 +769,126 @@ def cmd_prepare_image(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
     return image.prepare(cfg, args.yes)
+
+
+# -- customers (SaaS mode) --------------------------------------------------------------------
+
+
+def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`customers` without an action: its usage, exit 2 (as argparse's own usage errors)."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _token_argument(token: str) -> str:
+    """A token from the command line, or from stdin with `-` (out of `ps` and shell history)."""
+    from agent.customers import BadArgument
+
+    if token == "-":
+        token = sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        raise BadArgument("the registration token is empty")
+    return token
+
+
+def _resolver(cfg: Any) -> Any:
+    from agent import metering
+
+    region, _ = metering.resolve_region(cfg.metering.region)
+    return metering.MeteringClient(region, cfg.metering.endpoint_url)
+
+
+def cmd_customers_add(args: argparse.Namespace) -> int:
+    from agent import customers
+    from agent.ledger import Ledger
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers add")
+    now = Clock().time()
+    if args.token is not None:
+        if args.account or args.license_arn or args.customer_identifier or args.agreement:
+            raise customers.BadArgument(
+                "--token takes the customer from ResolveCustomer: without --account, --license, "
+                "--agreement or --customer-identifier"
+            )
+        if args.label is not None:
+            customers.check_label(args.label)
+        token = _token_argument(args.token)
+        ownership.check_writer(Path(cfg.state_dir), "customers add")  # before the token is used
+        resolved = _resolver(cfg).resolve_customer(token)
+        customer = customers.from_resolved(resolved, args.label, now, cfg.product_code)
+    else:
+        if args.label is None:
+            raise customers.BadArgument(
+                "--as LABEL is required with --account/--license or --customer-identifier"
+            )
+        customer = customers.by_hand(args.label, now, args.account, args.license_arn,
+                                     args.agreement, args.customer_identifier)  # fmt: skip
+    ownership.check_writer(Path(cfg.state_dir), "customers add")
+    ledger = Ledger(cfg.state_dir)
+    try:
+        stored = customers.store(ledger, customer)
+    finally:
+        ledger.close()
+    print(stored.line())
+    return EX_OK
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    from agent import customers
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers list")
+    ledger = open_ledger_readonly(cfg.state_dir, "customers list")
+    found = [] if ledger is None else ledger.customers(include_removed=True)
+    if ledger is not None:
+        ledger.close()
+    if args.json:
+        print(json.dumps([customers.as_json(c) for c in found], indent=2))
+    else:
+        print(customers.table(found))
+    return EX_OK
+
+
+def cmd_customers_remove(args: argparse.Namespace) -> int:
+    from agent import customers
+    from agent.ledger import Ledger
+
+    cfg = load_config(args)
+    customers.require_saas(cfg, "customers remove")
+    ownership.check_writer(Path(cfg.state_dir), "customers remove")
+    ledger = Ledger(cfg.state_dir)
+    try:
+        known = ledger.customer(args.label)
+        if known is None:
+            raise AgentError(
+                f"no customer labelled {args.label!r} (metering-agent customers list shows them)"
+            )
+        if not ledger.remove_customer(args.label, Clock().time()):
+            print(f"customer {args.label} was already removed")
+            return EX_OK
+    finally:
+        ledger.close()
+    print(f"customer {args.label} removed: no more idle zeros; its usage is still billed")
+    return EX_OK
+
+
+def cmd_resolve_customer(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    resolved = _resolver(cfg).resolve_customer(_token_argument(args.token))
+    print(json.dumps(resolved.as_json(), indent=2))
+    return EX_OK
+
+
+def cmd_serve_registration(args: argparse.Namespace) -> int:
+    from agent import fulfillment
+    from agent.customers import require_saas
+
+    cfg = load_config(args)
+    require_saas(cfg, "serve-registration")
+    if cfg.saas.registration is None:
+        from agent.errors import ConfigError
+
+        raise ConfigError("saas.registration", "not set: add listen and redirect to serve it")
+    return fulfillment.serve(cfg, make_clock(args))

@@ -416,6 +416,10 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
                 collect(errors, _producible, dim, registry)
     register = collect(errors, _register_usage, top["register_usage"])
     saas = _saas(top, errors)
+    if saas is not None:
+        for dim in dimensions:
+            if dim is not None:
+                collect(errors, _names_customers, dim, saas.customer_label, registry)
     raise_all(errors, f"{source}")
     hook = top["on_metering_failure"]
     recovery = top["on_recovery"]
@@ -451,6 +455,13 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
         return None
     section = SAAS.parse({}, "saas") if raw is None else raw
     reg = section["registration"]
+    if reg:
+        from agent.fulfillment import check_redirect  # the fields the handler fills in
+
+        try:
+            check_redirect(reg["redirect"])
+        except ConfigError as e:
+            errors.append(e)
     return Saas(
         customer_label=section["customer_label"],
         idle_zero=section["idle_zero"],
@@ -635,6 +646,24 @@ def _producible(dim: Dimension, registry: Registry) -> None:
                 )
             )
     raise_all(errors)
+
+
+def _names_customers(dim: Dimension, label: str, registry: Registry) -> None:
+    """SaaS mode: every dimension must be able to carry the customer label (`labels()`; None:
+    it cannot tell). Why at load: usage that never names a customer is never billed."""
+    cls = registry.get(dim.collector.type, f"{dim.path}.collector.type")
+    try:
+        known = cls(dim.collector.options, Sources()).labels()
+    except Exception:  # a plugin that cannot be built is reported by sampling.build_collector
+        return
+    if known is not None and label not in known:
+        have = ", ".join(sorted(known)) or "none"
+        raise ConfigError(
+            f"{dim.path}.collector",
+            f'cannot name the customer: saas.customer_label "{label}" is not a label this '
+            f"{dim.collector.type} collector produces (it produces: {have}); in SaaS mode every "
+            f"dimension needs it, e.g. a log pattern group (?P<{label}>...)",
+        )
 
 
 def _with_timeout(collector: CollectorConfig, interval: int, path: str) -> CollectorConfig:

@@ -176,6 +176,9 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     """Take the locks, copy the config for the sender children, open the ledger verified by
     IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
     state_dir = Path(config.state_dir)
+    from agent import fulfillment  # SaaS mode's registration handler child, if configured
+
+    handler = fulfillment.handler_for(config, state_dir / RUNNING_CONFIG, clock, log_format)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file
@@ -209,9 +212,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
     sender = SenderProcess(command, clock.monotonic)
     where = describe_platform(config, plat, ledger, ident, metadata)
-    return Daemon(
-        config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock), plat, where
-    )
+    return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock),
+                  plat, where, registration=handler)  # fmt: skip
 
 
 def describe_platform(
@@ -256,6 +258,7 @@ class Daemon:
         held: tuple[object, ...] = (),
         platform: platforms.Platform | None = None,
         where: str = "",
+        registration: Any = None,
     ) -> None:
         self.config = config
         self.platform = platform or platforms.Platform("ec2", "default")
@@ -266,6 +269,7 @@ class Daemon:
             == "exit"
         )
         self.exit_code = 0
+        self.registration = registration  # fulfillment.HandlerProcess (saas.registration)
         self.clock = clock
         self.ledger = ledger
         self.identity = ident
@@ -308,6 +312,8 @@ class Daemon:
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
         self.scheduler.start()
+        if self.registration is not None:
+            self.registration.ensure()
         self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -452,6 +458,8 @@ class Daemon:
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")
             self._add_sampling_jobs(self.scheduler, new)
+        if self.registration is not None:
+            self.registration.restart()  # it reads the running config only when it starts
         log.info(
             "reloaded %s: product %s, %d dimensions",
             new.source,
@@ -480,6 +488,8 @@ class Daemon:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.sender.stop()
+        if self.registration is not None:
+            self.registration.stop()
         restart = self.restarting()
         changed: list[Dimension] = []
         if restart:
@@ -680,6 +690,8 @@ class Daemon:
     def send_tick(self) -> None:
         """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
         self.hooks.check()
+        if self.registration is not None and not self.stop_event.is_set():
+            self.registration.ensure()  # started again if it exited
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
         when = due(self.ledger.send_state(), self.ledger.pending())

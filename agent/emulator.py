@@ -34,6 +34,9 @@ PublicKeyVersion >= 1 and known, Nonce <= 255 characters) and answers a PS256 JW
 key pair the emulator makes on first use (`GET /_emulator/public_key` serves its PEM); settings
 `entitled`, `authorized`, `rotation_timestamp` and `public_key_version` shape the answer, and faults
 with `operation: RegisterUsage` inject errors. `cryptography` is imported only then.
+ResolveCustomer answers for registration tokens made through `POST /_emulator/tokens` (or
+`Emulator.issue_token`): each names one customer and expires on the emulator's clock
+(InvalidTokenException for a token it never issued, ExpiredTokenException after its expiry).
 """
 
 from __future__ import annotations
@@ -132,6 +135,19 @@ class Fault:
     message: str = "injected fault"
 
 
+@dataclass(frozen=True)
+class Registration:
+    """The customer a registration token (`POST /_emulator/tokens`) resolves to, until `expires`
+    on the emulator's clock."""
+
+    account: str | None
+    license: str | None
+    agreement: str | None
+    legacy_identifier: str | None
+    product_code: str
+    expires: float
+
+
 @dataclass
 class State:
     records: dict[tuple[str, str, str, int], Record] = field(default_factory=dict)
@@ -139,6 +155,7 @@ class State:
     calls: list[dict[str, Any]] = field(default_factory=list)  # as answered (or dropped)
     received: list[dict[str, Any]] = field(default_factory=list)  # as they arrive
     faults: list[Fault] = field(default_factory=list)
+    registrations: dict[str, Registration] = field(default_factory=dict)  # token -> customer
 
 
 class TokenBucket:
@@ -405,6 +422,60 @@ class Emulator:
             answer["PublicKeyRotationTimestamp"] = s.rotation_timestamp
         return answer
 
+    # -- ResolveCustomer ------------------------------------------------------------------------
+
+    def issue_token(
+        self,
+        account: str | None = None,
+        license: str | None = None,
+        agreement: str | None = None,
+        legacy_identifier: str | None = None,
+        expires_in: float = 3600,
+        product: str | None = None,
+    ) -> str:
+        """A registration token for one customer, as the buyer's browser would post it: a new
+        integration (account + license) or a legacy one (legacy_identifier), resolvable until
+        `expires_in` seconds from now on the emulator's clock."""
+        if legacy_identifier is None and not (account and license):
+            raise ValueError("a token needs account and license, or legacy_identifier")
+        codes = self.settings.product_codes
+        product = product or (sorted(codes)[0] if codes else "emulatorproduct0000000001")
+        token = "emu-reg-" + uuid.uuid4().hex
+        registration = Registration(
+            account, license, agreement, legacy_identifier, product,
+            self.clock.time() + float(expires_in),
+        )  # fmt: skip
+        with self.lock:
+            self.state.registrations[token] = registration
+        return token
+
+    def _resolve_customer(
+        self, body: dict[str, Any], caller: str, signed_region: str | None
+    ) -> Any:
+        token = body.get("RegistrationToken")
+        if not isinstance(token, str) or not token:
+            raise ServiceError("ValidationException", "RegistrationToken is required")
+        if not self.settings.authorized:
+            raise ServiceError(
+                self.settings.deny_code,
+                f"User is not authorized to perform: aws-marketplace:ResolveCustomer ({caller})",
+            )
+        r = self.state.registrations.get(token)
+        if r is None:
+            raise ServiceError("InvalidTokenException", "Registration token is invalid")
+        if self.clock.time() >= r.expires:
+            raise ServiceError("ExpiredTokenException", "Registration token has expired")
+        answer: dict[str, Any] = {"ProductCode": r.product_code}
+        if r.legacy_identifier is not None:
+            answer["CustomerIdentifier"] = r.legacy_identifier
+        if r.account is not None:
+            answer["CustomerAWSAccountId"] = r.account
+        if r.legacy_identifier is None and r.license is not None:
+            answer["LicenseArn"] = r.license
+        if r.agreement is not None:
+            answer["Metadata"] = {"AgreementId": r.agreement}
+        return answer
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -437,6 +508,7 @@ Operation = Callable[[Emulator, dict[str, Any], str, str | None], Any]
 OPERATIONS: dict[str, Operation] = {
     "MeterUsage": Emulator._meter_usage,
     "RegisterUsage": Emulator._register_usage,
+    "ResolveCustomer": Emulator._resolve_customer,
 }
 
 
@@ -708,6 +780,8 @@ class _Handler(BaseHTTPRequestHandler):
                     e.inject(**fault)
             elif self.path == "/_emulator/settings":
                 e.configure(**data)
+            elif self.path == "/_emulator/tokens":
+                return self._send(200, {"token": e.issue_token(**data)})
             else:
                 return self._text(404, "Not Found")
         except (TypeError, ValueError) as err:

@@ -36,7 +36,11 @@ def refused_hours(ledger: Ledger, now: float) -> list[SealedHour]:
 
 def describe(h: SealedHour) -> str:
     state = "refused (held)" if h.state == "pending" else h.state
-    return f"hour {iso_hour(h.hour)} dimension {h.dimension} {state}: {h.last_error or 'no answer'}"
+    whose = f" customer {h.customer}" if h.customer else ""
+    return (
+        f"hour {iso_hour(h.hour)} dimension {h.dimension}{whose} {state}: "
+        f"{h.last_error or 'no answer'}"
+    )
 
 
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,24 @@ class Customer:
         """A legacy integration: records name CustomerIdentifier (and the request ProductCode)
         rather than CustomerAWSAccountId + LicenseArn."""
         return self.license_arn is None
+
+
+@dataclass(frozen=True)
+class HeldUsage:
+    """A label's share of a (dimension, hour) that no customer had when it was sealed: the points
+    sealing bills it from once the customer is added (within the window), else it expires."""
+
+    customer: str  # the label value ('' when the usage had no customer label)
+    dimension: str
+    hour: int
+    points: tuple[Point, ...]
+    held_at: float
+
+    @property
+    def timestamp(self) -> int:
+        """The record's Timestamp once sealed: the hour's last sample of the dimension."""
+        last = max(p.t for p in self.points)
+        return min(max(int(last), self.hour), self.hour + HOUR - 1)
 
 
 _CUSTOMER_COLUMNS = (
@@ -638,7 +656,9 @@ class Ledger:
     @staticmethod
     def _is_sealed(db: sqlite3.Connection, dimension: str, hour: int) -> bool:
         row = db.execute(
-            "SELECT 1 FROM hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+            "SELECT 1 FROM hours WHERE dimension = ? AND hour = ? UNION ALL "
+            "SELECT 1 FROM held_usage WHERE dimension = ? AND hour = ? LIMIT 1",
+            (dimension, hour, dimension, hour),
         ).fetchone()
         return row is not None
 
@@ -875,6 +895,37 @@ class Ledger:
             )
         return True
 
+    def register_customer(self, customer: Customer) -> tuple[str, Customer | None]:
+        """Store `customer` unless its label names another buyer, in one transaction (the
+        fulfillment handler and `customers add` may race): ('added' | 'updated' | 'unchanged' |
+        'conflict', the row that was there). The same buyer (account id, else legacy customer
+        identifier) may come back with a new license or agreement: updated, brought back if
+        removed, its first added_at kept. Another buyer under the label is refused: usage under
+        it, held or late, would be billed to the wrong account."""
+        with self.transaction() as db:
+            row = db.execute(
+                f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer.label,)
+            ).fetchone()
+            old = None if row is None else Customer(*row)
+            if old is not None:
+                same = (
+                    (old.account_id, old.customer_identifier)
+                    == (customer.account_id, customer.customer_identifier)
+                    if old.account_id is None or customer.account_id is None
+                    else old.account_id == customer.account_id
+                )
+                if not same:
+                    return "conflict", old
+                customer = replace(customer, added_at=old.added_at, removed_at=None)
+                if customer == old:
+                    return "unchanged", old
+            db.execute(
+                f"INSERT OR REPLACE INTO customers ({_CUSTOMER_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(getattr(customer, f.name) for f in fields(Customer)),
+            )
+        return ("added" if old is None else "updated"), old
+
     def remove_customer(self, label: str, now: float) -> bool:
         """Mark a customer removed (no more idle zeros; usage is still billed); False if unknown
         or already removed."""
@@ -900,6 +951,77 @@ class Ledger:
                 f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (label,)
             ).fetchone()
         return None if row is None else Customer(*row)
+
+    # -- held usage (SaaS mode: a label no customer has yet) --------------------------------------
+
+    def hold_usage(
+        self, db: sqlite3.Connection, customer: str, dimension: str, hour: int,
+        points: Sequence[Point], now: float,
+    ) -> None:  # fmt: skip
+        """Keep one unknown label's share of a (dimension, hour) in the sealing transaction, as
+        the points sealing would bill it from; a second hold of the same key (samples carried
+        into an hour after it was sealed) adds its points."""
+        row = db.execute(
+            "SELECT points FROM held_usage WHERE customer = ? AND dimension = ? AND hour = ?",
+            (customer, dimension, hour),
+        ).fetchone()
+        kept = [] if row is None else json.loads(row[0])
+        kept.extend(_point_json(p) for p in points)
+        db.execute(
+            "INSERT INTO held_usage (customer, dimension, hour, points, held_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+            "points = excluded.points",
+            (customer, dimension, hour, json.dumps(kept, separators=(",", ":")), now),
+        )
+
+    def held_usage(
+        self,
+        db: sqlite3.Connection | None = None,
+        customers: Sequence[str] | None = None,
+        settle_by: float | None = None,
+    ) -> list[HeldUsage]:
+        """Usage held for labels that name no customer (oldest first); only `customers`' when
+        given. `settle_by`: only what a pass at that time may settle: held for a label that is
+        now a customer, or of an hour that began at or before `settle_by` (its window may have
+        passed), so a pass does not parse every held point each round."""
+        sql = "SELECT customer, dimension, hour, points, held_at FROM held_usage WHERE 1"
+        args: list[Any] = []
+        if customers is not None:
+            sql += f" AND customer IN ({','.join('?' * len(customers))})"
+            args = list(customers)
+        if settle_by is not None:
+            sql += " AND (customer IN (SELECT label FROM customers) OR hour <= ?)"
+            args.append(settle_by)
+        with self._lock:
+            try:
+                rows = (
+                    (db or self.db)
+                    .execute(sql + " ORDER BY hour, dimension, customer", args)
+                    .fetchall()
+                )
+            except sqlite3.OperationalError:  # read-only look at a ledger not yet migrated
+                return []
+        return [
+            HeldUsage(c, d, int(h), tuple(_json_point(p) for p in json.loads(pts)), float(at))
+            for c, d, h, pts, at in rows
+        ]
+
+    def release_held(
+        self, db: sqlite3.Connection, held: HeldUsage, expired: str | None = None
+    ) -> None:
+        """Forget held usage once its record is sealed (the caller's insert_sealed, same
+        transaction). With `expired` (why), that record is settled `expired` at once: it is past
+        the window, kept for status, report and health like any expired hour."""
+        db.execute(
+            "DELETE FROM held_usage WHERE customer = ? AND dimension = ? AND hour = ?",
+            (held.customer, held.dimension, held.hour),
+        )
+        if expired is not None:
+            db.execute(
+                "UPDATE hours SET state = 'expired', last_error = ?, done_at = sealed_at "
+                "WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'pending'",
+                (expired, held.customer, held.dimension, held.hour),
+            )
 
     def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """Unsealed samples and collector positions written at or after `t` (this run's)."""
@@ -1001,6 +1123,21 @@ def _added_breakdown(
     for labels, v in (breakdown if breakdown is not None else {(): value}).items():
         out[labels] = out.get(labels, Decimal(0)) + v
     return _breakdown_text({k: v for k, v in out.items() if v})
+
+
+def _point_json(p: Point) -> list[Any]:
+    """A held point: [t, value, span] and, with a breakdown, its label sets (`_breakdown_text`)."""
+    out: list[Any] = [p.t, str(p.value), p.span]
+    if p.breakdown is not None:
+        out.append(json.loads(_breakdown_text(p.breakdown) or "[]"))
+    return out
+
+
+def _json_point(item: list[Any]) -> Point:
+    breakdown = None
+    if len(item) > 3 and item[3] is not None:
+        breakdown = _breakdown(json.dumps(item[3]))
+    return Point(float(item[0]), Decimal(item[1]), float(item[2]), breakdown)
 
 
 def _sealed(row: tuple[Any, ...]) -> SealedHour:

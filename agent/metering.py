@@ -1,5 +1,5 @@
-"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check, MeterUsage and
-RegisterUsage.
+"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check, MeterUsage,
+RegisterUsage and ResolveCustomer.
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon can import
 this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in a short child.
@@ -85,6 +85,14 @@ HELD = {"InvalidProductCodeException", "InvalidUsageDimensionException"}
 PRODUCT_CODE_REFUSED = "InvalidProductCodeException"
 OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
 SKEW_NAMED = 60.0  # a clock this far from the service's `Date` is named in the reason
+SELLER_HINT = (
+    'give the seller\'s role or user a policy that allows "aws-marketplace:ResolveCustomer" '
+    '(and "aws-marketplace:BatchMeterUsage")'
+)
+# ResolveCustomer: a buyer is waiting on the fulfillment page, so throttling and the service's
+# transient failures are retried here, briefly, not through the ledger.
+RESOLVE_TRIES = 5
+RESOLVE_BACKOFF = 0.25  # seconds before the 2nd try; doubled for each next one
 
 
 class ImdsError(Unavailable):
@@ -445,6 +453,10 @@ class MeteringClient:
             )
         )
 
+    def resolve_customer(self, token: str) -> Resolved:
+        """ResolveCustomer for a registration token (see `resolve`)."""
+        return resolve(self, token)
+
     def dry_run(
         self, product_code: str, dimension: str, decimals: int | None, now: float
     ) -> Outcome:
@@ -453,6 +465,100 @@ class MeteringClient:
         request = build_request(product_code, dimension, now, zero, None)
         request["DryRun"] = True
         return self.call(request)
+
+
+class TokenRefused(NotAuthorized):
+    """ResolveCustomer refused the registration token (invalid or expired)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """ResolveCustomer's answer: a new integration's CustomerAWSAccountId + LicenseArn, or a
+    legacy product's CustomerIdentifier (an account id may come with it)."""
+
+    account_id: str | None
+    license_arn: str | None
+    agreement_id: str | None
+    customer_identifier: str | None
+    product_code: str | None
+
+    def as_json(self) -> dict[str, str | None]:
+        return {
+            "CustomerAWSAccountId": self.account_id,
+            "LicenseArn": self.license_arn,
+            "AgreementId": self.agreement_id,
+            "CustomerIdentifier": self.customer_identifier,
+            "ProductCode": self.product_code,
+        }
+
+
+def resolve(client: MeteringClient, token: str) -> Resolved:
+    """ResolveCustomer for a registration token, now: throttling and transient failures retried
+    with backoff (on the client's clock), every other answer one AgentError line.
+
+    Why at once: the token expires within hours of the buyer's browser posting it, so a token
+    is redeemed when it arrives, never queued. The token itself is in no message."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    delay = RESOLVE_BACKOFF
+    for attempt in range(1, RESOLVE_TRIES + 1):
+        try:
+            answer = client.client.resolve_customer(RegistrationToken=token)
+        except NoCredentialsError:
+            raise Unavailable(f"ResolveCustomer: no AWS credentials found; {SELLER_HINT}") from None
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code") or "Unknown")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            text = f"{code}: {err.get('Message') or ''}".rstrip(": ")
+            if code == "InvalidTokenException":
+                raise TokenRefused(
+                    f"ResolveCustomer: the registration token is not valid ({text}); pass the "
+                    "x-amzn-marketplace-token exactly as AWS Marketplace posted it"
+                ) from None
+            if code == "ExpiredTokenException" and "security token" in text.lower():
+                raise Unavailable(  # the seller's own session credentials, not the buyer's token
+                    f"ResolveCustomer: the AWS credentials' session has expired ({text}); "
+                    "refresh the credentials the agent runs with"
+                ) from None
+            if code == "ExpiredTokenException":
+                raise TokenRefused(
+                    f"ResolveCustomer: the registration token has expired ({text}); a token must "
+                    "be redeemed at once, as the buyer's browser posts it (the fulfillment "
+                    "handler does); ask the buyer to open the product's setup link again"
+                ) from None
+            if code in UNAUTHORIZED:
+                raise NotAuthorized(
+                    f"ResolveCustomer: not authorized ({text}); {SELLER_HINT}"
+                ) from None
+            if classify(code, status, text) != "retry":
+                raise AgentError(
+                    f"ResolveCustomer: the service refused the request ({text})"
+                ) from None
+            failure = text
+        except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
+            failure = f"{type(e).__name__}: {e}"
+        else:
+            return _resolved(answer)
+        if attempt < RESOLVE_TRIES:
+            log.warning("ResolveCustomer: try %d of %d failed (%s); retrying in %.2f s",
+                        attempt, RESOLVE_TRIES, failure, delay)  # fmt: skip
+            client.clock.sleep(delay)
+            delay *= 2
+    raise Unavailable(
+        f"ResolveCustomer: service unreachable or throttling after {RESOLVE_TRIES} tries "
+        f"({failure}); try again in a minute"
+    )
+
+
+def _resolved(answer: Mapping[str, Any]) -> Resolved:
+    return Resolved(
+        account_id=answer.get("CustomerAWSAccountId"),
+        license_arn=answer.get("LicenseArn"),
+        agreement_id=(answer.get("Metadata") or {}).get("AgreementId"),
+        customer_identifier=answer.get("CustomerIdentifier"),
+        product_code=answer.get("ProductCode"),
+    )
 
 
 def build_request(

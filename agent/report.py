@@ -61,10 +61,29 @@ def hour_row(h: SealedHour) -> dict[str, Any]:
     }
 
 
-def rows(ledger: Ledger | None, since: float, until: float | None) -> list[dict[str, Any]]:
+NO_LABEL = "(no label)"  # SaaS usage that carried no customer label
+
+
+def customer_row(h: SealedHour) -> dict[str, Any]:
+    """A SaaS record as `status` and `report` show it: the hour's row and whose it is."""
+    return {"customer": h.customer or NO_LABEL, **hour_row(h)}
+
+
+def rows(
+    ledger: Ledger | None,
+    since: float,
+    until: float | None,
+    saas: bool = False,
+    customer: str | None = None,
+) -> list[dict[str, Any]]:
+    """The billed records of the period; SaaS mode: each with its customer, only `customer`'s
+    when given."""
     if ledger is None:
         return []
-    return [hour_row(h) for h in ledger.hours(since=since - since % 3600, until=until)]
+    hours = ledger.hours(since=since - since % 3600, until=until)
+    if not saas:
+        return [hour_row(h) for h in hours]
+    return [customer_row(h) for h in hours if customer is None or h.customer == customer]
 
 
 def table(cells: list[list[str]]) -> list[str]:
@@ -80,7 +99,8 @@ def render(data: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(data, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, COLUMNS, lineterminator="\n", extrasaction="ignore")
+        columns = ["customer", *COLUMNS] if data and "customer" in data[0] else COLUMNS
+        writer = csv.DictWriter(out, columns, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(data)
         return out.getvalue().rstrip("\n")
@@ -91,11 +111,15 @@ def _table(data: list[dict[str, Any]]) -> str:
     if not data:
         return "no sealed hours in this period"
     cols = ["hour", "dimension", "quantity", "state", "record_id", "sent_at"]
+    if "customer" in data[0]:
+        cols.insert(1, "customer")
     lines = table([[c.upper() for c in cols]] + [[str(r[c] or "-") for c in cols] for r in data])
     totals: dict[str, Decimal] = {}
     for r in data:
         if r["state"] == "sent":
-            totals[r["dimension"]] = totals.get(r["dimension"], Decimal(0)) + Decimal(r["quantity"])
+            who = f"{r['customer']} " if "customer" in r else ""
+            name = who + r["dimension"]
+            totals[name] = totals.get(name, Decimal(0)) + Decimal(r["quantity"])
     lines.append("")
     lines.append("billed (sent) totals:")
     for dim, total in sorted(totals.items()):

@@ -8,7 +8,9 @@ same transaction as the sample; that is what makes a restart neither lose nor re
 A reading's breakdown by labels becomes `Sample.breakdown`, in the sample's own units and summing
 exactly to its value (a counter's: each series' increment under that series' labels). A dimension
 keeps at most `max_label_sets` label sets apart per hour; a new one beyond that is counted under
-`()`, with one warning per dimension and hour.
+`()`, with one warning per dimension and hour. In SaaS mode every dimension keeps its breakdown,
+reduced to the customer label and the allocations' labels, and the cap never folds the customer
+label away (see `Sampler._bounded`).
 """
 
 from __future__ import annotations
@@ -150,7 +152,9 @@ class Sampler:
             except CollectorError as e:
                 self.start_errors[dim.name] = str(e)
             else:
-                self.collectors[dim.name].count_labels(all_labels or bool(dim.allocations))
+                self.collectors[dim.name].count_labels(all_labels or self._bills_labels(dim))
+                if config.saas is not None:
+                    self.collectors[dim.name].keep_label = config.saas.customer_label
 
     def probe(self, dim: Dimension) -> str | None:
         """None if the dimension's source is there; else why not (for `check --offline`)."""
@@ -185,11 +189,11 @@ class Sampler:
                 )
                 if parts is not None:
                     parts = _by_labels(increments, value)
-            if not (self.all_labels or dim.allocations):
+            if not (self.all_labels or self._bills_labels(dim)):
                 parts = None  # nothing bills labels: not stored, not counted
             breakdown = None if parts is None else _exact_breakdown(parts, value)
-            if dim.allocations and isinstance(breakdown, dict) and not self.all_labels:
-                breakdown = _mapped(breakdown, frozenset(dim.allocations.values()))
+            if isinstance(breakdown, dict) and not self.all_labels and self._bills_labels(dim):
+                breakdown = _mapped(breakdown, self._billed_labels(dim))
         except SourceMissing as e:
             return Sample(dim.name, t, None, None, None, f"source missing: {e}")
         except CollectorError as e:
@@ -214,11 +218,31 @@ class Sampler:
             breakdown=breakdown,
         )
 
+    def _bills_labels(self, dim: Dimension) -> bool:
+        """Whether the dimension's samples keep a breakdown: allocations bill it, and in SaaS
+        mode every dimension does (the customer label names whose usage it is)."""
+        return bool(dim.allocations) or self.config.saas is not None
+
+    def _billed_labels(self, dim: Dimension) -> frozenset[str]:
+        """The labels a stored breakdown keeps: the allocations' and the customer label."""
+        names = frozenset(dim.allocations.values()) if dim.allocations else frozenset()
+        if self.config.saas is not None:
+            names |= {self.config.saas.customer_label}
+        return names
+
     def _bounded(
         self, dim: Dimension, t: float, breakdown: dict[LabelSet, Decimal]
     ) -> dict[LabelSet, Decimal]:
         """Keep at most `max_label_sets` label sets apart per dimension and hour: a new one beyond
-        that has its usage moved under `()`, with one warning per dimension and hour."""
+        that has its usage moved under `()`, with one warning per dimension and hour.
+
+        SaaS mode: the customer label is never folded (that would bill one customer's usage to
+        nobody). A new label set beyond the cap keeps its customer label and loses the others (its
+        usage is billed in that customer's record, untagged); label sets that name a customer and
+        nothing else are not counted against the cap, so it bounds the allocations' combinations,
+        and the customers are bounded by the customers there are.
+        """
+        customer = self.config.saas.customer_label if self.config.saas is not None else None
         hour = hour_start(t)
         held = self._label_sets.get(dim.name)
         if held is None or held[0] != hour:
@@ -228,8 +252,11 @@ class Sampler:
         over = False
         for key, value in breakdown.items():
             if key and key not in seen:
-                if len(seen) >= dim.max_label_sets:
-                    over, key = True, ()
+                if customer is not None and all(name == customer for name, _ in key):
+                    pass  # a customer alone: kept apart, never counted against the cap
+                elif len(seen) >= dim.max_label_sets:
+                    over = True
+                    key = tuple(pair for pair in key if pair[0] == customer)
                 else:
                     seen.add(key)
             out[key] = out.get(key, Decimal(0)) + value
@@ -237,7 +264,7 @@ class Sampler:
             seen.add(())  # (marks the warning as given; () is never counted against the cap)
             log.warning(
                 "dimension %s: hour %s has more than %d label sets (max_label_sets); the usage "
-                "of further ones is counted without labels",
+                "of further ones is counted without labels (in SaaS mode: but the customer's)",
                 dim.name,
                 iso_hour(t),
                 dim.max_label_sets,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ def seal_hours(
         if hold is not None and not include_current and hold(name, hour):
             continue
         try:
+            if config.mode == "saas":
+                sealed.extend(_seal_customers(ledger, config, dim, hour, now, offset))
+                continue
             done = _seal_one(ledger, config, dim, hour, now, offset)
         except Exception as e:  # contained: this dimension's hour only
             failed.add(name)
@@ -87,10 +91,12 @@ def seal_hours(
             continue
         if done is not None:
             sealed.append(done)
+    if config.mode == "saas":
+        sealed.extend(_release_held(ledger, config, now))
     for name, _hour, _error in ledger.seal_errors():
         if name not in failed and name in dims and ledger.clear_seal_error(name):
             log.info("dimension %s: its hours seal again", name)
-    for s in sealed:
+    for s in sealed if config.mode != "saas" else ():  # saas: one line per (dimension, hour)
         log.info(
             "hour %s dimension %s: sealed quantity %s from %d samples",
             iso_hour(s.hour),
@@ -107,23 +113,7 @@ def _seal_one(
     """Seal one dimension's hour in one transaction; None if another pass sealed it first."""
     name = dim.name
     with ledger.transaction() as db:
-        points = ledger.points(db, name, hour)
-        bad = [p for p in points if not p.value.is_finite()]
-        if bad:
-            # Stored by an agent that did not check values yet (a `rows=nan` line): such a value
-            # is that round's collector error today, so it is dropped and the hour's finite
-            # samples are billed rather than held for good.
-            ledger.drop_samples(db, name, [p.t for p in bad])
-            points = [p for p in points if p.value.is_finite()]
-            log.warning(
-                "hour %s dimension %s: dropped %d stored sample(s) that are not a finite number "
-                "(the first at %s: %s)",
-                iso_hour(hour),
-                name,
-                len(bad),
-                iso(bad[0].t),
-                bad[0].value,
-            )
+        points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
         if not points:
             return None
         raw, quantity = billed(dim, points)
@@ -163,6 +153,53 @@ def _seal_one(
             allocations=allocated.allocations,
         )
     return Sealed(name, hour, quantity.text, len(points))
+
+
+def drop_bad_points(
+    ledger: Ledger, db: sqlite3.Connection, name: str, hour: int, points: list[Point]
+) -> list[Point]:
+    """The hour's points less those that are not a finite number, which are deleted.
+
+    Stored by an agent that did not check values yet (a `rows=nan` line): such a value is that
+    round's collector error today, so it is dropped and the hour's finite samples are billed
+    rather than held for good.
+    """
+    bad = [p for p in points if not p.value.is_finite()]
+    if not bad:
+        return points
+    ledger.drop_samples(db, name, [p.t for p in bad])
+    log.warning(
+        "hour %s dimension %s: dropped %d stored sample(s) that are not a finite number "
+        "(the first at %s: %s)",
+        iso_hour(hour),
+        name,
+        len(bad),
+        iso(bad[0].t),
+        bad[0].value,
+    )
+    return [p for p in points if p.value.is_finite()]
+
+
+def _seal_customers(
+    ledger: Ledger, config: Config, dim: Dimension, hour: int, now: float, offset: float
+) -> list[Sealed]:
+    """SaaS mode: the (dimension, hour) sealed per customer (saas_sealing.seal_one)."""
+    from agent import saas_sealing
+
+    done = saas_sealing.seal_one(ledger, config, dim, hour, now, offset)
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
+
+
+def _release_held(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
+    """SaaS mode: held usage sealed for labels that became customers (or expired)."""
+    from agent import saas_sealing
+
+    try:
+        done = saas_sealing.release_held(ledger, config, now)
+    except Exception as e:  # contained: sealing of the hours themselves went on
+        log.error("held usage: cannot release: %s: %s", type(e).__name__, e)
+        return []
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done]
 
 
 def billed(dim: Dimension, points: list[Point]) -> tuple[Decimal, Quantity]:

@@ -19,7 +19,7 @@ from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
 from agent.ledger import LEDGER_FILE, Ledger
-from agent.report import hour_row, table
+from agent.report import NO_LABEL, customer_row, hour_row, table
 
 
 def daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -140,6 +140,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         ],
         "hours": [hour_row(h) for h in ledger.hours(since=since)],
         "register_usage": registration_status(ledger, config),
+        **(_customers(ledger, config, now, since) if config.saas is not None else {}),
     }
 
 
@@ -159,6 +160,38 @@ def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None
         "signature_verified": last.get("verified"),
         "rotation_timestamp": iso(rotation) if rotation is not None else None,
         "warning": rotation_warning(version, rotation) if rotation is not None else None,
+    }
+
+
+def _customers(ledger: Ledger, config: Config, now: float, since: float) -> dict[str, Any]:
+    """SaaS mode: the records per customer, the customers count, usage held for labels no
+    customer has (`unknown customer`), and each dimension's open hour so far per customer."""
+    from agent import saas_sealing
+
+    assert config.saas is not None
+    dims = {d.name: d for d in config.dimensions}
+    everyone = ledger.customers(include_removed=True)
+    so_far: dict[str, dict[str, str]] = {}
+    for d in config.dimensions:
+        points = [
+            p for p in ledger.points(ledger.db, d.name, hour_start(now)) if p.value.is_finite()
+        ]
+        split = saas_sealing.split_by_customer(points, config.saas.customer_label, d)
+        try:
+            so_far[d.name] = {
+                c or NO_LABEL: sealing.billed(d, pts)[1].text for c, pts in sorted(split.items())
+            }
+        except (ArithmeticError, ValueError):
+            so_far[d.name] = {}
+    return {
+        "mode": "saas",
+        "customers": {
+            "known": sum(1 for c in everyone if c.removed_at is None),
+            "removed": sum(1 for c in everyone if c.removed_at is not None),
+        },
+        "current_hour_so_far_by_customer": so_far,
+        "hours": [customer_row(h) for h in ledger.hours(since=since)],
+        "held": saas_sealing.held_rows(ledger.held_usage(), dims),
     }
 
 
@@ -205,6 +238,8 @@ def render(report: dict[str, Any]) -> str:
             line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
     lines.append("")
+    if report.get("mode") == "saas":
+        return "\n".join(lines + _saas_lines(report))
     header = ["HOUR", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES", "LAST ERROR"]
     cells = [
         [r["hour"], r["dimension"], r["quantity"], r["state"], r["record_id"] or "-",
@@ -222,6 +257,31 @@ def _platform_line(p: dict[str, Any]) -> str:
         f"{_text(p['identity_source'])}   region: {region}   credentials: "
         f"{_text(p['credential_source'])}"
     )
+
+
+def _saas_lines(report: dict[str, Any]) -> list[str]:
+    """SaaS mode: a row per customer record, then the usage held for unknown customers."""
+    c = report["customers"]
+    lines = [f"customers: {c['known']} known, {c['removed']} removed"]
+    for name, by in report["current_hour_so_far_by_customer"].items():
+        if by:
+            lines.append(f"  {name} so far: " + ", ".join(f"{k} {v}" for k, v in by.items()))
+    lines.append("")
+    header = ["HOUR", "CUSTOMER", "DIMENSION", "QUANTITY", "STATE", "RECORD ID", "TRIES",
+              "LAST ERROR"]  # fmt: skip
+    cells = [
+        [r["hour"], r["customer"], r["dimension"], r["quantity"], r["state"],
+         r["record_id"] or "-", str(r["attempts"]), r["last_error"] or ""]
+        for r in report["hours"]
+    ]  # fmt: skip
+    held = [
+        [h["hour"], f"unknown customer ({h['label'] or NO_LABEL})", h["dimension"],
+         _text(h["quantity"]), "held", "-", "0", f"sealed once added; expires {h['expires_at']}"]
+        for h in report["held"]
+    ]  # fmt: skip
+    rows = cells + held
+    lines.extend(table([header, *rows]) if rows else ["no sealed hours in this period"])
+    return lines
 
 
 def _daemon_line(daemon: dict[str, Any]) -> str:

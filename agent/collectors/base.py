@@ -53,6 +53,15 @@ def series_labels(key: str) -> dict[str, str]:
 MAX_LABEL_SETS = 10_000
 
 
+def fold(key: LabelSet, keep: str | None) -> LabelSet:
+    """Where a label set's usage goes beyond MAX_LABEL_SETS: `()`, or, where a label must never
+    be folded (`keep`: SaaS mode's customer label), that label alone, so the usage stays its
+    customer's. Such label sets are bounded by the customers there are."""
+    if keep is None:
+        return ()
+    return tuple(pair for pair in key if pair[0] == keep)
+
+
 def label_set(labels: Mapping[str, str | None]) -> LabelSet:
     """(name, value) pairs sorted by name, only the labels that have a value; `()` for none."""
     return tuple(sorted((k, v) for k, v in labels.items() if v is not None))
@@ -153,6 +162,9 @@ class Collector:
     type_name: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Field]] = {}
     produces: ClassVar[Kind] = "level"
+    # A label never folded into `()` beyond MAX_LABEL_SETS (see `fold`): SaaS mode's customer
+    # label, set by the sampler.
+    keep_label: str | None = None
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         self.config = dict(options)

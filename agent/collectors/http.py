@@ -41,6 +41,7 @@ from agent.collectors.base import (
     Kind,
     Reading,
     Sources,
+    fold,
     label_set,
     series_key,
     series_labels,
@@ -129,7 +130,9 @@ class HttpCollector(Collector):
             # missing from it would look gone (and new when they come back).
             openmetrics = self._content_type.startswith("application/openmetrics-text")
             try:
-                return prometheus_reading(text, *self.selector, require_eof=openmetrics)
+                return prometheus_reading(
+                    text, *self.selector, require_eof=openmetrics, keep=self.keep_label
+                )
             except exposition.ExpositionError as e:
                 raise CollectorError(f"{self.config['url']}: {e}") from None
         return Reading(self._text(body))
@@ -199,7 +202,7 @@ class HttpCollector(Collector):
         for key, value in found.items():
             part = label_set({label: str(key)})
             if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
-                part = ()
+                part = fold(part, self.keep_label)
             breakdown[part] = breakdown.get(part, Decimal(0)) + _number(value, f"{what}[{key!r}]")
         # each key is a series: with `counter: true` each is differenced on its own (a key that
         # disappears or resets is not netted against the others)
@@ -382,7 +385,11 @@ def parse_selector(text: str, path: str) -> tuple[str, list[Matcher]]:
 
 
 def prometheus_reading(
-    text: str, name: str, matchers: list[Matcher], require_eof: bool = False
+    text: str,
+    name: str,
+    matchers: list[Matcher],
+    require_eof: bool = False,
+    keep: str | None = None,
 ) -> Reading:
     """The matching series of `name`, each on its own, summed into the reading's value.
 
@@ -422,7 +429,7 @@ def prometheus_reading(
     for key, value in series.items():
         part = label_set(series_labels(key))
         if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
-            part = ()
+            part = fold(part, keep)
         breakdown[part] = breakdown.get(part, Decimal(0)) + value
     total = sum(series.values(), Decimal(0))
     return Reading(total, series=series, epochs=epochs or None, breakdown=breakdown)

@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from agent.aggregate import LabelSet, reading_problem
+from agent.collectors.base import fold
 
 if sys.version_info >= (3, 11):
     from re import _parser as sre_parse  # type: ignore[attr-defined]
@@ -185,6 +186,7 @@ class LineMatcher:
         self.pattern = re.compile(raw, re.MULTILINE)
         self.labels = tuple(sorted(n for n in self.pattern.groupindex if n != "value"))
         self.parts: dict[LabelSet, Any] | None = {} if self.labels else None
+        self.keep_label: str | None = None  # never folded beyond MAX_PARTS (base.fold)
         self._label_sets: dict[Any, LabelSet] = {}  # raw group values -> label set (a cache)
         self._exact = may_match_newline(pattern) or mode == "sum"
         self.exact = self._exact or bool(self.labels)
@@ -312,7 +314,8 @@ class LineMatcher:
         elif len(parts) < MAX_PARTS:
             parts[key] = value
         else:
-            parts[()] = parts.get((), 0) + value
+            key = fold(key, self.keep_label)
+            parts[key] = parts.get(key, 0) + value
         return value
 
     def count_labels(self, on: bool) -> None:

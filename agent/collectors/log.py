@@ -48,6 +48,7 @@ from agent.collectors.base import (
     Reading,
     SourceMissing,
     Sources,
+    fold,
 )
 from agent.collectors.linecount import LineMatcher
 from agent.errors import ConfigError
@@ -201,6 +202,7 @@ class LogCollector(Collector):
         streams = _load_streams(state)
         self.last = ReadStats()
         self._parts = {}
+        self.matcher.keep_label = self.keep_label
         live = self._live_paths()
         bases = set(live) | {s["base"] for s in streams if s.get("base")}
         files: dict[str, _File] = {}
@@ -480,7 +482,7 @@ class LogCollector(Collector):
         mine = self._parts
         for key, value in parts.items():
             if key not in mine and len(mine) >= MAX_LABEL_SETS:
-                key = ()
+                key = fold(key, self.keep_label)
             mine[key] = mine.get(key, Decimal(0)) + value
 
     def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:

@@ -1,0 +1,189 @@
+"""SaaS mode's customers: who a label value in the usage bills, kept in the ledger.
+
+A customer is ResolveCustomer's answer for a buyer's registration token (or the ids a seller
+already has, added by hand) under the label value that names the buyer in every dimension's usage
+(`saas.customer_label`); by default the buyer's AWS account id. Adding one is all there is to do:
+sealing bills that label's usage from then on, held usage included (within the service's window).
+
+Why a label may not change hands: usage under it, held or arriving late, would be billed to
+another account. The same buyer may come back (a new license or agreement): updated in place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from agent.clock import iso
+from agent.errors import AgentError, ConfigError, NotAuthorized
+from agent.ledger import Customer, Ledger
+from agent.metering import Resolved
+
+ACCOUNT_ID = re.compile(r"\d{12}")
+ARN = re.compile(r"arn:aws[a-z-]*:[a-z0-9-]+:[^\s]*")
+LABEL = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+
+class BadArgument(AgentError):
+    """A command-line value that cannot be right (as argparse's own usage errors: exit 2)."""
+
+    exit_code = 2
+
+
+class LabelTaken(AgentError):
+    """The label already names another buyer."""
+
+
+def require_saas(cfg: Any, command: str) -> None:
+    """Customers belong to SaaS mode; an instance-mode config is the seller's mistake (78)."""
+    if getattr(cfg, "mode", "instance") != "saas":
+        raise ConfigError(
+            "mode",
+            f"`{command}` is for SaaS products; set mode: saas in {cfg.source} "
+            "(see README, SaaS products)",
+        )
+
+
+def check_label(label: str, option: str = "--as") -> str:
+    if not LABEL.fullmatch(label) or label != label.strip():
+        raise BadArgument(
+            f"{option} {label!r}: expected the customer label's value as the usage carries it "
+            "(1 to 256 printable characters, no leading or trailing spaces)"
+        )
+    return label
+
+
+class OtherProduct(NotAuthorized):
+    """The token is a subscription to another product than the one this config meters."""
+
+
+def from_resolved(
+    resolved: Resolved, label: str | None, now: float, product_code: str | None = None
+) -> Customer:
+    """ResolveCustomer's answer under `label` (default: the account id, else the legacy
+    CustomerIdentifier). With `product_code`, a token for another product is refused: its buyer
+    is not subscribed to this one, and every record for them would be refused."""
+    if product_code and resolved.product_code and resolved.product_code != product_code:
+        raise OtherProduct(
+            f"ResolveCustomer: the token is a subscription to product {resolved.product_code}, "
+            f"but this config meters product_code {product_code}; point that product's "
+            "fulfillment URL at its own agent"
+        )
+    chosen = label or resolved.account_id or resolved.customer_identifier
+    if not chosen:
+        raise AgentError("ResolveCustomer answered neither CustomerAWSAccountId nor "
+                         "CustomerIdentifier; pass --as LABEL")  # fmt: skip
+    if resolved.license_arn is None and resolved.customer_identifier is None:
+        raise AgentError(
+            "ResolveCustomer answered no LicenseArn and no CustomerIdentifier: no record could "
+            "name this customer"
+        )
+    return Customer(
+        label=check_label(chosen),
+        account_id=resolved.account_id,
+        license_arn=resolved.license_arn if resolved.customer_identifier is None else None,
+        agreement_id=resolved.agreement_id,
+        customer_identifier=resolved.customer_identifier,
+        product_code=resolved.product_code,
+        added_at=now,
+    )
+
+
+def by_hand(
+    label: str,
+    now: float,
+    account: str | None = None,
+    license_arn: str | None = None,
+    agreement: str | None = None,
+    identifier: str | None = None,
+) -> Customer:
+    """A customer the seller already knows (from an earlier integration, or its own records)."""
+    check_label(label)
+    if identifier is not None:
+        if account is not None or license_arn is not None:
+            raise BadArgument(
+                "--customer-identifier names a legacy customer: without --account and --license"
+            )
+        if not 1 <= len(identifier) <= 255 or identifier != identifier.strip():
+            raise BadArgument(f"--customer-identifier {identifier!r}: expected 1 to 255 characters")
+    else:
+        if account is None or license_arn is None:
+            raise BadArgument(
+                "customers add needs --token TOKEN, or --account ID --license ARN --as LABEL, "
+                "or --customer-identifier ID --as LABEL (legacy)"
+            )
+        if not ACCOUNT_ID.fullmatch(account):
+            raise BadArgument(f"--account {account!r}: expected a 12-digit AWS account id")
+        if not ARN.fullmatch(license_arn):
+            raise BadArgument(
+                f"--license {license_arn!r}: expected the license's ARN "
+                "(arn:aws:license-manager::...:license:l-...)"
+            )
+    return Customer(label, account, license_arn, agreement, identifier, None, now)
+
+
+@dataclass(frozen=True)
+class Stored:
+    outcome: str  # added | updated | unchanged
+    customer: Customer
+
+    def line(self) -> str:
+        c = self.customer
+        return f"customer {c.label} {self.outcome}: {describe(c)}"
+
+
+def store(ledger: Ledger, customer: Customer) -> Stored:
+    """Keep the customer under its label (one transaction); LabelTaken if another buyer has it."""
+    outcome, old = ledger.register_customer(customer)
+    if outcome == "conflict":
+        assert old is not None
+        raise LabelTaken(
+            f"label {customer.label!r} already names another customer ({describe(old)}); "
+            "choose another --as, or remove it first if it was added by mistake "
+            f"(metering-agent customers remove {customer.label})"
+        )
+    return Stored(outcome, ledger.customer(customer.label) or customer)
+
+
+def describe(c: Customer) -> str:
+    if c.legacy:
+        who = f"legacy CustomerIdentifier {c.customer_identifier}"
+        return who + (f", account {c.account_id}" if c.account_id else "")
+    text = f"account {c.account_id}, license {c.license_arn}"
+    return text + (f", agreement {c.agreement_id}" if c.agreement_id else "")
+
+
+def as_json(c: Customer) -> dict[str, Any]:
+    return {
+        "label": c.label,
+        "customer_aws_account_id": c.account_id,
+        "license_arn": c.license_arn,
+        "agreement_id": c.agreement_id,
+        "customer_identifier": c.customer_identifier,
+        "product_code": c.product_code,
+        "legacy": c.legacy,
+        "added_at": iso(c.added_at),
+        "removed_at": iso(c.removed_at),
+    }
+
+
+def table(customers: list[Customer]) -> str:
+    """`customers list`: a line per customer, removed ones marked (their usage is still billed)."""
+    if not customers:
+        return "no customers yet (metering-agent customers add --token TOKEN)"
+    from agent.report import table as aligned
+
+    header = ["label", "account", "license / customer identifier", "agreement", "added", "state"]
+    rows = [
+        [
+            c.label,
+            c.account_id or "-",
+            (c.customer_identifier or "-") if c.legacy else (c.license_arn or "-"),
+            c.agreement_id or "-",
+            iso(c.added_at) or "-",
+            f"removed {iso(c.removed_at)}" if c.removed_at is not None else "active",
+        ]
+        for c in customers
+    ]
+    return "\n".join(aligned([header, *rows]))

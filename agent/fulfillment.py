@@ -1,0 +1,359 @@
+"""The fulfillment URL handler: a buyer's registration POST -> ResolveCustomer -> customer -> 302.
+
+AWS Marketplace sends a buyer who subscribes to a SaaS product to the seller's fulfillment URL with
+a form POST carrying `x-amzn-marketplace-token`. The token expires, so it is resolved at once
+(ResolveCustomer), the customer stored in the ledger under its label (the account id; see
+customers.py), and the browser sent on to `saas.registration.redirect` with the customer's ids
+filled in. A bad or expired token answers 400 with a plain message for the buyer.
+
+`make_app()` is a plain WSGI application, for a seller's own web server (gunicorn, mod_wsgi);
+`serve()` runs it on wsgiref, which is what `run` does in a child process (`serve-registration`)
+when `saas.registration` is set: the daemon itself never imports boto3 (see daemon.py).
+
+The token is never logged: not by the app, and not by the server's access log, which prints each
+request's path without its query string (wsgiref's own prints the whole request line).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import string
+import subprocess
+import sys
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from agent.clock import Clock
+from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
+from agent.ledger import Customer
+
+log = logging.getLogger(__name__)
+
+FORM_FIELD = "x-amzn-marketplace-token"
+MAX_BODY = 64 * 1024  # a registration POST is a few hundred bytes
+FIELDS = ("customer_aws_account_id", "license_arn", "agreement_id", "customer")
+RESTART_AFTER = 60.0  # seconds between starts of a handler child that keeps exiting
+GRACE = 5.0
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+BAD_TOKEN_PAGE = (
+    "This registration link is not valid or has expired.\n"
+    'Please go back to AWS Marketplace and choose "Set up your account" again.\n'
+)
+UNAVAILABLE_PAGE = "Registration is not available right now. Please try again in a minute.\n"
+GET_PAGE = (
+    "This is the product's AWS Marketplace fulfillment URL: it takes the registration POST that "
+    "AWS Marketplace sends when a buyer sets up the product.\n"
+)
+
+
+def check_redirect(redirect: str, key: str = "saas.registration.redirect") -> str:
+    """The redirect template may name only the fields the handler fills in."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(redirect) if name is not None}
+    except ValueError as e:
+        raise ConfigError(key, f"{e}; write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted(n for n in names if n not in FIELDS)
+    if unknown:
+        raise ConfigError(
+            key,
+            f"unknown field {{{unknown[0]}}}; the handler fills in "
+            + ", ".join(f"{{{f}}}" for f in FIELDS),
+        )
+    return redirect
+
+
+def fill(redirect: str, customer: Customer) -> str:
+    """The redirect with the customer's ids, each URL-quoted (an absent one is empty)."""
+    values = {
+        "customer_aws_account_id": customer.account_id,
+        "license_arn": customer.license_arn,
+        "agreement_id": customer.agreement_id,
+        "customer": customer.label,
+    }
+    return redirect.format(**{k: urllib.parse.quote(v or "", safe="") for k, v in values.items()})
+
+
+class Registrar:
+    """Resolve a token and store its customer. The boto3 client is made on first use, and the
+    ledger opened for each registration: a ledger the daemon moved aside (identity) is never
+    written to, and nothing is held between the rare POSTs."""
+
+    def __init__(self, cfg: Any, clock: Clock | None = None, client: Any = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or Clock()
+        self._client = client
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from agent import metering
+
+                region, _ = metering.resolve_region(self.cfg.metering.region)
+                self._client = metering.MeteringClient(
+                    region, self.cfg.metering.endpoint_url, clock=self.clock
+                )
+            return self._client
+
+    def register(self, token: str) -> Customer:
+        from agent import customers
+        from agent.ledger import Ledger
+
+        resolved = self.client().resolve_customer(token)
+        now = self.clock.time()
+        customer = customers.from_resolved(resolved, None, now, self.cfg.product_code)
+        ledger = Ledger(self.cfg.state_dir)
+        try:
+            stored = customers.store(ledger, customer)
+        finally:
+            ledger.close()
+        log.info("fulfillment: %s", stored.line())
+        return stored.customer
+
+
+def make_app(
+    config: Any = None, *, redirect: str | None = None, registrar: Registrar | None = None
+) -> WsgiApp:
+    """The WSGI application. `config`: a loaded Config, a path, or None ($METERING_AGENT_CONFIG,
+    else /etc/metering-agent/config.yaml); `redirect` overrides saas.registration.redirect."""
+    from agent import config as config_module
+    from agent.customers import require_saas
+
+    cfg = config
+    if cfg is None or isinstance(cfg, (str, Path)):
+        cfg = config_module.load(config_module.resolve_path(None if cfg is None else str(cfg)))
+    require_saas(cfg, "fulfillment")
+    if redirect is None:
+        reg = cfg.saas.registration
+        if reg is None:
+            raise ConfigError(
+                "saas.registration.redirect",
+                "required: where a registered buyer goes (or pass redirect= to make_app)",
+            )
+        redirect = reg.redirect
+    target = check_redirect(redirect)
+    registrar = registrar or Registrar(cfg)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def answer(status: str, text: str, *headers: tuple[str, str]) -> list[bytes]:
+            body = text.encode()
+            start_response(
+                status,
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                    *headers,
+                ],
+            )
+            return [body]
+
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method in ("GET", "HEAD"):
+            return answer("200 OK", GET_PAGE if method == "GET" else "")
+        if method != "POST":
+            return answer("405 Method Not Allowed", "Only POST is accepted.\n", ("Allow", "POST"))
+        token = _token(environ)
+        if token is None:
+            log.warning("fulfillment: a POST without %s; answered 400", FORM_FIELD)
+            return answer("400 Bad Request", BAD_TOKEN_PAGE)
+        try:
+            customer = registrar.register(token)
+        except NotAuthorized as e:
+            from agent.metering import TokenRefused
+
+            if isinstance(e, TokenRefused):
+                log.warning("fulfillment: %s; answered 400", _hide(str(e), token))
+                return answer("400 Bad Request", BAD_TOKEN_PAGE)
+            log.error("fulfillment: %s; answered 503", _hide(str(e), token))
+            return answer("503 Service Unavailable", UNAVAILABLE_PAGE)
+        except (Unavailable, AgentError) as e:
+            log.error("fulfillment: registration failed: %s; answered 503", _hide(str(e), token))
+            return answer("503 Service Unavailable", UNAVAILABLE_PAGE)
+        except Exception as e:  # a bug or the ledger: one line, never a traceback with the token
+            log.error("fulfillment: registration failed: %s: %s; answered 500",
+                      type(e).__name__, _hide(str(e), token))  # fmt: skip
+            return answer("500 Internal Server Error", UNAVAILABLE_PAGE)
+        location = fill(target, customer)
+        return answer("302 Found", "Registered; continue at " + location + "\n",
+                      ("Location", location))  # fmt: skip
+
+    return app
+
+
+def _token(environ: dict[str, Any]) -> str | None:
+    """The form field from a urlencoded body (what AWS Marketplace posts)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return None
+    if not 0 < length <= MAX_BODY:
+        return None
+    body = environ["wsgi.input"].read(length).decode("utf-8", "replace")
+    values = urllib.parse.parse_qs(body, max_num_fields=100).get(FORM_FIELD, [])
+    token = values[0].strip() if values else ""
+    return token or None
+
+
+def _hide(text: str, token: str) -> str:
+    return text.replace(token, "****") if token else text
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def _server_classes() -> tuple[type, type]:
+    """wsgiref's server and handler, quiet about tokens; made here, when serving, so that `run`
+    (which imports this module for HandlerProcess) never loads http.server and wsgiref."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            log.warning("fulfillment: a connection from %s failed: %s", client_address[0],
+                        type(exc).__name__)  # fmt: skip
+
+    class Handler(WSGIRequestHandler):
+        """Access lines without the query string or request line (either may carry a token)."""
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            log.info("fulfillment: %s %s %s from %s", self.command, path, code,
+                     self.client_address[0])  # fmt: skip
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("fulfillment: a malformed request from %s", self.client_address[0])
+
+    return Server, Handler
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def serve(cfg: Any, clock: Clock | None = None) -> int:
+    """Serve the handler on saas.registration.listen until SIGTERM/SIGINT, or until the process
+    that started it (`run`) is gone."""
+    app = make_app(cfg, registrar=Registrar(cfg, clock))
+    listen = cfg.saas.registration.listen
+    host, port = listen_address(listen)
+    from wsgiref.simple_server import make_server
+
+    server_class, handler_class = _server_classes()
+    try:
+        server: Any = make_server(host, port, app, server_class=server_class,
+                             handler_class=handler_class)  # fmt: skip
+    except OSError as e:
+        raise Unavailable(
+            f"saas.registration.listen {listen}: cannot listen ({e.strerror}); choose a free "
+            "port or stop what holds it"
+        ) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
+    thread.start()
+    log.info("fulfillment: listening on %s, redirecting to %s", listen,
+             cfg.saas.registration.redirect)  # fmt: skip
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # `run` was killed (-9): no orphan keeps the port
+            log.warning("fulfillment: the parent process %d is gone; stopping", parent)
+            break
+    server.shutdown()
+    server.server_close()
+    thread.join()
+    return 0
+
+
+# -- the child `run` starts --------------------------------------------------------------------
+
+
+class HandlerProcess:
+    """`metering-agent serve-registration`, a child of `run`: started with the daemon, started
+    again (at most once a minute) if it exits, ended at the daemon's stop. The daemon stays free
+    of boto3, which only the child loads for ResolveCustomer."""
+
+    def __init__(
+        self,
+        command: list[str],
+        monotonic: Callable[[], float],
+        popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+    ) -> None:
+        self.command, self.monotonic, self.popen = command, monotonic, popen
+        self._child: subprocess.Popen[bytes] | None = None
+        self._started: float | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        """Start the handler unless it runs; a child that exited is named and started again."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._child is not None:
+                code = self._child.poll()
+                if code is None:
+                    return
+                log.error("fulfillment handler process %d exited %d; starting it again",
+                          self._child.pid, code)  # fmt: skip
+                self._child = None
+            now = self.monotonic()
+            if self._started is not None and now - self._started < RESTART_AFTER:
+                return
+            self._child = self.popen(self.command)
+            self._started = now
+
+    def restart(self) -> None:
+        """After a reload: the child reads the running config only when it starts."""
+        with self._lock:
+            child, self._child, self._started = self._child, None, None
+        if child is not None:
+            _end(child)
+        self.ensure()
+
+    def stop(self) -> None:
+        with self._lock:
+            child, self._child, self._closed = self._child, None, True
+        if child is not None:
+            _end(child)
+
+
+def _end(child: subprocess.Popen[bytes]) -> None:
+    child.terminate()
+    try:
+        child.wait(timeout=GRACE)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def handler_command(config: Path, clock: Clock, log_format: str) -> list[str]:
+    """The child's command line: the running config, this process's logging and clock."""
+    cmd = [sys.executable, "-m", "agent", "serve-registration", "-c", str(Path(config).resolve())]
+    cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+    cmd += ["--log-format", log_format]
+    cmd += ["--clock", clock.spec] if clock.spec else []
+    return cmd
+
+
+def handler_for(
+    cfg: Any, running_config: Path, clock: Clock, log_format: str
+) -> HandlerProcess | None:
+    """The handler child `run` keeps, when saas.registration is set (its redirect checked now)."""
+    if cfg.saas is None or cfg.saas.registration is None:
+        return None
+    check_redirect(cfg.saas.registration.redirect)
+    return HandlerProcess(handler_command(running_config, clock, log_format), clock.monotonic)
