@@ -354,7 +354,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not client.has_credentials():
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
     method = client.credential_source()
-    node_role = platform.node_role_refusal(plat.name, method)
+    # AWS refuses the node's role for container products' MeterUsage; SaaS is the seller's own
+    node_role = platform.node_role_refusal(plat.name, method) if cfg.mode != "saas" else None
     if node_role:
         from agent.errors import NotAuthorized
 
