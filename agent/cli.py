@@ -506,11 +506,12 @@ def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]
 def _billed(dim: Any, t: float, value: Decimal) -> str:
     """What the reading is worth in the dimension's billed units: after `scale`, and what an hour
     holding only this reading would send after rounding (the sealed hour rounds its total)."""
-    from agent.aggregate import Point, combine, to_quantity
+    from agent.aggregate import Point, combine_exact, to_decimal, to_quantity
     from agent.sealing import span_for
 
-    hour_value = combine(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
-    alone = to_quantity(hour_value, dim.scale, dim.rounding, dim.decimals)
+    exact = combine_exact(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
+    alone = to_quantity(exact, dim.scale, dim.rounding, dim.decimals)
+    hour_value = to_decimal(exact)
     return (
         f"billed units {_num(hour_value * dim.scale)} (scale {_num(dim.scale)}); an hour of only "
         f"this reading sends {alone.text} (rounding {dim.rounding})"
