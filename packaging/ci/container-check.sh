@@ -215,7 +215,8 @@ if [ "$mode" = ecs ]; then
 else
     platform_env=(-e "AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:$eport")
 fi
-run_args=(--network host -v "$work/config.yaml:/etc/metering-agent/config.yaml:ro"
+# A read-only root, as packaging/kubernetes sets it (podman puts tmpfs on /run, /tmp, /var/tmp).
+run_args=(--network host --read-only -v "$work/config.yaml:/etc/metering-agent/config.yaml:ro"
     -v "$logdir:/var/log/product:ro" "${platform_env[@]}")
 
 # -- run: an hour sealed and accepted with the lines on disk ------------------------------------
@@ -261,7 +262,7 @@ wait "$writer_pid"
 writer_pid=
 wait_agent $((hour1 + 1800))
 t0=$SECONDS
-podman stop -t 30 "$name" >/dev/null || fail "podman stop"
+podman stop -t 30 "$name" >/dev/null 2>>"$work/podman-run.log" || fail "podman stop"
 t_stop=$((SECONDS - t0))
 code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || fail "the agent exited $code on SIGTERM, expected 0"
@@ -272,7 +273,7 @@ got=$(records | grep "^requests $(iso_hour "$hour1") " || true)
 say "podman stop at HH+1:30: exit 0 in ${t_stop} s, hour $(iso_hour "$hour1") sealed and sent: $want1 lines (= on disk)"
 n=$(records | wc -l)
 [ "$n" = 2 ] || { records >&2; fail "expected 2 records in all, got $n"; }
-podman rm -v "$name" >/dev/null
+podman rm -v "$name" >/dev/null 2>>"$work/podman-run.log"
 
 # -- check inside the image ---------------------------------------------------------------------
 
@@ -288,7 +289,7 @@ fi
 
 # -- size ----------------------------------------------------------------------------------------
 
-podman save --format oci-archive -o "$work/image.tar" "$image" >/dev/null
+podman save -q --format oci-archive -o "$work/image.tar" "$image" >/dev/null
 archive=$(stat -c %s "$work/image.tar")
 skopeo inspect "oci-archive:$work/image.tar" >/dev/null || fail "skopeo cannot read the oci-archive"
 say "records the emulator accepted:"
