@@ -69,6 +69,9 @@ def test_build_context_holds_only_what_the_image_needs() -> None:
     assert patterns[0] == "*"  # everything excluded, then the few inputs let back in
     allowed = {p[1:] for p in patterns if p.startswith("!")}
     assert allowed == {"agent", "pyproject.toml", "README.md", "packaging/requirements.txt"}
+    # docker build reads <Containerfile>.dockerignore beside the file: the same list
+    beside = PACKAGING / "container" / "Containerfile.dockerignore"
+    assert beside.read_text() == (ROOT / ".containerignore").read_text()
     copied = " ".join(containerfile_copies())
     for path in allowed:
         assert path.split("/")[-1] in copied, path

@@ -282,7 +282,8 @@ out=$(podman run --rm --no-healthcheck "${run_args[@]}" "$image" check --clock "
 echo "$out" | sed 's/^/    /'
 if [ "$mode" = ecs ]; then # (on ec2, check has long said nothing of platforms)
     grep -qw ecs <<<"$out" || fail "check did not name the platform ecs"
-    say "check in the image: exit 0, names ecs"
+    grep -q container-role <<<"$out" || fail "check did not sign with the task role (container-role)"
+    say "check in the image: exit 0, names ecs, task role credentials"
 else
     say "check in the image: exit 0"
 fi
