@@ -292,8 +292,10 @@ class BatchSender(sending.Sender):
                 return True
             case "held" | "rejected" | "expired" | "dryrun_ok" if n > 1 and code in BATCH_INVALID:
                 # One record may spoil the call: each half on its own, until it is alone.
-                log.warning("%s and %d more: BatchMeterUsage refused the call (%s); splitting "
-                            "it in halves to find the record", _where(first), n - 1, error)  # fmt: skip
+                log.warning(
+                    "%s and %d more: BatchMeterUsage refused the call (%s); splitting it in "
+                    "halves to find the record", _where(first), n - 1, error,
+                )  # fmt: skip
                 queue.popleft()
                 left, right = call.halves()
                 queue.extendleft((right, left))
