@@ -323,24 +323,30 @@ class MeteringClient:
         resp = self._invoke("batch_meter_usage", request)
         if isinstance(resp, Outcome):
             return BatchOutcome(resp)
-        where = {record_key(r): i for i, r in enumerate(records)}
-        results: dict[int, RecordResult] = {}
-        for r in resp.get("Results") or ():
-            i = where.get(record_key(r.get("UsageRecord") or {}))
-            if i is not None:
-                results[i] = RecordResult(i, str(r.get("Status")), r.get("MeteringRecordId"))
-        for r in resp.get("UnprocessedRecords") or ():
-            i = where.get(record_key(r))
-            if i is not None:
-                results[i] = RecordResult(i, UNPROCESSED)
-        answered = tuple(results.get(i, RecordResult(i, MISSING)) for i in range(len(records)))
-        return BatchOutcome(Outcome("sent"), answered)
+        return batch_outcome(records, resp)
 
     def probe_batch(self, product_code: str) -> Outcome:
         """An empty BatchMeterUsage (the model allows 0 records): SaaS mode's permission probe,
         as MeterUsage's DryRun is instance mode's; `dryrun_ok` when permitted."""
         outcome = self.batch_meter_usage((), product_code).call
         return Outcome("dryrun_ok") if outcome.status == "sent" else outcome
+
+
+def batch_outcome(records: Sequence[Mapping[str, Any]], resp: Mapping[str, Any]) -> BatchOutcome:
+    """A BatchMeterUsage answer, each result matched to its record by customer, dimension and
+    Timestamp (the answer echoes the record; its order is not promised)."""
+    where = {record_key(r): i for i, r in enumerate(records)}
+    results: dict[int, RecordResult] = {}
+    for r in resp.get("Results") or ():
+        i = where.get(record_key(r.get("UsageRecord") or {}))
+        if i is not None:
+            results[i] = RecordResult(i, str(r.get("Status")), r.get("MeteringRecordId"))
+    for r in resp.get("UnprocessedRecords") or ():
+        i = where.get(record_key(r))
+        if i is not None:
+            results[i] = RecordResult(i, UNPROCESSED)
+    answered = tuple(results.get(i, RecordResult(i, MISSING)) for i in range(len(records)))
+    return BatchOutcome(Outcome("sent"), answered)
 
 
 # BatchMeterUsage: per-record answers besides the service's Status values
