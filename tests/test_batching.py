@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import batching
 from agent.allocations import Allocation
@@ -324,3 +326,20 @@ def test_plan_is_deterministic_and_keeps_the_limits(saas: Saas) -> None:
     ]  # fmt: skip
     assert sorted(h.customer for c in calls for h in c.records) == sorted(by_label)
     assert json.dumps([len(c.requests) for c in calls]) == "[25, 15, 12]"
+
+
+@given(
+    ts=st.integers(1_700_000_000, 1_900_000_000),
+    age=st.integers(-3600, 40 * 86400),
+)
+def test_one_timestamp_bound_selects_exactly_the_expired_records(ts: int, age: int) -> None:
+    """The pass selects expired records by `timestamp <= expired_upto(now)`: the same set as
+    `now >= expires_at(h)` record by record (24 h less a minute, and the month-end cutoff)."""
+    from agent.aggregate import Quantity
+    from agent.batching import expired_upto
+    from agent.ledger import SealedHour
+
+    h = SealedHour("d", ts // 3600 * 3600, PRODUCT, Quantity(1), ts, "t", 1, "1", "pending",
+                   None, 0, None, 0.0, 0.0, None, customer="c")  # fmt: skip
+    now = float(ts + age)
+    assert (now >= expires_at(h)) == (ts <= expired_upto(now))
