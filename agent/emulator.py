@@ -7,6 +7,8 @@ request returns the same MeteringRecordId and a different quantity gets Duplicat
 a ClientToken reused with other parameters gets IdempotencyConflictException; records more than
 6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles; UsageAllocations
 are checked as the service checks them (`_check_allocations`) and kept with the record.
+BatchMeterUsage keeps its own rules (`_batch_meter_usage`): per-record Status, a 24 h window and
+the month-end cutoff, ProductCode only with legacy records, the `customers` setting.
 
 Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
 code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
