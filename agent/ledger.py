@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -766,6 +766,30 @@ class Ledger:
         with self._lock:
             rows = self.db.execute(sql, args).fetchall()
         return [_sealed(row) for row in rows]
+
+    def pending_bounds(self) -> list[SealedHour]:
+        """For `sending.due`, which needs only the earliest Timestamp (expiry grows with it) and
+        the earliest next attempt of each kind of record: per kind (instance '', SaaS), the
+        first pending record with those two fields set to the kind's minimums.
+
+        Why: a seller's agent may hold 300,000 pending SaaS records; the daemon asks `due` on
+        every send tick without reading them all."""
+        sql = (
+            "SELECT customer != '' AS saas, MIN(timestamp), MIN(next_attempt) FROM hours "
+            "WHERE state = 'pending' GROUP BY saas"
+        )
+        with self._lock:
+            rows = self.db.execute(sql).fetchall()
+            out = []
+            for saas, ts, nxt in rows:
+                row = self.db.execute(
+                    f"SELECT {_HOUR_COLUMNS} FROM hours WHERE state = 'pending' AND "
+                    f"(customer != '') = ? LIMIT 1",
+                    (saas,),
+                ).fetchone()
+                h = _sealed(row)
+                out.append(replace(h, timestamp=int(ts), next_attempt=float(nxt)))
+        return out
 
     def begin_attempts(self, records: Sequence[SealedHour], now: float) -> None:
         """begin_attempt for every record of one BatchMeterUsage call, in one transaction (a

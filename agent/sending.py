@@ -113,7 +113,10 @@ def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
     if state.identity_unverified:  # as in due(): nothing leaves
         return None
     offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
-    times = (due(state, ledger.pending()), sendable_at(state, hour_start(now) + HOUR + offset))
+    times = (
+        due(state, ledger.pending_bounds()),
+        sendable_at(state, hour_start(now) + HOUR + offset),
+    )
     return min((t for t in times if t is not None), default=None)
 
 

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import batching
+from agent.aggregate import Quantity
 from agent.allocations import Allocation
 from agent.batching import BatchSender, plan, usage_record
 from agent.emulator import Emulator, Settings
@@ -343,3 +344,30 @@ def test_one_timestamp_bound_selects_exactly_the_expired_records(ts: int, age: i
                    None, 0, None, 0.0, 0.0, None, customer="c")  # fmt: skip
     now = float(ts + age)
     assert (now >= expires_at(h)) == (ts <= expired_upto(now))
+
+
+def test_due_from_the_bounds_is_due_from_every_pending_record(saas: Saas) -> None:
+    """The daemon asks `due` on each send tick from two stand-ins per kind of record, not from
+    300,000 rows: the answer is the same as from all of them."""
+    from agent.ledger import Ledger as L
+
+    assert saas.ledger.pending_bounds() == []
+    add_customers(saas.ledger, ["a", "b", "c"])
+    first = month_start(2027, 2)
+    seal(saas.ledger, "a", "users", first - 3600, 1, next_attempt=first + 9000)  # month cutoff
+    seal(saas.ledger, "b", "users", first, 1, next_attempt=first + 5000)
+    seal(saas.ledger, "c", "requests", first + 3600, 1, next_attempt=first + 4000)
+    instance = L(saas.tmp_path / "inst")
+    with instance.transaction() as db:
+        instance.insert_sealed(
+            db, dimension="vcpus", hour=first, product_code=PRODUCT, quantity=Quantity(2),
+            timestamp=first + 3599, client_token="t", samples=1, raw="2", sealed_at=first + 3600,
+            next_attempt=first + 7200,
+        )  # fmt: skip
+    for ledger in (saas.ledger, instance):
+        state = ledger.send_state()
+        assert due(state, ledger.pending_bounds()) == due(state, ledger.pending())
+    assert due(saas.ledger.send_state(), saas.ledger.pending_bounds()) == first + 4000
+    saas.ledger.settle_records(first, sent=[(h, "r") for h in saas.ledger.pending()[2:]])
+    assert due(saas.ledger.send_state(), saas.ledger.pending_bounds()) == first + 5000
+    instance.close()
