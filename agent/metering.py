@@ -1,4 +1,5 @@
-"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check and MeterUsage.
+"""Everything that talks to AWS: IMDSv2, region resolution, the DryRun check, MeterUsage and
+BatchMeterUsage (SaaS mode).
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon can import
 this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in a short child.
