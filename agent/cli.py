@@ -347,7 +347,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
     creds = client.session.get_credentials()
     _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
-    dry_run_every_dimension(cfg, client, clock)
+    if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
+        outcome = client.probe_batch(cfg.product_code)
+        verdict = metering.dry_run_verdict(
+            outcome,
+            "BatchMeterUsage (0 records)",
+            metering.SAAS_ROLE_HINT,
+            metering.SAAS_PRODUCT_HINT,
+        )
+        _say("ok", verdict)
+    else:
+        dry_run_every_dimension(cfg, client, clock)
     if cfg.register_usage is not None:
         refused = check_register_usage(cfg, client, clock)
         if refused:
@@ -580,7 +590,13 @@ def cmd_send(args: argparse.Namespace) -> int:
         note_unreachable(ledger, cfg, clock.time(), str(e))
         return EX_UNAVAILABLE
     client = metering.MeteringClient(region, cfg.metering.endpoint_url)
-    report = Sender(ledger, cfg, client, clock).run(flush=args.flush, deadline=args.deadline)
+    if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
+        from agent.batching import BatchSender
+
+        sender: Sender = BatchSender(ledger, cfg, client, clock)
+    else:
+        sender = Sender(ledger, cfg, client, clock)
+    report = sender.run(flush=args.flush, deadline=args.deadline)
     ledger.close()
     if report.paused:
         return EX_NOPERM
