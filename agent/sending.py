@@ -154,11 +154,6 @@ class Sender:
         report = Report()
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
-        if self.config.mode == "saas":
-            # SaaS records go by BatchMeterUsage (helper F's sender); MeterUsage must never send
-            # them, nor expire them by its 6 h window: they stay pending until that sender runs.
-            log.warning("SaaS mode: BatchMeterUsage sending is not built in this agent yet")
-            return report
         try:
             unverified = self.ledger.send_state().identity_unverified
             if unverified:
