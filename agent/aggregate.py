@@ -1,15 +1,19 @@
 """Pure functions: an hour's samples -> one quantity (aggregate, scale, rounding, decimals).
 
 No I/O and no clock: sealing calls these with what the ledger holds, and tests call them directly.
-Everything from `scale` onwards is `decimal.Decimal`, so 0.1 + 0.2 bills as 0.3.
+Readings are `decimal.Decimal`, so 0.1 + 0.2 bills as 0.3, and an hour's aggregate, its scaling and
+its rounding are exact (`fractions.Fraction`): an average of 0, 0 and 1730 scaled by 0.3 is 173, not
+173.00000000000000000000000001 rounded up to 174.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
+from fractions import Fraction
 
 MAX_INT = 2_147_483_647  # UsageQuantity is an int32
 MAX_DECIMAL_INT_DIGITS = 10  # UsageQuantityAsDecimal: ^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$
@@ -19,7 +23,6 @@ HOUR = Decimal(3600)
 # A reading at or beyond this magnitude is no usage a meter can have (1e61 rows, an HTTP 1e300):
 # the collector failed. Below it, the arithmetic of an hour stays exact enough to round and clamp.
 MAX_READING = Decimal(10) ** 30
-_SAFE_TO_ROUND = Decimal(10) ** 40  # quantize() at 60 digits of precision never overflows below
 LabelSet = tuple[tuple[str, str], ...]
 
 
@@ -71,52 +74,74 @@ class Quantity:
         return cls(text if is_decimal else int(text))
 
 
-def combine(method: str, points: Sequence[Point]) -> Decimal:
-    """An hour's samples -> one raw value. No samples is the caller's business (nothing is sent)."""
+def combine_exact(method: str, points: Sequence[Point]) -> Fraction:
+    """An hour's samples -> one raw value, exactly. No samples is the caller's business (nothing
+    is sent)."""
     if not points:
         raise ValueError("combine() needs at least one sample")
     values = [p.value for p in sorted(points, key=lambda p: p.t)]
+    for v in values:
+        if not v.is_finite():
+            raise ValueError(f"sample value {v} is not a finite number")
     if method == "max":
-        return max(values)
+        return Fraction(max(values))
     if method == "min":
-        return min(values)
+        return Fraction(min(values))
     if method == "last":
-        return values[-1]
+        return Fraction(values[-1])
     if method == "sum":
-        return sum(values, Decimal(0))
+        return sum((Fraction(v) for v in values), Fraction(0))
     if method == "avg":
-        return sum(values, Decimal(0)) / len(values)
+        return sum((Fraction(v) for v in values), Fraction(0)) / len(values)
     if method == "integral":
         # value-hours: each sample weighted by the seconds it stands for; gaps count 0.
-        weighted = sum((p.value * Decimal(repr(p.span)) for p in points), Decimal(0))
-        return weighted / HOUR
+        weighted = sum((Fraction(p.value) * Fraction(repr(p.span)) for p in points), Fraction(0))
+        return weighted / 3600
     raise ValueError(f"unknown aggregate {method!r}")
 
 
-def to_quantity(value: Decimal, scale: Decimal, rounding: str, decimals: int | None) -> Quantity:
-    """Scale, round at the `decimals` place (0 for an int) and clamp to what the API accepts."""
+def combine(method: str, points: Sequence[Point]) -> Decimal:
+    """`combine_exact` as a Decimal of 60 significant digits: the raw value people read."""
+    return to_decimal(combine_exact(method, points))
+
+
+def to_decimal(value: Fraction) -> Decimal:
     with localcontext() as ctx:
         ctx.prec = 60
-        scaled = value * scale
-        if not scaled.is_finite():
-            raise ValueError(f"quantity {scaled} is not a finite number")
-        places = decimals or 0
-        exponent = Decimal(1).scaleb(-places)
-        if decimals is None:
-            upper = Decimal(MAX_INT)
-        else:
-            upper = Decimal(10) ** MAX_DECIMAL_INT_DIGITS - exponent
-        if abs(scaled) >= _SAFE_TO_ROUND:
-            # Far outside the API's range: clamp without rounding (quantize would overflow).
-            bound = upper if scaled > 0 else Decimal(0)
-            return _quantity(bound.quantize(exponent), decimals, scaled)
-        rounded = scaled.quantize(exponent, rounding=ROUNDING[rounding])
-        clamped_from = None
-        if rounded < 0 or rounded > upper:
-            clamped_from = rounded
-            rounded = min(max(rounded, Decimal(0)), upper).quantize(exponent)
-        if rounded == 0:
-            rounded = abs(rounded)  # never "-0"
+        return Decimal(value.numerator) / Decimal(value.denominator)
+
+
+def _round(steps: Fraction, rounding: str) -> int:
+    """`steps` to a whole number: up (ceiling), down (floor), nearest (half away from zero, as
+    ROUND_HALF_UP)."""
+    if rounding == "up":
+        return math.ceil(steps)
+    if rounding == "down":
+        return math.floor(steps)
+    half = Fraction(1, 2)
+    return math.floor(steps + half) if steps >= 0 else -math.floor(-steps + half)
+
+
+def to_quantity(
+    value: Decimal | Fraction, scale: Decimal, rounding: str, decimals: int | None
+) -> Quantity:
+    """Scale, round at the `decimals` place (0 for an int) and clamp to what the API accepts,
+    in exact arithmetic."""
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValueError(f"quantity {value} is not a finite number")
+    places = decimals or 0
+    unit = 10**places
+    steps = _round(Fraction(value) * Fraction(scale) * unit, rounding)
+    top = MAX_INT if decimals is None else 10**MAX_DECIMAL_INT_DIGITS * unit - 1
+    clamped_from = None
+    if steps < 0 or steps > top:
+        with localcontext() as ctx:
+            ctx.prec = 60
+            clamped_from = Decimal(steps).scaleb(-places)
+        steps = min(max(steps, 0), top)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        rounded = Decimal(steps).scaleb(-places)
     return _quantity(rounded, decimals, clamped_from)
 
 

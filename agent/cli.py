@@ -362,7 +362,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         _say("fail", f"credentials: {method}")
         raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
-    dry_run_every_dimension(cfg, client, clock)
+    if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
+        outcome = client.probe_batch(cfg.product_code)
+        verdict = metering.dry_run_verdict(
+            outcome,
+            "BatchMeterUsage (0 records)",
+            metering.SAAS_ROLE_HINT,
+            metering.SAAS_PRODUCT_HINT,
+        )
+        _say("ok", verdict)
+    else:
+        dry_run_every_dimension(cfg, client, clock)
     if cfg.register_usage is not None:
         refused = check_register_usage(cfg, client, clock)
         if refused:
@@ -536,11 +546,12 @@ def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]
 def _billed(dim: Any, t: float, value: Decimal) -> str:
     """What the reading is worth in the dimension's billed units: after `scale`, and what an hour
     holding only this reading would send after rounding (the sealed hour rounds its total)."""
-    from agent.aggregate import Point, combine, to_quantity
+    from agent.aggregate import Point, combine_exact, to_decimal, to_quantity
     from agent.sealing import span_for
 
-    hour_value = combine(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
-    alone = to_quantity(hour_value, dim.scale, dim.rounding, dim.decimals)
+    exact = combine_exact(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
+    alone = to_quantity(exact, dim.scale, dim.rounding, dim.decimals)
+    hour_value = to_decimal(exact)
     return (
         f"billed units {_num(hour_value * dim.scale)} (scale {_num(dim.scale)}); an hour of only "
         f"this reading sends {alone.text} (rounding {dim.rounding})"
@@ -613,7 +624,13 @@ def cmd_send(args: argparse.Namespace) -> int:
         return EX_UNAVAILABLE
     client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
     note_sender_context(ledger, plat, region, where, client)
-    report = Sender(ledger, cfg, client, clock).run(flush=args.flush, deadline=args.deadline)
+    if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
+        from agent.batching import BatchSender
+
+        sender: Sender = BatchSender(ledger, cfg, client, clock)
+    else:
+        sender = Sender(ledger, cfg, client, clock)
+    report = sender.run(flush=args.flush, deadline=args.deadline)
     ledger.close()
     if report.paused:
         return EX_NOPERM

@@ -7,6 +7,8 @@ request returns the same MeteringRecordId and a different quantity gets Duplicat
 a ClientToken reused with other parameters gets IdempotencyConflictException; records more than
 6 h old get TimestampOutOfBoundsException; a 10 requests/s token bucket throttles; UsageAllocations
 are checked as the service checks them (`_check_allocations`) and kept with the record.
+BatchMeterUsage keeps its own rules (`_batch_meter_usage`): per-record Status, a 24 h window and
+the month-end cutoff, ProductCode only with legacy records, the `customers` setting.
 
 Faults for tests are queued through `POST /_emulator/faults` (or `Emulator.inject`): `error` (any
 code and HTTP status), `drop` (close the connection before recording), `lose` (record, then close
@@ -64,6 +66,12 @@ from agent.config import MAX_TAGS, PRODUCT_CODE, TAG_CHAR
 
 TARGET_PREFIX = "AWSMPMeteringService."
 MAX_AGE = 6 * HOUR
+BATCH_MAX_AGE = 24 * HOUR
+BATCH_MAX_RECORDS = 25
+BATCH_MAX_BYTES = 1_000_000
+LICENSE_ARN = r"arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:" + (
+    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}"
+)
 FUTURE_SLACK = 300  # a few minutes of clock skew is tolerated
 ACCESS_KEY = "ASIAEMULATOREXAMPLE1"  # the IMDS role's (on ECS/EKS: the node's)
 TASK_ROLE_KEY = "ASIAEMULATORTASKROLE"
@@ -99,6 +107,7 @@ class Record:
     quantity_text: str
     client_token: str | None
     allocations: Any = None
+    customer: str | None = None  # BatchMeterUsage: "ACCOUNT|LICENSE_ARN" or "legacy|IDENTIFIER"
 
 
 @dataclass
@@ -122,6 +131,10 @@ class Settings:
     public_key_version: int = 1  # RegisterUsage: the newest key version; higher ones are invalid
     rotation_timestamp: float | None = None  # RegisterUsage answers PublicKeyRotationTimestamp
     register_rate: float = 5.0  # RegisterUsage requests per second per account
+    # BatchMeterUsage: the subscribed customers, [{"account": ID, "license": ARN}] or
+    # [{"legacy_identifier": ID}], besides those tokens were issued for; None: any customer
+    customers: list[dict[str, Any]] | None = None
+    unprocessed: int = 0  # the next N records received come back in UnprocessedRecords
 
 
 @dataclass
@@ -476,6 +489,143 @@ class Emulator:
             answer["Metadata"] = {"AgreementId": r.agreement}
         return answer
 
+    # -- BatchMeterUsage -----------------------------------------------------------------------
+
+    def _batch_meter_usage(
+        self, body: dict[str, Any], caller: str, signed_region: str | None
+    ) -> Any:
+        """BatchMeterUsage's rules: 0..25 records under 1 MB; ProductCode only with legacy
+        CustomerIdentifier records (with LicenseArn ones it is a ValidationException); whole-call
+        errors for a malformed record, an unknown dimension, bad allocations or a Timestamp out of
+        the window (24 h; a previous month's from 06:00 UTC on the 1st); then per record:
+        CustomerNotSubscribed, DuplicateRecord (another quantity for the customer, dimension and
+        hour), Success (the same MeteringRecordId for an identical record), or unprocessed."""
+        s = self.settings
+        if signed_region and signed_region != s.region:
+            raise ServiceError(
+                "InvalidEndpointRegionException",
+                f"the request was signed for {signed_region}, but the service is in {s.region}",
+            )
+        records = body.get("UsageRecords")
+        if not isinstance(records, list) or len(records) > BATCH_MAX_RECORDS:
+            raise ServiceError("ValidationException", "UsageRecords must hold 0 to 25 records")
+        size = len(json.dumps(body).encode())
+        if size >= BATCH_MAX_BYTES:
+            raise ServiceError("ValidationException", f"the request is {size} bytes, over 1 MB")
+        product = body.get("ProductCode")
+        if product is not None and not (
+            isinstance(product, str) and re.fullmatch(PRODUCT_CODE, product)
+        ):
+            raise ServiceError("ValidationException", "ProductCode is malformed")
+        for r in records:
+            if not isinstance(r, dict):
+                raise ServiceError("ValidationException", "each UsageRecord must be a structure")
+            if "LicenseArn" in r and product is not None:
+                raise ServiceError(
+                    "ValidationException", "ProductCode must be omitted with LicenseArn records"
+                )
+            if "CustomerIdentifier" in r and product is None:
+                raise ServiceError(
+                    "ValidationException", "ProductCode is required with CustomerIdentifier"
+                )
+        if not s.authorized:
+            raise ServiceError(
+                s.deny_code,
+                f"User is not authorized to perform: aws-marketplace:BatchMeterUsage ({caller})",
+            )
+        if product is not None and s.product_codes is not None and product not in s.product_codes:
+            raise ServiceError("InvalidProductCodeException", f"unknown product code {product}")
+        now = self.clock.time()
+        checked = [self._batch_record(r, now) for r in records]
+        results, unprocessed = [], []
+        for r, (customer, quantity, text, timestamp) in zip(records, checked, strict=True):
+            if s.unprocessed > 0:
+                s.unprocessed -= 1
+                unprocessed.append(r)
+                continue
+            result: dict[str, Any] = {"UsageRecord": r}
+            if not self._subscribed(r):
+                results.append(result | {"Status": "CustomerNotSubscribed"})
+                continue
+            hour = hour_start(timestamp)
+            key = ("customer:" + customer, product or "", r["Dimension"], hour)
+            allocations = r.get("UsageAllocations")
+            existing = self.state.records.get(key)
+            if existing is None:
+                existing = self.state.records[key] = Record(
+                    str(uuid.uuid4()), caller, product or "", r["Dimension"], hour, timestamp,
+                    quantity, text, None, allocations, customer,
+                )  # fmt: skip
+            elif existing.quantity != quantity or existing.allocations != allocations:
+                results.append(result | {"Status": "DuplicateRecord"})
+                continue
+            results.append(result | {"Status": "Success", "MeteringRecordId": existing.record_id})
+        return {"Results": results, "UnprocessedRecords": unprocessed}
+
+    def _batch_record(self, r: dict[str, Any], now: float) -> tuple[str, Decimal, str, float]:
+        """One UsageRecord's whole-call checks; (customer key, quantity, its text, Timestamp)."""
+        dimension = r.get("Dimension")
+        if not isinstance(dimension, str) or not 1 <= len(dimension) <= 255:
+            raise ServiceError("ValidationException", "Dimension is missing or malformed")
+        if "Timestamp" not in r:
+            raise ServiceError("ValidationException", "Timestamp is required")
+        ident, account, license_ = (
+            r.get("CustomerIdentifier"), r.get("CustomerAWSAccountId"), r.get("LicenseArn"),
+        )  # fmt: skip
+        if (ident is None) == (account is None):
+            raise ServiceError(
+                "ValidationException",
+                "a UsageRecord names its customer by CustomerIdentifier or CustomerAWSAccountId",
+            )
+        if ident is not None and not (isinstance(ident, str) and 1 <= len(ident) <= 255):
+            raise ServiceError("InvalidCustomerIdentifierException", f"bad identifier {ident!r}")
+        if account is not None and not (isinstance(account, str) and account.isdigit()):
+            raise ServiceError("ValidationException", f"CustomerAWSAccountId {account!r}")
+        if account is not None and license_ is None:
+            raise ServiceError("ValidationException", "LicenseArn is required with the account")
+        if license_ is not None and not (
+            isinstance(license_, str) and re.fullmatch(LICENSE_ARN, license_)
+        ):
+            raise ServiceError("InvalidLicenseException", f"LicenseArn {license_!r} is malformed")
+        renamed = {
+            ("Usage" + k if k.startswith("Quantity") else k): v
+            for k, v in r.items()
+            if k.startswith("Quantity")
+        }
+        quantity, text = _quantity(renamed)
+        s = self.settings
+        if s.dimensions is not None and dimension not in s.dimensions:
+            raise ServiceError("InvalidUsageDimensionException", f"unknown dimension {dimension}")
+        if r.get("UsageAllocations") is not None:
+            _check_allocations(r["UsageAllocations"], quantity, "QuantityAsDecimal" in r)
+        timestamp = _timestamp(r["Timestamp"])
+        month = datetime.fromtimestamp(now, tz=timezone.utc).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        last_month = timestamp < month.timestamp() and now >= month.timestamp() + 6 * HOUR
+        if timestamp < now - BATCH_MAX_AGE or timestamp > now + FUTURE_SLACK or last_month:
+            raise ServiceError(
+                "TimestampOutOfBoundsException",
+                f"Timestamp {iso(timestamp)} is outside the allowed window (now {iso(now)})",
+            )
+        customer = f"{account}|{license_}" if account is not None else f"legacy|{ident}"
+        return customer, quantity, text, timestamp
+
+    def _subscribed(self, r: dict[str, Any]) -> bool:
+        issued = [
+            {"account": g.account, "license": g.license, "legacy_identifier": g.legacy_identifier}
+            for g in self.state.registrations.values()
+        ]
+        known = issued + (self.settings.customers or [])
+        if self.settings.customers is None and not issued:
+            return True
+        if "CustomerIdentifier" in r:
+            return any(c.get("legacy_identifier") == r["CustomerIdentifier"] for c in known)
+        return any(
+            (c.get("account"), c.get("license")) == (r["CustomerAWSAccountId"], r["LicenseArn"])
+            for c in known
+        )
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -509,6 +659,7 @@ OPERATIONS: dict[str, Operation] = {
     "MeterUsage": Emulator._meter_usage,
     "RegisterUsage": Emulator._register_usage,
     "ResolveCustomer": Emulator._resolve_customer,
+    "BatchMeterUsage": Emulator._batch_meter_usage,
 }
 
 
@@ -718,6 +869,7 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise ServiceError("SerializationException", "body is not JSON") from None
             call["request"] = body
+            call["size"] = len(raw)
             with self.emulator.lock:
                 self.emulator.state.received.append(dict(call))
             answer = self.emulator.call(operation, body, caller, signed_region)
@@ -914,4 +1066,5 @@ def _record_json(r: Record) -> dict[str, Any]:
         "Quantity": r.quantity_text,
         "ClientToken": r.client_token,
         "UsageAllocations": r.allocations,
+        "Customer": r.customer,
     }

@@ -762,6 +762,88 @@ class Ledger:
     def pending(self) -> list[SealedHour]:
         return self.hours(states=("pending",))
 
+    def pending_records(
+        self, after: tuple[int, str, str] | None = None, limit: int | None = None,
+        timestamp_upto: float | None = None,
+    ) -> list[SealedHour]:  # fmt: skip
+        """Pending SaaS records (customer not ''), oldest first by (hour, dimension, customer),
+        after the key `after`, at most `limit`, of Timestamp <= `timestamp_upto`.
+
+        Why pages: a seller's agent holds a record per customer, dimension and hour (300,000
+        an hour for 100,000 customers); the batch sender reads them a page at a time."""
+        sql = f"SELECT {_HOUR_COLUMNS} FROM hours WHERE state = 'pending' AND customer != ''"
+        args: list[Any] = []
+        if after is not None:
+            sql += " AND (hour, dimension, customer) > (?, ?, ?)"
+            args += list(after)
+        if timestamp_upto is not None:
+            sql += " AND timestamp <= ?"
+            args.append(timestamp_upto)
+        sql += " ORDER BY hour, dimension, customer"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self.db.execute(sql, args).fetchall()
+        return [_sealed(row) for row in rows]
+
+    def pending_bounds(self) -> list[SealedHour]:
+        """For `sending.due`, which needs only the earliest Timestamp (expiry grows with it) and
+        the earliest next attempt of each kind of record: per kind (instance '', SaaS), the
+        first pending record with those two fields set to the kind's minimums.
+
+        Why: a seller's agent may hold 300,000 pending SaaS records; the daemon asks `due` on
+        every send tick without reading them all."""
+        sql = (
+            "SELECT customer != '' AS saas, MIN(timestamp), MIN(next_attempt) FROM hours "
+            "WHERE state = 'pending' GROUP BY saas"
+        )
+        with self._lock:
+            rows = self.db.execute(sql).fetchall()
+            out = []
+            for saas, ts, nxt in rows:
+                row = self.db.execute(
+                    f"SELECT {_HOUR_COLUMNS} FROM hours WHERE state = 'pending' AND "
+                    f"(customer != '') = ? LIMIT 1",
+                    (saas,),
+                ).fetchone()
+                h = _sealed(row)
+                out.append(replace(h, timestamp=int(ts), next_attempt=float(nxt)))
+        return out
+
+    def begin_attempts(self, records: Sequence[SealedHour], now: float) -> None:
+        """begin_attempt for every record of one BatchMeterUsage call, in one transaction (a
+        call of 25 records is one commit, not 25)."""
+        with self.transaction() as db:
+            for h in records:
+                self._update_pending(db, h.dimension, h.hour, h.customer,
+                                     "attempts = attempts + 1, last_error = ?",
+                                     f"no answer recorded for the request sent at {iso(now)}",
+                                     )  # fmt: skip
+
+    def settle_records(
+        self,
+        now: float,
+        sent: Sequence[tuple[SealedHour, str | None]] = (),
+        rejected: Sequence[tuple[SealedHour, str]] = (),
+        retry: Sequence[tuple[SealedHour, str, float]] = (),
+    ) -> None:
+        """One BatchMeterUsage answer's per-record outcomes, in one transaction: `sent` with
+        their MeteringRecordId, `rejected` with their error, `retry` pending with their error
+        and next attempt (as mark_sent, reject and schedule_retry do one at a time)."""
+        with self.transaction() as db:
+            for h, record_id in sent:
+                self._update_pending(db, h.dimension, h.hour, h.customer,
+                                     "state = 'sent', record_id = ?, last_error = NULL, "
+                                     "done_at = ?", record_id, now)  # fmt: skip
+            for h, error in rejected:
+                self._update_pending(db, h.dimension, h.hour, h.customer,
+                                     "state = 'rejected', record_id = NULL, last_error = ?, "
+                                     "done_at = ?", error, now)  # fmt: skip
+            for h, error, at in retry:
+                self._update_pending(db, h.dimension, h.hour, h.customer,
+                                     "last_error = ?, next_attempt = ?", error, at)  # fmt: skip
+
     def pending_hour_count(self) -> int:
         """Distinct hours with a pending record: the one count health, status and a stop give."""
         with self._lock:

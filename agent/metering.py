@@ -1,5 +1,5 @@
 """Everything that talks to AWS: IMDSv2, region resolution, the DryRun check, MeterUsage,
-RegisterUsage and ResolveCustomer.
+RegisterUsage, ResolveCustomer and BatchMeterUsage (SaaS mode).
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon can import
 this module (for IMDS) without keeping boto3 (~30 MiB) resident; sends happen in a short child.
@@ -363,6 +363,17 @@ class MeteringClient:
 
     def call(self, request: Mapping[str, Any]) -> Outcome:
         """One MeterUsage call; never raises for anything the network or service does."""
+        resp = self._invoke("meter_usage", request)
+        if isinstance(resp, Outcome):
+            return resp
+        record_id = resp.get("MeteringRecordId")
+        if record_id == "DryRunOperation":
+            return Outcome("dryrun_ok", record_id=record_id)
+        return Outcome("sent", record_id=record_id)
+
+    def _invoke(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any] | Outcome:
+        """One call of `operation`: its answer, or how it failed (never raises for anything the
+        network or service does), classified alike for every operation."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -370,11 +381,13 @@ class MeteringClient:
             NoCredentialsError,
         )
 
-        refused = self.refusal()
-        if refused:  # no request leaves: the service would refuse the node's role
+        # MeterUsage from a container product: no request leaves, the service would refuse the
+        # node's role (SaaS's BatchMeterUsage is the seller's own: not refused here)
+        refused = self.refusal() if operation == "meter_usage" else None
+        if refused:
             return Outcome("unauthorized", code=NODE_ROLE_CODE, message=refused)
         try:
-            resp = self.client.meter_usage(**request)
+            resp: dict[str, Any] = getattr(self.client, operation)(**request)
         except MetadataRetrievalError as e:
             if self.platform in ROLE_TO_SET:  # only IMDS was left, and its role is refused here
                 return Outcome(
@@ -407,10 +420,7 @@ class MeteringClient:
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
             return Outcome("retry", code=type(e).__name__, message=str(e))
-        record_id = resp.get("MeteringRecordId")
-        if record_id == "DryRunOperation":
-            return Outcome("dryrun_ok", record_id=record_id)
-        return Outcome("sent", record_id=record_id)
+        return resp
 
     def register_usage(
         self, product_code: str, public_key_version: int, nonce: str | None
@@ -465,6 +475,96 @@ class MeteringClient:
         request = build_request(product_code, dimension, now, zero, None)
         request["DryRun"] = True
         return self.call(request)
+
+    def batch_meter_usage(
+        self, records: Sequence[Mapping[str, Any]], product_code: str | None
+    ) -> BatchOutcome:
+        """One BatchMeterUsage call of `records` (UsageRecords, built by agent.batching), with
+        the request's ProductCode only when given (legacy CustomerIdentifier records); each
+        record's result by its position in `records`."""
+        request: dict[str, Any] = {"UsageRecords": [dict(r) for r in records]}
+        if product_code is not None:
+            request["ProductCode"] = product_code
+        resp = self._invoke("batch_meter_usage", request)
+        if isinstance(resp, Outcome):
+            return BatchOutcome(resp)
+        return batch_outcome(records, resp)
+
+    def probe_batch(self, product_code: str) -> Outcome:
+        """An empty BatchMeterUsage (the model allows 0 records): SaaS mode's permission probe,
+        as MeterUsage's DryRun is instance mode's; `dryrun_ok` when permitted."""
+        outcome = self.batch_meter_usage((), product_code).call
+        return Outcome("dryrun_ok") if outcome.status == "sent" else outcome
+
+
+def batch_outcome(records: Sequence[Mapping[str, Any]], resp: Mapping[str, Any]) -> BatchOutcome:
+    """A BatchMeterUsage answer, each result matched to its record by customer, dimension and
+    Timestamp (the answer echoes the record; its order is not promised)."""
+    where = {record_key(r): i for i, r in enumerate(records)}
+    results: dict[int, RecordResult] = {}
+    for r in resp.get("Results") or ():
+        i = where.get(record_key(r.get("UsageRecord") or {}))
+        if i is not None:
+            results[i] = RecordResult(i, str(r.get("Status")), r.get("MeteringRecordId"))
+    for r in resp.get("UnprocessedRecords") or ():
+        i = where.get(record_key(r))
+        if i is not None:
+            results[i] = RecordResult(i, UNPROCESSED)
+    answered = tuple(results.get(i, RecordResult(i, MISSING)) for i in range(len(records)))
+    return BatchOutcome(Outcome("sent"), answered)
+
+
+# BatchMeterUsage: per-record answers besides the service's Status values
+BATCH_SUCCESS = "Success"
+BATCH_REFUSED = {"CustomerNotSubscribed", "DuplicateRecord"}  # the record is rejected
+UNPROCESSED = "Unprocessed"  # in UnprocessedRecords: resubmit
+MISSING = "Missing"  # in neither list (never seen): resubmit, identically
+# A whole BatchMeterUsage call refused for what one of its records holds: split in halves until
+# the offending record is alone, which then gets the verdict instance mode gives an hour.
+BATCH_INVALID = {
+    "ValidationException",
+    "InvalidTagException",
+    "InvalidUsageAllocationsException",
+    "InvalidCustomerIdentifierException",
+    "InvalidLicenseException",
+    "InvalidUsageDimensionException",
+    OUT_OF_BOUNDS,
+}
+SAAS_ROLE_HINT = (
+    "give the seller's credentials (instance role, task role or user) a policy allowing "
+    '"aws-marketplace:BatchMeterUsage" and "aws-marketplace:ResolveCustomer"'
+)
+SAAS_PRODUCT_HINT = "check that product_code is the SaaS listing's product code"
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    index: int  # the record's position in the call's UsageRecords
+    status: str  # Success | CustomerNotSubscribed | DuplicateRecord | Unprocessed | Missing
+    record_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """How one BatchMeterUsage call ended: `call` is `sent` when the service answered (then
+    `results` holds one per record), else the whole call's failure, as for MeterUsage."""
+
+    call: Outcome
+    results: tuple[RecordResult, ...] = ()
+
+
+def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What names a UsageRecord in an answer: its customer, dimension and Timestamp (the answer
+    echoes the record; one call never holds two records with the same key)."""
+    ts = record.get("Timestamp")
+    epoch = int(ts.timestamp()) if isinstance(ts, datetime) else ts
+    return (
+        record.get("CustomerAWSAccountId"),
+        record.get("LicenseArn"),
+        record.get("CustomerIdentifier"),
+        record.get("Dimension"),
+        epoch,
+    )
 
 
 class TokenRefused(NotAuthorized):
@@ -582,35 +682,39 @@ def build_request(
     return request
 
 
-def dry_run_verdict(outcome: Outcome) -> str:
-    """Turn a DryRun outcome into a one-line verdict, or raise the error `check` exits with."""
+def dry_run_verdict(
+    outcome: Outcome,
+    name: str = "MeterUsage DryRun",
+    role_hint: str = ROLE_HINT,
+    entitlement_hint: str = ENTITLEMENT_HINT,
+) -> str:
+    """Turn a DryRun outcome into a one-line verdict, or raise the error `check` exits with.
+    SaaS mode's probe (an empty BatchMeterUsage) passes its own name and hints."""
     if outcome.status == "dryrun_ok":
-        how = "HTTP 200" if outcome.record_id else "DryRunOperation error"
-        return f"MeterUsage DryRun: permitted ({how})"
+        how = "DryRunOperation error" if outcome.code == "DryRunOperation" else "HTTP 200"
+        return f"{name}: permitted ({how})"
     code, text = outcome.code or "", outcome.error or "unknown error"
     if code == NODE_ROLE_CODE:
-        raise NotAuthorized(f"MeterUsage DryRun: {outcome.message}")
+        raise NotAuthorized(f"{name}: {outcome.message}")
     if code in UNAUTHORIZED:
-        raise NotAuthorized(f"MeterUsage DryRun: not authorized ({text}); {ROLE_HINT}")
+        raise NotAuthorized(f"{name}: not authorized ({text}); {role_hint}")
     if code in NOT_ENTITLED:
-        raise NotAuthorized(f"MeterUsage DryRun: {text}; {ENTITLEMENT_HINT}")
+        raise NotAuthorized(f"{name}: {text}; {entitlement_hint}")
     if code == "InvalidEndpointRegionException":
         raise Unavailable(
-            f"MeterUsage DryRun: {text}; the endpoint must be in the instance's region "
+            f"{name}: {text}; the endpoint must be in the instance's region "
             "(check metering.region / metering.endpoint_url)"
         )
     if code == "NoCredentials":
-        raise Unavailable(f"MeterUsage DryRun: no AWS credentials found; {ROLE_HINT}")
+        raise Unavailable(f"{name}: no AWS credentials found; {role_hint}")
     if outcome.status == "retry":
-        raise Unavailable(f"MeterUsage DryRun: service unreachable or failing ({text})")
+        raise Unavailable(f"{name}: service unreachable or failing ({text})")
     if code == OUT_OF_BOUNDS:
-        raise AgentError(
-            f"MeterUsage DryRun: {text}; this machine's clock is off: check NTP (chrony) sync"
-        )
+        raise AgentError(f"{name}: {text}; this machine's clock is off: check NTP (chrony) sync")
     if code == "InvalidUsageDimensionException":
         raise NotAuthorized(
-            f"MeterUsage DryRun: {text}; every dimensions[].name must be a dimension of the listing"
+            f"{name}: {text}; every dimensions[].name must be a dimension of the listing"
         )
     if code in SIGNING or "signature expired" in text.lower():
-        raise Unavailable(f"MeterUsage DryRun: the request's signature was refused ({text})")
-    raise AgentError(f"MeterUsage DryRun: the service refused the request ({text})")
+        raise Unavailable(f"{name}: the request's signature was refused ({text})")
+    raise AgentError(f"{name}: the service refused the request ({text})")

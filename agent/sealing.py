@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from agent.aggregate import Point, Quantity, combine, to_quantity
+from agent.aggregate import Point, Quantity, combine_exact, to_decimal, to_quantity
 from agent.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config import Config, Dimension
@@ -204,8 +204,8 @@ def _release_held(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
 
 def billed(dim: Dimension, points: list[Point]) -> tuple[Decimal, Quantity]:
     """The hour's aggregate and the quantity it bills: what sealing stores and `status` shows."""
-    raw = combine(dim.aggregate, points)
-    return raw, to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
+    raw = combine_exact(dim.aggregate, points)
+    return to_decimal(raw), to_quantity(raw, dim.scale, dim.rounding, dim.decimals)
 
 
 def so_far(ledger: Ledger, dim: Dimension, hour: int) -> str | None:

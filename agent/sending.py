@@ -13,6 +13,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import NoReturn, Protocol
 
 from agent import health, sealing
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 EXPIRY = 6 * HOUR - 60  # TimestampOutOfBounds past 6 h; give up a minute early
 OUT_OF_WINDOW = "older than the 6 h MeterUsage window"
+# BatchMeterUsage (SaaS records, customer != ''): 24 h less a minute, and a previous month's
+# record is refused from 06:00 UTC on the 1st (SPEC "SaaS mode").
+SAAS_EXPIRY = 24 * HOUR - 60
+MONTH_CUTOFF = 6 * HOUR
+SAAS_OUT_OF_WINDOW = "past the BatchMeterUsage window (24 h, or 06:00 UTC on the next month's 1st)"
 DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
@@ -61,6 +67,26 @@ def _never(x: NoReturn) -> NoReturn:
     raise AssertionError(f"unhandled outcome {x!r}")
 
 
+def month_cutoff(timestamp: float) -> float:
+    """06:00 UTC on the 1st of the month after `timestamp`'s: the service refuses the record
+    from then on."""
+    d = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    first = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return first.timestamp() + MONTH_CUTOFF
+
+
+def expires_at(h: SealedHour) -> float:
+    """When a sealed record can no longer be sent: MeterUsage's 6 h window for an instance
+    hour, BatchMeterUsage's 24 h window and month-end cutoff for a SaaS record."""
+    if h.customer:
+        return min(float(h.timestamp + SAAS_EXPIRY), month_cutoff(h.timestamp))
+    return float(h.timestamp + EXPIRY)
+
+
+def out_of_window(h: SealedHour) -> str:
+    return SAAS_OUT_OF_WINDOW if h.customer else OUT_OF_WINDOW
+
+
 def sendable_at(state: SendState, next_attempt: float) -> float | None:
     """When an hour next tried at `next_attempt` may go: not before the backoff ends, and not
     while sending is paused (None)."""
@@ -73,7 +99,7 @@ def due(state: SendState, pending: list[SealedHour]) -> float | None:
     (due <= now), the sender's own per-hour decision (sendable_at) and `status`."""
     if state.identity_unverified:  # nothing leaves until IMDS confirms the instance
         return None
-    times = [float(h.timestamp + EXPIRY) for h in pending]
+    times = [expires_at(h) for h in pending]
     times += [t for h in pending if (t := sendable_at(state, h.next_attempt)) is not None]
     if state.dryrun_due is not None:
         times.append(state.dryrun_due)
@@ -87,7 +113,10 @@ def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
     if state.identity_unverified:  # as in due(): nothing leaves
         return None
     offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
-    times = (due(state, ledger.pending()), sendable_at(state, hour_start(now) + HOUR + offset))
+    times = (
+        due(state, ledger.pending_bounds()),
+        sendable_at(state, hour_start(now) + HOUR + offset),
+    )
     return min((t for t in times if t is not None), default=None)
 
 
@@ -125,11 +154,6 @@ class Sender:
         report = Report()
         if deadline is None:
             deadline = self.clock.time() + PATIENCE
-        if self.config.mode == "saas":
-            # SaaS records go by BatchMeterUsage (helper F's sender); MeterUsage must never send
-            # them, nor expire them by its 6 h window: they stay pending until that sender runs.
-            log.warning("SaaS mode: BatchMeterUsage sending is not built in this agent yet")
-            return report
         try:
             unverified = self.ledger.send_state().identity_unverified
             if unverified:
@@ -137,9 +161,7 @@ class Sender:
                 log.warning("not sending: %s", unverified)
                 report.paused = True
                 return report
-            now = self.clock.time()
-            for h in (h for h in self.ledger.pending() if now >= h.timestamp + EXPIRY):
-                self._mark_expired(h, now, OUT_OF_WINDOW, report)
+            self._expire_out_of_window(self.clock.time(), report)
             if not self._authorized(report):
                 report.paused = True
                 return report
@@ -148,7 +170,18 @@ class Sender:
             health.write(self.config.state_dir, self.ledger, self.clock.time())
         return report
 
+    def _expire_out_of_window(self, now: float, report: Report) -> None:
+        for h in (h for h in self.ledger.pending() if now >= expires_at(h)):
+            self._mark_expired(h, now, out_of_window(h), report)
+
     # -- DryRun ------------------------------------------------------------------------------
+
+    probe_name = "MeterUsage DryRun"  # the permission probe, in log lines
+
+    def _probe(self, now: float) -> Outcome:
+        """The permission probe: MeterUsage DryRun of the first dimension."""
+        dim = self.config.dimensions[0]
+        return self.client.dry_run(self.config.product_code, dim.name, dim.decimals, now)
 
     def _authorized(self, report: Report) -> bool:
         now, due = self.clock.time(), self.ledger.send_state().dryrun_due
@@ -160,28 +193,28 @@ class Sender:
         return backoff(failures, self.rng)
 
     def _dry_run(self, report: Report, now: float) -> None:
-        dim = self.config.dimensions[0]
-        outcome = self.client.dry_run(self.config.product_code, dim.name, dim.decimals, now)
+        dim, name = self.config.dimensions[0], self.probe_name
+        outcome = self._probe(now)
         report.dry_run = outcome.status
         match outcome.status:
             case "dryrun_ok":
-                log.info("MeterUsage DryRun: permitted")
+                log.info("%s: permitted", name)
                 self.ledger.authorize()
                 self.ledger.note_success(now)
             case "held" if outcome.code != PRODUCT_CODE_REFUSED:
                 # An unknown dimension says the role and product are fine: only that dimension's
                 # hours are held (and named in health), the others are sent.
-                log.error("MeterUsage DryRun for dimension %s: %s; its hours are held until the "
-                          "listing has it or they expire", dim.name, outcome.error)  # fmt: skip
+                log.error("%s for dimension %s: %s; its hours are held until the listing has it "
+                          "or they expire", name, dim.name, outcome.error)  # fmt: skip
                 self.ledger.authorize()
             case "unauthorized" | "rejected" | "expired" | "held":
                 # Not authorized or not entitled: sending pauses and the DryRun repeats.
-                log.error("MeterUsage DryRun refused (%s); sending paused, checking again in %d s",
-                          outcome.error, DRYRUN_RECHECK)  # fmt: skip
+                log.error("%s refused (%s); sending paused, checking again in %d s",
+                          name, outcome.error, DRYRUN_RECHECK)  # fmt: skip
                 self.ledger.deauthorize(now, f"DryRun: {outcome.error}", now + DRYRUN_RECHECK)
             case "retry" | "sent":
                 delay = self.ledger.back_off(now, f"DryRun: {outcome.error}", self._backoff)
-                log.warning("MeterUsage DryRun failed (%s); again in %.0f s", outcome.error, delay)
+                log.warning("%s failed (%s); again in %.0f s", name, outcome.error, delay)
             case _:
                 _never(outcome.status)
 
@@ -192,10 +225,11 @@ class Sender:
     ) -> None:
         """Expire an unsent hour. Its last_error keeps the last answer (or `error`, the service's
         own), else says `why`; attempts stay as counted when requests left."""
-        log.error("hour %s dimension %s: quantity %s expired unsent (%s; last error: %s)",
-                  iso_hour(h.hour), h.dimension, h.quantity.text, why,
-                  error or h.last_error or "none, never sent")  # fmt: skip
-        self.ledger.expire(h.dimension, h.hour, error=error or h.last_error or why, now=now)
+        log.error("hour %s dimension %s%s: quantity %s expired unsent (%s; last error: %s)",
+                  iso_hour(h.hour), h.dimension, f" customer {h.customer}" if h.customer else "",
+                  h.quantity.text, why, error or h.last_error or "none, never sent")  # fmt: skip
+        self.ledger.expire(h.dimension, h.hour, error=error or h.last_error or why, now=now,
+                           customer=h.customer)  # fmt: skip
         report.expired.append((h.dimension, h.hour))
         self.ledger.note_failure(now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
 
@@ -211,7 +245,7 @@ class Sender:
                 if at is None or at > now:
                     queue.pop(0)
                     continue
-            if now >= h.timestamp + EXPIRY:
+            if now >= expires_at(h):
                 self._mark_expired(h, now, OUT_OF_WINDOW, report)
                 queue.pop(0)
                 continue
@@ -220,7 +254,7 @@ class Sender:
             outcome = self.client.meter_usage(h)
             now = self.clock.time()
             where = f"hour {iso_hour(h.hour)} dimension {h.dimension}"
-            error, until = outcome.error, iso(h.timestamp + EXPIRY)
+            error, until = outcome.error, iso(expires_at(h))
             match outcome.status:
                 case "retry":
                     delay = self.ledger.back_off(now, error or "send failed", self._backoff)

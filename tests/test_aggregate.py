@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.aggregate import DECIMAL_PATTERN, MAX_INT, Point, Quantity, combine, to_quantity
+from agent.aggregate import (
+    DECIMAL_PATTERN,
+    MAX_INT,
+    Point,
+    Quantity,
+    combine,
+    combine_exact,
+    to_quantity,
+)
 
 D = Decimal
 
@@ -41,7 +50,23 @@ def test_integral_four_vcpus_for_twenty_minutes() -> None:
 def test_integral_uses_each_samples_span() -> None:
     # one sample clipped to 20 s by a stop, one full minute
     points = [Point(0, D(2), 60.0), Point(60, D(2), 20.0)]
-    assert combine("integral", points) == D(160) / D(3600)
+    assert combine_exact("integral", points) == Fraction(160, 3600)
+
+
+def test_an_average_is_scaled_and_rounded_exactly() -> None:
+    """1730 / 3 is 576.666...; in 28-digit Decimals, times 0.3 it came out a hair above 173, and
+    `rounding: up` billed 174 (found by the allocation property test)."""
+    points = [Point(0, D(0), 60.0), Point(60, D(0), 60.0), Point(120, D(1730), 60.0)]
+    value = combine_exact("avg", points)
+    assert to_quantity(value, D("0.3"), "up", None).value == 173
+    assert to_quantity(value, D("0.3"), "down", None).value == 173
+    assert to_quantity(value, D("0.3"), "up", 6).value == "173.000000"
+    third = combine_exact(
+        "avg", [Point(0, D(1), 60.0), Point(60, D(0), 60.0), Point(120, D(0), 60.0)]
+    )
+    assert to_quantity(third, D(1), "up", 6).value == "0.333334"
+    assert to_quantity(third, D(1), "nearest", 6).value == "0.333333"
+    assert to_quantity(third, D(3), "up", None).value == 1
 
 
 def test_combine_needs_samples() -> None:

@@ -1,9 +1,8 @@
 """SaaS mode through the real daemon across an hour boundary (libfaketime): each customer's sealed
 record per dimension and hour is what its own lines on disk bill; known customers without usage
-get idle zeros; a label no customer has is held, then sealed once the ledger names it.
-
-Until BatchMeterUsage sending exists (helper F), the outcome asserted is the sealed ledger rows,
-not what an emulator received; the test also checks MeterUsage never carried a SaaS record.
+get idle zeros; a label no customer has is held, then sealed once the ledger names it; the stop
+sends every record once by BatchMeterUsage (the emulator's records equal the ledger's), never by
+MeterUsage.
 """
 
 from __future__ import annotations
@@ -163,7 +162,14 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
         assert by[(c, "api_requests", second)] == str(two[c])
         assert by[(c, "api_hundreds", second)] == hundreds(two[c])
     assert len(hours) == len(by) == 2 * 2 * 6  # once each: 6 customers, 2 dimensions, 2 hours
-    assert all(h.state == "pending" for h in hours)  # nothing expired, rejected or sent twice
+    assert all(h.state == "sent" for h in hours)  # the stop flushed them; none expired or refused
+    license_of = {customer(c).license_arn: c for c in (*CUSTOMERS, STRANGER, *IDLE)}
+    received = {
+        (license_of[r.customer.split("|")[1]], r.dimension, r.hour): r.quantity_text
+        for r in emulator.records()
+        if r.customer
+    }
+    assert received == by  # every record billed once, with its sealed quantity
     ledger = Ledger(state, readonly=True)
     still = {(h.customer, h.dimension, h.hour) for h in ledger.held_usage()}
     ledger.close()

@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import config, health, sealing
-from agent.aggregate import Point, combine, reading_problem, to_quantity
+from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
 from agent.clock import Clock
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
@@ -148,14 +149,14 @@ def store_raw(ledger: Ledger, dim: str, t: float, value: str) -> None:
 def test_one_dimension_that_cannot_seal_never_holds_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = sealing.combine
+    real = sealing.combine_exact
 
-    def combine(aggregate: str, points: list) -> D:
+    def combine(aggregate: str, points: list) -> Any:
         if any(p.value == 13 for p in points):
             raise ArithmeticError("injected")
         return real(aggregate, points)
 
-    monkeypatch.setattr(sealing, "combine", combine)
+    monkeypatch.setattr(sealing, "combine_exact", combine)
     cfg = sealing_config(tmp_path)
     ledger = Ledger(cfg.state_dir)
     store_raw(ledger, "rows", H + 60, "5")
@@ -255,7 +256,7 @@ def test_kill9_between_two_samples_never_counts_the_overlap_twice(tmp_path: Path
     with ledger.transaction() as db:
         points = ledger.points(db, "vh", H)
     assert [p.span for p in points] == [30.0, 30.0, 60.0]
-    assert combine("integral", points) == D(4) * D(120) / D(3600)  # 4 vCPUs from H+60 to H+180
+    assert combine_exact("integral", points) == Fraction(4 * 120, 3600)  # 4 vCPUs, H+60 to H+180
 
 
 def test_migration_keeps_duplicate_instants_of_an_old_ledger(tmp_path: Path) -> None:
@@ -435,7 +436,7 @@ def test_health_file_names_the_hour_and_dimension(
     def combine(aggregate: str, points: list) -> D:
         raise ArithmeticError("injected")
 
-    monkeypatch.setattr(sealing, "combine", combine)
+    monkeypatch.setattr(sealing, "combine_exact", combine)
     cfg = sealing_config(tmp_path)
     ledger = Ledger(cfg.state_dir)
     store_raw(ledger, "rows", H + 60, "5")
@@ -448,7 +449,7 @@ def test_health_file_names_the_hour_and_dimension(
 
 def test_integral_points_sum_to_the_time_covered() -> None:
     points = [Point(H + i * 60, D(2), 60.0) for i in range(30)]
-    assert combine("integral", points) == D(1)  # 2 vCPUs for half an hour
+    assert combine_exact("integral", points) == 1  # 2 vCPUs for half an hour
 
 
 def test_check_and_sample_end_at_the_deadline(tmp_path: Path) -> None:
