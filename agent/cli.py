@@ -331,6 +331,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for trap in traps(cfg):
         print(f"warning: {trap}", flush=True)
+    from agent import platform
+
+    plat = platform.detect(cfg.platform, os.environ)
+    _say("ok", f"platform {plat.name} ({plat.how})")
     if cfg.register_usage is not None and cfg.register_usage.public_key:
         from agent.registration import describe_key
 
@@ -340,13 +344,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EX_OK
     from agent import metering
 
-    region, where = metering.resolve_region(cfg.metering.region)
+    metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
+    check_identity(plat, metadata)
+    region, where = metering.resolve_region(
+        cfg.metering.region, platform=plat.name, metadata=metadata
+    )
     _say("ok", f"region {region} (from {where})")
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
     if not client.has_credentials():
         raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
-    creds = client.session.get_credentials()
-    _say("ok", f"credentials found ({getattr(creds, 'method', 'unknown source')})")
+    method = client.credential_source()
+    # AWS refuses the node's role for container products' MeterUsage; SaaS is the seller's own
+    node_role = platform.node_role_refusal(plat.name, method) if cfg.mode != "saas" else None
+    if node_role:
+        from agent.errors import NotAuthorized
+
+        _say("fail", f"credentials: {method}")
+        raise NotAuthorized(node_role)
+    _say("ok", f"credentials found ({method})")
     if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
         outcome = client.probe_batch(cfg.product_code)
         verdict = metering.dry_run_verdict(
@@ -369,6 +384,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def check_identity(plat: Any, metadata: Any) -> None:
+    """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
+    or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
+    from agent import metering, platform
+
+    if plat.container:
+        task_id, source = platform.identity(plat.name, os.environ, metadata)
+        _say("ok", f"identity {task_id} (from {source})")
+        return
+    try:
+        _say("ok", f"identity {metering.Imds().instance_id()} (from IMDS instance-id)")
+    except metering.ImdsError as e:
+        _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
 
 
 def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
@@ -584,12 +614,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
     send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
     ledger = Ledger(cfg.state_dir)
+    from agent import platform
+
+    plat = platform.detect(cfg.platform, os.environ)
     try:
-        region, _ = metering.resolve_region(cfg.metering.region)
+        region, where = metering.resolve_region(cfg.metering.region, platform=plat.name)
     except Unavailable as e:
         note_unreachable(ledger, cfg, clock.time(), str(e))
         return EX_UNAVAILABLE
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url)
+    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
+    note_sender_context(ledger, plat, region, where, client)
     if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
         from agent.batching import BatchSender
 
@@ -601,6 +635,30 @@ def cmd_send(args: argparse.Namespace) -> int:
     if report.paused:
         return EX_NOPERM
     return EX_UNAVAILABLE if report.retry else EX_OK
+
+
+def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client: Any) -> None:
+    """Keep in the ledger's meta what only the sender knows (botocore's credential source) with
+    the region it signs for, for `status`; logged when it changes."""
+    try:
+        method = client.credential_source()
+    except Exception as e:  # botocore raises many kinds while fetching from IMDS/ECS/STS
+        method = f"lookup failed: {e}"
+    context = {
+        "platform": plat.name,
+        "region": region,
+        "region_source": where,
+        "credential_source": method,
+    }
+    if ledger.get_meta("sender_context") != context:
+        log.info(
+            "sending as platform %s, region %s (from %s), credentials %s",
+            plat.name,
+            region,
+            where,
+            method,
+        )
+        ledger.update_meta(sender_context=context)
 
 
 def cmd_register_usage(args: argparse.Namespace) -> int:
@@ -687,6 +745,10 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
         f"  export {IMDS_ENV}={url}\n"
         f"  metering: {{endpoint_url: {url}}}\n"
+        f"as an ECS task: export ECS_CONTAINER_METADATA_URI_V4={url}/ecs/v4 "
+        f"AWS_CONTAINER_CREDENTIALS_FULL_URI={url}/ecs/credentials\n"
+        f"as an EKS pod (IRSA): export AWS_ENDPOINT_URL_STS={url} AWS_ROLE_ARN=<any role arn> "
+        f"AWS_WEB_IDENTITY_TOKEN_FILE=<any file> AWS_REGION={settings.region} POD_UID=<any id>\n"
         f"RegisterUsage answers are signed with the key at {url}/_emulator/public_key",
         flush=True,
     )

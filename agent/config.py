@@ -82,6 +82,7 @@ class MeteringConfig:
     endpoint_url: str | None
     send_window: int
     startup_check: bool
+    on_check_failure: str | None = None  # exit | continue; None: exit on ecs/eks, else continue
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Config:
     on_recovery: Hook | None
     source: Path
     version: int = 1
+    platform: str = "auto"  # auto | ec2 | ecs | eks (agent/platform.py)
     register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
@@ -135,7 +137,7 @@ METERING = Section(
         "region": Field(
             Str(REGION, hint="expected auto or a region name such as us-east-1"),
             default="auto",
-            doc="auto: $AWS_REGION, $AWS_DEFAULT_REGION, then IMDS placement/region",
+            doc="auto: $AWS_REGION, $AWS_DEFAULT_REGION, then the ECS TaskARN (ecs) or IMDS",
         ),
         "endpoint_url": Field(
             Nullable(Str(r"https?://\S+", hint="expected an http:// or https:// URL")),
@@ -147,6 +149,11 @@ METERING = Section(
             doc="hour H is sent at H+1:00 plus a per-instance offset in [0, send_window)",
         ),
         "startup_check": Field(Bool(), default=True, doc="MeterUsage DryRun at startup"),
+        "on_check_failure": Field(
+            Nullable(Enum(("exit", "continue"))),
+            doc="a start-up DryRun refused (not throttled, not 5xx): exit ends `run` with 77; "
+            "default exit on ecs/eks, continue on ec2",
+        ),
     }
 )
 
@@ -272,6 +279,12 @@ TOP = Section(
             required=True,
         ),
         "state_dir": Field(Str(), default=DEFAULT_STATE_DIR, doc="ledger and health file"),
+        "platform": Field(
+            Enum(("auto", "ec2", "ecs", "eks")),
+            default="auto",
+            doc="auto: $ECS_CONTAINER_METADATA_URI_V4 -> ecs; $AWS_WEB_IDENTITY_TOKEN_FILE or "
+            "$KUBERNETES_SERVICE_HOST -> eks; else ec2",
+        ),
         "metering": Field(METERING, default=None),
         "sampling": Field(SAMPLING, default=None),
         "dimensions": Field(
@@ -422,6 +435,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         else None,
         on_recovery=Hook(tuple(recovery["command"]), 0, recovery["timeout"]) if recovery else None,
         source=source,
+        platform=top["platform"],
         register_usage=register,
         mode=top["mode"],
         saas=saas,

@@ -42,12 +42,13 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, ownership, sealing, stopreason
+from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension, load
-from agent.errors import AgentError, LockHeld
+from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
 from agent.hooks import Hooks
 from agent.ledger import INSTANT_TAKEN, Ledger
-from agent.metering import Imds
+from agent.metering import Imds, resolve_region
 from agent.productlock import ProductLock, is_loopback
 from agent.reads import Reads
 from agent.sampling import Sample, Sampler
@@ -191,7 +192,14 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
             "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
         ) from None
     now = clock.time()
-    ident = identity.Identity(Imds(), clock, state_dir)
+    plat = platforms.detect(config.platform, os.environ)
+    metadata = platforms.TaskMetadata(os.environ) if plat.name == "ecs" else None
+    ident: identity.Identity
+    if plat.container:  # PlatformError (69, one line) when the task or pod cannot be named
+        task_id, source = platforms.identity(plat.name, os.environ, metadata)
+        ident = identity.ContainerIdentity(task_id, source, clock, state_dir)
+    else:
+        ident = identity.Identity(Imds(), clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
     if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
         from agent import registration
@@ -203,8 +211,39 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
         ledger.schedule_dryrun(now)
     command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
     sender = SenderProcess(command, clock.monotonic)
+    where = describe_platform(config, plat, ledger, ident, metadata)
     return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock),
-                  registration=handler)  # fmt: skip
+                  plat, where, registration=handler)  # fmt: skip
+
+
+def describe_platform(
+    config: Config,
+    plat: platforms.Platform,
+    ledger: Ledger,
+    ident: identity.Identity,
+    metadata: platforms.TaskMetadata | None,
+) -> str:
+    """The start-up line's platform part: platform and how decided, identity and its source,
+    region and its source, the credentials the environment points at (botocore's own answer
+    is the sender's, kept for `status`). IMDS is asked for the region only on EC2 once it has
+    answered for the identity, so a slow first boot is not slowed further."""
+    region = "region at send time"
+    if plat.container or ledger.get_meta("instance_id_source") == "imds":
+        try:
+            name, source = resolve_region(
+                config.metering.region, platform=plat.name, metadata=metadata
+            )
+            region = f"region {name} (from {source})"
+        except Unavailable as e:
+            region = f"region unresolved ({e})"
+    elif config.metering.region != "auto":
+        region = f"region {config.metering.region} (from config metering.region)"
+    policy = platforms.check_failure_policy(config.metering.on_check_failure, plat.name)
+    return (
+        f"platform {plat.name} ({plat.how}), identity {ledger.get_meta('instance_id')} (from "
+        f"{ledger.get_meta('instance_id_source')}), {region}, credentials expected: "
+        f"{platforms.expected_credentials(os.environ)}, on check failure: {policy}"
+    )
 
 
 class Daemon:
@@ -217,9 +256,19 @@ class Daemon:
         sampler: Sampler,
         sender: SenderProcess,
         held: tuple[object, ...] = (),
+        platform: platforms.Platform | None = None,
+        where: str = "",
         registration: Any = None,
     ) -> None:
         self.config = config
+        self.platform = platform or platforms.Platform("ec2", "default")
+        self.where = where  # the start-up line's platform, identity, region, credentials
+        # metering.on_check_failure: exit: a refused start-up DryRun ends `run` with 77
+        self._startup_pending = config.metering.startup_check and (
+            platforms.check_failure_policy(config.metering.on_check_failure, self.platform.name)
+            == "exit"
+        )
+        self.exit_code = 0
         self.registration = registration  # fulfillment.HandlerProcess (saas.registration)
         self.clock = clock
         self.ledger = ledger
@@ -249,11 +298,12 @@ class Daemon:
     def run(self) -> int:
         log.info(
             "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
-            "after each hour",
+            "after each hour; %s",
             self.config.product_code,
             len(self.config.dimensions),
             self.ledger.get_meta("instance_id"),
             self.offset,
+            self.where or f"platform {self.platform.name}",
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -273,8 +323,34 @@ class Daemon:
                 self._reload.clear()
                 self.reload()
             self.check_clock()
+            self.check_startup()
         self.shutdown()
-        return 0
+        return self.exit_code
+
+    def check_startup(self) -> None:
+        """metering.on_check_failure: exit. Until the start-up DryRun has passed, a sender that
+        ended paused (77: the DryRun, or the credentials, refused; throttling and 5xx back off
+        and exit 69) stops `run` as SIGTERM would, and `run` exits 77 (AWS asks container
+        products to stop when the check fails)."""
+        if not self._startup_pending:
+            return
+        self.sender.running()  # reaps a finished child
+        code = self.sender.take_exit()
+        state = self.ledger.send_state()
+        if state.authorized and state.dryrun_due is None:
+            self._startup_pending = False  # passed: later refusals pause sending, as on EC2
+            return
+        if code != EX_NOPERM:
+            return
+        log.error(
+            "stopping with exit 77: the start-up check failed (%s); metering.on_check_failure "
+            "is exit on %s",
+            state.reason or "not authorized",
+            self.platform.name,
+        )
+        self.exit_code = EX_NOPERM
+        self.notify.stopping("start-up check failed")
+        self.stop_event.set()
 
     def _verified(self) -> bool:
         """Whether this run may seal and send from its ledger (see identity)."""
@@ -358,6 +434,7 @@ class Daemon:
                 ("product_code", self.config.product_code, new.product_code),
                 ("metering.endpoint_url", self.config.metering.endpoint_url,
                  new.metering.endpoint_url),
+                ("platform", self.config.platform, new.platform),
             ):  # fmt: skip
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
@@ -662,6 +739,7 @@ class SenderProcess:
     ) -> None:
         self.command, self.monotonic, self.popen = command, monotonic, popen
         self._child: subprocess.Popen[bytes] | None = None
+        self._exit: int | None = None  # the last reaped child's code, until take_exit
         self._started = 0.0
         self._closed = False  # stopped: a send tick still running starts nothing more
         self._lock = threading.Lock()
@@ -684,12 +762,19 @@ class SenderProcess:
             if code is None and self.monotonic() - self._started <= SENDER_TIMEOUT:
                 return True
             self._child = None
+            self._exit = code
         if code is None:  # ended outside the lock: `stop` must not wait on it
             log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
             end(child)
         elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
             log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
         return False
+
+    def take_exit(self) -> int | None:
+        """The exit code of the last child reaped since the last call (None: none)."""
+        with self._lock:
+            code, self._exit = self._exit, None
+        return code
 
     def flush(self, deadline: float) -> int:
         """Send every pending hour in a child, waited for (the stop flush); its exit code."""

@@ -16,6 +16,21 @@ without answering), `slow` (answer after a delay). `Date` headers follow the emu
 `signature_window` refuses SigV4 dates that far off (a skewed client clock), and `imds_hang` makes
 IMDS hold and drop every request (a slow first boot).
 
+Containers (fixed paths; packaging/ci/container-check.sh relies on them):
+- ECS task metadata v4: `ECS_CONTAINER_METADATA_URI_V4=<url>/ecs/v4`; `GET /ecs/v4/task` answers a
+  `TaskARN` `arn:aws:ecs:<region>:111122223333:task/emulator-cluster/<task_id>` (settings), with
+  `Cluster`, `Family`, `Revision`, `AvailabilityZone`; `GET /ecs/v4` the container's metadata.
+- Task role credentials: `AWS_CONTAINER_CREDENTIALS_FULL_URI=<url>/ecs/credentials` (botocore allows
+  http to loopback), AccessKeyId `ASIAEMULATORTASKROLE`.
+- STS AssumeRoleWithWebIdentity (IRSA): `AWS_ENDPOINT_URL_STS=<url>`, with `AWS_ROLE_ARN` and
+  `AWS_WEB_IDENTITY_TOKEN_FILE` (any token); `POST /` form `Action=AssumeRoleWithWebIdentity`,
+  AccessKeyId `ASIAEMULATORIRSAROLE`.
+- IMDS role credentials keep AccessKeyId `ASIAEMULATOREXAMPLE1` (the node's role in a container);
+  `container_only: true` makes MeterUsage signed with it answer PlatformNotSupportedException, as
+  AWS answers a node-role call from a task or pod.
+Each of these is kept in `calls()` under its operation (TaskMetadata, ContainerCredentials,
+AssumeRoleWithWebIdentity); a record's `Caller` is the access key that signed it.
+
 RegisterUsage (`AWSMPMeteringService.RegisterUsage`) validates as the service does (ProductCode,
 PublicKeyVersion >= 1 and known, Nonce <= 255 characters) and answers a PS256 JWT signed with an RSA
 key pair the emulator makes on first use (`GET /_emulator/public_key` serves its PEM); settings
@@ -35,6 +50,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +73,12 @@ LICENSE_ARN = r"arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.
     r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}"
 )
 FUTURE_SLACK = 300  # a few minutes of clock skew is tolerated
-ACCESS_KEY = "ASIAEMULATOREXAMPLE1"
+ACCESS_KEY = "ASIAEMULATOREXAMPLE1"  # the IMDS role's (on ECS/EKS: the node's)
+TASK_ROLE_KEY = "ASIAEMULATORTASKROLE"
+IRSA_KEY = "ASIAEMULATORIRSAROLE"
+ACCOUNT = "111122223333"
+TASK_ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/emulator-task-role"
+NODE_ROLE_REFUSED = "This operation can only be called from within an ECS task or an EKS pod"
 CREDENTIAL = re.compile(r"Credential=([^/]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
 ALLOCATED = {True: "AllocatedUsageQuantityAsDecimal", False: "AllocatedUsageQuantity"}
 _TAG = re.compile(f"{TAG_CHAR}+")
@@ -105,6 +126,8 @@ class Settings:
     imds: bool = True
     imds_hang: float = 0.0  # IMDS holds each request this long, then closes it unanswered
     signature_window: float | None = None  # refuse a SigV4 date further off than this (5 min)
+    task_id: str = "0123456789abcdef0123456789abcdef"  # the ECS task in the TaskARN
+    container_only: bool = False  # MeterUsage signed by the IMDS (node) role is refused
     public_key_version: int = 1  # RegisterUsage: the newest key version; higher ones are invalid
     rotation_timestamp: float | None = None  # RegisterUsage answers PublicKeyRotationTimestamp
     register_rate: float = 5.0  # RegisterUsage requests per second per account
@@ -276,6 +299,8 @@ class Emulator:
             raise ServiceError("ValidationException", "UsageDimension is missing or malformed")
         if "Timestamp" not in body:
             raise ServiceError("ValidationException", "Timestamp is required")
+        if s.container_only and caller == ACCESS_KEY:
+            raise ServiceError("PlatformNotSupportedException", NODE_ROLE_REFUSED)
         if not s.authorized:
             raise ServiceError(
                 s.deny_code,
@@ -697,6 +722,8 @@ class _Handler(BaseHTTPRequestHandler):
         e = self.emulator
         if self.path.startswith("/_emulator/"):
             return self._control_get()
+        if self.path.startswith("/ecs/"):
+            return self._ecs()
         if self._imds_silent():
             return None
         if not e.settings.imds or not self.path.startswith("/latest/meta-data/"):
@@ -719,7 +746,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._text(200, answers[path])
         if path == creds_path + s.role:
             now = Clock().time()  # botocore checks the expiry on the client's own wall clock
-            expires = datetime.fromtimestamp(now + 6 * HOUR, tz=timezone.utc)
             return self._send(
                 200,
                 {
@@ -729,10 +755,96 @@ class _Handler(BaseHTTPRequestHandler):
                     "AccessKeyId": ACCESS_KEY,
                     "SecretAccessKey": "emulatorsecretkeyemulatorsecretkey000000",
                     "Token": "emulator-session-token",
-                    "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "Expiration": _expiration(),
                 },
             )
         self._text(404, "Not Found")
+
+    # ECS task metadata v4, container credentials, STS (IRSA) -------------------------------
+
+    def _ecs(self) -> None:
+        s = self.emulator.settings
+        arn = f"arn:aws:ecs:{s.region}:{ACCOUNT}:task/emulator-cluster/{s.task_id}"
+        container = {
+            "DockerId": "emulator-container-" + s.task_id[:12],
+            "Name": "metering-agent",
+            "Image": "localhost/metering-agent",
+            "Labels": {"com.amazonaws.ecs.task-arn": arn},
+            "ContainerARN": f"arn:aws:ecs:{s.region}:{ACCOUNT}:container/emulator-cluster/"
+            f"{s.task_id}/metering-agent",
+        }
+        if self.path.rstrip("/") == "/ecs/v4/task":
+            self._record(
+                {"operation": "TaskMetadata", "time": self.emulator.clock.time(), "outcome": "ok"}
+            )
+            return self._send(
+                200,
+                {
+                    "Cluster": f"arn:aws:ecs:{s.region}:{ACCOUNT}:cluster/emulator-cluster",
+                    "TaskARN": arn,
+                    "Family": "emulator-product",
+                    "Revision": "1",
+                    "DesiredStatus": "RUNNING",
+                    "KnownStatus": "RUNNING",
+                    "AvailabilityZone": s.region + "a",
+                    "LaunchType": "FARGATE",
+                    "Containers": [container],
+                },
+            )
+        if self.path.rstrip("/") == "/ecs/v4":
+            return self._send(200, container)
+        if self.path.rstrip("/") == "/ecs/credentials":
+            self._record(
+                {
+                    "operation": "ContainerCredentials",
+                    "time": self.emulator.clock.time(),
+                    "outcome": "ok",
+                }
+            )
+            return self._send(
+                200,
+                {
+                    "AccessKeyId": TASK_ROLE_KEY,
+                    "SecretAccessKey": "emulatortaskrolesecretemulatortaskrole00",
+                    "Token": "emulator-task-role-session-token",
+                    "Expiration": _expiration(),
+                    "RoleArn": TASK_ROLE_ARN,
+                },
+            )
+        self._text(404, "Not Found")
+
+    def _sts(self, raw: bytes) -> bool:
+        """STS AssumeRoleWithWebIdentity (unsigned, a form POST): the IRSA role's credentials."""
+        form = urllib.parse.parse_qs(raw.decode("utf-8", "replace"))
+        if form.get("Action") != ["AssumeRoleWithWebIdentity"]:
+            return False
+        role = (form.get("RoleArn") or [f"arn:aws:iam::{ACCOUNT}:role/emulator-irsa-role"])[0]
+        session = (form.get("RoleSessionName") or ["metering-agent"])[0]
+        self._record(
+            {"operation": "AssumeRoleWithWebIdentity", "time": self.emulator.clock.time(),
+             "outcome": "ok", "role": role, "token": bool(form.get("WebIdentityToken"))}
+        )  # fmt: skip
+        xml = f"""<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleWithWebIdentityResult>
+    <SubjectFromWebIdentityToken>system:serviceaccount:default:metering-agent</SubjectFromWebIdentityToken>
+    <AssumedRoleUser>
+      <Arn>{role.replace(":role/", ":assumed-role/").replace("arn:aws:iam:", "arn:aws:sts:")}/{session}</Arn>
+      <AssumedRoleId>AROAEMULATORIRSAROLE:{session}</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <AccessKeyId>{IRSA_KEY}</AccessKeyId>
+      <SecretAccessKey>emulatorirsarolesecretemulatorirsarole00</SecretAccessKey>
+      <SessionToken>emulator-irsa-session-token</SessionToken>
+      <Expiration>{_expiration()}</Expiration>
+    </Credentials>
+    <Audience>sts.amazonaws.com</Audience>
+    <Provider>arn:aws:iam::{ACCOUNT}:oidc-provider/oidc.eks.emulator.amazonaws.com</Provider>
+  </AssumeRoleWithWebIdentityResult>
+  <ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata>
+</AssumeRoleWithWebIdentityResponse>
+"""  # noqa: E501
+        self._send(200, xml.encode(), "text/xml")
+        return True
 
     # MeterUsage and control ----------------------------------------------------------------
 
@@ -740,6 +852,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._body()
         if self.path.startswith("/_emulator/"):
             return self._control_post(raw)
+        if "x-www-form-urlencoded" in self.headers.get("Content-Type", "") and self._sts(raw):
+            return None
         target = self.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else target
         auth = self.headers.get("Authorization", "")
@@ -825,6 +939,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (TypeError, ValueError) as err:
             return self._send(400, {"error": str(err)})
         self._send(200, {"ok": True})
+
+
+def _expiration() -> str:
+    """Credentials' expiry, 6 h ahead on the real wall clock: botocore checks it on the client's
+    own clock (under libfaketime or --clock, that is not the emulator's)."""
+    return datetime.fromtimestamp(Clock().time() + 6 * HOUR, tz=timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
 def b64url(data: bytes) -> str:

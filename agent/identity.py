@@ -226,3 +226,48 @@ class Identity:
 
         self._thread = threading.Thread(target=loop, name="imds-identity", daemon=True)
         self._thread.start()
+
+
+def adopt(ledger: Ledger, task_id: str, source: str) -> Ledger:
+    """A container's ledger (ECS task, EKS pod), verified at once: the id is the platform's own
+    (TaskARN, pod uid), nothing to wait for. A ledger another task or pod left on a persistent
+    volume is kept, not moved aside: its pending hours are the same buyer's usage and are sent;
+    this task's id is recorded (and seeds the send offset) and the previous one kept in meta."""
+    known = ledger.get_meta("instance_id")
+    if known and known != task_id:
+        log.warning(
+            "the ledger was written by %s, this is %s: kept (a persistent volume); its %d "
+            "pending hour(s) are sent from here",
+            known,
+            task_id,
+            ledger.pending_hour_count(),
+        )
+        ledger.update_meta(previous_instance_id=known)
+    if known != task_id or ledger.get_meta("instance_id_source") != source:
+        ledger.update_meta(instance_id=task_id, instance_id_source=source)
+    ledger.mark_verified()
+    return ledger
+
+
+class ContainerIdentity(Identity):
+    """An ECS task's or EKS pod's identity: known at start (platform.identity), so the ledger is
+    verified at once and nothing is asked in the background."""
+
+    def __init__(self, task_id: str, source: str, clock: Clock, state_dir: Path) -> None:
+        super().__init__(Imds(), clock, state_dir)
+        self.task_id, self.source = task_id, source
+
+    def start(self, ledger: Ledger) -> Ledger:
+        self.started = self.clock.time()
+        ledger = adopt(ledger, self.task_id, self.source)
+        self.verified.set()
+        self.settled = True
+        return ledger
+
+    def keep_asking(
+        self,
+        stop: threading.Event,
+        swap: Callable[[Callable[[Ledger], Ledger]], bool],
+        wanted: Callable[[], bool],
+    ) -> None:
+        """Nothing to ask: the platform gave the identity at start."""

@@ -22,6 +22,13 @@ from agent.allocations import Allocation, to_json
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
 from agent.ledger import SealedHour
+from agent.platform import (
+    NODE_ROLE_CODE,
+    ROLE_TO_SET,
+    TaskMetadata,
+    node_role_refusal,
+    task_region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,14 @@ SIGNING = {
     "ExpiredTokenException",
     "RequestExpired",
 }
-UNAUTHORIZED = {"AccessDeniedException", "UnauthorizedException", "AccessDenied"}
+# PlatformNotSupportedException: a container's call signed by the node's role ("This operation can
+# only be called from within an ECS task or an EKS pod"): the signer is wrong, not the hour.
+UNAUTHORIZED = {
+    "AccessDeniedException",
+    "UnauthorizedException",
+    "AccessDenied",
+    "PlatformNotSupportedException",
+}
 NOT_ENTITLED = {"CustomerNotEntitledException", "InvalidProductCodeException"}
 # The seller's configuration, not the buyer's usage: the hour is held (pending) until it expires.
 HELD = {"InvalidProductCodeException", "InvalidUsageDimensionException"}
@@ -139,16 +153,31 @@ class Imds:
 
 
 def resolve_region(
-    configured: str, env: Mapping[str, str] | None = None, imds: Imds | None = None
+    configured: str,
+    env: Mapping[str, str] | None = None,
+    imds: Imds | None = None,
+    platform: str = "ec2",
+    metadata: TaskMetadata | None = None,
 ) -> tuple[str, str]:
-    """(region, where it came from): config, then $AWS_REGION, $AWS_DEFAULT_REGION, then IMDS."""
+    """(region, where it came from): config, then $AWS_REGION, $AWS_DEFAULT_REGION, then on ECS
+    the task metadata's TaskARN, on EC2/EKS IMDS (on EKS a pod often cannot reach it: hop limit)."""
     env = os.environ if env is None else env
     if configured and configured != "auto":
         return configured, "config metering.region"
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         if env.get(var):
             return env[var], f"${var}"
+    if platform == "ecs":
+        return task_region(metadata or TaskMetadata(env)), "ECS task metadata TaskARN"
     imds = imds or Imds(env=env)
+    if platform == "eks":
+        try:
+            return imds.region(), "IMDS placement/region"
+        except ImdsError as e:
+            raise ImdsError(
+                f"{e}; in an EKS pod set AWS_REGION (or metering.region), or raise the node's "
+                "IMDSv2 hop limit to 2"
+            ) from None
     return imds.region(), "IMDS placement/region"
 
 
@@ -273,6 +302,7 @@ class MeteringClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
         clock: Clock | None = None,
+        platform: str = "ec2",
     ) -> None:
         # botocore falls back to IMDSv1 unless told not to; SPEC says IMDSv2 only.
         os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
@@ -280,6 +310,8 @@ class MeteringClient:
         from botocore.config import Config as BotoConfig
 
         self.region = region
+        self.platform = platform
+        self._refusal: str | None = None  # node_role_refusal, once credentials are known
         self.clock = clock or Clock()
         self.session = boto3.session.Session(region_name=region)
         self._client: Any = None
@@ -310,6 +342,25 @@ class MeteringClient:
             log.warning("credential lookup failed: %s", e)
             return False
 
+    def credential_source(self) -> str | None:
+        """botocore's name for where the default chain found credentials (`credentials.method`:
+        env, container-role, assume-role-with-web-identity, iam-role, ...); None: none found."""
+        creds = self.session.get_credentials()
+        return None if creds is None else str(getattr(creds, "method", "unknown"))
+
+    def refusal(self) -> str | None:
+        """On ECS/EKS, the line refusing the node's instance role (platform.node_role_refusal).
+        Asked before each call; a lookup that fails is left to the call, which reports it."""
+        if self.platform == "ec2":
+            return None
+        if self._refusal is None:
+            try:
+                method = self.credential_source()
+            except Exception:  # botocore raises many kinds while fetching from IMDS/ECS/STS
+                return None
+            self._refusal = node_role_refusal(self.platform, method) or ""
+        return self._refusal or None
+
     def call(self, request: Mapping[str, Any]) -> Outcome:
         """One MeterUsage call; never raises for anything the network or service does."""
         resp = self._invoke("meter_usage", request)
@@ -330,9 +381,20 @@ class MeteringClient:
             NoCredentialsError,
         )
 
+        # MeterUsage from a container product: no request leaves, the service would refuse the
+        # node's role (SaaS's BatchMeterUsage is the seller's own: not refused here)
+        refused = self.refusal() if operation == "meter_usage" else None
+        if refused:
+            return Outcome("unauthorized", code=NODE_ROLE_CODE, message=refused)
         try:
             resp: dict[str, Any] = getattr(self.client, operation)(**request)
         except MetadataRetrievalError as e:
+            if self.platform in ROLE_TO_SET:  # only IMDS was left, and its role is refused here
+                return Outcome(
+                    "unauthorized",
+                    code="NoCredentials",
+                    message=f"{e}; {ROLE_TO_SET[self.platform]}",
+                )
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except ClientError as e:
             err = e.response.get("Error", {})
@@ -349,6 +411,12 @@ class MeteringClient:
                     message = f"{message}; {note}" if message else note
             return Outcome(verdict, code=code, message=message)
         except NoCredentialsError as e:
+            if self.platform in ROLE_TO_SET:  # no task role / IRSA: final until one is set
+                return Outcome(
+                    "unauthorized",
+                    code="NoCredentials",
+                    message=f"{e}; {ROLE_TO_SET[self.platform]}",
+                )
             return Outcome("retry", code="NoCredentials", message=f"{e}; {ROLE_HINT}")
         except BotoCoreError as e:  # timeouts, connection refused/reset, credential fetch errors
             return Outcome("retry", code=type(e).__name__, message=str(e))
@@ -626,6 +694,8 @@ def dry_run_verdict(
         how = "DryRunOperation error" if outcome.code == "DryRunOperation" else "HTTP 200"
         return f"{name}: permitted ({how})"
     code, text = outcome.code or "", outcome.error or "unknown error"
+    if code == NODE_ROLE_CODE:
+        raise NotAuthorized(f"{name}: {outcome.message}")
     if code in UNAUTHORIZED:
         raise NotAuthorized(f"{name}: not authorized ({text}); {role_hint}")
     if code in NOT_ENTITLED:

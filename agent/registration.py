@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import random
 import secrets
 import subprocess
@@ -282,11 +283,17 @@ def child_main(config: Config, clock: Clock) -> int:
     """The child: register, print one JSON line for the parent (`at_start`), exit 0/77/69/1.
 
     Its log lines go to the inherited stderr (the journal); the error is the parent's to print."""
-    from agent import metering
+    from agent import metering, platform
 
     try:
-        region, _ = metering.resolve_region(config.metering.region)
-        client = metering.MeteringClient(region, config.metering.endpoint_url, clock=clock)
+        plat = platform.detect(config.platform, os.environ)
+        region, _ = metering.resolve_region(config.metering.region, platform=plat.name)
+        client = metering.MeteringClient(
+            region, config.metering.endpoint_url, clock=clock, platform=plat.name
+        )
+        refused = client.refusal()  # the node's role on ECS/EKS: AWS would refuse it
+        if refused:
+            raise NotAuthorized(refused)
         done = register(client, config, clock)
     except AgentError as e:
         print(json.dumps({"ok": False, "error": str(e)}), flush=True)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from agent import health, sealing, sending
+from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
@@ -63,11 +65,31 @@ def check(state_dir: Path, clock: Clock) -> bool:
             return False
 
 
+def platform_report(ledger: Ledger | None, config: Config) -> dict[str, Any]:
+    """The platform (detected here, from this environment), the identity the ledger carries,
+    and the region and credential source the last sender used (its ledger meta)."""
+    plat = platforms.detect(config.platform, os.environ)
+    sent_as = (ledger.get_meta("sender_context") if ledger else None) or {}
+    return {
+        "name": plat.name,
+        "detected": plat.how,
+        "identity": ledger.get_meta("instance_id") if ledger else None,
+        "identity_source": ledger.get_meta("instance_id_source") if ledger else None,
+        "region": sent_as.get("region"),
+        "region_source": sent_as.get("region_source"),
+        "credential_source": sent_as.get("credential_source"),
+        "on_check_failure": platforms.check_failure_policy(
+            config.metering.on_check_failure, plat.name
+        ),
+    }
+
+
 def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:
     now = clock.time()
     if ledger is None:
         return {
             "state_dir": str(config.state_dir),
+            "platform": platform_report(None, config),
             "daemon": daemon_state(config.state_dir),
             "ledger": None,
             "health": None,
@@ -90,6 +112,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "state_dir": str(config.state_dir),
         "ledger": str(ledger.path),
         "daemon": daemon,
+        "platform": platform_report(ledger, config),
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
         "next_send": iso(next_send),
@@ -178,6 +201,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
         )
+        lines.append(_platform_line(report["platform"]))
         return "\n".join(lines)
     h = report["health"]
     since = f" since {h['failing_since']}" if h["failing_since"] else ""
@@ -190,6 +214,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append(
         f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
     )
+    lines.append(_platform_line(report["platform"]))
     reg = report.get("register_usage")
     if reg is not None:
         verified = {True: "verified", False: "not verified", None: "-"}[reg["signature_verified"]]
@@ -223,6 +248,15 @@ def render(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     lines.extend(table([header, *cells]) if cells else ["no sealed hours in this period"])
     return "\n".join(lines)
+
+
+def _platform_line(p: dict[str, Any]) -> str:
+    region = f"{p['region']} (from {p['region_source']})" if p["region"] else "- (not sent yet)"
+    return (
+        f"  platform: {p['name']} ({p['detected']})   identity from: "
+        f"{_text(p['identity_source'])}   region: {region}   credentials: "
+        f"{_text(p['credential_source'])}"
+    )
 
 
 def _saas_lines(report: dict[str, Any]) -> list[str]:

@@ -87,6 +87,16 @@ def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict
     return data
 
 
+def container_env(platform: str, url: str) -> dict[str, str]:
+    """A config set to `platform: ecs` or `eks` runs its container path against the emulator:
+    its ECS task metadata (the TaskARN names the task and the region), or a pod uid."""
+    if platform == "ecs":
+        return {"ECS_CONTAINER_METADATA_URI_V4": f"{url}/ecs/v4"}
+    if platform == "eks":
+        return {"POD_UID": "trial-pod-0000-0000-000000000000"}
+    return {}
+
+
 def child_env(imds_url: str, run_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env.update(
@@ -187,7 +197,7 @@ def run(
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "-c", str(cfg_copy), *clock_args],
-                env=child_env(url, work / "run"),
+                env={**child_env(url, work / "run"), **container_env(cfg.platform, url)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

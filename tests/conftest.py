@@ -27,6 +27,11 @@ _AWS_VARS = (
     "AWS_ROLE_ARN",
     "AWS_EC2_METADATA_SERVICE_ENDPOINT",
     "METERING_AGENT_CONFIG",
+    # A container's: platform detection must find EC2 unless a test says otherwise.
+    "ECS_CONTAINER_METADATA_URI_V4",
+    "KUBERNETES_SERVICE_HOST",
+    "AWS_ENDPOINT_URL_STS",
+    "POD_UID",
 )
 
 

@@ -26,7 +26,7 @@ def test_check_passes_with_both_dry_run_styles(
     result = run_cli("check", "-c", str(path), env=env_for(emulator))
     assert result.returncode == EX_OK, result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("warning: ")]
-    assert [line.split()[0] for line in lines] == ["ok"] * 5
+    assert [line.split()[0] for line in lines] == ["ok"] * 7  # platform, identity too
     assert "warning: metering.endpoint_url" in result.stdout  # the emulator is on loopback
     assert "region us-east-1 (from IMDS placement/region)" in result.stdout
     assert "MeterUsage DryRun: permitted" in lines[-1]

@@ -92,7 +92,7 @@ def test_aggregate_defaults_follow_collector_kind(tmp_path: Path) -> None:
         ("extra: 1", "extra: unknown key (known: version, product_code"),
         (
             "metering: {sendwindow: 5}",
-            'metering.sendwindow: unknown key (known: region, endpoint_url, send_window, startup_check; did you mean "send_window"?)',
+            'metering.sendwindow: unknown key (known: region, endpoint_url, send_window, startup_check, on_check_failure; did you mean "send_window"?)',
         ),
         # wrong types
         (

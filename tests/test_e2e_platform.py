@@ -1,0 +1,207 @@
+"""End to end on the container platforms: the real `run` daemon (under libfaketime across an hour
+boundary), a real boto3 client in its sender, and the emulator as ECS task metadata, the task
+role's credentials endpoint, STS for IRSA, and MeterUsage. IMDS is a closed port unless a test
+gives the node's role."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.clock import hour_start
+from agent.emulator import IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
+from agent.errors import EX_NOPERM, EX_OK
+from agent.ledger import Ledger
+from agent.sealing import seal_hours
+from tests.billing import make_config
+from tests.conftest import PRODUCT, run_cli
+from tests.e2e import Agent, faketime_env, offset_to_before_boundary, wait_for
+from tests.test_e2e import assert_no_duplicates
+from tests.test_e2e_sending import config_text, health, hours
+from tests.test_sealing import fill
+
+pytestmark = pytest.mark.e2e
+REGION = "eu-west-1"  # the emulator's: a request signed for any other region is refused
+TASK = "5e1ec7ab1e5e1ec7ab1e5e1ec7ab1e00"
+TASK_ARN = f"arn:aws:ecs:{REGION}:111122223333:task/emulator-cluster/{TASK}"
+CLOSED = "http://127.0.0.1:9"  # nothing listens: IMDS is out of reach, as on Fargate
+
+
+@pytest.fixture
+def emu():
+    emulator = Emulator(Settings(region=REGION, product_codes={PRODUCT}, task_id=TASK))
+    emulator.serve(0)
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def agents():
+    started: list[Agent] = []
+    yield started
+    for agent in started:
+        if agent.alive():
+            agent.kill9()
+
+
+def ecs_env(emu: Emulator, credentials: bool = True) -> dict[str, str]:
+    env = {"ECS_CONTAINER_METADATA_URI_V4": f"{emu.url}/ecs/v4"}
+    if credentials:
+        env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"{emu.url}/ecs/credentials"
+    return env
+
+
+def start(agents: list[Agent], cfg: Path, env: dict[str, str]) -> Agent:
+    agent = Agent(cfg, env).start()
+    agents.append(agent)
+    return agent
+
+
+def meta(state: Path, key: str) -> object:
+    ledger = Ledger(state, readonly=True)
+    try:
+        return ledger.get_meta(key)
+    finally:
+        ledger.close()
+
+
+def test_an_ecs_task_meters_with_its_task_role_and_the_region_of_its_task_arn(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url))
+    offset = offset_to_before_boundary(8)
+    hour = hour_start(time.time() + offset)
+    env = {**faketime_env(offset, CLOSED), **ecs_env(emu)}  # no AWS_REGION: the TaskARN's
+    agent = start(agents, cfg, env)
+    wait_for("both records of the hour", lambda: len(emu.records()) == 2, 60, agent)
+    records = emu.records()
+    assert {(r.dimension, r.hour) for r in records} == {("vcpus", hour), ("vcpu_hours", hour)}
+    assert {r.caller for r in records} == {TASK_ROLE_KEY}  # signed by the task role
+    assert meta(state, "instance_id") == TASK_ARN  # the ledger's identity
+    status = run_cli("status", "--json", "-c", str(cfg), env=ecs_env(emu))
+    platform = json.loads(status.stdout)["platform"]
+    assert (platform["name"], platform["identity"]) == ("ecs", TASK_ARN)
+    assert (platform["region"], platform["credential_source"]) == (REGION, "container-role")
+    assert agent.terminate() == 0
+    assert_no_duplicates(emu)
+    assert {h.state for h in hours(state)} == {"sent"}  # the stop's partial hour too
+
+
+def test_an_eks_pod_meters_through_irsa(emu: Emulator, tmp_path: Path, agents: list[Agent]) -> None:
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.emulator.token")
+    offset = offset_to_before_boundary(8)
+    pod = "0c5b9a4e-1b7d-4c8e-9a31-5b0e8c1d2f34"
+    env = {
+        **faketime_env(offset, CLOSED),  # the hop limit: no IMDS from the pod
+        "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+        "AWS_ROLE_ARN": "arn:aws:iam::111122223333:role/metering-agent-irsa",
+        "AWS_ENDPOINT_URL_STS": emu.url,
+        "AWS_REGION": REGION,
+        "POD_UID": pod,
+    }
+    agent = start(agents, cfg, env)
+    wait_for("the hour's record", lambda: len(emu.records()) == 1, 60, agent)
+    (record,) = emu.records()
+    assert record.caller == IRSA_KEY
+    assert [c for c in emu.calls() if c["operation"] == "AssumeRoleWithWebIdentity"]
+    assert meta(state, "instance_id") == pod
+    assert agent.terminate() == 0
+
+
+def test_the_node_role_is_refused_on_ecs(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """Only IMDS (the node's instance role) has credentials: `check` exits 77, `run` exits 77 by
+    default, and with on_check_failure: continue keeps sampling with health saying why; no
+    MeterUsage request leaves in any case."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    env = {**ecs_env(emu, credentials=False), "AWS_EC2_METADATA_SERVICE_ENDPOINT": emu.url}
+
+    check = run_cli("check", "-c", str(cfg), env=env)
+    assert check.returncode == EX_NOPERM
+    (line,) = check.stderr.strip().splitlines()
+    assert "taskRoleArn" in line
+
+    agent = start(agents, cfg, env)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=45) == EX_NOPERM
+    assert health(state)["authorized"] is False
+
+    cfg.write_text(
+        config_text(state, emu.url, dims=("vcpus",)).replace(
+            "startup_check: true", "startup_check: true, on_check_failure: continue"
+        )
+    )
+    (state / "health.json").unlink()
+    agent = start(agents, cfg, env)
+    wait_for("the DryRun refused", lambda: health(state).get("authorized") is False, 30, agent)
+    time.sleep(5)  # time enough to have stopped, had it been told to
+    assert agent.alive()
+    data = health(state)
+    assert data["ok"] is False and data["authorized"] is False
+    assert "taskRoleArn" in data["reason"]
+    assert agent.terminate() == 0
+    assert [c for c in emu.received() if c["operation"] == "MeterUsage"] == []
+
+
+def test_a_ledger_from_another_task_is_sent_not_moved_aside(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """A persistent volume carries the ledger of an earlier task with a pending hour: the new
+    task sends that hour (the same buyer's usage), keeps the file, and records its own id."""
+    old_arn = TASK_ARN.replace(TASK, "0ld0ld0ld0ld0ld0ld0ld0ld0ld0ld00")
+    build = make_config(tmp_path)
+    state = Path(build.state_dir)
+    ledger = Ledger(state)
+    ledger.update_meta(instance_id=old_arn, instance_id_source="ECS task metadata TaskARN")
+    now = time.time()
+    last_hour = hour_start(now) - 3600
+    fill(ledger, "vcpus", last_hour, 3)
+    seal_hours(ledger, build, now, offset=0)
+    (left,) = ledger.pending()
+    ledger.close()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    agent = start(agents, cfg, {**ecs_env(emu), "AWS_EC2_METADATA_SERVICE_ENDPOINT": CLOSED})
+    wait_for("the earlier task's hour", lambda: len(emu.records()) == 1, 45, agent)
+    (record,) = emu.records()
+    assert (record.hour, record.client_token) == (last_hour, left.client_token)
+    assert str(record.quantity) == left.quantity.text
+    assert list(state.glob("ledger.db.*")) == []  # nothing moved aside
+    assert meta(state, "instance_id") == TASK_ARN
+    assert meta(state, "previous_instance_id") == old_arn
+    assert agent.terminate() == EX_OK
+
+
+def test_a_throttled_startup_check_is_retried_and_a_refused_one_ends_run_with_77(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """on_check_failure: exit (the ECS default) stops only for a final answer: a throttled
+    DryRun is tried again and `run` goes on; AccessDenied from the service ends it with 77."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    env = {**ecs_env(emu), "AWS_EC2_METADATA_SERVICE_ENDPOINT": CLOSED}
+    emu.inject("error", count=1, code="ThrottlingException", status=400, message="Rate exceeded")
+    agent = start(agents, cfg, env)
+    wait_for("the DryRun permitted", lambda: health(state).get("authorized") is True, 45, agent)
+    throttled = [c for c in emu.calls() if c.get("code") == "ThrottlingException"]
+    assert len(throttled) == 1 and agent.alive()
+    assert agent.terminate() == 0
+
+    emu.configure(authorized=False)
+    agent = start(agents, cfg, env)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=45) == EX_NOPERM
+    assert health(state)["authorized"] is False
