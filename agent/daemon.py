@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 
 SEND_TICK = 15  # seconds of clock time between checks for due work
 STOP_FLUSH = 30  # seconds the stop flush may spend sending
+# In a task or pod the whole stop must fit the platform's grace (ECS stopTimeout and Kubernetes'
+# terminationGracePeriodSeconds default to 30 s, then SIGKILL): the flush gets 20 s, its child is
+# ended 2 s after, so seal + flush + exit stay well inside it.
+CONTAINER_STOP_FLUSH = 20
 SENDER_TIMEOUT = 600  # a send child that runs longer than this is ended (it is safe to)
 GRACE = 5.0  # seconds between asking a child to stop (SIGTERM) and killing it
 PROBE_TRIES = 20  # x 25 ms: how long a start waits out a `status` probe of the state lock
@@ -198,6 +203,12 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     if plat.container:  # PlatformError (69, one line) when the task or pod cannot be named
         task_id, source = platforms.identity(plat.name, os.environ, metadata)
         ident = identity.ContainerIdentity(task_id, source, clock, state_dir)
+    elif config.mode == "saas":
+        # The seller's own ledger (its customers, pending records, held usage) on the seller's
+        # machine: never tied to an EC2 instance, so never moved aside (as a task's volume).
+        ident = identity.ContainerIdentity(
+            f"saas-{socket.gethostname()}", "hostname", clock, state_dir
+        )
     else:
         ident = identity.Identity(Imds(), clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
@@ -523,7 +534,11 @@ class Daemon:
                 "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
             )
         elif self.ledger.pending_bounds():
-            self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
+            if self.platform.container:
+                deadline = stop + CONTAINER_STOP_FLUSH * self.clock.rate
+                self.sender.flush(deadline, wait=CONTAINER_STOP_FLUSH + 2, grace=2.0)
+            else:
+                self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
         self.hooks.wait(timeout=5)
         left = self.ledger.pending_hour_count()
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
@@ -776,14 +791,16 @@ class SenderProcess:
             code, self._exit = self._exit, None
         return code
 
-    def flush(self, deadline: float) -> int:
-        """Send every pending hour in a child, waited for (the stop flush); its exit code."""
+    def flush(self, deadline: float, wait: float = STOP_FLUSH + 10, grace: float = GRACE) -> int:
+        """Send every pending hour in a child, waited for `wait` s at most (the stop flush);
+        its exit code. An hour whose request was in flight when the child is ended stays
+        pending, and its identical request is sent again after the next start."""
         child = self.popen(self.command(True, deadline))
         try:
-            return child.wait(timeout=STOP_FLUSH + 10)
+            return child.wait(timeout=wait)
         except subprocess.TimeoutExpired:
-            log.error("the stop flush ran over %d s; ending it", STOP_FLUSH + 10)
-            return end(child)
+            log.error("the stop flush ran over %.0f s; ending it", wait)
+            return end(child, grace)
 
     def stop(self, grace: float = GRACE) -> None:
         """At the daemon's stop: a running sender may finish within `grace`, then it is ended."""

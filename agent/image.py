@@ -86,6 +86,13 @@ def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
     """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking."""
     out = out or sys.stdout
     stdin = stdin or sys.stdin
+    if cfg.mode == "saas":
+        print(
+            "metering-agent: prepare-image is for AMI products; a SaaS ledger holds the seller's "
+            "customers and unsent records and is never removed for an image",
+            file=sys.stderr,
+        )
+        return 1
     state_dir = Path(cfg.state_dir)
     guards = [hold(state_dir / name) for name in LOCKS]
     try:

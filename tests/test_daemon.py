@@ -26,7 +26,7 @@ from agent.daemon import (
     snap,
 )
 from agent.errors import LockHeld
-from agent.ledger import Ledger
+from agent.ledger import Customer, Ledger
 from agent.metering import ImdsError
 from agent.sampling import Sampler
 from tests.billing import H, make_config
@@ -446,3 +446,29 @@ def test_a_status_probe_of_the_lock_does_not_make_a_starting_run_fail(tmp_path: 
     release.join()
     with pytest.raises(LockHeld):
         StateLock(tmp_path).acquire()  # a real holder is still refused
+
+
+def test_a_saas_ledger_is_never_moved_aside_for_another_instance(tmp_path: Path, emulator) -> None:
+    """SaaS mode on EC2: the ledger holds the seller's customers, pending records and held usage.
+    An instance replaced with its state volume re-attached (IMDS names another instance) keeps
+    it: nothing is moved aside, the records are still pending and sent from here."""
+    from agent.daemon import start
+    from tests.saas import license_arn, saas_config, seal
+
+    cfg = saas_config(tmp_path, emulator.url)
+    ledger = Ledger(cfg.state_dir)
+    ledger.update_meta(instance_id="i-0ld0ld0ld0ld0ld0", instance_id_source="imds")
+    ledger.add_customer(
+        Customer("acme", "123456789012", license_arn("acme"), None, None, None, 0.0)
+    )
+    seal(ledger, "acme", "requests", H, 7)
+    ledger.close()
+    d = start(cfg, FakeClock(H + 4000))
+    try:
+        assert d.identity.verified.is_set()
+        assert [c.label for c in d.ledger.customers()] == ["acme"]
+        assert [(h.customer, h.quantity.text) for h in d.ledger.pending()] == [("acme", "7")]
+        assert d.ledger.get_meta("previous_instance_id") == "i-0ld0ld0ld0ld0ld0"
+        assert sorted(p.name for p in Path(cfg.state_dir).glob("ledger.db.*")) == []
+    finally:
+        d.ledger.close()

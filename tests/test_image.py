@@ -157,3 +157,15 @@ def test_prepare_image_that_cannot_open_a_lock_says_so_in_one_line(tmp_path: Pat
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert str(state / "lock") in line and "root" in line
+
+
+def test_prepare_image_refuses_a_saas_config(tmp_path: Path) -> None:
+    """A SaaS ledger is the seller's customers and unsent records: never removed for an image."""
+    from tests.saas import saas_config
+
+    cfg = saas_config(tmp_path, "http://127.0.0.1:9")
+    ledger = Path(cfg.state_dir) / "ledger.db"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b"x")
+    assert image.prepare(cfg, yes=True, out=io.StringIO()) == 1
+    assert ledger.read_bytes() == b"x"
