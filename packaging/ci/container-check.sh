@@ -21,7 +21,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 context=$(realpath "${1:-$repo}")
 py=$repo/.venv/bin/python # the host's agent, for the emulator (.ci/run made the venv)
-# ec2 until the emulator's ECS endpoints (issue 15, helper A) are on main: then make ecs the default.
 mode=${METERING_AGENT_CI_PLATFORM:-ecs}
 cache=${METERING_AGENT_CI_CACHE:-/var/cache/metering-agent-ci}
 base_tar=$cache/deb12-base-1.tar # bump the suffix when the recipe below changes
