@@ -85,10 +85,6 @@ HELD = {"InvalidProductCodeException", "InvalidUsageDimensionException"}
 PRODUCT_CODE_REFUSED = "InvalidProductCodeException"
 OUT_OF_BOUNDS = "TimestampOutOfBoundsException"
 SKEW_NAMED = 60.0  # a clock this far from the service's `Date` is named in the reason
-SELLER_HINT = (
-    'give the seller\'s role or user a policy that allows "aws-marketplace:ResolveCustomer" '
-    '(and "aws-marketplace:BatchMeterUsage")'
-)
 # ResolveCustomer: a buyer is waiting on the fulfillment page, so throttling and the service's
 # transient failures are retried here, briefly, not through the ledger.
 RESOLVE_TRIES = 5
@@ -605,7 +601,9 @@ def resolve(client: MeteringClient, token: str) -> Resolved:
         try:
             answer = client.client.resolve_customer(RegistrationToken=token)
         except NoCredentialsError:
-            raise Unavailable(f"ResolveCustomer: no AWS credentials found; {SELLER_HINT}") from None
+            raise Unavailable(
+                f"ResolveCustomer: no AWS credentials found; {SAAS_ROLE_HINT}"
+            ) from None
         except ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code") or "Unknown")
@@ -629,7 +627,7 @@ def resolve(client: MeteringClient, token: str) -> Resolved:
                 ) from None
             if code in UNAUTHORIZED:
                 raise NotAuthorized(
-                    f"ResolveCustomer: not authorized ({text}); {SELLER_HINT}"
+                    f"ResolveCustomer: not authorized ({text}); {SAAS_ROLE_HINT}"
                 ) from None
             if classify(code, status, text) != "retry":
                 raise AgentError(
