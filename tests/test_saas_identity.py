@@ -18,14 +18,16 @@ from agent.batching import plan, record_key, usage_record
 from agent.emulator import Emulator
 from agent.ledger import Customer, CustomerRef, Ledger
 from agent.sealing import seal_hours
+from tests import test_batching, test_customers
 from tests.saas import license_arn, seal
-from tests.test_batching import H, Saas, saas  # noqa: F401  (fixture)
-from tests.test_customers import cli_main, creds, customers_in, emu  # noqa: F401  (fixtures)
+from tests.test_batching import H, Saas
+from tests.test_customers import cli_main, customers_in
 from tests.test_customers import saas_config as cli_saas_config
 from tests.test_saas_sealing import LOG_DIMS, key, record
 from tests.test_saas_sealing import saas_config as sealing_config
 
 ACCT = "123456789012"
+saas, emu, creds = test_batching.saas, test_customers.emu, test_customers.creds  # fixtures
 
 
 def billed(saas: Saas) -> list[tuple[str | None, str]]:
@@ -114,7 +116,9 @@ def test_a_second_label_for_one_buyer_is_refused(saas: Saas) -> None:
     assert billed(saas) == [(f"{ACCT}|{license_arn('x')}", "7")]
 
 
-def test_customers_add_of_a_buyer_under_a_second_label_exits_1(emu: Emulator, tmp_path: Path) -> None:
+def test_customers_add_of_a_buyer_under_a_second_label_exits_1(
+    emu: Emulator, tmp_path: Path
+) -> None:
     cfg = str(cli_saas_config(tmp_path, emu.url))
     args = ["--account", ACCT, "--license", license_arn("x")]
     assert cli_main("customers", "add", "-c", cfg, *args, "--as", "acme") == 0
