@@ -39,7 +39,11 @@ class LabelTaken(AgentError):
 
 
 class BuyerTaken(LabelTaken):
-    """The buyer already has another label: one label per buyer."""
+    """The buyer already has another label (`existing`): one label per buyer."""
+
+    def __init__(self, message: str, existing: Customer) -> None:
+        super().__init__(message)
+        self.existing = existing
 
 
 def require_saas(cfg: Any, command: str) -> None:
@@ -149,7 +153,8 @@ def store(ledger: Ledger, customer: Customer) -> Stored:
         raise BuyerTaken(
             f"this buyer ({describe(customer)}) already has label {old.label!r}: one label per "
             f"buyer, or two records for one hour would share a key; keep {old.label!r} as the "
-            "label value of its usage (metering-agent customers list)"
+            "label value of its usage (metering-agent customers list)",
+            old,
         )
     if outcome == "conflict":
         assert old is not None

@@ -187,3 +187,24 @@ def test_customers_remove_then_add_another_buyer(emu: Emulator, tmp_path: Path) 
     assert [(c.account_id, c.removed_at) for c in customers_in(tmp_path)] == [
         ("222222222222", None)
     ]
+
+
+def test_the_registration_page_of_a_buyer_added_by_hand_keeps_its_label(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    """A buyer the seller added by hand under 'acme' registers on the fulfillment page (label:
+    the account id): redirected as registered under 'acme', no second label stored."""
+    import urllib.parse
+
+    from agent import config
+    from agent.fulfillment import make_app
+    from tests.test_customers import wsgi
+
+    path = cli_saas_config(tmp_path, emu.url)
+    args = ["--account", ACCT, "--license", license_arn("x"), "--as", "acme"]
+    assert cli_main("customers", "add", "-c", str(path), *args) == 0
+    token = emu.issue_token(account=ACCT, license=license_arn("x"))
+    body = urllib.parse.urlencode({"x-amzn-marketplace-token": token}).encode()
+    status, headers, _ = wsgi(make_app(config.load(path)), "POST", body)
+    assert status.startswith("302") and headers["Location"].endswith("&c=acme")
+    assert [c.label for c in customers_in(tmp_path)] == ["acme"]
