@@ -3,7 +3,8 @@
 Planning is pure (`plan`): pending records become calls of at most 25 records and under 1 MB, one
 product per call; records naming a license (CustomerAWSAccountId + LicenseArn) go without the
 request's ProductCode, legacy CustomerIdentifier records with it, never in one call. Each record is
-built only from its sealed row and its customer's row, so a resend is identical.
+built only from its sealed row (the customer's ids are copied into it at sealing), so a resend is
+identical whatever happens to the customers table meanwhile.
 
 The send pass (`BatchSender`) is instance mode's `Sender` with another request: the same send
 state (authorized, backoff, failures, health), the same permission probe schedule (an empty
@@ -29,7 +30,7 @@ from agent import sending
 from agent.allocations import to_json
 from agent.clock import Clock, iso_hour
 from agent.config import Config
-from agent.ledger import Customer, Ledger, SealedHour
+from agent.ledger import CustomerRef, Ledger, SealedHour
 from agent.metering import (
     BATCH_INVALID,
     BATCH_REFUSED,
@@ -67,9 +68,12 @@ class BatchClient(sending.Client, Protocol):
 # -- planning (pure) ---------------------------------------------------------------------------
 
 
-def usage_record(h: SealedHour, customer: Customer) -> dict[str, Any]:
-    """The record's UsageRecord: from the sealed row and the customer's row only, so it is the
-    same on every resend."""
+def usage_record(h: SealedHour) -> dict[str, Any]:
+    """The record's UsageRecord: from the sealed row only (its customer's ids as sealed), so it
+    is the same on every resend, even after the customer came back with a new license."""
+    customer = h.customer_ref
+    if customer is None:
+        raise ValueError(f"{_where(h)}: sealed without its customer's ids")
     record: dict[str, Any] = {
         "Timestamp": datetime.fromtimestamp(h.timestamp, tz=timezone.utc),
         "Dimension": h.dimension,
@@ -114,10 +118,18 @@ class Call:
         )
 
 
-def plan(records: Iterable[tuple[SealedHour, Customer]]) -> list[Call]:
+def record_key(h: SealedHour) -> tuple[CustomerRef | None, str, int]:
+    """What the service tells records apart by (and results are matched on): the customer's
+    ids, the dimension and the Timestamp."""
+    return (h.customer_ref, h.dimension, h.timestamp)
+
+
+def plan(records: Iterable[SealedHour]) -> list[Call]:
     """Group records (oldest first) into calls: at most MAX_RECORDS and under MAX_CALL_BYTES
-    each, one product and one kind of customer (license or legacy) per call. Deterministic: the
-    same records in the same order make the same calls (a resend after a crash is identical)."""
+    each, one product and one kind of customer (license or legacy) per call, never two records
+    with one key (record_key) in a call: results are matched by key, so one's would be lost.
+    Deterministic: the same records in the same order make the same calls (a resend after a
+    crash is identical)."""
     calls: list[tuple[int, Call]] = []
     open_: dict[tuple[str, bool], tuple[int, list[SealedHour], list[dict[str, Any]], int]] = {}
 
@@ -126,13 +138,15 @@ def plan(records: Iterable[tuple[SealedHour, Customer]]) -> list[Call]:
         code = key[0] if key[1] else None
         calls.append((first, Call(code, tuple(hours), tuple(requests))))
 
-    for n, (h, customer) in enumerate(records):
-        key = (h.product_code, customer.legacy)
-        request = usage_record(h, customer)
+    for n, h in enumerate(records):
+        assert h.customer_ref is not None  # BatchSender sends sealed ids only
+        key = (h.product_code, h.customer_ref.legacy)
+        request = usage_record(h)
         size = record_bytes(request)
         if key in open_:
             _, hours, _, used = open_[key]
-            if len(hours) >= MAX_RECORDS or used + size > MAX_CALL_BYTES:
+            clash = any(record_key(o) == record_key(h) for o in hours)
+            if len(hours) >= MAX_RECORDS or used + size > MAX_CALL_BYTES or clash:
                 close(key)
         if key not in open_:
             open_[key] = (n, [], [], ENVELOPE)
@@ -182,7 +196,6 @@ class BatchSender(sending.Sender):
         self.batch: BatchClient = client
         self.calls = 0  # BatchMeterUsage calls made by this sender (not the probe)
         self._last_call = float("-inf")
-        self._customers: dict[str, Customer | None] = {}
 
     def run(self, flush: bool = False, deadline: float | None = None) -> Report:
         """As Sender.run; a pass may last PASS_TIME (a fleet's hour is 12,000 calls)."""
@@ -198,11 +211,6 @@ class BatchSender(sending.Sender):
         while page := self.ledger.pending_records(limit=PAGE, timestamp_upto=upto):
             for h in page:
                 self._mark_expired(h, now, sending.SAAS_OUT_OF_WINDOW, report)
-
-    def _customer(self, label: str) -> Customer | None:
-        if label not in self._customers:
-            self._customers[label] = self.ledger.customer(label)
-        return self._customers[label]
 
     def _send_pending(self, report: Report, flush: bool, deadline: float) -> None:
         after: tuple[int, str, str] | None = None
@@ -221,12 +229,11 @@ class BatchSender(sending.Sender):
                 at = sendable_at(state, h.next_attempt)
                 if not flush and (at is None or at > now):
                     continue
-                customer = self._customer(h.customer)
-                if customer is None:  # sealing writes records of known customers only
-                    log.error("%s: no customer %s in the ledger; held until it is added or the "
-                              "record expires", _where(h), h.customer)  # fmt: skip
+                if h.customer_ref is None:  # sealing writes records of known customers only
+                    log.error("%s: sealed without customer %s's ids; never sent, it expires",
+                              _where(h), h.customer)  # fmt: skip
                     continue
-                ready.append((h, customer))
+                ready.append(h)
             queue = deque(plan(ready))
             while queue:
                 if not self._send_call(queue, report, deadline):

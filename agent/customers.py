@@ -5,8 +5,11 @@ already has, added by hand) under the label value that names the buyer in every 
 (`saas.customer_label`); by default the buyer's AWS account id. Adding one is all there is to do:
 sealing bills that label's usage from then on, held usage included (within the service's window).
 
-Why a label may not change hands: usage under it, held or arriving late, would be billed to
-another account. The same buyer may come back (a new license or agreement): updated in place.
+Why a label may not change hands while it may still bill: usage under it, held or arriving late,
+would be billed to another account; once removed with every record final it may (a customer added
+by mistake is fixed so; sealed records keep the ids they were sealed with). The same buyer may come
+back (a new license or agreement): updated in place. One label per buyer: two labels' records for
+one hour would share a key in a call, and one's usage would be lost.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ class BadArgument(AgentError):
 
 class LabelTaken(AgentError):
     """The label already names another buyer."""
+
+
+class BuyerTaken(LabelTaken):
+    """The buyer already has another label (`existing`): one label per buyer."""
+
+    def __init__(self, message: str, existing: Customer) -> None:
+        super().__init__(message)
+        self.existing = existing
 
 
 def require_saas(cfg: Any, command: str) -> None:
@@ -134,14 +145,24 @@ class Stored:
 
 
 def store(ledger: Ledger, customer: Customer) -> Stored:
-    """Keep the customer under its label (one transaction); LabelTaken if another buyer has it."""
+    """Keep the customer under its label (one transaction); LabelTaken if another buyer has it,
+    BuyerTaken if another label has this buyer."""
     outcome, old = ledger.register_customer(customer)
+    if outcome == "duplicate":
+        assert old is not None
+        raise BuyerTaken(
+            f"this buyer ({describe(customer)}) already has label {old.label!r}: one label per "
+            f"buyer, or two records for one hour would share a key; keep {old.label!r} as the "
+            "label value of its usage (metering-agent customers list)",
+            old,
+        )
     if outcome == "conflict":
         assert old is not None
         raise LabelTaken(
             f"label {customer.label!r} already names another customer ({describe(old)}); "
-            "choose another --as, or remove it first if it was added by mistake "
-            f"(metering-agent customers remove {customer.label})"
+            "choose another --as, or, if it was added by mistake, "
+            f"`metering-agent customers remove {customer.label}` and add it again once its "
+            "pending records are sent (`metering-agent status`)"
         )
     return Stored(outcome, ledger.customer(customer.label) or customer)
 

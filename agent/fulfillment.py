@@ -113,6 +113,10 @@ class Registrar:
         ledger = Ledger(self.cfg.state_dir)
         try:
             stored = customers.store(ledger, customer)
+        except customers.BuyerTaken as e:  # registered before (by hand): that label stays
+            log.info("fulfillment: customer %s (%s) is registered already; nothing stored",
+                     e.existing.label, customers.describe(e.existing))  # fmt: skip
+            return e.existing
         finally:
             ledger.close()
         log.info("fulfillment: %s", stored.line())

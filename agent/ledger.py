@@ -177,6 +177,7 @@ _MIGRATIONS: dict[int, str] = {
         reissued_from TEXT,
         refusals INTEGER NOT NULL DEFAULT 0,
         allocations TEXT,
+        customer_ref TEXT,              -- SaaS: the buyer's ids at sealing (JSON), sent as sealed
         PRIMARY KEY (customer, dimension, hour)
     );
     INSERT INTO hours_v7 (dimension, hour, product_code, quantity, is_decimal, timestamp,
@@ -200,6 +201,11 @@ _MIGRATIONS: dict[int, str] = {
         CHECK ((account_id IS NOT NULL AND license_arn IS NOT NULL)
                OR customer_identifier IS NOT NULL)
     );
+    -- one label per buyer: two labels would put two records with one key in a call
+    CREATE UNIQUE INDEX customers_one_label_per_license ON customers (account_id, license_arn)
+        WHERE license_arn IS NOT NULL;
+    CREATE UNIQUE INDEX customers_one_label_per_identifier ON customers (customer_identifier)
+        WHERE license_arn IS NULL;
     CREATE TABLE held_usage (
         customer TEXT NOT NULL,         -- a label value no customer has (yet)
         dimension TEXT NOT NULL,
@@ -209,7 +215,9 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (customer, dimension, hour)
     );
     """
-    + _reissue_only_trigger("OLD.refusals = OLD.attempts", also=("allocations", "customer")),
+    + _reissue_only_trigger(
+        "OLD.refusals = OLD.attempts", also=("allocations", "customer", "customer_ref")
+    ),
 }
 
 
@@ -288,6 +296,48 @@ class SealedHour:
     refusals: int = 0
     allocations: tuple[Allocation, ...] = ()
     customer: str = ""  # SaaS mode: the customer label's value; '' in instance mode
+    customer_ref: CustomerRef | None = None  # SaaS mode: who the record bills, as sealed
+
+
+@dataclass(frozen=True)
+class CustomerRef:
+    """The buyer a sealed SaaS record bills, copied from its customer at sealing.
+
+    Why a copy: the record must be the same on every resend; a customers row updated after a
+    crash mid-call (a new license) would otherwise make the resend another record, billed again.
+    """
+
+    account_id: str | None
+    license_arn: str | None
+    customer_identifier: str | None
+
+    @property
+    def legacy(self) -> bool:
+        """CustomerIdentifier (with the request's ProductCode) rather than account + license."""
+        return self.license_arn is None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "account_id": self.account_id,
+                "license_arn": self.license_arn,
+                "customer_identifier": self.customer_identifier,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> CustomerRef | None:
+        if text is None:
+            return None
+        d = json.loads(text)
+        return cls(d.get("account_id"), d.get("license_arn"), d.get("customer_identifier"))
+
+    @classmethod
+    def of(cls, customer: Customer) -> CustomerRef:
+        if customer.legacy:
+            return cls(customer.account_id, None, customer.customer_identifier)
+        return cls(customer.account_id, customer.license_arn, None)
 
 
 @dataclass(frozen=True)
@@ -709,11 +759,19 @@ class Ledger:
         keep_samples: bool = False,
     ) -> None:
         """One sealed record, pending; the (dimension, hour)'s samples go with it unless
-        `keep_samples` (SaaS sealing inserts a record per customer, then drops them once)."""
+        `keep_samples` (SaaS sealing inserts a record per customer, then drops them once). A SaaS
+        record takes its customer's ids (CustomerRef) in the same transaction: it is sent with
+        them whatever happens to the customers row later (NULL: no such customer yet)."""
+        ref = None
+        if customer:
+            row = db.execute(
+                f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer,)
+            ).fetchone()
+            ref = None if row is None else CustomerRef.of(Customer(*row)).to_json()
         db.execute(
             "INSERT INTO hours (dimension, hour, product_code, quantity, is_decimal, timestamp, "
-            "client_token, samples, raw, state, sealed_at, next_attempt, allocations, customer) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            "client_token, samples, raw, state, sealed_at, next_attempt, allocations, customer, "
+            "customer_ref) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             (
                 dimension,
                 hour,
@@ -728,6 +786,7 @@ class Ledger:
                 next_attempt,
                 json.dumps(to_json(allocations)) if allocations else None,
                 customer,
+                ref,
             ),
         )
         if not keep_samples:
@@ -963,32 +1022,36 @@ class Ledger:
 
     def add_customer(self, customer: Customer) -> bool:
         """Store a customer under its label; True if new or changed. Adding a removed label again
-        brings it back (idle zeros resume)."""
+        brings it back (idle zeros resume). A buyer another label has is refused by the unique
+        indexes (sqlite3.IntegrityError), never replaced: `register_customer` says which."""
         with self.transaction() as db:
             old = db.execute(
                 f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer.label,)
             ).fetchone()
             if old is not None and Customer(*old) == customer:
                 return False
-            db.execute(
-                f"INSERT OR REPLACE INTO customers ({_CUSTOMER_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                tuple(getattr(customer, f.name) for f in fields(Customer)),
-            )
+            _put_customer(db, customer)
         return True
 
     def register_customer(self, customer: Customer) -> tuple[str, Customer | None]:
         """Store `customer` unless its label names another buyer, in one transaction (the
         fulfillment handler and `customers add` may race): ('added' | 'updated' | 'unchanged' |
-        'conflict', the row that was there). The same buyer (account id, else legacy customer
-        identifier) may come back with a new license or agreement: updated, brought back if
-        removed, its first added_at kept. Another buyer under the label is refused: usage under
-        it, held or late, would be billed to the wrong account."""
+        'conflict' | 'duplicate', the row that was there, or for 'duplicate' the other label's).
+        The same buyer (account id, else legacy customer identifier) may come back with a new
+        license or agreement: updated, brought back if removed, its first added_at kept. Another
+        buyer under the label is refused while it may still bill: usage under it, held or late,
+        would go to the wrong account; a removed label with every record final (none pending,
+        nothing held) may be given to another buyer (sealed records keep their own ids). A buyer
+        another label already names is refused ('duplicate'): one label per buyer, or two records
+        with one key would go in a call and one's usage be lost."""
         with self.transaction() as db:
             row = db.execute(
                 f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE label = ?", (customer.label,)
             ).fetchone()
             old = None if row is None else Customer(*row)
+            other = _same_buyer(db, customer)
+            if other is not None:
+                return "duplicate", other
             if old is not None:
                 same = (
                     (old.account_id, old.customer_identifier)
@@ -996,16 +1059,13 @@ class Ledger:
                     if old.account_id is None or customer.account_id is None
                     else old.account_id == customer.account_id
                 )
-                if not same:
+                if not same and not _label_free(db, old):
                     return "conflict", old
-                customer = replace(customer, added_at=old.added_at, removed_at=None)
+                if same:
+                    customer = replace(customer, added_at=old.added_at, removed_at=None)
                 if customer == old:
                     return "unchanged", old
-            db.execute(
-                f"INSERT OR REPLACE INTO customers ({_CUSTOMER_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                tuple(getattr(customer, f.name) for f in fields(Customer)),
-            )
+            _put_customer(db, customer)
         return ("added" if old is None else "updated"), old
 
     def remove_customer(self, label: str, now: float) -> bool:
@@ -1147,7 +1207,7 @@ class Ledger:
 _HOUR_COLUMNS = (
     "dimension, hour, product_code, quantity, is_decimal, timestamp, client_token, samples, raw, "
     "state, record_id, attempts, last_error, sealed_at, next_attempt, done_at, reissues, refusals, "
-    "allocations, customer"
+    "allocations, customer, customer_ref"
 )
 
 
@@ -1207,6 +1267,53 @@ def _added_breakdown(
     return _breakdown_text({k: v for k, v in out.items() if v})
 
 
+def _put_customer(db: sqlite3.Connection, customer: Customer) -> None:
+    """Insert or update the label's row; never INSERT OR REPLACE, which would delete another
+    label's row that the unique (one label per buyer) indexes find in the way."""
+    db.execute(
+        f"INSERT INTO customers ({_CUSTOMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (label) DO UPDATE SET account_id = excluded.account_id, "
+        "license_arn = excluded.license_arn, agreement_id = excluded.agreement_id, "
+        "customer_identifier = excluded.customer_identifier, "
+        "product_code = excluded.product_code, added_at = excluded.added_at, "
+        "removed_at = excluded.removed_at",
+        tuple(getattr(customer, f.name) for f in fields(Customer)),
+    )
+
+
+def _same_buyer(db: sqlite3.Connection, customer: Customer) -> Customer | None:
+    """Another label's customer with the buyer's ids (account + license, or the legacy
+    customer identifier): the records of both would share a key."""
+    if customer.legacy:
+        where, args = (
+            "license_arn IS NULL AND customer_identifier = ?",
+            [customer.customer_identifier],
+        )
+    else:
+        where, args = (
+            "account_id = ? AND license_arn = ?",
+            [customer.account_id, customer.license_arn],
+        )
+    row = db.execute(
+        f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE {where} AND label != ?",
+        (*args, customer.label),
+    ).fetchone()
+    return None if row is None else Customer(*row)
+
+
+def _label_free(db: sqlite3.Connection, old: Customer) -> bool:
+    """A removed customer's label with nothing left to bill under it (no pending record, no held
+    usage): it may name another buyer."""
+    if old.removed_at is None:
+        return False
+    busy = db.execute(
+        "SELECT 1 FROM hours WHERE customer = ? AND state = 'pending' UNION ALL "
+        "SELECT 1 FROM held_usage WHERE customer = ? LIMIT 1",
+        (old.label, old.label),
+    ).fetchone()
+    return busy is None
+
+
 def _point_json(p: Point) -> list[Any]:
     """A held point: [t, value, span] and, with a breakdown, its label sets (`_breakdown_text`)."""
     out: list[Any] = [p.t, str(p.value), p.span]
@@ -1228,7 +1335,7 @@ def _sealed(row: tuple[Any, ...]) -> SealedHour:
         dim, int(hour), product, Quantity.from_stored(qty, bool(is_dec)), int(ts), token, int(n),
         raw, state, rid, int(att), err, float(at), float(nxt), row[15], int(row[16]),
         int(row[17]), tuple(Allocation.from_request(a) for a in json.loads(row[18] or "[]")),
-        row[19],
+        row[19], CustomerRef.from_json(row[20]),
     )  # fmt: skip
 
 

@@ -96,7 +96,7 @@ def test_per_record_status_lands_on_each_record(saas: Saas) -> None:
     saas.emulator.configure(customers=subscribed([ok, dup]))  # `gone` unsubscribed
     # the service already holds another quantity for dup's hour
     other = _sealed_copy(saas, dup.label, 5)
-    earlier = saas.client.batch_meter_usage([usage_record(other, dup)], None)
+    earlier = saas.client.batch_meter_usage([usage_record(other)], None)
     assert [r.status for r in earlier.results] == ["Success"]
     for c in (ok, gone, dup):
         seal(saas.ledger, c.label, "users", H, 9)
@@ -113,6 +113,9 @@ def test_per_record_status_lands_on_each_record(saas: Saas) -> None:
 def _sealed_copy(saas: Saas, label: str, quantity: int) -> Any:
     """A sealed record in a scratch ledger (to make the service hold another quantity)."""
     scratch = Ledger(saas.tmp_path / "scratch")
+    known = saas.ledger.customer(label)
+    assert known is not None
+    scratch.add_customer(known)
     seal(scratch, label, "users", H, quantity)
     (h,) = scratch.pending()
     scratch.close()
@@ -125,7 +128,7 @@ def test_an_identical_resend_is_success_with_the_same_record_id(saas: Saas) -> N
     (h,) = saas.ledger.pending()
     saas.sender().run()
     (sent,) = saas.ledger.hours()
-    again = saas.client.batch_meter_usage([usage_record(h, c)], None)
+    again = saas.client.batch_meter_usage([usage_record(h)], None)
     assert [(r.status, r.record_id) for r in again.results] == [("Success", sent.record_id)]
     assert len(saas.emulator.records()) == 1
 
@@ -191,13 +194,13 @@ def test_records_out_of_the_24h_window_expire_before_sending_and_the_rest_go(saa
 
 
 def test_the_service_refuses_a_whole_call_holding_one_record_past_24h(saas: Saas) -> None:
-    a, b = add_customers(saas.ledger, ["a", "b"])
+    add_customers(saas.ledger, ["a", "b"])
     now = saas.clock.time()
     seal(saas.ledger, "a", "requests", H - 24 * 3600, 1, timestamp=int(now - 24 * 3600 - 1))
     seal(saas.ledger, "b", "requests", H, 1)
     pending = {h.customer: h for h in saas.ledger.pending()}
     out = saas.client.batch_meter_usage(
-        [usage_record(pending["a"], a), usage_record(pending["b"], b)], None
+        [usage_record(pending["a"]), usage_record(pending["b"])], None
     )
     assert out.call.code == "TimestampOutOfBoundsException" and not saas.emulator.records()
 
@@ -319,7 +322,7 @@ def test_plan_is_deterministic_and_keeps_the_limits(saas: Saas) -> None:
     for c in new + old:
         seal(saas.ledger, c.label, "users", H, 1)
     by_label = {c.label: c for c in new + old}
-    pending = [(h, by_label[h.customer]) for h in saas.ledger.pending()]
+    pending = saas.ledger.pending()
     calls = plan(pending)
     assert plan(pending) == calls
     assert [(c.product_code, len(c.records)) for c in calls] == [
