@@ -1,10 +1,12 @@
 """health.json: what the seller's product reads to apply the failure mode of its listing.
 
 `failing_since` is the first failed send or DryRun not yet followed by a success. `ok` is true
-exactly when it is null, no hour of the last 24 h with a quantity other than 0 was refused (`rejected`, or held pending for the
-seller's configuration) or `expired`, and the ledger's instance identity is not awaiting IMDS: lost
-revenue stays visible whatever was sent last. Rewritten atomically (temp file + rename), mode 0644
-whatever the umask.
+exactly when it is null, no hour of the last 24 h was refused (`rejected`, or held pending for the
+seller's configuration) or `expired` (a record of quantity 0 loses nothing and is ignored), and
+the ledger's instance identity is not awaiting IMDS: lost revenue stays visible whatever was sent
+last. A per-record Status of a BatchMeterUsage call that succeeded (CustomerNotSubscribed,
+DuplicateRecord) sets no `failing_since`: the record shows here on its own. Rewritten atomically
+(temp file + rename), mode 0644 whatever the umask.
 """
 
 from __future__ import annotations

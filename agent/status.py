@@ -105,7 +105,9 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     daemon = daemon_state(config.state_dir)
     # stopped, nothing goes out: only what the next start would send at once (or `-`)
     if daemon["running"] is False:
-        next_send = sending.due(ledger.send_state(), ledger.pending_bounds(saas=config.mode == "saas"))
+        next_send = sending.due(
+            ledger.send_state(), ledger.pending_bounds(saas=config.mode == "saas")
+        )
     else:
         next_send = sending.next_send(ledger, config, now)
     return {

@@ -17,10 +17,13 @@ from agent.clock import iso_hour
 from agent.ledger import Customer, Ledger
 from agent.metering import BatchOutcome, Outcome
 from agent.sending import Sender, due
+from tests import test_batching
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
 from tests.saas import add_customers, license_arn, seal, subscribed
-from tests.test_batching import H, Saas, labels, saas  # noqa: F401  (fixture)
+from tests.test_batching import H, Saas, labels
+
+saas = test_batching.saas  # the fixture
 
 
 def instance_hour(ledger: Ledger, hour: int, quantity: int = 3) -> None:
@@ -123,7 +126,7 @@ def test_a_lone_invalid_record_is_still_rejected(saas: Saas) -> None:
 
 
 def test_idle_zero_for_an_unsubscribed_customer_keeps_health_ok(saas: Saas) -> None:
-    ok, gone = add_customers(saas.ledger, ["ok", "gone"])
+    ok, _gone = add_customers(saas.ledger, ["ok", "gone"])
     saas.emulator.configure(customers=subscribed([ok]))
     seal(saas.ledger, "ok", "requests", H, 7)
     seal(saas.ledger, "gone", "requests", H, 0)  # its idle zero
@@ -137,7 +140,7 @@ def test_idle_zero_for_an_unsubscribed_customer_keeps_health_ok(saas: Saas) -> N
 
 
 def test_a_refused_record_with_usage_shows_in_health_without_failing_since(saas: Saas) -> None:
-    (gone,) = add_customers(saas.ledger, ["gone"])
+    add_customers(saas.ledger, ["gone"])
     saas.emulator.configure(customers=[])
     seal(saas.ledger, "gone", "requests", H, 5)
     saas.sender().run()
