@@ -165,3 +165,16 @@ def test_health_reason_counts_refused_records_in_sql(tmp_path: Path) -> None:
     snap = health.snapshot(ledger, H + 5 * 3600)
     assert snap["reason"].startswith(f"hour {iso_hour(H + 3 * 3600)} dimension requests customer d")
     assert snap["reason"].endswith("(and 2 more hour(s) in the last 24 h)")
+
+
+def test_status_names_the_other_modes_pending_records(saas: Saas) -> None:
+    from agent import status
+
+    add_customers(saas.ledger, ["acme"])
+    seal(saas.ledger, "acme", "requests", H, 7)
+    instance_hour(saas.ledger, H - 7 * 3600)
+    report = status.collect(saas.ledger, saas.config, saas.clock)
+    assert report["other_mode_pending"] == {
+        "mode": "instance", "records": 1, "oldest_hour": iso_hour(H - 7 * 3600)
+    }  # fmt: skip
+    assert "mode: instance" in status.render(report)
