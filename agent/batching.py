@@ -311,9 +311,18 @@ class BatchSender(sending.Sender):
                 self._reject([(first, error or "rejected")], now, report, failure=True)
             case "rejected" | "dryrun_ok":
                 # Refused for something not about one record's content (DisabledApiException,
-                # an unknown code): the records stay pending, retried with backoff, like an
-                # instance hour held; health says why.
-                self._hold(call.records, now, error, report, config=False)
+                # an unknown code): nothing is rejected. The records stay pending and the pass
+                # ends; sending backs off (the next calls would be refused alike) and health
+                # says why, like instance mode's held hours.
+                delay = self.ledger.back_off(now, f"BatchMeterUsage refused: {error}",
+                                             self._backoff)  # fmt: skip
+                log.error("%s and %d more: BatchMeterUsage refused the call (%s); records kept "
+                          "pending, sending again after %.0f s", _where(first), n - 1, error,
+                          delay)  # fmt: skip
+                self.ledger.settle_records(now, retry=[(h, error or "refused", now + delay)
+                                                       for h in call.records])  # fmt: skip
+                report.held += [(h.dimension, h.hour, error or "") for h in call.records]
+                return False
             case _:
                 sending._never(status)
         queue.popleft()
@@ -399,29 +408,17 @@ class BatchSender(sending.Sender):
             self._customers.pop(label, None)
 
     def _hold(
-        self,
-        records: Sequence[SealedHour],
-        now: float,
-        error: str | None,
-        report: Report,
-        config: bool = True,
+        self, records: Sequence[SealedHour], now: float, error: str | None, report: Report
     ) -> None:
-        """The call was refused for the seller's configuration (product code, dimension) or,
-        `config=False`, for a reason not about one record (DisabledApiException, an unknown
-        code): pending until they expire, retried on their own backoff, as instance mode holds
-        an hour; failing_since set, so health says why."""
+        """The seller's configuration was refused (product code, dimension): pending until they
+        expire, retried on their own backoff, as instance mode holds an hour."""
         retry = []
         for h in records:
             delay = max(BACKOFF_BASE, backoff(h.attempts + 1, self.rng))
             retry.append((h, error or "held", now + delay))
-            if config:
-                log.error("%s: quantity %s refused (%s); held, not lost: fix the config "
-                          "(product_code, dimensions[].name) or the listing and restart",
-                          _where(h), h.quantity.text, error)  # fmt: skip
-            else:
-                log.error("%s: quantity %s: BatchMeterUsage refused the call (%s); kept pending, "
-                          "retrying in %.0f s", _where(h), h.quantity.text, error,
-                          delay)  # fmt: skip
+            log.error("%s: quantity %s refused (%s); held, not lost: fix the config (product_code, "
+                      "dimensions[].name) or the listing and restart", _where(h), h.quantity.text,
+                      error)  # fmt: skip
             report.held.append((h.dimension, h.hour, error or ""))
         self.ledger.settle_records(now, retry=retry)
         self.ledger.note_failure(now, f"{_where(records[-1])} refused: {error}")

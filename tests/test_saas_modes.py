@@ -16,7 +16,7 @@ from agent.batching import BatchSender
 from agent.clock import iso_hour
 from agent.ledger import Customer, Ledger
 from agent.metering import BatchOutcome, Outcome
-from agent.sending import Sender, due
+from agent.sending import Sender, due, sendable_at
 from tests import test_batching
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
@@ -104,8 +104,10 @@ def test_a_whole_call_error_not_about_a_record_keeps_every_record_pending(saas: 
     BatchSender(saas.ledger, saas.config, client, saas.clock, random.Random(1)).run()
     hours = saas.ledger.hours()
     assert {h.state for h in hours} == {"pending"} and len(hours) == 60
-    assert all(h.next_attempt > saas.clock.time() for h in hours)  # backed off
-    assert client.calls == 3  # each call once: no halving for a code not about a record
+    state = saas.ledger.send_state()
+    assert all((sendable_at(state, h.next_attempt) or 0) > saas.clock.time() for h in hours)
+    assert client.calls == 1  # no halving, and the pass ends: the next calls would fail alike
+    assert due(state, saas.ledger.pending_bounds(saas=True)) == state.backoff_until
     snap = health.snapshot(saas.ledger, saas.clock.time())
     assert snap["ok"] is False and snap["failing_since"] is not None
     assert "DisabledApiException" in (snap["reason"] or "")
