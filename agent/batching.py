@@ -183,6 +183,7 @@ class BatchSender(sending.Sender):
     pending records sent in paced BatchMeterUsage calls."""
 
     probe_name = "BatchMeterUsage permission probe (0 records)"
+    saas = True  # sends SaaS records only (customer != ''), as pending_records reads them
 
     def __init__(
         self,
@@ -312,9 +313,23 @@ class BatchSender(sending.Sender):
             case "expired":
                 for h in call.records:
                     self._mark_expired(h, now, "the service said so", report, error=error)
+            case "rejected" | "dryrun_ok" if n == 1 and code in BATCH_INVALID:
+                # Halving isolated the record the call was refused for: only it is rejected.
+                self._reject([(first, error or "rejected")], now, report, failure=True)
             case "rejected" | "dryrun_ok":
-                rejected = [(h, error or "rejected") for h in call.records]
-                self._reject(rejected, now, report)
+                # Refused for something not about one record's content (DisabledApiException,
+                # an unknown code): nothing is rejected. The records stay pending and the pass
+                # ends; sending backs off (the next calls would be refused alike) and health
+                # says why, like instance mode's held hours.
+                delay = self.ledger.back_off(now, f"BatchMeterUsage refused: {error}",
+                                             self._backoff)  # fmt: skip
+                log.error("%s and %d more: BatchMeterUsage refused the call (%s); records kept "
+                          "pending, sending again after %.0f s", _where(first), n - 1, error,
+                          delay)  # fmt: skip
+                self.ledger.settle_records(now, retry=[(h, error or "refused", now + delay)
+                                                       for h in call.records])  # fmt: skip
+                report.held += [(h.dimension, h.hour, error or "") for h in call.records]
+                return False
             case _:
                 sending._never(status)
         queue.popleft()
@@ -348,6 +363,10 @@ class BatchSender(sending.Sender):
         retry = [(call.records[i], "UnprocessedRecords: resubmitted", now + delay) for i in again]
         self.ledger.settle_records(now, sent=sent, retry=retry)
         self._reject(rejected, now, report)
+        self._unsubscribed(
+            (h.customer for r in outcome.results if r.status == "CustomerNotSubscribed"
+             for h in (call.records[r.index],)), now
+        )  # fmt: skip
         for h, record_id in sent:
             log.debug("%s: sent quantity %s, record %s", _where(h), h.quantity.text, record_id)
             report.sent.append((h.dimension, h.hour, record_id or ""))
@@ -365,14 +384,34 @@ class BatchSender(sending.Sender):
         queue.appendleft(call.part(again))
         return True
 
-    def _reject(self, rejected: list[tuple[SealedHour, str]], now: float, report: Report) -> None:
+    def _reject(
+        self,
+        rejected: list[tuple[SealedHour, str]],
+        now: float,
+        report: Report,
+        failure: bool = False,
+    ) -> None:
+        """Settle records rejected. `failure`: the call itself failed (a record isolated by
+        halving) and failing_since is set; a per-record Status of a call that succeeded
+        (CustomerNotSubscribed, DuplicateRecord) is no send failure of the agent: each rejected
+        record shows in health on its own (unless its quantity is 0)."""
         if not rejected:
             return
         self.ledger.settle_records(now, rejected=rejected)
         for h, error in rejected:
             log.error("%s: quantity %s rejected: %s", _where(h), h.quantity.text, error)
             report.rejected.append((h.dimension, h.hour, error))
-        self.ledger.note_failure(now, f"{_where(rejected[-1][0])} rejected: {rejected[-1][1]}")
+        if failure:
+            self.ledger.note_failure(now, f"{_where(rejected[-1][0])} rejected: {rejected[-1][1]}")
+
+    def _unsubscribed(self, labels: Iterable[str], now: float) -> None:
+        """A customer answered CustomerNotSubscribed has left (unsubscribed, or its license
+        ended): it is marked removed, so no more idle zeros are sealed for it; usage of its
+        label is still sealed and sent (SPEC: a removed customer's usage is billed)."""
+        for label in sorted(set(labels)):
+            if self.ledger.remove_customer(label, now):
+                log.warning("customer %s: CustomerNotSubscribed; marked removed (no more idle "
+                            "zeros; usage with its label is still billed)", label)  # fmt: skip
 
     def _hold(
         self, records: Sequence[SealedHour], now: float, error: str | None, report: Report

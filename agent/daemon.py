@@ -533,7 +533,7 @@ class Daemon:
             log.info(
                 "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
             )
-        elif self.ledger.pending_bounds():
+        elif self.ledger.pending_bounds(saas=self.config.mode == "saas"):
             if self.platform.container:
                 deadline = stop + CONTAINER_STOP_FLUSH * self.clock.rate
                 self.sender.flush(deadline, wait=CONTAINER_STOP_FLUSH + 2, grace=2.0)
@@ -691,7 +691,9 @@ class Daemon:
     def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
-        when = due(self.ledger.send_state(), self.ledger.pending_bounds())
+        when = due(
+            self.ledger.send_state(), self.ledger.pending_bounds(saas=self.config.mode == "saas")
+        )
         if when is None or not self.scheduler.running:  # at start-up the send tick fires at once
             return
         wall = self.clock.to_wall(max(when, self.clock.time()))
@@ -709,7 +711,9 @@ class Daemon:
             self.registration.ensure()  # started again if it exited
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
-        when = due(self.ledger.send_state(), self.ledger.pending_bounds())
+        when = due(
+            self.ledger.send_state(), self.ledger.pending_bounds(saas=self.config.mode == "saas")
+        )
         if when is not None and when <= self.clock.time():
             self.sender.start()
 

@@ -2,9 +2,11 @@
 
 `failing_since` is the first failed send or DryRun not yet followed by a success. `ok` is true
 exactly when it is null, no hour of the last 24 h was refused (`rejected`, or held pending for the
-seller's configuration) or `expired`, and the ledger's instance identity is not awaiting IMDS: lost
-revenue stays visible whatever was sent last. Rewritten atomically (temp file + rename), mode 0644
-whatever the umask.
+seller's configuration) or `expired` (a record of quantity 0 loses nothing and is ignored), and
+the ledger's instance identity is not awaiting IMDS: lost revenue stays visible whatever was sent
+last. A per-record Status of a BatchMeterUsage call that succeeded (CustomerNotSubscribed,
+DuplicateRecord) sets no `failing_since`: the record shows here on its own. Rewritten atomically
+(temp file + rename), mode 0644 whatever the umask.
 """
 
 from __future__ import annotations
@@ -18,20 +20,18 @@ from typing import Any
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.ledger import Ledger, SealedHour
-from agent.metering import HELD, error_code
+from agent.metering import HELD
 from agent.ownership import adopt
 
 HEALTH_FILE = "health.json"
 LOOKBACK = 24 * HOUR
 
 
-def refused_hours(ledger: Ledger, now: float) -> list[SealedHour]:
-    """Hours of the last 24 h that lost revenue or may: rejected, expired, or held for the
-    seller's configuration (product code, dimension); newest first."""
-    since = hour_start(now) - LOOKBACK
-    hours = ledger.hours(since=since, states=("rejected", "expired", "pending"))
-    lost = [h for h in hours if h.state != "pending" or error_code(h.last_error) in HELD]
-    return sorted(lost, key=lambda h: (h.hour, h.dimension), reverse=True)
+def refused_hours(ledger: Ledger, now: float) -> tuple[int, SealedHour | None]:
+    """Records of the last 24 h that lost revenue or may: rejected, expired, or held for the
+    seller's configuration (product code, dimension); their count and the newest. A record of
+    quantity 0 (an idle zero) loses nothing and is not counted. Counted in SQL (ledger)."""
+    return ledger.lost_records(hour_start(now) - LOOKBACK, HELD)
 
 
 def describe(h: SealedHour) -> str:
@@ -49,10 +49,11 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     reasons = []
     if state.identity_unverified:
         reasons.append(state.identity_unverified)
-    lost = refused_hours(ledger, now)
-    if lost:
-        more = f" (and {len(lost) - 1} more hour(s) in the last 24 h)" if len(lost) > 1 else ""
-        reasons.append(describe(lost[0]) + more)
+    n_lost, newest = refused_hours(ledger, now)
+    lost = newest is not None
+    if newest is not None:
+        more = f" (and {n_lost - 1} more hour(s) in the last 24 h)" if n_lost > 1 else ""
+        reasons.append(describe(newest) + more)
     if state.failing_since is not None:
         current = state.reason
         if current and current not in reasons and not (lost and current in reasons[-1]):

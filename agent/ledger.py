@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
@@ -818,8 +818,49 @@ class Ledger:
             rows = self.db.execute(sql + " ORDER BY hour, dimension, customer", args).fetchall()
         return [_sealed(row) for row in rows]
 
-    def pending(self) -> list[SealedHour]:
-        return self.hours(states=("pending",))
+    def pending(self, saas: bool | None = None) -> list[SealedHour]:
+        """Pending records, oldest first; only instance hours (customer '') with saas=False,
+        only SaaS records with saas=True."""
+        rows = self.hours(states=("pending",))
+        return rows if saas is None else [h for h in rows if bool(h.customer) == saas]
+
+    def pending_other_kind(self, saas: bool) -> tuple[int, int | None]:
+        """(count, oldest hour) of pending records of the kind the configured mode does not
+        send: instance hours in SaaS mode (saas=True), SaaS records in instance mode. They wait
+        for a config of their mode; named in the log and in `status`, never sent or expired."""
+        with self._lock:
+            n, oldest = self.db.execute(
+                "SELECT COUNT(*), MIN(hour) FROM hours WHERE state = 'pending' AND "
+                "(customer != '') = ?",
+                (0 if saas else 1,),
+            ).fetchone()
+        return int(n), None if oldest is None else int(oldest)
+
+    def lost_records(
+        self, since: float, held_codes: Iterable[str]
+    ) -> tuple[int, SealedHour | None]:
+        """For health: how many records of hours since `since` lost revenue or may (rejected,
+        expired, or pending after a refusal whose code is in `held_codes`), and the newest of
+        them (by hour, dimension). Zero-quantity records are left out: a refused or expired 0
+        bills nothing.
+
+        Why in SQL: a seller's agent may hold 300,000 pending records; health is rewritten
+        under the daemon's round lock."""
+        codes = sorted(held_codes)
+        code = "trim(substr(last_error, 1, instr(last_error || ':', ':') - 1))"
+        where = (
+            f"hour >= ? AND (state IN ('rejected', 'expired') OR (state = 'pending' AND "
+            f"{code} IN ({','.join('?' * len(codes))}))) AND CAST(quantity AS REAL) != 0"
+        )
+        args = [since, *codes]
+        with self._lock:
+            (n,) = self.db.execute(f"SELECT COUNT(*) FROM hours WHERE {where}", args).fetchone()
+            row = self.db.execute(
+                f"SELECT {_HOUR_COLUMNS} FROM hours WHERE {where} "
+                "ORDER BY hour DESC, dimension DESC LIMIT 1",
+                args,
+            ).fetchone()
+        return int(n), None if row is None else _sealed(row)
 
     def pending_records(
         self, after: tuple[int, str, str] | None = None, limit: int | None = None,
@@ -846,19 +887,20 @@ class Ledger:
             rows = self.db.execute(sql, args).fetchall()
         return [_sealed(row) for row in rows]
 
-    def pending_bounds(self) -> list[SealedHour]:
+    def pending_bounds(self, saas: bool | None = None) -> list[SealedHour]:
         """For `sending.due`, which needs only the earliest Timestamp (expiry grows with it) and
         the earliest next attempt of each kind of record: per kind (instance '', SaaS), the
         first pending record with those two fields set to the kind's minimums.
 
         Why: a seller's agent may hold 300,000 pending SaaS records; the daemon asks `due` on
-        every send tick without reading them all."""
+        every send tick without reading them all. `saas`: only that kind (the one the
+        configured mode sends), as the send tick asks; None: both."""
         sql = (
             "SELECT customer != '' AS saas, MIN(timestamp), MIN(next_attempt) FROM hours "
             "WHERE state = 'pending' GROUP BY saas"
         )
         with self._lock:
-            rows = self.db.execute(sql).fetchall()
+            rows = [r for r in self.db.execute(sql).fetchall() if saas is None or r[0] == saas]
             out = []
             for saas, ts, nxt in rows:
                 row = self.db.execute(

@@ -229,12 +229,15 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
-    for held in ledger.held_usage(settle_by=now - SAAS_EXPIRY):
+    from agent.batching import expired_upto
+    from agent.sending import saas_expires_at
+
+    for held in ledger.held_usage(settle_by=expired_upto(now)):
         dim = dims.get(held.dimension)
         if dim is None:
             continue  # kept: the dimension may come back with the config
         known = held.customer != "" and ledger.customer(held.customer) is not None
-        late = now >= held.timestamp + SAAS_EXPIRY
+        late = now >= saas_expires_at(held.timestamp)  # 24 h, or the month-end cutoff
         if not known and not late:
             continue
         raw, quantity = billed(dim, list(held.points))
@@ -278,6 +281,7 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
     """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
     from agent.clock import iso
     from agent.sealing import billed
+    from agent.sending import saas_expires_at
 
     rows: list[dict[str, Any]] = []
     for h in held:
@@ -294,7 +298,7 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
                 "label": h.customer,
                 "quantity": quantity,
                 "state": "held",
-                "expires_at": iso(h.timestamp + SAAS_EXPIRY),
+                "expires_at": iso(saas_expires_at(h.timestamp)),
             }
         )
     return rows

@@ -75,11 +75,17 @@ def month_cutoff(timestamp: float) -> float:
     return first.timestamp() + MONTH_CUTOFF
 
 
+def saas_expires_at(timestamp: float) -> float:
+    """When a SaaS record of this Timestamp can no longer be sent: the earlier of 24 h less a
+    minute after it and 06:00 UTC on the next month's 1st (held usage too: saas_sealing)."""
+    return min(float(timestamp + SAAS_EXPIRY), month_cutoff(timestamp))
+
+
 def expires_at(h: SealedHour) -> float:
     """When a sealed record can no longer be sent: MeterUsage's 6 h window for an instance
     hour, BatchMeterUsage's 24 h window and month-end cutoff for a SaaS record."""
     if h.customer:
-        return min(float(h.timestamp + SAAS_EXPIRY), month_cutoff(h.timestamp))
+        return saas_expires_at(h.timestamp)
     return float(h.timestamp + EXPIRY)
 
 
@@ -114,7 +120,7 @@ def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
         return None
     offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
     times = (
-        due(state, ledger.pending_bounds()),
+        due(state, ledger.pending_bounds(saas=config.mode == "saas")),
         sendable_at(state, hour_start(now) + HOUR + offset),
     )
     return min((t for t in times if t is not None), default=None)
@@ -130,6 +136,8 @@ def note_unreachable(
 
 
 class Sender:
+    saas = False  # the kind of record this sender sends: instance hours (customer '')
+
     def __init__(
         self,
         ledger: Ledger,
@@ -161,6 +169,7 @@ class Sender:
                 log.warning("not sending: %s", unverified)
                 report.paused = True
                 return report
+            self._name_other_kind()
             self._expire_out_of_window(self.clock.time(), report)
             if not self._authorized(report):
                 report.paused = True
@@ -170,8 +179,18 @@ class Sender:
             health.write(self.config.state_dir, self.ledger, self.clock.time())
         return report
 
+    def _name_other_kind(self) -> None:
+        """Pending records of the other mode (left by a config of that mode, same state_dir)
+        are neither sent nor expired here: they wait for a config of their mode."""
+        n, oldest = self.ledger.pending_other_kind(self.saas)
+        if n:
+            kind = "instance hour(s)" if self.saas else "SaaS record(s)"
+            mode = "instance" if self.saas else "saas"
+            log.warning("%d pending %s from hour %s on are not sent in this mode; they wait for "
+                        "a config with mode: %s", n, kind, iso_hour(oldest or 0), mode)  # fmt: skip
+
     def _expire_out_of_window(self, now: float, report: Report) -> None:
-        for h in (h for h in self.ledger.pending() if now >= expires_at(h)):
+        for h in (h for h in self.ledger.pending(saas=False) if now >= expires_at(h)):
             self._mark_expired(h, now, out_of_window(h), report)
 
     # -- DryRun ------------------------------------------------------------------------------
@@ -234,7 +253,7 @@ class Sender:
         self.ledger.note_failure(now, f"hour {iso_hour(h.hour)} {h.dimension} expired")
 
     def _send_pending(self, report: Report, flush: bool, deadline: float) -> None:
-        queue = self.ledger.pending()
+        queue = self.ledger.pending(saas=False)
         while queue:
             now = self.clock.time()
             if now >= deadline:

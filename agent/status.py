@@ -105,7 +105,9 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     daemon = daemon_state(config.state_dir)
     # stopped, nothing goes out: only what the next start would send at once (or `-`)
     if daemon["running"] is False:
-        next_send = sending.due(ledger.send_state(), ledger.pending_bounds())
+        next_send = sending.due(
+            ledger.send_state(), ledger.pending_bounds(saas=config.mode == "saas")
+        )
     else:
         next_send = sending.next_send(ledger, config, now)
     return {
@@ -117,6 +119,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "send_offset_seconds": round(offset, 3),
         "next_send": iso(next_send),
         "health": health.snapshot(ledger, now),
+        "other_mode_pending": other_mode_pending(ledger, config),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "current_hour": iso_hour(now),
         "dimensions": [
@@ -195,6 +198,16 @@ def _customers(ledger: Ledger, config: Config, now: float, since: float) -> dict
     }
 
 
+def other_mode_pending(ledger: Ledger, config: Config) -> dict[str, Any] | None:
+    """Pending records of the mode not configured (left by a config of that mode, same
+    state_dir): not sent, not expired; they wait for a config of their mode."""
+    saas = config.mode == "saas"
+    n, oldest = ledger.pending_other_kind(saas)
+    if not n or oldest is None:
+        return None
+    return {"mode": "instance" if saas else "saas", "records": n, "oldest_hour": iso_hour(oldest)}
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [_daemon_line(report["daemon"])]
     if report["ledger"] is None:
@@ -215,6 +228,13 @@ def render(report: dict[str, Any]) -> str:
         f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
     )
     lines.append(_platform_line(report["platform"]))
+    other = report.get("other_mode_pending")
+    if other:
+        lines.append(
+            f"  WARNING {other['records']} pending record(s) of mode {other['mode']} (from hour "
+            f"{other['oldest_hour']}) are not sent in this mode; they wait for mode: "
+            f"{other['mode']}"
+        )
     reg = report.get("register_usage")
     if reg is not None:
         verified = {True: "verified", False: "not verified", None: "-"}[reg["signature_verified"]]

@@ -283,3 +283,28 @@ def test_a_reading_of_more_customers_than_the_collector_cap_keeps_each(tmp_path:
         by[who] = by.get(who, D(0)) + v
     assert "" not in by and len(by) == n
     assert by["7"] == 3 and all(by[str(i)] == 1 for i in range(n) if i != 7)
+
+
+def test_held_usage_of_last_month_expires_at_0600_on_the_1st(tmp_path: Path) -> None:
+    """Held usage follows sending.expires_at's rule: a previous month's usage is released only
+    before 06:00 UTC on the 1st, whatever is left of its 24 h; status shows that deadline."""
+    from datetime import datetime, timezone
+
+    from agent.clock import iso
+    from agent.saas_sealing import held_rows
+
+    hour = int(datetime(2027, 1, 31, 23, tzinfo=timezone.utc).timestamp())
+    cutoff = int(datetime(2027, 2, 1, 6, tzinfo=timezone.utc).timestamp())
+    cfg = saas_config(tmp_path, LOG_DIMS, idle_zero=False)
+    ledger = Ledger(cfg.state_dir)
+    for label, t in (("early", hour + 600), ("late", hour + 900)):
+        record(ledger, t, {key(label, None): D(20)})
+    seal_hours(ledger, cfg, hour + 3600, offset=0)
+    rows = held_rows(ledger.held_usage(), {d.name: d for d in cfg.dimensions})
+    assert {r["expires_at"] for r in rows} == {iso(cutoff)}
+    add(ledger, "early")
+    seal_hours(ledger, cfg, cutoff - 60, offset=0)  # before the cutoff: released, sendable
+    add(ledger, "late")
+    seal_hours(ledger, cfg, cutoff + 3600, offset=0)  # 7 h after: the month is closed
+    states = {h.customer: h.state for h in ledger.hours()}
+    assert states == {"early": "pending", "late": "expired"}
