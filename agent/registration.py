@@ -209,6 +209,9 @@ def describe_key(path: str) -> str:
     return f"RSA {key.key_size}-bit"
 
 
+IAT_MIN, IAT_MAX = 946684800, 4102444800  # 2000-01-01 and 2100-01-01: an `iat` in seconds
+
+
 def verify(token: Any, pem: bytes, expected: Mapping[str, Any], now: float) -> dict[str, Any]:
     """Verify RegisterUsage's `Signature`: a JWT with alg PS256, its RSA-PSS SHA-256 signature
     by `pem`'s key, then `productCode`, `publicKeyVersion` and `nonce` equal to `expected` and
@@ -256,6 +259,8 @@ def verify(token: Any, pem: bytes, expected: Mapping[str, Any], now: float) -> d
     iat = claims.get("iat")
     if isinstance(iat, bool) or not isinstance(iat, (int, float)):
         raise refused(f"claim iat is {iat!r}, not a time")
+    if not (IAT_MIN <= iat <= IAT_MAX):  # NaN, Infinity, milliseconds: nothing to format
+        raise refused(f"claim iat is {iat!r}, not a time in seconds since 1970 (2000 to 2100)")
     if abs(now - iat) > IAT_WINDOW:
         way = "before" if iat < now else "after"
         raise refused(
