@@ -198,7 +198,7 @@ def test_trial_registers_with_the_emulators_own_key(
 def test_sigterm_during_a_slow_register_usage_exits_0_at_once(fast, tmp_path: Path) -> None:
     """In a container the agent is PID 1: SIGTERM must stop it while RegisterUsage still runs
     (its budget is 120 s), not be ignored until the kill."""
-    clock, emulator, agent = fast
+    _clock, emulator, agent = fast
     emulator.inject("slow", operation="RegisterUsage", delay=60.0)
     agent.start()
     wait_for("RegisterUsage to arrive", lambda: "RegisterUsage" in operations(emulator), 30, agent)
