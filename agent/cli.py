@@ -362,6 +362,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         _say("fail", f"credentials: {method}")
         raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
+    static = platform.static_keys_warning(plat.name, method) if cfg.mode != "saas" else None
+    if static:
+        _say("warn", static)
     if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
         outcome = client.probe_batch(cfg.product_code)
         verdict = metering.dry_run_verdict(
