@@ -212,6 +212,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     else:
         ident = identity.Identity(Imds(), clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
+    # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
+    ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
     if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
         from agent import registration
 

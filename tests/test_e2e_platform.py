@@ -256,3 +256,6 @@ def test_an_ecs_stop_fits_the_task_grace_against_an_endpoint_that_never_answers(
     assert took < 27, took
     pending = {(h.dimension, h.hour) for h in hours(state) if h.state == "pending"}
     assert pending == {("vcpus", hour), ("vcpu_hours", hour)}
+    # `status` from a shell without the task's environment shows the platform `run` recorded
+    report = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["platform"]
+    assert (report["name"], report["platform_source"]) == ("ecs", "recorded by run")

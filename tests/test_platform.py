@@ -332,6 +332,7 @@ class TestCli:
         assert result.returncode == EX_OK, result.stderr
         report = json.loads(result.stdout)["platform"]
         assert (report["name"], report["on_check_failure"]) == ("eks", "exit")
+        assert report["platform_source"] == "detected by status"  # no run recorded one
 
 
 def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
