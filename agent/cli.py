@@ -362,6 +362,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         _say("fail", f"credentials: {method}")
         raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
+    static = platform.static_keys_warning(plat.name, method) if cfg.mode != "saas" else None
+    if static:
+        _say("warn", static)
     if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
         outcome = client.probe_batch(cfg.product_code)
         verdict = metering.dry_run_verdict(
@@ -622,7 +625,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     except Unavailable as e:
         note_unreachable(ledger, cfg, clock.time(), str(e))
         return EX_UNAVAILABLE
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
+    connect, read = call_timeouts(clock, args.deadline)
+    client = metering.MeteringClient(
+        region, cfg.metering.endpoint_url, connect, read, platform=plat.name
+    )
     note_sender_context(ledger, plat, region, where, client)
     if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
         from agent.batching import BatchSender
@@ -635,6 +641,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     if report.paused:
         return EX_NOPERM
     return EX_UNAVAILABLE if report.retry else EX_OK
+
+
+def call_timeouts(clock: Any, deadline: float | None) -> tuple[float, float]:
+    """With a deadline (the stop flush), no call may block past it: the connect and read
+    timeouts are capped at the seconds left (at least 1 s); none: botocore's own (5 s, 15 s)."""
+    if deadline is None:
+        return 5.0, 15.0
+    left = max(1.0, (deadline - clock.time()) / clock.rate)
+    return min(5.0, left), min(15.0, left)
 
 
 def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client: Any) -> None:

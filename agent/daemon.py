@@ -212,6 +212,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     else:
         ident = identity.Identity(Imds(), clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
+    # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
+    ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
     if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
         from agent import registration
 
@@ -301,6 +303,7 @@ class Daemon:
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
+        self._signalled: float | None = None  # clock.time() of the first SIGTERM/SIGINT
         self._seal_errors: list[tuple[str, int, str]] = []
         self.scheduler = self._scheduler()
 
@@ -392,6 +395,8 @@ class Daemon:
             return True
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signalled is None:
+            self._signalled = self.clock.time()  # the container's grace counts from here
         log.info("received %s: stopping", signal.Signals(signum).name)
         self.notify.stopping("stopping")
         self.stop_event.set()
@@ -498,7 +503,9 @@ class Daemon:
         sends at once what is pending."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        self.sender.stop()
+        # In a container the grace is short: a running sender is ended at once (its requests
+        # are resent identically), and the flush budget counts from the signal.
+        self.sender.stop(at_once=self.platform.container)
         if self.registration is not None:
             self.registration.stop()
         restart = self.restarting()
@@ -535,8 +542,10 @@ class Daemon:
             )
         elif self.ledger.pending_bounds(saas=self.config.mode == "saas"):
             if self.platform.container:
-                deadline = stop + CONTAINER_STOP_FLUSH * self.clock.rate
-                self.sender.flush(deadline, wait=CONTAINER_STOP_FLUSH + 2, grace=2.0)
+                begun = self._signalled if self._signalled is not None else stop
+                deadline = begun + CONTAINER_STOP_FLUSH * self.clock.rate
+                left = max(1.0, (deadline - self.clock.time()) / self.clock.rate)
+                self.sender.flush(deadline, wait=left + 2, grace=2.0)
             else:
                 self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
         self.hooks.wait(timeout=5)
@@ -806,11 +815,15 @@ class SenderProcess:
             log.error("the stop flush ran over %.0f s; ending it", wait)
             return end(child, grace)
 
-    def stop(self, grace: float = GRACE) -> None:
-        """At the daemon's stop: a running sender may finish within `grace`, then it is ended."""
+    def stop(self, grace: float = GRACE, at_once: bool = False) -> None:
+        """At the daemon's stop: a running sender may finish within `grace`, then it is ended
+        (`at_once`: ended now, the container's short grace)."""
         with self._lock:
             child, self._child, self._closed = self._child, None, True
         if child is None:
+            return
+        if at_once:
+            end(child, 1.0)
             return
         try:
             child.wait(timeout=grace)

@@ -3,7 +3,10 @@
 A `send --flush` or `run` started by root would leave a root-owned `send.lock`, ledger or WAL that
 the service user (`metering-agent`) can no longer open. So: running as root, every file the agent
 creates in state_dir is given the directory's owner; running as another user who does not own the
-directory, a writing command refuses with one line saying whom to run it as.
+directory, a writing command refuses with one line saying whom to run it as. One exception: a
+Kubernetes emptyDir under `fsGroup` belongs to root with the pod's group and mode 2777; a non-root
+process of that group may write there (every container of the pod runs with that group, and the
+setgid bit gives each new file the same group), so it is accepted.
 """
 
 from __future__ import annotations
@@ -36,11 +39,20 @@ def check_writer(state_dir: Path, command: str) -> None:
     euid = os.geteuid()
     if st is not None and euid in (0, st.st_uid):
         return
+    if st is not None and _group_writer(state_dir, st.st_gid):
+        return
     user = _owner_name(st.st_uid) if st is not None else SERVICE_USER
     raise NotAuthorized(
         f"state_dir {state_dir} belongs to user {user}: run this as that user, so the ledger "
         f"and locks stay usable by the service (sudo -u {user} metering-agent {command})"
     )
+
+
+def _group_writer(state_dir: Path, gid: int) -> bool:
+    """True for a process of the directory's group that may write it (the fsGroup emptyDir)."""
+    if not os.access(state_dir, os.W_OK):
+        return False
+    return gid == os.getegid() or gid in os.getgroups()
 
 
 def adopt(state_dir: Path, *paths: Path) -> None:

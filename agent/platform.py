@@ -27,6 +27,8 @@ ECS_METADATA_ENV = "ECS_CONTAINER_METADATA_URI_V4"
 WEB_IDENTITY_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
 POD_UID_ENV = "POD_UID"
+POD_IDENTITY_METHOD = "container-role"  # on EKS: EKS Pod Identity (on ECS: the task role)
+STATIC_KEY_METHODS = ("env", "shared-credentials-file")  # long-lived keys, not the role's
 NODE_ROLE_METHOD = "iam-role"  # botocore's credentials.method for the instance role (IMDS)
 NODE_ROLE_CODE = "NodeRoleCredentials"  # the Outcome code of a refusal made here
 ROLE_TO_SET = {
@@ -154,13 +156,32 @@ def identity(
 
 
 def node_role_refusal(platform: str, method: str | None) -> str | None:
-    """The one line refusing credentials from the node's instance role on ECS/EKS, or None."""
+    """The one line refusing credentials from the node's instance role on ECS/EKS, or None.
+
+    On EKS, EKS Pod Identity (botocore's `container-role`, AWS_CONTAINER_CREDENTIALS_FULL_URI)
+    is refused too: AWS does not support it for container products' metering, only IRSA."""
+    if platform == "eks" and method == POD_IDENTITY_METHOD:
+        return (
+            "credentials come from EKS Pod Identity, which AWS does not support for metering "
+            f"from a container product; use IRSA: {ROLE_TO_SET['eks']}"
+        )
     if platform not in CONTAINERS or method != NODE_ROLE_METHOD:
         return None
     where = "ECS task" if platform == "ecs" else "EKS pod"
     return (
         f"credentials come from the node's instance role (IMDS), which AWS refuses for MeterUsage "
         f"from an {where}; {ROLE_TO_SET[platform]}"
+    )
+
+
+def static_keys_warning(platform: str, method: str | None) -> str | None:
+    """On ECS/EKS, a warning (not a refusal) for long-lived access keys in place of the role."""
+    if platform not in CONTAINERS or method not in STATIC_KEY_METHODS:
+        return None
+    return (
+        f"credentials are static access keys ({method}), not the "
+        f"{'task role' if platform == 'ecs' else 'IRSA role'}: they work, but are long-lived "
+        f"secrets in the image or task; {ROLE_TO_SET[platform]}"
     )
 
 

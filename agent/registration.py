@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
 import random
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +212,9 @@ def describe_key(path: str) -> str:
     return f"RSA {key.key_size}-bit"
 
 
+IAT_MIN, IAT_MAX = 946684800, 4102444800  # 2000-01-01 and 2100-01-01: an `iat` in seconds
+
+
 def verify(token: Any, pem: bytes, expected: Mapping[str, Any], now: float) -> dict[str, Any]:
     """Verify RegisterUsage's `Signature`: a JWT with alg PS256, its RSA-PSS SHA-256 signature
     by `pem`'s key, then `productCode`, `publicKeyVersion` and `nonce` equal to `expected` and
@@ -256,6 +262,8 @@ def verify(token: Any, pem: bytes, expected: Mapping[str, Any], now: float) -> d
     iat = claims.get("iat")
     if isinstance(iat, bool) or not isinstance(iat, (int, float)):
         raise refused(f"claim iat is {iat!r}, not a time")
+    if not (IAT_MIN <= iat <= IAT_MAX):  # NaN, Infinity, milliseconds: nothing to format
+        raise refused(f"claim iat is {iat!r}, not a time in seconds since 1970 (2000 to 2100)")
     if abs(now - iat) > IAT_WINDOW:
         way = "before" if iat < now else "after"
         raise refused(
@@ -310,13 +318,46 @@ def child_main(config: Config, clock: Clock) -> int:
     return EX_OK
 
 
+@contextlib.contextmanager
+def _stop_on_signal(child: subprocess.Popen[bytes]) -> Iterator[None]:
+    """SIGTERM/SIGINT while RegisterUsage runs (up to BUDGET s, before `Daemon.run` installs its
+    handlers): end the child and exit 0 at once; nothing was sampled yet, so nothing is lost.
+    Without this, an agent that is PID 1 in a container ignores SIGTERM until it is killed."""
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("received %s during RegisterUsage: stopping; nothing sampled yet",
+                 signal.Signals(signum).name)  # fmt: skip
+        child.terminate()
+        try:
+            child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise SystemExit(EX_OK)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def at_start(command: list[str], ledger: Any, timeout: float = BUDGET + 60) -> dict[str, Any]:
     """Run the child and map its exit: 0 -> the registration (kept in the ledger for `status`),
     77 -> NotAuthorized, 69 -> Unavailable, else AgentError, each with the child's line."""
-    try:
-        child = subprocess.run(command, stdout=subprocess.PIPE, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise Unavailable(f"RegisterUsage: the call ran over {timeout:.0f} s") from None
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+    with _stop_on_signal(proc):
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise Unavailable(f"RegisterUsage: the call ran over {timeout:.0f} s") from None
+    child = subprocess.CompletedProcess(command, proc.returncode, stdout)
     try:
         answer = json.loads(child.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError, UnicodeDecodeError):

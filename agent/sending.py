@@ -171,7 +171,7 @@ class Sender:
                 return report
             self._name_other_kind()
             self._expire_out_of_window(self.clock.time(), report)
-            if not self._authorized(report):
+            if not self._authorized(report, flush):
                 report.paused = True
                 return report
             self._send_pending(report, flush, deadline)
@@ -202,8 +202,14 @@ class Sender:
         dim = self.config.dimensions[0]
         return self.client.dry_run(self.config.product_code, dim.name, dim.decimals, now)
 
-    def _authorized(self, report: Report) -> bool:
-        now, due = self.clock.time(), self.ledger.send_state().dryrun_due
+    def _authorized(self, report: Report, flush: bool = False) -> bool:
+        """Whether sending may go on; a due DryRun runs first, except in a flush while sending
+        is not paused: the stop flush's few seconds belong to the sealed hours (the DryRun
+        stays due for the next pass)."""
+        state = self.ledger.send_state()
+        now, due = self.clock.time(), state.dryrun_due
+        if flush and state.authorized is not False:
+            return True
         if due is not None and due <= now:
             self._dry_run(report, now)
         return self.ledger.send_state().authorized is not False

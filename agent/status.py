@@ -66,21 +66,26 @@ def check(state_dir: Path, clock: Clock) -> bool:
 
 
 def platform_report(ledger: Ledger | None, config: Config) -> dict[str, Any]:
-    """The platform (detected here, from this environment), the identity the ledger carries,
-    and the region and credential source the last sender used (its ledger meta)."""
-    plat = platforms.detect(config.platform, os.environ)
+    """The platform the running daemon recorded at its start (else detected here, from this
+    environment: `status` may run elsewhere, say in a shell on the node), the identity the ledger
+    carries, and the region and credential source the last sender used (its ledger meta)."""
+    recorded = (ledger.get_meta("run_platform") if ledger else None) or {}
+    if recorded.get("name"):
+        name, how, source = recorded["name"], recorded.get("how"), "recorded by run"
+    else:
+        plat = platforms.detect(config.platform, os.environ)
+        name, how, source = plat.name, plat.how, "detected by status"
     sent_as = (ledger.get_meta("sender_context") if ledger else None) or {}
     return {
-        "name": plat.name,
-        "detected": plat.how,
+        "name": name,
+        "detected": how,
+        "platform_source": source,
         "identity": ledger.get_meta("instance_id") if ledger else None,
         "identity_source": ledger.get_meta("instance_id_source") if ledger else None,
         "region": sent_as.get("region"),
         "region_source": sent_as.get("region_source"),
         "credential_source": sent_as.get("credential_source"),
-        "on_check_failure": platforms.check_failure_policy(
-            config.metering.on_check_failure, plat.name
-        ),
+        "on_check_failure": platforms.check_failure_policy(config.metering.on_check_failure, name),
     }
 
 
@@ -273,7 +278,7 @@ def render(report: dict[str, Any]) -> str:
 def _platform_line(p: dict[str, Any]) -> str:
     region = f"{p['region']} (from {p['region_source']})" if p["region"] else "- (not sent yet)"
     return (
-        f"  platform: {p['name']} ({p['detected']})   identity from: "
+        f"  platform: {p['name']} ({p['detected']}; {p['platform_source']})   identity from: "
         f"{_text(p['identity_source'])}   region: {region}   credentials: "
         f"{_text(p['credential_source'])}"
     )

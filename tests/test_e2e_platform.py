@@ -6,6 +6,9 @@ gives the node's role."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -205,3 +208,54 @@ def test_a_throttled_startup_check_is_retried_and_a_refused_one_ends_run_with_77
     assert agent.proc is not None
     assert agent.proc.wait(timeout=45) == EX_NOPERM
     assert health(state)["authorized"] is False
+
+
+@pytest.fixture
+def hanging_endpoint():
+    """A MeterUsage endpoint that accepts each connection and never answers."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(50)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_an_ecs_stop_fits_the_task_grace_against_an_endpoint_that_never_answers(
+    emu: Emulator, hanging_endpoint: str, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """ECS kills the container 30 s after SIGTERM (stopTimeout): the agent is out well before,
+    and the partial hour it sealed and could not send stays pending for the next start."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, hanging_endpoint))
+    offset = offset_to_before_boundary(1800)  # mid-hour: the stop seals a partial hour
+    hour = hour_start(time.time() + offset)
+    agent = start(agents, cfg, {**faketime_env(offset, CLOSED), **ecs_env(emu)})
+    wait_for("the daemon up", lambda: (state / "ledger.db").exists(), 30, agent)
+    time.sleep(6)  # samples taken; a due sender (its DryRun hanging) is running by now
+    assert agent.proc is not None
+    begun = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    code = agent.proc.wait(timeout=40)
+    took = time.monotonic() - begun
+    print(f"stop took {took:.1f} s (exit {code})")
+    assert took < 27, took
+    pending = {(h.dimension, h.hour) for h in hours(state) if h.state == "pending"}
+    assert pending == {("vcpus", hour), ("vcpu_hours", hour)}
+    # `status` from a shell without the task's environment shows the platform `run` recorded
+    report = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)["platform"]
+    assert (report["name"], report["platform_source"]) == ("ecs", "recorded by run")

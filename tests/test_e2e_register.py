@@ -193,3 +193,17 @@ def test_trial_registers_with_the_emulators_own_key(
     (call,) = [c for c in emulator.calls() if c["operation"] == "RegisterUsage"]
     assert call["outcome"] == "ok" and call["request"]["PublicKeyVersion"] == 2
     assert {r.dimension for r in emulator.records()} == {"vcpus"}
+
+
+def test_sigterm_during_a_slow_register_usage_exits_0_at_once(fast, tmp_path: Path) -> None:
+    """In a container the agent is PID 1: SIGTERM must stop it while RegisterUsage still runs
+    (its budget is 120 s), not be ignored until the kill."""
+    _clock, emulator, agent = fast
+    emulator.inject("slow", operation="RegisterUsage", delay=60.0)
+    agent.start()
+    wait_for("RegisterUsage to arrive", lambda: "RegisterUsage" in operations(emulator), 30, agent)
+    time.sleep(0.5)
+    begun = time.monotonic()
+    assert agent.terminate(timeout=30) == 0
+    assert time.monotonic() - begun < 5
+    assert ledger_samples(tmp_path / "state") == 0  # nothing sampled, nothing to lose

@@ -51,6 +51,14 @@ def as_nobody(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )  # fmt: skip
 
 
+def as_user(uid: int, gid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+         sys.executable, "-m", "agent", *args],
+        capture_output=True, text=True, env=dict(os.environ), cwd=ROOT, timeout=60,
+    )  # fmt: skip
+
+
 @as_root
 def test_send_flush_as_root_leaves_files_the_service_user_owns(
     shared: Path, emulator: Emulator
@@ -78,6 +86,25 @@ def test_another_user_is_told_whom_to_run_as(shared: Path) -> None:
     assert result.returncode == EX_NOPERM
     (line,) = result.stderr.strip().splitlines()
     assert "sudo -u root metering-agent send --flush" in line
+
+
+@as_root
+def test_a_kubernetes_fsgroup_empty_dir_is_writable_by_the_pods_group(
+    shared: Path, emulator: Emulator
+) -> None:
+    """An emptyDir under fsGroup: root-owned, the pod's group, mode 2777; uid 10001 runs there."""
+    group = 10001
+    state = shared / "state"
+    state.mkdir()
+    os.chown(state, 0, group)
+    state.chmod(0o2777)
+    cfg = config(shared, emulator.url)
+    result = as_user(10001, group, "send", "--flush", "-c", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert (state / "ledger.db").stat().st_uid == 10001
+    # a user of another group is still refused, even though the directory is world-writable
+    other = as_user(10002, 10002, "send", "--flush", "-c", str(cfg))
+    assert other.returncode == EX_NOPERM, other.stderr
 
 
 @as_root

@@ -147,6 +147,7 @@ class TestIdentity:
         ("eks", "iam-role", "eks.amazonaws.com/role-arn"),
         ("ec2", "iam-role", None),
         ("ecs", "container-role", None),
+        ("eks", "container-role", "IRSA"),  # EKS Pod Identity: AWS refuses it for metering
         ("eks", "assume-role-with-web-identity", None),
         ("eks", None, None),
     ],
@@ -331,6 +332,7 @@ class TestCli:
         assert result.returncode == EX_OK, result.stderr
         report = json.loads(result.stdout)["platform"]
         assert (report["name"], report["on_check_failure"]) == ("eks", "exit")
+        assert report["platform_source"] == "detected by status"  # no run recorded one
 
 
 def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
@@ -341,3 +343,20 @@ def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
     assert platform.TaskMetadata(ecs).uri == "http://127.0.0.1:1/ecs/v4"
     assert platform.identity("eks", container_env("eks", "u"))[1] == "$POD_UID"
     assert container_env("ec2", "u") == container_env("auto", "u") == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "warned"),
+    [
+        ("ecs", "env", True),
+        ("eks", "shared-credentials-file", True),
+        ("ec2", "env", False),
+        ("ecs", "container-role", False),
+        ("eks", "assume-role-with-web-identity", False),
+    ],
+)
+def test_static_keys_are_a_warning_in_containers(name: str, method: str, warned: bool) -> None:
+    line = platform.static_keys_warning(name, method)
+    assert (line is not None) == warned
+    if line:
+        assert "\n" not in line and method in line

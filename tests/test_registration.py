@@ -144,6 +144,11 @@ def test_a_claim_other_than_what_was_sent_is_refused(
         (NOW - 86400, False),
         ("1800000000", False),
         (None, False),
+        (NOW * 1000, False),  # milliseconds
+        (float("inf"), False),
+        (float("-inf"), False),
+        (float("nan"), False),
+        (1e308, False),
     ],
 )
 def test_iat_within_five_minutes_of_now(service: Emulator, pem: bytes, iat: Any, ok: bool) -> None:

@@ -292,3 +292,28 @@ def test_quantity_types_reach_the_client(tmp_path: Path) -> None:
         "vcpu_hours": Quantity("1.000"),
         "vcpus": Quantity(2),
     }
+
+
+def test_a_flush_spends_no_time_on_a_due_dry_run_unless_paused(setup) -> None:
+    """The stop flush has a few seconds: a due DryRun waits for the next pass, unless sending is
+    paused (then the DryRun is what may unpause it)."""
+    cfg, ledger, clock = setup
+    ledger.schedule_dryrun(clock.time())
+    client = FakeClient()
+    report = Sender(ledger, cfg, client, clock).run(flush=True, deadline=clock.time() + 30)
+    assert client.dry_runs == 0 and len(report.sent) == 2
+    assert ledger.send_state().dryrun_due is not None  # still due, for the next pass
+    ledger.deauthorize(clock.time(), "not authorized", clock.time())
+    fill(ledger, "vcpus", H + 2 * 3600, 3)
+    seal_hours(ledger, cfg, clock.time() + 3600, offset=0)
+    Sender(ledger, cfg, client, clock).run(flush=True, deadline=clock.time() + 30)
+    assert client.dry_runs == 1
+
+
+def test_a_flush_caps_each_calls_timeouts_at_the_time_left() -> None:
+    from agent.cli import call_timeouts
+
+    clock = FakeClock(H)
+    assert call_timeouts(clock, None) == (5.0, 15.0)
+    assert call_timeouts(clock, H + 8) == (5.0, 8.0)
+    assert call_timeouts(clock, H + 0.2) == (1.0, 1.0)  # at least 1 s
