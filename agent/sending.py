@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from datetime import datetime, timezone
 from typing import NoReturn, Protocol
 
 from agent import health, sealing
+from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.ledger import Ledger, SealedHour, SendState
-from agent.metering import PRODUCT_CODE_REFUSED, Outcome
+from agent.metering import PRODUCT_CODE_REFUSED, SIGNING, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ SAAS_OUT_OF_WINDOW = "past the BatchMeterUsage window (24 h, or 06:00 UTC on the
 DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+# Retried answers that are refusals at start-up under `on_check_failure: exit` (_refused_at_start).
+START_REFUSALS = SIGNING | {"InvalidEndpointRegionException"}
 PATIENCE = 60.0  # a send run waits out short backoffs itself, up to this long, then exits
 
 
@@ -237,11 +241,26 @@ class Sender:
                 log.error("%s refused (%s); sending paused, checking again in %d s",
                           name, outcome.error, DRYRUN_RECHECK)  # fmt: skip
                 self.ledger.deauthorize(now, f"DryRun: {outcome.error}", now + DRYRUN_RECHECK)
+            case "retry" if self._refused_at_start(outcome):
+                log.error("%s failed at start-up (%s); metering.on_check_failure is exit: sending "
+                          "paused", name, outcome.error)  # fmt: skip
+                self.ledger.deauthorize(now, f"DryRun: {outcome.error}", now + DRYRUN_RECHECK)
             case "retry" | "sent":
                 delay = self.ledger.back_off(now, f"DryRun: {outcome.error}", self._backoff)
                 log.warning("%s failed (%s); again in %.0f s", name, outcome.error, delay)
             case _:
                 _never(outcome.status)
+
+    def _refused_at_start(self, outcome: Outcome) -> bool:
+        """SPEC: with `on_check_failure: exit` (the default on ECS/EKS) a start-up DryRun that
+        fails with anything but throttling, a 5xx or the network ends `run` with 77. Signing and
+        credential answers and a wrong region are retried elsewhere (a refresh may fix them);
+        before the first DryRun has passed they are refusals, so the sender exits 77 and `run`
+        stops (Daemon.check_startup)."""
+        if outcome.code not in START_REFUSALS or self.ledger.send_state().authorized is not None:
+            return False
+        plat = platforms.detect(self.config.platform, os.environ).name
+        return platforms.check_failure_policy(self.config.metering.on_check_failure, plat) == "exit"
 
     # -- sending -----------------------------------------------------------------------------
 

@@ -210,6 +210,25 @@ def test_a_throttled_startup_check_is_retried_and_a_refused_one_ends_run_with_77
     assert health(state)["authorized"] is False
 
 
+def test_a_startup_check_refused_for_its_credentials_ends_run_with_77(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """SPEC: on ECS a start-up DryRun failing with anything but throttling, a 5xx or the network
+    ends `run` with 77: a key the service does not recognize (retried once `run` has passed its
+    check, as a credential refresh may fix it) is such a failure."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config_text(state, emu.url, dims=("vcpus",)))
+    env = {**ecs_env(emu), "AWS_EC2_METADATA_SERVICE_ENDPOINT": CLOSED}
+    emu.inject("error", count=100, code="UnrecognizedClientException", status=403,
+               message="The security token included in the request is invalid.")  # fmt: skip
+    agent = start(agents, cfg, env)
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=45) == EX_NOPERM
+    assert health(state)["authorized"] is False
+    assert "UnrecognizedClientException" in (health(state)["reason"] or "")
+
+
 @pytest.fixture
 def hanging_endpoint():
     """A MeterUsage endpoint that accepts each connection and never answers."""

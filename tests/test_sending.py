@@ -317,3 +317,45 @@ def test_a_flush_caps_each_calls_timeouts_at_the_time_left() -> None:
     assert call_timeouts(clock, None) == (5.0, 15.0)
     assert call_timeouts(clock, H + 8) == (5.0, 8.0)
     assert call_timeouts(clock, H + 0.2) == (1.0, 1.0)  # at least 1 s
+
+
+@pytest.mark.parametrize(
+    ("platform", "policy", "code", "refused"),
+    [
+        ("ecs", None, "UnrecognizedClientException", True),  # bad credentials at start: 77
+        ("eks", None, "InvalidEndpointRegionException", True),  # the wrong region
+        ("ecs", None, "ThrottlingException", False),  # throttling keeps retrying
+        ("ecs", None, "EndpointConnectionError", False),  # so does the network
+        ("ecs", "continue", "UnrecognizedClientException", False),  # the seller chose continue
+        ("ec2", None, "UnrecognizedClientException", False),  # EC2: keep sampling, retry
+    ],
+)
+def test_a_start_up_dry_run_refused_for_its_signature_pauses_sending_under_exit(
+    tmp_path: Path, platform: str, policy: str | None, code: str, refused: bool
+) -> None:
+    """SPEC: with on_check_failure exit (ECS/EKS default), a start-up DryRun failing with anything
+    but throttling, a 5xx or the network ends `run` with 77: the sender pauses (its exit is 77)."""
+    extra = f"platform: {platform}\n"
+    if policy:
+        extra += f"metering: {{on_check_failure: {policy}}}\n"
+    cfg = make_config(tmp_path, extra)
+    ledger = Ledger(cfg.state_dir)
+    clock = FakeClock(H)
+    ledger.schedule_dryrun(clock.time())
+    client = FakeClient(dry_script=[retry(code)])
+    report = Sender(ledger, cfg, client, clock).run()
+    assert report.paused is refused
+    assert ledger.send_state().authorized is (False if refused else None)
+
+
+def test_after_a_passing_dry_run_a_signature_error_is_retried_not_a_refusal(
+    tmp_path: Path,
+) -> None:
+    cfg = make_config(tmp_path, "platform: ecs\n")
+    ledger = Ledger(cfg.state_dir)
+    clock = FakeClock(H)
+    ledger.authorize()  # the start-up check passed earlier
+    ledger.schedule_dryrun(clock.time())
+    client = FakeClient(dry_script=[retry("UnrecognizedClientException")])
+    report = Sender(ledger, cfg, client, clock).run()
+    assert not report.paused and ledger.send_state().authorized is True
