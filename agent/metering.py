@@ -181,6 +181,13 @@ def resolve_region(
 Status = Literal["sent", "retry", "held", "unauthorized", "expired", "rejected", "dryrun_ok"]
 
 
+def error_text(code: str | None, message: str | None) -> str | None:
+    """An answer's error as the ledger and logs keep it: "Code: message" (None: no error)."""
+    if code is None:
+        return None
+    return f"{code}: {message}" if message else code
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one MeterUsage (or DryRun) call ended, in the ledger's terms."""
@@ -192,9 +199,7 @@ class Outcome:
 
     @property
     def error(self) -> str | None:
-        if self.code is None:
-            return None
-        return f"{self.code}: {self.message}" if self.message else self.code
+        return error_text(self.code, self.message)
 
 
 # RegisterUsage's answers: final (exit 77), retried (throttling, 5xx, the network, credentials
@@ -234,9 +239,7 @@ class Registration:
 
     @property
     def error(self) -> str | None:
-        if self.code is None:
-            return None
-        return f"{self.code}: {self.message}" if self.message else self.code
+        return error_text(self.code, self.message)
 
 
 def classify_registration(code: str, http_status: int | None) -> RegistrationVerdict:
