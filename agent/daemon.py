@@ -600,7 +600,7 @@ class Daemon:
         try:
             if self._stopped:
                 return
-            sample = sampler.take(dim, t, self.ledger.position(dim.name))
+            sample = sampler.take(dim, t, self.ledger.position(dim.name), in_time)
             with self._round_lock:
                 current = next((d for d in self.config.dimensions if d.name == dim.name), None)
                 if self._stopped or not bills_alike(current, dim):

@@ -16,7 +16,7 @@ label away (see `Sampler._bounded`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -30,6 +30,7 @@ from agent.collectors import (
     Registry,
     SourceMissing,
     Sources,
+    Unread,
     series_labels,
 )
 from agent.config import Config, Dimension
@@ -48,6 +49,7 @@ class Sample:
     error: str | None = None
     warning: str | None = None  # a good sample, but part of the source was not: Reading.problem
     breakdown: Mapping[LabelSet, Decimal] | None = None  # `value` by label set; sums to it
+    unread: tuple[Unread, ...] = ()  # usage the collector found lost for good (Reading.unread)
 
 
 def counter_parts(
@@ -168,14 +170,21 @@ class Sampler:
             return str(e)
         return None
 
-    def take(self, dim: Dimension, t: float, saved: Mapping[str, Any] | None) -> Sample:
-        """One reading for `dim` at time `t`; a failing collector gives a Sample with `error`."""
+    def take(
+        self,
+        dim: Dimension,
+        t: float,
+        saved: Mapping[str, Any] | None,
+        in_time: Callable[[], bool] = lambda: True,
+    ) -> Sample:
+        """One reading for `dim` at time `t`; a failing collector gives a Sample with `error`.
+        `in_time()` turns False at the read's deadline (`Collector.read_within`)."""
         collector = self.collectors.get(dim.name)
         if collector is None:
             return Sample(dim.name, t, None, None, None, self.start_errors.get(dim.name))
         saved = saved or {}
         try:
-            reading = collector.read(saved.get("collector"))
+            reading = collector.read_within(saved.get("collector"), in_time)
             problem = _value_problem(reading.value)  # before any arithmetic on it
             if problem is not None:
                 return Sample(dim.name, t, None, None, None, problem)
@@ -216,6 +225,7 @@ class Sampler:
             state or None,
             warning=reading.problem,
             breakdown=breakdown,
+            unread=reading.unread,
         )
 
     def _bills_labels(self, dim: Dimension) -> bool:

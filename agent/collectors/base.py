@@ -13,7 +13,7 @@ resetting or disappearing must not make the others' totals look new.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -65,6 +65,21 @@ def fold(key: LabelSet, keep: str | None) -> LabelSet:
 def label_set(labels: Mapping[str, str | None]) -> LabelSet:
     """(name, value) pairs sorted by name, only the labels that have a value; `()` for none."""
     return tuple(sorted((k, v) for k, v in labels.items() if v is not None))
+
+
+@dataclass(frozen=True)
+class Unread:
+    """Usage the collector can tell went unread, so it will never be billed: a log generation
+    deleted or truncated with bytes it had not read, copies it cannot see. One per event; the
+    sampler stores it with the sample, so `status` counts it and health names it with the fix.
+
+    `what` says what was lost and where (one line, no fix), `fix` what the seller should change,
+    `amount` the bytes (or units) known lost, 0 when the amount is unknown.
+    """
+
+    what: str
+    fix: str
+    amount: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,8 @@ class Reading:
     # not a number): the sample is stored, and the problem is counted in `status` as an error.
     problem: str | None = None
     breakdown: Mapping[LabelSet, Decimal] | None = None
+    # Usage this reading found lost for good (see `Unread`); the value is still stored.
+    unread: tuple[Unread, ...] = ()
 
 
 @dataclass
@@ -199,3 +216,10 @@ class Collector:
     def read(self, state: dict[str, Any] | None) -> Reading:
         """Take one reading. `state` is what the previous reading returned (None at first)."""
         raise NotImplementedError
+
+    def read_within(self, state: dict[str, Any] | None, in_time: Callable[[], bool]) -> Reading:
+        """`read` bounded by the dimension's `timeout`: `in_time()` turns False at the deadline.
+        A collector whose read can be long (a log backlog) overrides it to stop at a safe point
+        and go on at the next reading; by default the read runs whole (the daemon abandons a
+        read past its deadline, never waits for it)."""
+        return self.read(state)
