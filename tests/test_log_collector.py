@@ -682,8 +682,26 @@ def test_copytruncate_in_the_middle_of_a_read_never_mixes_two_contents(
         return handles[-1]
 
     monkeypatch.setattr(log_module, "open", opened, raising=False)
+    t = Tail(collector(log), t.state)  # a restart: the file is opened again, through the hook
     total += t.read()
     monkeypatch.undo()
     assert any(h.done for h in handles)
+    total += t.read() + t.read()
+    assert total == 5 + 50 + 150 == matching_on_disk(tmp_path)
+
+
+def test_copytruncate_in_the_middle_of_a_read_of_the_held_file_never_mixes_two_contents(
+    tmp_path: Path,
+) -> None:
+    """The same, on the file the collector holds open between readings."""
+    log = tmp_path / "access.log"
+    log.write_bytes(lines(0, 10))
+    t = Tail(collector(log))
+    total = t.read()
+    append(log, lines(10, 100))
+    (held,) = t.c._held.values()
+    held.fh = TruncatedWhileRead(held.fh, log)
+    total += t.read()
+    assert held.fh.done
     total += t.read() + t.read()
     assert total == 5 + 50 + 150 == matching_on_disk(tmp_path)

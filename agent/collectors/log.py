@@ -1,26 +1,30 @@
 """Log-line counters: every matching line on disk counted once, whatever rotation did to the file.
 
-A file's content is known by a fingerprint of its first bytes (a hash of up to 128 bytes), not by
-its name or inode: the file renamed by `create` rotation, the copy that `copytruncate` leaves, the
-`.gz` that `compress` makes of it and the same file moved to an `olddir` all carry the same
-fingerprint, so they are one *stream* with one saved offset. Each reading lists the live files
-(`path`, symlinks followed to the real folder) and their copies (`NAME.*`, `NAME-*` beside each live
-file, and the `rotated` glob), groups them by stream and reads each stream once, from its offset, in
-the longest plain file that carries it, or through gzip/bz2/xz when only a compressed copy is left.
-A fingerprint never seen before is new content (a late file, or one created and rotated away
-between two readings) and is read from its beginning; `start_at` applies only to the live files
-present at the dimension's first reading, and copies present then count as already billed.
+Each reading lists the live files (`path`, a symlink followed to its target) and the places their
+copies may be (`NAME.*`, `NAME-*` beside each file a stream was known by, and the `rotated` glob),
+gives each file the stream it carries (`streams.py`: by inode, else by content), and reads each
+stream once from its offset: from its plain file, or through the decompressor when only a
+compressed copy holds what is left. A file that is not a known stream's is new content, read from
+its beginning; `start_at` applies only to the live files present at the dimension's first reading,
+and the copies present then are history.
+
+The plain file being read is held open between readings (`_Held`), so a generation that rotation
+renames out of sight or deletes is still read to its end from the open descriptor; a deleted one is
+closed as soon as it is drained (it pins disk space while open) and the state that drained it was
+committed, a renamed one once it has been quiet for a few readings. While held, no other file can
+take its inode.
 
 Positions travel in the Reading's state, which the ledger commits in the same transaction as the
-count it produced: kill -9 at any moment neither loses nor repeats a line. The state holds one small
-entry per stream still on disk; a stream that no file carries any more is forgotten after a few
-readings in which its file is known to be gone or to hold other content (a listing that raced a
-rename, or a file renamed away before it could be opened, is no proof: see `_keep`). A file is
-recorded as read only when its whole content is behind the stream's offset.
+count it produced: kill -9 at any moment neither loses nor repeats a line. A read that finds the
+bytes it started from changed under it (truncated and written again while it read) keeps nothing.
+The state holds one small entry per stream still on disk; a stream that nothing carries any more is
+forgotten after a few readings. Usage the collector can tell went unread (a stream that vanished
+before it was read to its end, a truncation with no copy of its earlier content in sight) is
+reported once as `Unread`, with the fix.
 
-Reads are binary, in large blocks, never decoding (bad bytes cannot crash it); a partial last line
-waits for its newline; a line longer than `max_line_bytes` is judged by its first bytes and the rest
-skipped, so memory stays bounded whatever the file holds.
+Reads are binary, in large blocks, never decoding (bad bytes cannot crash it), and stop at the
+read's deadline at a line boundary, to go on at the next reading; a partial last line waits for its
+newline; a line longer than `max_line_bytes` is judged by its first bytes and the rest skipped.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import lzma
 import os
 import stat
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from agent.aggregate import LabelSet
 from agent.collectors.base import (
@@ -48,27 +53,47 @@ from agent.collectors.base import (
     Reading,
     SourceMissing,
     Sources,
+    Unread,
     fold,
 )
 from agent.collectors.linecount import LineMatcher
+from agent.collectors.streams import (
+    TAIL,
+    Hasher,
+    Stream,
+    catch_up,
+    crc,
+    gzip_trailer,
+    judge,
+)
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, Int, Regex, Str
 
 log = logging.getLogger(__name__)
 
 BLOCK = 4 << 20
-FINGERPRINT = 128  # bytes
-FORGET_AFTER = 3  # readings in a row in which no file carried a stream, before it is forgotten
-STATE_VERSION = 2
+FORGET_AFTER = 3  # readings in a row in which nothing carried a stream, before it is forgotten
+LOST_AFTER = 2  # readings a stream that lost its file waits for a copy before it is reported
+QUIET = 3  # readings a renamed, read-to-its-end file stays open without growing
+MAX_HELD = 64  # files held open per dimension; beyond, the quietest finished ones are closed
+CATCH_UP = 64 << 20  # bytes a reading hashes of what a start at the end skipped
+PARALLEL_HASH = 1 << 20  # blocks at least this large are hashed beside the match
+STATE_VERSION = 3
 # Compressed copies are known by their magic bytes, whatever their name.
 MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 DECOMPRESS_ERRORS = (EOFError, zlib.error, OSError, lzma.LZMAError, ValueError)
+ROTATED_FIX = "set the log collector's `rotated` to a glob matching where the rotated copies go"
+
+_hash_pool: ThreadPoolExecutor | None = None
 
 
-class _Readable(Protocol):
-    def seek(self, offset: int, whence: int = 0, /) -> int: ...
-    def readinto(self, buffer: Any, /) -> int | None: ...
+def _pool() -> ThreadPoolExecutor:
+    """One thread that hashes a large block while the matcher scans it (both release the GIL)."""
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(1, thread_name_prefix="log-hash")
+    return _hash_pool
 
 
 @dataclass
@@ -81,17 +106,41 @@ class ReadStats:
 
 
 @dataclass
-class _File:
+class _Entry:
+    """A regular file found by the listing."""
+
     path: str
     st: os.stat_result
     live: bool
-    key: str
-    codec: str | None = None
-    head: bytes = b""
-    stream: dict[str, Any] | None = None
-    quick: bool = False  # unchanged since the last reading, which read it to its end
-    unopened: bool = False  # its name held another file, or none, when it was to be opened
-    opened: str = ""  # where it was found when opened, if a rename moved it since the listing
+
+    @property
+    def key(self) -> str:
+        return _key(self.st)
+
+
+@dataclass
+class _Held:
+    """A file held open between readings."""
+
+    fh: Any
+    dev: int
+    ino: int
+    quiet: int = 0  # readings in a row it was read to its end without growing
+    drained: int | None = None  # deleted and read to this offset: closed once that is committed
+
+
+@dataclass
+class _Carrier:
+    """What a stream is read from this reading."""
+
+    plain: Any = None  # an open file (held or opened now), positioned nowhere in particular
+    entry: _Entry | None = None  # where it was listed, if it was
+    compressed: _Entry | None = None
+    codec: str = ""
+
+
+class _Changed(Exception):
+    """The file's bytes before the offset are not the stream's any more."""
 
 
 class LogCollector(Collector):
@@ -147,6 +196,10 @@ class LogCollector(Collector):
         self._parts: dict[LabelSet, Decimal] = {}  # this reading's usage per label set
         self.last = ReadStats()
         self._warned: set[str] = set()
+        self._held: dict[tuple[int, int], _Held] = {}
+        self._unread: list[Unread] = []
+        # copies already judged by content, by (file, size, mtime): (stream id or 0, full)
+        self._judged: dict[tuple[str, int, int], tuple[int, bool]] = {}
 
     def count_labels(self, on: bool) -> None:
         self.matcher.count_labels(on)
@@ -158,6 +211,12 @@ class LogCollector(Collector):
     def probe(self) -> None:
         if not self._live_paths():
             raise SourceMissing(f"no file matches {self.glob}")
+
+    def close(self) -> None:
+        """Let go of every file held open (a reload that drops the dimension, tests)."""
+        for held in self._held.values():
+            held.fh.close()
+        self._held.clear()
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -179,8 +238,8 @@ class LogCollector(Collector):
         return {os.path.realpath(p) for p in glob.glob(self.rotated)}
 
     def _copy_paths(self, bases: set[str]) -> list[str]:
-        """Where rotation may have put each base's content: the base itself when it is no longer
-        live, NAME.* and NAME-* beside it, and the `rotated` glob."""
+        """Where rotation may have put each base's content: the base itself, NAME.* and NAME-*
+        beside it, and the `rotated` glob."""
         by_dir: dict[str, set[str]] = {}
         for base in bases:
             by_dir.setdefault(os.path.dirname(base), set()).add(os.path.basename(base))
@@ -195,285 +254,350 @@ class LogCollector(Collector):
         out.extend(sorted(self._rotated_paths()))
         return out
 
-    # -- reading -----------------------------------------------------------------------------
-
-    def read(self, state: dict[str, Any] | None) -> Reading:
-        first = state is None
-        streams = _load_streams(state)
-        self.last = ReadStats()
-        self._parts = {}
-        self.matcher.keep_label = self.keep_label
+    def _list(self, streams: list[Stream]) -> dict[str, _Entry]:
+        """Every regular file that may carry a stream: the live files first, then the places of
+        their copies and the paths where streams were last seen."""
         live = self._live_paths()
-        bases = set(live) | {s["base"] for s in streams if s.get("base")}
-        files: dict[str, _File] = {}
-        for path, is_live, st in self._list(live, bases):
-            key = f"{st.st_dev}:{st.st_ino}"
-            if key not in files:
-                files[key] = _File(path, st, is_live, key)
-        if not files and not first:
-            raise SourceMissing(f"no file matches {self.glob}")
-
-        self._assign(files, streams)
-
-        # Group: known streams, then new content by its own fingerprint.
-        groups: dict[int, tuple[dict[str, Any], list[_File]]] = {}
-        copies: dict[bytes, list[_File]] = {}
-        new: list[tuple[bytes, list[_File]]] = []
-        for f in files.values():
-            if f.stream is not None:
-                groups.setdefault(id(f.stream), (f.stream, []))[1].append(f)
-            elif f.head and f.live:
-                new.append((f.head, [f]))  # each new live file is its own content
-            elif f.head:
-                copies.setdefault(f.head, []).append(f)
-        for head, group in new:
-            # A new copy of a new live file (copytruncate's copy, made before its truncate) is
-            # the same content when it is no longer than the live file.
-            same = copies.get(head, [])
-            if not first and same and max(c.st.st_size for c in same) <= group[0].st.st_size:
-                group.extend(copies.pop(head))
-        new.extend(copies.items())
-        for head, group in new:
-            s = self._new_stream(head, group, first)
-            streams.append(s)
-            groups[id(s)] = (s, group)
-
-        total = Decimal(0)
-        bad_before = self.matcher.bad_values
-        for s, group in groups.values():
-            value, finished = self._advance(s, group)
-            total += value
-            # Files whose whole content is behind the offset (or unchanged) are skipped while they
-            # stay as they are; one whose read did not happen (renamed over or gone since the
-            # listing) is not, whatever its size, so that its lines are read at the next reading.
-            s["ids"] = {
-                f.key: [f.st.st_size, f.st.st_mtime_ns]
-                for f in group
-                if f.quick
-                or (f.codec is None and f.st.st_size <= s["off"])
-                or f.key in finished
-                or s.get("done")
-            }
-            s["miss"] = 0
-            carriers = [f for f in group if f.codec is None] or group
-            s["home"] = max(carriers, key=lambda f: f.st.st_size).st.st_ino
-            if any(f.live for f in group):
-                s["base"] = next(f.path for f in group if f.live)
-        kept = self._keep(streams, groups, files, bases)
-        bad = self.matcher.bad_values - bad_before
-        if bad:
-            problem = (
-                f"{bad} matching line(s) in {self.glob} had a (?P<value>...) that is not a "
-                "finite decimal and added 0"
-            )
-        self.last.matched = (
-            total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
-        )
-        state = {"v": STATE_VERSION, "streams": kept}
-        breakdown = self._parts if self.matcher.parts is not None else None
-        if bad:
-            return Reading(total, state, problem=problem, breakdown=breakdown)
-        return Reading(total, state, breakdown=breakdown)
-
-    def _list(self, live: list[str], bases: set[str]) -> list[tuple[str, bool, os.stat_result]]:
-        """(path, live, stat) of the live files, then of the places their copies may be."""
-        out = []
-        for path, is_live in [(p, True) for p in live] + [
-            (p, False) for p in self._copy_paths(bases)
-        ]:
+        bases = set(live) | {s.name for s in streams if s.name}
+        found: dict[str, _Entry] = {}
+        paths = [(p, True) for p in live] + [(p, False) for p in self._copy_paths(bases)]
+        paths += [(s.path, False) for s in streams if s.path]
+        for path, is_live in paths:
             try:
                 st = os.stat(path)
             except OSError:
                 continue  # gone between the listing and now
             if stat.S_ISREG(st.st_mode):
-                out.append((path, is_live, st))
-        return out
+                entry = found.get(_key(st))
+                if entry is None:
+                    found[_key(st)] = _Entry(path, st, is_live)
+                elif is_live and not entry.live:
+                    entry.live = True
+        return found
 
-    def _keep(
-        self,
-        streams: list[dict[str, Any]],
-        groups: Mapping[int, Any],
-        files: Mapping[str, _File],
-        bases: set[str],
-    ) -> list[dict[str, Any]]:
-        """The streams to keep: each one carried by a file this reading, and each other one
-        until FORGET_AFTER readings (since a file last carried it) have found its file gone.
+    # -- reading -----------------------------------------------------------------------------
 
-        A stream forgotten while its file is still there would be read again from its start, so a
-        miss counts only once its file is known to be gone or to hold other content: a file that
-        was listed but not looked into (renamed over or removed between the listing and its open)
-        may still carry it, and a file missing from the listing is looked for once more, since a
-        rename racing the listing (a name moved from the part not yet listed to the part already
-        listed) hides a file from it.
-        """
-        listed = {f.st.st_ino for f in files.values()}
-        unopened = {f.st.st_ino for f in files.values() if f.unopened}
-        missing = [
-            s
-            for s in streams
-            if id(s) not in groups and s.get("home") not in unopened and not _still_there(s, listed)
-        ]
-        again: set[int] = set()
-        if any(s.get("home") not in listed for s in missing):
-            again = {st.st_ino for _, _, st in self._list(self._live_paths(), bases)} - listed
-        kept = []
-        gone = {id(s) for s in missing if s.get("home") not in again}
+    def read(self, state: dict[str, Any] | None) -> Reading:
+        return self.read_within(state, lambda: True)
+
+    def read_within(self, state: dict[str, Any] | None, in_time: Callable[[], bool]) -> Reading:
+        first = state is None
+        streams, next_id = _load(state)
+        self.last = ReadStats()
+        self._parts = {}
+        self._unread = []
+        self.matcher.keep_label = self.keep_label
+        self._close_drained(streams)
+        entries = self._list(streams)
+        if not any(e.live for e in entries.values()) and not first and not self._held:
+            raise SourceMissing(f"no file matches {self.glob}")
+
+        # 1. By inode: each stream's plain file, held open or listed.
+        carriers: dict[int, _Carrier] = {}
+        claimed: set[str] = set()
+        lost_now: set[int] = set()
         for s in streams:
-            if id(s) in gone:
-                s["miss"] = s.get("miss", 0) + 1
-                if s["miss"] >= FORGET_AFTER:
-                    continue
-            kept.append(s)
-        return kept
-
-    def _assign(self, files: dict[str, _File], streams: list[dict[str, Any]]) -> None:
-        """Give each file the stream whose content it carries, if any.
-
-        In order: files unchanged since the last reading; each stream's home file (the inode it
-        was last read from, its fingerprint intact and not shorter than the offset); then copies
-        (files that are not live) by fingerprint. A live file is known by its home inode only: a
-        new file that begins like an old one (a log of identical lines, a banner) is new content.
-        """
-        by_id = {k: s for s in streams for k in s.get("ids", {})}
-        rest = []
-        for f in files.values():
-            s = by_id.get(f.key)
-            if s is not None and s["ids"][f.key] == [f.st.st_size, f.st.st_mtime_ns]:
-                f.stream, f.quick = s, True
+            carrier = self._find_plain(s, entries, lost_now)
+            if carrier is not None:
+                carriers[s.id] = carrier
+                claimed.add(f"{s.dev}:{s.ino}")
+        for s in streams:
+            claimed.update(k for k in s.known if k in entries and _same(entries[k], s.known[k]))
+        # 2. By content: every other file is a copy of a stream, or new content.
+        found_copy: set[int] = set()
+        for key, entry in entries.items():
+            if key in claimed:
+                continue
+            placed = self._place(entry, streams, first)
+            if placed is None:
+                continue
+            s, carrier = placed
+            if s.id < 0:
+                s.id, next_id = next_id, next_id + 1
+                streams.append(s)
             else:
-                rest.append(f)
-        homes: dict[int, list[dict[str, Any]]] = {}
+                found_copy.add(s.id)
+                s.lost = 0
+            if carrier is not None and s.id not in carriers:
+                carriers[s.id] = carrier
+            elif carrier is not None and carrier.plain is not None:
+                carrier.plain.close()
+        # 3. Read each stream once, from its carrier.
+        total = Decimal(0)
+        bad_before = self.matcher.bad_values
         for s in streams:
-            if "home" in s:
-                homes.setdefault(s["home"], []).append(s)
-        for f in rest:
-            self._fingerprint(f)
-            if not f.head:
-                continue
-            # Several streams can name one inode (the old content of a truncated file, the new):
-            # the one whose fingerprint the file still begins with, the latest first.
-            for s in reversed(homes.get(f.st.st_ino, [])):
-                if _begins(f.head, s) and (f.codec is not None or f.st.st_size >= s["off"]):
-                    f.stream = s
-                    break
-            if f.stream is None and not f.live:
-                f.stream = _match(streams, f.head)
+            carrier = carriers.get(s.id)
+            if carrier is not None and not s.done:
+                total += self._advance(s, carrier, in_time)
+        drained = self._hold(streams, carriers)
+        kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained)
 
-    def _fingerprint(self, f: _File) -> None:
-        """Read the first bytes of f's content (through the decompressor for a compressed copy).
+        self.last.matched = (
+            total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
+        )
+        new_state = {"v": STATE_VERSION, "next": next_id, "streams": [s.to_json() for s in kept]}
+        breakdown = self._parts if self.matcher.parts is not None else None
+        bad = self.matcher.bad_values - bad_before
+        problem = None
+        if bad:
+            problem = (
+                f"{bad} matching line(s) in {self.glob} had a (?P<value>...) that is not a "
+                "finite decimal and added 0"
+            )
+        return Reading(
+            total, new_state, problem=problem, breakdown=breakdown, unread=tuple(self._unread)
+        )
 
-        A file that cannot be opened is a collector error (the count would be wrong); a
-        compressed copy that cannot be decompressed (still being written, or damaged) is left
-        out of this reading and looked at again at the next one."""
+    def _find_plain(
+        self, s: Stream, entries: Mapping[str, _Entry], lost_now: set[int]
+    ) -> _Carrier | None:
+        """The plain file that carries `s` this reading, by its inode: held open, or listed and
+        still holding the stream's bytes. A file whose bytes before the offset changed (truncated,
+        rewritten, or a reused inode) is not the stream's any more: the stream loses it."""
+        if s.ino is None:
+            return None
+        held = self._held.get((s.dev or 0, s.ino))
+        entry = entries.get(f"{s.dev}:{s.ino}")
+        if entry is None and held is None:
+            # After a restart the device number may differ (an overlay, a remount, a position
+            # an older agent saved without it): the inode and the stream's own bytes decide.
+            entry = next(
+                (e for e in entries.values() if e.st.st_ino == s.ino and e.st.st_dev != s.dev),
+                None,
+            )
+        if held is None and entry is None:
+            return None
         try:
-            raw = _open_same(f)
+            fh = held.fh if held is not None else _open_same(entry)  # type: ignore[arg-type]
         except (_Moved, FileNotFoundError):
-            f.unopened = True  # renamed over or removed since the listing: next reading
-            return
+            return None  # renamed over or gone since the listing: looked for at the next reading
         except OSError as e:
-            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
-        with raw:
-            head = raw.read(FINGERPRINT)
-            if not f.live:
-                f.codec = next((c for m, c in MAGIC.items() if head.startswith(m)), None)
-            if f.codec is None:
-                f.head = head
-                return
-            try:
-                raw.seek(0)
-                with OPENERS[f.codec](raw, "rb") as z:
-                    f.head = z.read(FINGERPRINT)
-            except DECOMPRESS_ERRORS:
-                f.head = b""
-
-    def _new_stream(self, head: bytes, group: list[_File], first: bool) -> dict[str, Any]:
-        s: dict[str, Any] = {
-            "fp": _hash(head),
-            "fl": len(head),
-            "off": 0,
-            "skip": False,
-            "path": group[0].path,
-            "base": next((f.path for f in group if f.live), ""),
-        }
-        if not first:
-            return s  # appeared after the first reading: read from its beginning
-        live = [f for f in group if f.live]
-        if live and self.config["start_at"] == "beginning":
-            return s
-        plain = live or [f for f in group if f.codec is None]
-        if plain:
-            longest = max(plain, key=lambda f: f.st.st_size)
-            s["off"], s["skip"] = self._end_of_complete_lines(longest)
-        else:
-            s["done"] = True  # an archive that was there before us: billed before our time
-        return s
-
-    def _advance(self, s: dict[str, Any], group: list[_File]) -> tuple[Decimal, set[str]]:
-        """Read what the stream gained, from the best file that carries it. Returns the value and
-        the compressed copies that are known to hold nothing more."""
-        if s.get("done"):
-            return Decimal(0), set()
-        plain = [f for f in group if f.codec is None]
-        fresh = [f for f in plain if not f.quick]
-        if fresh:
-            # The longest plain carrier; one shorter than the offset (a copy that copytruncate
-            # made before lines it then lost) has nothing to add.
-            return self._read_plain(s, max(fresh, key=lambda f: f.st.st_size)), set()
-        if plain:
-            return Decimal(0), set()  # every plain carrier is unchanged: nothing new
-        finished: set[str] = set()
-        for f in group:
-            if f.quick:
-                continue
-            if f.codec == "gz" and _gzip_size(f) == s["off"] % (1 << 32):
-                finished.add(f.key)  # read to its end already, from the file it was made of
-                continue
-            value = self._read_compressed(s, f)
-            if value is not None:
-                finished.add(f.key)
-                return value, finished
-        return Decimal(0), finished
-
-    def _read_plain(self, s: dict[str, Any], f: _File) -> Decimal:
+            raise CollectorError(f"cannot read {entry.path if entry else s.path}: {e}") from None
         try:
-            with _open_same(f) as fh:
-                size = os.fstat(fh.fileno()).st_size
-                head = fh.read(FINGERPRINT)
-                if not _begins(head, s):
-                    return Decimal(0)  # truncated and rewritten since listed: next reading
-                value, off, skip, parts = self._consume(fh, s["off"], s["skip"], size)
-                if not _begins(os.pread(fh.fileno(), s["fl"], 0), s):
-                    # Truncated (copytruncate) and written again while being read: the bytes
-                    # read may belong to two contents. Nothing is kept; the next reading finishes
-                    # the old content from its copy, and reads the new from its start.
-                    return Decimal(0)
-                s["off"], s["skip"] = off, skip
-        except (FileNotFoundError, _Moved):
-            return Decimal(0)  # gone or renamed over since the listing: next reading
+            _check(s, fh, held is not None)
+        except _Changed:
+            if held is None:
+                fh.close()
+            self._lose(s, lost_now)
+            return None
         except OSError as e:
-            raise CollectorError(f"cannot read {f.path}: {e.strerror}") from None
+            raise CollectorError(f"cannot read {s.path}: {e}") from None
+        if entry is not None and entry.st.st_dev != s.dev:
+            s.dev = entry.st.st_dev
+        return _Carrier(plain=fh, entry=entry)
+
+    def _lose(self, s: Stream, lost_now: set[int]) -> None:
+        """The stream's plain file is not its any more (truncated under it, or reused): its bytes
+        may still be in a copy, which the listing looks for by content from now on."""
+        released = self._held.pop((s.dev or 0, s.ino or 0), None)
+        if released is not None:
+            released.fh.close()
+        s.dev = s.ino = None
+        if s.live or s.cut:
+            s.lost = s.lost or 1  # written to until then: what came after the last reading?
+        else:
+            s.fin = True  # an old copy read to its end: nothing more was coming
+        s.live = False
+        lost_now.add(s.id)
+
+    def _place(
+        self, entry: _Entry, streams: list[Stream], first: bool
+    ) -> tuple[Stream, _Carrier | None] | None:
+        """The stream a file that no stream claimed by inode belongs to, with what to read it from
+        now: the stream whose content it holds, or a new one (id -1) when it is new content; None
+        when it is left for the next reading (renamed away, or still being compressed)."""
+        try:
+            with _open_same(entry) as raw:
+                magic = raw.read(6)
+                codec = None
+                if not entry.live:
+                    codec = next((c for m, c in MAGIC.items() if magic.startswith(m)), None)
+                trailer = gzip_trailer(raw) if codec == "gz" else None
+            if entry.live:
+                return self._new_live(entry, first)
+            if first:
+                return self._history(entry, codec)
+            verdict = self._owner(entry, codec, trailer, streams)
+            if verdict is None:
+                return None
+            s, full, length = verdict
+            if s is None:  # new content: a generation created and rotated away between readings
+                fresh = Stream(-1, path=entry.path, name=entry.path)
+                return fresh, self._carrier(fresh, entry, codec)
+            if not full or (length is not None and length <= s.off):
+                s.known[entry.key] = [entry.st.st_size, entry.st.st_mtime_ns]
+                return s, None
+            if codec is None and s.ino is None:
+                return s, self._carrier(s, entry, None)  # its plain file now: read on from it
+            if codec is not None:
+                return s, _Carrier(compressed=entry, codec=codec)
+            return s, None  # a longer plain copy while its own file still has the bytes
+        except (_Moved, FileNotFoundError):
+            return None
+        except OSError as e:
+            raise CollectorError(f"cannot read {entry.path}: {e.strerror}") from None
+
+    def _carrier(self, s: Stream, entry: _Entry, codec: str | None) -> _Carrier:
+        if codec is not None:
+            return _Carrier(compressed=entry, codec=codec)
+        s.dev, s.ino, s.path = entry.st.st_dev, entry.st.st_ino, entry.path
+        return _Carrier(plain=_open_same(entry), entry=entry)
+
+    def _new_live(self, entry: _Entry, first: bool) -> tuple[Stream, _Carrier]:
+        s = Stream(-1, path=entry.path, name=entry.path, live=True)
+        carrier = self._carrier(s, entry, None)
+        if first and self.config["start_at"] == "end":
+            s.off, s.skip = self._end_of_complete_lines(entry)
+            s.base = s.off  # hashed from its start at the next readings (`catch_up`)
+        return s, carrier
+
+    def _history(self, entry: _Entry, codec: str | None) -> tuple[Stream, _Carrier | None]:
+        """A copy present at the dimension's first reading: billed before our time. A plain one
+        is followed from its end (the application may still write to it); a compressed one is
+        known by its inode only."""
+        s = Stream(-1, path=entry.path, name=entry.path)
+        if codec is not None:
+            s.done = True
+            s.known[entry.key] = [entry.st.st_size, entry.st.st_mtime_ns]
+            return s, None
+        carrier = self._carrier(s, entry, None)
+        s.off, s.skip = self._end_of_complete_lines(entry)
+        s.base = s.off
+        return s, carrier
+
+    def _owner(
+        self,
+        entry: _Entry,
+        codec: str | None,
+        trailer: tuple[int, int] | None,
+        streams: list[Stream],
+    ) -> tuple[Stream | None, bool, int | None] | None:
+        """(the stream a copy holds or None for new content, whether it holds all that was read of
+        it, its length when known); None when it cannot be judged yet (a compressed file still
+        being written). A gzip copy of a stream read to its end is known by its trailer alone."""
+        if trailer is not None:
+            value, size = trailer
+            for s in streams:
+                if s.ck and s.ck == s.off and s.crc == value and s.ck % (1 << 32) == size:
+                    return s, True, s.ck
+        cached = self._judged.get((entry.key, entry.st.st_size, entry.st.st_mtime_ns))
+        if cached is not None:
+            known = next((s for s in streams if s.id == cached[0]), None)
+            if known is not None or cached[0] == 0:
+                return known, cached[1], entry.st.st_size if codec is None else None
+        try:
+            with _open_same(entry) as raw:
+                if codec is None:
+                    verdict = judge(raw, entry.st.st_size, streams)
+                    head = _legacy_head(raw, streams)
+                else:
+                    with OPENERS[codec](raw, "rb") as z:
+                        verdict = judge(z, None, streams)
+                    with _open_same(entry) as again, OPENERS[codec](again, "rb") as z:
+                        head = _legacy_head(z, streams)
+        except DECOMPRESS_ERRORS as e:
+            if isinstance(e, (FileNotFoundError, _Moved)):
+                raise
+            self._cannot_decompress(entry, e)
+            return None
+        owner: Stream | None = None
+        full = False
+        if verdict is not None:
+            owner, full = verdict.stream, verdict.full
+        else:
+            for s in streams:  # a position an older agent saved, before its prefix is hashed
+                if s.legacy is not None and s.base is not None:
+                    digest, length = s.legacy
+                    if len(head) >= length and _blake(head[:length]) == digest:
+                        owner, full = s, True
+                        break
+        self._judged[(entry.key, entry.st.st_size, entry.st.st_mtime_ns)] = (
+            owner.id if owner is not None else 0,
+            full,
+        )
+        return owner, full, entry.st.st_size if codec is None else None
+
+    def _cannot_decompress(self, entry: _Entry, e: BaseException) -> None:
+        """A compressed copy still being written, or damaged: said once, tried again later."""
+        if entry.path not in self._warned:
+            self._warned.add(entry.path)
+            log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, entry.path, e)
+
+    def _advance(self, s: Stream, carrier: _Carrier, in_time: Callable[[], bool]) -> Decimal:
+        """Read what the stream gained from its carrier."""
+        if carrier.plain is not None:
+            return self._read_plain(s, carrier, in_time)
+        assert carrier.compressed is not None
+        return self._read_compressed(s, carrier.compressed, carrier.codec, in_time)
+
+    def _read_plain(self, s: Stream, carrier: _Carrier, in_time: Callable[[], bool]) -> Decimal:
+        fh = carrier.plain
+        entry = carrier.entry
+        if entry is not None:
+            s.path = entry.path
+            s.live = entry.live
+            if entry.live:
+                s.name = entry.path
+        else:
+            s.live = False  # held open, out of the listing's sight (renamed away or deleted)
+        try:
+            fd = fh.fileno()
+            st = os.fstat(fd)
+            size = st.st_size
+            s.size = size
+            if s.base is not None:
+                fh.seek(s.ck)
+                # A deleted file is hashed whole now: its bytes go with it.
+                catch_up(s, fh, CATCH_UP if st.st_nlink else s.base - s.ck)
+            if s.off >= size:
+                s.cut = False
+                return Decimal(0)
+            anchor = _anchor(s, fd)
+            if anchor is None:
+                return Decimal(0)
+            hasher = Hasher(s)
+            fh.seek(s.off)
+            value, off, skip, parts, cut = self._consume(fh, s, hasher, size, in_time)
+            if not _anchor_holds(fd, anchor, hasher):
+                # Truncated (copytruncate) and written again while being read: the bytes read
+                # may belong to two contents. Nothing is kept; the next reading finds the old
+                # content's copy and reads the new from its start.
+                return Decimal(0)
+            tail = _tail_of(fd, off)
+        except (FileNotFoundError, _Moved):
+            return Decimal(0)
+        except OSError as e:
+            raise CollectorError(f"cannot read {s.path}: {e.strerror}") from None
+        s.skip, s.cut = skip, cut
+        hasher.settle(s, off, tail)
         self._add_parts(parts)
-        self._extend_fingerprint(s, head)
-        s["path"] = f.opened or f.path
-        self.last.files.append(s["path"])
+        self.last.files.append(s.path)
         return value
 
-    def _read_compressed(self, s: dict[str, Any], f: _File) -> Decimal | None:
-        """Finish a stream from a compressed copy; None when the copy cannot be read whole yet."""
-        assert f.codec is not None
+    def _read_compressed(
+        self, s: Stream, entry: _Entry, codec: str, in_time: Callable[[], bool]
+    ) -> Decimal:
+        """Finish a stream from a compressed copy (its plain file is gone)."""
+        s.path, s.live = entry.path, False
         try:
-            with _open_same(f) as raw, OPENERS[f.codec](raw, "rb") as z:
-                value, off, skip, parts = self._consume(z, s["off"], s["skip"], None)
+            with _open_same(entry) as raw, OPENERS[codec](raw, "rb") as z:
+                if s.base is not None:
+                    z.seek(s.ck)
+                    catch_up(s, z, s.base - s.ck)
+                hasher = Hasher(s)
+                z.seek(s.off)
+                value, off, skip, parts, cut = self._consume(z, s, hasher, None, in_time)
         except (FileNotFoundError, _Moved):
-            return None
+            return Decimal(0)
         except DECOMPRESS_ERRORS as e:
-            if f.path not in self._warned:
-                self._warned.add(f.path)
-                log.warning("%s: cannot decompress %s yet (%s); will retry", self.glob, f.path, e)
-            return None
-        s["off"], s["skip"], s["path"] = off, skip, f.opened or f.path
+            self._cannot_decompress(entry, e)
+            return Decimal(0)
+        s.skip, s.cut = skip, cut
+        hasher.settle(s, off, None)
+        if not cut:
+            s.known[entry.key] = [entry.st.st_size, entry.st.st_mtime_ns]
         self._add_parts(parts)
-        self.last.files.append(s["path"])
+        self.last.files.append(s.path)
         return value
 
     def _add_parts(self, parts: Mapping[LabelSet, Decimal]) -> None:
@@ -485,15 +609,11 @@ class LogCollector(Collector):
                 key = fold(key, self.keep_label)
             mine[key] = mine.get(key, Decimal(0)) + value
 
-    def _extend_fingerprint(self, s: dict[str, Any], head: bytes) -> None:
-        if s["fl"] < FINGERPRINT and len(head) > s["fl"] and _hash(head[: s["fl"]]) == s["fp"]:
-            s["fp"], s["fl"] = _hash(head), len(head)
-
-    def _end_of_complete_lines(self, f: _File) -> tuple[int, bool]:
-        size = f.st.st_size
+    def _end_of_complete_lines(self, entry: _Entry) -> tuple[int, bool]:
+        size = entry.st.st_size
         window = min(size, self.max_line)
         try:
-            with _open_same(f) as fh:
+            with _open_same(entry) as fh:
                 fh.seek(size - window)
                 tail = fh.read(window)
         except (OSError, _Moved):
@@ -504,20 +624,28 @@ class LogCollector(Collector):
         return size, size > 0  # inside a line longer than the cap: skip its rest
 
     def _consume(
-        self, f: _Readable, offset: int, skip: bool, size: int | None
-    ) -> tuple[Decimal, int, bool, dict[LabelSet, Decimal]]:
-        """Match complete lines from `offset` up to `size` (None: to the end of the stream);
-        returns (value, new offset, skip, value per label set)."""
+        self,
+        f: Any,
+        s: Stream,
+        hasher: Hasher,
+        size: int | None,
+        in_time: Callable[[], bool],
+    ) -> tuple[Decimal, int, bool, dict[LabelSet, Decimal], bool]:
+        """Match complete lines from the stream's offset (where `f` is positioned) up to `size`
+        (None: to the end of the stream), hashing every byte consumed; stops at a line boundary
+        once `in_time()` turns False. Returns (value, new offset, skip, value per label set,
+        whether it stopped with bytes left)."""
+        offset, skip = s.off, s.skip
         value = Decimal(0)
         remaining = (size - offset) if size is not None else 1 << 62
         if remaining <= 0:
-            return value, offset, skip, {}
+            return value, offset, skip, {}, False
         self.matcher.take_parts()  # (nothing left over from a read that was not kept)
-        f.seek(offset)
         buf = bytearray(min(BLOCK, remaining) + self.max_line + 1)
         view = memoryview(buf)
         base, have = offset, 0  # file offset of buf[0]; bytes held
         count_lines = self.count_lines
+        cut = False
         try:
             while remaining > 0:
                 n = f.readinto(view[have : have + min(len(buf) - have, remaining)])
@@ -529,51 +657,237 @@ class LogCollector(Collector):
                 if skip:
                     nl = buf.find(b"\n", 0, end)
                     if nl < 0:
+                        hasher.update(view[:end])
                         base, have = base + end, 0
                         continue
                     start, skip = nl + 1, False
                 last = buf.rfind(b"\n", start, end) + 1
+                if last <= start:
+                    last = start
+                pool = _pool() if last >= PARALLEL_HASH else None
+                finish = hasher.start(view[:last], pool)
                 if last > start:
                     value += self.matcher.scan(buf, start, last)
                     if count_lines:
                         self.last.lines += buf.count(b"\n", start, last)
-                else:
-                    last = start
+                finish()
                 tail = end - last
                 if tail > self.max_line:
                     value += self.matcher.match_line(bytes(buf[last : last + self.max_line]))
                     self.last.lines += 1
+                    hasher.update(view[last:end])
                     base, have, skip = base + end, 0, True
                     continue
                 buf[:tail] = buf[last:end]
                 base, have = base + last, tail
+                if remaining > 0 and not in_time():
+                    cut = True
+                    break
         finally:
             view.release()
-        return value, base, skip, self.matcher.take_parts()
+        return value, base, skip, self.matcher.take_parts(), cut
+
+    # -- after the reads ---------------------------------------------------------------------
+
+    def _hold(self, streams: list[Stream], carriers: Mapping[int, _Carrier]) -> set[int]:
+        """Keep each stream's plain file open for the next reading, and let go of those that
+        need it no more: deleted and drained (once that is committed: `_close_drained`), renamed
+        and quiet for QUIET readings, or no stream's any more. Returns the drained streams."""
+        wanted: dict[tuple[int, int], Stream] = {}
+        drained: set[int] = set()
+        for s in streams:
+            carrier = carriers.get(s.id)
+            if carrier is None or carrier.plain is None or s.ino is None:
+                continue
+            key = (s.dev or 0, s.ino)
+            wanted[key] = s
+            held = self._held.get(key)
+            if held is None:
+                held = self._held[key] = _Held(carrier.plain, key[0], key[1])
+            elif held.fh is not carrier.plain:
+                carrier.plain.close()
+            try:
+                st = os.fstat(held.fh.fileno())
+            except OSError:
+                continue
+            finished = not s.cut and st.st_size == s.size and s.base is None
+            if st.st_nlink == 0 and finished:
+                held.drained = s.off
+                drained.add(s.id)
+                s.fin = True
+            held.quiet = held.quiet + 1 if finished and not s.live else 0
+            s.fin = s.fin and finished
+        for key in [k for k in self._held if k not in wanted]:
+            self._held.pop(key).fh.close()
+        excess = len(self._held) - MAX_HELD
+        for held in sorted(self._held.values(), key=lambda h: -h.quiet):
+            if held.drained is None and held.quiet and (held.quiet >= QUIET or excess > 0):
+                wanted[(held.dev, held.ino)].fin = True
+                self._held.pop((held.dev, held.ino)).fh.close()
+                excess -= 1
+        return drained
+
+    def _close_drained(self, streams: list[Stream]) -> None:
+        """Close the deleted files a reading drained, now that the state it produced is the one
+        this reading starts from (a reading whose result was not stored reads them again)."""
+        by_inode = {(s.dev or 0, s.ino): s for s in streams if s.ino is not None}
+        for key, held in list(self._held.items()):
+            s = by_inode.get(key)
+            if held.drained is not None and (s is None or s.off >= held.drained):
+                self._held.pop(key).fh.close()
+                if s is not None:  # its file is gone for good, and its inode free for another
+                    s.dev = s.ino = None
+                    s.fin = True
+
+    def _keep(
+        self,
+        streams: list[Stream],
+        carriers: Mapping[int, _Carrier],
+        entries: Mapping[str, _Entry],
+        found_copy: set[int],
+        lost_now: set[int],
+        drained: set[int],
+    ) -> list[Stream]:
+        """The streams to keep: each one something carried this reading (its plain file, a
+        copy known to hold it, a compressed copy read), and each other one until FORGET_AFTER
+        readings have found nothing of it (a deleted file drained this reading is nothing's
+        already). A stream that lost its file with usage it may not have read, and whose content
+        no copy in sight holds, is reported once."""
+        kept = []
+        for s in streams:
+            carried = (
+                (s.id in carriers and s.id not in drained)
+                or s.id in found_copy
+                or (s.ino is not None and s.id not in drained and (s.dev or 0, s.ino) in self._held)
+                or any(k in entries for k in s.known)
+            )
+            if carried:
+                s.miss = 0
+            elif not _still_there(s):
+                s.miss += 1
+            if s.ino is None and s.lost and s.id not in found_copy and s.id not in lost_now:
+                s.lost += 1
+            self._report(s, carried)
+            if s.miss >= FORGET_AFTER:
+                continue
+            kept.append(s)
+        return kept
+
+    def _report(self, s: Stream, carried: bool) -> None:
+        """Say once what a stream's loss cost, if it may have cost anything."""
+        if s.said or s.done or s.fin:
+            return
+        unread = s.size - s.off if s.size > s.off else 0
+        if s.lost >= LOST_AFTER:
+            self._say(
+                s,
+                Unread(
+                    f"{s.name}: its content was truncated or replaced under the agent at byte "
+                    f"{s.off:,} and no copy of it was found; lines written after the last "
+                    "reading are not billed",
+                    ROTATED_FIX + " (or rotate with `create` rather than `copytruncate`)",
+                    unread,
+                ),
+            )
+        elif not carried and s.miss == 1 and s.ino is not None and (s.cut or s.live):
+            # It vanished unread to its end (not held open: after a restart), and no file in
+            # sight holds it.
+            self._say(
+                s,
+                Unread(
+                    f"{s.name}: rotated away or deleted before the agent read it to its end "
+                    f"(read to byte {s.off:,}), and no copy of it is where the agent looks",
+                    ROTATED_FIX,
+                    unread,
+                ),
+            )
+
+    def _say(self, s: Stream, unread: Unread) -> None:
+        s.said = True
+        self._unread.append(unread)
+        log.warning("%s: usage went unread: %s; %s", self.glob, unread.what, unread.fix)
+
+
+def _check(s: Stream, fh: Any, held: bool) -> None:
+    """Raise _Changed unless the open file still holds the stream's bytes up to its offset.
+
+    Held open, its inode is the stream's for sure: only a truncation (shorter than the offset, or
+    rewritten past it: the bytes before the offset differ) can have happened. Not held (after a
+    restart), the inode may have been reused: its first bytes must agree too."""
+    fd = fh.fileno()
+    if os.fstat(fd).st_size < s.off:
+        raise _Changed
+    if s.off and s.tail is not None and _anchor(s, fd) is None:
+        raise _Changed
+    if held:
+        return
+    if s.legacy is not None:
+        digest, length = s.legacy
+        if _blake(os.pread(fd, length, 0)) != digest:
+            raise _Changed
+    head_at, head = s.checkpoints()[0]
+    if head_at and crc(os.pread(fd, head_at, 0)) != head:
+        raise _Changed
+
+
+def _anchor(s: Stream, fd: int) -> tuple[int, int, int] | None:
+    """(offset, length, crc) of the bytes before the offset that a read must find unchanged when
+    it ends; None when they already are not the stream's. (0, 0, 0): a read from the start, whose
+    own first bytes are checked instead."""
+    if s.off == 0 or s.tail is None:
+        return (0, 0, 0)
+    length, value = s.tail
+    if crc(os.pread(fd, length, s.off - length)) != value:
+        return None
+    return (s.off - length, length, value)
+
+
+def _anchor_holds(fd: int, anchor: tuple[int, int, int], hasher: Hasher) -> bool:
+    at, length, value = anchor
+    if length:
+        return crc(os.pread(fd, length, at)) == value
+    if hasher.behind:
+        return True
+    # A read from the start: the first bytes it hashed must still be there.
+    head_at, head_crc = hasher.head if hasher.head is not None else (hasher.at, hasher.value)
+    return crc(os.pread(fd, head_at, 0)) == head_crc
+
+
+def _legacy_head(f: Any, streams: list[Stream]) -> bytes:
+    length = max((s.legacy[1] for s in streams if s.legacy is not None), default=0)
+    return f.read(length) if length else b""
 
 
 class _Moved(Exception):
     """The name now holds another file than the one listed."""
 
 
-def _open_same(f: _File) -> Any:
+def _key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _same(entry: _Entry, known: list[int]) -> bool:
+    return [entry.st.st_size, entry.st.st_mtime_ns] == known
+
+
+def _open_same(f: _Entry) -> Any:
     """Open the file that was listed as f (same device and inode): at its name, else where a
     rename in the same folder has put it since (rotation shifts names while a reading runs).
 
     _Moved when it is in neither place: it is looked at again at the next reading."""
-    path: str | None = f.opened or f.path
+    path: str | None = f.path
     for _ in range(3):
         if path is None:
             break
         try:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's `with`
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
             pass
         else:
             st = os.fstat(fh.fileno())
             if (st.st_dev, st.st_ino) == (f.st.st_dev, f.st.st_ino):
                 if path != f.path:
-                    f.opened = path
+                    f.path = path
                 return fh
             fh.close()
         path = _named(os.path.dirname(f.path), f.st.st_ino)
@@ -598,73 +912,79 @@ def _is_copy(path: str, others: set[str]) -> bool:
     return False
 
 
-def _still_there(s: Mapping[str, Any], listed: set[int]) -> bool:
+def _still_there(s: Stream) -> bool:
     """The file a stream was last read from is still at its path but was not listed (its folder
     could not be read): the stream is kept however long that lasts, so its content is never read
     again when the folder comes back."""
+    if s.ino is None:
+        return False
     try:
-        ino = os.stat(s["path"]).st_ino
-        return ino == s.get("home") and ino not in listed
+        return os.stat(s.path).st_ino == s.ino
     except OSError:
         return False
 
 
-def _hash(data: bytes) -> str:
+def _tail_of(fd: int, off: int) -> tuple[int, int] | None:
+    """(length, crc) of the bytes just before `off`."""
+    length = min(TAIL, off)
+    data = os.pread(fd, length, off - length)
+    if len(data) != length:
+        return None
+    return length, crc(data)
+
+
+def _blake(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _begins(head: bytes, s: Mapping[str, Any]) -> bool:
-    return len(head) >= s["fl"] and _hash(head[: s["fl"]]) == s["fp"]
-
-
-def _match(streams: list[dict[str, Any]], head: bytes) -> dict[str, Any] | None:
-    """The stream whose fingerprint begins this content (the longest fingerprint wins)."""
-    best: dict[str, Any] | None = None
-    hashes: dict[int, str] = {}
-    for s in streams:
-        fl = s["fl"]
-        if fl > len(head) or (best is not None and fl <= best["fl"]):
-            continue
-        if fl not in hashes:
-            hashes[fl] = _hash(head[:fl])
-        if hashes[fl] == s["fp"]:
-            best = s
-    return best
-
-
-def _gzip_size(f: _File) -> int | None:
-    """The uncompressed size mod 2**32 that a gzip file's trailer states (a hint, never trusted
-    alone: a mismatch means the file is decompressed and read). Read from the listed file, never
-    from whatever now has its name: another copy's size must not mark this one read."""
-    try:
-        with _open_same(f) as fh:
-            fh.seek(-4, os.SEEK_END)
-            return int.from_bytes(fh.read(4), "little")
-    except (OSError, _Moved):
-        return None
-
-
-def _load_streams(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The saved streams, as fresh dicts; a position saved by version 1 (by inode) is converted."""
+def _load(state: Mapping[str, Any] | None) -> tuple[list[Stream], int]:
+    """The saved streams and the next free id; positions saved by versions 1 and 2 (known by a
+    fingerprint of their first bytes) are converted: their inode and offset are kept, and their
+    content is hashed from their file at the next readings."""
     if not state:
-        return []
+        return [], 1
     if state.get("v") == STATE_VERSION:
-        return [dict(s, ids=dict(s.get("ids", {}))) for s in state.get("streams", [])]
+        streams = [Stream.from_json(d) for d in state.get("streams", [])]
+        return streams, int(state.get("next", 1 + max((s.id for s in streams), default=0)))
     streams = []
+    for i, d in enumerate(_v2_streams(state), start=1):
+        known = {str(k): [int(v[0]), int(v[1])] for k, v in dict(d.get("ids", {})).items()}
+        home = d.get("home")
+        streams.append(
+            Stream(
+                i,
+                off=int(d["off"]),
+                skip=bool(d.get("skip")),
+                ino=None if home is None else int(home),
+                dev=None,
+                path=str(d.get("path", "")),
+                name=str(d.get("base") or d.get("path", "")),
+                known=known,
+                done=bool(d.get("done")),
+                legacy=(str(d["fp"]), int(d["fl"])),
+                base=int(d["off"]),  # its first bytes are hashed at the next readings
+            )
+        )
+    for s in streams:
+        if s.ino is not None:
+            s.dev = -1  # not saved then: the inode and its first bytes decide (_find_plain)
+    return streams, len(streams) + 1
+
+
+def _v2_streams(state: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    if state.get("v") == 2:
+        yield from (dict(s) for s in state.get("streams", []))
+        return
     for key, entry in dict(state.get("files", {})).items():
         fp = bytes.fromhex(entry["fp"])
         if not fp:
             continue
-        streams.append(
-            {
-                "fp": _hash(fp),
-                "fl": len(fp),
-                "off": int(entry["offset"]),
-                "skip": bool(entry.get("skip")),
-                "path": entry["path"],
-                "base": entry["path"],
-                "ids": {},
-                "home": int(key.split(":")[1]),
-            }
-        )
-    return streams
+        yield {
+            "fp": _blake(fp),
+            "fl": len(fp),
+            "off": int(entry["offset"]),
+            "skip": bool(entry.get("skip")),
+            "path": entry["path"],
+            "base": entry["path"],
+            "home": int(key.split(":")[1]),
+        }
