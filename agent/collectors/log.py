@@ -367,6 +367,8 @@ class LogCollector(Collector):
             )
         if held is None and entry is None:
             return None
+        if held is None and entry is not None and _same(entry, s.known.get(entry.key)):
+            return None  # let go once read to its end and quiet, unchanged since
         try:
             fh = held.fh if held is not None else _open_same(entry)  # type: ignore[arg-type]
         except (_Moved, FileNotFoundError):
@@ -722,7 +724,10 @@ class LogCollector(Collector):
         excess = len(self._held) - MAX_HELD
         for held in sorted(self._held.values(), key=lambda h: -h.quiet):
             if held.drained is None and held.quiet and (held.quiet >= QUIET or excess > 0):
-                wanted[(held.dev, held.ino)].fin = True
+                s = wanted[(held.dev, held.ino)]
+                st = os.fstat(held.fh.fileno())
+                s.fin = True
+                s.known[_key(st)] = [st.st_size, st.st_mtime_ns]
                 self._held.pop((held.dev, held.ino)).fh.close()
                 excess -= 1
         return drained
@@ -759,7 +764,7 @@ class LogCollector(Collector):
                 (s.id in carriers and s.id not in drained)
                 or s.id in found_copy
                 or (s.ino is not None and s.id not in drained and (s.dev or 0, s.ino) in self._held)
-                or any(k in entries for k in s.known)
+                or any(k in entries and _same(entries[k], v) for k, v in s.known.items())
             )
             if carried:
                 s.miss = 0
@@ -866,7 +871,7 @@ def _key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def _same(entry: _Entry, known: list[int]) -> bool:
+def _same(entry: _Entry, known: list[int] | None) -> bool:
     return [entry.st.st_size, entry.st.st_mtime_ns] == known
 
 

@@ -1,0 +1,511 @@
+"""How the log collector knows a file (agent/collectors/streams.py), tried against the assumptions
+it makes about the world: files that begin alike, inodes that come back, a device number that
+changes, a symlink switched to another file, a generation deleted before it was read, a read cut
+by its deadline, a copy where the collector cannot see it. Rotation is done here with the same
+filesystem calls logrotate makes (rename, gzip, unlink, truncate), so each step lands exactly
+between two readings; `tests/test_logrotate*.py` drives the real logrotate.
+
+The oracle is always what the test wrote: the matching lines it appended, counted as it wrote them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.collectors import SourceMissing, Sources
+from agent.collectors import log as log_module
+from agent.collectors.log import MAX_HELD, QUIET, LogCollector
+from agent.collectors.streams import Stream, crc_combine, judge
+
+PATTERN = '"request":"GET /api/'
+
+
+def collector(path: Path | str, **options: Any) -> LogCollector:
+    opts = {
+        "path": str(path),
+        "pattern": PATTERN,
+        "mode": "count",
+        "start_at": "beginning",
+        "encoding": "utf-8",
+        "max_line_bytes": 65536,
+        **options,
+    }
+    LogCollector.validate(opts, "collector")
+    return LogCollector(opts, Sources())
+
+
+class Log:
+    """A JSON log whose lines all begin with the same 160 bytes (nginx `escape=json` with the
+    constant fields first) and the number that tells them apart last; `written` counts the
+    matching lines appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.n, self.written = path, 0, 0
+
+    def line(self) -> bytes:
+        self.n += 1
+        hit = self.n % 3 != 0
+        request = f"GET /api/v1/orders/{self.n}" if hit else f"GET /static/{self.n}.js"
+        self.written += hit
+        return (
+            '{"host":"shop.example.com","proto":"HTTP/1.1","remote":"10.0.0.1",'
+            '"agent":"Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0",'
+            f'"request":"{request}","status":200,"seq":{self.n}}}\n'
+        ).encode()
+
+    def write(self, count: int, path: Path | None = None) -> None:
+        with open(path or self.path, "ab") as f:
+            f.write(b"".join(self.line() for _ in range(count)))
+
+
+class Tail:
+    """Reads like the daemon: each reading's state feeds the next; `restart` drops the collector
+    (its open files) as a kill -9 would, keeping the committed state."""
+
+    def __init__(self, make: Any, state: dict | None = None) -> None:
+        self.make, self.c, self.state, self.total = make, make(), state, Decimal(0)
+        self.unread: list[Any] = []
+
+    def read(self, in_time: Any = None) -> Decimal:
+        reading = (
+            self.c.read(self.state) if in_time is None else self.c.read_within(self.state, in_time)
+        )
+        self.state = reading.state
+        self.total += reading.value
+        self.unread.extend(reading.unread)
+        return reading.value
+
+    def restart(self) -> None:
+        self.c.close()
+        self.c = self.make()
+
+
+def gzip_file(path: Path, into: Path) -> None:
+    """What logrotate's compress does: write NAME.gz, then unlink NAME."""
+    with gzip.open(into, "wb") as z:
+        z.write(path.read_bytes())
+    path.unlink()
+
+
+def shift(folder: Path, name: str, keep: int) -> None:
+    """logrotate's numbered copies: NAME.k(.gz) -> NAME.k+1(.gz), the oldest beyond `keep` gone."""
+    for k in range(keep, 0, -1):
+        for suffix in ("", ".gz"):
+            src = folder / f"{name}.{k}{suffix}"
+            if src.exists():
+                if k == keep:
+                    src.unlink()
+                else:
+                    src.rename(folder / f"{name}.{k + 1}{suffix}")
+
+
+def test_json_logs_that_begin_alike_under_debians_nginx_rotation(tmp_path: Path) -> None:
+    """Debian's nginx stanza (rotate 14, compress, delaycompress, create): each rotation renames
+    the live file to .1, compresses the previous .1 into .2.gz. Every file and every copy begins
+    with the same bytes. Before: a new .gz was taken for the oldest stream that began alike and
+    billed again from its offset."""
+    log = Log(tmp_path / "access.log")
+    log.write(3)
+    t = Tail(lambda: collector(log.path))
+    t.read()
+    for _ in range(20):
+        log.write(7)
+        t.read()
+        log.write(5)  # written after the reading, before the rotation
+        shift(tmp_path, "access.log", 14)
+        if (tmp_path / "access.log.2").exists():
+            gzip_file(tmp_path / "access.log.2", tmp_path / "access.log.2.gz")
+        log.path.rename(tmp_path / "access.log.1")
+        log.write(2, tmp_path / "access.log.1")  # the application has not reopened yet
+        log.path.touch()
+        log.write(1)
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
+@pytest.mark.parametrize("delay", [False, True], ids=["compress", "delaycompress"])
+def test_json_logs_rotated_and_compressed_between_readings(tmp_path: Path, delay: bool) -> None:
+    """`rotate 2` + `compress`: copies are compressed and deleted faster than they are read; each
+    generation that begins alike is still one stream of its own."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(4)
+    t.read()
+    for i in range(15):
+        log.write(6)
+        if i % 2:
+            t.read()
+        log.write(3)
+        shift(tmp_path, "access.log", 2)
+        plain = tmp_path / "access.log.1"
+        log.path.rename(plain)
+        log.path.touch()
+        if not delay:
+            gzip_file(plain, tmp_path / "access.log.1.gz")
+        elif (tmp_path / "access.log.2").exists():
+            gzip_file(tmp_path / "access.log.2", tmp_path / "access.log.2.gz")
+        log.write(2)
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+
+
+def test_a_generation_never_seen_plain_is_read_from_its_copy(tmp_path: Path) -> None:
+    """Created, filled, rotated and compressed between two readings: only its .gz is ever seen,
+    and it begins like every other generation: it is new content, read whole, once."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    for k in range(1, 4):
+        log.write(5)
+        log.path.rename(tmp_path / f"access.log-{k}")
+        log.write(9)  # a whole generation between two readings
+        gzip_file(log.path, tmp_path / f"access.log-{k}b.gz")
+        log.path.touch()
+        log.write(2)
+        t.read()
+        t.read()
+    assert t.total == log.written
+
+
+def test_a_symlink_switched_to_dated_files_finishes_each_target(tmp_path: Path) -> None:
+    """`app.log -> app-<n>.log`, replaced atomically (svlogd style, or an application that dates
+    its files); a dated file is the target for less than one reading interval, and lines keep
+    arriving in the old target after the switch. No `rotated` needed."""
+    link = tmp_path / "app.log"
+    log = Log(tmp_path / "app-0.log")
+    log.write(3)
+    link.symlink_to(log.path)
+    t = Tail(lambda: collector(link))
+    t.read()
+    for n in range(1, 12):
+        log.write(4)
+        old = log.path
+        log.path = tmp_path / f"app-{n}.log"
+        log.write(2)
+        tmp = tmp_path / "app.log.new"
+        tmp.symlink_to(log.path)
+        os.replace(tmp, link)
+        log.write(3, old)  # the straggler in the file it left
+        t.read()
+        if n % 3 == 0:  # this target is replaced before the next reading, after one reading
+            log.write(5)
+            old, log.path = log.path, tmp_path / f"app-{n}b.log"
+            log.write(1)
+            tmp.symlink_to(log.path)
+            os.replace(tmp, link)
+            log.write(2, old)
+            t.read()  # (a target that no reading ever sees cannot be known: SPEC)
+    for _ in range(2):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
+def test_a_deleted_generation_is_read_to_its_end_and_let_go(tmp_path: Path) -> None:
+    """`rotate 0`: the rotated file is deleted at once. The open descriptor still reads it to its
+    end; once that is committed it is closed, so it pins no disk space."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(2)
+    t.read()
+    for _ in range(5):
+        log.write(6)  # never read while the file has a name
+        gone = log.path.stat()
+        log.path.unlink()
+        log.write(3)
+        t.read()
+        t.read()
+        assert (gone.st_dev, gone.st_ino) not in t.c._held
+    assert t.total == log.written
+    assert t.unread == []
+    assert len(t.c._held) == 1
+
+
+def test_a_deleted_generation_is_not_let_go_before_its_reading_is_committed(
+    tmp_path: Path,
+) -> None:
+    """A reading that drained a deleted file but was never stored (the daemon dropped it) leaves
+    the file open: the next reading, from the older state, reads those lines again."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(2)
+    t.read()
+    log.write(6)
+    log.path.unlink()
+    log.write(1)
+    before = t.state
+    assert t.c.read(before).value == 4  # drained, then dropped
+    t.read()
+    t.read()
+    assert t.total == log.written
+
+
+def test_an_inode_that_comes_back_is_new_content(tmp_path: Path) -> None:
+    """A deleted file's inode number is handed to the next file created (ext4 does so at once;
+    the collector first lets the deleted one go), the new file beginning with the same bytes:
+    it is read from its start, held open or not, and the old one, read to its end, is not
+    reported lost."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(3)
+    t.read()
+    reused = 0
+    for k in range(6):
+        log.write(4)
+        t.read()
+        ino = log.path.stat().st_ino
+        log.path.unlink()
+        t.read()  # drained
+        with pytest.raises(SourceMissing):
+            t.read()  # and let go: the inode is free, and no file is there
+        log.write(2)  # the same first bytes as its predecessor, and maybe its inode
+        reused += log.path.stat().st_ino == ino
+        if k % 2:
+            t.restart()  # nothing held: only the content can tell
+        t.read()
+    if not reused:
+        pytest.skip("this filesystem did not hand an inode number back")
+    assert t.total == log.written
+    assert t.unread == []
+
+
+def test_a_device_number_that_changes_across_a_restart_is_the_same_file(tmp_path: Path) -> None:
+    """An overlay or a remount gives the filesystem another device number after a restart: the
+    inode and the file's own bytes still say it is the same file, read on from its offset."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    log.write(4)
+    t.read()
+    t.restart()
+    for s in t.state["streams"]:
+        s["dev"] += 1000
+    log.write(3)
+    t.read()
+    t.read()
+    assert t.total == log.written
+
+
+def test_a_read_stops_at_its_deadline_and_goes_on_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog larger than one read can take within the dimension's timeout: the read stops at
+    a line boundary after a block, the position is saved, and the next reading goes on."""
+    monkeypatch.setattr(log_module, "BLOCK", 4096)
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path, max_line_bytes=256))
+    log.write(400)
+    values = []
+    for _ in range(200):
+        values.append(t.read(in_time=lambda: False))
+        if t.total == log.written:
+            break
+    assert t.total == log.written
+    assert len([v for v in values if v]) > 5  # it took several readings
+    assert t.unread == []
+
+
+def test_lines_in_a_copy_it_cannot_see_are_reported_not_silent(tmp_path: Path) -> None:
+    """A restart, then rotation to a name the collector does not look at (`extension .log`:
+    access-20261206.log) before its first reading: what was written after the last reading is
+    out of sight. It is reported once, with the fix; with `rotated` set it is billed instead."""
+    for rotated in (None, str(tmp_path / "access-*.log")):
+        folder = tmp_path / ("with" if rotated else "without")
+        folder.mkdir()
+        log = Log(folder / "access.log")
+        opts = {"rotated": rotated.replace(str(tmp_path), str(folder))} if rotated else {}
+        t = Tail(lambda log=log, opts=opts: collector(log.path, **opts))
+        log.write(3)
+        t.read()
+        log.write(4)
+        t.restart()
+        log.path.rename(folder / "access-20261206.log")
+        log.path.touch()
+        log.write(2)
+        for _ in range(4):
+            t.read()
+        if rotated:
+            assert t.total == log.written
+            assert t.unread == []
+        else:
+            assert t.total == log.written - 3  # the 3 of the 4 that matched, out of sight
+            assert len(t.unread) == 1
+            assert "rotated" in t.unread[0].fix
+
+
+def test_a_truncation_with_no_copy_in_sight_is_reported(tmp_path: Path) -> None:
+    """`copytruncate` with `olddir` and no `rotated`: the live file is emptied under the
+    collector, and the copy holding its last lines is out of sight."""
+    log = Log(tmp_path / "access.log")
+    (tmp_path / "old").mkdir()
+    t = Tail(lambda: collector(log.path))
+    log.write(3)
+    t.read()
+    log.write(6)
+    (tmp_path / "old" / "access.log.1").write_bytes(log.path.read_bytes())
+    os.truncate(log.path, 0)
+    log.write(2)
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written - 4
+    assert len(t.unread) == 1
+    assert "copytruncate" in t.unread[0].fix
+
+
+def test_copytruncate_copy_found_by_content(tmp_path: Path) -> None:
+    """The copy is a new file: known by the CRC of everything read before the truncation."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(3)
+    t.read()
+    for k in range(4):
+        log.write(6)
+        copy = tmp_path / "access.log.1"
+        if copy.exists():
+            gzip_file(copy, tmp_path / f"access.log.{k + 2}.gz")
+        copy.write_bytes(log.path.read_bytes())
+        os.truncate(log.path, 0)
+        log.write(2)
+        t.read()
+    t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
+def test_a_start_at_the_end_hashes_what_it_skipped_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`start_at: end` on a big log: the bytes skipped are hashed a bounded part per reading
+    (billing is not held up meanwhile); once hashed, the file's compressed copy is known."""
+    monkeypatch.setattr(log_module, "CATCH_UP", 5000)
+    log = Log(tmp_path / "access.log")
+    log.write(300)  # before the agent: not billed
+    skipped = log.written
+    t = Tail(lambda: collector(log.path, start_at="end"))
+    t.read()
+    for _ in range(12):
+        log.write(2)
+        t.read()
+    (s,) = t.state["streams"]
+    assert "base" not in s  # all hashed, joined with what was hashed since
+    assert s["crc"] == zlib.crc32(log.path.read_bytes()[: s["off"]])
+    log.path.rename(tmp_path / "access.log.1")
+    log.path.touch()
+    t.read()
+    gzip_file(tmp_path / "access.log.1", tmp_path / "access.log.1.gz")
+    log.write(3)
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written - skipped
+
+
+def test_a_position_saved_by_the_previous_version_goes_on_and_knows_its_copy(
+    tmp_path: Path,
+) -> None:
+    """Version 2 knew a file by a hash of its first bytes: after an upgrade the position is kept
+    and, once hashed, the file's compressed copy is not billed again."""
+    import hashlib
+
+    log = Log(tmp_path / "access.log")
+    log.write(5)
+    data = log.path.read_bytes()
+    st = log.path.stat()
+    v2 = {
+        "v": 2,
+        "streams": [
+            {
+                "fp": hashlib.blake2b(data[:128], digest_size=16).hexdigest(),
+                "fl": 128,
+                "off": len(data),
+                "skip": False,
+                "path": str(log.path),
+                "base": str(log.path),
+                "ids": {},
+                "home": st.st_ino,
+            }
+        ],
+    }
+    billed_before = log.written
+    t = Tail(lambda: collector(log.path), v2)
+    log.write(4)
+    t.read()
+    log.path.rename(tmp_path / "access.log.1")
+    log.path.touch()
+    t.read()
+    gzip_file(tmp_path / "access.log.1", tmp_path / "access.log.1.gz")
+    log.write(2)
+    t.read()
+    t.read()
+    assert t.total == log.written - billed_before
+
+
+def test_files_held_open_stay_bounded(tmp_path: Path) -> None:
+    """dateext without compression keeps every copy plain and on disk: renamed copies read to
+    their end are closed after QUIET quiet readings, and never more than MAX_HELD are open."""
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(2)
+    t.read()
+    for k in range(MAX_HELD + 20):
+        log.write(1)
+        log.path.rename(tmp_path / f"access.log-{k:04d}")
+        log.path.touch()
+        t.read()
+        assert len(t.c._held) <= MAX_HELD
+    for _ in range(QUIET + 1):
+        t.read()
+    assert len(t.c._held) == 1  # the live file
+    assert t.total == log.written
+    assert len(t.state["streams"]) == MAX_HELD + 21  # one per file still on disk
+
+
+def test_state_with_thirty_compressed_copies_stays_small(tmp_path: Path) -> None:
+    import json
+
+    log = Log(tmp_path / "access.log")
+    t = Tail(lambda: collector(log.path))
+    for _k in range(40):
+        log.write(20)
+        t.read()
+        shift(tmp_path, "access.log", 30)
+        log.path.rename(tmp_path / "access.log.1")
+        log.path.touch()
+        t.read()
+        gzip_file(tmp_path / "access.log.1", tmp_path / "access.log.1.gz")
+    for _ in range(4):
+        t.read()
+    assert t.total == log.written
+    assert len(t.state["streams"]) == 31  # the live file and one per copy still on disk
+    assert len(json.dumps(t.state)) < 31 * 400
+
+
+def test_judge_parts_files_at_the_first_byte_that_differs() -> None:
+    """Two streams whose first 10,000 bytes are the same; the candidate holds the second."""
+    import io
+
+    common = b"x" * 10_000
+    a, b = common + b"A" * 500, common + b"B" * 700
+    sa = Stream(1, off=len(a), ck=len(a), crc=zlib.crc32(a))
+    sb = Stream(2, off=len(b), ck=len(b), crc=zlib.crc32(b))
+    sa.points = [(4096, zlib.crc32(a[:4096]))]
+    sb.points = [(4096, zlib.crc32(b[:4096]))]
+    verdict = judge(io.BytesIO(b + b"more\n"), None, [sa, sb])
+    assert verdict is not None and verdict.stream is sb and verdict.full
+    assert judge(io.BytesIO(common + b"C" * 800), None, [sa, sb]) is None
+
+
+def test_crc_combine_joins_two_parts() -> None:
+    for a, b in [(b"", b"x"), (b"abc", b""), (os.urandom(999), os.urandom(77_777))]:
+        assert crc_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
