@@ -319,7 +319,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             else:
                 _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
             continue
-        s = take_within(sampler, dim, clock.time(), None)
+        s = take_within(sampler, dim, clock.time(), None, clock.monotonic)
         error = s.error or sampler.probe(dim)  # a log read with no file yet gives 0, not an error
         if error:
             unreachable.append(dim.name)
@@ -496,7 +496,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             collector.count_lines = True
         saved = ledger.position(dim.name) if ledger else None
         t = clock.time()
-        s = take_within(sampler, dim, t, saved)
+        s = take_within(sampler, dim, t, saved, clock.monotonic)
         if s.error or s.value is None:
             print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
             continue

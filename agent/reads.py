@@ -113,16 +113,26 @@ class Reads:
         return all(w.wait(max(0.0, end - self.monotonic())) for w in workers)
 
 
-def take_within(sampler: Sampler, dim: Dimension, t: float, saved: Any) -> Sample:
-    """One reading within the dimension's `timeout`, for `check` and `sample`: a hung source is a
-    failed collector there too, and the command still ends (the read's thread is a daemon)."""
+def take_within(
+    sampler: Sampler,
+    dim: Dimension,
+    t: float,
+    saved: Any,
+    monotonic: Callable[[], float],
+) -> Sample:
+    """One reading within the dimension's `timeout`, for `check` and `sample`: the collector is
+    told the deadline (a log backlog stops there, at a line boundary), and a hung source is a
+    failed collector there too: the command still ends (the read's thread is a daemon)."""
     timeout = float(dim.collector.options.get("timeout", 10))
+    deadline = monotonic() + timeout
     box: list[Sample] = []
     thread = threading.Thread(
-        target=lambda: box.append(sampler.take(dim, t, saved)), name=f"read {dim.name}", daemon=True
+        target=lambda: box.append(sampler.take(dim, t, saved, lambda: monotonic() <= deadline)),
+        name=f"read {dim.name}",
+        daemon=True,
     )
     thread.start()
-    thread.join(timeout)
+    thread.join(timeout + 0.25)  # a read that heeds its deadline ends about then
     if box:
         return box[0]
     return Sample(dim.name, t, None, None, None, f"no answer within its {timeout:g} s timeout")

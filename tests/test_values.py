@@ -456,7 +456,7 @@ def test_check_and_sample_end_at_the_deadline(tmp_path: Path) -> None:
     Hung.release = threading.Event()
     d = hung_daemon(tmp_path, FakeClock(H))
     started = time.monotonic()
-    sample = take_within(d.sampler, d.config.dimensions[0], H, None)
+    sample = take_within(d.sampler, d.config.dimensions[0], H, None, time.monotonic)
     assert sample.error is not None and "within its 1 s timeout" in sample.error
     assert time.monotonic() - started < 2
     Hung.release.set()
