@@ -18,13 +18,16 @@ from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.aggregate import LabelSet, Point, Quantity
 from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 7
+if TYPE_CHECKING:
+    from agent.collectors.base import Unread
+
+SCHEMA_VERSION = 8
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -218,6 +221,16 @@ _MIGRATIONS: dict[int, str] = {
     + _reissue_only_trigger(
         "OLD.refusals = OLD.attempts", also=("allocations", "customer", "customer_ref")
     ),
+    # Usage a collector found lost for good (Reading.unread), per dimension: how many events,
+    # the amount known lost (bytes; 0 for an event whose amount is unknown), and the newest
+    # event (its sampling instant, `what` and `fix`), which health shows for 24 h.
+    8: """
+    ALTER TABLE dimension_status ADD COLUMN unread INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dimension_status ADD COLUMN unread_amount INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dimension_status ADD COLUMN unread_t REAL;
+    ALTER TABLE dimension_status ADD COLUMN unread_what TEXT;
+    ALTER TABLE dimension_status ADD COLUMN unread_fix TEXT;
+    """,
 }
 
 
@@ -393,6 +406,17 @@ class DimensionStatus:
     error_t: float | None
     errors: int
     dropped: int
+    unread: int = 0  # events of usage found lost for good (Reading.unread), ever
+    unread_amount: int = 0  # the amount they lost, as far as known (bytes)
+    unread_t: float | None = None  # the newest event: its sampling instant, what, fix
+    unread_what: str | None = None
+    unread_fix: str | None = None
+
+
+_DIMENSION_STATUS_COLUMNS = (
+    "dimension, last_t, last_value, last_error, error_t, errors, dropped, unread, unread_amount, "
+    "unread_t, unread_what, unread_fix"
+)
 
 
 class Ledger:
@@ -559,6 +583,7 @@ class Ledger:
         carry: bool,
         increment: bool = False,
         breakdown: Mapping[LabelSet, Decimal] | None = None,
+        unread: Sequence[Unread] = (),
     ) -> int | None:
         """Store a sample with its collector position, atomically; returns the hour it went to.
 
@@ -576,8 +601,14 @@ class Ledger:
         there is one. A new sample ends the span of the one before it, so `integral` never counts
         the overlap after a kill -9 twice. `breakdown` (the value by label set) is stored with
         the sample; an increment added to a stored one adds its breakdown to that one's.
+
+        `unread` (usage the reading found lost for good) is counted in the same transaction,
+        whatever becomes of the value: the position moves past the loss, so the collector never
+        reports it again, and a kill -9 before the commit leaves both to the next reading.
         """
         with self.transaction() as db:
+            if unread:
+                self._note_unread(db, dimension, t, unread)
             same = db.execute(
                 "SELECT id, value, hour, breakdown FROM samples WHERE dimension = ? AND t = ?",
                 (dimension, t),
@@ -636,6 +667,33 @@ class Ledger:
                 (dimension, t, str(value)),
             )
         return hour
+
+    @staticmethod
+    def _note_unread(
+        db: sqlite3.Connection, dimension: str, t: float, unread: Sequence[Unread]
+    ) -> None:
+        """Count a reading's unread events; the newest (latest instant, then the last stored)
+        keeps its `what` and `fix`."""
+        last = unread[-1]
+        db.execute(
+            "INSERT INTO dimension_status (dimension, unread, unread_amount, unread_t, "
+            "unread_what, unread_fix) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dimension) DO UPDATE "
+            "SET unread = unread + excluded.unread, "
+            "unread_amount = unread_amount + excluded.unread_amount, "
+            "unread_what = CASE WHEN excluded.unread_t >= COALESCE(unread_t, excluded.unread_t) "
+            "THEN excluded.unread_what ELSE unread_what END, "
+            "unread_fix = CASE WHEN excluded.unread_t >= COALESCE(unread_t, excluded.unread_t) "
+            "THEN excluded.unread_fix ELSE unread_fix END, "
+            "unread_t = MAX(COALESCE(unread_t, excluded.unread_t), excluded.unread_t)",
+            (
+                dimension,
+                len(unread),
+                sum(max(0, u.amount) for u in unread),
+                t,
+                last.what,
+                last.fix,
+            ),
+        )
 
     @staticmethod
     def _save_position(
@@ -1236,9 +1294,22 @@ class Ledger:
     def dimension_status(self) -> list[DimensionStatus]:
         with self._lock:
             rows = self.db.execute(
-                "SELECT dimension, last_t, last_value, last_error, error_t, errors, dropped "
-                "FROM dimension_status ORDER BY dimension"
+                f"SELECT {_DIMENSION_STATUS_COLUMNS} FROM dimension_status ORDER BY dimension"
             ).fetchall()
+        return [DimensionStatus(*row) for row in rows]
+
+    def unread_since(self, since: float) -> list[DimensionStatus]:
+        """For health: the dimensions whose newest unread event is after `since`, the newest
+        first (then by name)."""
+        with self._lock:
+            try:
+                rows = self.db.execute(
+                    f"SELECT {_DIMENSION_STATUS_COLUMNS} FROM dimension_status "
+                    "WHERE unread_t > ? ORDER BY unread_t DESC, dimension",
+                    (since,),
+                ).fetchall()
+            except sqlite3.OperationalError:  # read-only look at a ledger not yet migrated
+                return []
         return [DimensionStatus(*row) for row in rows]
 
     def unsealed_sample_count(self) -> int:
