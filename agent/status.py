@@ -18,7 +18,7 @@ from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import LEDGER_FILE, DimensionStatus, Ledger
 from agent.report import NO_LABEL, customer_row, hour_row, table
 
 
@@ -143,6 +143,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                     if d.name in seal_errors
                     else None
                 ),
+                "unread": unread_report(dims.get(d.name)),
             }
             for d in config.dimensions
         ],
@@ -150,6 +151,16 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "register_usage": registration_status(ledger, config),
         **(_customers(ledger, config, now, since) if config.saas is not None else {}),
     }
+
+
+def unread_report(d: DimensionStatus | None) -> dict[str, Any]:
+    """Usage the dimension's collector found lost for good, ever: the events, the amount known
+    lost (bytes; an event whose amount is unknown adds 0), and the newest with its fix (health
+    names it for 24 h)."""
+    if d is None or not d.unread:
+        return {"events": 0, "amount": 0, "newest": None}
+    newest = {"at": iso(d.unread_t), "what": d.unread_what, "fix": d.unread_fix}
+    return {"events": d.unread, "amount": d.unread_amount, "newest": newest}
 
 
 def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None:
@@ -262,6 +273,13 @@ def render(report: dict[str, Any]) -> str:
         if d.get("seal_error"):
             line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
+        unread = d["unread"]
+        if unread["newest"] is not None:
+            newest = unread["newest"]
+            lines.append(
+                f"    UNREAD {unread['events']} event(s) (amount known lost: {unread['amount']}); "
+                f"newest found {newest['at']}: {newest['what']}; fix: {newest['fix']}"
+            )
     lines.append("")
     if report.get("mode") == "saas":
         return "\n".join(lines + _saas_lines(report))
