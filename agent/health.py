@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.ledger import DimensionStatus, Ledger, SealedHour
+from agent.ledger import Ledger, SealedHour, UnreadUsage
 from agent.metering import HELD
 from agent.ownership import adopt
 
@@ -47,7 +47,7 @@ def describe(h: SealedHour) -> str:
 def unread_reason(ledger: Ledger, now: float) -> str | None:
     """The newest usage a collector found unread in the last 24 h (the lookback of refused
     hours: lost revenue stays visible), with its fix; None if there is none."""
-    found = ledger.unread_since(now - LOOKBACK)
+    found = ledger.unread_usage(since=now - LOOKBACK)
     if not found:
         return None
     reason = describe_unread(found[0])
@@ -56,11 +56,8 @@ def unread_reason(ledger: Ledger, now: float) -> str | None:
     return reason
 
 
-def describe_unread(d: DimensionStatus) -> str:
-    return (
-        f"dimension {d.dimension}: usage went unread (found {iso(d.unread_t)}): "
-        f"{d.unread_what}; fix: {d.unread_fix}"
-    )
+def describe_unread(u: UnreadUsage) -> str:
+    return f"dimension {u.dimension}: usage went unread (found {iso(u.t)}): {u.what}; fix: {u.fix}"
 
 
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:

@@ -221,15 +221,19 @@ _MIGRATIONS: dict[int, str] = {
     + _reissue_only_trigger(
         "OLD.refusals = OLD.attempts", also=("allocations", "customer", "customer_ref")
     ),
-    # Usage a collector found lost for good (Reading.unread), per dimension: how many events,
-    # the amount known lost (bytes; 0 for an event whose amount is unknown), and the newest
-    # event (its sampling instant, `what` and `fix`), which health shows for 24 h.
+    # Usage a collector found lost for good (Reading.unread), one row per event, stored with the
+    # reading that found it; kept 90 days like sealed hours. A row, not a count: the events a
+    # run found are carried with its samples when the ledger is moved aside (identity.settle).
     8: """
-    ALTER TABLE dimension_status ADD COLUMN unread INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE dimension_status ADD COLUMN unread_amount INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE dimension_status ADD COLUMN unread_t REAL;
-    ALTER TABLE dimension_status ADD COLUMN unread_what TEXT;
-    ALTER TABLE dimension_status ADD COLUMN unread_fix TEXT;
+    CREATE TABLE unread (
+        id INTEGER PRIMARY KEY,
+        dimension TEXT NOT NULL,
+        t REAL NOT NULL,                -- the instant of the reading that found it
+        what TEXT NOT NULL,             -- what went unread, and where
+        fix TEXT NOT NULL,              -- what the seller should change
+        amount INTEGER NOT NULL         -- known lost (bytes); 0: unknown
+    );
+    CREATE INDEX unread_by_time ON unread (t);
     """,
 }
 
@@ -283,6 +287,8 @@ class SendState:
     failure_hook_for: float | None = None  # the failing_since the failure hook ran for
     identity_unverified: str | None = None  # why IMDS must confirm the instance (identity.py)
 
+
+_Rows = list[tuple[Any, ...]]  # rows as `since` reads them and `take_over` stores them
 
 # record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
 INSTANT_TAKEN = -1
@@ -406,17 +412,19 @@ class DimensionStatus:
     error_t: float | None
     errors: int
     dropped: int
-    unread: int = 0  # events of usage found lost for good (Reading.unread), ever
-    unread_amount: int = 0  # the amount they lost, as far as known (bytes)
-    unread_t: float | None = None  # the newest event: its sampling instant, what, fix
-    unread_what: str | None = None
-    unread_fix: str | None = None
 
 
-_DIMENSION_STATUS_COLUMNS = (
-    "dimension, last_t, last_value, last_error, error_t, errors, dropped, unread, unread_amount, "
-    "unread_t, unread_what, unread_fix"
-)
+@dataclass(frozen=True)
+class UnreadUsage:
+    """A dimension's usage found lost for good (`Reading.unread`), over the events asked for:
+    how many, the amount known lost (an event of unknown amount adds 0), and the newest one."""
+
+    dimension: str
+    events: int
+    amount: int
+    t: float  # the newest event's reading instant
+    what: str
+    fix: str
 
 
 class Ledger:
@@ -602,13 +610,15 @@ class Ledger:
         the overlap after a kill -9 twice. `breakdown` (the value by label set) is stored with
         the sample; an increment added to a stored one adds its breakdown to that one's.
 
-        `unread` (usage the reading found lost for good) is counted in the same transaction,
+        `unread` (usage the reading found lost for good) is stored in the same transaction,
         whatever becomes of the value: the position moves past the loss, so the collector never
         reports it again, and a kill -9 before the commit leaves both to the next reading.
         """
         with self.transaction() as db:
-            if unread:
-                self._note_unread(db, dimension, t, unread)
+            db.executemany(
+                "INSERT INTO unread (dimension, t, what, fix, amount) VALUES (?, ?, ?, ?, ?)",
+                [(dimension, t, u.what, u.fix, max(0, u.amount)) for u in unread],
+            )
             same = db.execute(
                 "SELECT id, value, hour, breakdown FROM samples WHERE dimension = ? AND t = ?",
                 (dimension, t),
@@ -667,33 +677,6 @@ class Ledger:
                 (dimension, t, str(value)),
             )
         return hour
-
-    @staticmethod
-    def _note_unread(
-        db: sqlite3.Connection, dimension: str, t: float, unread: Sequence[Unread]
-    ) -> None:
-        """Count a reading's unread events; the newest (latest instant, then the last stored)
-        keeps its `what` and `fix`."""
-        last = unread[-1]
-        db.execute(
-            "INSERT INTO dimension_status (dimension, unread, unread_amount, unread_t, "
-            "unread_what, unread_fix) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dimension) DO UPDATE "
-            "SET unread = unread + excluded.unread, "
-            "unread_amount = unread_amount + excluded.unread_amount, "
-            "unread_what = CASE WHEN excluded.unread_t >= COALESCE(unread_t, excluded.unread_t) "
-            "THEN excluded.unread_what ELSE unread_what END, "
-            "unread_fix = CASE WHEN excluded.unread_t >= COALESCE(unread_t, excluded.unread_t) "
-            "THEN excluded.unread_fix ELSE unread_fix END, "
-            "unread_t = MAX(COALESCE(unread_t, excluded.unread_t), excluded.unread_t)",
-            (
-                dimension,
-                len(unread),
-                sum(max(0, u.amount) for u in unread),
-                t,
-                last.what,
-                last.fix,
-            ),
-        )
 
     @staticmethod
     def _save_position(
@@ -851,12 +834,13 @@ class Ledger:
             db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
 
     def prune(self, now: float) -> None:
-        """Sealed hours are kept 90 days, then forgotten."""
+        """Sealed hours, and usage found unread, are kept 90 days, then forgotten."""
         with self.transaction() as db:
             db.execute(
                 "DELETE FROM hours WHERE state != 'pending' AND hour < ?",
                 (now - KEEP_SEALED_DAYS * 86400,),
             )
+            db.execute("DELETE FROM unread WHERE t < ?", (now - KEEP_SEALED_DAYS * 86400,))
 
     def hours(
         self,
@@ -1265,8 +1249,9 @@ class Ledger:
                 (expired, held.customer, held.dimension, held.hour),
             )
 
-    def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """Unsealed samples and collector positions written at or after `t` (this run's)."""
+    def since(self, t: float) -> tuple[_Rows, _Rows, _Rows]:
+        """Unsealed samples, collector positions and usage found unread, written at or after
+        `t` (this run's)."""
         with self._lock:
             samples = self.db.execute(
                 "SELECT dimension, hour, t, value, span, breakdown FROM samples WHERE t >= ?",
@@ -1275,11 +1260,25 @@ class Ledger:
             positions = self.db.execute(
                 "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
             ).fetchall()
-        return samples, positions
+            unread = self.db.execute(
+                "SELECT dimension, t, what, fix, amount FROM unread WHERE t >= ? ORDER BY id",
+                (t,),
+            ).fetchall()
+        return samples, positions, unread
 
-    def take_over(self, samples: list[tuple[Any, ...]], positions: list[tuple[Any, ...]]) -> None:
-        """Store samples and positions carried from a ledger that was moved aside."""
+    def take_over(
+        self,
+        samples: _Rows,
+        positions: _Rows,
+        unread: Sequence[tuple[Any, ...]] = (),
+    ) -> None:
+        """Store samples, positions and usage found unread carried from a ledger that was moved
+        aside: the positions are past the losses, so the losses come too."""
         with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO unread (dimension, t, what, fix, amount) VALUES (?, ?, ?, ?, ?)",
+                unread,
+            )
             db.executemany(
                 "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -1294,23 +1293,28 @@ class Ledger:
     def dimension_status(self) -> list[DimensionStatus]:
         with self._lock:
             rows = self.db.execute(
-                f"SELECT {_DIMENSION_STATUS_COLUMNS} FROM dimension_status ORDER BY dimension"
+                "SELECT dimension, last_t, last_value, last_error, error_t, errors, dropped "
+                "FROM dimension_status ORDER BY dimension"
             ).fetchall()
         return [DimensionStatus(*row) for row in rows]
 
-    def unread_since(self, since: float) -> list[DimensionStatus]:
-        """For health: the dimensions whose newest unread event is after `since`, the newest
-        first (then by name)."""
+    def unread_usage(self, since: float | None = None) -> list[UnreadUsage]:
+        """Per dimension, its usage found unread after `since` (health: the last 24 h), else all
+        that is kept (status); the dimension with the newest event first, then by name."""
+        where, args = ("WHERE t > ?", [since]) if since is not None else ("", [])
         with self._lock:
             try:
                 rows = self.db.execute(
-                    f"SELECT {_DIMENSION_STATUS_COLUMNS} FROM dimension_status "
-                    "WHERE unread_t > ? ORDER BY unread_t DESC, dimension",
-                    (since,),
+                    "SELECT dimension, n, amount, t, what, fix FROM (SELECT dimension, t, what, "
+                    "fix, COUNT(*) OVER (PARTITION BY dimension) AS n, "
+                    "SUM(amount) OVER (PARTITION BY dimension) AS amount, "
+                    "ROW_NUMBER() OVER (PARTITION BY dimension ORDER BY t DESC, id DESC) AS newest "
+                    f"FROM unread {where}) WHERE newest = 1 ORDER BY t DESC, dimension",
+                    args,
                 ).fetchall()
             except sqlite3.OperationalError:  # read-only look at a ledger not yet migrated
                 return []
-        return [DimensionStatus(*row) for row in rows]
+        return [UnreadUsage(str(d), int(n), int(a), float(t), w, f) for d, n, a, t, w, f in rows]
 
     def unsealed_sample_count(self) -> int:
         with self._lock:

@@ -18,7 +18,7 @@ from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
-from agent.ledger import LEDGER_FILE, DimensionStatus, Ledger
+from agent.ledger import LEDGER_FILE, Ledger, UnreadUsage
 from agent.report import NO_LABEL, customer_row, hour_row, table
 
 
@@ -105,6 +105,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     offset = sealing.send_offset(instance_id or "", config.metering.send_window)
     dims = {s.dimension: s for s in ledger.dimension_status()}
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
+    unread = {u.dimension: u for u in ledger.unread_usage()}
     since = hour_start(now) - hours * HOUR
     so_far = {d.name: sealing.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
     daemon = daemon_state(config.state_dir)
@@ -143,7 +144,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                     if d.name in seal_errors
                     else None
                 ),
-                "unread": unread_report(dims.get(d.name)),
+                "unread": unread_report(unread.get(d.name)),
             }
             for d in config.dimensions
         ],
@@ -153,14 +154,14 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     }
 
 
-def unread_report(d: DimensionStatus | None) -> dict[str, Any]:
-    """Usage the dimension's collector found lost for good, ever: the events, the amount known
-    lost (bytes; an event whose amount is unknown adds 0), and the newest with its fix (health
-    names it for 24 h)."""
-    if d is None or not d.unread:
+def unread_report(u: UnreadUsage | None) -> dict[str, Any]:
+    """Usage the dimension's collector found lost for good (kept 90 days): the events, the
+    amount known lost (bytes; an event whose amount is unknown adds 0), and the newest with its
+    fix (health names it for 24 h)."""
+    if u is None:
         return {"events": 0, "amount": 0, "newest": None}
-    newest = {"at": iso(d.unread_t), "what": d.unread_what, "fix": d.unread_fix}
-    return {"events": d.unread, "amount": d.unread_amount, "newest": newest}
+    newest = {"at": iso(u.t), "what": u.what, "fix": u.fix}
+    return {"events": u.events, "amount": u.amount, "newest": newest}
 
 
 def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None:

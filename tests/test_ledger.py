@@ -307,17 +307,13 @@ def older_ledger(path: Path, version: int) -> sqlite3.Connection:
     return db
 
 
-def unread_row(ledger: Ledger, dim: str) -> tuple[object, ...] | None:
+def unread_rows(ledger: Ledger, dim: str) -> list[tuple[object, ...]]:
     return ledger.db.execute(
-        "SELECT unread, unread_amount, unread_t, unread_what, unread_fix FROM dimension_status "
-        "WHERE dimension = ?",
-        (dim,),
-    ).fetchone()
+        "SELECT t, what, fix, amount FROM unread WHERE dimension = ? ORDER BY id", (dim,)
+    ).fetchall()
 
 
-def test_migration_8_keeps_each_dimensions_status_and_counts_unread_from_0(
-    tmp_path: Path,
-) -> None:
+def test_migration_8_keeps_each_dimensions_status_and_stores_unread_usage(tmp_path: Path) -> None:
     from agent.collectors import Unread
 
     db = older_ledger(tmp_path, 7)
@@ -329,26 +325,25 @@ def test_migration_8_keeps_each_dimensions_status_and_counts_unread_from_0(
     db.commit()
     db.close()
     old = Ledger(tmp_path, readonly=True)  # status on a ledger the agent has not migrated yet
-    assert old.schema_version() == 7 and old.unread_since(0) == []
+    assert old.schema_version() == 7 and old.unread_usage() == []
     old.close()
     ledger = Ledger(tmp_path)
     assert ledger.schema_version() == SCHEMA_VERSION == 8
     (api,) = ledger.dimension_status()
-    assert (api.errors, api.dropped, api.last_error, api.unread, api.unread_amount) == (
-        2, 1, "source missing", 0, 0
-    )  # fmt: skip
-    assert api.unread_t is None and ledger.unread_since(0) == []
+    assert (api.errors, api.dropped, api.last_error) == (2, 1, "source missing")
+    assert ledger.unread_usage() == []
+    lost = Unread("app.log.1 deleted unread", "read more often", 10)
     ledger.record_sample("api", H + 120, Decimal(1), 60, None, carry=True, increment=True,
-                         unread=(Unread("app.log.1 deleted unread", "read more often", 10),))  # fmt: skip
-    assert unread_row(ledger, "api") == (1, 10, H + 120, "app.log.1 deleted unread",
-                                         "read more often")  # fmt: skip
+                         unread=(lost,))  # fmt: skip
+    assert unread_rows(ledger, "api") == [(H + 120, lost.what, lost.fix, 10)]
 
 
 def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_path: Path) -> None:
     """A kill -9 between the read and the commit (here: the COMMIT never runs) stores neither
     the sample, nor the position past the loss, nor the loss: the next reading reports it again.
-    Stored, it is counted once whatever becomes of the value."""
+    Stored, it is kept whatever becomes of the value."""
     from agent.collectors import Unread
+    from agent.ledger import UnreadUsage
 
     lost = (Unread("gone", "fix it", 100), Unread("truncated", "use create", 0))
 
@@ -361,6 +356,9 @@ def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_pat
                 raise KeyboardInterrupt  # the process dies here
             return self.db.execute(sql, *args)
 
+        def executemany(self, sql: str, *args: object) -> object:
+            return self.db.executemany(sql, *args)
+
     ledger = Ledger(tmp_path)
     real = ledger.db
     ledger.db = KilledAtCommit(real)  # type: ignore[assignment]
@@ -370,11 +368,11 @@ def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_pat
     real.close()
     ledger = Ledger(tmp_path)
     assert ledger.position("api") is None and ledger.unsealed_sample_count() == 0
-    assert unread_row(ledger, "api") is None and ledger.unread_since(0) == []
+    assert unread_rows(ledger, "api") == [] and ledger.unread_usage() == []
     ledger.record_sample("api", H + 60, Decimal(5), 60, {"offset": 50}, carry=True,
                          increment=True, unread=lost)  # fmt: skip
     assert ledger.position("api") == {"offset": 50} and ledger.unsealed_sample_count() == 1
-    assert unread_row(ledger, "api") == (2, 100, H + 60, "truncated", "use create")
+    assert ledger.unread_usage() == [UnreadUsage("api", 2, 100, H + 60, "truncated", "use create")]
     # a level at an instant already stored, or for a sealed hour: the value is not stored, the
     # loss is (the position moved past it)
     ledger.record_sample("peak", H + 60, Decimal(1), 60, None, carry=False)
@@ -383,7 +381,11 @@ def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_pat
     seal_one(ledger, "peak", H)
     ledger.record_sample("peak", H + 120, Decimal(1), 60, {"offset": 10}, carry=False,
                          unread=(Unread("c", "d", 1),))  # fmt: skip
-    assert unread_row(ledger, "peak") == (2, 8, H + 120, "c", "d")
     assert ledger.position("peak") == {"offset": 10}
-    assert [s.dimension for s in ledger.unread_since(H + 60)] == ["peak"]  # newest first, after
-    assert [s.dimension for s in ledger.unread_since(0)] == ["peak", "api"]
+    assert ledger.unread_usage() == [
+        UnreadUsage("peak", 2, 8, H + 120, "c", "d"),  # the newest event's dimension first
+        UnreadUsage("api", 2, 100, H + 60, "truncated", "use create"),
+    ]
+    assert ledger.unread_usage(since=H + 60) == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]
+    ledger.prune(H + 61 + 90 * 86400)  # kept 90 days, like sealed hours
+    assert ledger.unread_usage() == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]

@@ -17,7 +17,7 @@ from agent.clock import Clock
 from agent.collectors import Collector, Reading, Registry, Sources, Unread
 from agent.config import Config
 from agent.config import load as config_load
-from agent.ledger import Ledger
+from agent.ledger import Ledger, UnreadUsage
 from agent.sampling import Sampler
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT, run_cli
@@ -76,9 +76,7 @@ def test_the_daemon_stores_each_loss_with_its_sample_logs_it_once_and_health_say
     Lossy.lost = ()
     clock.advance(60)
     run_round(d)
-    lost = {s.dimension: s for s in d.ledger.dimension_status()}["api_bytes"]
-    assert (lost.unread, lost.unread_amount, lost.unread_t) == (2, 4096, H + 60)
-    assert (lost.unread_what, lost.unread_fix) == (CUT.what, CUT.fix)
+    assert d.ledger.unread_usage() == [UnreadUsage("api_bytes", 2, 4096, H + 60, CUT.what, CUT.fix)]
     assert d.ledger.position("api_bytes") == {"collector": {"n": 2}}
     told = {(u.what, u.fix) for u in (GONE, CUT)}
     warned = [args for args in journal.at("warning") if args[1:] in told]
