@@ -506,6 +506,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             last = collector.last
             text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
         print(text)
+        for lost in s.unread:  # what `run` would log, count in status and name in health
+            print(f"warning: {dim.name}: usage went unread: {lost.what}; fix: {lost.fix}",
+                  file=sys.stderr)  # fmt: skip
         if cfg.saas is not None:
             for line in customer_lines(cfg.saas.customer_label, s.breakdown or {}, ledger):
                 print(line)

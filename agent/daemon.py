@@ -641,7 +641,14 @@ class Daemon:
             carry=sealing.carries(dim),
             increment=dim.collector.kind == "increment",
             breakdown=sample.breakdown,
+            unread=sample.unread,
         )
+        if sample.unread:  # stored with the position past it: logged once, health says so now
+            for lost in sample.unread:
+                log.warning(
+                    "dimension %s: usage went unread: %s; fix: %s", dim.name, lost.what, lost.fix
+                )
+            self.publish_health()
         if hour == INSTANT_TAKEN:
             log.debug(
                 "dimension %s: instant %s is already stored (restart or clock step); skipped",

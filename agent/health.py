@@ -2,11 +2,12 @@
 
 `failing_since` is the first failed send or DryRun not yet followed by a success. `ok` is true
 exactly when it is null, no hour of the last 24 h was refused (`rejected`, or held pending for the
-seller's configuration) or `expired` (a record of quantity 0 loses nothing and is ignored), and
-the ledger's instance identity is not awaiting IMDS: lost revenue stays visible whatever was sent
-last. A per-record Status of a BatchMeterUsage call that succeeded (CustomerNotSubscribed,
-DuplicateRecord) sets no `failing_since`: the record shows here on its own. Rewritten atomically
-(temp file + rename), mode 0644 whatever the umask.
+seller's configuration) or `expired` (a record of quantity 0 loses nothing and is ignored), the
+ledger's instance identity is not awaiting IMDS, and no dimension found usage unread in the last
+24 h (`Reading.unread`): lost revenue stays visible whatever was sent last. A per-record Status of
+a BatchMeterUsage call that succeeded (CustomerNotSubscribed, DuplicateRecord) sets no
+`failing_since`: the record shows here on its own. Rewritten atomically (temp file + rename), mode
+0644 whatever the umask.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.ledger import Ledger, SealedHour
+from agent.ledger import Ledger, SealedHour, UnreadUsage
 from agent.metering import HELD
 from agent.ownership import adopt
 
@@ -43,6 +44,22 @@ def describe(h: SealedHour) -> str:
     )
 
 
+def unread_reason(ledger: Ledger, now: float) -> str | None:
+    """The newest usage a collector found unread in the last 24 h (the lookback of refused
+    hours: lost revenue stays visible), with its fix; None if there is none."""
+    found = ledger.unread_usage(since=now - LOOKBACK)
+    if not found:
+        return None
+    reason = describe_unread(found[0])
+    if len(found) > 1:
+        reason += f" (and {len(found) - 1} more dimension(s))"
+    return reason
+
+
+def describe_unread(u: UnreadUsage) -> str:
+    return f"dimension {u.dimension}: usage went unread (found {iso(u.t)}): {u.what}; fix: {u.fix}"
+
+
 def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
     state = ledger.send_state()
@@ -58,8 +75,14 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         current = state.reason
         if current and current not in reasons and not (lost and current in reasons[-1]):
             reasons.append(current)
+    unread = unread_reason(ledger, now)
+    if unread is not None:
+        reasons.append(unread)
     data = {
-        "ok": state.failing_since is None and not lost and not state.identity_unverified,
+        "ok": state.failing_since is None
+        and not lost
+        and not state.identity_unverified
+        and unread is None,
         "authorized": state.authorized,
         "last_success": iso(state.last_success),
         "failing_since": iso(state.failing_since),

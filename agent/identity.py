@@ -58,14 +58,14 @@ def settle(
     """Apply one IMDS answer (None: no answer) to the ledger; returns the ledger to use.
 
     A ledger naming another IMDS instance is moved aside unsent, and a fresh one takes over the
-    samples and positions written since the earlier of `carry_since` and the ledger's
-    `unverified_since` mark (the unverified runs', this one's or earlier ones that stopped before
-    IMDS answered)."""
+    samples, positions and usage found unread written since the earlier of `carry_since` and the
+    ledger's `unverified_since` mark (the unverified runs', this one's or earlier ones that
+    stopped before IMDS answered)."""
     known = ledger.get_meta("instance_id")
     source = ledger.get_meta("instance_id_source")
     if instance_id and known and known != instance_id and source == "imds":
         marks = [t for t in (carry_since, ledger.get_meta(SINCE)) if t is not None]
-        samples, positions = ledger.since(min(marks)) if marks else ([], [])
+        samples, positions, unread = ledger.since(min(marks)) if marks else ([], [], [])
         ledger.close()
         moved = move_aside(state_dir, f"instance-{known}", now)
         try:
@@ -74,7 +74,7 @@ def settle(
             put_back(moved, state_dir)
             raise
         try:
-            fresh.take_over(samples, positions)
+            fresh.take_over(samples, positions, unread)
         except Exception:
             fresh.close()
             put_back(moved, state_dir)

@@ -18,13 +18,16 @@ from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.aggregate import LabelSet, Point, Quantity
 from agent.allocations import Allocation, to_json
 from agent.clock import HOUR, hour_start, iso
 
-SCHEMA_VERSION = 7
+if TYPE_CHECKING:
+    from agent.collectors.base import Unread
+
+SCHEMA_VERSION = 8
 LEDGER_FILE = "ledger.db"
 KEEP_SEALED_DAYS = 90
 
@@ -218,6 +221,20 @@ _MIGRATIONS: dict[int, str] = {
     + _reissue_only_trigger(
         "OLD.refusals = OLD.attempts", also=("allocations", "customer", "customer_ref")
     ),
+    # Usage a collector found lost for good (Reading.unread), one row per event, stored with the
+    # reading that found it; kept 90 days like sealed hours. A row, not a count: the events a
+    # run found are carried with its samples when the ledger is moved aside (identity.settle).
+    8: """
+    CREATE TABLE unread (
+        id INTEGER PRIMARY KEY,
+        dimension TEXT NOT NULL,
+        t REAL NOT NULL,                -- the instant of the reading that found it
+        what TEXT NOT NULL,             -- what went unread, and where
+        fix TEXT NOT NULL,              -- what the seller should change
+        amount INTEGER NOT NULL         -- known lost (bytes); 0: unknown
+    );
+    CREATE INDEX unread_by_time ON unread (t);
+    """,
 }
 
 
@@ -270,6 +287,8 @@ class SendState:
     failure_hook_for: float | None = None  # the failing_since the failure hook ran for
     identity_unverified: str | None = None  # why IMDS must confirm the instance (identity.py)
 
+
+_Rows = list[tuple[Any, ...]]  # rows as `since` reads them and `take_over` stores them
 
 # record_sample's answer for an instant the dimension already has (or has passed): nothing stored.
 INSTANT_TAKEN = -1
@@ -393,6 +412,19 @@ class DimensionStatus:
     error_t: float | None
     errors: int
     dropped: int
+
+
+@dataclass(frozen=True)
+class UnreadUsage:
+    """A dimension's usage found lost for good (`Reading.unread`), over the events asked for:
+    how many, the amount known lost (an event of unknown amount adds 0), and the newest one."""
+
+    dimension: str
+    events: int
+    amount: int
+    t: float  # the newest event's reading instant
+    what: str
+    fix: str
 
 
 class Ledger:
@@ -559,6 +591,7 @@ class Ledger:
         carry: bool,
         increment: bool = False,
         breakdown: Mapping[LabelSet, Decimal] | None = None,
+        unread: Sequence[Unread] = (),
     ) -> int | None:
         """Store a sample with its collector position, atomically; returns the hour it went to.
 
@@ -576,8 +609,16 @@ class Ledger:
         there is one. A new sample ends the span of the one before it, so `integral` never counts
         the overlap after a kill -9 twice. `breakdown` (the value by label set) is stored with
         the sample; an increment added to a stored one adds its breakdown to that one's.
+
+        `unread` (usage the reading found lost for good) is stored in the same transaction,
+        whatever becomes of the value: the position moves past the loss, so the collector never
+        reports it again, and a kill -9 before the commit leaves both to the next reading.
         """
         with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO unread (dimension, t, what, fix, amount) VALUES (?, ?, ?, ?, ?)",
+                [(dimension, t, u.what, u.fix, max(0, u.amount)) for u in unread],
+            )
             same = db.execute(
                 "SELECT id, value, hour, breakdown FROM samples WHERE dimension = ? AND t = ?",
                 (dimension, t),
@@ -793,12 +834,13 @@ class Ledger:
             db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
 
     def prune(self, now: float) -> None:
-        """Sealed hours are kept 90 days, then forgotten."""
+        """Sealed hours, and usage found unread, are kept 90 days, then forgotten."""
         with self.transaction() as db:
             db.execute(
                 "DELETE FROM hours WHERE state != 'pending' AND hour < ?",
                 (now - KEEP_SEALED_DAYS * 86400,),
             )
+            db.execute("DELETE FROM unread WHERE t < ?", (now - KEEP_SEALED_DAYS * 86400,))
 
     def hours(
         self,
@@ -1207,8 +1249,9 @@ class Ledger:
                 (expired, held.customer, held.dimension, held.hour),
             )
 
-    def since(self, t: float) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """Unsealed samples and collector positions written at or after `t` (this run's)."""
+    def since(self, t: float) -> tuple[_Rows, _Rows, _Rows]:
+        """Unsealed samples, collector positions and usage found unread, written at or after
+        `t` (this run's)."""
         with self._lock:
             samples = self.db.execute(
                 "SELECT dimension, hour, t, value, span, breakdown FROM samples WHERE t >= ?",
@@ -1217,11 +1260,25 @@ class Ledger:
             positions = self.db.execute(
                 "SELECT dimension, state, t FROM positions WHERE t >= ?", (t,)
             ).fetchall()
-        return samples, positions
+            unread = self.db.execute(
+                "SELECT dimension, t, what, fix, amount FROM unread WHERE t >= ? ORDER BY id",
+                (t,),
+            ).fetchall()
+        return samples, positions, unread
 
-    def take_over(self, samples: list[tuple[Any, ...]], positions: list[tuple[Any, ...]]) -> None:
-        """Store samples and positions carried from a ledger that was moved aside."""
+    def take_over(
+        self,
+        samples: _Rows,
+        positions: _Rows,
+        unread: Sequence[tuple[Any, ...]] = (),
+    ) -> None:
+        """Store samples, positions and usage found unread carried from a ledger that was moved
+        aside: the positions are past the losses, so the losses come too."""
         with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO unread (dimension, t, what, fix, amount) VALUES (?, ?, ?, ?, ?)",
+                unread,
+            )
             db.executemany(
                 "INSERT INTO samples (dimension, hour, t, value, span, breakdown) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -1240,6 +1297,24 @@ class Ledger:
                 "FROM dimension_status ORDER BY dimension"
             ).fetchall()
         return [DimensionStatus(*row) for row in rows]
+
+    def unread_usage(self, since: float | None = None) -> list[UnreadUsage]:
+        """Per dimension, its usage found unread after `since` (health: the last 24 h), else all
+        that is kept (status); the dimension with the newest event first, then by name."""
+        where, args = ("WHERE t > ?", [since]) if since is not None else ("", [])
+        with self._lock:
+            try:
+                rows = self.db.execute(
+                    "SELECT dimension, n, amount, t, what, fix FROM (SELECT dimension, t, what, "
+                    "fix, COUNT(*) OVER (PARTITION BY dimension) AS n, "
+                    "SUM(amount) OVER (PARTITION BY dimension) AS amount, "
+                    "ROW_NUMBER() OVER (PARTITION BY dimension ORDER BY t DESC, id DESC) AS newest "
+                    f"FROM unread {where}) WHERE newest = 1 ORDER BY t DESC, dimension",
+                    args,
+                ).fetchall()
+            except sqlite3.OperationalError:  # read-only look at a ledger not yet migrated
+                return []
+        return [UnreadUsage(str(d), int(n), int(a), float(t), w, f) for d, n, a, t, w, f in rows]
 
     def unsealed_sample_count(self) -> int:
         with self._lock:

@@ -18,7 +18,7 @@ from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import LEDGER_FILE, Ledger, UnreadUsage
 from agent.report import NO_LABEL, customer_row, hour_row, table
 
 
@@ -105,6 +105,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     offset = sealing.send_offset(instance_id or "", config.metering.send_window)
     dims = {s.dimension: s for s in ledger.dimension_status()}
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
+    unread = {u.dimension: u for u in ledger.unread_usage()}
     since = hour_start(now) - hours * HOUR
     so_far = {d.name: sealing.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
     daemon = daemon_state(config.state_dir)
@@ -143,6 +144,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
                     if d.name in seal_errors
                     else None
                 ),
+                "unread": unread_report(unread.get(d.name)),
             }
             for d in config.dimensions
         ],
@@ -150,6 +152,16 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "register_usage": registration_status(ledger, config),
         **(_customers(ledger, config, now, since) if config.saas is not None else {}),
     }
+
+
+def unread_report(u: UnreadUsage | None) -> dict[str, Any]:
+    """Usage the dimension's collector found lost for good (kept 90 days): the events, the
+    amount known lost (bytes; an event whose amount is unknown adds 0), and the newest with its
+    fix (health names it for 24 h)."""
+    if u is None:
+        return {"events": 0, "amount": 0, "newest": None}
+    newest = {"at": iso(u.t), "what": u.what, "fix": u.fix}
+    return {"events": u.events, "amount": u.amount, "newest": newest}
 
 
 def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None:
@@ -262,6 +274,13 @@ def render(report: dict[str, Any]) -> str:
         if d.get("seal_error"):
             line += f"   CANNOT SEAL {d['seal_error']['hour']}: {d['seal_error']['error']}"
         lines.append(line)
+        unread = d["unread"]
+        if unread["newest"] is not None:
+            newest = unread["newest"]
+            lines.append(
+                f"    UNREAD {unread['events']} event(s) (amount known lost: {unread['amount']}); "
+                f"newest found {newest['at']}: {newest['what']}; fix: {newest['fix']}"
+            )
     lines.append("")
     if report.get("mode") == "saas":
         return "\n".join(lines + _saas_lines(report))

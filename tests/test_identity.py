@@ -155,6 +155,31 @@ def test_unverified_runs_that_stop_before_imds_answers_are_carried_at_the_next_s
         ]
 
 
+def test_usage_found_unread_before_imds_answers_is_carried_with_the_positions(
+    tmp_path: Path,
+) -> None:
+    """The carried position is past the loss: the loss comes too (and the build's stays)."""
+    from agent.collectors import Unread
+
+    state = baked(tmp_path)
+    build = Ledger(state)
+    build.record_sample("api", H + 10, Decimal(1), 60, {"p": 0}, carry=True, increment=True,
+                        unread=(Unread("build log rotated away", "on the build"),))  # fmt: skip
+    build.close()
+    imds = SlowImds("i-buyer")
+    first = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
+    ledger = first.start(Ledger(state))
+    ledger.record_sample("api", H + 120, Decimal(1), 60, {"p": 1}, carry=True, increment=True,
+                         unread=(Unread("app.log.1 deleted unread", "rotate less", 512),))  # fmt: skip
+    ledger.close()
+    imds.up = True
+    fresh = identity.Identity(imds, FakeClock(H + 700), state).start(Ledger(state))  # type: ignore[arg-type]
+    assert fresh.position("api") == {"p": 1}
+    assert [(u.events, u.amount, u.what) for u in fresh.unread_usage()] == [
+        (1, 512, "app.log.1 deleted unread")
+    ]
+
+
 def test_the_same_id_answering_late_clears_the_mark(tmp_path: Path) -> None:
     state = baked(tmp_path)
     imds = SlowImds("i-build")

@@ -288,3 +288,104 @@ def test_customers_are_kept_removed_and_brought_back(tmp_path: Path) -> None:
     assert [c.label for c in ledger.customers()] == ["acme", "old"]
     with pytest.raises(sqlite3.IntegrityError):  # neither a license nor a legacy id
         ledger.add_customer(Customer("none", "111122223333", None, None, None, None, H))
+
+
+# -- usage found unread (issue 21) -------------------------------------------------------------
+
+
+def older_ledger(path: Path, version: int) -> sqlite3.Connection:
+    """A ledger as an agent of schema `version` left it (open: the caller adds rows, commits)."""
+    from agent.ledger import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
+
+    db = sqlite3.connect(path / "ledger.db")
+    for v in range(1, version + 1):
+        if v in _MIGRATION_STEPS:
+            _MIGRATION_STEPS[v](db)
+        for statement in _split_sql(_MIGRATIONS[v]):
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {version}")
+    return db
+
+
+def unread_rows(ledger: Ledger, dim: str) -> list[tuple[object, ...]]:
+    return ledger.db.execute(
+        "SELECT t, what, fix, amount FROM unread WHERE dimension = ? ORDER BY id", (dim,)
+    ).fetchall()
+
+
+def test_migration_8_keeps_each_dimensions_status_and_stores_unread_usage(tmp_path: Path) -> None:
+    from agent.collectors import Unread
+
+    db = older_ledger(tmp_path, 7)
+    db.execute(
+        "INSERT INTO dimension_status (dimension, last_t, last_value, last_error, error_t, "
+        "errors, dropped) VALUES ('api', ?, '3', 'source missing', ?, 2, 1)",
+        (H + 60, H + 60),
+    )
+    db.commit()
+    db.close()
+    old = Ledger(tmp_path, readonly=True)  # status on a ledger the agent has not migrated yet
+    assert old.schema_version() == 7 and old.unread_usage() == []
+    old.close()
+    ledger = Ledger(tmp_path)
+    assert ledger.schema_version() == SCHEMA_VERSION == 8
+    (api,) = ledger.dimension_status()
+    assert (api.errors, api.dropped, api.last_error) == (2, 1, "source missing")
+    assert ledger.unread_usage() == []
+    lost = Unread("app.log.1 deleted unread", "read more often", 10)
+    ledger.record_sample("api", H + 120, Decimal(1), 60, None, carry=True, increment=True,
+                         unread=(lost,))  # fmt: skip
+    assert unread_rows(ledger, "api") == [(H + 120, lost.what, lost.fix, 10)]
+
+
+def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_path: Path) -> None:
+    """A kill -9 between the read and the commit (here: the COMMIT never runs) stores neither
+    the sample, nor the position past the loss, nor the loss: the next reading reports it again.
+    Stored, it is kept whatever becomes of the value."""
+    from agent.collectors import Unread
+    from agent.ledger import UnreadUsage
+
+    lost = (Unread("gone", "fix it", 100), Unread("truncated", "use create", 0))
+
+    class KilledAtCommit:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise KeyboardInterrupt  # the process dies here
+            return self.db.execute(sql, *args)
+
+        def executemany(self, sql: str, *args: object) -> object:
+            return self.db.executemany(sql, *args)
+
+    ledger = Ledger(tmp_path)
+    real = ledger.db
+    ledger.db = KilledAtCommit(real)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        ledger.record_sample("api", H + 60, Decimal(5), 60, {"offset": 50}, carry=True,
+                             increment=True, unread=lost)  # fmt: skip
+    real.close()
+    ledger = Ledger(tmp_path)
+    assert ledger.position("api") is None and ledger.unsealed_sample_count() == 0
+    assert unread_rows(ledger, "api") == [] and ledger.unread_usage() == []
+    ledger.record_sample("api", H + 60, Decimal(5), 60, {"offset": 50}, carry=True,
+                         increment=True, unread=lost)  # fmt: skip
+    assert ledger.position("api") == {"offset": 50} and ledger.unsealed_sample_count() == 1
+    assert ledger.unread_usage() == [UnreadUsage("api", 2, 100, H + 60, "truncated", "use create")]
+    # a level at an instant already stored, or for a sealed hour: the value is not stored, the
+    # loss is (the position moved past it)
+    ledger.record_sample("peak", H + 60, Decimal(1), 60, None, carry=False)
+    ledger.record_sample("peak", H + 60, Decimal(1), 60, {"offset": 9}, carry=False,
+                         unread=(Unread("a", "b", 7),))  # fmt: skip
+    seal_one(ledger, "peak", H)
+    ledger.record_sample("peak", H + 120, Decimal(1), 60, {"offset": 10}, carry=False,
+                         unread=(Unread("c", "d", 1),))  # fmt: skip
+    assert ledger.position("peak") == {"offset": 10}
+    assert ledger.unread_usage() == [
+        UnreadUsage("peak", 2, 8, H + 120, "c", "d"),  # the newest event's dimension first
+        UnreadUsage("api", 2, 100, H + 60, "truncated", "use create"),
+    ]
+    assert ledger.unread_usage(since=H + 60) == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]
+    ledger.prune(H + 61 + 90 * 86400)  # kept 90 days, like sealed hours
+    assert ledger.unread_usage() == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]
