@@ -260,9 +260,10 @@ class LogCollector(Collector):
         live = self._live_paths()
         bases = set(live) | {s.name for s in streams if s.name}
         found: dict[str, _Entry] = {}
-        paths = [(p, True) for p in live] + [(p, False) for p in self._copy_paths(bases)]
-        paths += [(s.path, False) for s in streams if s.path]
-        for path, is_live in paths:
+        paths = dict.fromkeys(live, True)
+        for path in self._copy_paths(bases) + [s.path for s in streams if s.path]:
+            paths.setdefault(path, False)
+        for path, is_live in paths.items():
             try:
                 st = os.stat(path)
             except OSError:

@@ -145,33 +145,28 @@ class Stream:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Stream:
-        tail = d.get("tail")
-        legacy = d.get("legacy")
-        return cls(
-            id=int(d["id"]),
-            off=int(d["off"]),
-            skip=bool(d.get("skip")),
-            ck=int(d.get("ck", 0)),
-            crc=int(d.get("crc", 0)),
-            points=[(int(o), int(c)) for o, c in d.get("points", [])],
-            tail=None if tail is None else (int(tail[0]), int(tail[1])),
-            dev=None if d.get("dev") is None else int(d["dev"]),
-            ino=None if d.get("ino") is None else int(d["ino"]),
-            path=str(d.get("path", "")),
-            name=str(d.get("name") or d.get("path", "")),
-            live=bool(d.get("live")),
-            size=int(d.get("size", 0)),
-            cut=bool(d.get("cut")),
-            known={str(k): [int(v[0]), int(v[1])] for k, v in dict(d.get("known", {})).items()},
-            done=bool(d.get("done")),
-            miss=int(d.get("miss", 0)),
-            lost=int(d.get("lost", 0)),
-            said=bool(d.get("said")),
-            legacy=None if legacy is None else (str(legacy[0]), int(legacy[1])),
-            base=None if d.get("base") is None else int(d["base"]),
-            rest=int(d.get("rest", 0)),
-            fin=bool(d.get("fin")),
-        )
+        """The saved form's keys are the fields' names (read every reading for every stream:
+        kept cheap)."""
+        s = cls.__new__(cls)
+        fields = s.__dict__
+        fields.update(_DEFAULTS)
+        fields.update(d)
+        fields["points"] = [tuple(p) for p in fields["points"]] if "points" in d else []
+        fields["known"] = dict(d["known"]) if "known" in d else {}
+        if "tail" in d:
+            fields["tail"] = tuple(d["tail"])
+        if "legacy" in d:
+            fields["legacy"] = tuple(d["legacy"])
+        if "name" not in d:
+            fields["name"] = fields["path"]
+        return s
+
+
+_DEFAULTS: dict[str, Any] = {
+    name: f.default
+    for name, f in Stream.__dataclass_fields__.items()
+    if name not in ("points", "known")
+}
 
 
 def crc_combine(crc1: int, crc2: int, len2: int) -> int:
