@@ -37,6 +37,7 @@ import hashlib
 import logging
 import lzma
 import os
+import re
 import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -83,6 +84,7 @@ STATE_VERSION = 3
 MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 DECOMPRESS_ERRORS = (EOFError, zlib.error, OSError, lzma.LZMAError, ValueError)
+_DIGITS = re.compile(r"[0-9]+")
 ROTATED_FIX = "set the log collector's `rotated` to a glob matching where the rotated copies go"
 
 _hash_pool: ThreadPoolExecutor | None = None
@@ -237,9 +239,27 @@ class LogCollector(Collector):
             return set()
         return {os.path.realpath(p) for p in glob.glob(self.rotated)}
 
+    def _link_siblings(self) -> set[str]:
+        """For a `path` that is a symlink to dated files (`app.log -> app-20261206.log`): the
+        files beside its target named like it but for their digits (`app-*.log`). A target the
+        link pointed at only between two readings is found there, as copies are."""
+        names = glob.glob(self.glob) if glob.has_magic(self.glob) else [self.glob]
+        out: set[str] = set()
+        for name in names:
+            if not os.path.islink(name):
+                continue
+            target = os.path.realpath(name)
+            shape = _DIGITS.sub("*", glob.escape(os.path.basename(target)))
+            if shape != glob.escape(os.path.basename(target)):
+                out.update(
+                    os.path.realpath(p)
+                    for p in glob.glob(os.path.join(glob.escape(os.path.dirname(target)), shape))
+                )
+        return out
+
     def _copy_paths(self, bases: set[str]) -> list[str]:
         """Where rotation may have put each base's content: the base itself, NAME.* and NAME-*
-        beside it, and the `rotated` glob."""
+        beside it, the `rotated` glob, and the dated siblings of a symlink's target."""
         by_dir: dict[str, set[str]] = {}
         for base in bases:
             by_dir.setdefault(os.path.dirname(base), set()).add(os.path.basename(base))
@@ -251,7 +271,7 @@ class LogCollector(Collector):
                 continue
             prefixes = tuple(n + "." for n in names) + tuple(n + "-" for n in names)
             out.extend(e.path for e in entries if e.name in names or e.name.startswith(prefixes))
-        out.extend(sorted(self._rotated_paths()))
+        out.extend(sorted(self._rotated_paths() | self._link_siblings()))
         return out
 
     def _list(self, streams: list[Stream]) -> dict[str, _Entry]:
@@ -293,19 +313,26 @@ class LogCollector(Collector):
         if not any(e.live for e in entries.values()) and not first and not self._held:
             raise SourceMissing(f"no file matches {self.glob}")
 
-        # 1. By inode: each stream's plain file, held open or listed.
+        # 1. By inode: each stream's plain file, held open or listed, read on from its offset,
+        # so that every stream is up to date before any other file is judged by its content.
         carriers: dict[int, _Carrier] = {}
         claimed: set[str] = set()
         lost_now: set[int] = set()
+        total = Decimal(0)
+        bad_before = self.matcher.bad_values
         for s in streams:
             carrier = self._find_plain(s, entries, lost_now)
             if carrier is not None:
                 carriers[s.id] = carrier
                 claimed.add(f"{s.dev}:{s.ino}")
+                if not s.done:
+                    total += self._advance(s, carrier, in_time)
         for s in streams:
             claimed.update(k for k in s.known if k in entries and _same(entries[k], s.known[k]))
-        # 2. By content: every other file is a copy of a stream, or new content.
+        # 2. By content: every other file is a copy of a stream (read on from the stream's
+        # offset if it holds more), or new content (read from its start).
         found_copy: set[int] = set()
+        placed_now: dict[int, _Carrier] = {}
         for key, entry in entries.items():
             if key in claimed:
                 continue
@@ -320,14 +347,11 @@ class LogCollector(Collector):
                 found_copy.add(s.id)
                 s.lost = 0
             if carrier is not None and s.id not in carriers:
-                carriers[s.id] = carrier
+                carriers[s.id] = placed_now[s.id] = carrier
             elif carrier is not None and carrier.plain is not None:
                 carrier.plain.close()
-        # 3. Read each stream once, from its carrier.
-        total = Decimal(0)
-        bad_before = self.matcher.bad_values
         for s in streams:
-            carrier = carriers.get(s.id)
+            carrier = placed_now.get(s.id)
             if carrier is not None and not s.done:
                 total += self._advance(s, carrier, in_time)
         drained = self._hold(streams, carriers)
@@ -381,7 +405,7 @@ class LogCollector(Collector):
         except _Changed:
             if held is None:
                 fh.close()
-            self._lose(s, lost_now)
+            self._lose(s, lost_now, truncated=held is not None)
             return None
         except OSError as e:
             raise CollectorError(f"cannot read {s.path}: {e}") from None
@@ -389,17 +413,20 @@ class LogCollector(Collector):
             s.dev = entry.st.st_dev
         return _Carrier(plain=fh, entry=entry)
 
-    def _lose(self, s: Stream, lost_now: set[int]) -> None:
-        """The stream's plain file is not its any more (truncated under it, or reused): its bytes
-        may still be in a copy, which the listing looks for by content from now on."""
+    def _lose(self, s: Stream, lost_now: set[int], truncated: bool) -> None:
+        """The stream's plain file is not its any more: its bytes may still be in a copy, which
+        the listing looks for by content from now on. Held open, the file was truncated under
+        the collector for sure: if it was being written, and no copy turns up, lines may have
+        gone unread. Not held (after a restart), its inode may as well have been freed and
+        given to a new file: nothing can be told."""
         released = self._held.pop((s.dev or 0, s.ino or 0), None)
         if released is not None:
             released.fh.close()
         s.dev = s.ino = None
-        if s.live or s.cut:
-            s.lost = s.lost or 1  # written to until then: what came after the last reading?
+        if truncated and (s.live or s.cut):
+            s.lost = s.lost or 1
         else:
-            s.fin = True  # an old copy read to its end: nothing more was coming
+            s.fin = True
         s.live = False
         lost_now.add(s.id)
 
