@@ -354,6 +354,7 @@ class LogCollector(Collector):
             carrier = placed_now.get(s.id)
             if carrier is not None and not s.done:
                 total += self._advance(s, carrier, in_time)
+        self._judged = {k: v for k, v in self._judged.items() if k[0] in entries}
         drained = self._hold(streams, carriers)
         kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained)
 
