@@ -470,6 +470,7 @@ class Daemon:
                 self.offset = sealing.send_offset(
                     self.ledger.get_meta("instance_id"), new.metering.send_window
                 )
+            sampler.carry_over(self.sampler)
             self.config, self.sampler, self.hooks.config = new, sampler, new
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")

@@ -158,6 +158,22 @@ class Sampler:
                 if config.saas is not None:
                     self.collectors[dim.name].keep_label = config.saas.customer_label
 
+    def carry_over(self, old: Sampler) -> None:
+        """After a reload: a dimension configured exactly as before keeps its collector (a log's
+        files held open between readings stay open); the other collectors of `old` are closed."""
+        same_mode = old.config.saas == self.config.saas and old.all_labels == self.all_labels
+        previous = {d.name: d for d in old.config.dimensions}
+        kept = set()
+        for dim in self.config.dimensions:
+            collector = old.collectors.get(dim.name)
+            if same_mode and collector is not None and previous.get(dim.name) == dim:
+                self.collectors[dim.name].close()
+                self.collectors[dim.name] = collector
+                kept.add(dim.name)
+        for name, collector in old.collectors.items():
+            if name not in kept:
+                collector.close()
+
     def probe(self, dim: Dimension) -> str | None:
         """None if the dimension's source is there; else why not (for `check --offline`)."""
         if dim.name in self.start_errors:

@@ -509,3 +509,41 @@ def test_judge_parts_files_at_the_first_byte_that_differs() -> None:
 def test_crc_combine_joins_two_parts() -> None:
     for a, b in [(b"", b"x"), (b"abc", b""), (os.urandom(999), os.urandom(77_777))]:
         assert crc_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_a_reload_keeps_the_files_a_log_dimension_holds_open(tmp_path: Path) -> None:
+    """`systemctl reload` with the dimension unchanged: the same collector goes on, its deleted
+    generation still held and read to its end; a dimension whose pattern changed gets a new
+    collector, and the old one lets its files go."""
+    from agent import config
+    from agent.sampling import Sampler
+
+    log = Log(tmp_path / "access.log")
+    log.write(3)
+    before = log.written  # start_at: end
+
+    def load(pattern: str) -> config.Config:
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            f"product_code: abcd1234efgh5678ijkl90mn\nstate_dir: {tmp_path / 'state'}\n"
+            "dimensions:\n  - name: api\n"
+            f"    collector: {{type: log, path: '{log.path}', pattern: '{pattern}'}}\n"
+        )
+        return config.load(path)
+
+    cfg = load(PATTERN)
+    old = Sampler(cfg)
+    dim = cfg.dimensions[0]
+    first = old.take(dim, 0.0, None)
+    log.write(6)
+    log.path.unlink()  # deleted before the next reading: only the open file has its lines
+    same = Sampler(load(PATTERN))
+    same.carry_over(old)
+    assert same.collectors["api"] is old.collectors["api"]
+    assert same.take(dim, 1.0, first.state).value == log.written - before
+    log.write(1)
+    changed = Sampler(load(PATTERN.replace("GET", "POST")))
+    kept = same.collectors["api"]
+    changed.carry_over(same)
+    assert changed.collectors["api"] is not kept
+    assert kept._held == {}  # type: ignore[attr-defined]

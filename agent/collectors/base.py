@@ -217,6 +217,10 @@ class Collector:
         """Take one reading. `state` is what the previous reading returned (None at first)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Let go of what the collector holds between readings (open files); by default
+        nothing. Called when a reload drops or changes its dimension."""
+
     def read_within(self, state: dict[str, Any] | None, in_time: Callable[[], bool]) -> Reading:
         """`read` bounded by the dimension's `timeout`: `in_time()` turns False at the deadline.
         A collector whose read can be long (a log backlog) overrides it to stop at a safe point
