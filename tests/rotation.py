@@ -424,7 +424,9 @@ class Agent:
 
     def billed(self) -> Decimal:
         with self.ledger.transaction() as db:
-            return sum((p.value for p in self.ledger.points(db, self.dim.name, int(T0))), Decimal(0))
+            return sum(
+                (p.value for p in self.ledger.points(db, self.dim.name, int(T0))), Decimal(0)
+            )
 
 
 @dataclass
