@@ -398,7 +398,7 @@ class Agent:
         self.cfg, self.dim, self.i = cfg, cfg.dimensions[0], 0
         self.before_reading: Callable[[], None] = lambda: None
         self.unread: list[Unread] = []
-        self.readings = 0
+        self.readings, self.kills = 0, 0
         self.start()
 
     def start(self) -> None:
@@ -420,6 +420,7 @@ class Agent:
         self.ledger.close()
         del self.sampler
         gc.collect()  # what the process held dies with it: its open files are closed
+        self.kills += 1
         self.start()
 
     def billed(self) -> Decimal:

@@ -174,9 +174,12 @@ def test_dateext_with_extension_and_no_rotated_bills_exactly_or_reports(tmp_path
 
 def test_symlink_switched_atomically_to_dated_files(tmp_path: Path) -> None:
     """5. `app.log -> app-<n>.log`, the link replaced with `os.replace` of a new symlink (as
-    svlogd-style and date-rotating applications do) about every second, and once twice between
-    two readings, so that one dated file is the target at no reading; no `rotated`."""
+    svlogd-style and date-rotating applications do) about every second and while the agent is
+    dead after each kill (the restarted agent must finish the target it was reading), and once
+    twice between two readings, so that one dated file is the target at no reading; no
+    `rotated`."""
     short_lived: list[int] = []
+    kills = [0]
 
     def make_first(root: Path) -> None:
         (root / "logs" / "app-0.log").touch()
@@ -184,13 +187,14 @@ def test_symlink_switched_atomically_to_dated_files(tmp_path: Path) -> None:
 
     def switch(writer: Writer, agent: Agent, i: int) -> None:
         assert isinstance(writer, DatedWriter)
-        if i == 10:  # app-<k> is the target between two readings only: no reading sees it
+        if not short_lived and i >= 10:  # app-<k> is the target between two readings only
             writer.switch()
             writer.wait_for(200)
             short_lived.append(writer.k)
             writer.switch()
-        elif i % 4 == 0:
+        elif i % 4 == 0 or agent.kills != kills[0]:  # every 4th reading, and after a kill
             writer.switch()
+        kills[0] = agent.kills
 
     outcome = run_scenario(
         tmp_path,
