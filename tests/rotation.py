@@ -219,6 +219,10 @@ class Writer(threading.Thread):
             self._between_writes()
             time.sleep(0.005)
         self.f.close()
+
+    def release(self) -> None:
+        """Close the generations' duplicates, after the last reading (the readings that follow
+        the writer's stop can still see the last generation)."""
         with self.lock:
             for g in self.generations:
                 if g.watch is not None:
@@ -315,6 +319,9 @@ class HandlerWriter(threading.Thread):
         pass
 
     def note_rotation(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
 
@@ -576,6 +583,7 @@ def run_scenario(
         raise rotator.error
     for _ in range(2):
         agent.sample()
+    writer.release()
     return Outcome(
         written=writer.written,
         on_disk=sum(on_disk(tmp_path / d) for d in disk) - skipped,
