@@ -40,7 +40,7 @@ DEFAULT_PATH = "/etc/metering-agent/config.yaml"
 DEFAULT_STATE_DIR = "/var/lib/metering-agent"
 ENV_CONFIG = "METERING_AGENT_CONFIG"
 # Chosen from benchmarks/fleet.py: the whole hour keeps a 10,000-instance fleet (8.3 calls/s of the
-# account's 10) mostly unthrottled; see README "Choosing the send window".
+# account's 10) mostly unthrottled; see docs/billing.md, "Choosing the send window".
 DEFAULT_SEND_WINDOW = 3600
 DEFAULT_TIMEOUT = 10  # seconds a collector read may take, unless the interval is shorter
 

@@ -52,7 +52,7 @@ def require_saas(cfg: Any, command: str) -> None:
         raise ConfigError(
             "mode",
             f"`{command}` is for SaaS products; set mode: saas in {cfg.source} "
-            "(see README, SaaS products)",
+            "(see docs/saas.md)",
         )
 
 

@@ -106,7 +106,7 @@ def test_rotating_file_handler_rolls_over_several_times_between_readings(tmp_pat
 def test_rotations_racing_the_readings(tmp_path: Path, rotate_conf: str) -> None:
     """logrotate shifting every copy's name (.1 -> .2, .2.gz -> .3.gz, ...) while a reading lists,
     opens and reads them. (Not copytruncate: a reading inside its copy-to-truncate window bills
-    lines the truncate then removes, as the README says.)"""
+    lines the truncate then removes, as docs/log-files.md says.)"""
     assert_billed_as_written(
         run_scenario(tmp_path, rotate_conf, racing=0.3, interval=0.2), min_rotations=8
     )
