@@ -51,8 +51,7 @@ def require_saas(cfg: Any, command: str) -> None:
     if getattr(cfg, "mode", "instance") != "saas":
         raise ConfigError(
             "mode",
-            f"`{command}` is for SaaS products; set mode: saas in {cfg.source} "
-            "(see docs/saas.md)",
+            f"`{command}` is for SaaS products; set mode: saas in {cfg.source} (see docs/saas.md)",
         )
 
 
