@@ -16,7 +16,7 @@ refuses (too large) runs on re2 alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -92,9 +92,10 @@ def _on_line_by_id(id_: int, _from: int, _to: int, _flags: int, tally: _Tally) -
 
 def _on_labelled_line(id_: int, _from: int, to: int, _flags: int, tally: _Tally) -> None:
     tally.by_id[id_] += 1
-    if to <= tally.last:  # the line was reported by another id too (or out of order): re-read it
+    if to <= tally.last:  # reported again (by another id), or out of order: the line is re-read
         tally.shared.append(to)
-    tally.last = to
+    else:
+        tally.last = to  # the furthest report so far
 
 
 def _on_line_end(_id: int, _from: int, to: int, _flags: int, tally: _Tally) -> None:
@@ -140,7 +141,7 @@ def _on_line_end_id(id_: int, _from: int, _to: int, _flags: int, tally: _Tally) 
 
 
 def _re2() -> Any:
-    """google-re2, imported on first need: about 2.6 MiB that most patterns never use."""
+    """google-re2, imported on first need: about 1.5 MiB of RSS that most patterns never use."""
     import re2
 
     return re2
@@ -437,7 +438,7 @@ class LineMatcher:
             groups = {}
         return self._use_groups(groups)
 
-    def _use_groups(self, groups: dict[str, bytes | None]) -> Decimal | int:
+    def _use_groups(self, groups: Mapping[str, bytes | None]) -> Decimal | int:
         value: Decimal | int = self._value(groups.get("value")) if self.mode == "sum" else 1
         if self.parts is not None:
             self._add_part(tuple(groups.get(n) for n in self.labels), value)

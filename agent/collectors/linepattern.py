@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
+from types import MappingProxyType
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -661,8 +663,8 @@ def _substitute(node: Node, values: dict[str, bytes]) -> Node:
 
 
 @lru_cache(maxsize=64)
-def empty_line(raw: bytes) -> dict[str, bytes | None] | None:
+def empty_line(raw: bytes) -> Mapping[str, bytes | None] | None:
     """Python's own verdict on an empty line: None (no match), or the named groups' values.
     (b"" gives backtracking nothing to try: this is always quick.)"""
     m = re.compile(raw).search(b"")
-    return None if m is None else m.groupdict()
+    return None if m is None else MappingProxyType(m.groupdict())
