@@ -7,7 +7,9 @@ a line written to be hard (`(\\w+/?)+ HTTP` against `/api/` + 40 letters + `!`) 
 engines used instead (hyperscan, google-re2) are automata, linear in the bytes read. So:
 
 - What needs backtracking (backreferences, lookaround, conditionals, atomic groups, possessive
-  quantifiers, the locale flag) is refused when the config is loaded (`check_pattern`).
+  quantifiers, the locale flag) is refused when the config is loaded (`linecount.check_pattern`),
+  and so is a named group under a repeat that can match nothing (`(x*)+`): what Python captures
+  there is its engine's own (re2 captures the last non-empty pass; Python an empty one).
 - The rest is parsed with Python's own parser and written out again in a small common syntax:
   every byte as `\\xHH` or an explicit class (IGNORECASE expanded into letter pairs), and no class
   admits a newline, so no match can leave its line whatever the engine's own defaults are.
