@@ -317,7 +317,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             if problem:
                 _say("warn", f"collector {dim.name}: {problem} (fine at boot if it appears later)")
             else:
-                _say("ok", f"collector {dim.name}: {dim.collector.type} ready")
+                ready = f"{dim.collector.type} ready{_engine(sampler, dim)}"
+                _say("ok", f"collector {dim.name}: {ready}")
             continue
         s = take_within(sampler, dim, clock.time(), None, clock.monotonic)
         error = s.error or sampler.probe(dim)  # a log read with no file yet gives 0, not an error
@@ -325,7 +326,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             unreachable.append(dim.name)
             _say("fail", f"collector {dim.name}: {error}")
         else:
-            _say("ok", f"collector {dim.name}: read {_num(s.raw)}")
+            _say("ok", f"collector {dim.name}: read {_num(s.raw)}{_engine(sampler, dim)}")
     warn_service_access(cfg)
     from agent.config import traps
 
@@ -387,6 +388,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_UNAVAILABLE
     return EX_OK
+
+
+def _engine(sampler: Any, dim: Any) -> str:
+    """For a log dimension's line: which engine matches its pattern (linecount.LineMatcher)."""
+    engine = getattr(getattr(sampler.collectors.get(dim.name), "matcher", None), "engine", None)
+    return f" (pattern on {engine})" if engine else ""
 
 
 def check_identity(plat: Any, metadata: Any) -> None:

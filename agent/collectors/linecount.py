@@ -1,174 +1,204 @@
-"""Counting matching lines in a buffer of complete lines, at close to grep's speed.
+"""Counting matching lines in a buffer of complete lines, in time linear in its bytes.
 
-A per-line Python loop manages about a third of `grep -c` here. Instead the regex engine scans the
-whole buffer in C: the pattern is wrapped as `(?:PATTERN)[^\\n]*\\n()` so each match also
-consumes the rest of its line and its newline (one match per line, even for a pattern that matches
-the empty string), and `findall`, whose only group is empty, just counts.
+The pattern is translated (`linepattern`) into an expression that matches a whole matching line
+and its newline, and hyperscan scans the buffer for it: one report per matching line, at the end
+of its newline. Hyperscan is an automaton (no backtracking, whatever the lines hold) and releases
+the GIL while it scans; its Python binding calls back per report with the GIL taken again, so the
+callbacks do as little as they can.
 
-That shortcut is exact only when a match cannot run across a newline. Patterns that could
-(`\\s`, `[^"]`, an explicit `\\n`, ...) take the exact path: each match is confined to its line and
-re-checked there. `mode: sum` always takes a per-match path, since it needs each line's value,
-and so does a pattern with named groups other than `value` (labels): each matching line's usage is
-added to its label set in `parts`. A pattern without labels keeps the fast path.
+Groups (labels, `value`) are read on each matching line alone with google-re2 (also linear, and
+leftmost-first like Python, so it captures what `re` would), imported only when a pattern needs
+it. A label that is one of a few fixed strings (`(?P<kind>items|orders)`) needs no re2: the
+pattern is compiled once per combination of label values, and a line that exactly one of them
+matches has that one's values; a line that several match is read with re2. What hyperscan
+refuses (too large) runs on re2 alone.
 """
 
 from __future__ import annotations
 
-import re
-import sys
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from agent.aggregate import LabelSet, reading_problem
 from agent.collectors.base import fold
-
-if sys.version_info >= (3, 11):
-    from re import _parser as sre_parse  # type: ignore[attr-defined]
-else:  # pragma: no cover
-    import sre_parse
-
-NEWLINE = 10
-MAX_PARTS = 10_000  # label sets kept apart per scan (base.MAX_LABEL_SETS); the rest go to ()
-SPARSE_BYTES = 1024  # fewer required-literal hits than one per this many bytes: visit each
-DENSE_SKIP = 7  # after a dense block, blocks that go straight to the regex engine
-DENSE_AFTER = 64  # candidates seen before density is judged
-GLOBAL_FLAGS = re.compile(rb"^(?:\(\?[aiLmsux]+\))+")
-
-
-def may_match_newline(pattern: str) -> bool:
-    """Conservatively: can some match of `pattern` contain a newline?"""
-    try:
-        parsed = sre_parse.parse(pattern)
-    except re.error:
-        return True
-    return _walk(parsed, dotall=bool(parsed.state.flags & re.DOTALL))
-
-
-def needs_line_by_line(pattern: str) -> bool:
-    """Whether the pattern can tell a line inside a buffer from the same line on its own.
-
-    Lookarounds peek at neighbouring lines, and `\\A`/`\\Z` mean the start and end of the whole
-    string: such patterns are matched one line at a time (slower, and rare in log patterns).
-    """
-    try:
-        parsed = sre_parse.parse(pattern)
-    except re.error:
-        return True
-    return _peeks(list(parsed.data))
-
-
-def _peeks(items: list[tuple[Any, Any]]) -> bool:
-    for op, arg in items:
-        name = _name(op)
-        if name in ("ASSERT", "ASSERT_NOT"):
-            return True
-        if name == "AT" and _name(arg) in ("AT_BEGINNING_STRING", "AT_END_STRING"):
-            return True
-        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and _peeks(list(arg[2])):
-            return True
-        if name == "SUBPATTERN" and _peeks(list(arg[-1])):
-            return True
-        if name == "BRANCH" and any(_peeks(list(b)) for b in arg[1]):
-            return True
-        if name == "ATOMIC_GROUP" and _peeks(list(arg)):
-            return True
-        if name == "GROUPREF_EXISTS":
-            return True
-    return False
-
-
-def _walk(items: object, dotall: bool) -> bool:
-    for op, arg in items:  # type: ignore[attr-defined]
-        name = _name(op)
-        if name == "LITERAL":
-            if arg == NEWLINE:
-                return True
-        elif name == "NOT_LITERAL":
-            if arg != NEWLINE:
-                return True
-        elif name == "ANY":
-            if dotall:
-                return True
-        elif name == "IN":
-            if _set_has_newline(arg):
-                return True
-        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-            if _walk(arg[2], dotall):
-                return True
-        elif name == "SUBPATTERN":
-            if _walk(arg[-1], dotall):
-                return True
-        elif name == "BRANCH":
-            if any(_walk(branch, dotall) for branch in arg[1]):
-                return True
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            # A lookaround consumes nothing, but one that can see a newline peeks past the line.
-            if _walk(arg[1], dotall):
-                return True
-        elif name == "ATOMIC_GROUP":
-            if _walk(arg, dotall):
-                return True
-        elif name in ("AT", "GROUPREF", "GROUPREF_EXISTS"):
-            if name != "AT":
-                return True  # a back-reference could repeat a newline; stay exact
-        else:
-            return True  # anything unforeseen: take the exact path
-    return False
-
-
-def required_literal(pattern: str) -> str | None:
-    """The longest run of plain characters that every match must contain, if any.
-
-    Only the top-level sequence is looked at (not inside groups, branches or repeats), and nothing
-    is promised under IGNORECASE; None when there is no run of at least two characters.
-    """
-    try:
-        parsed = sre_parse.parse(pattern)
-    except re.error:
-        return None
-    if parsed.state.flags & re.IGNORECASE:
-        return None
-    best: list[int] = []
-    run: list[int] = []
-    items: list[tuple[Any, Any]] = list(parsed.data)
-    for op, arg in items:
-        if _name(op) == "LITERAL":
-            run.append(arg)
-            continue
-        if len(run) > len(best):
-            best = run
-        run = []
-    if len(run) > len(best):
-        best = run
-    return "".join(map(chr, best)) if len(best) >= 2 else None
-
-
-def _name(op: object) -> str:
-    """sre opcodes are ints with a `name` (their str() is the number on Python 3.10)."""
-    return str(getattr(op, "name", op))
-
-
-NEWLINE_CATEGORIES = (
-    "CATEGORY_SPACE",
-    "CATEGORY_NOT_DIGIT",
-    "CATEGORY_NOT_WORD",
-    "CATEGORY_LINEBREAK",
+from agent.collectors.linepattern import (
+    MAX_EXPRESSION,
+    NEWLINE,
+    Anchor,
+    Chars,
+    Node,
+    Parsed,
+    alt,
+    capture_expression,
+    empty_line,
+    label_expansion,
+    line_expression,
+    line_form,
+    parse,
+    re2_fits,
+    seq,
+    write,
 )
 
+MAX_PARTS = 10_000  # label sets kept apart per scan (base.MAX_LABEL_SETS); the rest go to ()
+EMPTY_LINE = "^\\x0a"  # reported once per empty line, whose verdict is Python's (linepattern)
+RE2_MAX_MEM = 64 << 20  # re2's budget for one compiled pattern (its default, 8 MiB, is tight)
 
-def _set_has_newline(items: list[tuple[Any, Any]]) -> bool:
-    """Whether a character set `[...]` (or its negation) admits a newline."""
-    negate = any(_name(op) == "NEGATE" for op, _ in items)
-    contains = False
-    for op, arg in items:
-        name = _name(op)
-        if name == "LITERAL":
-            contains |= arg == NEWLINE
-        elif name == "RANGE":
-            contains |= arg[0] <= NEWLINE <= arg[1]
-        elif name == "CATEGORY":
-            contains |= _name(arg) in NEWLINE_CATEGORIES
-    return contains != negate
+__all__ = ["LineMatcher", "check_pattern"]
+
+
+def check_pattern(pattern: str, encoding: str = "utf-8") -> None:
+    """ValueError, one line naming the feature and the fix, unless the pattern runs in linear
+    time on one of the engines; `LogCollector.validate` makes it a ConfigError for the key."""
+    parsed = parse(pattern, encoding)
+    expression = line_expression(parsed.tree)
+    if len(expression) > MAX_EXPRESSION:
+        raise ValueError(
+            f"translates to a {len(expression):,}-byte expression (at most {MAX_EXPRESSION:,}):"
+            " shorten it, or use smaller counted repeats"
+        )
+    on_hyperscan = not expression or _Hyperscan.accepts([expression])
+    if (parsed.names or not on_hyperscan) and not re2_fits(parsed.tree):
+        raise ValueError(
+            "uses counted repeats above 1000 (nested ones multiplied), which re2 refuses; re2"
+            + (" reads the named groups" if parsed.names else " runs what hyperscan cannot")
+            + ": use smaller counts"
+        )
+    if not on_hyperscan:
+        _Re2Lines(parsed)  # compiles, or says why not
+
+
+class _Tally:
+    """What the scan callbacks write into (slots: the callbacks' cost is the engine's cost)."""
+
+    __slots__ = ("by_id", "ends", "last", "n", "shared")
+
+    def __init__(self, ids: int = 0) -> None:
+        self.n = 0
+        self.by_id = [0] * ids
+        self.last = -1
+        self.shared: list[int] = []
+        self.ends: list[int] = []
+
+
+def _on_line(_id: int, _from: int, _to: int, _flags: int, tally: _Tally) -> None:
+    tally.n += 1
+
+
+def _on_line_by_id(id_: int, _from: int, _to: int, _flags: int, tally: _Tally) -> None:
+    tally.by_id[id_] += 1
+
+
+def _on_labelled_line(id_: int, _from: int, to: int, _flags: int, tally: _Tally) -> None:
+    tally.by_id[id_] += 1
+    if to <= tally.last:  # reported again (by another id), or out of order: the line is re-read
+        tally.shared.append(to)
+    else:
+        tally.last = to  # the furthest report so far
+
+
+def _on_line_end(_id: int, _from: int, to: int, _flags: int, tally: _Tally) -> None:
+    tally.ends.append(to)
+
+
+class _Hyperscan:
+    """A hyperscan database of line expressions, ids in list order."""
+
+    def __init__(self, expressions: Sequence[str]) -> None:
+        import hyperscan
+
+        self.db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self.db.compile(
+            expressions=[e.encode("ascii") for e in expressions],
+            ids=list(range(len(expressions))),
+            elements=len(expressions),
+            flags=[hyperscan.HS_FLAG_MULTILINE] * len(expressions),
+        )
+
+    @staticmethod
+    def accepts(expressions: Sequence[str]) -> bool:
+        import hyperscan
+
+        try:
+            _Hyperscan(expressions)
+        except hyperscan.error:
+            return False
+        return True
+
+    def scan(self, data: Any, callback: Callable[..., None], tally: _Tally) -> None:
+        self.db.scan(data, match_event_handler=callback, context=tally)
+
+    def ids(self, line: bytes) -> set[int]:
+        """The ids that match one line (given without its newline)."""
+        tally = _Tally()
+        self.scan(line + b"\n", _on_line_end_id, tally)
+        return set(tally.ends)
+
+
+def _on_line_end_id(id_: int, _from: int, _to: int, _flags: int, tally: _Tally) -> None:
+    tally.ends.append(id_)
+
+
+def _re2() -> Any:
+    """google-re2, imported on first need: about 1.5 MiB of RSS that most patterns never use."""
+    import re2
+
+    return re2
+
+
+def _re2_compile(expression: str) -> Any:
+    re2 = _re2()
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1  # bytes are bytes, not UTF-8
+    options.max_mem = RE2_MAX_MEM
+    options.log_errors = False
+    try:
+        return re2.compile(expression.encode("ascii"), options)
+    except re2.error as e:
+        raise ValueError(f"is too large for the linear-time engines (re2: {e})") from None
+
+
+class _Re2Groups:
+    """The named groups of one line, read with re2 (leftmost-first, as Python)."""
+
+    def __init__(self, tree: Node) -> None:
+        expression, self.names = capture_expression(tree)
+        regex = _re2_compile(expression)
+        # The binding's own matcher: spans for every group at once, half the cost of search().
+        self._match = regex._regexp.Match
+        self._anchor = _re2()._Anchor.UNANCHORED
+
+    def read(self, line: bytes) -> dict[str, bytes | None] | None:
+        spans = self._match(self._anchor, line, 0, len(line))
+        if spans[0][0] < 0:
+            return None
+        return {
+            name: line[s:e] if s >= 0 else None
+            for name, (s, e) in zip(self.names, spans[1:], strict=True)
+        }
+
+
+class _Re2Lines:
+    """re2 alone (what hyperscan refuses): the same line expression, one search per matching
+    line, and empty lines found too, for Python's verdict."""
+
+    def __init__(self, parsed: Parsed) -> None:
+        form = alt(line_form(parsed.tree), seq(Anchor("bol"), Chars(frozenset({NEWLINE}))))
+        regex = _re2_compile("(?m)" + write(form))
+        self._match = regex._regexp.Match
+        self._anchor = _re2()._Anchor.UNANCHORED
+
+    def ends(self, view: memoryview) -> list[int]:
+        """End offsets (after the newline) of the lines that match or are empty."""
+        out, pos, end = [], 0, len(view)
+        while pos < end:
+            (s, e), *_ = self._match(self._anchor, view, pos, end)
+            if s < 0:
+                break
+            out.append(e)
+            pos = e
+        return out
 
 
 class LineMatcher:
@@ -177,138 +207,258 @@ class LineMatcher:
     With named groups other than `value` (its `labels`), each matching line's usage is also added
     to `parts` under the line's label set: a group that did not take part in the line gives that
     label no value. The caller empties `parts` (`take_parts`) between scans it keeps or drops.
+    A pattern that needs backtracking is a ValueError (`check_pattern`).
     """
 
     def __init__(self, pattern: str, mode: str = "count", encoding: str = "utf-8") -> None:
-        raw = pattern.encode(encoding)
         self.mode = mode
         self.encoding = encoding
-        self.pattern = re.compile(raw, re.MULTILINE)
-        self.labels = tuple(sorted(n for n in self.pattern.groupindex if n != "value"))
+        self._parsed = parse(pattern, encoding)
+        self.labels = tuple(sorted(n for n in self._parsed.names if n != "value"))
         self.parts: dict[LabelSet, Any] | None = {} if self.labels else None
         self.keep_label: str | None = None  # never folded beyond MAX_PARTS (base.fold)
-        self._label_sets: dict[Any, LabelSet] = {}  # raw group values -> label set (a cache)
-        self._exact = may_match_newline(pattern) or mode == "sum"
-        self.exact = self._exact or bool(self.labels)
-        # One match per line (see the module docstring); the empty group keeps findall cheap.
-        # Leading global flags such as (?i) must stay in front of the wrapper.
-        flags = GLOBAL_FLAGS.match(raw)
-        lead, body = (flags.group(0), raw[flags.end() :]) if flags else (b"", raw)
-        self._fast = re.compile(lead + b"(?:" + body + b")[^\n]*\n()", re.MULTILINE)
-        literal = required_literal(pattern)
-        self.line_by_line = needs_line_by_line(pattern)
-        # Short literals gain nothing: bytes.count is slow on them when their first byte is common.
-        usable = literal is not None and len(literal) >= 6 and not self.line_by_line
-        self.literal = literal.encode(encoding) if usable and literal else None
-        self._trust_regex = 0
+        self._label_sets: dict[tuple[bytes | None, ...], LabelSet] = {}  # a cache
         self.bad_values = 0
         self.matched_lines = 0  # in sum mode: how many lines matched (count mode: the value)
+        self._empty = empty_line(self._parsed.raw)  # Python's verdict on an empty line
+        self._scan: Callable[[Any, int, int], Decimal] | None = None
+        self._engine = ""
+        self._hs: _Hyperscan | None = None
+        self._groups: _Re2Groups | None = None
+        self._re2_lines: _Re2Lines | None = None
+        self._combos: list[tuple[bytes | None, ...]] = []  # per expression id: label values
+        self._main_ids = 0  # expressions before the empty-line one
+        self._with_empty = False  # the empty-line expression is compiled after them
+        self._empty_ids: set[int] = set()  # the ids that match an empty line
+
+    # -- the public surface (log.py) -------------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        """Whether each matching line is looked at on its own (its labels or value are read)."""
+        return self.parts is not None or self.mode == "sum"
+
+    @property
+    def engine(self) -> str:
+        """Which engine runs this pattern, and how (for `check`)."""
+        self._choose()
+        return self._engine
+
+    def count_labels(self, on: bool) -> None:
+        """Off: the labels are not counted (no allocations bill them), and a pattern whose only
+        slow part is its named groups keeps the plain count."""
+        parts: dict[LabelSet, Any] | None = {} if on and self.labels else None
+        if (parts is None) != (self.parts is None):
+            self._scan = None  # chosen again at the next scan
+        self.parts = parts
+
+    def take_parts(self) -> dict[LabelSet, Decimal]:
+        """The usage per label set since the last call (nothing without labels), then empty."""
+        parts, self.parts = self.parts or {}, None if self.parts is None else {}
+        return {k: Decimal(v) for k, v in parts.items() if v}
 
     def scan(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> Decimal:
         """Count (or sum over) the matching lines in buf[start:end], which holds complete lines."""
         end = len(buf) if end is None else end
-        if self.line_by_line:
-            return self._scan_line_by_line(buf, start, end)
-        total = Decimal(0)
-        if self.literal is not None and self._trust_regex == 0:
-            # A long literal is found at memchr speed: visit only the lines that hold it. When
-            # they turn out dense, the regex engine takes the rest of the buffer, and the next few
-            # blocks go straight to it (a busy log stays busy).
-            total, start = self._scan_candidates(buf, start, end)
-            if start >= end:
-                return total
-            self._trust_regex = DENSE_SKIP
-        elif self._trust_regex:
-            self._trust_regex -= 1
-        if not self.exact:
-            return total + len(self._fast.findall(buf, start, end))
-        return total + self._scan_exact(buf, start, end)
-
-    def _scan_candidates(self, buf: bytes | bytearray, start: int, end: int) -> tuple[Decimal, int]:
-        """Judge only the lines holding the required literal. Returns (value, where it stopped):
-        `end`, or the start of a line once candidates come denser than one per SPARSE_BYTES."""
-        assert self.literal is not None
-        total = Decimal(0)
-        find, rfind, search = buf.find, buf.rfind, self.pattern.search
-        pos, seen = start, 0
-        while True:
-            i = find(self.literal, pos, end)
-            if i < 0:
-                return total, end
-            line_start = max(rfind(b"\n", start, i) + 1, start)  # rfind gives -1: not 0
-            line_end = find(b"\n", i, end)
-            if line_end < 0:
-                line_end = end
-            m = search(buf, line_start, line_end)
-            if m is not None:
-                total += self._usage(m)
-            pos = line_end + 1
-            seen += 1
-            if seen >= DENSE_AFTER and seen * SPARSE_BYTES > pos - start:
-                return total, pos
-
-    def _scan_line_by_line(self, buf: bytes | bytearray, start: int, end: int) -> Decimal:
-        """Each line as its own string: exact for any pattern, at per-line Python speed."""
-        total = Decimal(0)
-        search, find = self.pattern.search, buf.find
-        pos = start
-        while pos < end:
-            line_end = find(b"\n", pos, end)
-            if line_end < 0:
-                line_end = end
-            m = search(bytes(buf[pos:line_end]))
-            if m is not None:
-                total += self._usage(m)
-            pos = line_end + 1
-        return total
-
-    def _usage(self, m: re.Match[bytes]) -> Any:
-        """A matching line's usage (1, or its value in sum mode), also added to its label set
-        while labels are counted."""
-        if self.parts is not None:
-            return self._take(m)
-        return self._value(m) if self.mode == "sum" else 1
+        if end <= start:
+            return Decimal(0)
+        scan = self._scan or self._choose()
+        return scan(buf, start, end)
 
     def match_line(self, line: bytes) -> Decimal:
         """The value one line adds (0 or 1 in count mode): used for capped very long lines."""
-        return self._scan_line_by_line(line, 0, len(line))
+        return self.scan(bytes(line) + b"\n")
 
-    def _scan_exact(self, buf: bytes | bytearray, start: int, end: int) -> Decimal:
+    # -- choosing the engine -------------------------------------------------------------------
+
+    def _choose(self) -> Callable[[Any, int, int], Decimal]:
+        if self._scan is not None:
+            return self._scan
+        tree = self._parsed.tree
+        expression = line_expression(tree)
+        grouped = self.exact
+        if not expression and self._empty is None:
+            self._engine, self._scan = "none (no line can match)", self._scan_nothing
+            return self._scan
+        if grouped and self.mode == "count" and self._choose_expanded():
+            return self._scan  # type: ignore[return-value]
+        main = [expression] if expression else []
+        try:
+            self._hs_with_empty(main, per_id=grouped)
+        except ValueError:
+            self._re2_lines = self._re2_lines or _Re2Lines(self._parsed)
+            if grouped:
+                self._groups = self._groups or _Re2Groups(tree)
+            self._engine, self._scan = "re2", self._scan_re2
+            return self._scan
+        if grouped:
+            self._groups = self._groups or _Re2Groups(tree)
+            what = " and ".join(
+                w for w, on in (("labels", self.parts is not None), ("values", self.mode == "sum"))
+                if on
+            )  # fmt: skip
+            self._engine, self._scan = f"hyperscan + re2 for {what}", self._scan_then_read
+        elif self._with_empty:
+            self._engine, self._scan = "hyperscan", self._scan_count_by_id
+        else:
+            self._engine, self._scan = "hyperscan", self._scan_count
+        return self._scan
+
+    def _hs_with_empty(self, main: list[str], per_id: bool) -> None:
+        """Compile `main` with hyperscan, and the empty-line expression after them when empty
+        lines need Python's verdict: always where lines are read per id (labels), else when
+        the engine's verdict on an empty line differs from Python's."""
+        import hyperscan
+
+        try:
+            hs = _Hyperscan(main) if main else None
+            on_empty = hs.ids(b"") if hs is not None else set()
+            self._empty_ids = on_empty
+            self._with_empty = (
+                bool(on_empty) or self._empty is not None
+                if per_id
+                else bool(on_empty) != (self._empty is not None)
+            )
+            if self._with_empty:
+                hs = _Hyperscan([*main, EMPTY_LINE])
+        except hyperscan.error as e:
+            raise ValueError(str(e)) from None
+        assert hs is not None
+        self._hs = hs
+        self._main_ids = len(main)
+
+    def _choose_expanded(self) -> bool:
+        expansion = label_expansion(self._parsed.tree, self.labels)
+        if expansion is None:
+            return False
+        expressions = []
+        self._combos = []
+        for values, tree in expansion:
+            expression = line_expression(tree)
+            if expression:
+                expressions.append(expression)
+                self._combos.append(tuple(values[n] for n in self.labels))
+        if not expressions:
+            return False
+        try:
+            self._hs_with_empty(expressions, per_id=True)
+        except ValueError:
+            return False
+        self._engine = f"hyperscan, labels as {len(expressions)} expressions"
+        self._scan = self._scan_expanded
+        return True
+
+    # -- the scans -------------------------------------------------------------------------------
+
+    def _scan_nothing(self, buf: Any, start: int, end: int) -> Decimal:
+        return Decimal(0)
+
+    def _scan_count(self, buf: Any, start: int, end: int) -> Decimal:
+        assert self._hs is not None
+        tally = _Tally()
+        with memoryview(buf) as view:
+            self._hs.scan(view[start:end], _on_line, tally)
+        return Decimal(tally.n)
+
+    def _scan_count_by_id(self, buf: Any, start: int, end: int) -> Decimal:
+        """Counting where the engine and Python disagree on an empty line (`\\B`, before 3.14):
+        the engine's count, corrected by the number of empty lines."""
+        assert self._hs is not None
+        tally = _Tally(self._main_ids + 1)
+        with memoryview(buf) as view:
+            self._hs.scan(view[start:end], _on_line_by_id, tally)
+        empties = tally.by_id[-1]
+        n = sum(tally.by_id[: self._main_ids]) - (empties if self._empty_ids else 0)
+        return Decimal(n + (empties if self._empty is not None else 0))
+
+    def _scan_expanded(self, buf: Any, start: int, end: int) -> Decimal:
+        """Labels by expression: each id's count goes to its label values, except on the lines
+        that several ids reported (and empty lines), which are read on their own."""
+        assert self._hs is not None
+        tally = _Tally(self._main_ids + self._with_empty)
+        with memoryview(buf) as view:
+            self._hs.scan(view[start:end], _on_labelled_line, tally)
         total = Decimal(0)
-        pos = start
-        search = self.pattern.search
-        while pos < end:
-            m = search(buf, pos, end)
-            if m is None or m.start() >= end:
-                break  # (an empty match at `end` is the start of a line that is not ours)
-            # No newline between `start` and the match: the line starts at `start`, not at 0.
-            line_start = max(buf.rfind(b"\n", start, m.start()) + 1, start)
-            line_end = buf.find(b"\n", m.start(), end)
-            if line_end < 0:
-                line_end = end
-            if m.end() > line_end:  # it ran past its line: judge the line on its own
-                m = search(buf, line_start, line_end)
-            if m is not None:
-                total += self._usage(m)
-            pos = line_end + 1
+        by_id = tally.by_id
+        for to in sorted(set(tally.shared)):
+            line = self._line(buf, start, to)
+            for i in self._hs.ids(line):
+                by_id[i] -= 1
+            total += self._read_line(line)
+        for i, n in enumerate(by_id[: self._main_ids]):
+            if n:
+                total += n
+                self._add_part(self._combos[i], n)
+        if self._with_empty and by_id[-1] and self._empty is not None:
+            for _ in range(by_id[-1]):
+                total += self._use_groups(self._empty)
         return total
 
-    def _take(self, m: re.Match[bytes]) -> Decimal | int:
-        """The line's usage, also added to its label set in `parts`."""
-        assert self.parts is not None
-        value: Decimal | int = self._value(m) if self.mode == "sum" else 1
-        raw = m.group(*self.labels)
+    def _scan_then_read(self, buf: Any, start: int, end: int) -> Decimal:
+        """Hyperscan finds the matching lines; re2 reads each one's groups."""
+        assert self._hs is not None
+        tally = _Tally()
+        with memoryview(buf) as view:
+            self._hs.scan(view[start:end], _on_line_end, tally)
+        total = Decimal(0)
+        for to in sorted(set(tally.ends)):  # (an empty line is reported twice: see _hs_with_empty)
+            total += self._read_line(self._line(buf, start, to))
+        return total
+
+    def _scan_re2(self, buf: Any, start: int, end: int) -> Decimal:
+        assert self._re2_lines is not None
+        total = Decimal(0)
+        with memoryview(buf) as view:
+            ends = self._re2_lines.ends(view[start:end])
+        for to in ends:
+            line = self._line(buf, start, to)
+            if self.exact:
+                total += self._read_line(line)
+            elif line or self._empty is not None:
+                total += 1
+        return total
+
+    # -- one line --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _line(buf: Any, start: int, to: int) -> bytes:
+        """The line whose newline ends at `to` (relative to `start`), without its newline."""
+        end = start + to - 1
+        return bytes(buf[max(buf.rfind(b"\n", start, end) + 1, start) : end])
+
+    def _read_line(self, line: bytes) -> Decimal | int:
+        """A line an engine reported: its usage from its own groups (Python's verdict when it is
+        empty)."""
+        if not line:
+            return 0 if self._empty is None else self._use_groups(self._empty)
+        if self._groups is None:
+            self._groups = _Re2Groups(self._parsed.tree)
+        groups = self._groups.read(line)
+        if groups is None:  # the engines disagree: count the line as hyperscan found it
+            groups = {}
+        return self._use_groups(groups)
+
+    def _use_groups(self, groups: Mapping[str, bytes | None]) -> Decimal | int:
+        value: Decimal | int = self._value(groups.get("value")) if self.mode == "sum" else 1
+        if self.parts is not None:
+            self._add_part(tuple(groups.get(n) for n in self.labels), value)
+        return value
+
+    def _add_part(self, raw: tuple[bytes | None, ...], value: Decimal | int) -> None:
+        """Add usage to its label set in `parts`; beyond MAX_PARTS label sets, a new one's usage
+        goes to its folded set."""
+        parts = self.parts
+        if parts is None:
+            return
         key = self._label_sets.get(raw)
         if key is None:
-            values: tuple[Any, ...] = (raw,) if len(self.labels) == 1 else raw
             key = tuple(
                 (name, v.decode(self.encoding, errors="replace"))
-                for name, v in zip(self.labels, values, strict=True)
+                for name, v in zip(self.labels, raw, strict=True)
                 if v is not None
             )
             if len(self._label_sets) < MAX_PARTS:
                 self._label_sets[raw] = key
-        parts = self.parts
         if key in parts:
             parts[key] += value
         elif len(parts) < MAX_PARTS:
@@ -316,24 +466,11 @@ class LineMatcher:
         else:
             key = fold(key, self.keep_label)
             parts[key] = parts.get(key, 0) + value
-        return value
 
-    def count_labels(self, on: bool) -> None:
-        """Off: the labels are not counted (no allocations bill them), and a pattern whose only
-        slow part is its named groups keeps the fast path."""
-        self.parts = {} if on and self.labels else None
-        self.exact = self._exact or self.parts is not None
-
-    def take_parts(self) -> dict[LabelSet, Decimal]:
-        """The usage per label set since the last call (nothing without labels), then empty."""
-        parts, self.parts = self.parts or {}, None if self.parts is None else {}
-        return {k: Decimal(v) for k, v in parts.items() if v}
-
-    def _value(self, m: re.Match[bytes]) -> Decimal:
+    def _value(self, raw: bytes | None) -> Decimal:
         """The line's number; a value that is not a finite decimal (nan, inf, 1e61, 61 digits)
         adds 0 and is counted in `bad_values`, so one odd line never stops the dimension."""
         self.matched_lines += 1
-        raw = m.group("value")
         try:
             value = (
                 Decimal(raw.decode(self.encoding, errors="replace").strip()) if raw else Decimal(0)

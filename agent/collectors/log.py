@@ -151,7 +151,9 @@ class LogCollector(Collector):
     options: ClassVar[Mapping[str, Field]] = {
         "path": Field(Str(r"/.*", hint="expected an absolute path or glob"), required=True,
                       doc="an absolute file path or glob; new matching files are picked up"),
-        "pattern": Field(Regex(), required=True, doc="Python regex searched in each line"),
+        "pattern": Field(Regex(), required=True,
+                         doc="Python regex searched in each line, matched in linear time: no"
+                             " backreferences, lookarounds, atomic groups or possessive repeats"),
         "mode": Field(Enum(("count", "sum")), default="count",
                       doc="count matching lines, or sum the named group (?P<value>...)"),
         "start_at": Field(Enum(("end", "beginning")), default="end",
@@ -185,6 +187,12 @@ class LogCollector(Collector):
             raise ConfigError(
                 f"{path}.pattern", "mode: sum needs a named group (?P<value>...) holding a number"
             )
+        from agent.collectors.linecount import check_pattern  # (hyperscan: log patterns only)
+
+        try:
+            check_pattern(options["pattern"], encoding)
+        except ValueError as e:
+            raise ConfigError(f"{path}.pattern", str(e)) from None
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
