@@ -607,8 +607,10 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.collectors import linecount
     from agent.daemon import start
 
+    linecount.compile_in_child()  # the compiler's memory stays out of the long-lived daemon
     cfg = load_config(args)
     ownership.check_writer(Path(cfg.state_dir), "run")
     return start(cfg, make_clock(args), log_format=args.log_format).run()

@@ -4,6 +4,7 @@ scan lets other threads run; re2 is loaded only when a pattern's groups need it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -172,10 +173,8 @@ def test_a_matching_line_that_backtracks_before_its_match_reads_its_groups_at_on
 
 
 def test_the_hostile_line_on_re2_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperscan
-
     def refuse(self: Any, expressions: Any) -> None:
-        raise hyperscan.error("refused for the test")
+        raise ValueError("refused for the test")  # what _Hyperscan says of what hyperscan refuses
 
     monkeypatch.setattr(linecount._Hyperscan, "__init__", refuse)
     for pattern in (HOSTILE, r'"(?P<method>GET|POST) /api/(\w+/?)+ HTTP'):
@@ -271,3 +270,18 @@ def test_sum_mode_on_the_hostile_pattern_reads_values_in_linear_time() -> None:
     start = time.perf_counter()
     assert matcher.scan(hostile_log()) == Decimal((512 + 64) * 1000)
     assert time.perf_counter() - start < 0.5
+
+
+def test_a_pattern_compiled_in_a_child_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon compiles hyperscan databases in a short-lived child (`compile_in_child`) and
+    loads them: the same counts, and what hyperscan refuses is still refused."""
+    monkeypatch.setattr(linecount, "_compiler", linecount._InChild())
+    monkeypatch.setattr(linecount, "_cache", {})
+    for pattern in ('"(GET|POST) /api/', r'" 5[0-9][0-9] ', '"GET /api/v1/(?P<kind>items|orders) '):
+        here = LineMatcher(pattern)
+        assert here.engine.startswith("hyperscan")
+        log = hostile_log()
+        assert here.scan(log) == len(
+            [ln for ln in log.split(b"\n") if re.search(pattern.encode(), ln)]
+        )
+    assert not linecount._Hyperscan.accepts([r"(?:.{0,9}a.{0,9}b){50}"])

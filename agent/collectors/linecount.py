@@ -16,6 +16,9 @@ refuses (too large) runs on re2 alone.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -108,32 +111,109 @@ class _Hyperscan:
     def __init__(self, expressions: Sequence[str]) -> None:
         import hyperscan
 
-        self.db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self.db.compile(
-            expressions=[e.encode("ascii") for e in expressions],
-            ids=list(range(len(expressions))),
-            elements=len(expressions),
-            flags=[hyperscan.HS_FLAG_MULTILINE] * len(expressions),
-        )
+        self.db = hyperscan.loadb(_compiled(tuple(expressions)), hyperscan.HS_MODE_BLOCK)
+        self.scratch = hyperscan.Scratch(self.db)  # (a loaded database comes without one)
 
     @staticmethod
     def accepts(expressions: Sequence[str]) -> bool:
-        import hyperscan
-
         try:
-            _Hyperscan(expressions)
-        except hyperscan.error:
+            _compiled(tuple(expressions))
+        except ValueError:
             return False
         return True
 
     def scan(self, data: Any, callback: Callable[..., None], tally: _Tally) -> None:
-        self.db.scan(data, match_event_handler=callback, context=tally)
+        self.db.scan(data, match_event_handler=callback, context=tally, scratch=self.scratch)
 
     def ids(self, line: bytes) -> set[int]:
         """The ids that match one line (given without its newline)."""
         tally = _Tally()
         self.scan(line + b"\n", _on_line_end_id, tally)
         return set(tally.ends)
+
+
+_COMPILE = """
+import hyperscan, json, sys
+expressions = [e.encode("ascii") for e in json.load(sys.stdin)]
+db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+try:
+    db.compile(expressions=expressions, ids=list(range(len(expressions))),
+               elements=len(expressions), flags=[hyperscan.HS_FLAG_MULTILINE] * len(expressions))
+except hyperscan.error as e:
+    sys.stderr.write(str(e))
+    sys.exit(3)
+sys.stdout.buffer.write(hyperscan.dumpb(db))
+"""
+
+
+class _InProcess:
+    """Compile here: what commands and tests use."""
+
+    def compile(self, expressions: tuple[str, ...]) -> bytes:
+        import hyperscan
+
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        try:
+            db.compile(
+                expressions=[e.encode("ascii") for e in expressions],
+                ids=list(range(len(expressions))),
+                elements=len(expressions),
+                flags=[hyperscan.HS_FLAG_MULTILINE] * len(expressions),
+            )
+        except hyperscan.error as e:
+            raise ValueError(str(e)) from None
+        return bytes(hyperscan.dumpb(db))
+
+
+class _InChild:
+    """Compile in a short-lived child and load the result: hyperscan's compiler takes about
+    4 MiB that a long-lived process would keep for good (glibc holds on to what it frees); the
+    compiled database is a few KiB. The daemon compiles this way."""
+
+    def compile(self, expressions: tuple[str, ...]) -> bytes:
+        done = subprocess.run(
+            [sys.executable, "-c", _COMPILE],
+            input=json.dumps(list(expressions)).encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode == 3:
+            raise ValueError(done.stderr.decode(errors="replace").strip())
+        if done.returncode != 0:
+            raise RuntimeError(
+                "compiling a log pattern failed: "
+                + (done.stderr.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
+            )
+        return done.stdout
+
+
+_compiler: _InProcess | _InChild = _InProcess()
+_cache: dict[tuple[str, ...], bytes | ValueError] = {}
+
+
+def compile_in_child() -> None:
+    """Compile hyperscan databases in a short-lived child from now on (the daemon: see
+    `_InChild`)."""
+    global _compiler
+    _compiler = _InChild()
+
+
+def _compiled(expressions: tuple[str, ...]) -> bytes:
+    """The serialized database of these expressions, compiled once per process (config
+    validation and each collector ask for the same); ValueError if hyperscan refuses them."""
+    found = _cache.get(expressions)
+    if found is None:
+        try:
+            found = _compiler.compile(expressions)
+        except ValueError as e:
+            found = e
+        if len(_cache) >= 64:
+            _cache.clear()
+        _cache[expressions] = found
+    if isinstance(found, ValueError):
+        raise found
+    return found
 
 
 def _on_line_end_id(id_: int, _from: int, _to: int, _flags: int, tally: _Tally) -> None:
@@ -308,21 +388,16 @@ class LineMatcher:
         """Compile `main` with hyperscan, and the empty-line expression after them when empty
         lines need Python's verdict: always where lines are read per id (labels), else when
         the engine's verdict on an empty line differs from Python's."""
-        import hyperscan
-
-        try:
-            hs = _Hyperscan(main) if main else None
-            on_empty = hs.ids(b"") if hs is not None else set()
-            self._empty_ids = on_empty
-            self._with_empty = (
-                bool(on_empty) or self._empty is not None
-                if per_id
-                else bool(on_empty) != (self._empty is not None)
-            )
-            if self._with_empty:
-                hs = _Hyperscan([*main, EMPTY_LINE])
-        except hyperscan.error as e:
-            raise ValueError(str(e)) from None
+        hs = _Hyperscan(main) if main else None  # ValueError: hyperscan refuses them
+        on_empty = hs.ids(b"") if hs is not None else set()
+        self._empty_ids = on_empty
+        self._with_empty = (
+            bool(on_empty) or self._empty is not None
+            if per_id
+            else bool(on_empty) != (self._empty is not None)
+        )
+        if self._with_empty:
+            hs = _Hyperscan([*main, EMPTY_LINE])
         assert hs is not None
         self._hs = hs
         self._main_ids = len(main)

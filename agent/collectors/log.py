@@ -680,50 +680,67 @@ class LogCollector(Collector):
         if remaining <= 0:
             return value, offset, skip, {}, False
         self.matcher.take_parts()  # (nothing left over from a read that was not kept)
-        buf = bytearray(min(BLOCK, remaining) + self.max_line + 1)
-        view = memoryview(buf)
-        base, have = offset, 0  # file offset of buf[0]; bytes held
+        # A large read hashes each block in another thread while it reads and scans the next
+        # (two buffers, used in turn); a small one hashes as it goes, in one buffer.
+        parallel = remaining >= 2 * PARALLEL_HASH
+        hasher.pool = _pool() if parallel else None
+        bufs = [bytearray(min(BLOCK, remaining) + self.max_line + 1) for _ in range(1 + parallel)]
+        views = [memoryview(b) for b in bufs]
+        busy: list[Any] = [None] * len(bufs)  # the hashing still reading each buffer
+        base, have, i = offset, 0, 0  # file offset of the current buffer's start; bytes held
+        carry: tuple[int, int, int] | None = None  # the previous buffer's unfinished line
         count_lines = self.count_lines
         cut = False
         try:
             while remaining > 0:
+                buf, view = bufs[i], views[i]
+                if busy[i] is not None:
+                    busy[i].result()
+                if carry is not None:
+                    j, at, end = carry
+                    buf[: end - at] = bufs[j][at:end]
                 n = f.readinto(view[have : have + min(len(buf) - have, remaining)])
                 if not n:
                     break
                 remaining -= n
                 end = have + n
                 start = 0
+                i_next = (i + 1) % len(bufs)
                 if skip:
                     nl = buf.find(b"\n", 0, end)
                     if nl < 0:
-                        hasher.update(view[:end])
-                        base, have = base + end, 0
+                        busy[i] = hasher.feed(view[:end])
+                        base, have, carry, i = base + end, 0, None, i_next
                         continue
                     start, skip = nl + 1, False
                 last = buf.rfind(b"\n", start, end) + 1
                 if last <= start:
                     last = start
-                pool = _pool() if last >= PARALLEL_HASH else None
-                finish = hasher.start(view[:last], pool)
                 if last > start:
                     value += self.matcher.scan(buf, start, last)
                     if count_lines:
                         self.last.lines += buf.count(b"\n", start, last)
-                finish()
                 tail = end - last
                 if tail > self.max_line:
                     value += self.matcher.match_line(bytes(buf[last : last + self.max_line]))
                     self.last.lines += 1
-                    hasher.update(view[last:end])
-                    base, have, skip = base + end, 0, True
+                    busy[i] = hasher.feed(view[:end])
+                    base, have, carry, skip, i = base + end, 0, None, True, i_next
                     continue
-                buf[:tail] = buf[last:end]
-                base, have = base + last, tail
+                busy[i] = hasher.feed(view[:last])
+                base, have, carry, i = base + last, tail, (i, last, end), i_next
+                if len(bufs) == 1 and tail:
+                    hasher.wait()  # (one buffer: hashed before its tail moves to its front)
+                    busy[0] = None
+                    buf[:tail] = buf[last:end]
+                    carry = None
                 if remaining > 0 and not in_time():
                     cut = True
                     break
         finally:
-            view.release()
+            hasher.wait()
+            for v in views:
+                v.release()
         return value, base, skip, self.matcher.take_parts(), cut
 
     # -- after the reads ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ it produced), small and bounded: a few integers, two paths and the copies known 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -213,26 +213,29 @@ class Hasher:
     the bytes cross HEAD. Behind (`Stream.base` set: a start at the end has not hashed the bytes
     it skipped yet), it hashes the consumed bytes apart, to be joined later (`catch_up`)."""
 
-    def __init__(self, s: Stream) -> None:
+    def __init__(self, s: Stream, pool: Any = None) -> None:
         self.behind = s.base is not None
         self.at = s.off if self.behind else s.ck
         self.value = s.rest if self.behind else s.crc
         self.head: tuple[int, int] | None = None
+        self.pool = pool  # a one-thread executor: hashing runs there, in order
+        self._last: Any = None
 
-    def start(self, data: Any, pool: Any = None) -> Callable[[], None]:
-        """Hash `data` (in `pool`'s thread when given: the caller scans meanwhile); the returned
-        call completes it."""
-        if pool is None or self.behind or self.at < HEAD:
+    def feed(self, data: Any) -> Any:
+        """Hash `data` next: in the pool's thread when there is one (in order, while the caller
+        reads and scans on; zlib lets go of the GIL), else at once. Returns what to wait on
+        (`.result()`) before `data`'s buffer is written again, or None."""
+        if self.pool is None:
             self.update(data)
-            return lambda: None
-        job = pool.submit(zlib.crc32, data, self.value)
-        n = len(data)
+            return None
+        self._last = self.pool.submit(self.update, data)
+        return self._last
 
-        def finish() -> None:
-            self.value = job.result()
-            self.at += n
-
-        return finish
+    def wait(self) -> None:
+        """Until everything fed is hashed: `at`, `value` and `head` are final."""
+        if self._last is not None:
+            self._last.result()
+            self._last = None
 
     def update(self, data: Any) -> None:
         n = len(data)
