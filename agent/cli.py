@@ -20,9 +20,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, ownership
+from agent import __version__
 from agent.clock import Clock
 from agent.errors import EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, AgentError, Unavailable
+from agent.host import ownership
 
 log = logging.getLogger("agent")
 
@@ -262,7 +263,7 @@ def make_clock(args: argparse.Namespace) -> Clock:
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
-    from agent.logs import JsonFormatter, Redact, text_formatter
+    from agent.host.logs import JsonFormatter, Redact, text_formatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redact())
@@ -331,7 +332,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     for trap in traps(cfg):
         print(f"warning: {trap}", flush=True)
-    from agent import platform
+    from agent.host import platform
 
     plat = platform.detect(cfg.platform, os.environ)
     _say("ok", f"platform {plat.name} ({plat.how})")
@@ -392,7 +393,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def check_identity(plat: Any, metadata: Any) -> None:
     """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
     or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
-    from agent import metering, platform
+    from agent import metering
+    from agent.host import platform
 
     if plat.container:
         task_id, source = platform.identity(plat.name, os.environ, metadata)
@@ -426,7 +428,7 @@ def warn_service_access(cfg: Any) -> None:
     """Run as root, `check` reads every file; the service cannot. Say which logs it would miss."""
     if os.geteuid() != 0:
         return  # the check's own reads already ran with this user's rights
-    from agent import access
+    from agent.host import access
 
     who = access.service_account()
     for dim in cfg.dimensions:
@@ -620,7 +622,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
     send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
     ledger = Ledger(cfg.state_dir)
-    from agent import platform
+    from agent.host import platform
 
     plat = platform.detect(cfg.platform, os.environ)
     try:

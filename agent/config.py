@@ -529,7 +529,7 @@ def traps(cfg: Config) -> list[str]:
     left in bills nothing, and `up` rounding below the billed step bills a whole step for a crumb.
     """
     from agent.aggregate import to_quantity
-    from agent.productlock import is_loopback
+    from agent.host.locks import is_loopback
 
     found = []
     if is_loopback(cfg.metering.endpoint_url):

@@ -42,18 +42,19 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, identity, ownership, sealing, stopreason
-from agent import platform as platforms
+from agent import health, identity, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config, Dimension, load
 from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
 from agent.hooks import Hooks
+from agent.host import ownership, stopreason
+from agent.host import platform as platforms
+from agent.host.locks import ProductLock, is_loopback
+from agent.host.sdnotify import Notifier
 from agent.ledger import INSTANT_TAKEN, Ledger
 from agent.metering import Imds, resolve_region
-from agent.productlock import ProductLock, is_loopback
 from agent.reads import Reads
 from agent.sampling import Sample, Sampler
-from agent.sdnotify import Notifier
 from agent.sending import due
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.host.ownership import adopt
 from agent.ledger import Ledger, SealedHour, UnreadUsage
 from agent.metering import HELD
-from agent.ownership import adopt
 
 HEALTH_FILE = "health.json"
 LOOKBACK = 24 * HOUR

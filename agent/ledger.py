@@ -446,7 +446,7 @@ class Ledger:
             # FULL: a transaction that returned is on disk, even across power loss.
             self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
-            from agent.ownership import adopt
+            from agent.host.ownership import adopt
 
             adopt(Path(state_dir), *(Path(f"{self.path}{x}") for x in ("", "-wal", "-shm")))
         self.db.execute("PRAGMA busy_timeout=30000")

@@ -21,14 +21,14 @@ from agent.aggregate import Quantity
 from agent.allocations import Allocation, to_json
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.ledger import SealedHour
-from agent.platform import (
+from agent.host.platform import (
     NODE_ROLE_CODE,
     ROLE_TO_SET,
     TaskMetadata,
     node_role_refusal,
     task_region,
 )
+from agent.ledger import SealedHour
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from agent import health, sealing, sending
-from agent import platform as platforms
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import Config
 from agent.errors import AgentError
+from agent.host import platform as platforms
 from agent.ledger import LEDGER_FILE, Ledger, UnreadUsage
 from agent.report import NO_LABEL, customer_row, hour_row, table
 

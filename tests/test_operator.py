@@ -12,8 +12,8 @@ import pytest
 
 from agent import hooks as hooks_module
 from agent.hooks import Hooks
+from agent.host.logs import JsonFormatter, Redact, redact
 from agent.ledger import Ledger
-from agent.logs import JsonFormatter, Redact, redact
 from agent.report import UsageError, parse_when
 from agent.sealing import seal_hours
 from tests.billing import H, make_config

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity, platform
+from agent import identity
 from agent.aggregate import Quantity
 from agent.config import load
 from agent.daemon import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
+from agent.host import platform
 from agent.ledger import Ledger, SealedHour
 from agent.metering import ImdsError, MeteringClient, resolve_region
 from agent.sealing import seal_hours
