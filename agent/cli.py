@@ -283,7 +283,7 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def load_config(args: argparse.Namespace) -> Any:
-    from agent import config
+    from agent.config import loader as config
 
     return config.load(config.resolve_path(args.config))
 
@@ -328,7 +328,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             _say("ok", f"collector {dim.name}: read {_num(s.raw)}")
     warn_service_access(cfg)
-    from agent.config import traps
+    from agent.config.loader import traps
 
     for trap in traps(cfg):
         print(f"warning: {trap}", flush=True)
@@ -736,7 +736,7 @@ def _known(ledger: Any, args: argparse.Namespace) -> bool:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from agent.config import json_schema
+    from agent.config.loader import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return EX_OK
@@ -784,7 +784,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from agent import config, trial
+    from agent import trial
+    from agent.config import loader as config
     from agent.errors import ConfigError
 
     cfg = config.load(config.resolve_path(args.config))

@@ -128,7 +128,7 @@ def make_app(
 ) -> WsgiApp:
     """The WSGI application. `config`: a loaded Config, a path, or None ($METERING_AGENT_CONFIG,
     else /etc/metering-agent/config.yaml); `redirect` overrides saas.registration.redirect."""
-    from agent import config as config_module
+    from agent.config import loader as config_module
     from agent.customers import require_saas
 
     cfg = config

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from agent.config import Config, traps
+from agent.config.loader import Config, traps
 from agent.errors import AgentError, LockHeld
 from agent.ledger import Ledger
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from agent import config as config_mod
 from agent.clock import HOUR, Clock, hour_start, iso_hour
+from agent.config import loader as config_mod
 from agent.emulator import Emulator, Record, ServiceError, Settings, _timestamp
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 
