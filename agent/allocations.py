@@ -15,10 +15,10 @@ from decimal import ROUND_FLOOR, Decimal, localcontext
 from typing import TYPE_CHECKING, Any
 
 from agent.aggregate import HOUR, LabelSet, Point, Quantity, combine
-from agent.config.loader import TAG_CHAR
+from agent.config.model import TAG_CHAR
 
 if TYPE_CHECKING:
-    from agent.config.loader import Dimension
+    from agent.config.model import Dimension
 
 Tags = tuple[tuple[str, str], ...]  # (tag key, value) sorted by key; () is the untagged bucket
 MAX_ALLOCATIONS = 2500

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from agent import sending
 from agent.allocations import to_json
 from agent.clock import Clock, iso_hour
-from agent.config.loader import Config
+from agent.config.model import Config
 from agent.ledger import CustomerRef, Ledger, SealedHour
 from agent.metering import (
     BATCH_INVALID,

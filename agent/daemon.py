@@ -44,7 +44,8 @@ from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.config.loader import Config, Dimension, load
+from agent.config.loader import load
+from agent.config.model import Config, Dimension
 from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
 from agent.hooks import Hooks
 from agent.host import ownership, stopreason

@@ -62,7 +62,7 @@ from typing import Any
 from agent.aggregate import DECIMAL_PATTERN, MAX_INT
 from agent.allocations import MAX_ALLOCATIONS, MAX_TAG_VALUE
 from agent.clock import HOUR, Clock, hour_start, iso
-from agent.config.loader import MAX_TAGS, PRODUCT_CODE, TAG_CHAR
+from agent.config.model import MAX_TAGS, PRODUCT_CODE, TAG_CHAR
 
 TARGET_PREFIX = "AWSMPMeteringService."
 MAX_AGE = 6 * HOUR

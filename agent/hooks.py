@@ -15,7 +15,7 @@ import threading
 import time
 
 from agent.clock import Clock, iso
-from agent.config.loader import Config, Hook
+from agent.config.model import Config, Hook
 from agent.ledger import Ledger
 
 log = logging.getLogger(__name__)

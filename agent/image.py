@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from agent.config.loader import Config, traps
+from agent.config.loader import traps
+from agent.config.model import Config
 from agent.errors import AgentError, LockHeld
 from agent.ledger import Ledger
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock, iso
-from agent.config.loader import Config
+from agent.config.model import Config
 from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, NotAuthorized, Unavailable
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Any
 from agent.aggregate import LabelSet, Point, Quantity, to_quantity
 from agent.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, iso_hour
-from agent.config.loader import Config, Dimension
+from agent.config.model import Config, Dimension
 from agent.ledger import HeldUsage, Ledger
 
 log = logging.getLogger(__name__)

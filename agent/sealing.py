@@ -18,7 +18,7 @@ from decimal import Decimal
 from agent.aggregate import Point, Quantity, combine_exact, to_decimal, to_quantity
 from agent.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, hour_start, iso, iso_hour
-from agent.config.loader import Config, Dimension
+from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import NoReturn, Protocol
 
 from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.config.loader import Config
+from agent.config.model import Config
 from agent.host import platform as platforms
 from agent.ledger import Ledger, SealedHour, SendState
 from agent.metering import PRODUCT_CODE_REFUSED, SIGNING, Outcome

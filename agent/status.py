@@ -15,7 +15,7 @@ from typing import Any
 
 from agent import health, sealing, sending
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.config.loader import Config
+from agent.config.model import Config
 from agent.errors import AgentError
 from agent.host import platform as platforms
 from agent.ledger import LEDGER_FILE, Ledger, UnreadUsage

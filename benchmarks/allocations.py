@@ -21,7 +21,7 @@ import hashlib, json, resource, sys, tempfile, time
 from decimal import Decimal
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from agent.config import loader as config
+from agent import config
 from agent.ledger import Ledger
 from agent.sealing import seal_hours
 

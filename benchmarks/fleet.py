@@ -44,8 +44,8 @@ from typing import Any
 from agent.aggregate import Quantity
 from agent.batching import BatchSender
 from agent.clock import Clock
-from agent.config.loader import Config
-from agent.config.loader import load as load_config
+from agent.config import Config
+from agent.config import load as load_config
 from agent.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import loader as config_mod
+from agent import config as config_mod
 from agent.ledger import Customer, Ledger
 from agent.sealing import seal_hours, span_for
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import config
 from agent.aggregate import Quantity
-from agent.config import loader as config
 from agent.ledger import SealedHour
 from agent.metering import Outcome
 from tests.conftest import PRODUCT

@@ -40,8 +40,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from agent import config
 from agent.collectors.base import Unread
-from agent.config import loader as config
 from agent.ledger import Ledger
 from agent.sampling import Sampler
 from tests.conftest import PRODUCT

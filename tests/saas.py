@@ -9,9 +9,9 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent import config
 from agent.aggregate import Quantity
 from agent.allocations import Allocation
-from agent.config import loader as config
 from agent.ledger import Customer, Ledger
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock

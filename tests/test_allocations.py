@@ -20,7 +20,7 @@ from agent.allocations import (
     tag_value,
     tags_of,
 )
-from agent.config.loader import CollectorConfig, Dimension
+from agent.config import CollectorConfig, Dimension
 from agent.sealing import billed
 
 D = Decimal

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from agent import config
 from agent.collectors import Collector, Reading, Registry
-from agent.config import loader as config
 from agent.errors import EX_CONFIG, ConfigError
 from tests.conftest import PRODUCT, run_cli
 

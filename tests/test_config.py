@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import config
 from agent.collectors import Registry
-from agent.config import loader as config
 from agent.errors import EX_CONFIG, ConfigError
 from tests.billing import make_config
 from tests.conftest import PRODUCT, ROOT, run_cli

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.config import loader as config_mod
+from agent import config as config_mod
 from agent.daemon import STOP_FLUSH
 from tests.conftest import ROOT
 

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 
 import pytest
 
+from agent import config
 from agent.collectors import Reading, Registry, Sources, series_key, series_labels
 from agent.collectors.system import SystemCollector
-from agent.config import loader as config
 from agent.errors import ConfigError
 from agent.sampling import Sampler, counter_parts
 from tests.conftest import PRODUCT

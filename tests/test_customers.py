@@ -314,7 +314,7 @@ def wsgi(app: Any, method: str, body: bytes = b"") -> tuple[str, dict[str, str],
 
 
 def test_app_registers_and_redirects_with_quoted_fields(emu: Emulator, tmp_path: Path) -> None:
-    from agent.config import loader as config
+    from agent import config
 
     cfg = config.load(saas_config(tmp_path, emu.url))
     app = make_app(cfg)
@@ -338,7 +338,7 @@ def test_app_registers_and_redirects_with_quoted_fields(emu: Emulator, tmp_path:
 
 
 def test_app_unavailable_service_is_503(tmp_path: Path, creds: None) -> None:
-    from agent.config import loader as config
+    from agent import config
 
     cfg = config.load(saas_config(tmp_path, "http://127.0.0.1:9"))
     registrar = Registrar(cfg, Shifted())
@@ -367,7 +367,7 @@ def test_a_redirect_naming_an_unknown_field_is_a_config_error(
 def test_a_token_for_another_product_is_refused(
     emu: Emulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.config import loader as config
+    from agent import config
 
     path = saas_config(tmp_path, emu.url)
     other = emu.issue_token(account=ACCOUNT, license=LICENSE, product="zzzz1234efgh5678ijkl90mn")

@@ -14,8 +14,8 @@ import pytest
 from agent import daemon, identity
 from agent.clock import Clock, iso_hour
 from agent.collectors import Registry, Sources
-from agent.config.loader import Config
-from agent.config.loader import load as config_load
+from agent.config import Config
+from agent.config import load as config_load
 from agent.daemon import (
     RUNNING_CONFIG,
     ClockTrigger,

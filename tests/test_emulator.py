@@ -183,7 +183,7 @@ def test_a_product_code_the_config_refuses_the_service_refuses(
     emulator: Emulator, product: str
 ) -> None:
     """One pattern for both: a 0-character product code was once accepted here."""
-    from agent.config.loader import PRODUCT_CODE
+    from agent.config import PRODUCT_CODE
     from agent.emulator import ServiceError
 
     assert re.fullmatch(PRODUCT_CODE, product) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import image
-from agent.config.loader import load
+from agent.config import load
 from agent.daemon import StateLock
 from agent.errors import EX_CONFIG, AgentError, LockHeld
 from agent.ledger import Ledger

@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 
 import pytest
 
+from agent import config
 from agent.aggregate import LabelSet
 from agent.collectors import Collector, CollectorError, Reading, Registry, Sources
 from agent.collectors.http import HttpCollector
 from agent.collectors.linecount import LineMatcher
-from agent.config import loader as config
 from agent.ledger import Ledger
 from agent.sampling import Sampler, _exact_breakdown
 from tests.billing import H

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import loader as config
+from agent import config
 from tests.rotation import (
     LOGROTATE,
     Agent,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import loader as config
+from agent import config
 from tests.conftest import PRODUCT
 from tests.rotation import LOGROTATE, PATTERN, Agent, matching, nginx_json
 

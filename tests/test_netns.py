@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import config
 from agent.collectors import Registry, Sources
-from agent.config import loader as config
 from agent.sampling import Sampler
 from tests.conftest import PRODUCT
 

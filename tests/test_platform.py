@@ -13,7 +13,7 @@ import pytest
 
 from agent import identity
 from agent.aggregate import Quantity
-from agent.config.loader import load
+from agent.config import load
 from agent.daemon import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError

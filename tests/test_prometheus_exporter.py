@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import sealing
+from agent import config, sealing
 from agent.collectors import Registry, Sources
-from agent.config import loader as config
 from agent.ledger import Ledger
 from agent.sampling import Sampler
 from tests.billing import H

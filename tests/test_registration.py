@@ -22,9 +22,9 @@ from botocore.stub import Stubber
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from agent import config as config_mod
 from agent import registration, status
-from agent.config import loader as config_mod
-from agent.config.loader import RegisterUsage, public_key_problem
+from agent.config import RegisterUsage, public_key_problem
 from agent.emulator import Emulator, ServiceError, Settings, b64url, sign_jwt
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
 from agent.ledger import Ledger

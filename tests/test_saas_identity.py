@@ -196,7 +196,7 @@ def test_the_registration_page_of_a_buyer_added_by_hand_keeps_its_label(
     the account id): redirected as registered under 'acme', no second label stored."""
     import urllib.parse
 
-    from agent.config import loader as config
+    from agent import config
     from agent.fulfillment import make_app
     from tests.test_customers import wsgi
 

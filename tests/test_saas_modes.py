@@ -9,11 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from agent import config as config_mod
 from agent import health
 from agent.aggregate import Quantity
 from agent.batching import BatchSender
 from agent.clock import iso_hour
-from agent.config import loader as config_mod
 from agent.ledger import Customer, Ledger
 from agent.metering import BatchOutcome, Outcome
 from agent.sending import Sender, due, sendable_at

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import config as config_mod
 from agent.aggregate import LabelSet, Point, to_quantity
 from agent.allocations import allocate, to_json
-from agent.config import loader as config_mod
-from agent.config.loader import Config, Dimension
+from agent.config import Config, Dimension
 from agent.errors import ConfigError
 from agent.ledger import Customer, Ledger
 from agent.saas_sealing import SAAS_EXPIRY, split_by_customer

@@ -16,8 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from agent import config
 from agent.collectors import Registry
-from agent.config import loader as config
 from agent.errors import ConfigError
 from tests.conftest import PRODUCT, run_cli
 

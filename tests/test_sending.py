@@ -8,7 +8,7 @@ import pytest
 
 from agent import sealing
 from agent.aggregate import Quantity
-from agent.config.loader import Config
+from agent.config import Config
 from agent.ledger import Ledger
 from agent.metering import Outcome
 from agent.sealing import seal_hours

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import health
-from agent.config.loader import Config
+from agent.config import Config
 from agent.ledger import Ledger, SealedHour
 from agent.metering import Outcome
 from agent.sealing import seal_hours

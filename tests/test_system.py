@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from agent import config
 from agent.collectors import Registry, Sources
 from agent.collectors.system import SystemCollector
-from agent.config import loader as config
 from agent.sampling import Sampler
 from tests.conftest import PRODUCT
 from tests.fakes import Disk, FakeHost, FakePsutil, Net

@@ -16,12 +16,11 @@ from typing import Any, ClassVar
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import health, sealing
+from agent import config, health, sealing
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
 from agent.clock import Clock
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
-from agent.config import loader as config
 from agent.daemon import ClockTrigger, Daemon
 from agent.ledger import INSTANT_TAKEN, Ledger
 from agent.reads import Reads, take_within

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import hour_start, iso
-from agent.config.loader import Dimension
+from agent.config.model import Dimension
 from agent.sampling import Sample, Sampler
 
 

@@ -33,7 +33,7 @@ from agent.collectors import (
     Unread,
     series_labels,
 )
-from agent.config.loader import Config, Dimension
+from agent.config.model import Config, Dimension
 from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
