@@ -303,8 +303,7 @@ def _say(status: str, text: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the same validation as `run`, then every collector once, then region, credentials and
     DryRun; one line per step. Writes no state."""
-    from agent.reads import take_within
-    from agent.sampling import Sampler
+    from agent.collecting.sampling import Sampler, take_within
 
     (_quiet.set if args.quiet else _quiet.clear)()
     cfg = load_config(args)
@@ -484,9 +483,8 @@ def _num(value: Any) -> str:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
+    from agent.collecting.sampling import Sampler, take_within
     from agent.collectors.log import LogCollector
-    from agent.reads import take_within
-    from agent.sampling import Sampler
 
     cfg = load_config(args)
     sampler = Sampler(cfg, all_labels=True)  # shows each reading's breakdown
@@ -803,7 +801,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 def cmd_prepare_image(args: argparse.Namespace) -> int:
     from agent import image
-    from agent.sampling import Sampler
+    from agent.collecting.sampling import Sampler
 
     cfg = load_config(args)
     Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)

@@ -44,6 +44,8 @@ from apscheduler.triggers.date import DateTrigger
 
 from agent import health, identity, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.collecting.reads import Reads
+from agent.collecting.sampling import Sample, Sampler
 from agent.config.loader import load
 from agent.config.model import Config, Dimension
 from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
@@ -54,8 +56,6 @@ from agent.host.locks import ProductLock, is_loopback
 from agent.host.sdnotify import Notifier
 from agent.ledger import INSTANT_TAKEN, Ledger
 from agent.metering import Imds, resolve_region
-from agent.reads import Reads
-from agent.sampling import Sample, Sampler
 from agent.sending import due
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import pytest
 
 from agent import daemon, identity
 from agent.clock import Clock, iso_hour
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.config import Config
 from agent.config import load as config_load
@@ -28,7 +29,6 @@ from agent.daemon import (
 from agent.errors import LockHeld
 from agent.ledger import Customer, Ledger
 from agent.metering import ImdsError
-from agent.sampling import Sampler
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock, FakePsutil, RecordingLog

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent import config, sealing
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.ledger import Ledger
-from agent.sampling import Sampler
 from tests.billing import H
 from tests.conftest import PRODUCT
 from tests.fakes import FakeHost

@@ -207,8 +207,8 @@ def test_a_customer_added_after_the_window_gets_an_expired_record(tmp_path: Path
 
 
 def test_max_label_sets_never_folds_a_customer(tmp_path: Path) -> None:
+    from agent.collecting.sampling import Sampler
     from agent.collectors import Reading
-    from agent.sampling import Sampler
 
     cfg = saas_config(tmp_path, LOG_DIMS + "    max_label_sets: 2\n")
     sampler = Sampler(cfg)
@@ -265,8 +265,8 @@ def test_through_the_ledger_every_customer_matches_the_oracle(
 def test_a_reading_of_more_customers_than_the_collector_cap_keeps_each(tmp_path: Path) -> None:
     """Beyond the collectors' 10,000 label sets a reading folds the rest under `()`; in SaaS mode
     a set keeps its customer label, so no customer's lines become nobody's usage."""
+    from agent.collecting.sampling import Sampler
     from agent.collectors.base import MAX_LABEL_SETS
-    from agent.sampling import Sampler
 
     log = tmp_path / "app.log"
     n = MAX_LABEL_SETS + 50

@@ -19,12 +19,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from agent import config, health, sealing
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
 from agent.clock import Clock
+from agent.collecting.reads import Reads
+from agent.collecting.sampling import Sampler, take_within
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
 from agent.daemon import ClockTrigger, Daemon
 from agent.ledger import INSTANT_TAKEN, Ledger
-from agent.reads import Reads, take_within
-from agent.sampling import Sampler
 from agent.sealing import seal_hours, span_for
 from agent.status import collect
 from tests.billing import H, make_config

@@ -13,11 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from agent.clock import hour_start, iso
-from agent.config.model import Dimension
-from agent.sampling import Sample, Sampler
 
 
 @dataclass(frozen=True)
@@ -111,28 +108,3 @@ class Reads:
         with self._lock:
             workers = list(self._workers.values())
         return all(w.wait(max(0.0, end - self.monotonic())) for w in workers)
-
-
-def take_within(
-    sampler: Sampler,
-    dim: Dimension,
-    t: float,
-    saved: Any,
-    monotonic: Callable[[], float],
-) -> Sample:
-    """One reading within the dimension's `timeout`, for `check` and `sample`: the collector is
-    told the deadline (a log backlog stops there, at a line boundary), and a hung source is a
-    failed collector there too: the command still ends (the read's thread is a daemon)."""
-    timeout = float(dim.collector.options.get("timeout", 10))
-    deadline = monotonic() + timeout
-    box: list[Sample] = []
-    thread = threading.Thread(
-        target=lambda: box.append(sampler.take(dim, t, saved, lambda: monotonic() <= deadline)),
-        name=f"read {dim.name}",
-        daemon=True,
-    )
-    thread.start()
-    thread.join(timeout + 0.25)  # a read that heeds its deadline ends about then
-    if box:
-        return box[0]
-    return Sample(dim.name, t, None, None, None, f"no answer within its {timeout:g} s timeout")

@@ -16,6 +16,7 @@ label away (see `Sampler._bounded`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -345,3 +346,28 @@ def _value_problem(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (Decimal, int, float)):
         return f"the collector returned {type(value).__name__} {value!r}, not a number"
     return reading_problem(Decimal(str(value)) if isinstance(value, float) else Decimal(value))
+
+
+def take_within(
+    sampler: Sampler,
+    dim: Dimension,
+    t: float,
+    saved: Any,
+    monotonic: Callable[[], float],
+) -> Sample:
+    """One reading within the dimension's `timeout`, for `check` and `sample`: the collector is
+    told the deadline (a log backlog stops there, at a line boundary), and a hung source is a
+    failed collector there too: the command still ends (the read's thread is a daemon)."""
+    timeout = float(dim.collector.options.get("timeout", 10))
+    deadline = monotonic() + timeout
+    box: list[Sample] = []
+    thread = threading.Thread(
+        target=lambda: box.append(sampler.take(dim, t, saved, lambda: monotonic() <= deadline)),
+        name=f"read {dim.name}",
+        daemon=True,
+    )
+    thread.start()
+    thread.join(timeout + 0.25)  # a read that heeds its deadline ends about then
+    if box:
+        return box[0]
+    return Sample(dim.name, t, None, None, None, f"no answer within its {timeout:g} s timeout")
