@@ -12,43 +12,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, localcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from agent.aggregate import HOUR, LabelSet, Point, Quantity, combine
+from agent.aggregate import HOUR, Allocation, LabelSet, Point, Quantity, Tags, combine
 from agent.config.model import TAG_CHAR
 
 if TYPE_CHECKING:
     from agent.config.model import Dimension
 
-Tags = tuple[tuple[str, str], ...]  # (tag key, value) sorted by key; () is the untagged bucket
 MAX_ALLOCATIONS = 2500
 MAX_TAG_VALUE = 256
 _OUTSIDE = re.compile("[^" + TAG_CHAR[1:])  # any character a tag may not hold
 ZERO = Decimal(0)
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """One bucket of an hour's quantity: its tags and its share, of the quantity's own type."""
-
-    tags: Tags
-    quantity: int | str  # int: AllocatedUsageQuantity; str: ...AsDecimal (as the Quantity)
-
-    def request_fields(self) -> dict[str, Any]:
-        if isinstance(self.quantity, str):
-            out: dict[str, Any] = {"AllocatedUsageQuantityAsDecimal": self.quantity}
-        else:
-            out = {"AllocatedUsageQuantity": self.quantity}
-        if self.tags:
-            out["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags]
-        return out
-
-    @classmethod
-    def from_request(cls, fields: Mapping[str, Any]) -> Allocation:
-        tags = tuple((t["Key"], t["Value"]) for t in fields.get("Tags") or ())
-        if "AllocatedUsageQuantityAsDecimal" in fields:
-            return cls(tags, str(fields["AllocatedUsageQuantityAsDecimal"]))
-        return cls(tags, int(fields["AllocatedUsageQuantity"]))
 
 
 @dataclass(frozen=True)
@@ -173,8 +148,3 @@ def allocate(dim: Dimension, points: Sequence[Point], quantity: Quantity) -> All
         if n > 0
     )
     return Allocated(allocations, folded)
-
-
-def to_json(allocations: Sequence[Allocation]) -> list[dict[str, Any]]:
-    """The request's `UsageAllocations`, also how the ledger stores them and reports show them."""
-    return [a.request_fields() for a in allocations]

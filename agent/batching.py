@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from agent import sending
-from agent.allocations import to_json
+from agent.aggregate import to_json
 from agent.clock import Clock, iso_hour
 from agent.config.model import Config
 from agent.ledger import CustomerRef, Ledger, SealedHour

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from agent.aggregate import Quantity
-from agent.allocations import Allocation, to_json
+from agent.aggregate import Allocation, Quantity, to_json
 from agent.clock import Clock
 from agent.errors import AgentError, NotAuthorized, Unavailable
 from agent.host.platform import (

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from agent.allocations import to_json
+from agent.aggregate import to_json
 from agent.clock import iso, iso_hour
 from agent.errors import AgentError
 from agent.ledger import Ledger, SealedHour

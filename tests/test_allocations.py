@@ -10,16 +10,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.aggregate import Point, Quantity, to_quantity
-from agent.allocations import (
-    MAX_ALLOCATIONS,
-    Allocation,
-    allocate,
-    apportion,
-    shares,
-    tag_value,
-    tags_of,
-)
+from agent.aggregate import Allocation, Point, Quantity, to_quantity
+from agent.allocations import MAX_ALLOCATIONS, allocate, apportion, shares, tag_value, tags_of
 from agent.config import CollectorConfig, Dimension
 from agent.sealing import billed
 

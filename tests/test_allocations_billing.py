@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate import Quantity
-from agent.allocations import Allocation, to_json
+from agent.aggregate import Allocation, Quantity, to_json
 from agent.emulator import Emulator
 from agent.ledger import Ledger
 from agent.metering import MeteringClient, build_request

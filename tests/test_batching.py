@@ -17,8 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import batching
-from agent.aggregate import Quantity
-from agent.allocations import Allocation
+from agent.aggregate import Allocation, Quantity
 from agent.batching import BatchSender, plan, usage_record
 from agent.emulator import Emulator, Settings
 from agent.ledger import Ledger

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config as config_mod
-from agent.aggregate import LabelSet, Point, to_quantity
-from agent.allocations import allocate, to_json
+from agent.aggregate import LabelSet, Point, to_json, to_quantity
+from agent.allocations import allocate
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
 from agent.ledger import Customer, Ledger

@@ -20,8 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.aggregate import LabelSet, Point, Quantity
-from agent.allocations import Allocation, to_json
+from agent.aggregate import Allocation, LabelSet, Point, Quantity, to_json
 from agent.clock import HOUR, hour_start, iso
 
 if TYPE_CHECKING:
