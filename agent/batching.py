@@ -30,7 +30,8 @@ from agent import sending
 from agent.aggregate import to_json
 from agent.clock import Clock, iso_hour
 from agent.config.model import Config
-from agent.ledger import CustomerRef, Ledger, SealedHour
+from agent.ledger import Ledger
+from agent.ledger.hours import CustomerRef, SealedHour
 from agent.metering import (
     BATCH_INVALID,
     BATCH_REFUSED,

@@ -570,7 +570,9 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
     A read-only open never migrates: a ledger an older agent wrote (a lower schema version) is
     named as such, with how to migrate it, instead of failing on the first missing column.
     """
-    from agent.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger
+    from agent.ledger import Ledger
+    from agent.ledger.database import LEDGER_FILE
+    from agent.ledger.migrations import SCHEMA_VERSION
 
     path = Path(state_dir) / LEDGER_FILE
     try:

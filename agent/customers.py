@@ -20,7 +20,8 @@ from typing import Any
 
 from agent.clock import iso
 from agent.errors import AgentError, ConfigError, NotAuthorized
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from agent.metering import Resolved
 
 ACCOUNT_ID = re.compile(r"\d{12}")

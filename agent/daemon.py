@@ -54,7 +54,8 @@ from agent.host import ownership, stopreason
 from agent.host import platform as platforms
 from agent.host.locks import ProductLock, is_loopback
 from agent.host.sdnotify import Notifier
-from agent.ledger import INSTANT_TAKEN, Ledger
+from agent.ledger import Ledger
+from agent.ledger.samples import INSTANT_TAKEN
 from agent.metering import Imds, resolve_region
 from agent.sending import due
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.clock import Clock
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
-from agent.ledger import Customer
+from agent.ledger.customers import Customer
 
 log = logging.getLogger(__name__)
 

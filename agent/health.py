@@ -21,7 +21,9 @@ from typing import Any
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.host.ownership import adopt
-from agent.ledger import Ledger, SealedHour, UnreadUsage
+from agent.ledger import Ledger
+from agent.ledger.dimensions import UnreadUsage
+from agent.ledger.hours import SealedHour
 from agent.metering import HELD
 
 HEALTH_FILE = "health.json"

@@ -29,7 +29,8 @@ from typing import NoReturn
 from agent import health
 from agent.clock import Clock, iso
 from agent.errors import AgentError
-from agent.ledger import LEDGER_FILE, Ledger, move_aside
+from agent.ledger import Ledger
+from agent.ledger.database import LEDGER_FILE, move_aside
 from agent.metering import Imds, ImdsError
 
 log = logging.getLogger(__name__)

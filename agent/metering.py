@@ -27,7 +27,7 @@ from agent.host.platform import (
     node_role_refusal,
     task_region,
 )
-from agent.ledger import SealedHour
+from agent.ledger.hours import SealedHour
 
 log = logging.getLogger(__name__)
 

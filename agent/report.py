@@ -14,7 +14,8 @@ from typing import Any
 from agent.aggregate import to_json
 from agent.clock import iso, iso_hour
 from agent.errors import AgentError
-from agent.ledger import Ledger, SealedHour
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
 
 _AGO = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -27,7 +27,8 @@ from agent.aggregate import LabelSet, Point, Quantity, to_quantity
 from agent.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, iso_hour
 from agent.config.model import Config, Dimension
-from agent.ledger import HeldUsage, Ledger
+from agent.ledger import Ledger
+from agent.ledger.samples import HeldUsage
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,9 @@ from agent import health, sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
 from agent.host import platform as platforms
-from agent.ledger import Ledger, SealedHour, SendState
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
+from agent.ledger.send_state import SendState
 from agent.metering import PRODUCT_CODE_REFUSED, SIGNING, Outcome
 
 log = logging.getLogger(__name__)

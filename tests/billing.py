@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent import config
 from agent.aggregate import Quantity
-from agent.ledger import SealedHour
+from agent.ledger.hours import SealedHour
 from agent.metering import Outcome
 from tests.conftest import PRODUCT
 

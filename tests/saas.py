@@ -11,7 +11,8 @@ from pathlib import Path
 
 from agent import config
 from agent.aggregate import Allocation, Quantity
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
 

@@ -60,7 +60,7 @@ def test_allocations_are_stored_with_the_request_and_never_change(tmp_path: Path
 
 
 def test_a_ledger_of_schema_4_migrates_and_its_hours_have_none(tmp_path: Path) -> None:
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(tmp_path / "ledger.db")
     for v in range(1, 5):

@@ -340,7 +340,7 @@ def test_one_timestamp_bound_selects_exactly_the_expired_records(ts: int, age: i
     `now >= expires_at(h)` record by record (24 h less a minute, and the month-end cutoff)."""
     from agent.aggregate import Quantity
     from agent.batching import expired_upto
-    from agent.ledger import SealedHour
+    from agent.ledger.hours import SealedHour
 
     h = SealedHour("d", ts // 3600 * 3600, PRODUCT, Quantity(1), ts, "t", 1, "1", "pending",
                    None, 0, None, 0.0, 0.0, None, customer="c")  # fmt: skip

@@ -20,7 +20,8 @@ from agent.clock import Clock
 from agent.emulator import Emulator, Settings
 from agent.errors import NotAuthorized, Unavailable
 from agent.fulfillment import Registrar, check_redirect, make_app
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from agent.metering import MeteringClient, TokenRefused
 from tests.conftest import PRODUCT, ROOT, run_cli
 

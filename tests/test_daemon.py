@@ -27,7 +27,8 @@ from agent.daemon import (
     snap,
 )
 from agent.errors import LockHeld
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from agent.metering import ImdsError
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT

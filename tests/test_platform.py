@@ -18,7 +18,8 @@ from agent.daemon import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
 from agent.host import platform
-from agent.ledger import Ledger, SealedHour
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
 from agent.metering import ImdsError, MeteringClient, resolve_region
 from agent.sealing import seal_hours
 from tests.billing import make_config, sealed_hour

@@ -14,7 +14,8 @@ from agent import health
 from agent.aggregate import Quantity
 from agent.batching import BatchSender
 from agent.clock import iso_hour
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from agent.metering import BatchOutcome, Outcome
 from agent.sending import Sender, due, sendable_at
 from tests import test_batching

@@ -19,7 +19,8 @@ from agent.aggregate import LabelSet, Point, to_json, to_quantity
 from agent.allocations import allocate
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from agent.saas_sealing import SAAS_EXPIRY, split_by_customer
 from agent.sealing import billed, seal_hours, span_for
 from tests.billing import H

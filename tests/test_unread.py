@@ -18,7 +18,8 @@ from agent.collecting.sampling import Sampler
 from agent.collectors import Collector, Reading, Registry, Sources, Unread
 from agent.config import Config
 from agent.config import load as config_load
-from agent.ledger import Ledger, UnreadUsage
+from agent.ledger import Ledger
+from agent.ledger.dimensions import UnreadUsage
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT, run_cli
 from tests.fakes import FakeClock, RecordingLog

@@ -24,7 +24,8 @@ from agent.collecting.sampling import Sampler, take_within
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
 from agent.daemon import ClockTrigger, Daemon
-from agent.ledger import INSTANT_TAKEN, Ledger
+from agent.ledger import Ledger
+from agent.ledger.samples import INSTANT_TAKEN
 from agent.sealing import seal_hours, span_for
 from agent.status import collect
 from tests.billing import H, make_config
@@ -261,7 +262,7 @@ def test_kill9_between_two_samples_never_counts_the_overlap_twice(tmp_path: Path
 
 def test_migration_keeps_duplicate_instants_of_an_old_ledger(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "ledger.db")
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     for statement in _split_sql(_MIGRATIONS[1]):
         db.execute(statement)
