@@ -42,7 +42,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, identity, sealing
+from agent import health, identity
+from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sample, Sampler

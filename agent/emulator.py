@@ -60,7 +60,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent.aggregate import DECIMAL_PATTERN, MAX_INT
-from agent.allocations import MAX_ALLOCATIONS, MAX_TAG_VALUE
+from agent.billing.allocations import MAX_ALLOCATIONS, MAX_TAG_VALUE
 from agent.clock import HOUR, Clock, hour_start, iso
 from agent.config.model import MAX_TAGS, PRODUCT_CODE, TAG_CHAR
 

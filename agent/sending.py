@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NoReturn, Protocol
 
-from agent import health, sealing
+from agent import health
+from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
 from agent.host import platform as platforms

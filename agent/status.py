@@ -13,7 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent import health, sealing, sending
+from agent import health, sending
+from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
 from agent.errors import AgentError
@@ -188,7 +189,7 @@ def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None
 def _customers(ledger: Ledger, config: Config, now: float, since: float) -> dict[str, Any]:
     """SaaS mode: the records per customer, the customers count, usage held for labels no
     customer has (`unknown customer`), and each dimension's open hour so far per customer."""
-    from agent import saas_sealing
+    from agent.billing import saas_sealing
 
     assert config.saas is not None
     dims = {d.name: d for d in config.dimensions}

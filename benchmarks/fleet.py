@@ -43,6 +43,7 @@ from typing import Any
 
 from agent.aggregate import Quantity
 from agent.batching import BatchSender
+from agent.billing.sealing import send_offset
 from agent.clock import Clock
 from agent.config import Config
 from agent.config import load as load_config
@@ -50,7 +51,6 @@ from agent.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
 from agent.metering import BatchOutcome, Outcome, batch_outcome, classify
-from agent.sealing import send_offset
 from agent.sending import PATIENCE, SAAS_EXPIRY, backoff
 
 HOUR = 3600

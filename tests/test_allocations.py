@@ -11,9 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.aggregate import Allocation, Point, Quantity, to_quantity
-from agent.allocations import MAX_ALLOCATIONS, allocate, apportion, shares, tag_value, tags_of
+from agent.billing.allocations import (
+    MAX_ALLOCATIONS,
+    allocate,
+    apportion,
+    shares,
+    tag_value,
+    tags_of,
+)
+from agent.billing.sealing import billed
 from agent.config import CollectorConfig, Dimension
-from agent.sealing import billed
 
 D = Decimal
 TENANT = {"Tenant": "tenant"}

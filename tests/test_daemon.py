@@ -180,7 +180,7 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     d = daemon_for(tmp_path, clock, ps)
     run_round(d)
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
-    from agent.sealing import seal_hours
+    from agent.billing.sealing import seal_hours
 
     seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
     clock.advance(60)

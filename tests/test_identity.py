@@ -42,7 +42,7 @@ def baked(tmp_path: Path) -> Path:
     ledger = Ledger(cfg.state_dir)
     ledger.update_meta(instance_id="i-build", instance_id_source="imds")
     fill(ledger, "vcpus", H - 3600, 3)
-    from agent.sealing import seal_hours
+    from agent.billing.sealing import seal_hours
 
     seal_hours(ledger, cfg, H, offset=0)
     ledger.close()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent import hooks as hooks_module
+from agent.billing.sealing import seal_hours
 from agent.hooks import Hooks
 from agent.host.logs import JsonFormatter, Redact, redact
 from agent.ledger import Ledger
 from agent.report import UsageError, parse_when
-from agent.sealing import seal_hours
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.fakes import FakeClock, RecordingLog

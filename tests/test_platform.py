@@ -13,6 +13,7 @@ import pytest
 
 from agent import identity
 from agent.aggregate import Quantity
+from agent.billing.sealing import seal_hours
 from agent.config import load
 from agent.daemon import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
@@ -21,7 +22,6 @@ from agent.host import platform
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.metering import ImdsError, MeteringClient, resolve_region
-from agent.sealing import seal_hours
 from tests.billing import make_config, sealed_hour
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.test_sealing import fill

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import config, sealing
+from agent import config
+from agent.billing import sealing
 from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.ledger import Ledger

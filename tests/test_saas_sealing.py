@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 from agent import config as config_mod
 from agent.aggregate import LabelSet, Point, to_json, to_quantity
-from agent.allocations import allocate
+from agent.billing.allocations import allocate
+from agent.billing.saas_sealing import SAAS_EXPIRY, split_by_customer
+from agent.billing.sealing import billed, seal_hours, span_for
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.saas_sealing import SAAS_EXPIRY, split_by_customer
-from agent.sealing import billed, seal_hours, span_for
 from tests.billing import H
 from tests.conftest import PRODUCT
 
@@ -291,8 +291,8 @@ def test_held_usage_of_last_month_expires_at_0600_on_the_1st(tmp_path: Path) -> 
     before 06:00 UTC on the 1st, whatever is left of its 24 h; status shows that deadline."""
     from datetime import datetime, timezone
 
+    from agent.billing.saas_sealing import held_rows
     from agent.clock import iso
-    from agent.saas_sealing import held_rows
 
     hour = int(datetime(2027, 1, 31, 23, tzinfo=timezone.utc).timestamp())
     cutoff = int(datetime(2027, 2, 1, 6, tzinfo=timezone.utc).timestamp())

@@ -4,8 +4,8 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
+from agent.billing.sealing import seal_hours, send_offset, span_for
 from agent.ledger import Ledger
-from agent.sealing import seal_hours, send_offset, span_for
 from tests.billing import H, make_config
 
 D = Decimal

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import sealing
 from agent.aggregate import Quantity
+from agent.billing import sealing
+from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
 from agent.metering import Outcome
-from agent.sealing import seal_hours
 from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, due, next_send, note_unreachable
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock

@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import config, health, sealing
+from agent import config, health
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
+from agent.billing import sealing
+from agent.billing.sealing import seal_hours, span_for
 from agent.clock import Clock
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sampler, take_within
@@ -26,7 +28,6 @@ from agent.collectors.linecount import LineMatcher
 from agent.daemon import ClockTrigger, Daemon
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
-from agent.sealing import seal_hours, span_for
 from agent.status import collect
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil

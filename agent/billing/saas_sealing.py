@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from agent.aggregate import LabelSet, Point, Quantity, to_quantity
-from agent.allocations import MAX_ALLOCATIONS, allocate
+from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
@@ -126,7 +126,7 @@ def seal_one(
     """Seal one dimension's hour for every customer in one transaction: a record per known
     customer with usage, an idle zero per known customer without (idle_zero), the rest held.
     None if another pass sealed it first."""
-    from agent.sealing import billed, drop_bad_points
+    from agent.billing.sealing import billed, drop_bad_points
 
     assert config.saas is not None
     name = dim.name
@@ -226,7 +226,7 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
     while its Timestamp is within the 24 h window; usage past the window, whoever it belongs to,
     becomes an `expired` record (logged, shown by status, report and health). Each held
     (label, dimension, hour) in its own transaction; returns the records made (either kind)."""
-    from agent.sealing import billed
+    from agent.billing.sealing import billed
 
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
@@ -280,8 +280,8 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
 def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[dict[str, Any]]:
     """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
+    from agent.billing.sealing import billed
     from agent.clock import iso
-    from agent.sealing import billed
     from agent.sending import saas_expires_at
 
     rows: list[dict[str, Any]] = []

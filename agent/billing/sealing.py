@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from agent.aggregate import Point, Quantity, combine_exact, to_decimal, to_quantity
-from agent.allocations import MAX_ALLOCATIONS, allocate
+from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
@@ -184,7 +184,7 @@ def _seal_customers(
     ledger: Ledger, config: Config, dim: Dimension, hour: int, now: float, offset: float
 ) -> list[Sealed]:
     """SaaS mode: the (dimension, hour) sealed per customer (saas_sealing.seal_one)."""
-    from agent import saas_sealing
+    from agent.billing import saas_sealing
 
     done = saas_sealing.seal_one(ledger, config, dim, hour, now, offset)
     return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
@@ -192,7 +192,7 @@ def _seal_customers(
 
 def _release_held(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
     """SaaS mode: held usage sealed for labels that became customers (or expired)."""
-    from agent import saas_sealing
+    from agent.billing import saas_sealing
 
     try:
         done = saas_sealing.release_held(ledger, config, now)
