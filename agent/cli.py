@@ -336,13 +336,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     plat = platform.detect(cfg.platform, os.environ)
     _say("ok", f"platform {plat.name} ({plat.how})")
     if cfg.register_usage is not None and cfg.register_usage.public_key:
-        from agent.registration import describe_key
+        from agent.sending.registration import describe_key
 
         key = cfg.register_usage.public_key
         _say("ok", f"register_usage.public_key {key}: {describe_key(key)}")
     if args.offline:
         return EX_OK
-    from agent import metering
+    from agent.sending import client as metering
 
     metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
     check_identity(plat, metadata)
@@ -392,8 +392,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def check_identity(plat: Any, metadata: Any) -> None:
     """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
     or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
-    from agent import metering
     from agent.host import platform
+    from agent.sending import client as metering
 
     if plat.container:
         task_id, source = platform.identity(plat.name, os.environ, metadata)
@@ -408,7 +408,7 @@ def check_identity(plat: Any, metadata: Any) -> None:
 def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
     """RegisterUsage as `run` calls it (it has no DryRun): one `ok` line, or one `fail` line and
     the error's exit code (77 for the final errors and a signature that does not verify)."""
-    from agent import registration
+    from agent.sending import registration
 
     try:
         done = registration.register(client, cfg, clock)
@@ -450,8 +450,8 @@ def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
     """DryRun each dimension, so a name the listing lacks fails `check` (77) and is named.
 
     A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
-    from agent import metering
     from agent.errors import NotAuthorized
+    from agent.sending import client as metering
 
     unknown = []
     for dim in cfg.dimensions:
@@ -611,10 +611,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
-    from agent import metering
     from agent.daemon import StateLock
     from agent.ledger import Ledger
-    from agent.sending import Sender, note_unreachable
+    from agent.sending import client as metering
+    from agent.sending.policy import Sender, note_unreachable
 
     cfg = load_config(args)
     clock = make_clock(args)
@@ -636,7 +636,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
     note_sender_context(ledger, plat, region, where, client)
     if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
-        from agent.batching import BatchSender
+        from agent.sending.batches import BatchSender
 
         sender: Sender = BatchSender(ledger, cfg, client, clock)
     else:
@@ -683,7 +683,7 @@ def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client:
 
 def cmd_register_usage(args: argparse.Namespace) -> int:
     """RegisterUsage once (with retries), for `run`: one JSON line on stdout (registration)."""
-    from agent import registration
+    from agent.sending import registration
 
     return registration.child_main(load_config(args), make_clock(args))
 
@@ -747,7 +747,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     from agent.emulator import Emulator, Settings
-    from agent.metering import IMDS_ENV
+    from agent.sending.client import IMDS_ENV
 
     settings = Settings(region=args.region, dryrun_style=args.dryrun_style)
     if not args.any_product and (args.config or os.environ.get("METERING_AGENT_CONFIG")):
@@ -832,7 +832,7 @@ def _token_argument(token: str) -> str:
 
 
 def _resolver(cfg: Any) -> Any:
-    from agent import metering
+    from agent.sending import client as metering
 
     region, _ = metering.resolve_region(cfg.metering.region)
     return metering.MeteringClient(region, cfg.metering.endpoint_url)

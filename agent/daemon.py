@@ -42,7 +42,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import health, identity
+from agent import identity
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.collecting.reads import Reads
@@ -57,8 +57,9 @@ from agent.host.locks import ProductLock, is_loopback
 from agent.host.sdnotify import Notifier
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
-from agent.metering import Imds, resolve_region
-from agent.sending import due
+from agent.sending import health
+from agent.sending.client import Imds, resolve_region
+from agent.sending.policy import due
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
     ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
     if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
-        from agent import registration
+        from agent.sending import registration
 
         registration.at_start(
             registration.child_command(state_dir / RUNNING_CONFIG, clock, log_format), ledger

@@ -95,7 +95,7 @@ class Registrar:
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
-                from agent import metering
+                from agent.sending import client as metering
 
                 region, _ = metering.resolve_region(self.cfg.metering.region)
                 self._client = metering.MeteringClient(
@@ -172,7 +172,7 @@ def make_app(
         try:
             customer = registrar.register(token)
         except NotAuthorized as e:
-            from agent.metering import TokenRefused
+            from agent.sending.client import TokenRefused
 
             if isinstance(e, TokenRefused):
                 log.warning("fulfillment: %s; answered 400", _hide(str(e), token))

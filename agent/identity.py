@@ -26,12 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from agent import health
 from agent.clock import Clock, iso
 from agent.errors import AgentError
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE, move_aside
-from agent.metering import Imds, ImdsError
+from agent.sending import health
+from agent.sending.client import Imds, ImdsError
 
 log = logging.getLogger(__name__)
 

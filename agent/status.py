@@ -13,7 +13,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent import health, sending
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
@@ -23,6 +22,8 @@ from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
 from agent.ledger.dimensions import UnreadUsage
 from agent.report import NO_LABEL, customer_row, hour_row, table
+from agent.sending import health
+from agent.sending import policy as sending
 
 
 def daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -172,7 +173,7 @@ def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None
     service named one; None when register_usage is not configured."""
     if config.register_usage is None:
         return None
-    from agent.registration import META, rotation_warning
+    from agent.sending.registration import META, rotation_warning
 
     last = ledger.get_meta(META) or {}
     rotation = last.get("rotation")

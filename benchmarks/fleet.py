@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Quantity
-from agent.batching import BatchSender
 from agent.billing.sealing import send_offset
 from agent.clock import Clock
 from agent.config import Config
@@ -50,8 +49,9 @@ from agent.config import load as load_config
 from agent.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
-from agent.metering import BatchOutcome, Outcome, batch_outcome, classify
-from agent.sending import PATIENCE, SAAS_EXPIRY, backoff
+from agent.sending.batches import BatchSender
+from agent.sending.client import BatchOutcome, Outcome, batch_outcome, classify
+from agent.sending.policy import PATIENCE, SAAS_EXPIRY, backoff
 
 HOUR = 3600
 SIX_HOURS = 6 * HOUR

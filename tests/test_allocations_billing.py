@@ -17,7 +17,7 @@ from agent.aggregate import Allocation, Quantity, to_json
 from agent.billing.sealing import seal_hours, span_for
 from agent.emulator import Emulator
 from agent.ledger import Ledger
-from agent.metering import MeteringClient, build_request
+from agent.sending.client import MeteringClient, build_request
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT, run_cli
 

@@ -22,7 +22,7 @@ from agent.errors import NotAuthorized, Unavailable
 from agent.fulfillment import Registrar, check_redirect, make_app
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.metering import MeteringClient, TokenRefused
+from agent.sending.client import MeteringClient, TokenRefused
 from tests.conftest import PRODUCT, ROOT, run_cli
 
 ACCOUNT = "111122223333"

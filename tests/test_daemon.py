@@ -29,7 +29,7 @@ from agent.daemon import (
 from agent.errors import LockHeld
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.metering import ImdsError
+from agent.sending.client import ImdsError
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock, FakePsutil, RecordingLog

@@ -14,8 +14,8 @@ import pytest
 
 from agent import identity
 from agent.ledger import Ledger
-from agent.metering import ImdsError
-from agent.sending import Sender
+from agent.sending.client import ImdsError
+from agent.sending.policy import Sender
 from tests.billing import FakeClient, H, make_config
 from tests.fakes import FakeClock
 from tests.test_sealing import fill

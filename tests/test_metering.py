@@ -8,7 +8,7 @@ from botocore.stub import Stubber
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
 from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.metering import (
+from agent.sending.client import (
     Imds,
     ImdsError,
     MeteringClient,

@@ -21,7 +21,7 @@ from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigErro
 from agent.host import platform
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
-from agent.metering import ImdsError, MeteringClient, resolve_region
+from agent.sending.client import ImdsError, MeteringClient, resolve_region
 from tests.billing import make_config, sealed_hour
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.test_sealing import fill

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
-from agent import health
 from agent.aggregate import Quantity
-from agent.batching import BatchSender
 from agent.clock import iso_hour
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.metering import BatchOutcome, Outcome
-from agent.sending import Sender, due, sendable_at
+from agent.sending import health
+from agent.sending.batches import BatchSender
+from agent.sending.client import BatchOutcome, Outcome
+from agent.sending.policy import Sender, due, sendable_at
 from tests import test_batching
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock

@@ -201,7 +201,7 @@ def test_a_customer_added_after_the_window_gets_an_expired_record(tmp_path: Path
     seal_hours(ledger, cfg, H + 600 + SAAS_EXPIRY, offset=0)
     (h,) = ledger.hours()
     assert (h.customer, h.state, h.quantity.text) == ("late", "expired", "2")
-    from agent import health
+    from agent.sending import health
 
     snap = health.snapshot(ledger, H + 600 + SAAS_EXPIRY)
     assert snap["ok"] is False and "expired" in snap["reason"]

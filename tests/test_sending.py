@@ -11,8 +11,16 @@ from agent.billing import sealing
 from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
-from agent.metering import Outcome
-from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, due, next_send, note_unreachable
+from agent.sending.client import Outcome
+from agent.sending.policy import (
+    BACKOFF_CAP,
+    EXPIRY,
+    Sender,
+    backoff,
+    due,
+    next_send,
+    note_unreachable,
+)
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock
 from tests.test_sealing import fill

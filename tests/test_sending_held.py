@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import health
 from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
-from agent.metering import Outcome
-from agent.sending import EXPIRY, Sender
+from agent.sending import health
+from agent.sending.client import Outcome
+from agent.sending.policy import EXPIRY, Sender
 from tests.billing import FakeClient, H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock

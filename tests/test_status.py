@@ -8,11 +8,13 @@ import os
 from decimal import Decimal as D
 from pathlib import Path
 
-from agent import __version__, health, sending, status
+from agent import __version__, status
 from agent.billing.sealing import seal_hours, send_offset, span_for
 from agent.clock import HOUR, iso
 from agent.daemon import StateLock
 from agent.ledger import Ledger
+from agent.sending import health
+from agent.sending import policy as sending
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.fakes import FakeClock

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import config, health
+from agent import config
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
 from agent.billing import sealing
 from agent.billing.sealing import seal_hours, span_for
@@ -28,6 +28,7 @@ from agent.collectors.linecount import LineMatcher
 from agent.daemon import ClockTrigger, Daemon
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
+from agent.sending import health
 from agent.status import collect
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil

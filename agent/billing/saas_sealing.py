@@ -230,8 +230,8 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
-    from agent.batching import expired_upto
-    from agent.sending import saas_expires_at
+    from agent.sending.batches import expired_upto
+    from agent.sending.policy import saas_expires_at
 
     for held in ledger.held_usage(settle_by=expired_upto(now)):
         dim = dims.get(held.dimension)
@@ -282,7 +282,7 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
     """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
     from agent.billing.sealing import billed
     from agent.clock import iso
-    from agent.sending import saas_expires_at
+    from agent.sending.policy import saas_expires_at
 
     rows: list[dict[str, Any]] = []
     for h in held:

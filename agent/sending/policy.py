@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NoReturn, Protocol
 
-from agent import health
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
@@ -25,7 +24,8 @@ from agent.host import platform as platforms
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.ledger.send_state import SendState
-from agent.metering import PRODUCT_CODE_REFUSED, SIGNING, Outcome
+from agent.sending import health
+from agent.sending.client import PRODUCT_CODE_REFUSED, SIGNING, Outcome
 
 log = logging.getLogger(__name__)
 

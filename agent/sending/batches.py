@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from agent import sending
 from agent.aggregate import to_json
 from agent.clock import Clock, iso_hour
 from agent.config.model import Config
 from agent.ledger import Ledger
 from agent.ledger.hours import CustomerRef, SealedHour
-from agent.metering import (
+from agent.sending import policy as sending
+from agent.sending.client import (
     BATCH_INVALID,
     BATCH_REFUSED,
     BATCH_SUCCESS,
@@ -40,7 +40,7 @@ from agent.metering import (
     BatchOutcome,
     Outcome,
 )
-from agent.sending import BACKOFF_BASE, Report, backoff, expires_at, sendable_at
+from agent.sending.policy import BACKOFF_BASE, Report, backoff, expires_at, sendable_at
 
 log = logging.getLogger(__name__)
 

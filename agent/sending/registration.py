@@ -291,8 +291,8 @@ def child_main(config: Config, clock: Clock) -> int:
     """The child: register, print one JSON line for the parent (`at_start`), exit 0/77/69/1.
 
     Its log lines go to the inherited stderr (the journal); the error is the parent's to print."""
-    from agent import metering
     from agent.host import platform
+    from agent.sending import client as metering
 
     try:
         plat = platform.detect(config.platform, os.environ)
