@@ -821,7 +821,7 @@ def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _token_argument(token: str) -> str:
     """A token from the command line, or from stdin with `-` (out of `ps` and shell history)."""
-    from agent.customers import BadArgument
+    from agent.fulfillment.customers import BadArgument
 
     if token == "-":
         token = sys.stdin.readline()
@@ -839,7 +839,7 @@ def _resolver(cfg: Any) -> Any:
 
 
 def cmd_customers_add(args: argparse.Namespace) -> int:
-    from agent import customers
+    from agent.fulfillment import customers
     from agent.ledger import Ledger
 
     cfg = load_config(args)
@@ -875,7 +875,7 @@ def cmd_customers_add(args: argparse.Namespace) -> int:
 
 
 def cmd_customers_list(args: argparse.Namespace) -> int:
-    from agent import customers
+    from agent.fulfillment import customers
 
     cfg = load_config(args)
     customers.require_saas(cfg, "customers list")
@@ -891,7 +891,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_customers_remove(args: argparse.Namespace) -> int:
-    from agent import customers
+    from agent.fulfillment import customers
     from agent.ledger import Ledger
 
     cfg = load_config(args)
@@ -921,8 +921,8 @@ def cmd_resolve_customer(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_registration(args: argparse.Namespace) -> int:
-    from agent import fulfillment
-    from agent.customers import require_saas
+    from agent.fulfillment import server as fulfillment
+    from agent.fulfillment.customers import require_saas
 
     cfg = load_config(args)
     require_saas(cfg, "serve-registration")

@@ -186,9 +186,9 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     """Take the locks, copy the config for the sender children, open the ledger verified by
     IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
     state_dir = Path(config.state_dir)
-    from agent import fulfillment  # SaaS mode's registration handler child, if configured
+    from agent.fulfillment import process  # SaaS mode's registration handler child, if configured
 
-    handler = fulfillment.handler_for(config, state_dir / RUNNING_CONFIG, clock, log_format)
+    handler = process.handler_for(config, state_dir / RUNNING_CONFIG, clock, log_format)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file

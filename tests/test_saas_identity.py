@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import customers as customers_mod
 from agent.billing.sealing import seal_hours
 from agent.emulator import Emulator
+from agent.fulfillment import customers as customers_mod
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.ledger.hours import CustomerRef
@@ -199,7 +199,7 @@ def test_the_registration_page_of_a_buyer_added_by_hand_keeps_its_label(
     import urllib.parse
 
     from agent import config
-    from agent.fulfillment import make_app
+    from agent.fulfillment.handler import make_app
     from tests.test_customers import wsgi
 
     path = cli_saas_config(tmp_path, emu.url)

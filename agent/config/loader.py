@@ -183,7 +183,7 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
     section = SAAS.parse({}, "saas") if raw is None else raw
     reg = section["registration"]
     if reg:
-        from agent.fulfillment import check_redirect  # the fields the handler fills in
+        from agent.fulfillment.handler import check_redirect  # the fields the handler fills in
 
         try:
             check_redirect(reg["redirect"])

@@ -17,11 +17,7 @@ request's path without its query string (wsgiref's own prints the whole request 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import string
-import subprocess
-import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -37,8 +33,6 @@ log = logging.getLogger(__name__)
 FORM_FIELD = "x-amzn-marketplace-token"
 MAX_BODY = 64 * 1024  # a registration POST is a few hundred bytes
 FIELDS = ("customer_aws_account_id", "license_arn", "agreement_id", "customer")
-RESTART_AFTER = 60.0  # seconds between starts of a handler child that keeps exiting
-GRACE = 5.0
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -104,7 +98,7 @@ class Registrar:
             return self._client
 
     def register(self, token: str) -> Customer:
-        from agent import customers
+        from agent.fulfillment import customers
         from agent.ledger import Ledger
 
         resolved = self.client().resolve_customer(token)
@@ -129,7 +123,7 @@ def make_app(
     """The WSGI application. `config`: a loaded Config, a path, or None ($METERING_AGENT_CONFIG,
     else /etc/metering-agent/config.yaml); `redirect` overrides saas.registration.redirect."""
     from agent.config import loader as config_module
-    from agent.customers import require_saas
+    from agent.fulfillment.customers import require_saas
 
     cfg = config
     if cfg is None or isinstance(cfg, (str, Path)):
@@ -209,155 +203,3 @@ def _token(environ: dict[str, Any]) -> str | None:
 
 def _hide(text: str, token: str) -> str:
     return text.replace(token, "****") if token else text
-
-
-# -- serving ---------------------------------------------------------------------------------
-
-
-def _server_classes() -> tuple[type, type]:
-    """wsgiref's server and handler, quiet about tokens; made here, when serving, so that `run`
-    (which imports this module for HandlerProcess) never loads http.server and wsgiref."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            exc = sys.exc_info()[1]
-            log.warning("fulfillment: a connection from %s failed: %s", client_address[0],
-                        type(exc).__name__)  # fmt: skip
-
-    class Handler(WSGIRequestHandler):
-        """Access lines without the query string or request line (either may carry a token)."""
-
-        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            path = urllib.parse.urlsplit(self.path).path
-            log.info("fulfillment: %s %s %s from %s", self.command, path, code,
-                     self.client_address[0])  # fmt: skip
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("fulfillment: a malformed request from %s", self.client_address[0])
-
-    return Server, Handler
-
-
-def listen_address(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def serve(cfg: Any, clock: Clock | None = None) -> int:
-    """Serve the handler on saas.registration.listen until SIGTERM/SIGINT, or until the process
-    that started it (`run`) is gone."""
-    app = make_app(cfg, registrar=Registrar(cfg, clock))
-    listen = cfg.saas.registration.listen
-    host, port = listen_address(listen)
-    from wsgiref.simple_server import make_server
-
-    server_class, handler_class = _server_classes()
-    try:
-        server: Any = make_server(host, port, app, server_class=server_class,
-                             handler_class=handler_class)  # fmt: skip
-    except OSError as e:
-        raise Unavailable(
-            f"saas.registration.listen {listen}: cannot listen ({e.strerror}); choose a free "
-            "port or stop what holds it"
-        ) from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
-    thread.start()
-    log.info("fulfillment: listening on %s, redirecting to %s", listen,
-             cfg.saas.registration.redirect)  # fmt: skip
-    parent = os.getppid()
-    while not stop.wait(1.0):
-        if os.getppid() != parent:  # `run` was killed (-9): no orphan keeps the port
-            log.warning("fulfillment: the parent process %d is gone; stopping", parent)
-            break
-    server.shutdown()
-    server.server_close()
-    thread.join()
-    return 0
-
-
-# -- the child `run` starts --------------------------------------------------------------------
-
-
-class HandlerProcess:
-    """`metering-agent serve-registration`, a child of `run`: started with the daemon, started
-    again (at most once a minute) if it exits, ended at the daemon's stop. The daemon stays free
-    of boto3, which only the child loads for ResolveCustomer."""
-
-    def __init__(
-        self,
-        command: list[str],
-        monotonic: Callable[[], float],
-        popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
-    ) -> None:
-        self.command, self.monotonic, self.popen = command, monotonic, popen
-        self._child: subprocess.Popen[bytes] | None = None
-        self._started: float | None = None
-        self._closed = False
-        self._lock = threading.Lock()
-
-    def ensure(self) -> None:
-        """Start the handler unless it runs; a child that exited is named and started again."""
-        with self._lock:
-            if self._closed:
-                return
-            if self._child is not None:
-                code = self._child.poll()
-                if code is None:
-                    return
-                log.error("fulfillment handler process %d exited %d; starting it again",
-                          self._child.pid, code)  # fmt: skip
-                self._child = None
-            now = self.monotonic()
-            if self._started is not None and now - self._started < RESTART_AFTER:
-                return
-            self._child = self.popen(self.command)
-            self._started = now
-
-    def restart(self) -> None:
-        """After a reload: the child reads the running config only when it starts."""
-        with self._lock:
-            child, self._child, self._started = self._child, None, None
-        if child is not None:
-            _end(child)
-        self.ensure()
-
-    def stop(self) -> None:
-        with self._lock:
-            child, self._child, self._closed = self._child, None, True
-        if child is not None:
-            _end(child)
-
-
-def _end(child: subprocess.Popen[bytes]) -> None:
-    child.terminate()
-    try:
-        child.wait(timeout=GRACE)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
-def handler_command(config: Path, clock: Clock, log_format: str) -> list[str]:
-    """The child's command line: the running config, this process's logging and clock."""
-    cmd = [sys.executable, "-m", "agent", "serve-registration", "-c", str(Path(config).resolve())]
-    cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-    cmd += ["--log-format", log_format]
-    cmd += ["--clock", clock.spec] if clock.spec else []
-    return cmd
-
-
-def handler_for(
-    cfg: Any, running_config: Path, clock: Clock, log_format: str
-) -> HandlerProcess | None:
-    """The handler child `run` keeps, when saas.registration is set (its redirect checked now)."""
-    if cfg.saas is None or cfg.saas.registration is None:
-        return None
-    check_redirect(cfg.saas.registration.redirect)
-    return HandlerProcess(handler_command(running_config, clock, log_format), clock.monotonic)
