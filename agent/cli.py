@@ -602,7 +602,7 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import start
+    from agent.daemon.daemon import start
 
     cfg = load_config(args)
     ownership.check_writer(Path(cfg.state_dir), "run")
@@ -611,7 +611,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
-    from agent.daemon import StateLock
+    from agent.daemon.daemon import StateLock
     from agent.ledger import Ledger
     from agent.sending import client as metering
     from agent.sending.policy import Sender, note_unreachable

@@ -46,7 +46,7 @@ from agent.billing.sealing import send_offset
 from agent.clock import Clock
 from agent.config import Config
 from agent.config import load as load_config
-from agent.daemon import SEND_TICK
+from agent.daemon.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
 from agent.sending.batches import BatchSender

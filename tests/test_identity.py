@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
+from agent.host import identity
 from agent.ledger import Ledger
 from agent.sending.client import ImdsError
 from agent.sending.policy import Sender

@@ -10,7 +10,7 @@ import pytest
 
 from agent import image
 from agent.config import load
-from agent.daemon import StateLock
+from agent.daemon.daemon import StateLock
 from agent.errors import EX_CONFIG, AgentError, LockHeld
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, run_cli

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import hooks as hooks_module
 from agent.billing.sealing import seal_hours
-from agent.hooks import Hooks
+from agent.daemon import hooks as hooks_module
+from agent.daemon.hooks import Hooks
 from agent.host.logs import JsonFormatter, Redact, redact
 from agent.ledger import Ledger
 from agent.report import UsageError, parse_when

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
 from agent.aggregate import Quantity
 from agent.billing.sealing import seal_hours
 from agent.config import load
-from agent.daemon import SenderProcess
+from agent.daemon.daemon import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
-from agent.host import platform
+from agent.host import identity, platform
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.sending.client import ImdsError, MeteringClient, resolve_region

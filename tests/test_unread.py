@@ -12,12 +12,13 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent import cli, collectors, daemon, status
+from agent import cli, collectors, status
 from agent.clock import Clock
 from agent.collecting.sampling import Sampler
 from agent.collectors import Collector, Reading, Registry, Sources, Unread
 from agent.config import Config
 from agent.config import load as config_load
+from agent.daemon import daemon
 from agent.ledger import Ledger
 from agent.ledger.dimensions import UnreadUsage
 from agent.sending import health

@@ -42,16 +42,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from agent import identity
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sample, Sampler
 from agent.config.loader import load
 from agent.config.model import Config, Dimension
+from agent.daemon.hooks import Hooks
 from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
-from agent.hooks import Hooks
-from agent.host import ownership, stopreason
+from agent.host import identity, ownership, stopreason
 from agent.host import platform as platforms
 from agent.host.locks import ProductLock, is_loopback
 from agent.host.sdnotify import Notifier
