@@ -611,7 +611,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
-    from agent.daemon.daemon import StateLock
+    from agent.host.locks import StateLock
     from agent.ledger import Ledger
     from agent.sending import client as metering
     from agent.sending.policy import Sender, note_unreachable

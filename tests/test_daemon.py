@@ -17,17 +17,13 @@ from agent.collectors import Registry, Sources
 from agent.config import Config
 from agent.config import load as config_load
 from agent.daemon import daemon
-from agent.daemon.daemon import (
-    RUNNING_CONFIG,
-    ClockTrigger,
-    Daemon,
-    SenderProcess,
-    StateLock,
-    send_command,
-    snap,
-)
+from agent.daemon.daemon import Daemon
+from agent.daemon.running_config import RUNNING_CONFIG
+from agent.daemon.sender import SenderProcess, send_command
+from agent.daemon.triggers import ClockTrigger, snap
 from agent.errors import LockHeld
 from agent.host import identity
+from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.sending.client import ImdsError
@@ -361,7 +357,7 @@ def test_reload_refuses_what_needs_a_restart(tmp_path: Path, old: str, new: str)
 
 def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path) -> None:
     """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
-    from agent.daemon.daemon import keep_snapshot, snapshot_config
+    from agent.daemon.running_config import keep_snapshot, snapshot_config
 
     cfg = make_config(tmp_path)
     Path(cfg.state_dir).mkdir()

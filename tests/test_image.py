@@ -10,8 +10,8 @@ import pytest
 
 from agent import image
 from agent.config import load
-from agent.daemon.daemon import StateLock
 from agent.errors import EX_CONFIG, AgentError, LockHeld
+from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, run_cli
 

@@ -14,7 +14,7 @@ import pytest
 from agent.aggregate import Quantity
 from agent.billing.sealing import seal_hours
 from agent.config import load
-from agent.daemon.daemon import SenderProcess
+from agent.daemon.sender import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
 from agent.host import identity, platform

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent import __version__, status
 from agent.billing.sealing import seal_hours, send_offset, span_for
 from agent.clock import HOUR, iso
-from agent.daemon.daemon import StateLock
+from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from agent.sending import health
 from agent.sending import policy as sending

@@ -25,7 +25,8 @@ from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sampler, take_within
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
-from agent.daemon.daemon import ClockTrigger, Daemon
+from agent.daemon.daemon import Daemon
+from agent.daemon.triggers import ClockTrigger
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.sending import health

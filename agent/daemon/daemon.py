@@ -21,25 +21,18 @@ ledger refuses an instant a dimension already has, so re-lived minutes are not b
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import logging
-import math
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
 from agent.billing import sealing
@@ -49,10 +42,19 @@ from agent.collecting.sampling import Sample, Sampler
 from agent.config.loader import load
 from agent.config.model import Config, Dimension
 from agent.daemon.hooks import Hooks
-from agent.errors import EX_NOPERM, AgentError, LockHeld, Unavailable
-from agent.host import identity, ownership, stopreason
+from agent.daemon.running_config import (
+    RUNNING_CONFIG,
+    bills_alike,
+    changed_dimensions,
+    keep_snapshot,
+    snapshot_config,
+)
+from agent.daemon.sender import STOP_FLUSH, SenderProcess, send_command
+from agent.daemon.triggers import ClockTrigger, snap
+from agent.errors import EX_NOPERM, AgentError, Unavailable
+from agent.host import identity, stopreason
 from agent.host import platform as platforms
-from agent.host.locks import ProductLock, is_loopback
+from agent.host.locks import ProductLock, StateLock, is_loopback
 from agent.host.sdnotify import Notifier
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
@@ -63,114 +65,10 @@ from agent.sending.policy import due
 log = logging.getLogger(__name__)
 
 SEND_TICK = 15  # seconds of clock time between checks for due work
-STOP_FLUSH = 30  # seconds the stop flush may spend sending
 # In a task or pod the whole stop must fit the platform's grace (ECS stopTimeout and Kubernetes'
 # terminationGracePeriodSeconds default to 30 s, then SIGKILL): the flush gets 20 s, its child is
 # ended 2 s after, so seal + flush + exit stay well inside it.
 CONTAINER_STOP_FLUSH = 20
-SENDER_TIMEOUT = 600  # a send child that runs longer than this is ended (it is safe to)
-GRACE = 5.0  # seconds between asking a child to stop (SIGTERM) and killing it
-PROBE_TRIES = 20  # x 25 ms: how long a start waits out a `status` probe of the state lock
-RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
-
-
-def snapshot_config(source: Path, state_dir: Path) -> tuple[Config, Path]:
-    """Copy the config file into state_dir and load the copy; `keep_snapshot` then makes it the
-    one the sender children read. So a child sends with exactly the config the daemon runs, not
-    whatever the file says since (an edit not yet reloaded, or one a reload refused)."""
-    tmp = state_dir / (RUNNING_CONFIG + ".new")
-    shutil.copyfile(source, tmp)
-    try:
-        return dataclasses.replace(load(tmp), source=source), tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def keep_snapshot(state_dir: Path, tmp: Path) -> None:
-    os.replace(tmp, state_dir / RUNNING_CONFIG)
-    ownership.adopt(state_dir, state_dir / RUNNING_CONFIG)
-
-
-def bills_alike(a: Dimension | None, b: Dimension) -> bool:
-    """Same name, collector, aggregate, scale, rounding, decimals and interval (its place in the
-    file aside): samples of one can be continued under the other."""
-    return a is not None and dataclasses.replace(a, path="") == dataclasses.replace(b, path="")
-
-
-def changed_dimensions(old: Config, new: Config) -> list[Dimension]:
-    """The old config's dimensions that the new one drops or bills differently: their open hour
-    cannot be continued."""
-    now = {d.name: d for d in new.dimensions}
-    return [d for d in old.dimensions if not bills_alike(now.get(d.name), d)]
-
-
-class ClockTrigger(BaseTrigger):
-    """Fires at every multiple of `period` (+ `phase`) on the agent's clock, which may be faster
-    than the wall clock APScheduler sleeps on (demo) or equal to it (production)."""
-
-    def __init__(self, clock: Clock, period: float, phase: float = 0.0) -> None:
-        self.clock, self.period, self.phase = clock, period, phase
-
-    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
-        base = self.clock.from_wall(now.timestamp())
-        if previous_fire_time is not None:
-            base = max(base, self.clock.from_wall(previous_fire_time.timestamp()))
-        k = math.floor((base - self.phase) / self.period + 1e-9) + 1
-        wall = self.clock.to_wall(k * self.period + self.phase)
-        return datetime.fromtimestamp(wall, tz=timezone.utc)
-
-    def __str__(self) -> str:
-        return f"every {self.period}s (+{self.phase}s) on the agent clock"
-
-
-def snap(t: float, interval: int, rate: float = 1.0) -> float:
-    """Put a reading taken a hair before or after its instant on the instant itself, so a round
-    fired at 09:59:59.999 for 10:00 lands in the 10:00 hour. The hair is one real second: on a
-    clock running `rate` times faster (`trial`), that many clock seconds."""
-    grid = round(t / interval) * interval
-    return float(grid) if abs(t - grid) <= min(rate, interval / 4) else t
-
-
-def _flock(f: IO[str], wait: bool) -> None:
-    """flock, or BlockingIOError; a probe (`status`, `prepare-image`) holds the lock for a
-    moment, so a start that meets one tries again for up to half a second."""
-    for _ in range(PROBE_TRIES - 1):
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            return
-        except BlockingIOError:
-            time.sleep(0.025)
-    fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-
-
-class StateLock:
-    """An exclusive flock on <state_dir>/lock: one `run` per state directory; the file says which
-    process holds it and its version ("PID VERSION")."""
-
-    def __init__(self, state_dir: Path, name: str = "lock") -> None:
-        self.path = state_dir / name
-        self._file: IO[str] | None = None
-
-    def acquire(self, wait: bool = False) -> None:
-        """Take the lock for this process's lifetime; `wait` blocks instead of failing."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
-        ownership.adopt(self.path.parent, self.path)
-        try:
-            _flock(self._file, wait)
-        except BlockingIOError:
-            self._file.close()
-            raise LockHeld(
-                f"another metering-agent run holds {self.path}; stop it first "
-                "(systemctl stop metering-agent)"
-            ) from None
-        from agent import __version__  # here: keeps this edit off the module's imports
-
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()} {__version__}\n")  # read by `status`
-        self._file.flush()
 
 
 def take_product_lock(config: Config) -> ProductLock | None:
@@ -737,107 +635,3 @@ class Daemon:
         )
         if when is not None and when <= self.clock.time():
             self.sender.start()
-
-
-# -- the sender child ----------------------------------------------------------------------
-
-
-def send_command(
-    config: Path, clock: Clock, log_format: str, flush: bool, deadline: float | None
-) -> list[str]:
-    """The child's command line: the running config, this process's logging and clock."""
-    cmd = [sys.executable, "-m", "agent", "send", "-c", str(Path(config).resolve())]
-    cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
-    cmd += ["--log-format", log_format]
-    cmd += ["--flush"] if flush else []
-    cmd += ["--deadline", repr(deadline)] if deadline is not None else []
-    cmd += ["--clock", clock.spec] if clock.spec else []
-    return cmd
-
-
-def end(child: subprocess.Popen[bytes], grace: float = GRACE) -> int:
-    """Ask a child to stop (SIGTERM); kill it if it has not after `grace` seconds."""
-    child.terminate()
-    try:
-        return child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return child.wait()
-
-
-class SenderProcess:
-    """The `metering-agent send` child: at most one at a time, never waited for by a job; ending
-    it at any point is safe (the ledger counts an attempt before its request leaves, and the
-    next sender resends it identically). `command(flush, deadline)` is its command line, `popen`
-    starts it (subprocess.Popen; a fake in tests), `monotonic` times it."""
-
-    def __init__(
-        self,
-        command: Callable[[bool, float | None], list[str]],
-        monotonic: Callable[[], float],
-        popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
-    ) -> None:
-        self.command, self.monotonic, self.popen = command, monotonic, popen
-        self._child: subprocess.Popen[bytes] | None = None
-        self._exit: int | None = None  # the last reaped child's code, until take_exit
-        self._started = 0.0
-        self._closed = False  # stopped: a send tick still running starts nothing more
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        """Start a sender of the hours due now; returns at once (`running` reaps it later)."""
-        with self._lock:
-            if self._closed:  # it would hold send.lock against the stop flush
-                return
-            self._child = self.popen(self.command(False, None))
-            self._started = self.monotonic()
-
-    def running(self) -> bool:
-        """Whether a sender still runs: a finished one is reaped, one over its time ended."""
-        with self._lock:
-            child = self._child
-            if child is None:
-                return False
-            code = child.poll()
-            if code is None and self.monotonic() - self._started <= SENDER_TIMEOUT:
-                return True
-            self._child = None
-            self._exit = code
-        if code is None:  # ended outside the lock: `stop` must not wait on it
-            log.error("send process %d ran over %d s; ending it", child.pid, SENDER_TIMEOUT)
-            end(child)
-        elif code not in (0, 69, 77):  # 69/77: retry later / paused, already in health
-            log.error("send process %d exited %d; pending hours stay pending", child.pid, code)
-        return False
-
-    def take_exit(self) -> int | None:
-        """The exit code of the last child reaped since the last call (None: none)."""
-        with self._lock:
-            code, self._exit = self._exit, None
-        return code
-
-    def flush(self, deadline: float, wait: float = STOP_FLUSH + 10, grace: float = GRACE) -> int:
-        """Send every pending hour in a child, waited for `wait` s at most (the stop flush);
-        its exit code. An hour whose request was in flight when the child is ended stays
-        pending, and its identical request is sent again after the next start."""
-        child = self.popen(self.command(True, deadline))
-        try:
-            return child.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            log.error("the stop flush ran over %.0f s; ending it", wait)
-            return end(child, grace)
-
-    def stop(self, grace: float = GRACE, at_once: bool = False) -> None:
-        """At the daemon's stop: a running sender may finish within `grace`, then it is ended
-        (`at_once`: ended now, the container's short grace)."""
-        with self._lock:
-            child, self._child, self._closed = self._child, None, True
-        if child is None:
-            return
-        if at_once:
-            end(child, 1.0)
-            return
-        try:
-            child.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            end(child, grace)

@@ -1,5 +1,7 @@
-"""One sender per product per machine: `run` holds `<run dir>/<product_code>.lock`.
+"""The agent's locks. `StateLock`: one `run` per state directory (`<state_dir>/lock`, and
+`send.lock` for one sender at a time); its file says which process holds it ("PID VERSION").
 
+`ProductLock`: one sender per product per machine: `run` holds `<run dir>/<product_code>.lock`.
 Two agents for one product on one instance (a seller's test run with its own state_dir beside the
 service) would both bill the same {instance, dimension, hour}. The state lock cannot see that, since
 each has its own state dir; this lock lives in the unit's `RuntimeDirectory=metering-agent`
@@ -16,12 +18,14 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
 from agent.errors import LockHeld
+from agent.host import ownership
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +107,47 @@ class ProductLock:
         with contextlib.suppress(OSError):
             os.fchmod(f.fileno(), 0o644)
         return f
+
+
+PROBE_TRIES = 20  # x 25 ms: how long a start waits out a `status` probe of the state lock
+
+
+def _flock(f: IO[str], wait: bool) -> None:
+    """flock, or BlockingIOError; a probe (`status`, `prepare-image`) holds the lock for a
+    moment, so a start that meets one tries again for up to half a second."""
+    for _ in range(PROBE_TRIES - 1):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return
+        except BlockingIOError:
+            time.sleep(0.025)
+    fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+
+
+class StateLock:
+    """An exclusive flock on <state_dir>/lock: one `run` per state directory; the file says which
+    process holds it and its version ("PID VERSION")."""
+
+    def __init__(self, state_dir: Path, name: str = "lock") -> None:
+        self.path = state_dir / name
+        self._file: IO[str] | None = None
+
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock for this process's lifetime; `wait` blocks instead of failing."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the process lifetime
+        ownership.adopt(self.path.parent, self.path)
+        try:
+            _flock(self._file, wait)
+        except BlockingIOError:
+            self._file.close()
+            raise LockHeld(
+                f"another metering-agent run holds {self.path}; stop it first "
+                "(systemctl stop metering-agent)"
+            ) from None
+        from agent import __version__  # here: keeps this edit off the module's imports
+
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()} {__version__}\n")  # read by `status`
+        self._file.flush()
