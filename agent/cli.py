@@ -692,7 +692,7 @@ def cmd_register_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent import status
+    from agent.commands import status
 
     cfg = load_config(args)
     if args.check:  # a product's own probe: exit 0 or 1 only (SPEC); no ledger yet is not ok
@@ -707,7 +707,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent import report
+    from agent.commands import report
 
     cfg = load_config(args)
     now = Clock().time()
@@ -784,7 +784,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from agent import trial
+    from agent.commands import trial
     from agent.config import loader as config
     from agent.errors import ConfigError
 
@@ -802,8 +802,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_image(args: argparse.Namespace) -> int:
-    from agent import image
     from agent.collecting.sampling import Sampler
+    from agent.commands import image
 
     cfg = load_config(args)
     Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)

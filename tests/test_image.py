@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import image
+from agent.commands import image
 from agent.config import load
 from agent.errors import EX_CONFIG, AgentError, LockHeld
 from agent.host.locks import StateLock

@@ -337,7 +337,7 @@ class TestCli:
 
 
 def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
-    from agent.trial import container_env
+    from agent.commands.trial import container_env
 
     ecs = container_env("ecs", "http://127.0.0.1:1")
     assert platform.detect("auto", ecs).name == "ecs"

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agent import config as config_mod
-from agent import status
+from agent.commands import status
 from agent.config import RegisterUsage, public_key_problem
 from agent.emulator import Emulator, ServiceError, Settings, b64url, sign_jwt
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable

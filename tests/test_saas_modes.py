@@ -171,7 +171,7 @@ def test_health_reason_counts_refused_records_in_sql(tmp_path: Path) -> None:
 
 
 def test_status_names_the_other_modes_pending_records(saas: Saas) -> None:
-    from agent import status
+    from agent.commands import status
 
     add_customers(saas.ledger, ["acme"])
     seal(saas.ledger, "acme", "requests", H, 7)

@@ -8,9 +8,10 @@ import os
 from decimal import Decimal as D
 from pathlib import Path
 
-from agent import __version__, status
+from agent import __version__
 from agent.billing.sealing import seal_hours, send_offset, span_for
 from agent.clock import HOUR, iso
+from agent.commands import status
 from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from agent.sending import health

@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent import cli, collectors, status
+from agent import cli, collectors
 from agent.clock import Clock
 from agent.collecting.sampling import Sampler
 from agent.collectors import Collector, Reading, Registry, Sources, Unread
+from agent.commands import status
 from agent.config import Config
 from agent.config import load as config_load
 from agent.daemon import daemon

@@ -25,12 +25,12 @@ from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sampler, take_within
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
+from agent.commands.status import collect
 from agent.daemon.daemon import Daemon
 from agent.daemon.triggers import ClockTrigger
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.sending import health
-from agent.status import collect
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil
 from tests.test_daemon import FakeImds, open_daemon

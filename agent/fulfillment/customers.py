@@ -193,7 +193,7 @@ def table(customers: list[Customer]) -> str:
     """`customers list`: a line per customer, removed ones marked (their usage is still billed)."""
     if not customers:
         return "no customers yet (metering-agent customers add --token TOKEN)"
-    from agent.report import table as aligned
+    from agent.commands.report import table as aligned
 
     header = ["label", "account", "license / customer identifier", "agreement", "added", "state"]
     rows = [

@@ -15,13 +15,13 @@ from typing import Any
 
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.commands.report import NO_LABEL, customer_row, hour_row, table
 from agent.config.model import Config
 from agent.errors import AgentError
 from agent.host import platform as platforms
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
 from agent.ledger.dimensions import UnreadUsage
-from agent.report import NO_LABEL, customer_row, hour_row, table
 from agent.sending import health
 from agent.sending import policy as sending
 
