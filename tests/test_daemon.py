@@ -412,7 +412,7 @@ def test_start_builds_the_whole_daemon_on_a_verified_ledger_under_its_lock(
 ) -> None:
     """What `run` runs on is there before it runs: the lock held, the running config copied for
     the sender, the ledger named by IMDS's instance id, the start-up DryRun due."""
-    from agent.daemon.daemon import start
+    from agent.commands.run import start
 
     cfg = make_config(tmp_path, f"metering: {{endpoint_url: '{emulator.url}'}}\n")
     clock = FakeClock(H + 600)
@@ -450,7 +450,7 @@ def test_a_saas_ledger_is_never_moved_aside_for_another_instance(tmp_path: Path,
     """SaaS mode on EC2: the ledger holds the seller's customers, pending records and held usage.
     An instance replaced with its state volume re-attached (IMDS names another instance) keeps
     it: nothing is moved aside, the records are still pending and sent from here."""
-    from agent.daemon.daemon import start
+    from agent.commands.run import start
     from tests.saas import license_arn, saas_config, seal
 
     cfg = saas_config(tmp_path, emulator.url)

@@ -319,7 +319,7 @@ def test_a_flush_spends_no_time_on_a_due_dry_run_unless_paused(setup) -> None:
 
 
 def test_a_flush_caps_each_calls_timeouts_at_the_time_left() -> None:
-    from agent.cli import call_timeouts
+    from agent.commands.run import call_timeouts
 
     clock = FakeClock(H)
     assert call_timeouts(clock, None) == (5.0, 15.0)

@@ -9,6 +9,7 @@ write them again), and says what the buyer's first boot will read.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import sqlite3
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from agent.commands.common import load_config
 from agent.config.loader import traps
 from agent.config.model import Config
 from agent.errors import AgentError, LockHeld
@@ -162,3 +164,11 @@ def _remove(state_dir: Path, yes: bool, out: Any, stdin: Any) -> int:
             raise AgentError(f"cannot remove {p}: {e.strerror}; run as root") from None
         print(f"removed {p}", file=out)
     return 0
+
+
+def cmd_prepare_image(args: argparse.Namespace) -> int:
+    from agent.collecting.sampling import Sampler
+
+    cfg = load_config(args)
+    Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
+    return prepare(cfg, args.yes)

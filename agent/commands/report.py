@@ -3,6 +3,7 @@ their AWS bill. Read-only."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -12,8 +13,9 @@ from decimal import Decimal
 from typing import Any
 
 from agent.aggregate import to_json
-from agent.clock import iso, iso_hour
-from agent.errors import AgentError
+from agent.clock import Clock, iso, iso_hour
+from agent.commands.common import load_config, open_ledger_readonly
+from agent.errors import EX_OK, AgentError
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 
@@ -129,3 +131,27 @@ def _table(data: list[dict[str, Any]]) -> str:
     if other:
         lines.append(f"not billed: {len(other)} hour(s) pending, rejected or expired (see state)")
     return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    now = Clock().time()
+    since = parse_when(args.since, now, "--since")
+    until = parse_when(args.until, now, "--until") if args.until else None
+    if until is not None and until <= since:
+        raise UsageError("--until must be later than --since")
+    if args.customer is not None and cfg.mode != "saas":
+        raise UsageError(f"--customer is for SaaS mode; {cfg.source} has mode: instance")
+    ledger = open_ledger_readonly(cfg.state_dir, "report")
+    data = rows(ledger, since, until, cfg.mode == "saas", args.customer)
+    if args.customer is not None and not data and (ledger is None or not _known(ledger, args)):
+        raise UsageError(
+            f"--customer {args.customer}: no such customer in {cfg.state_dir}; "
+            "see `metering-agent customers list`"
+        )
+    print(render(data, args.format))
+    return EX_OK
+
+
+def _known(ledger: Any, args: argparse.Namespace) -> bool:
+    return ledger.customer(args.customer) is not None

@@ -6,6 +6,7 @@ the state lock's answer (see `daemon_state`), not a guess from the ledger's last
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -15,9 +16,10 @@ from typing import Any
 
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.commands.common import load_config, open_ledger_readonly
 from agent.commands.report import NO_LABEL, customer_row, hour_row, table
 from agent.config.model import Config
-from agent.errors import AgentError
+from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 from agent.host import platform as platforms
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
@@ -348,3 +350,13 @@ def _text(value: Any) -> str:
     if value is False:
         return "no"
     return str(value)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    if args.check:  # a product's own probe: exit 0 or 1 only (SPEC); no ledger yet is not ok
+        return EX_OK if check(cfg.state_dir, Clock()) else EX_SOFTWARE
+    ledger = open_ledger_readonly(cfg.state_dir)
+    report = collect(ledger, cfg, Clock(), hours=args.hours)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return EX_OK

@@ -9,6 +9,7 @@ prints what MeterUsage received per hour and dimension, and every refusal.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -337,3 +338,16 @@ def main(cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: 
     for line in log_path.read_text(errors="replace").splitlines()[-15:]:
         print(f"  {line}", file=out)
     return EX_SOFTWARE
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from agent.errors import ConfigError
+
+    cfg = config_mod.load(config_mod.resolve_path(args.config))
+    if cfg.mode == "saas":
+        raise ConfigError(
+            "mode", f"trial runs instance mode (MeterUsage) only; {cfg.source} has mode: saas; "
+            "try it with `metering-agent sample` and `status` against a test state_dir",
+        )  # fmt: skip
+
+    return main(config_mod.resolve_path(args.config), args.hours, args.speed, args.dimensions)

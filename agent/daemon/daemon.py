@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -43,23 +41,20 @@ from agent.config.loader import load
 from agent.config.model import Config, Dimension
 from agent.daemon.hooks import Hooks
 from agent.daemon.running_config import (
-    RUNNING_CONFIG,
     bills_alike,
     changed_dimensions,
     keep_snapshot,
     snapshot_config,
 )
-from agent.daemon.sender import STOP_FLUSH, SenderProcess, send_command
+from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.triggers import ClockTrigger, snap
-from agent.errors import EX_NOPERM, AgentError, Unavailable
+from agent.errors import EX_NOPERM, AgentError
 from agent.host import identity, stopreason
 from agent.host import platform as platforms
-from agent.host.locks import ProductLock, StateLock, is_loopback
 from agent.host.sdnotify import Notifier
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.sending import health
-from agent.sending.client import Imds, resolve_region
 from agent.sending.policy import due
 
 log = logging.getLogger(__name__)
@@ -69,96 +64,6 @@ SEND_TICK = 15  # seconds of clock time between checks for due work
 # terminationGracePeriodSeconds default to 30 s, then SIGKILL): the flush gets 20 s, its child is
 # ended 2 s after, so seal + flush + exit stay well inside it.
 CONTAINER_STOP_FLUSH = 20
-
-
-def take_product_lock(config: Config) -> ProductLock | None:
-    """One sender per product per machine (see productlock); none for a loopback emulator."""
-    if is_loopback(config.metering.endpoint_url):
-        return None
-    lock = ProductLock(config.product_code, Path(config.source).resolve())
-    return lock if lock.acquire() else None
-
-
-def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
-    """Take the locks, copy the config for the sender children, open the ledger verified by
-    IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
-    state_dir = Path(config.state_dir)
-    from agent.fulfillment import process  # SaaS mode's registration handler child, if configured
-
-    handler = process.handler_for(config, state_dir / RUNNING_CONFIG, clock, log_format)
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        lock = StateLock(state_dir)  # kept: the flock lives as long as the file
-        lock.acquire()
-        product_lock = take_product_lock(config)
-        config, snapshot = snapshot_config(config.source, state_dir)
-        keep_snapshot(state_dir, snapshot)
-    except OSError as e:
-        raise AgentError(
-            f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
-            "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
-        ) from None
-    now = clock.time()
-    plat = platforms.detect(config.platform, os.environ)
-    metadata = platforms.TaskMetadata(os.environ) if plat.name == "ecs" else None
-    ident: identity.Identity
-    if plat.container:  # PlatformError (69, one line) when the task or pod cannot be named
-        task_id, source = platforms.identity(plat.name, os.environ, metadata)
-        ident = identity.ContainerIdentity(task_id, source, clock, state_dir)
-    elif config.mode == "saas":
-        # The seller's own ledger (its customers, pending records, held usage) on the seller's
-        # machine: never tied to an EC2 instance, so never moved aside (as a task's volume).
-        ident = identity.ContainerIdentity(
-            f"saas-{socket.gethostname()}", "hostname", clock, state_dir
-        )
-    else:
-        ident = identity.Identity(Imds(), clock, state_dir)
-    ledger = ident.start(Ledger(state_dir))
-    # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
-    ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
-    if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)
-        from agent.sending import registration
-
-        registration.at_start(
-            registration.child_command(state_dir / RUNNING_CONFIG, clock, log_format), ledger
-        )
-    if config.metering.startup_check:
-        ledger.schedule_dryrun(now)
-    command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
-    sender = SenderProcess(command, clock.monotonic)
-    where = describe_platform(config, plat, ledger, ident, metadata)
-    return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock),
-                  plat, where, registration=handler)  # fmt: skip
-
-
-def describe_platform(
-    config: Config,
-    plat: platforms.Platform,
-    ledger: Ledger,
-    ident: identity.Identity,
-    metadata: platforms.TaskMetadata | None,
-) -> str:
-    """The start-up line's platform part: platform and how decided, identity and its source,
-    region and its source, the credentials the environment points at (botocore's own answer
-    is the sender's, kept for `status`). IMDS is asked for the region only on EC2 once it has
-    answered for the identity, so a slow first boot is not slowed further."""
-    region = "region at send time"
-    if plat.container or ledger.get_meta("instance_id_source") == "imds":
-        try:
-            name, source = resolve_region(
-                config.metering.region, platform=plat.name, metadata=metadata
-            )
-            region = f"region {name} (from {source})"
-        except Unavailable as e:
-            region = f"region unresolved ({e})"
-    elif config.metering.region != "auto":
-        region = f"region {config.metering.region} (from config metering.region)"
-    policy = platforms.check_failure_policy(config.metering.on_check_failure, plat.name)
-    return (
-        f"platform {plat.name} ({plat.how}), identity {ledger.get_meta('instance_id')} (from "
-        f"{ledger.get_meta('instance_id_source')}), {region}, credentials expected: "
-        f"{platforms.expected_credentials(os.environ)}, on check failure: {policy}"
-    )
 
 
 class Daemon:

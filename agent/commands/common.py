@@ -1,0 +1,71 @@
+"""What the commands share: the config and clock their arguments name, the ledger opened for
+reading only, a reading written for people."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from agent.clock import Clock
+from agent.errors import AgentError
+from agent.host import ownership
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from agent.config import loader as config
+
+    return config.load(config.resolve_path(args.config))
+
+
+def make_clock(args: argparse.Namespace) -> Clock:
+    try:
+        return Clock.from_spec(getattr(args, "clock", None))
+    except (TypeError, ValueError):
+        raise AgentError(f"--clock {args.clock!r}: expected RATE[:ORIGIN[:WALL0]]") from None
+
+
+def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
+    """The ledger for reading, or None when there is none yet; never creates or writes one.
+
+    A read-only open never migrates: a ledger an older agent wrote (a lower schema version) is
+    named as such, with how to migrate it, instead of failing on the first missing column.
+    """
+    from agent.ledger import Ledger
+    from agent.ledger.database import LEDGER_FILE
+    from agent.ledger.migrations import SCHEMA_VERSION
+
+    path = Path(state_dir) / LEDGER_FILE
+    try:
+        if not path.exists():
+            return None
+    except PermissionError:
+        raise ownership.unreadable(Path(state_dir), command) from None
+    if not os.access(path, os.R_OK):
+        raise ownership.unreadable(Path(state_dir), command)
+    try:
+        ledger = Ledger(state_dir, readonly=True)
+        version = ledger.schema_version()
+    except sqlite3.Error as e:
+        if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
+            raise ownership.unreadable(Path(state_dir), command) from None
+        raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
+    if version < SCHEMA_VERSION:
+        ledger.close()
+        raise AgentError(
+            f"{state_dir}/{LEDGER_FILE}: the ledger is schema {version}, this agent is schema "
+            f"{SCHEMA_VERSION}; start the agent once (systemctl start metering-agent) to migrate it"
+        )
+    return ledger
+
+
+def plain(value: Any) -> str:
+    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
+    if value is None:
+        return "-"
+    if value.as_tuple().exponent < -6:
+        value = value.quantize(Decimal("0.000001"))
+    return format(value.normalize(), "f")
