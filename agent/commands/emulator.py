@@ -12,7 +12,8 @@ from agent.errors import EX_OK, Unavailable
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from agent.emulator import Emulator, Settings
+    from agent.emulator.rules import Settings
+    from agent.emulator.server import Emulator
     from agent.sending.client import IMDS_ENV
 
     settings = Settings(region=args.region, dryrun_style=args.dryrun_style)

@@ -26,7 +26,8 @@ import yaml
 
 from agent.clock import HOUR, Clock, hour_start, iso_hour
 from agent.config import loader as config_mod
-from agent.emulator import Emulator, Record, ServiceError, Settings, _timestamp
+from agent.emulator.rules import Record, ServiceError, Settings, _timestamp
+from agent.emulator.server import Emulator
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 
 LEAD = 3.0  # real seconds the daemon gets to start before the first hour begins
