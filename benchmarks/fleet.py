@@ -50,7 +50,7 @@ from agent.daemon.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
 from agent.sending.batches import BatchSender
-from agent.sending.client import BatchOutcome, Outcome, batch_outcome, classify
+from agent.sending.outcomes import BatchOutcome, Outcome, batch_outcome, classify
 from agent.sending.policy import PATIENCE, SAAS_EXPIRY, backoff
 
 HOUR = 3600

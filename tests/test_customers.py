@@ -22,7 +22,8 @@ from agent.errors import NotAuthorized, Unavailable
 from agent.fulfillment.handler import Registrar, check_redirect, make_app
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.sending.client import MeteringClient, TokenRefused
+from agent.sending.client import MeteringClient
+from agent.sending.outcomes import TokenRefused
 from tests.conftest import PRODUCT, ROOT, run_cli
 
 ACCOUNT = "111122223333"

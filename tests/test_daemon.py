@@ -23,10 +23,10 @@ from agent.daemon.sender import SenderProcess, send_command
 from agent.daemon.triggers import ClockTrigger, snap
 from agent.errors import LockHeld
 from agent.host import identity
+from agent.host.imds import ImdsError
 from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.sending.client import ImdsError
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock, FakePsutil, RecordingLog

@@ -12,7 +12,8 @@ import pytest
 
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
-from agent.sending.client import Imds, MeteringClient
+from agent.host.imds import Imds
+from agent.sending.client import MeteringClient
 from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.host import identity
+from agent.host.imds import ImdsError
 from agent.ledger import Ledger
-from agent.sending.client import ImdsError
 from agent.sending.policy import Sender
 from tests.billing import FakeClient, H, make_config
 from tests.fakes import FakeClock

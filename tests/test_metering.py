@@ -8,15 +8,9 @@ from botocore.stub import Stubber
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
 from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.sending.client import (
-    Imds,
-    ImdsError,
-    MeteringClient,
-    Outcome,
-    classify,
-    dry_run_verdict,
-    resolve_region,
-)
+from agent.host.imds import Imds, ImdsError, resolve_region
+from agent.sending.client import MeteringClient
+from agent.sending.outcomes import Outcome, classify, dry_run_verdict
 from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 

@@ -18,9 +18,10 @@ from agent.daemon.sender import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
 from agent.host import identity, platform
+from agent.host.imds import ImdsError, resolve_region
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
-from agent.sending.client import ImdsError, MeteringClient, resolve_region
+from agent.sending.client import MeteringClient
 from tests.billing import make_config, sealed_hour
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.test_sealing import fill

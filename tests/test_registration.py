@@ -29,7 +29,8 @@ from agent.emulator import Emulator, ServiceError, Settings, b64url, sign_jwt
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
 from agent.ledger import Ledger
 from agent.sending import registration
-from agent.sending.client import MeteringClient, Registration, classify_registration
+from agent.sending.client import MeteringClient
+from agent.sending.outcomes import Registration, classify_registration
 from tests.billing import make_config
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.fakes import FakeClock

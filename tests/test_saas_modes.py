@@ -16,7 +16,7 @@ from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.sending import health
 from agent.sending.batches import BatchSender
-from agent.sending.client import BatchOutcome, Outcome
+from agent.sending.outcomes import BatchOutcome, Outcome
 from agent.sending.policy import Sender, due, sendable_at
 from tests import test_batching
 from tests.conftest import PRODUCT

@@ -11,7 +11,7 @@ from agent.billing import sealing
 from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
-from agent.sending.client import Outcome
+from agent.sending.outcomes import Outcome
 from agent.sending.policy import (
     BACKOFF_CAP,
     EXPIRY,

@@ -13,7 +13,7 @@ from agent.config import Config
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.sending import health
-from agent.sending.client import Outcome
+from agent.sending.outcomes import Outcome
 from agent.sending.policy import EXPIRY, Sender
 from tests.billing import FakeClient, H, make_config
 from tests.conftest import PRODUCT

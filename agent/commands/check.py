@@ -65,17 +65,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         _say("ok", f"register_usage.public_key {key}: {describe_key(key)}")
     if args.offline:
         return EX_OK
+    from agent.host.imds import resolve_region
     from agent.sending import client as metering
+    from agent.sending.outcomes import ROLE_HINT, SAAS_PRODUCT_HINT, SAAS_ROLE_HINT, dry_run_verdict
 
     metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
     check_identity(plat, metadata)
-    region, where = metering.resolve_region(
-        cfg.metering.region, platform=plat.name, metadata=metadata
-    )
+    region, where = resolve_region(cfg.metering.region, platform=plat.name, metadata=metadata)
     _say("ok", f"region {region} (from {where})")
     client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
     if not client.has_credentials():
-        raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
+        raise Unavailable(f"no AWS credentials found; {ROLE_HINT}")
     method = client.credential_source()
     # AWS refuses the node's role for container products' MeterUsage; SaaS is the seller's own
     node_role = platform.node_role_refusal(plat.name, method) if cfg.mode != "saas" else None
@@ -90,11 +90,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         _say("warn", static)
     if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
         outcome = client.probe_batch(cfg.product_code)
-        verdict = metering.dry_run_verdict(
+        verdict = dry_run_verdict(
             outcome,
             "BatchMeterUsage (0 records)",
-            metering.SAAS_ROLE_HINT,
-            metering.SAAS_PRODUCT_HINT,
+            SAAS_ROLE_HINT,
+            SAAS_PRODUCT_HINT,
         )
         _say("ok", verdict)
     else:
@@ -116,15 +116,15 @@ def check_identity(plat: Any, metadata: Any) -> None:
     """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
     or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
     from agent.host import platform
-    from agent.sending import client as metering
+    from agent.host.imds import Imds, ImdsError
 
     if plat.container:
         task_id, source = platform.identity(plat.name, os.environ, metadata)
         _say("ok", f"identity {task_id} (from {source})")
         return
     try:
-        _say("ok", f"identity {metering.Imds().instance_id()} (from IMDS instance-id)")
-    except metering.ImdsError as e:
+        _say("ok", f"identity {Imds().instance_id()} (from IMDS instance-id)")
+    except ImdsError as e:
         _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
 
 
@@ -174,7 +174,7 @@ def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
 
     A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
     from agent.errors import NotAuthorized
-    from agent.sending import client as metering
+    from agent.sending.outcomes import dry_run_verdict
 
     unknown = []
     for dim in cfg.dimensions:
@@ -183,7 +183,7 @@ def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
             unknown.append(dim.name)
             _say("fail", f"MeterUsage DryRun {dim.name}: {outcome.error}")
             continue
-        _say("ok", f"{metering.dry_run_verdict(outcome)} for {dim.name}")
+        _say("ok", f"{dry_run_verdict(outcome)} for {dim.name}")
     if unknown:
         raise NotAuthorized(
             f"MeterUsage DryRun: dimension {', '.join(unknown)} is not a dimension of product "

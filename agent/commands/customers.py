@@ -28,9 +28,10 @@ def _token_argument(token: str) -> str:
 
 
 def _resolver(cfg: Any) -> Any:
+    from agent.host.imds import resolve_region
     from agent.sending import client as metering
 
-    region, _ = metering.resolve_region(cfg.metering.region)
+    region, _ = resolve_region(cfg.metering.region)
     return metering.MeteringClient(region, cfg.metering.endpoint_url)
 
 

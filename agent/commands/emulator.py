@@ -14,7 +14,7 @@ from agent.errors import EX_OK, Unavailable
 def cmd_emulator(args: argparse.Namespace) -> int:
     from agent.emulator.rules import Settings
     from agent.emulator.server import Emulator
-    from agent.sending.client import IMDS_ENV
+    from agent.host.imds import IMDS_ENV
 
     settings = Settings(region=args.region, dryrun_style=args.dryrun_style)
     if not args.any_product and (args.config or os.environ.get("METERING_AGENT_CONFIG")):

@@ -21,9 +21,9 @@ from agent.daemon.sender import SenderProcess, send_command
 from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 from agent.host import identity, ownership
 from agent.host import platform as platforms
+from agent.host.imds import Imds, resolve_region
 from agent.host.locks import ProductLock, StateLock, is_loopback
 from agent.ledger import Ledger
-from agent.sending.client import Imds, resolve_region
 
 log = logging.getLogger("agent")
 
@@ -36,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
+    from agent.host.imds import resolve_region
     from agent.sending import client as metering
     from agent.sending.policy import Sender, note_unreachable
 
@@ -47,7 +48,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     ledger = Ledger(cfg.state_dir)
     plat = platforms.detect(cfg.platform, os.environ)
     try:
-        region, where = metering.resolve_region(cfg.metering.region, platform=plat.name)
+        region, where = resolve_region(cfg.metering.region, platform=plat.name)
     except Unavailable as e:
         note_unreachable(ledger, cfg, clock.time(), str(e))
         return EX_UNAVAILABLE

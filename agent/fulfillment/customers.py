@@ -22,7 +22,7 @@ from agent.clock import iso
 from agent.errors import AgentError, ConfigError, NotAuthorized
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
-from agent.sending.client import Resolved
+from agent.sending.outcomes import Resolved
 
 ACCOUNT_ID = re.compile(r"\d{12}")
 ARN = re.compile(r"arn:aws[a-z-]*:[a-z0-9-]+:[^\s]*")

@@ -89,9 +89,10 @@ class Registrar:
     def client(self) -> Any:
         with self._lock:
             if self._client is None:
+                from agent.host.imds import resolve_region
                 from agent.sending import client as metering
 
-                region, _ = metering.resolve_region(self.cfg.metering.region)
+                region, _ = resolve_region(self.cfg.metering.region)
                 self._client = metering.MeteringClient(
                     region, self.cfg.metering.endpoint_url, clock=self.clock
                 )
@@ -166,7 +167,7 @@ def make_app(
         try:
             customer = registrar.register(token)
         except NotAuthorized as e:
-            from agent.sending.client import TokenRefused
+            from agent.sending.outcomes import TokenRefused
 
             if isinstance(e, TokenRefused):
                 log.warning("fulfillment: %s; answered 400", _hide(str(e), token))

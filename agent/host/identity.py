@@ -28,10 +28,10 @@ from typing import NoReturn
 
 from agent.clock import Clock, iso
 from agent.errors import AgentError
+from agent.host.imds import Imds, ImdsError
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE, move_aside
 from agent.sending import health
-from agent.sending.client import Imds, ImdsError
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from agent.config.model import Config
 from agent.ledger import Ledger
 from agent.ledger.hours import CustomerRef, SealedHour
 from agent.sending import policy as sending
-from agent.sending.client import (
+from agent.sending.outcomes import (
     BATCH_INVALID,
     BATCH_REFUSED,
     BATCH_SUCCESS,

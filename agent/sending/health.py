@@ -24,7 +24,7 @@ from agent.host.ownership import adopt
 from agent.ledger import Ledger
 from agent.ledger.dimensions import UnreadUsage
 from agent.ledger.hours import SealedHour
-from agent.sending.client import HELD
+from agent.sending.outcomes import HELD
 
 HEALTH_FILE = "health.json"
 LOOKBACK = 24 * HOUR

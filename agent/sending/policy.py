@@ -25,7 +25,7 @@ from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.ledger.send_state import SendState
 from agent.sending import health
-from agent.sending.client import PRODUCT_CODE_REFUSED, SIGNING, Outcome
+from agent.sending.outcomes import PRODUCT_CODE_REFUSED, SIGNING, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -292,11 +292,12 @@ def child_main(config: Config, clock: Clock) -> int:
 
     Its log lines go to the inherited stderr (the journal); the error is the parent's to print."""
     from agent.host import platform
+    from agent.host.imds import resolve_region
     from agent.sending import client as metering
 
     try:
         plat = platform.detect(config.platform, os.environ)
-        region, _ = metering.resolve_region(config.metering.region, platform=plat.name)
+        region, _ = resolve_region(config.metering.region, platform=plat.name)
         client = metering.MeteringClient(
             region, config.metering.endpoint_url, clock=clock, platform=plat.name
         )
