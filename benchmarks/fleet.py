@@ -1,7 +1,7 @@
 """Fleet simulation: N instances in one account and region sending through MeterUsage's
 10 requests/s token bucket, in virtual time, with the agent's real schedule and retry code.
 
-What is the agent's own: the per-instance send slot (`sealing.send_offset`, a hash of the instance
+What is the agent's own: the per-instance send slot (`windows.send_offset`, a hash of the instance
 id) at which the first send of an hour starts exactly, the send tick (`daemon.SEND_TICK`) on which
 later retries start, the pass that waits out short backoffs itself
 (`sending.PATIENCE`), capped exponential backoff with full jitter (`sending.backoff`), and oldest
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Quantity
-from agent.billing.sealing import send_offset
 from agent.clock import Clock
 from agent.config import Config
 from agent.config import load as load_config
@@ -51,7 +50,8 @@ from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
 from agent.sending.batches import BatchSender
 from agent.sending.outcomes import BatchOutcome, Outcome, batch_outcome, classify
-from agent.sending.policy import PATIENCE, SAAS_EXPIRY, backoff
+from agent.sending.policy import PATIENCE, backoff
+from agent.windows import SAAS_EXPIRY, send_offset
 
 HOUR = 3600
 SIX_HOURS = 6 * HOUR

@@ -22,7 +22,8 @@ from agent.ledger import Ledger
 from agent.sending import batches as batching
 from agent.sending.batches import BatchSender, plan, usage_record
 from agent.sending.client import MeteringClient
-from agent.sending.policy import SAAS_EXPIRY, due, expires_at
+from agent.sending.policy import due, expires_at
+from agent.windows import SAAS_EXPIRY
 from tests.conftest import PRODUCT, run_cli
 from tests.saas import ServiceClock, add_customers, license_arn, saas_config, seal, subscribed
 
@@ -340,7 +341,7 @@ def test_one_timestamp_bound_selects_exactly_the_expired_records(ts: int, age: i
     `now >= expires_at(h)` record by record (24 h less a minute, and the month-end cutoff)."""
     from agent.aggregate import Quantity
     from agent.ledger.hours import SealedHour
-    from agent.sending.batches import expired_upto
+    from agent.windows import expired_upto
 
     h = SealedHour("d", ts // 3600 * 3600, PRODUCT, Quantity(1), ts, "t", 1, "1", "pending",
                    None, 0, None, 0.0, 0.0, None, customer="c")  # fmt: skip

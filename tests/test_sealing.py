@@ -4,8 +4,9 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-from agent.billing.sealing import seal_hours, send_offset, span_for
+from agent.billing.sealing import seal_hours
 from agent.ledger import Ledger
+from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 
 D = Decimal

@@ -6,21 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from agent import windows as sealing
 from agent.aggregate import Quantity
-from agent.billing import sealing
 from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
 from agent.sending.outcomes import Outcome
-from agent.sending.policy import (
-    BACKOFF_CAP,
-    EXPIRY,
-    Sender,
-    backoff,
-    due,
-    next_send,
-    note_unreachable,
-)
+from agent.sending.policy import BACKOFF_CAP, Sender, backoff, due, next_send, note_unreachable
+from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock
 from tests.test_sealing import fill

@@ -14,7 +14,8 @@ from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.sending import health
 from agent.sending.outcomes import Outcome
-from agent.sending.policy import EXPIRY, Sender
+from agent.sending.policy import Sender
+from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock

@@ -9,13 +9,14 @@ from decimal import Decimal as D
 from pathlib import Path
 
 from agent import __version__
-from agent.billing.sealing import seal_hours, send_offset, span_for
+from agent.billing.sealing import seal_hours
 from agent.clock import HOUR, iso
 from agent.commands import status
 from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from agent.sending import health
 from agent.sending import policy as sending
+from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.fakes import FakeClock

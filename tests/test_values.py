@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from agent import config
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
 from agent.billing import sealing
-from agent.billing.sealing import seal_hours, span_for
+from agent.billing.sealing import seal_hours
 from agent.clock import Clock
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sampler, take_within
@@ -31,6 +31,7 @@ from agent.daemon.triggers import ClockTrigger
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.sending import health
+from agent.windows import span_for
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil
 from tests.test_daemon import FakeImds, open_daemon

@@ -25,16 +25,14 @@ from typing import Any
 
 from agent.aggregate import LabelSet, Point, Quantity, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
-from agent.clock import HOUR, iso_hour
+from agent.clock import iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
 from agent.ledger.samples import HeldUsage
+from agent.windows import expired_upto, record_timestamp, saas_expires_at, send_slot
 
 log = logging.getLogger(__name__)
 
-# BatchMeterUsage takes a record while its Timestamp is less than 24 h old; a minute's margin, as
-# instance mode keeps one under MeterUsage's 6 h.
-SAAS_EXPIRY = 24 * HOUR - 60
 ZERO = Decimal(0)
 UNKNOWN = "unknown customer"
 
@@ -138,7 +136,7 @@ def seal_one(
         active = {c.label for c in ledger.customers()} if config.saas.idle_zero else set()
         split = shares_by_customer(points, config.saas.customer_label, dim)
         last = max(p.t for p in points)
-        timestamp = min(max(int(last), hour), hour + HOUR - 1)
+        timestamp = record_timestamp(last, hour)
         done: list[CustomerSealed] = []
         for customer in sorted(set(split) | active):
             mine = split.get(customer)
@@ -160,7 +158,7 @@ def seal_one(
                 own = customer_points(points, mine, dim)
                 raw, quantity = billed(dim, own)
             _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
-                    timestamp, len(own), now, hour + HOUR + offset)  # fmt: skip
+                    timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
             done.append(CustomerSealed(customer, name, hour, quantity.text))
         db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (name, hour))
     held = sorted(c for c in split if c not in known)
@@ -230,9 +228,6 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
-    from agent.sending.batches import expired_upto
-    from agent.sending.policy import saas_expires_at
-
     for held in ledger.held_usage(settle_by=expired_upto(now)):
         dim = dims.get(held.dimension)
         if dim is None:
@@ -282,7 +277,6 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
     """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
     from agent.billing.sealing import billed
     from agent.clock import iso
-    from agent.sending.policy import saas_expires_at
 
     rows: list[dict[str, Any]] = []
     for h in held:

@@ -7,7 +7,6 @@ never skips or repeats an hour.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import uuid
@@ -20,6 +19,7 @@ from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
+from agent.windows import record_timestamp, send_slot
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,6 @@ class Sealed:
     hour: int
     quantity: str
     samples: int
-
-
-def send_offset(instance_id: str, send_window: int) -> float:
-    """The per-instance delay after each hour, in [0, send_window): a hash of the instance id, so
-    a fleet spreads its calls evenly and one instance keeps the same slot across restarts."""
-    if send_window <= 0:
-        return 0.0
-    digest = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:8], "big")
-    return (digest % (send_window * 1000)) / 1000.0
-
-
-def span_for(t: float, interval: int) -> float:
-    """Seconds a sample at `t` stands for: until the next sampling instant, within its hour."""
-    next_instant = (int(t // interval) + 1) * interval
-    return float(min(next_instant, hour_start(t) + HOUR) - t)
 
 
 def seal_hours(
@@ -142,14 +127,12 @@ def _seal_one(
             hour=hour,
             product_code=config.product_code,
             quantity=quantity,
-            # The hour's last sample: never before the usage began, and the 6 h window
-            # counts from late in the hour. Carried samples may predate the hour: clamp.
-            timestamp=min(max(int(last), hour), hour + HOUR - 1),
+            timestamp=record_timestamp(last, hour),
             client_token=str(uuid.uuid4()),
             samples=len(points),
             raw=format(raw.normalize(), "f"),
             sealed_at=now,
-            next_attempt=hour + HOUR + offset,
+            next_attempt=send_slot(hour, offset),
             allocations=allocated.allocations,
         )
     return Sealed(name, hour, quantity.text, len(points))

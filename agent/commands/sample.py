@@ -86,7 +86,7 @@ def _billed(dim: Any, t: float, value: Decimal) -> str:
     """What the reading is worth in the dimension's billed units: after `scale`, and what an hour
     holding only this reading would send after rounding (the sealed hour rounds its total)."""
     from agent.aggregate import Point, combine_exact, to_decimal, to_quantity
-    from agent.billing.sealing import span_for
+    from agent.windows import span_for
 
     exact = combine_exact(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
     alone = to_quantity(exact, dim.scale, dim.rounding, dim.decimals)

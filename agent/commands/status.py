@@ -26,6 +26,7 @@ from agent.ledger.database import LEDGER_FILE
 from agent.ledger.dimensions import UnreadUsage
 from agent.sending import health
 from agent.sending import policy as sending
+from agent.windows import send_offset
 
 
 def daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
             "hours": [],
         }
     instance_id = ledger.get_meta("instance_id")
-    offset = sealing.send_offset(instance_id or "", config.metering.send_window)
+    offset = send_offset(instance_id or "", config.metering.send_window)
     dims = {s.dimension: s for s in ledger.dimension_status()}
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     unread = {u.dimension: u for u in ledger.unread_usage()}

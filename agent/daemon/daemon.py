@@ -56,6 +56,7 @@ from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.sending import health
 from agent.sending.policy import due
+from agent.windows import send_offset, span_for
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ class Daemon:
         self.sender = sender
         self.held = held  # the locks this run holds, for as long as it runs
         self.state_dir = Path(config.state_dir)
-        self.offset = sealing.send_offset(
-            ledger.get_meta("instance_id"), config.metering.send_window
-        )
+        self.offset = send_offset(ledger.get_meta("instance_id"), config.metering.send_window)
         self.hooks = Hooks(config, ledger, clock)
         self.notify = Notifier()
         self.stop_event = threading.Event()
@@ -197,7 +196,7 @@ class Daemon:
                 if self.config.metering.startup_check:
                     ledger.schedule_dryrun(self.clock.time())
             instance_id = ledger.get_meta("instance_id")
-            self.offset = sealing.send_offset(instance_id, self.config.metering.send_window)
+            self.offset = send_offset(instance_id, self.config.metering.send_window)
             health.write(self.state_dir, ledger, self.clock.time())
             return True
 
@@ -274,7 +273,7 @@ class Daemon:
                 self._seal_as_sampled(changed_dimensions(self.config, new), self.clock.time())
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
-                self.offset = sealing.send_offset(
+                self.offset = send_offset(
                     self.ledger.get_meta("instance_id"), new.metering.send_window
                 )
             sampler.carry_over(self.sampler)
@@ -444,7 +443,7 @@ class Daemon:
             dim.name,
             t,
             sample.value,
-            sealing.span_for(t, dim.interval),
+            span_for(t, dim.interval),
             sample.state,
             carry=sealing.carries(dim),
             increment=dim.collector.kind == "increment",

@@ -41,6 +41,7 @@ from agent.sending.outcomes import (
     Outcome,
 )
 from agent.sending.policy import BACKOFF_BASE, Report, backoff, expires_at, sendable_at
+from agent.windows import SAAS_OUT_OF_WINDOW, expired_upto
 
 log = logging.getLogger(__name__)
 
@@ -160,18 +161,6 @@ def plan(records: Iterable[SealedHour]) -> list[Call]:
     return [call for _, call in sorted(calls, key=lambda c: c[0])]
 
 
-def expired_upto(now: float) -> float:
-    """The latest Timestamp a SaaS record can have and be expired at `now`: expiry
-    (sending.expires_at) only grows with the Timestamp, so one bound selects them all."""
-    month = datetime.fromtimestamp(now, tz=timezone.utc).replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0
-    )
-    upto = now - sending.SAAS_EXPIRY
-    if now >= month.timestamp() + sending.MONTH_CUTOFF:  # last month's records are refused
-        upto = max(upto, month.timestamp() - 1)
-    return upto
-
-
 # -- the send pass -----------------------------------------------------------------------------
 
 
@@ -212,7 +201,7 @@ class BatchSender(sending.Sender):
         upto = expired_upto(now)
         while page := self.ledger.pending_records(limit=PAGE, timestamp_upto=upto):
             for h in page:
-                self._mark_expired(h, now, sending.SAAS_OUT_OF_WINDOW, report)
+                self._mark_expired(h, now, SAAS_OUT_OF_WINDOW, report)
 
     def _send_pending(self, report: Report, flush: bool, deadline: float) -> None:
         after: tuple[int, str, str] | None = None
@@ -226,7 +215,7 @@ class BatchSender(sending.Sender):
             ready = []
             for h in page:
                 if now >= expires_at(h):
-                    self._mark_expired(h, now, sending.SAAS_OUT_OF_WINDOW, report)
+                    self._mark_expired(h, now, SAAS_OUT_OF_WINDOW, report)
                     continue
                 at = sendable_at(state, h.next_attempt)
                 if not flush and (at is None or at > now):
@@ -260,7 +249,7 @@ class BatchSender(sending.Sender):
         late = [i for i, h in enumerate(call.records) if now >= expires_at(h)]
         if late:  # expired while earlier calls went: never sent (it would fail the call)
             for i in late:
-                self._mark_expired(call.records[i], now, sending.SAAS_OUT_OF_WINDOW, report)
+                self._mark_expired(call.records[i], now, SAAS_OUT_OF_WINDOW, report)
             queue[0] = call = call.part(i for i in range(len(call.records)) if i not in late)
             if not call.records:
                 queue.popleft()

@@ -14,11 +14,9 @@ import os
 import random
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import NoReturn, Protocol
 
-from agent.billing import sealing
-from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.clock import Clock, hour_start, iso, iso_hour
 from agent.config.model import Config
 from agent.host import platform as platforms
 from agent.ledger import Ledger
@@ -26,16 +24,17 @@ from agent.ledger.hours import SealedHour
 from agent.ledger.send_state import SendState
 from agent.sending import health
 from agent.sending.outcomes import PRODUCT_CODE_REFUSED, SIGNING, Outcome
+from agent.windows import (
+    OUT_OF_WINDOW,
+    SAAS_OUT_OF_WINDOW,
+    instance_expires_at,
+    saas_expires_at,
+    send_offset,
+    send_slot,
+)
 
 log = logging.getLogger(__name__)
 
-EXPIRY = 6 * HOUR - 60  # TimestampOutOfBounds past 6 h; give up a minute early
-OUT_OF_WINDOW = "older than the 6 h MeterUsage window"
-# BatchMeterUsage (SaaS records, customer != ''): 24 h less a minute, and a previous month's
-# record is refused from 06:00 UTC on the 1st (SPEC "SaaS mode").
-SAAS_EXPIRY = 24 * HOUR - 60
-MONTH_CUTOFF = 6 * HOUR
-SAAS_OUT_OF_WINDOW = "past the BatchMeterUsage window (24 h, or 06:00 UTC on the next month's 1st)"
 DRYRUN_RECHECK = 300.0  # while not authorized, DryRun again every 5 minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
@@ -74,26 +73,12 @@ def _never(x: NoReturn) -> NoReturn:
     raise AssertionError(f"unhandled outcome {x!r}")
 
 
-def month_cutoff(timestamp: float) -> float:
-    """06:00 UTC on the 1st of the month after `timestamp`'s: the service refuses the record
-    from then on."""
-    d = datetime.fromtimestamp(timestamp, tz=timezone.utc)
-    first = datetime(d.year + d.month // 12, d.month % 12 + 1, 1, tzinfo=timezone.utc)
-    return first.timestamp() + MONTH_CUTOFF
-
-
-def saas_expires_at(timestamp: float) -> float:
-    """When a SaaS record of this Timestamp can no longer be sent: the earlier of 24 h less a
-    minute after it and 06:00 UTC on the next month's 1st (held usage too: saas_sealing)."""
-    return min(float(timestamp + SAAS_EXPIRY), month_cutoff(timestamp))
-
-
 def expires_at(h: SealedHour) -> float:
     """When a sealed record can no longer be sent: MeterUsage's 6 h window for an instance
     hour, BatchMeterUsage's 24 h window and month-end cutoff for a SaaS record."""
     if h.customer:
         return saas_expires_at(h.timestamp)
-    return float(h.timestamp + EXPIRY)
+    return instance_expires_at(h.timestamp)
 
 
 def out_of_window(h: SealedHour) -> str:
@@ -125,10 +110,10 @@ def next_send(ledger: Ledger, config: Config, now: float) -> float | None:
     state = ledger.send_state()
     if state.identity_unverified:  # as in due(): nothing leaves
         return None
-    offset = sealing.send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
+    offset = send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
     times = (
         due(state, ledger.pending_bounds(saas=config.mode == "saas")),
-        sendable_at(state, hour_start(now) + HOUR + offset),
+        sendable_at(state, send_slot(hour_start(now), offset)),
     )
     return min((t for t in times if t is not None), default=None)
 
