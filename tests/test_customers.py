@@ -17,9 +17,10 @@ import pytest
 
 from agent import cli
 from agent.clock import Clock
+from agent.config.tables import check_redirect
 from agent.emulator import Emulator, Settings
 from agent.errors import NotAuthorized, Unavailable
-from agent.fulfillment.handler import Registrar, check_redirect, make_app
+from agent.fulfillment.handler import Registrar, make_app
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.sending.client import MeteringClient

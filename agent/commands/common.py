@@ -10,9 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent.clock import Clock
+from agent.aggregate import to_json
+from agent.clock import Clock, iso, iso_hour
 from agent.errors import AgentError
 from agent.host import ownership
+from agent.ledger.hours import SealedHour
 
 
 def load_config(args: argparse.Namespace) -> Any:
@@ -69,3 +71,29 @@ def plain(value: Any) -> str:
     if value.as_tuple().exponent < -6:
         value = value.quantize(Decimal("0.000001"))
     return format(value.normalize(), "f")
+
+
+def hour_row(h: SealedHour) -> dict[str, Any]:
+    """One sealed hour as `status` and `report` show it (table, CSV and JSON)."""
+    return {
+        "hour": iso_hour(h.hour),
+        "dimension": h.dimension,
+        "quantity": h.quantity.text,
+        "state": h.state,
+        "record_id": h.record_id,
+        "timestamp": iso(h.timestamp),
+        "sent_at": iso(h.done_at) if h.state == "sent" else None,
+        "product_code": h.product_code,
+        "attempts": h.attempts,
+        "last_error": h.last_error,
+        "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
+        "allocations": to_json(h.allocations),  # UsageAllocations as sent; [] for none
+    }
+
+
+def table(cells: list[list[str]]) -> list[str]:
+    """Aligned text columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]

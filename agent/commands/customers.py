@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.clock import Clock
-from agent.commands.common import load_config, make_clock, open_ledger_readonly
+from agent.clock import Clock, iso
+from agent.commands.common import load_config, make_clock, open_ledger_readonly, table
 from agent.errors import EX_OK, AgentError
 from agent.host import ownership
+from agent.ledger.customers import Customer
 
 
 def _token_argument(token: str) -> str:
@@ -83,7 +84,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([customers.as_json(c) for c in found], indent=2))
     else:
-        print(customers.table(found))
+        print(customers_table(found))
     return EX_OK
 
 
@@ -128,3 +129,22 @@ def cmd_serve_registration(args: argparse.Namespace) -> int:
 
         raise ConfigError("saas.registration", "not set: add listen and redirect to serve it")
     return fulfillment.serve(cfg, make_clock(args))
+
+
+def customers_table(customers: list[Customer]) -> str:
+    """`customers list`: a line per customer, removed ones marked (their usage is still billed)."""
+    if not customers:
+        return "no customers yet (metering-agent customers add --token TOKEN)"
+    header = ["label", "account", "license / customer identifier", "agreement", "added", "state"]
+    rows = [
+        [
+            c.label,
+            c.account_id or "-",
+            (c.customer_identifier or "-") if c.legacy else (c.license_arn or "-"),
+            c.agreement_id or "-",
+            iso(c.added_at) or "-",
+            f"removed {iso(c.removed_at)}" if c.removed_at is not None else "active",
+        ]
+        for c in customers
+    ]
+    return "\n".join(table([header, *rows]))

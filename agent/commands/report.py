@@ -12,9 +12,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from agent.aggregate import to_json
-from agent.clock import Clock, iso, iso_hour
-from agent.commands.common import load_config, open_ledger_readonly
+from agent.clock import Clock
+from agent.commands.common import hour_row, load_config, open_ledger_readonly, table
 from agent.errors import EX_OK, AgentError
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
@@ -46,24 +45,6 @@ def parse_when(text: str, now: float, option: str) -> float:
     return when.timestamp()
 
 
-def hour_row(h: SealedHour) -> dict[str, Any]:
-    """One sealed hour as `status` and `report` show it (table, CSV and JSON)."""
-    return {
-        "hour": iso_hour(h.hour),
-        "dimension": h.dimension,
-        "quantity": h.quantity.text,
-        "state": h.state,
-        "record_id": h.record_id,
-        "timestamp": iso(h.timestamp),
-        "sent_at": iso(h.done_at) if h.state == "sent" else None,
-        "product_code": h.product_code,
-        "attempts": h.attempts,
-        "last_error": h.last_error,
-        "reissues": h.reissues,  # re-sent under a fixed product code, new ClientToken
-        "allocations": to_json(h.allocations),  # UsageAllocations as sent; [] for none
-    }
-
-
 NO_LABEL = "(no label)"  # SaaS usage that carried no customer label
 
 
@@ -87,14 +68,6 @@ def rows(
     if not saas:
         return [hour_row(h) for h in hours]
     return [customer_row(h) for h in hours if customer is None or h.customer == customer]
-
-
-def table(cells: list[list[str]]) -> list[str]:
-    """Aligned text columns, two spaces apart; the first row is the header."""
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
 
 
 def render(data: list[dict[str, Any]], fmt: str) -> str:

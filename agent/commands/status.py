@@ -16,8 +16,8 @@ from typing import Any
 
 from agent.billing import sealing
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.commands.common import load_config, open_ledger_readonly
-from agent.commands.report import NO_LABEL, customer_row, hour_row, table
+from agent.commands.common import hour_row, load_config, open_ledger_readonly, table
+from agent.commands.report import NO_LABEL, customer_row
 from agent.config.model import Config
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 from agent.host import platform as platforms

@@ -32,7 +32,14 @@ from agent.config.model import (
     Registration,
     Saas,
 )
-from agent.config.tables import METERING, SAAS, SAMPLING, TOP, collector_section
+from agent.config.tables import (
+    METERING,
+    SAAS,
+    SAMPLING,
+    TOP,
+    check_redirect,  # the fields the fulfillment handler fills in
+    collector_section,
+)
 from agent.errors import ConfigError
 from agent.fields import collect, describe, raise_all
 
@@ -183,8 +190,6 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
     section = SAAS.parse({}, "saas") if raw is None else raw
     reg = section["registration"]
     if reg:
-        from agent.fulfillment.handler import check_redirect  # the fields the handler fills in
-
         try:
             check_redirect(reg["redirect"])
         except ConfigError as e:

@@ -4,6 +4,7 @@ and `metering-agent schema` prints them as JSON Schema.
 
 from __future__ import annotations
 
+import string
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +18,7 @@ from agent.config.model import (
     REGION,
     TAG_CHAR,
 )
+from agent.errors import ConfigError
 from agent.fields import (
     Bool,
     Duration,
@@ -172,6 +174,26 @@ SAAS = Section(
         ),
     }
 )
+
+# The fields the fulfillment handler fills in `saas.registration.redirect` (fulfillment.handler).
+REDIRECT_FIELDS = ("customer_aws_account_id", "license_arn", "agreement_id", "customer")
+
+
+def check_redirect(redirect: str, key: str = "saas.registration.redirect") -> str:
+    """The redirect template may name only the fields the handler fills in."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(redirect) if name is not None}
+    except ValueError as e:
+        raise ConfigError(key, f"{e}; write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted(n for n in names if n not in REDIRECT_FIELDS)
+    if unknown:
+        raise ConfigError(
+            key,
+            f"unknown field {{{unknown[0]}}}; the handler fills in "
+            + ", ".join(f"{{{f}}}" for f in REDIRECT_FIELDS),
+        )
+    return redirect
+
 
 TOP = Section(
     {

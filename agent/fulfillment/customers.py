@@ -187,24 +187,3 @@ def as_json(c: Customer) -> dict[str, Any]:
         "added_at": iso(c.added_at),
         "removed_at": iso(c.removed_at),
     }
-
-
-def table(customers: list[Customer]) -> str:
-    """`customers list`: a line per customer, removed ones marked (their usage is still billed)."""
-    if not customers:
-        return "no customers yet (metering-agent customers add --token TOKEN)"
-    from agent.commands.report import table as aligned
-
-    header = ["label", "account", "license / customer identifier", "agreement", "added", "state"]
-    rows = [
-        [
-            c.label,
-            c.account_id or "-",
-            (c.customer_identifier or "-") if c.legacy else (c.license_arn or "-"),
-            c.agreement_id or "-",
-            iso(c.added_at) or "-",
-            f"removed {iso(c.removed_at)}" if c.removed_at is not None else "active",
-        ]
-        for c in customers
-    ]
-    return "\n".join(aligned([header, *rows]))

@@ -17,7 +17,6 @@ request's path without its query string (wsgiref's own prints the whole request 
 from __future__ import annotations
 
 import logging
-import string
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock
+from agent.config.tables import check_redirect
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
 from agent.ledger.customers import Customer
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 FORM_FIELD = "x-amzn-marketplace-token"
 MAX_BODY = 64 * 1024  # a registration POST is a few hundred bytes
-FIELDS = ("customer_aws_account_id", "license_arn", "agreement_id", "customer")
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -46,22 +45,6 @@ GET_PAGE = (
     "This is the product's AWS Marketplace fulfillment URL: it takes the registration POST that "
     "AWS Marketplace sends when a buyer sets up the product.\n"
 )
-
-
-def check_redirect(redirect: str, key: str = "saas.registration.redirect") -> str:
-    """The redirect template may name only the fields the handler fills in."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(redirect) if name is not None}
-    except ValueError as e:
-        raise ConfigError(key, f"{e}; write a literal brace as {{{{ or }}}}") from None
-    unknown = sorted(n for n in names if n not in FIELDS)
-    if unknown:
-        raise ConfigError(
-            key,
-            f"unknown field {{{unknown[0]}}}; the handler fills in "
-            + ", ".join(f"{{{f}}}" for f in FIELDS),
-        )
-    return redirect
 
 
 def fill(redirect: str, customer: Customer) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock
-from agent.fulfillment.handler import check_redirect
+from agent.config.tables import check_redirect
 
 log = logging.getLogger(__name__)
 
