@@ -43,6 +43,15 @@ def reading_problem(value: Decimal) -> str | None:
     return None
 
 
+def plain(value: Any) -> str:
+    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
+    if value is None:
+        return "-"
+    if value.as_tuple().exponent < -6:
+        value = value.quantize(Decimal("0.000001"))
+    return format(value.normalize(), "f")
+
+
 @dataclass(frozen=True)
 class Point:
     """One sample as aggregation sees it: when, what, and how many seconds it stands for."""

@@ -48,9 +48,10 @@ from agent.config import load as load_config
 from agent.daemon.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
-from agent.sending.batches import BatchSender
+from agent.modes.saas import BatchSender
 from agent.sending.outcomes import BatchOutcome, Outcome, batch_outcome, classify
-from agent.sending.policy import PATIENCE, backoff
+from agent.sending.policy import backoff
+from agent.sending.send_pass import PATIENCE
 from agent.windows import SAAS_EXPIRY, send_offset
 
 HOUR = 3600

@@ -19,7 +19,7 @@ from agent.billing.allocations import (
     tag_value,
     tags_of,
 )
-from agent.billing.sealing import billed
+from agent.billing.hour import billed
 from agent.config import CollectorConfig, Dimension
 
 D = Decimal

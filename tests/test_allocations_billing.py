@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from agent.aggregate import Allocation, Quantity, to_json
-from agent.billing.sealing import seal_hours
 from agent.emulator import Emulator
 from agent.ledger import Ledger
+from agent.modes.instance import seal_hours
 from agent.sending.client import MeteringClient, build_request
 from agent.windows import span_for
 from tests.billing import H, make_config

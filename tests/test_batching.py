@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from agent.aggregate import Allocation, Quantity
 from agent.emulator import Emulator, Settings
 from agent.ledger import Ledger
-from agent.sending import batches as batching
-from agent.sending.batches import BatchSender, plan, usage_record
+from agent.modes import saas as batching
+from agent.modes.saas import BatchSender
+from agent.sending.batches import plan, usage_record
 from agent.sending.client import MeteringClient
 from agent.sending.policy import due, expires_at
 from agent.windows import SAAS_EXPIRY

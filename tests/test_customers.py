@@ -20,7 +20,8 @@ from agent.clock import Clock
 from agent.config.tables import check_redirect
 from agent.emulator import Emulator, Settings
 from agent.errors import NotAuthorized, Unavailable
-from agent.fulfillment.handler import Registrar, make_app
+from agent.fulfillment import make_app
+from agent.fulfillment.handler import Registrar
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.sending.client import MeteringClient

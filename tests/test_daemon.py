@@ -16,9 +16,9 @@ from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.config import Config
 from agent.config import load as config_load
+from agent.config.loader import RUNNING_CONFIG
 from agent.daemon import daemon
 from agent.daemon.daemon import Daemon
-from agent.daemon.running_config import RUNNING_CONFIG
 from agent.daemon.sender import SenderProcess, send_command
 from agent.daemon.triggers import ClockTrigger, snap
 from agent.errors import LockHeld
@@ -177,7 +177,7 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     d = daemon_for(tmp_path, clock, ps)
     run_round(d)
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
-    from agent.billing.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
     clock.advance(60)
@@ -357,7 +357,7 @@ def test_reload_refuses_what_needs_a_restart(tmp_path: Path, old: str, new: str)
 
 def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path) -> None:
     """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
-    from agent.daemon.running_config import keep_snapshot, snapshot_config
+    from agent.config.loader import keep_snapshot, snapshot_config
 
     cfg = make_config(tmp_path)
     Path(cfg.state_dir).mkdir()

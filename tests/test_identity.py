@@ -15,7 +15,7 @@ import pytest
 from agent.host import identity
 from agent.host.imds import ImdsError
 from agent.ledger import Ledger
-from agent.sending.policy import Sender
+from agent.modes.instance import Sender
 from tests.billing import FakeClient, H, make_config
 from tests.fakes import FakeClock
 from tests.test_sealing import fill
@@ -42,7 +42,7 @@ def baked(tmp_path: Path) -> Path:
     ledger = Ledger(cfg.state_dir)
     ledger.update_meta(instance_id="i-build", instance_id_source="imds")
     fill(ledger, "vcpus", H - 3600, 3)
-    from agent.billing.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     seal_hours(ledger, cfg, H, offset=0)
     ledger.close()

@@ -132,7 +132,7 @@ def test_prepare_image_names_the_unsent_hours_it_discards(tmp_path: Path) -> Non
     """A build machine that was subscribed billed real hours: those never sent are named."""
     from decimal import Decimal
 
-    from agent.billing.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     config, state, _ = bake_state(tmp_path)
     cfg = load(config)

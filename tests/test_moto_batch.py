@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.ledger import Ledger
-from agent.sending.batches import BatchSender
+from agent.modes.saas import BatchSender
 from agent.sending.client import MeteringClient
 from tests.conftest import PRODUCT
 from tests.saas import ServiceClock, add_customers, saas_config, seal

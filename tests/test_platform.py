@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from agent.aggregate import Quantity
-from agent.billing.sealing import seal_hours
 from agent.config import load
 from agent.daemon.sender import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
@@ -21,6 +20,7 @@ from agent.host import identity, platform
 from agent.host.imds import ImdsError, resolve_region
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.instance import seal_hours
 from agent.sending.client import MeteringClient
 from tests.billing import make_config, sealed_hour
 from tests.conftest import PRODUCT, ConfigWriter, run_cli

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.billing.sealing import seal_hours
 from agent.emulator import Emulator
 from agent.fulfillment import customers as customers_mod
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.ledger.hours import CustomerRef
+from agent.modes.saas import seal_hours
 from agent.sending.batches import plan, record_key, usage_record
 from tests import test_batching, test_customers
 from tests.saas import license_arn, seal
@@ -199,7 +199,7 @@ def test_the_registration_page_of_a_buyer_added_by_hand_keeps_its_label(
     import urllib.parse
 
     from agent import config
-    from agent.fulfillment.handler import make_app
+    from agent.fulfillment import make_app
     from tests.test_customers import wsgi
 
     path = cli_saas_config(tmp_path, emu.url)

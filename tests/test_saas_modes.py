@@ -14,10 +14,11 @@ from agent.aggregate import Quantity
 from agent.clock import iso_hour
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
+from agent.modes.instance import Sender
+from agent.modes.saas import BatchSender
 from agent.sending import health
-from agent.sending.batches import BatchSender
 from agent.sending.outcomes import BatchOutcome, Outcome
-from agent.sending.policy import Sender, due, sendable_at
+from agent.sending.policy import due, sendable_at
 from tests import test_batching
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock

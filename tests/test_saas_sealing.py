@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from agent import config as config_mod
 from agent.aggregate import LabelSet, Point, to_json, to_quantity
 from agent.billing.allocations import allocate
+from agent.billing.hour import billed
 from agent.billing.saas_sealing import split_by_customer
-from agent.billing.sealing import billed, seal_hours
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
+from agent.modes.saas import seal_hours
 from agent.windows import SAAS_EXPIRY, span_for
 from tests.billing import H
 from tests.conftest import PRODUCT

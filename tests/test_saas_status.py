@@ -6,8 +6,8 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
-from agent.billing.sealing import seal_hours
 from agent.ledger import Ledger
+from agent.modes.saas import seal_hours
 from tests.billing import H
 from tests.conftest import run_cli
 from tests.test_saas_sealing import add, key, record, saas_config

@@ -4,8 +4,8 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-from agent.billing.sealing import seal_hours
 from agent.ledger import Ledger
+from agent.modes.instance import seal_hours
 from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 

@@ -8,11 +8,13 @@ import pytest
 
 from agent import windows as sealing
 from agent.aggregate import Quantity
-from agent.billing.sealing import seal_hours
+from agent.commands.status import next_send
 from agent.config import Config
 from agent.ledger import Ledger
+from agent.modes.instance import Sender, seal_hours
 from agent.sending.outcomes import Outcome
-from agent.sending.policy import BACKOFF_CAP, Sender, backoff, due, next_send, note_unreachable
+from agent.sending.policy import BACKOFF_CAP, backoff, due
+from agent.sending.send_pass import note_unreachable
 from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.billing.sealing import seal_hours
 from agent.config import Config
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.instance import Sender, seal_hours
 from agent.sending import health
 from agent.sending.outcomes import Outcome
-from agent.sending.policy import Sender
 from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config
 from tests.conftest import PRODUCT

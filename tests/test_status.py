@@ -9,13 +9,13 @@ from decimal import Decimal as D
 from pathlib import Path
 
 from agent import __version__
-from agent.billing.sealing import seal_hours
 from agent.clock import HOUR, iso
 from agent.commands import status
+from agent.commands import status as sending
 from agent.host.locks import StateLock
 from agent.ledger import Ledger
+from agent.modes.instance import seal_hours
 from agent.sending import health
-from agent.sending import policy as sending
 from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 from tests.conftest import run_cli

@@ -18,8 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import config
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
-from agent.billing import sealing
-from agent.billing.sealing import seal_hours
+from agent.billing import hour as sealing
 from agent.clock import Clock
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sampler, take_within
@@ -30,6 +29,7 @@ from agent.daemon.daemon import Daemon
 from agent.daemon.triggers import ClockTrigger
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
+from agent.modes.instance import seal_hours
 from agent.sending import health
 from agent.windows import span_for
 from tests.billing import H, make_config

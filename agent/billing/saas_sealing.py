@@ -4,7 +4,7 @@ what it alone would have been billed (SPEC "SaaS mode").
 Why not a split of the total: rounding and `max`/`min`/`last`/`avg` do not distribute over
 customers (two customers at 0.4 each round to 0 apiece, not 1 between them), and a customer must
 never pay for another's usage. So each customer's points (its share of each sample of the hour, 0
-where it had none) go through the dimension's own arithmetic, `sealing.billed`, on their own.
+where it had none) go through the dimension's own arithmetic, `hour.billed`, on their own.
 
 The customer is the value of `saas.customer_label` in a sample's breakdown (the sampler keeps it in
 every dimension). Usage whose label names no customer in the ledger (or that has no label) is held
@@ -25,8 +25,9 @@ from typing import Any
 
 from agent.aggregate import LabelSet, Point, Quantity, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
-from agent.clock import iso_hour
-from agent.config.model import Config, Dimension
+from agent.billing.hour import Sealed, billed, drop_bad_points
+from agent.clock import iso, iso_hour
+from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
 from agent.ledger.samples import HeldUsage
 from agent.windows import expired_upto, record_timestamp, saas_expires_at, send_slot
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ZERO = Decimal(0)
 UNKNOWN = "unknown customer"
+NO_LABEL = "(no label)"  # usage that carried no customer label
 
 
 @dataclass(frozen=True)
@@ -119,22 +121,20 @@ def customer_points(points: Sequence[Point], mine: Shares, dim: Dimension) -> li
 
 
 def seal_one(
-    ledger: Ledger, config: Config, dim: Dimension, hour: int, now: float, offset: float
-) -> list[CustomerSealed] | None:
+    ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
+    offset: float,
+) -> list[CustomerSealed] | None:  # fmt: skip
     """Seal one dimension's hour for every customer in one transaction: a record per known
-    customer with usage, an idle zero per known customer without (idle_zero), the rest held.
-    None if another pass sealed it first."""
-    from agent.billing.sealing import billed, drop_bad_points
-
-    assert config.saas is not None
+    customer with usage, an idle zero per known customer without (`saas.idle_zero`), the rest
+    held. None if another pass sealed it first."""
     name = dim.name
     with ledger.transaction() as db:
         points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
         if not points:
             return None
         known = {c.label for c in ledger.customers(include_removed=True)}
-        active = {c.label for c in ledger.customers()} if config.saas.idle_zero else set()
-        split = shares_by_customer(points, config.saas.customer_label, dim)
+        active = {c.label for c in ledger.customers()} if saas.idle_zero else set()
+        split = shares_by_customer(points, saas.customer_label, dim)
         last = max(p.t for p in points)
         timestamp = record_timestamp(last, hour)
         done: list[CustomerSealed] = []
@@ -224,8 +224,6 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
     while its Timestamp is within the 24 h window; usage past the window, whoever it belongs to,
     becomes an `expired` record (logged, shown by status, report and health). Each held
     (label, dimension, hour) in its own transaction; returns the records made (either kind)."""
-    from agent.billing.sealing import billed
-
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
     for held in ledger.held_usage(settle_by=expired_upto(now)):
@@ -275,8 +273,6 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
 
 def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[dict[str, Any]]:
     """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
-    from agent.billing.sealing import billed
-    from agent.clock import iso
 
     rows: list[dict[str, Any]] = []
     for h in held:
@@ -297,3 +293,34 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
             }
         )
     return rows
+
+
+def seal_each(
+    ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
+    offset: float,
+) -> list[Sealed]:  # fmt: skip
+    """One (dimension, hour) sealed per customer (seal_one), as the sealing pass counts them."""
+    done = seal_one(ledger, config, saas, dim, hour, now, offset)
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
+
+
+def release(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
+    """Held usage sealed for labels that became customers (or expired), after each pass;
+    contained: the sealing of the hours themselves went on."""
+    try:
+        done = release_held(ledger, config, now)
+    except Exception as e:
+        log.error("held usage: cannot release: %s: %s", type(e).__name__, e)
+        return []
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done]
+
+
+def so_far_by_customer(ledger: Ledger, dim: Dimension, label: str, hour: int) -> dict[str, str]:
+    """What each customer's open hour would bill if it were sealed now (`status`); nothing when
+    the arithmetic fails (sealing will record the hour's seal error, which status shows)."""
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    split = split_by_customer(points, label, dim)
+    try:
+        return {c or NO_LABEL: billed(dim, pts)[1].text for c, pts in sorted(split.items())}
+    except (ArithmeticError, ValueError):
+        return {}

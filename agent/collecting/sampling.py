@@ -156,8 +156,8 @@ class Sampler:
                 self.start_errors[dim.name] = str(e)
             else:
                 self.collectors[dim.name].count_labels(all_labels or self._bills_labels(dim))
-                if config.saas is not None:
-                    self.collectors[dim.name].keep_label = config.saas.customer_label
+                if config.customer_label is not None:  # never folded away (Collector.fold)
+                    self.collectors[dim.name].keep_label = config.customer_label
 
     def carry_over(self, old: Sampler) -> None:
         """After a reload: a dimension configured exactly as before keeps its collector (a log's
@@ -246,15 +246,15 @@ class Sampler:
         )
 
     def _bills_labels(self, dim: Dimension) -> bool:
-        """Whether the dimension's samples keep a breakdown: allocations bill it, and in SaaS
-        mode every dimension does (the customer label names whose usage it is)."""
-        return bool(dim.allocations) or self.config.saas is not None
+        """Whether the dimension's samples keep a breakdown: allocations bill it, and where a
+        label names the customer every dimension does (SaaS mode: whose usage it is)."""
+        return bool(dim.allocations) or self.config.customer_label is not None
 
     def _billed_labels(self, dim: Dimension) -> frozenset[str]:
         """The labels a stored breakdown keeps: the allocations' and the customer label."""
         names = frozenset(dim.allocations.values()) if dim.allocations else frozenset()
-        if self.config.saas is not None:
-            names |= {self.config.saas.customer_label}
+        if self.config.customer_label is not None:
+            names |= {self.config.customer_label}
         return names
 
     def _bounded(
@@ -269,7 +269,7 @@ class Sampler:
         nothing else are not counted against the cap, so it bounds the allocations' combinations,
         and the customers are bounded by the customers there are.
         """
-        customer = self.config.saas.customer_label if self.config.saas is not None else None
+        customer = self.config.customer_label
         hour = hour_start(t)
         held = self._label_sets.get(dim.name)
         if held is None or held[0] != hour:

@@ -10,8 +10,9 @@ import sys
 import threading
 from typing import Any
 
+from agent.aggregate import plain
 from agent.clock import Clock
-from agent.commands.common import load_config, make_clock, plain
+from agent.commands.common import load_config, make_clock
 from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 
 _quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
@@ -66,8 +67,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.offline:
         return EX_OK
     from agent.host.imds import resolve_region
+    from agent.modes.choose import mode_for
     from agent.sending import client as metering
-    from agent.sending.outcomes import ROLE_HINT, SAAS_PRODUCT_HINT, SAAS_ROLE_HINT, dry_run_verdict
+    from agent.sending.outcomes import ROLE_HINT
 
     metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
     check_identity(plat, metadata)
@@ -77,28 +79,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not client.has_credentials():
         raise Unavailable(f"no AWS credentials found; {ROLE_HINT}")
     method = client.credential_source()
+    mode = mode_for(cfg)
     # AWS refuses the node's role for container products' MeterUsage; SaaS is the seller's own
-    node_role = platform.node_role_refusal(plat.name, method) if cfg.mode != "saas" else None
+    node_role, static = mode.credentials(plat.name, method)
     if node_role:
         from agent.errors import NotAuthorized
 
         _say("fail", f"credentials: {method}")
         raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
-    static = platform.static_keys_warning(plat.name, method) if cfg.mode != "saas" else None
     if static:
         _say("warn", static)
-    if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
-        outcome = client.probe_batch(cfg.product_code)
-        verdict = dry_run_verdict(
-            outcome,
-            "BatchMeterUsage (0 records)",
-            SAAS_ROLE_HINT,
-            SAAS_PRODUCT_HINT,
-        )
-        _say("ok", verdict)
-    else:
-        dry_run_every_dimension(cfg, client, clock)
+    mode.check_permission(client, cfg, clock, _say)  # DryRun each dimension, or SaaS's probe
     if cfg.register_usage is not None:
         refused = check_register_usage(cfg, client, clock)
         if refused:
@@ -167,29 +159,6 @@ def warn_service_access(cfg: Any) -> None:
                 f"collector {dim.name}: {problem} (the service runs as {who.name}, with group "
                 "adm, and bills nothing from a log it cannot read)",
             )
-
-
-def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
-    """DryRun each dimension, so a name the listing lacks fails `check` (77) and is named.
-
-    A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
-    from agent.errors import NotAuthorized
-    from agent.sending.outcomes import dry_run_verdict
-
-    unknown = []
-    for dim in cfg.dimensions:
-        outcome = client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
-        if outcome.code == "InvalidUsageDimensionException":
-            unknown.append(dim.name)
-            _say("fail", f"MeterUsage DryRun {dim.name}: {outcome.error}")
-            continue
-        _say("ok", f"{dry_run_verdict(outcome)} for {dim.name}")
-    if unknown:
-        raise NotAuthorized(
-            f"MeterUsage DryRun: dimension {', '.join(unknown)} is not a dimension of product "
-            f"{cfg.product_code}'s listing; fix dimensions[].name in {cfg.source} (or add it to "
-            "the listing)"
-        )
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

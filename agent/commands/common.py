@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +61,6 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
             f"{SCHEMA_VERSION}; start the agent once (systemctl start metering-agent) to migrate it"
         )
     return ledger
-
-
-def plain(value: Any) -> str:
-    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
-    if value is None:
-        return "-"
-    if value.as_tuple().exponent < -6:
-        value = value.quantize(Decimal("0.000001"))
-    return format(value.normalize(), "f")
 
 
 def hour_row(h: SealedHour) -> dict[str, Any]:

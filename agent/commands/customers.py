@@ -14,6 +14,7 @@ from agent.commands.common import load_config, make_clock, open_ledger_readonly,
 from agent.errors import EX_OK, AgentError
 from agent.host import ownership
 from agent.ledger.customers import Customer
+from agent.modes.choose import mode_for
 
 
 def _token_argument(token: str) -> str:
@@ -41,7 +42,7 @@ def cmd_customers_add(args: argparse.Namespace) -> int:
     from agent.ledger import Ledger
 
     cfg = load_config(args)
-    customers.require_saas(cfg, "customers add")
+    mode_for(cfg).customers("customers add", cfg.source)  # SaaS mode only
     now = Clock().time()
     if args.token is not None:
         if args.account or args.license_arn or args.customer_identifier or args.agreement:
@@ -76,7 +77,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
     from agent.fulfillment import customers
 
     cfg = load_config(args)
-    customers.require_saas(cfg, "customers list")
+    mode_for(cfg).customers("customers list", cfg.source)  # SaaS mode only
     ledger = open_ledger_readonly(cfg.state_dir, "customers list")
     found = [] if ledger is None else ledger.customers(include_removed=True)
     if ledger is not None:
@@ -89,11 +90,10 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_customers_remove(args: argparse.Namespace) -> int:
-    from agent.fulfillment import customers
     from agent.ledger import Ledger
 
     cfg = load_config(args)
-    customers.require_saas(cfg, "customers remove")
+    mode_for(cfg).customers("customers remove", cfg.source)  # SaaS mode only
     ownership.check_writer(Path(cfg.state_dir), "customers remove")
     ledger = Ledger(cfg.state_dir)
     try:
@@ -119,16 +119,14 @@ def cmd_resolve_customer(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_registration(args: argparse.Namespace) -> int:
+    from agent.errors import ConfigError
     from agent.fulfillment import server as fulfillment
-    from agent.fulfillment.customers import require_saas
 
     cfg = load_config(args)
-    require_saas(cfg, "serve-registration")
-    if cfg.saas.registration is None:
-        from agent.errors import ConfigError
-
+    saas = mode_for(cfg).customers("serve-registration", cfg.source)  # SaaS mode only
+    if saas.registration is None:
         raise ConfigError("saas.registration", "not set: add listen and redirect to serve it")
-    return fulfillment.serve(cfg, make_clock(args))
+    return fulfillment.serve(cfg, saas.registration, make_clock(args))
 
 
 def customers_table(customers: list[Customer]) -> str:

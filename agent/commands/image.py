@@ -22,6 +22,7 @@ from agent.config.loader import traps
 from agent.config.model import Config
 from agent.errors import AgentError, LockHeld
 from agent.ledger import Ledger
+from agent.modes.choose import mode_for
 
 LEDGER = "ledger.db"
 LOCKS = ("lock", "send.lock")
@@ -89,12 +90,9 @@ def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
     """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking."""
     out = out or sys.stdout
     stdin = stdin or sys.stdin
-    if cfg.mode == "saas":
-        print(
-            "metering-agent: prepare-image is for AMI products; a SaaS ledger holds the seller's "
-            "customers and unsent records and is never removed for an image",
-            file=sys.stderr,
-        )
+    refusal = mode_for(cfg).image_refusal()  # a SaaS ledger is never removed for an image
+    if refusal is not None:
+        print(f"metering-agent: {refusal}", file=sys.stderr)
         return 1
     state_dir = Path(cfg.state_dir)
     guards = [hold(state_dir / name) for name in LOCKS]

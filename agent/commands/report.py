@@ -14,18 +14,15 @@ from typing import Any
 
 from agent.clock import Clock
 from agent.commands.common import hour_row, load_config, open_ledger_readonly, table
-from agent.errors import EX_OK, AgentError
+from agent.errors import EX_OK, UsageError
 from agent.ledger import Ledger
-from agent.ledger.hours import SealedHour
+from agent.modes.choose import mode_for
+from agent.modes.mode import Mode
 
 _AGO = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 COLUMNS = ["hour", "dimension", "quantity", "state", "record_id", "timestamp", "sent_at",
            "product_code", "attempts", "last_error"]  # fmt: skip
-
-
-class UsageError(AgentError):
-    exit_code = 2
 
 
 def parse_when(text: str, now: float, option: str) -> float:
@@ -45,29 +42,19 @@ def parse_when(text: str, now: float, option: str) -> float:
     return when.timestamp()
 
 
-NO_LABEL = "(no label)"  # SaaS usage that carried no customer label
-
-
-def customer_row(h: SealedHour) -> dict[str, Any]:
-    """A SaaS record as `status` and `report` show it: the hour's row and whose it is."""
-    return {"customer": h.customer or NO_LABEL, **hour_row(h)}
-
-
 def rows(
     ledger: Ledger | None,
     since: float,
     until: float | None,
-    saas: bool = False,
+    mode: Mode,
     customer: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The billed records of the period; SaaS mode: each with its customer, only `customer`'s
-    when given."""
+    """The billed records of the period, each with what its mode keys it by (SaaS mode: its
+    customer); only `customer`'s when given."""
     if ledger is None:
         return []
     hours = ledger.hours(since=since - since % 3600, until=until)
-    if not saas:
-        return [hour_row(h) for h in hours]
-    return [customer_row(h) for h in hours if customer is None or h.customer == customer]
+    return [{**mode.key(h), **hour_row(h)} for h in hours if customer in (None, h.customer)]
 
 
 def render(data: list[dict[str, Any]], fmt: str) -> str:
@@ -113,10 +100,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     until = parse_when(args.until, now, "--until") if args.until else None
     if until is not None and until <= since:
         raise UsageError("--until must be later than --since")
-    if args.customer is not None and cfg.mode != "saas":
-        raise UsageError(f"--customer is for SaaS mode; {cfg.source} has mode: instance")
+    mode = mode_for(cfg)
+    mode.customer_option(args.customer, cfg.source)  # instance mode has no customers
     ledger = open_ledger_readonly(cfg.state_dir, "report")
-    data = rows(ledger, since, until, cfg.mode == "saas", args.customer)
+    data = rows(ledger, since, until, mode, args.customer)
     if args.customer is not None and not data and (ledger is None or not _known(ledger, args)):
         raise UsageError(
             f"--customer {args.customer}: no such customer in {cfg.state_dir}; "

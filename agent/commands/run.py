@@ -7,23 +7,23 @@ import argparse
 import functools
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock
 from agent.collecting.sampling import Sampler
 from agent.commands.common import load_config, make_clock
+from agent.config.loader import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.config.model import Config
 from agent.daemon.daemon import Daemon
-from agent.daemon.running_config import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.daemon.sender import SenderProcess, send_command
 from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 from agent.host import identity, ownership
 from agent.host import platform as platforms
-from agent.host.imds import Imds, resolve_region
+from agent.host.imds import resolve_region
 from agent.host.locks import ProductLock, StateLock, is_loopback
 from agent.ledger import Ledger
+from agent.modes.choose import mode_for
 
 log = logging.getLogger("agent")
 
@@ -38,7 +38,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
     from agent.host.imds import resolve_region
     from agent.sending import client as metering
-    from agent.sending.policy import Sender, note_unreachable
+    from agent.sending.send_pass import note_unreachable
 
     cfg = load_config(args)
     clock = make_clock(args)
@@ -57,12 +57,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         region, cfg.metering.endpoint_url, connect, read, platform=plat.name
     )
     note_sender_context(ledger, plat, region, where, client)
-    if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
-        from agent.sending.batches import BatchSender
-
-        sender: Sender = BatchSender(ledger, cfg, client, clock)
-    else:
-        sender = Sender(ledger, cfg, client, clock)
+    sender = mode_for(cfg).sender(ledger, cfg, client, clock)  # MeterUsage, or BatchMeterUsage
     report = sender.run(flush=args.flush, deadline=args.deadline)
     ledger.close()
     if report.paused:
@@ -125,9 +120,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     """Take the locks, copy the config for the sender children, open the ledger verified by
     IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
     state_dir = Path(config.state_dir)
-    from agent.fulfillment import process  # SaaS mode's registration handler child, if configured
-
-    handler = process.handler_for(config, state_dir / RUNNING_CONFIG, clock, log_format)
+    # SaaS mode's fulfillment handler child, if configured (its redirect checked now)
+    handler = mode_for(config).registration(config, state_dir / RUNNING_CONFIG, clock, log_format)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file
@@ -147,14 +141,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     if plat.container:  # PlatformError (69, one line) when the task or pod cannot be named
         task_id, source = platforms.identity(plat.name, os.environ, metadata)
         ident = identity.ContainerIdentity(task_id, source, clock, state_dir)
-    elif config.mode == "saas":
-        # The seller's own ledger (its customers, pending records, held usage) on the seller's
-        # machine: never tied to an EC2 instance, so never moved aside (as a task's volume).
-        ident = identity.ContainerIdentity(
-            f"saas-{socket.gethostname()}", "hostname", clock, state_dir
-        )
-    else:
-        ident = identity.Identity(Imds(), clock, state_dir)
+    else:  # the EC2 instance (IMDS), or in SaaS mode the seller's host
+        ident = mode_for(config).identity(clock, state_dir)
     ledger = ident.start(Ledger(state_dir))
     # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
     ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
@@ -170,7 +158,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     sender = SenderProcess(command, clock.monotonic)
     where = describe_platform(config, plat, ledger, ident, metadata)
     return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock),
-                  plat, where, registration=handler)  # fmt: skip
+                  plat, where, registration=handler, modes=mode_for)  # fmt: skip
 
 
 def describe_platform(

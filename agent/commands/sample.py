@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from agent.aggregate import plain
 from agent.clock import Clock
-from agent.commands.common import load_config, open_ledger_readonly, plain
+from agent.commands.common import load_config, open_ledger_readonly
 from agent.errors import EX_OK
 
 
@@ -18,8 +18,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
     from agent.collecting.sampling import Sampler, take_within
     from agent.collectors.log import LogCollector
+    from agent.modes.choose import mode_for
 
     cfg = load_config(args)
+    mode = mode_for(cfg)
     sampler = Sampler(cfg, all_labels=True)  # shows each reading's breakdown
     clock = Clock()
     ledger = open_ledger_readonly(cfg.state_dir)
@@ -42,44 +44,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for lost in s.unread:  # what `run` would log, count in status and name in health
             print(f"warning: {dim.name}: usage went unread: {lost.what}; fix: {lost.fix}",
                   file=sys.stderr)  # fmt: skip
-        if cfg.saas is not None:
-            for line in customer_lines(cfg.saas.customer_label, s.breakdown or {}, ledger):
-                print(line)
-            continue
-        for line in breakdown_lines(s.breakdown or {}):
+        for line in mode.sample_lines(s.breakdown or {}, ledger):  # by label set, or by customer
             print(line)
     return EX_OK
-
-
-def customer_lines(label: str, breakdown: Mapping[Any, Decimal], ledger: Any) -> list[str]:
-    """SaaS mode's `sample`: the reading per customer (the value of `label`), each marked
-    unknown when no customer has it yet (its usage would be held)."""
-    by: dict[str, Decimal] = {}
-    for labels, value in breakdown.items():
-        who = dict(labels).get(label, "")
-        by[who] = by.get(who, Decimal(0)) + value
-    lines = []
-    for who, value in sorted(by.items()):
-        if not value:
-            continue
-        known = bool(who) and ledger is not None and ledger.customer(who) is not None
-        note = "" if known else "  (unknown customer: held until `customers add`)"
-        lines.append(f"  customer {who or '(no label)'}  {plain(value)}{note}")
-    return lines
-
-
-def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]:
-    """A reading's breakdown for `sample`: the `top` largest label sets, then what the rest add."""
-    ranked = sorted(breakdown.items(), key=lambda kv: (-kv[1], kv[0]))
-    lines = [
-        f"  {' '.join(f'{k}={v}' for k, v in labels) or '(no labels)'}  {plain(value)}"
-        for labels, value in ranked[:top]
-    ]
-    rest = ranked[top:]
-    if rest:
-        total = sum((v for _, v in rest), Decimal(0))
-        lines.append(f"  ... {len(rest)} more label sets  {plain(total)}")
-    return lines
 
 
 def _billed(dim: Any, t: float, value: Decimal) -> str:

@@ -14,19 +14,21 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent.billing import sealing
+from agent.billing.hour import so_far as hour_so_far
+from agent.billing.saas_sealing import NO_LABEL
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.commands.common import hour_row, load_config, open_ledger_readonly, table
-from agent.commands.report import NO_LABEL, customer_row
 from agent.config.model import Config
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 from agent.host import platform as platforms
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
 from agent.ledger.dimensions import UnreadUsage
+from agent.modes.choose import mode_for
+from agent.modes.mode import Mode
 from agent.sending import health
-from agent.sending import policy as sending
-from agent.windows import send_offset
+from agent.sending.policy import due, sendable_at
+from agent.windows import send_offset, send_slot
 
 
 def daemon_state(state_dir: Path) -> dict[str, Any]:
@@ -96,8 +98,16 @@ def platform_report(ledger: Ledger | None, config: Config) -> dict[str, Any]:
     }
 
 
-def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24) -> dict[str, Any]:
+def collect(
+    ledger: Ledger | None,
+    config: Config,
+    clock: Clock,
+    hours: int = 24,
+    mode: Mode | None = None,
+) -> dict[str, Any]:
+    """The status report; `mode` as chosen from the config (mode_for) when not given."""
     now = clock.time()
+    mode = mode or mode_for(config)
     if ledger is None:
         return {
             "state_dir": str(config.state_dir),
@@ -114,15 +124,13 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     unread = {u.dimension: u for u in ledger.unread_usage()}
     since = hour_start(now) - hours * HOUR
-    so_far = {d.name: sealing.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
+    so_far = {d.name: hour_so_far(ledger, d, hour_start(now)) for d in config.dimensions}
     daemon = daemon_state(config.state_dir)
     # stopped, nothing goes out: only what the next start would send at once (or `-`)
     if daemon["running"] is False:
-        next_send = sending.due(
-            ledger.send_state(), ledger.pending_bounds(saas=config.mode == "saas")
-        )
+        when = due(ledger.send_state(), mode.pending_bounds(ledger))
     else:
-        next_send = sending.next_send(ledger, config, now)
+        when = next_send(ledger, config, now, mode)
     return {
         "state_dir": str(config.state_dir),
         "ledger": str(ledger.path),
@@ -130,9 +138,9 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
         "platform": platform_report(ledger, config),
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
-        "next_send": iso(next_send),
+        "next_send": iso(when),
         "health": health.snapshot(ledger, now),
-        "other_mode_pending": other_mode_pending(ledger, config),
+        "other_mode_pending": other_mode_pending(ledger, mode),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "current_hour": iso_hour(now),
         "dimensions": [
@@ -155,10 +163,25 @@ def collect(ledger: Ledger | None, config: Config, clock: Clock, hours: int = 24
             }
             for d in config.dimensions
         ],
-        "hours": [hour_row(h) for h in ledger.hours(since=since)],
+        "hours": [{**mode.key(h), **hour_row(h)} for h in ledger.hours(since=since)],
         "register_usage": registration_status(ledger, config),
-        **(_customers(ledger, config, now, since) if config.saas is not None else {}),
+        **mode.status(ledger, config, now),
     }
+
+
+def next_send(ledger: Ledger, config: Config, now: float, mode: Mode | None = None) -> float | None:
+    """When the next send is due, for `status`: `due`, or the open hour's send slot if sooner (it
+    is sealed at its end and sent at its end plus this instance's send offset); `mode` as chosen
+    from the config when not given."""
+    state = ledger.send_state()
+    if state.identity_unverified:  # as in due(): nothing leaves
+        return None
+    offset = send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
+    times = (
+        due(state, (mode or mode_for(config)).pending_bounds(ledger)),
+        sendable_at(state, send_slot(hour_start(now), offset)),
+    )
+    return min((t for t in times if t is not None), default=None)
 
 
 def unread_report(u: UnreadUsage | None) -> dict[str, Any]:
@@ -190,46 +213,14 @@ def registration_status(ledger: Ledger, config: Config) -> dict[str, Any] | None
     }
 
 
-def _customers(ledger: Ledger, config: Config, now: float, since: float) -> dict[str, Any]:
-    """SaaS mode: the records per customer, the customers count, usage held for labels no
-    customer has (`unknown customer`), and each dimension's open hour so far per customer."""
-    from agent.billing import saas_sealing
-
-    assert config.saas is not None
-    dims = {d.name: d for d in config.dimensions}
-    everyone = ledger.customers(include_removed=True)
-    so_far: dict[str, dict[str, str]] = {}
-    for d in config.dimensions:
-        points = [
-            p for p in ledger.points(ledger.db, d.name, hour_start(now)) if p.value.is_finite()
-        ]
-        split = saas_sealing.split_by_customer(points, config.saas.customer_label, d)
-        try:
-            so_far[d.name] = {
-                c or NO_LABEL: sealing.billed(d, pts)[1].text for c, pts in sorted(split.items())
-            }
-        except (ArithmeticError, ValueError):
-            so_far[d.name] = {}
-    return {
-        "mode": "saas",
-        "customers": {
-            "known": sum(1 for c in everyone if c.removed_at is None),
-            "removed": sum(1 for c in everyone if c.removed_at is not None),
-        },
-        "current_hour_so_far_by_customer": so_far,
-        "hours": [customer_row(h) for h in ledger.hours(since=since)],
-        "held": saas_sealing.held_rows(ledger.held_usage(), dims),
-    }
-
-
-def other_mode_pending(ledger: Ledger, config: Config) -> dict[str, Any] | None:
+def other_mode_pending(ledger: Ledger, mode: Mode) -> dict[str, Any] | None:
     """Pending records of the mode not configured (left by a config of that mode, same
     state_dir): not sent, not expired; they wait for a config of their mode."""
-    saas = config.mode == "saas"
-    n, oldest = ledger.pending_other_kind(saas)
-    if not n or oldest is None:
+    other = mode.other_pending(ledger)
+    if other is None:
         return None
-    return {"mode": "instance" if saas else "saas", "records": n, "oldest_hour": iso_hour(oldest)}
+    name, n, oldest = other
+    return {"mode": name, "records": n, "oldest_hour": iso_hour(oldest)}
 
 
 def render(report: dict[str, Any]) -> str:

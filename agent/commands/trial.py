@@ -342,13 +342,9 @@ def main(cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: 
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from agent.errors import ConfigError
+    from agent.modes.choose import mode_for
 
     cfg = config_mod.load(config_mod.resolve_path(args.config))
-    if cfg.mode == "saas":
-        raise ConfigError(
-            "mode", f"trial runs instance mode (MeterUsage) only; {cfg.source} has mode: saas; "
-            "try it with `metering-agent sample` and `status` against a test state_dir",
-        )  # fmt: skip
+    mode_for(cfg).check_trial(cfg.source)  # instance mode (MeterUsage) only
 
     return main(config_mod.resolve_path(args.config), args.hours, args.speed, args.dimensions)

@@ -7,7 +7,9 @@ them and `metering-agent schema` prints them as JSON Schema.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from decimal import Decimal
@@ -39,9 +41,11 @@ from agent.config.tables import (
     TOP,
     check_redirect,  # the fields the fulfillment handler fills in
     collector_section,
+    public_key_problem,
 )
 from agent.errors import ConfigError
 from agent.fields import collect, describe, raise_all
+from agent.host import ownership
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -212,48 +216,6 @@ def _register_usage(raw: Mapping[str, Any] | None) -> RegisterUsage | None:
     return RegisterUsage(public_key_version=raw["public_key_version"], public_key=key)
 
 
-# DER of the two OIDs an RSA SubjectPublicKeyInfo names: rsaEncryption and RSASSA-PSS.
-_RSA_OIDS = (bytes.fromhex("06092a864886f70d010101"), bytes.fromhex("06092a864886f70d01010a"))
-
-
-def public_key_problem(path: Path) -> str | None:
-    """Why `path` is not an RSA public key PEM (None: it is), without `cryptography`: the config
-    loads in the daemon, which stays small; the child that verifies parses the key in full.
-
-    Why at load: a missing or wrong key file would otherwise surface only at the first start
-    on the buyer's machine, as a refusal to run."""
-    import base64
-    import binascii
-
-    fix = "use the PEM public key of the listing's public_key_version (-----BEGIN PUBLIC KEY-----)"
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return f"{path}: no such file; {fix}"
-    except IsADirectoryError:
-        return f"{path}: is a directory; {fix}"
-    except PermissionError:
-        return f"{path}: permission denied; make it readable by the agent's user"
-    except (UnicodeDecodeError, OSError) as e:
-        return f"{path}: cannot read a PEM text ({e}); {fix}"
-    for kind in ("PUBLIC KEY", "RSA PUBLIC KEY"):
-        begin, end = f"-----BEGIN {kind}-----", f"-----END {kind}-----"
-        if begin in text and end in text.split(begin, 1)[1]:
-            body = text.split(begin, 1)[1].split(end, 1)[0]
-            try:
-                der = base64.b64decode("".join(body.split()), validate=True)
-            except (binascii.Error, ValueError):
-                return f"{path}: the PEM body is not base64; {fix}"
-            if kind == "RSA PUBLIC KEY" or any(oid in der[:32] for oid in _RSA_OIDS):
-                return None
-            return f"{path}: a public key, but not an RSA one; {fix}"
-    if "PRIVATE KEY" in text:
-        return f"{path}: holds a private key; {fix}"
-    if "CERTIFICATE" in text:
-        return f"{path}: holds a certificate, not a public key; {fix}"
-    return f"{path}: not a PEM public key; {fix}"
-
-
 def traps(cfg: Config) -> list[str]:
     """Valid settings that bill what a seller rarely means; `check` prints them as warnings.
 
@@ -418,3 +380,24 @@ def json_schema(registry: Registry | None = None) -> dict[str, Any]:
         }
     )
     return schema
+
+
+RUNNING_CONFIG = "config.running.yaml"  # the config the daemon runs, for its sender children
+
+
+def snapshot_config(source: Path, state_dir: Path) -> tuple[Config, Path]:
+    """Copy the config file into state_dir and load the copy; `keep_snapshot` then makes it the
+    one the sender children read. So a child sends with exactly the config the daemon runs, not
+    whatever the file says since (an edit not yet reloaded, or one a reload refused)."""
+    tmp = state_dir / (RUNNING_CONFIG + ".new")
+    shutil.copyfile(source, tmp)
+    try:
+        return dataclasses.replace(load(tmp), source=source), tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_snapshot(state_dir: Path, tmp: Path) -> None:
+    os.replace(tmp, state_dir / RUNNING_CONFIG)
+    ownership.adopt(state_dir, state_dir / RUNNING_CONFIG)

@@ -6,6 +6,7 @@ everything below the commands takes them as they are.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -108,3 +109,22 @@ class Config:
     register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
+
+    @property
+    def customer_label(self) -> str | None:
+        """The label that names a record's customer in every dimension's usage (SaaS mode's
+        `saas.customer_label`): the sampler keeps it; None where records have no customer."""
+        return None if self.saas is None else self.saas.customer_label
+
+
+def bills_alike(a: Dimension | None, b: Dimension) -> bool:
+    """Same name, collector, aggregate, scale, rounding, decimals and interval (its place in the
+    file aside): samples of one can be continued under the other."""
+    return a is not None and dataclasses.replace(a, path="") == dataclasses.replace(b, path="")
+
+
+def changed_dimensions(old: Config, new: Config) -> list[Dimension]:
+    """The old config's dimensions that the new one drops or bills differently: their open hour
+    cannot be continued."""
+    now = {d.name: d for d in new.dimensions}
+    return [d for d in old.dimensions if not bills_alike(now.get(d.name), d)]

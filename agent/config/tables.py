@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from agent.config.model import (
@@ -249,3 +250,45 @@ def collector_section(cls: Any) -> Section:
             **cls.options,
         }
     )
+
+
+# DER of the two OIDs an RSA SubjectPublicKeyInfo names: rsaEncryption and RSASSA-PSS.
+_RSA_OIDS = (bytes.fromhex("06092a864886f70d010101"), bytes.fromhex("06092a864886f70d01010a"))
+
+
+def public_key_problem(path: Path) -> str | None:
+    """Why `path` is not an RSA public key PEM (None: it is), without `cryptography`: the config
+    loads in the daemon, which stays small; the child that verifies parses the key in full.
+
+    Why at load: a missing or wrong key file would otherwise surface only at the first start
+    on the buyer's machine, as a refusal to run."""
+    import base64
+    import binascii
+
+    fix = "use the PEM public key of the listing's public_key_version (-----BEGIN PUBLIC KEY-----)"
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return f"{path}: no such file; {fix}"
+    except IsADirectoryError:
+        return f"{path}: is a directory; {fix}"
+    except PermissionError:
+        return f"{path}: permission denied; make it readable by the agent's user"
+    except (UnicodeDecodeError, OSError) as e:
+        return f"{path}: cannot read a PEM text ({e}); {fix}"
+    for kind in ("PUBLIC KEY", "RSA PUBLIC KEY"):
+        begin, end = f"-----BEGIN {kind}-----", f"-----END {kind}-----"
+        if begin in text and end in text.split(begin, 1)[1]:
+            body = text.split(begin, 1)[1].split(end, 1)[0]
+            try:
+                der = base64.b64decode("".join(body.split()), validate=True)
+            except (binascii.Error, ValueError):
+                return f"{path}: the PEM body is not base64; {fix}"
+            if kind == "RSA PUBLIC KEY" or any(oid in der[:32] for oid in _RSA_OIDS):
+                return None
+            return f"{path}: a public key, but not an RSA one; {fix}"
+    if "PRIVATE KEY" in text:
+        return f"{path}: holds a private key; {fix}"
+    if "CERTIFICATE" in text:
+        return f"{path}: holds a certificate, not a public key; {fix}"
+    return f"{path}: not a PEM public key; {fix}"

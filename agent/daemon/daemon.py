@@ -33,19 +33,13 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
-from agent.billing import sealing
+from agent.billing.hour import Sealed, carries
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sample, Sampler
-from agent.config.loader import load
-from agent.config.model import Config, Dimension
+from agent.config.loader import keep_snapshot, load, snapshot_config
+from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
 from agent.daemon.hooks import Hooks
-from agent.daemon.running_config import (
-    bills_alike,
-    changed_dimensions,
-    keep_snapshot,
-    snapshot_config,
-)
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.triggers import ClockTrigger, snap
 from agent.errors import EX_NOPERM, AgentError
@@ -54,6 +48,8 @@ from agent.host import platform as platforms
 from agent.host.sdnotify import Notifier
 from agent.ledger import Ledger
 from agent.ledger.samples import INSTANT_TAKEN
+from agent.modes.instance import InstanceMode
+from agent.modes.mode import Mode
 from agent.sending import health
 from agent.sending.policy import due
 from agent.windows import send_offset, span_for
@@ -80,8 +76,14 @@ class Daemon:
         platform: platforms.Platform | None = None,
         where: str = "",
         registration: Any = None,
+        modes: Callable[[Config], Mode] | None = None,
     ) -> None:
+        """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
+        without it, instance mode, the config's default); `registration` is the mode's
+        fulfillment handler child, if it serves one."""
         self.config = config
+        self.choose_mode = modes or (lambda _config: InstanceMode())
+        self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
         self.platform = platform or platforms.Platform("ec2", "default")
         self.where = where  # the start-up line's platform, identity, region, credentials
         # metering.on_check_failure: exit: a refused start-up DryRun ends `run` with 77
@@ -261,6 +263,7 @@ class Daemon:
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
+            mode = self.choose_mode(new)
         except Exception as e:  # a reload must never take the running agent down
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
                       exc_info=not isinstance(e, AgentError))  # fmt: skip
@@ -278,6 +281,7 @@ class Daemon:
                 )
             sampler.carry_over(self.sampler)
             self.config, self.sampler, self.hooks.config = new, sampler, new
+            self.mode = mode
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")
             self._add_sampling_jobs(self.scheduler, new)
@@ -300,7 +304,7 @@ class Daemon:
             log.info("dimension %s: dropped or billed differently by the new config; sealing "
                      "its hour %s as it was sampled", dim.name, iso_hour(now))  # fmt: skip
         old = dataclasses.replace(self.config, dimensions=tuple(changed))
-        sealing.seal_hours(self.ledger, old, now, self.offset, include_current=True)
+        self.mode.seal_hours(self.ledger, old, now, self.offset, include_current=True)
 
     def shutdown(self) -> None:
         """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
@@ -335,7 +339,7 @@ class Daemon:
             for dim in self.config.dimensions:
                 self.ledger.clip_last_span(dim.name, stop)
             if self._verified():
-                sealing.seal_hours(
+                self.mode.seal_hours(
                     self.ledger, self.config, stop, self.offset, include_current=not restart
                 )
                 if restart:
@@ -347,7 +351,7 @@ class Daemon:
             log.info(
                 "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
             )
-        elif self.ledger.pending_bounds(saas=self.config.mode == "saas"):
+        elif self.mode.pending_bounds(self.ledger):
             if self.platform.container:
                 begun = self._signalled if self._signalled is not None else stop
                 deadline = begun + CONTAINER_STOP_FLUSH * self.clock.rate
@@ -445,7 +449,7 @@ class Daemon:
             sample.value,
             span_for(t, dim.interval),
             sample.state,
-            carry=sealing.carries(dim),
+            carry=carries(dim),
             increment=dim.collector.kind == "increment",
             breakdown=sample.breakdown,
             unread=sample.unread,
@@ -500,9 +504,9 @@ class Daemon:
         elif self.ledger.seal_errors() != self._seal_errors:
             self.publish_health()
 
-    def seal_closed_hours(self) -> list[sealing.Sealed]:
+    def seal_closed_hours(self) -> list[Sealed]:
         """Seal every hour that ended (a read still in time holds its own); the hours sealed."""
-        return sealing.seal_hours(
+        return self.mode.seal_hours(
             self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
         )
 
@@ -514,9 +518,7 @@ class Daemon:
     def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
-        when = due(
-            self.ledger.send_state(), self.ledger.pending_bounds(saas=self.config.mode == "saas")
-        )
+        when = due(self.ledger.send_state(), self.mode.pending_bounds(self.ledger))
         if when is None or not self.scheduler.running:  # at start-up the send tick fires at once
             return
         wall = self.clock.to_wall(max(when, self.clock.time()))
@@ -534,8 +536,6 @@ class Daemon:
             self.registration.ensure()  # started again if it exited
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
-        when = due(
-            self.ledger.send_state(), self.ledger.pending_bounds(saas=self.config.mode == "saas")
-        )
+        when = due(self.ledger.send_state(), self.mode.pending_bounds(self.ledger))
         if when is not None and when <= self.clock.time():
             self.sender.start()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import iso
-from agent.errors import AgentError, ConfigError, NotAuthorized
+from agent.errors import AgentError, NotAuthorized
 from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from agent.sending.outcomes import Resolved
@@ -45,15 +45,6 @@ class BuyerTaken(LabelTaken):
     def __init__(self, message: str, existing: Customer) -> None:
         super().__init__(message)
         self.existing = existing
-
-
-def require_saas(cfg: Any, command: str) -> None:
-    """Customers belong to SaaS mode; an instance-mode config is the seller's mistake (78)."""
-    if getattr(cfg, "mode", "instance") != "saas":
-        raise ConfigError(
-            "mode",
-            f"`{command}` is for SaaS products; set mode: saas in {cfg.source} (see docs/saas.md)",
-        )
 
 
 def check_label(label: str, option: str = "--as") -> str:

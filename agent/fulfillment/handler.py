@@ -20,12 +20,11 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from agent.clock import Clock
 from agent.config.tables import check_redirect
-from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
+from agent.errors import AgentError, NotAuthorized, Unavailable
 from agent.ledger.customers import Customer
 
 log = logging.getLogger(__name__)
@@ -101,26 +100,10 @@ class Registrar:
         return stored.customer
 
 
-def make_app(
-    config: Any = None, *, redirect: str | None = None, registrar: Registrar | None = None
-) -> WsgiApp:
-    """The WSGI application. `config`: a loaded Config, a path, or None ($METERING_AGENT_CONFIG,
-    else /etc/metering-agent/config.yaml); `redirect` overrides saas.registration.redirect."""
-    from agent.config import loader as config_module
-    from agent.fulfillment.customers import require_saas
-
-    cfg = config
-    if cfg is None or isinstance(cfg, (str, Path)):
-        cfg = config_module.load(config_module.resolve_path(None if cfg is None else str(cfg)))
-    require_saas(cfg, "fulfillment")
-    if redirect is None:
-        reg = cfg.saas.registration
-        if reg is None:
-            raise ConfigError(
-                "saas.registration.redirect",
-                "required: where a registered buyer goes (or pass redirect= to make_app)",
-            )
-        redirect = reg.redirect
+def app_for(cfg: Any, redirect: str, registrar: Registrar | None = None) -> WsgiApp:
+    """The WSGI application for a SaaS config: a registration POST resolved, stored, and the
+    buyer sent on to `redirect` (its fields checked now). `agent.fulfillment.make_app` is the
+    seller's entry; `serve-registration` serves this."""
     target = check_redirect(redirect)
     registrar = registrar or Registrar(cfg)
 

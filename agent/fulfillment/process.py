@@ -10,10 +10,8 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from agent.clock import Clock
-from agent.config.tables import check_redirect
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +85,3 @@ def handler_command(config: Path, clock: Clock, log_format: str) -> list[str]:
     cmd += ["--log-format", log_format]
     cmd += ["--clock", clock.spec] if clock.spec else []
     return cmd
-
-
-def handler_for(
-    cfg: Any, running_config: Path, clock: Clock, log_format: str
-) -> HandlerProcess | None:
-    """The handler child `run` keeps, when saas.registration is set (its redirect checked now)."""
-    if cfg.saas is None or cfg.saas.registration is None:
-        return None
-    check_redirect(cfg.saas.registration.redirect)
-    return HandlerProcess(handler_command(running_config, clock, log_format), clock.monotonic)

@@ -13,8 +13,9 @@ import urllib.parse
 from typing import Any
 
 from agent.clock import Clock
+from agent.config.model import Registration
 from agent.errors import Unavailable
-from agent.fulfillment.handler import Registrar, make_app
+from agent.fulfillment.handler import Registrar, app_for
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ def listen_address(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def serve(cfg: Any, clock: Clock | None = None) -> int:
-    """Serve the handler on saas.registration.listen until SIGTERM/SIGINT, or until the process
-    that started it (`run`) is gone."""
-    app = make_app(cfg, registrar=Registrar(cfg, clock))
-    listen = cfg.saas.registration.listen
+def serve(cfg: Any, registration: Registration, clock: Clock | None = None) -> int:
+    """Serve the handler on `registration.listen` (the config's saas.registration) until
+    SIGTERM/SIGINT, or until the process that started it (`run`) is gone."""
+    app = app_for(cfg, registration.redirect, Registrar(cfg, clock))
+    listen = registration.listen
     host, port = listen_address(listen)
     from wsgiref.simple_server import make_server
 
@@ -75,7 +76,7 @@ def serve(cfg: Any, clock: Clock | None = None) -> int:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
     thread.start()
     log.info("fulfillment: listening on %s, redirecting to %s", listen,
-             cfg.saas.registration.redirect)  # fmt: skip
+             registration.redirect)  # fmt: skip
     parent = os.getppid()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # `run` was killed (-9): no orphan keeps the port

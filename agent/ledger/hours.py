@@ -263,9 +263,9 @@ class Hours(Database):
         return [_sealed(row) for row in rows]
 
     def pending_bounds(self, saas: bool | None = None) -> list[SealedHour]:
-        """For `sending.due`, which needs only the earliest Timestamp (expiry grows with it) and
-        the earliest next attempt of each kind of record: per kind (instance '', SaaS), the
-        first pending record with those two fields set to the kind's minimums.
+        """For `sending.policy.due`, which needs only the earliest Timestamp (expiry grows with
+        it) and the earliest next attempt of each kind of record: per kind (instance '', SaaS),
+        the first pending record with those two fields set to the kind's minimums.
 
         Why: a seller's agent may hold 300,000 pending SaaS records; the daemon asks `due` on
         every send tick without reading them all. `saas`: only that kind (the one the

@@ -24,6 +24,8 @@ from agent.host.platform import (
 )
 from agent.ledger.hours import SealedHour
 from agent.sending.outcomes import (
+    ENTITLEMENT_HINT,
+    NOT_ENTITLED,
     OUT_OF_BOUNDS,
     ROLE_HINT,
     SAAS_ROLE_HINT,
@@ -236,7 +238,7 @@ class MeteringClient:
     def batch_meter_usage(
         self, records: Sequence[Mapping[str, Any]], product_code: str | None
     ) -> BatchOutcome:
-        """One BatchMeterUsage call of `records` (UsageRecords, built by agent.batching), with
+        """One BatchMeterUsage call of `records` (UsageRecords, built by sending/batches.py), with
         the request's ProductCode only when given (legacy CustomerIdentifier records); each
         record's result by its position in `records`."""
         request: dict[str, Any] = {"UsageRecords": [dict(r) for r in records]}
@@ -344,3 +346,41 @@ def build_request(
     if client_token:
         request["ClientToken"] = client_token
     return request
+
+
+def dry_run_verdict(
+    outcome: Outcome,
+    name: str = "MeterUsage DryRun",
+    role_hint: str = ROLE_HINT,
+    entitlement_hint: str = ENTITLEMENT_HINT,
+) -> str:
+    """Turn a DryRun outcome into a one-line verdict, or raise the error `check` exits with.
+    SaaS mode's probe (an empty BatchMeterUsage) passes its own name and hints."""
+    if outcome.status == "dryrun_ok":
+        how = "DryRunOperation error" if outcome.code == "DryRunOperation" else "HTTP 200"
+        return f"{name}: permitted ({how})"
+    code, text = outcome.code or "", outcome.error or "unknown error"
+    if code == NODE_ROLE_CODE:
+        raise NotAuthorized(f"{name}: {outcome.message}")
+    if code in UNAUTHORIZED:
+        raise NotAuthorized(f"{name}: not authorized ({text}); {role_hint}")
+    if code in NOT_ENTITLED:
+        raise NotAuthorized(f"{name}: {text}; {entitlement_hint}")
+    if code == "InvalidEndpointRegionException":
+        raise Unavailable(
+            f"{name}: {text}; the endpoint must be in the instance's region "
+            "(check metering.region / metering.endpoint_url)"
+        )
+    if code == "NoCredentials":
+        raise Unavailable(f"{name}: no AWS credentials found; {role_hint}")
+    if outcome.status == "retry":
+        raise Unavailable(f"{name}: service unreachable or failing ({text})")
+    if code == OUT_OF_BOUNDS:
+        raise AgentError(f"{name}: {text}; this machine's clock is off: check NTP (chrony) sync")
+    if code == "InvalidUsageDimensionException":
+        raise NotAuthorized(
+            f"{name}: {text}; every dimensions[].name must be a dimension of the listing"
+        )
+    if code in SIGNING or "signature expired" in text.lower():
+        raise Unavailable(f"{name}: the request's signature was refused ({text})")
+    raise AgentError(f"{name}: the service refused the request ({text})")

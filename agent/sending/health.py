@@ -16,21 +16,40 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.host.ownership import adopt
-from agent.ledger import Ledger
 from agent.ledger.dimensions import UnreadUsage
 from agent.ledger.hours import SealedHour
+from agent.ledger.send_state import SendState
 from agent.sending.outcomes import HELD
+
+
+class Facts(Protocol):
+    """What health reads from the ledger (agent.ledger.Ledger): the send state, the records that
+    lost revenue, usage found unread, the pending hours and the hours that cannot be sealed."""
+
+    def send_state(self) -> SendState: ...
+
+    def lost_records(
+        self, since: float, held_codes: Iterable[str]
+    ) -> tuple[int, SealedHour | None]: ...
+
+    def unread_usage(self, since: float | None = None) -> list[UnreadUsage]: ...
+
+    def pending_hour_count(self) -> int: ...
+
+    def seal_errors(self) -> list[tuple[str, int, str]]: ...
+
 
 HEALTH_FILE = "health.json"
 LOOKBACK = 24 * HOUR
 
 
-def refused_hours(ledger: Ledger, now: float) -> tuple[int, SealedHour | None]:
+def refused_hours(ledger: Facts, now: float) -> tuple[int, SealedHour | None]:
     """Records of the last 24 h that lost revenue or may: rejected, expired, or held for the
     seller's configuration (product code, dimension); their count and the newest. A record of
     quantity 0 (an idle zero) loses nothing and is not counted. Counted in SQL (ledger)."""
@@ -46,7 +65,7 @@ def describe(h: SealedHour) -> str:
     )
 
 
-def unread_reason(ledger: Ledger, now: float) -> str | None:
+def unread_reason(ledger: Facts, now: float) -> str | None:
     """The newest usage a collector found unread in the last 24 h (the lookback of refused
     hours: lost revenue stays visible), with its fix; None if there is none."""
     found = ledger.unread_usage(since=now - LOOKBACK)
@@ -62,7 +81,7 @@ def describe_unread(u: UnreadUsage) -> str:
     return f"dimension {u.dimension}: usage went unread (found {iso(u.t)}): {u.what}; fix: {u.fix}"
 
 
-def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
+def snapshot(ledger: Facts, now: float | None = None) -> dict[str, Any]:
     now = Clock().time() if now is None else now
     state = ledger.send_state()
     reasons = []
@@ -94,7 +113,7 @@ def snapshot(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     return _with_seal_errors(data, ledger)
 
 
-def _with_seal_errors(data: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
+def _with_seal_errors(data: dict[str, Any], ledger: Facts) -> dict[str, Any]:
     """An hour that cannot be sealed is revenue at risk: not ok, and the reason names it."""
     errors = ledger.seal_errors()
     if not errors:
@@ -108,7 +127,7 @@ def _with_seal_errors(data: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
     return {**data, "ok": False, "reason": reason}
 
 
-def write(state_dir: Path, ledger: Ledger, now: float | None = None) -> dict[str, Any]:
+def write(state_dir: Path, ledger: Facts, now: float | None = None) -> dict[str, Any]:
     data = snapshot(ledger, now)
     target = Path(state_dir) / HEALTH_FILE
     fd, tmp = tempfile.mkstemp(prefix=".health.", dir=state_dir)

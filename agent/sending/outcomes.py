@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.host.platform import (
-    NODE_ROLE_CODE,
-)
+from agent.errors import NotAuthorized
 
 ROLE_HINT = (
     "attach an instance role (or ECS task role / EKS IRSA role) whose policy allows "
@@ -275,41 +272,3 @@ class Resolved:
             "CustomerIdentifier": self.customer_identifier,
             "ProductCode": self.product_code,
         }
-
-
-def dry_run_verdict(
-    outcome: Outcome,
-    name: str = "MeterUsage DryRun",
-    role_hint: str = ROLE_HINT,
-    entitlement_hint: str = ENTITLEMENT_HINT,
-) -> str:
-    """Turn a DryRun outcome into a one-line verdict, or raise the error `check` exits with.
-    SaaS mode's probe (an empty BatchMeterUsage) passes its own name and hints."""
-    if outcome.status == "dryrun_ok":
-        how = "DryRunOperation error" if outcome.code == "DryRunOperation" else "HTTP 200"
-        return f"{name}: permitted ({how})"
-    code, text = outcome.code or "", outcome.error or "unknown error"
-    if code == NODE_ROLE_CODE:
-        raise NotAuthorized(f"{name}: {outcome.message}")
-    if code in UNAUTHORIZED:
-        raise NotAuthorized(f"{name}: not authorized ({text}); {role_hint}")
-    if code in NOT_ENTITLED:
-        raise NotAuthorized(f"{name}: {text}; {entitlement_hint}")
-    if code == "InvalidEndpointRegionException":
-        raise Unavailable(
-            f"{name}: {text}; the endpoint must be in the instance's region "
-            "(check metering.region / metering.endpoint_url)"
-        )
-    if code == "NoCredentials":
-        raise Unavailable(f"{name}: no AWS credentials found; {role_hint}")
-    if outcome.status == "retry":
-        raise Unavailable(f"{name}: service unreachable or failing ({text})")
-    if code == OUT_OF_BOUNDS:
-        raise AgentError(f"{name}: {text}; this machine's clock is off: check NTP (chrony) sync")
-    if code == "InvalidUsageDimensionException":
-        raise NotAuthorized(
-            f"{name}: {text}; every dimensions[].name must be a dimension of the listing"
-        )
-    if code in SIGNING or "signature expired" in text.lower():
-        raise Unavailable(f"{name}: the request's signature was refused ({text})")
-    raise AgentError(f"{name}: the service refused the request ({text})")
