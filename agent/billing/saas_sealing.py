@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from agent.aggregate import LabelSet, Point, Quantity, to_quantity
+from agent.aggregate import LabelSet, Point, Quantity, plain, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.billing.hour import Sealed, billed, drop_bad_points
-from agent.clock import iso, iso_hour
+from agent.clock import hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
 from agent.ledger.samples import HeldUsage
@@ -324,3 +324,40 @@ def so_far_by_customer(ledger: Ledger, dim: Dimension, label: str, hour: int) ->
         return {c or NO_LABEL: billed(dim, pts)[1].text for c, pts in sorted(split.items())}
     except (ArithmeticError, ValueError):
         return {}
+
+
+def customer_lines(
+    label: str, breakdown: Mapping[Any, Decimal], ledger: Ledger | None
+) -> list[str]:
+    """`sample`: the reading per customer (the value of `label`), each marked unknown when no
+    customer has it yet (its usage would be held)."""
+    by: dict[str, Decimal] = {}
+    for labels, value in breakdown.items():
+        who = dict(labels).get(label, "")
+        by[who] = by.get(who, Decimal(0)) + value
+    lines = []
+    for who, value in sorted(by.items()):
+        if not value:
+            continue
+        known = bool(who) and ledger is not None and ledger.customer(who) is not None
+        note = "" if known else "  (unknown customer: held until `customers add`)"
+        lines.append(f"  customer {who or '(no label)'}  {plain(value)}{note}")
+    return lines
+
+
+def status_sections(ledger: Ledger, config: Config, label: str, now: float) -> dict[str, Any]:
+    """`status`: the customers count, each dimension's open hour so far per customer, and usage
+    held for labels no customer has (`unknown customer`)."""
+    dims = {d.name: d for d in config.dimensions}
+    everyone = ledger.customers(include_removed=True)
+    return {
+        "mode": "saas",
+        "customers": {
+            "known": sum(1 for c in everyone if c.removed_at is None),
+            "removed": sum(1 for c in everyone if c.removed_at is not None),
+        },
+        "current_hour_so_far_by_customer": {
+            d.name: so_far_by_customer(ledger, d, label, hour_start(now)) for d in config.dimensions
+        },
+        "held": held_rows(ledger.held_usage(), dims),
+    }

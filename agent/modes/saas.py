@@ -21,11 +21,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate import plain
 from agent.billing import saas_sealing
 from agent.billing.hour import Sealed
 from agent.billing.sealing import seal_pass
-from agent.clock import Clock, hour_start
+from agent.clock import Clock
 from agent.config.model import Config, Dimension, Saas
 from agent.config.tables import check_redirect
 from agent.errors import ConfigError
@@ -411,43 +410,13 @@ class SaasMode:
         ))  # fmt: skip
 
     def sample_lines(self, breakdown: Mapping[Any, Decimal], ledger: Ledger | None) -> list[str]:
-        """The reading per customer (the value of the customer label), each marked unknown when
-        no customer has it yet (its usage would be held)."""
-        label = self.settings.customer_label
-        by: dict[str, Decimal] = {}
-        for labels, value in breakdown.items():
-            who = dict(labels).get(label, "")
-            by[who] = by.get(who, Decimal(0)) + value
-        lines = []
-        for who, value in sorted(by.items()):
-            if not value:
-                continue
-            known = bool(who) and ledger is not None and ledger.customer(who) is not None
-            note = "" if known else "  (unknown customer: held until `customers add`)"
-            lines.append(f"  customer {who or '(no label)'}  {plain(value)}{note}")
-        return lines
+        return saas_sealing.customer_lines(self.settings.customer_label, breakdown, ledger)
 
     def customer_option(self, customer: str | None, source: Path) -> None:
         return None
 
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
-        """The customers count, each dimension's open hour so far per customer, and usage held
-        for labels no customer has (`unknown customer`)."""
-        dims = {d.name: d for d in config.dimensions}
-        everyone = ledger.customers(include_removed=True)
-        label, hour = self.settings.customer_label, hour_start(now)
-        return {
-            "mode": "saas",
-            "customers": {
-                "known": sum(1 for c in everyone if c.removed_at is None),
-                "removed": sum(1 for c in everyone if c.removed_at is not None),
-            },
-            "current_hour_so_far_by_customer": {
-                d.name: saas_sealing.so_far_by_customer(ledger, d, label, hour)
-                for d in config.dimensions
-            },
-            "held": saas_sealing.held_rows(ledger.held_usage(), dims),
-        }
+        return saas_sealing.status_sections(ledger, config, self.settings.customer_label, now)
 
     def customers(self, command: str, source: Path) -> Saas:
         return self.settings
