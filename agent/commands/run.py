@@ -109,7 +109,7 @@ def cmd_register_usage(args: argparse.Namespace) -> int:
 
 
 def take_product_lock(config: Config) -> ProductLock | None:
-    """One sender per product per machine (see productlock); none for a loopback emulator."""
+    """One sender per product per machine (host/locks.py); none for a loopback emulator."""
     if is_loopback(config.metering.endpoint_url):
         return None
     lock = ProductLock(config.product_code, Path(config.source).resolve())

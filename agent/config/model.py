@@ -105,7 +105,7 @@ class Config:
     on_recovery: Hook | None
     source: Path
     version: int = 1
-    platform: str = "auto"  # auto | ec2 | ecs | eks (agent/platform.py)
+    platform: str = "auto"  # auto | ec2 | ecs | eks (agent/host/platform.py)
     register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas

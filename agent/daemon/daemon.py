@@ -2,9 +2,11 @@
 
 Jobs (all on the injected clock, through ClockTrigger):
 - one sampling job per distinct interval: hand each dimension's read to its own worker thread
-  (a daemon), with a total deadline (`reads.py`); each read stores its sample with its position;
+  (a daemon), with a total deadline (`collecting/reads.py`); each read stores its sample with its
+  position;
 - a boundary job at every hour: seal (sealing also runs after each round and at start-up, and looks
-  at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour);
+  at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour), as the
+  billing mode seals (`self.mode`, chosen by `start` in commands/run.py: agent/modes/);
 - a send tick: when the ledger has work due (an hour past its per-instance send slot, a retry, a
   DryRun), run `metering-agent send` as a short-lived child. boto3 is loaded only there, so the
   sampling process stays small.

@@ -8,7 +8,7 @@ filled in. A bad or expired token answers 400 with a plain message for the buyer
 
 `make_app()` is a plain WSGI application, for a seller's own web server (gunicorn, mod_wsgi);
 `serve()` runs it on wsgiref, which is what `run` does in a child process (`serve-registration`)
-when `saas.registration` is set: the daemon itself never imports boto3 (see daemon.py).
+when `saas.registration` is set: the daemon itself never imports boto3 (see daemon/daemon.py).
 
 The token is never logged: not by the app, and not by the server's access log, which prints each
 request's path without its query string (wsgiref's own prints the whole request line).

@@ -141,7 +141,7 @@ def identity(
 ) -> tuple[str, str]:
     """(the ledger's id, where it came from) on a container platform: ECS the TaskARN, EKS
     $POD_UID (the downward API's metadata.uid), else $HOSTNAME (the pod's name). EC2's instance
-    id is identity.py's, verified through IMDS."""
+    id is host/identity.py's, verified through IMDS."""
     if platform == "ecs":
         return (metadata or TaskMetadata(env)).task_arn(), "ECS task metadata TaskARN"
     if platform == "eks":

@@ -26,7 +26,7 @@ class SendState:
     last_success: float | None = None
     reason: str | None = None  # the latest failure, while failing
     failure_hook_for: float | None = None  # the failing_since the failure hook ran for
-    identity_unverified: str | None = None  # why IMDS must confirm the instance (identity.py)
+    identity_unverified: str | None = None  # why IMDS must confirm the instance (host/identity.py)
 
 
 class SendStates(Database):
