@@ -128,7 +128,7 @@ def collect(
     daemon = daemon_state(config.state_dir)
     # stopped, nothing goes out: only what the next start would send at once (or `-`)
     if daemon["running"] is False:
-        when = due(ledger.send_state(), mode.pending_bounds(ledger))
+        when = due(ledger.send_state(), mode.pending_bounds(ledger), mode.expires_at)
     else:
         when = next_send(ledger, config, now, mode)
     return {
@@ -173,12 +173,13 @@ def next_send(ledger: Ledger, config: Config, now: float, mode: Mode | None = No
     """When the next send is due, for `status`: `due`, or the open hour's send slot if sooner (it
     is sealed at its end and sent at its end plus this instance's send offset); `mode` as chosen
     from the config when not given."""
+    mode = mode or mode_for(config)
     state = ledger.send_state()
     if state.identity_unverified:  # as in due(): nothing leaves
         return None
     offset = send_offset(ledger.get_meta("instance_id") or "", config.metering.send_window)
     times = (
-        due(state, (mode or mode_for(config)).pending_bounds(ledger)),
+        due(state, mode.pending_bounds(ledger), mode.expires_at),
         sendable_at(state, send_slot(hour_start(now), offset)),
     )
     return min((t for t in times if t is not None), default=None)

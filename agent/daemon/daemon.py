@@ -520,7 +520,9 @@ class Daemon:
     def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
         fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
-        when = due(self.ledger.send_state(), self.mode.pending_bounds(self.ledger))
+        when = due(
+            self.ledger.send_state(), self.mode.pending_bounds(self.ledger), self.mode.expires_at
+        )
         if when is None or not self.scheduler.running:  # at start-up the send tick fires at once
             return
         wall = self.clock.to_wall(max(when, self.clock.time()))
@@ -538,6 +540,8 @@ class Daemon:
             self.registration.ensure()  # started again if it exited
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
-        when = due(self.ledger.send_state(), self.mode.pending_bounds(self.ledger))
+        when = due(
+            self.ledger.send_state(), self.mode.pending_bounds(self.ledger), self.mode.expires_at
+        )
         if when is not None and when <= self.clock.time():
             self.sender.start()

@@ -6,6 +6,7 @@ the daemon schedules with, the sender decides with and `status` shows; a pass's 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -72,13 +73,19 @@ def sendable_at(state: SendState, next_attempt: float) -> float | None:
     return None if state.authorized is False else max(next_attempt, state.backoff_until)
 
 
-def due(state: SendState, pending: list[SealedHour]) -> float | None:
+def due(
+    state: SendState,
+    pending: list[SealedHour],
+    window: Callable[[float], float] | None = None,
+) -> float | None:
     """The earliest time a send run would do something: a DryRun, a pending hour's send, or its
     expiry; None if nothing. The one rule for the daemon's scheduling, its "start a sender now?"
-    (due <= now), the sender's own per-hour decision (sendable_at) and `status`."""
+    (due <= now), the sender's own per-hour decision (sendable_at) and `status`. `window`: when a
+    record of a Timestamp expires, for records of one mode (Mode.expires_at); else each record's
+    own kind's (`expires_at`)."""
     if state.identity_unverified:  # nothing leaves until IMDS confirms the instance
         return None
-    times = [expires_at(h) for h in pending]
+    times = [expires_at(h) if window is None else window(h.timestamp) for h in pending]
     times += [t for h in pending if (t := sendable_at(state, h.next_attempt)) is not None]
     if state.dryrun_due is not None:
         times.append(state.dryrun_due)
