@@ -1,4 +1,6 @@
-"""Pure functions: an hour's samples -> one quantity (aggregate, scale, rounding, decimals).
+"""Pure functions: an hour's samples -> one quantity (aggregate, scale, rounding, decimals); and the
+values every layer shares: a reading's label set, a sample's Point, the Quantity and Allocations
+a sealed record carries (the ledger stores them, the clients send them).
 
 No I/O and no clock: sealing calls these with what the ledger holds, and tests call them directly.
 Readings are `decimal.Decimal`, so 0.1 + 0.2 bills as 0.3, and an hour's aggregate, its scaling and
@@ -14,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
+from typing import Any
 
 MAX_INT = 2_147_483_647  # UsageQuantity is an int32
 MAX_DECIMAL_INT_DIGITS = 10  # UsageQuantityAsDecimal: ^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$
@@ -24,6 +27,7 @@ HOUR = Decimal(3600)
 # the collector failed. Below it, the arithmetic of an hour stays exact enough to round and clamp.
 MAX_READING = Decimal(10) ** 30
 LabelSet = tuple[tuple[str, str], ...]
+Tags = tuple[tuple[str, str], ...]  # (tag key, value) sorted by key; () is the untagged bucket
 
 
 def reading_problem(value: Decimal) -> str | None:
@@ -37,6 +41,15 @@ def reading_problem(value: Decimal) -> str | None:
     if abs(value) >= MAX_READING:
         return f"value {value:.3e} is beyond any usage (at most 10^30)"
     return None
+
+
+def plain(value: Any) -> str:
+    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
+    if value is None:
+        return "-"
+    if value.as_tuple().exponent < -6:
+        value = value.quantize(Decimal("0.000001"))
+    return format(value.normalize(), "f")
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,35 @@ class Quantity:
     @classmethod
     def from_stored(cls, text: str, is_decimal: bool) -> Quantity:
         return cls(text if is_decimal else int(text))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One bucket of an hour's quantity: its tags and its share, of the quantity's own type."""
+
+    tags: Tags
+    quantity: int | str  # int: AllocatedUsageQuantity; str: ...AsDecimal (as the Quantity)
+
+    def request_fields(self) -> dict[str, Any]:
+        if isinstance(self.quantity, str):
+            out: dict[str, Any] = {"AllocatedUsageQuantityAsDecimal": self.quantity}
+        else:
+            out = {"AllocatedUsageQuantity": self.quantity}
+        if self.tags:
+            out["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags]
+        return out
+
+    @classmethod
+    def from_request(cls, fields: Mapping[str, Any]) -> Allocation:
+        tags = tuple((t["Key"], t["Value"]) for t in fields.get("Tags") or ())
+        if "AllocatedUsageQuantityAsDecimal" in fields:
+            return cls(tags, str(fields["AllocatedUsageQuantityAsDecimal"]))
+        return cls(tags, int(fields["AllocatedUsageQuantity"]))
+
+
+def to_json(allocations: Sequence[Allocation]) -> list[dict[str, Any]]:
+    """The request's `UsageAllocations`, also how the ledger stores them and reports show them."""
+    return [a.request_fields() for a in allocations]
 
 
 def combine_exact(method: str, points: Sequence[Point]) -> Fraction:

@@ -1,28 +1,25 @@
-"""Subcommands, and the mapping of AgentError subclasses to sysexits exit codes.
+"""The command line: the parser, the dispatch to the commands (agent/commands/, one module per
+group), and the mapping of AgentError subclasses to sysexits exit codes.
 
 Every error a user can cause ends here as one line on stderr and a documented exit code; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. A command's module is imported only when that command
+runs, so a short command (or the daemon) loads nothing of another's.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import signal
 import sqlite3
 import sys
-import threading
-from collections.abc import Mapping, Sequence
-from decimal import Decimal
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__, ownership
-from agent.clock import Clock
-from agent.errors import EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, AgentError, Unavailable
+from agent import __version__
+from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 
 log = logging.getLogger("agent")
 
@@ -254,15 +251,8 @@ def add_clock_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", default=None, help=argparse.SUPPRESS)
 
 
-def make_clock(args: argparse.Namespace) -> Clock:
-    try:
-        return Clock.from_spec(getattr(args, "clock", None))
-    except (TypeError, ValueError):
-        raise AgentError(f"--clock {args.clock!r}: expected RATE[:ORIGIN[:WALL0]]") from None
-
-
 def setup_logging(level: str, fmt: str = "text") -> None:
-    from agent.logs import JsonFormatter, Redact, text_formatter
+    from agent.host.logs import JsonFormatter, Redact, text_formatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redact())
@@ -281,659 +271,106 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
-def load_config(args: argparse.Namespace) -> Any:
-    from agent import config
-
-    return config.load(config.resolve_path(args.config))
-
-
-# -- check ------------------------------------------------------------------------------------
-
-
-_quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
-
-
-def _say(status: str, text: str) -> None:
-    if status == "ok" and _quiet.is_set():
-        return
-    print(f"{status:<5} {text}", flush=True)
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Run the same validation as `run`, then every collector once, then region, credentials and
-    DryRun; one line per step. Writes no state."""
-    from agent.reads import take_within
-    from agent.sampling import Sampler
-
-    (_quiet.set if args.quiet else _quiet.clear)()
-    cfg = load_config(args)
-    _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
-    sampler = Sampler(cfg)
-    clock = make_clock(args)
-    unreachable = []
-    for dim in cfg.dimensions:
-        if args.offline:
-            problem = sampler.probe(dim)
-            if problem:
-                _say("warn", f"collector {dim.name}: {problem} (fine at boot if it appears later)")
-            else:
-                ready = f"{dim.collector.type} ready{_engine(sampler, dim)}"
-                _say("ok", f"collector {dim.name}: {ready}")
-            continue
-        s = take_within(sampler, dim, clock.time(), None, clock.monotonic)
-        error = s.error or sampler.probe(dim)  # a log read with no file yet gives 0, not an error
-        if error:
-            unreachable.append(dim.name)
-            _say("fail", f"collector {dim.name}: {error}")
-        else:
-            _say("ok", f"collector {dim.name}: read {_num(s.raw)}{_engine(sampler, dim)}")
-    warn_service_access(cfg)
-    from agent.config import traps
-
-    for trap in traps(cfg):
-        print(f"warning: {trap}", flush=True)
-    from agent import platform
-
-    plat = platform.detect(cfg.platform, os.environ)
-    _say("ok", f"platform {plat.name} ({plat.how})")
-    if cfg.register_usage is not None and cfg.register_usage.public_key:
-        from agent.registration import describe_key
-
-        key = cfg.register_usage.public_key
-        _say("ok", f"register_usage.public_key {key}: {describe_key(key)}")
-    if args.offline:
-        return EX_OK
-    from agent import metering
-
-    metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
-    check_identity(plat, metadata)
-    region, where = metering.resolve_region(
-        cfg.metering.region, platform=plat.name, metadata=metadata
-    )
-    _say("ok", f"region {region} (from {where})")
-    client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
-    if not client.has_credentials():
-        raise Unavailable(f"no AWS credentials found; {metering.ROLE_HINT}")
-    method = client.credential_source()
-    # AWS refuses the node's role for container products' MeterUsage; SaaS is the seller's own
-    node_role = platform.node_role_refusal(plat.name, method) if cfg.mode != "saas" else None
-    if node_role:
-        from agent.errors import NotAuthorized
-
-        _say("fail", f"credentials: {method}")
-        raise NotAuthorized(node_role)
-    _say("ok", f"credentials found ({method})")
-    static = platform.static_keys_warning(plat.name, method) if cfg.mode != "saas" else None
-    if static:
-        _say("warn", static)
-    if cfg.mode == "saas":  # no DryRun: an empty BatchMeterUsage is the permission probe
-        outcome = client.probe_batch(cfg.product_code)
-        verdict = metering.dry_run_verdict(
-            outcome,
-            "BatchMeterUsage (0 records)",
-            metering.SAAS_ROLE_HINT,
-            metering.SAAS_PRODUCT_HINT,
-        )
-        _say("ok", verdict)
-    else:
-        dry_run_every_dimension(cfg, client, clock)
-    if cfg.register_usage is not None:
-        refused = check_register_usage(cfg, client, clock)
-        if refused:
-            return refused
-    if unreachable:
-        print(
-            f"metering-agent: collector source unreachable for {', '.join(unreachable)}",
-            file=sys.stderr,
-        )
-        return EX_UNAVAILABLE
-    return EX_OK
-
-
-def _engine(sampler: Any, dim: Any) -> str:
-    """For a log dimension's line: which engine matches its pattern (linecount.LineMatcher)."""
-    engine = getattr(getattr(sampler.collectors.get(dim.name), "matcher", None), "engine", None)
-    return f" (pattern on {engine})" if engine else ""
-
-
-def check_identity(plat: Any, metadata: Any) -> None:
-    """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
-    or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
-    from agent import metering, platform
-
-    if plat.container:
-        task_id, source = platform.identity(plat.name, os.environ, metadata)
-        _say("ok", f"identity {task_id} (from {source})")
-        return
-    try:
-        _say("ok", f"identity {metering.Imds().instance_id()} (from IMDS instance-id)")
-    except metering.ImdsError as e:
-        _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
-
-
-def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
-    """RegisterUsage as `run` calls it (it has no DryRun): one `ok` line, or one `fail` line and
-    the error's exit code (77 for the final errors and a signature that does not verify)."""
-    from agent import registration
-
-    try:
-        done = registration.register(client, cfg, clock)
-    except AgentError as e:
-        _say("fail", str(e))
-        return e.exit_code
-    how = "signature verified" if done.verified else "signature not verified (no public_key)"
-    _say("ok", f"RegisterUsage: registered, public key version {done.public_key_version}, {how}")
-    if done.rotation is not None:
-        rotation = registration.rotation_warning(done.public_key_version, done.rotation)
-        print(f"warning: RegisterUsage: {rotation}", flush=True)
-    return EX_OK
-
-
-def warn_service_access(cfg: Any) -> None:
-    """Run as root, `check` reads every file; the service cannot. Say which logs it would miss."""
-    if os.geteuid() != 0:
-        return  # the check's own reads already ran with this user's rights
-    from agent import access
-
-    who = access.service_account()
-    for dim in cfg.dimensions:
-        if dim.collector.type != "log":
-            continue
-        opts = dim.collector.options
-        if who is None:  # not installed yet: the sandbox's hidden trees are known all the same
-            for problem in access.sandbox_problems(opts["path"], opts.get("rotated")):
-                _say("warn", f"collector {dim.name}: {problem}")
-            continue
-        for problem in access.log_problems(opts["path"], opts.get("rotated"), who):
-            _say(
-                "warn",
-                f"collector {dim.name}: {problem} (the service runs as {who.name}, with group "
-                "adm, and bills nothing from a log it cannot read)",
-            )
-
-
-def dry_run_every_dimension(cfg: Any, client: Any, clock: Clock) -> None:
-    """DryRun each dimension, so a name the listing lacks fails `check` (77) and is named.
-
-    A refusal that is not about the dimension (role, entitlement, network) ends it at once."""
-    from agent import metering
-    from agent.errors import NotAuthorized
-
-    unknown = []
-    for dim in cfg.dimensions:
-        outcome = client.dry_run(cfg.product_code, dim.name, dim.decimals, clock.time())
-        if outcome.code == "InvalidUsageDimensionException":
-            unknown.append(dim.name)
-            _say("fail", f"MeterUsage DryRun {dim.name}: {outcome.error}")
-            continue
-        _say("ok", f"{metering.dry_run_verdict(outcome)} for {dim.name}")
-    if unknown:
-        raise NotAuthorized(
-            f"MeterUsage DryRun: dimension {', '.join(unknown)} is not a dimension of product "
-            f"{cfg.product_code}'s listing; fix dimensions[].name in {cfg.source} (or add it to "
-            "the listing)"
-        )
-
-
-def _num(value: Any) -> str:
-    """A reading for people: plain notation, at most 6 decimals (what MeterUsage can carry)."""
-    if value is None:
-        return "-"
-    if value.as_tuple().exponent < -6:
-        value = value.quantize(Decimal("0.000001"))
-    return format(value.normalize(), "f")
-
-
-# -- sample -----------------------------------------------------------------------------------
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    """Run every collector once; print each dimension's raw reading and what it adds to the hour."""
-    from agent.collectors.log import LogCollector
-    from agent.reads import take_within
-    from agent.sampling import Sampler
-
-    cfg = load_config(args)
-    sampler = Sampler(cfg, all_labels=True)  # shows each reading's breakdown
-    clock = Clock()
-    ledger = open_ledger_readonly(cfg.state_dir)
-    for dim in cfg.dimensions:
-        collector = sampler.collectors.get(dim.name)
-        if isinstance(collector, LogCollector):
-            collector.count_lines = True
-        saved = ledger.position(dim.name) if ledger else None
-        t = clock.time()
-        s = take_within(sampler, dim, t, saved, clock.monotonic)
-        if s.error or s.value is None:
-            print(f"warning: {dim.name}: {s.error}", file=sys.stderr)
-            continue
-        text = f"{dim.name} {_num(s.value)}  (raw {_num(s.raw)}, {dim.aggregate}); "
-        text += _billed(dim, t, s.value)
-        if isinstance(collector, LogCollector):
-            last = collector.last
-            text += f"; log: {last.lines} lines read, {_num(last.matched)} matched"
-        print(text)
-        for lost in s.unread:  # what `run` would log, count in status and name in health
-            print(f"warning: {dim.name}: usage went unread: {lost.what}; fix: {lost.fix}",
-                  file=sys.stderr)  # fmt: skip
-        if cfg.saas is not None:
-            for line in customer_lines(cfg.saas.customer_label, s.breakdown or {}, ledger):
-                print(line)
-            continue
-        for line in breakdown_lines(s.breakdown or {}):
-            print(line)
-    return EX_OK
-
-
-def customer_lines(label: str, breakdown: Mapping[Any, Decimal], ledger: Any) -> list[str]:
-    """SaaS mode's `sample`: the reading per customer (the value of `label`), each marked
-    unknown when no customer has it yet (its usage would be held)."""
-    by: dict[str, Decimal] = {}
-    for labels, value in breakdown.items():
-        who = dict(labels).get(label, "")
-        by[who] = by.get(who, Decimal(0)) + value
-    lines = []
-    for who, value in sorted(by.items()):
-        if not value:
-            continue
-        known = bool(who) and ledger is not None and ledger.customer(who) is not None
-        note = "" if known else "  (unknown customer: held until `customers add`)"
-        lines.append(f"  customer {who or '(no label)'}  {_num(value)}{note}")
-    return lines
-
-
-def breakdown_lines(breakdown: Mapping[Any, Decimal], top: int = 5) -> list[str]:
-    """A reading's breakdown for `sample`: the `top` largest label sets, then what the rest add."""
-    ranked = sorted(breakdown.items(), key=lambda kv: (-kv[1], kv[0]))
-    lines = [
-        f"  {' '.join(f'{k}={v}' for k, v in labels) or '(no labels)'}  {_num(value)}"
-        for labels, value in ranked[:top]
-    ]
-    rest = ranked[top:]
-    if rest:
-        total = sum((v for _, v in rest), Decimal(0))
-        lines.append(f"  ... {len(rest)} more label sets  {_num(total)}")
-    return lines
-
-
-def _billed(dim: Any, t: float, value: Decimal) -> str:
-    """What the reading is worth in the dimension's billed units: after `scale`, and what an hour
-    holding only this reading would send after rounding (the sealed hour rounds its total)."""
-    from agent.aggregate import Point, combine_exact, to_decimal, to_quantity
-    from agent.sealing import span_for
-
-    exact = combine_exact(dim.aggregate, [Point(t, value, span_for(t, dim.interval))])
-    alone = to_quantity(exact, dim.scale, dim.rounding, dim.decimals)
-    hour_value = to_decimal(exact)
-    return (
-        f"billed units {_num(hour_value * dim.scale)} (scale {_num(dim.scale)}); an hour of only "
-        f"this reading sends {alone.text} (rounding {dim.rounding})"
-    )
-
-
-def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
-    """The ledger for reading, or None when there is none yet; never creates or writes one.
-
-    A read-only open never migrates: a ledger an older agent wrote (a lower schema version) is
-    named as such, with how to migrate it, instead of failing on the first missing column.
-    """
-    from agent.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger
-
-    path = Path(state_dir) / LEDGER_FILE
-    try:
-        if not path.exists():
-            return None
-    except PermissionError:
-        raise ownership.unreadable(Path(state_dir), command) from None
-    if not os.access(path, os.R_OK):
-        raise ownership.unreadable(Path(state_dir), command)
-    try:
-        ledger = Ledger(state_dir, readonly=True)
-        version = ledger.schema_version()
-    except sqlite3.Error as e:
-        if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
-            raise ownership.unreadable(Path(state_dir), command) from None
-        raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
-    if version < SCHEMA_VERSION:
-        ledger.close()
-        raise AgentError(
-            f"{state_dir}/{LEDGER_FILE}: the ledger is schema {version}, this agent is schema "
-            f"{SCHEMA_VERSION}; start the agent once (systemctl start metering-agent) to migrate it"
-        )
-    return ledger
-
-
-# -- run / send -------------------------------------------------------------------------------
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from agent.collectors import linecount
-    from agent.daemon import start
-
-    linecount.compile_in_child()  # the compiler's memory stays out of the long-lived daemon
-    cfg = load_config(args)
-    ownership.check_writer(Path(cfg.state_dir), "run")
-    return start(cfg, make_clock(args), log_format=args.log_format).run()
-
-
-def cmd_send(args: argparse.Namespace) -> int:
-    """Send what is due (all pending with --flush), in this process; used by `run` as a child."""
-    from agent import metering
-    from agent.daemon import StateLock
-    from agent.ledger import Ledger
-    from agent.sending import Sender, note_unreachable
-
-    cfg = load_config(args)
-    clock = make_clock(args)
-    ownership.check_writer(Path(cfg.state_dir), "send --flush" if args.flush else "send")
-    send_lock = StateLock(Path(cfg.state_dir), name="send.lock")
-    send_lock.acquire(wait=True)  # one sender at a time, even an orphan of a killed daemon
-    ledger = Ledger(cfg.state_dir)
-    from agent import platform
-
-    plat = platform.detect(cfg.platform, os.environ)
-    try:
-        region, where = metering.resolve_region(cfg.metering.region, platform=plat.name)
-    except Unavailable as e:
-        note_unreachable(ledger, cfg, clock.time(), str(e))
-        return EX_UNAVAILABLE
-    connect, read = call_timeouts(clock, args.deadline)
-    client = metering.MeteringClient(
-        region, cfg.metering.endpoint_url, connect, read, platform=plat.name
-    )
-    note_sender_context(ledger, plat, region, where, client)
-    if cfg.mode == "saas":  # BatchMeterUsage per customer, on the same send state
-        from agent.batching import BatchSender
-
-        sender: Sender = BatchSender(ledger, cfg, client, clock)
-    else:
-        sender = Sender(ledger, cfg, client, clock)
-    report = sender.run(flush=args.flush, deadline=args.deadline)
-    ledger.close()
-    if report.paused:
-        return EX_NOPERM
-    return EX_UNAVAILABLE if report.retry else EX_OK
-
-
-def call_timeouts(clock: Any, deadline: float | None) -> tuple[float, float]:
-    """With a deadline (the stop flush), no call may block past it: the connect and read
-    timeouts are capped at the seconds left (at least 1 s); none: botocore's own (5 s, 15 s)."""
-    if deadline is None:
-        return 5.0, 15.0
-    left = max(1.0, (deadline - clock.time()) / clock.rate)
-    return min(5.0, left), min(15.0, left)
-
-
-def note_sender_context(ledger: Any, plat: Any, region: str, where: str, client: Any) -> None:
-    """Keep in the ledger's meta what only the sender knows (botocore's credential source) with
-    the region it signs for, for `status`; logged when it changes."""
-    try:
-        method = client.credential_source()
-    except Exception as e:  # botocore raises many kinds while fetching from IMDS/ECS/STS
-        method = f"lookup failed: {e}"
-    context = {
-        "platform": plat.name,
-        "region": region,
-        "region_source": where,
-        "credential_source": method,
-    }
-    if ledger.get_meta("sender_context") != context:
-        log.info(
-            "sending as platform %s, region %s (from %s), credentials %s",
-            plat.name,
-            region,
-            where,
-            method,
-        )
-        ledger.update_meta(sender_context=context)
-
-
-def cmd_register_usage(args: argparse.Namespace) -> int:
-    """RegisterUsage once (with retries), for `run`: one JSON line on stdout (registration)."""
-    from agent import registration
-
-    return registration.child_main(load_config(args), make_clock(args))
-
-
-# -- status -----------------------------------------------------------------------------------
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from agent import status
-
-    cfg = load_config(args)
-    if args.check:  # a product's own probe: exit 0 or 1 only (SPEC); no ledger yet is not ok
-        return EX_OK if status.check(cfg.state_dir, Clock()) else EX_SOFTWARE
-    ledger = open_ledger_readonly(cfg.state_dir)
-    report = status.collect(ledger, cfg, Clock(), hours=args.hours)
-    print(json.dumps(report, indent=2) if args.json else status.render(report))
-    return EX_OK
-
-
-# -- report -----------------------------------------------------------------------------------
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from agent import report
-
-    cfg = load_config(args)
-    now = Clock().time()
-    since = report.parse_when(args.since, now, "--since")
-    until = report.parse_when(args.until, now, "--until") if args.until else None
-    if until is not None and until <= since:
-        raise report.UsageError("--until must be later than --since")
-    if args.customer is not None and cfg.mode != "saas":
-        raise report.UsageError(f"--customer is for SaaS mode; {cfg.source} has mode: instance")
-    ledger = open_ledger_readonly(cfg.state_dir, "report")
-    data = report.rows(ledger, since, until, cfg.mode == "saas", args.customer)
-    if args.customer is not None and not data and (ledger is None or not _known(ledger, args)):
-        raise report.UsageError(
-            f"--customer {args.customer}: no such customer in {cfg.state_dir}; "
-            "see `metering-agent customers list`"
-        )
-    print(report.render(data, args.format))
-    return EX_OK
-
-
-def _known(ledger: Any, args: argparse.Namespace) -> bool:
-    return ledger.customer(args.customer) is not None
-
-
-# -- schema -----------------------------------------------------------------------------------
-
-
-def cmd_schema(args: argparse.Namespace) -> int:
-    from agent.config import json_schema
-
-    print(json.dumps(json_schema(), indent=2))
-    return EX_OK
-
-
-# -- emulator ---------------------------------------------------------------------------------
-
-
-def cmd_emulator(args: argparse.Namespace) -> int:
-    from agent.emulator import Emulator, Settings
-    from agent.metering import IMDS_ENV
-
-    settings = Settings(region=args.region, dryrun_style=args.dryrun_style)
-    if not args.any_product and (args.config or os.environ.get("METERING_AGENT_CONFIG")):
-        cfg = load_config(args)
-        settings.product_codes = {cfg.product_code}
-        settings.dimensions = {d.name for d in cfg.dimensions}
-    if args.dimensions:
-        settings.dimensions = {d.strip() for d in args.dimensions.split(",") if d.strip()}
-    emulator = Emulator(settings, make_clock(args))
-    try:
-        url = emulator.serve(args.port)
-    except OSError as e:
-        raise Unavailable(f"emulator: cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from e
-    print(
-        f"emulator listening on {url} (region {settings.region}); point the agent at it with\n"
-        f"  export {IMDS_ENV}={url}\n"
-        f"  metering: {{endpoint_url: {url}}}\n"
-        f"as an ECS task: export ECS_CONTAINER_METADATA_URI_V4={url}/ecs/v4 "
-        f"AWS_CONTAINER_CREDENTIALS_FULL_URI={url}/ecs/credentials\n"
-        f"as an EKS pod (IRSA): export AWS_ENDPOINT_URL_STS={url} AWS_ROLE_ARN=<any role arn> "
-        f"AWS_WEB_IDENTITY_TOKEN_FILE=<any file> AWS_REGION={settings.region} POD_UID=<any id>\n"
-        f"RegisterUsage answers are signed with the key at {url}/_emulator/public_key",
-        flush=True,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    emulator.stop()
-    return EX_OK
-
-
-# -- trial ------------------------------------------------------------------------------------
-
-
-def cmd_trial(args: argparse.Namespace) -> int:
-    from agent import config, trial
-    from agent.errors import ConfigError
-
-    cfg = config.load(config.resolve_path(args.config))
-    if cfg.mode == "saas":
-        raise ConfigError(
-            "mode", f"trial runs instance mode (MeterUsage) only; {cfg.source} has mode: saas; "
-            "try it with `metering-agent sample` and `status` against a test state_dir",
-        )  # fmt: skip
-
-    return trial.main(config.resolve_path(args.config), args.hours, args.speed, args.dimensions)
-
-
-# -- prepare-image ----------------------------------------------------------------------------
-
-
-def cmd_prepare_image(args: argparse.Namespace) -> int:
-    from agent import image
-    from agent.sampling import Sampler
-
-    cfg = load_config(args)
-    Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
-    return image.prepare(cfg, args.yes)
-
-
-# -- customers (SaaS mode) --------------------------------------------------------------------
-
-
 def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`customers` without an action: its usage, exit 2 (as argparse's own usage errors)."""
     parser.print_help(sys.stderr)
     return 2
 
 
-def _token_argument(token: str) -> str:
-    """A token from the command line, or from stdin with `-` (out of `ps` and shell history)."""
-    from agent.customers import BadArgument
-
-    if token == "-":
-        token = sys.stdin.readline()
-    token = token.strip()
-    if not token:
-        raise BadArgument("the registration token is empty")
-    return token
+# -- dispatch: each command's module, imported when it runs --------------------------------------
 
 
-def _resolver(cfg: Any) -> Any:
-    from agent import metering
+def cmd_check(args: argparse.Namespace) -> int:
+    from agent.commands import check
 
-    region, _ = metering.resolve_region(cfg.metering.region)
-    return metering.MeteringClient(region, cfg.metering.endpoint_url)
+    return check.cmd_check(args)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.commands import check
+
+    return check.cmd_schema(args)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from agent.commands import sample
+
+    return sample.cmd_sample(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.commands import run
+
+    return run.cmd_run(args)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from agent.commands import run
+
+    return run.cmd_send(args)
+
+
+def cmd_register_usage(args: argparse.Namespace) -> int:
+    from agent.commands import run
+
+    return run.cmd_register_usage(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.commands import status
+
+    return status.cmd_status(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.commands import report
+
+    return report.cmd_report(args)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from agent.commands import emulator
+
+    return emulator.cmd_emulator(args)
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from agent.commands import trial
+
+    return trial.cmd_trial(args)
+
+
+def cmd_prepare_image(args: argparse.Namespace) -> int:
+    from agent.commands import image
+
+    return image.cmd_prepare_image(args)
 
 
 def cmd_customers_add(args: argparse.Namespace) -> int:
-    from agent import customers
-    from agent.ledger import Ledger
+    from agent.commands import customers
 
-    cfg = load_config(args)
-    customers.require_saas(cfg, "customers add")
-    now = Clock().time()
-    if args.token is not None:
-        if args.account or args.license_arn or args.customer_identifier or args.agreement:
-            raise customers.BadArgument(
-                "--token takes the customer from ResolveCustomer: without --account, --license, "
-                "--agreement or --customer-identifier"
-            )
-        if args.label is not None:
-            customers.check_label(args.label)
-        token = _token_argument(args.token)
-        ownership.check_writer(Path(cfg.state_dir), "customers add")  # before the token is used
-        resolved = _resolver(cfg).resolve_customer(token)
-        customer = customers.from_resolved(resolved, args.label, now, cfg.product_code)
-    else:
-        if args.label is None:
-            raise customers.BadArgument(
-                "--as LABEL is required with --account/--license or --customer-identifier"
-            )
-        customer = customers.by_hand(args.label, now, args.account, args.license_arn,
-                                     args.agreement, args.customer_identifier)  # fmt: skip
-    ownership.check_writer(Path(cfg.state_dir), "customers add")
-    ledger = Ledger(cfg.state_dir)
-    try:
-        stored = customers.store(ledger, customer)
-    finally:
-        ledger.close()
-    print(stored.line())
-    return EX_OK
+    return customers.cmd_customers_add(args)
 
 
 def cmd_customers_list(args: argparse.Namespace) -> int:
-    from agent import customers
+    from agent.commands import customers
 
-    cfg = load_config(args)
-    customers.require_saas(cfg, "customers list")
-    ledger = open_ledger_readonly(cfg.state_dir, "customers list")
-    found = [] if ledger is None else ledger.customers(include_removed=True)
-    if ledger is not None:
-        ledger.close()
-    if args.json:
-        print(json.dumps([customers.as_json(c) for c in found], indent=2))
-    else:
-        print(customers.table(found))
-    return EX_OK
+    return customers.cmd_customers_list(args)
 
 
 def cmd_customers_remove(args: argparse.Namespace) -> int:
-    from agent import customers
-    from agent.ledger import Ledger
+    from agent.commands import customers
 
-    cfg = load_config(args)
-    customers.require_saas(cfg, "customers remove")
-    ownership.check_writer(Path(cfg.state_dir), "customers remove")
-    ledger = Ledger(cfg.state_dir)
-    try:
-        known = ledger.customer(args.label)
-        if known is None:
-            raise AgentError(
-                f"no customer labelled {args.label!r} (metering-agent customers list shows them)"
-            )
-        if not ledger.remove_customer(args.label, Clock().time()):
-            print(f"customer {args.label} was already removed")
-            return EX_OK
-    finally:
-        ledger.close()
-    print(f"customer {args.label} removed: no more idle zeros; its usage is still billed")
-    return EX_OK
+    return customers.cmd_customers_remove(args)
 
 
 def cmd_resolve_customer(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    resolved = _resolver(cfg).resolve_customer(_token_argument(args.token))
-    print(json.dumps(resolved.as_json(), indent=2))
-    return EX_OK
+    from agent.commands import customers
+
+    return customers.cmd_resolve_customer(args)
 
 
 def cmd_serve_registration(args: argparse.Namespace) -> int:
-    from agent import fulfillment
-    from agent.customers import require_saas
+    from agent.commands import customers
 
-    cfg = load_config(args)
-    require_saas(cfg, "serve-registration")
-    if cfg.saas.registration is None:
-        from agent.errors import ConfigError
-
-        raise ConfigError("saas.registration", "not set: add listen and redirect to serve it")
-    return fulfillment.serve(cfg, make_clock(args))
+    return customers.cmd_serve_registration(args)

@@ -41,6 +41,12 @@ class ConfigError(AgentError):
         return error
 
 
+class UsageError(AgentError):
+    """A command-line option that cannot be right here (as argparse's own usage errors)."""
+
+    exit_code = 2
+
+
 class NotAuthorized(AgentError):
     """The buyer's role may not call MeterUsage, or the instance is not entitled."""
 

@@ -1,7 +1,7 @@
 """Declarative config fields: each one validates a YAML value and describes itself as JSON Schema.
 
-The loader (`config.py`), the collectors' option tables and the `schema` command all use these, so
-what the loader accepts and what the schema documents cannot drift apart.
+The loader (`config/loader.py`), the collectors' option tables and the `schema` command all use
+these, so what the loader accepts and what the schema documents cannot drift apart.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from agent import config
 from agent.ledger import Ledger
-from agent.sealing import seal_hours
+from agent.modes.instance import seal_hours
 
 tenants, samples = int(sys.argv[2]), int(sys.argv[3])
 work = Path(tempfile.mkdtemp())

@@ -1,10 +1,10 @@
 """Fleet simulation: N instances in one account and region sending through MeterUsage's
 10 requests/s token bucket, in virtual time, with the agent's real schedule and retry code.
 
-What is the agent's own: the per-instance send slot (`sealing.send_offset`, a hash of the instance
+What is the agent's own: the per-instance send slot (`windows.send_offset`, a hash of the instance
 id) at which the first send of an hour starts exactly, the send tick (`daemon.SEND_TICK`) on which
 later retries start, the pass that waits out short backoffs itself
-(`sending.PATIENCE`), capped exponential backoff with full jitter (`sending.backoff`), and oldest
+(`send_pass.PATIENCE`), capped exponential backoff with full jitter (`policy.backoff`), and oldest
 hour first, one dimension after another. What is modelled: a call takes `--latency` seconds, a
 sender child takes `--spawn` seconds to start, and the service's bucket holds 10 tokens refilled at
 10/s (the emulator's `TokenBucket`, on virtual time). Two consecutive hours are simulated
@@ -15,10 +15,10 @@ calls per accepted record, and whether every record was accepted once within 6 h
 
 The SaaS case (`--case saas`): one seller's agent bills `--customers` customers x `--dimensions`
 an hour through BatchMeterUsage. It runs the agent's own code: the real ledger (in a temporary
-directory) holds the sealed records, `batching.BatchSender` plans, paces and settles them, and
+directory) holds the sealed records, `modes.saas.BatchSender` plans, paces and settles them, and
 the emulator's BatchMeterUsage rules and 10 requests/s token bucket answer in process, all on one
 virtual clock. What is modelled: a call takes `--latency` seconds, a send pass ends after
-`batching.PASS_TIME` and the next starts on the daemon's send tick plus `--spawn` seconds. Prints
+`modes.saas.PASS_TIME` and the next starts on the daemon's send tick plus `--spawn` seconds. Prints
 calls, records, the time from the hour's end until its last record was accepted, p50/p99 delay,
 throttled calls, and whether every record was accepted once within the 24 h window.
 
@@ -42,16 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.aggregate import Quantity
-from agent.batching import BatchSender
 from agent.clock import Clock
 from agent.config import Config
 from agent.config import load as load_config
-from agent.daemon import SEND_TICK
+from agent.daemon.daemon import SEND_TICK
 from agent.emulator import Emulator, ServiceError, Settings, TokenBucket
 from agent.ledger import Ledger
-from agent.metering import BatchOutcome, Outcome, batch_outcome, classify
-from agent.sealing import send_offset
-from agent.sending import PATIENCE, SAAS_EXPIRY, backoff
+from agent.modes.saas import BatchSender
+from agent.sending.outcomes import BatchOutcome, Outcome, batch_outcome, classify
+from agent.sending.policy import backoff
+from agent.sending.send_pass import PATIENCE
+from agent.windows import SAAS_EXPIRY, send_offset
 
 HOUR = 3600
 SIX_HOURS = 6 * HOUR

@@ -13,9 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
-from agent import health
 from agent.aggregate import Quantity
 from agent.ledger import Ledger
+from agent.sending import health
 
 H = 1_800_000_000
 

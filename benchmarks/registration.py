@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     args = parser.parse_args()
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, agent.daemon; print('boto3' in sys.modules)"],
+        [sys.executable, "-c", "import sys, agent.daemon.daemon; print('boto3' in sys.modules)"],
         capture_output=True, text=True, cwd=ROOT, check=True,
     )  # fmt: skip
     print(f"daemon modules import boto3: {probe.stdout.strip()}")

@@ -22,8 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import config as config_mod
-from agent.ledger import Customer, Ledger
-from agent.sealing import seal_hours, span_for
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
+from agent.modes.saas import seal_hours
+from agent.windows import span_for
 
 H = 1_800_000_000
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from agent import config
 from agent.aggregate import Quantity
-from agent.ledger import SealedHour
-from agent.metering import Outcome
+from agent.ledger.hours import SealedHour
+from agent.sending.outcomes import Outcome
 from tests.conftest import PRODUCT
 
 H = 1_800_000_000  # 2027-01-15T08:00:00Z, an hour boundary

@@ -20,7 +20,8 @@ from typing import Any
 
 import libfaketime
 
-from agent.ledger import Ledger, SealedHour
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
 from tests.conftest import ROOT
 
 

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import config
+from agent.collecting.sampling import Sampler
 from agent.collectors.base import Unread
 from agent.ledger import Ledger
-from agent.sampling import Sampler
 from tests.conftest import PRODUCT
 
 LOGROTATE = "/usr/sbin/logrotate"

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import config
-from agent.aggregate import Quantity
-from agent.allocations import Allocation
-from agent.ledger import Customer, Ledger
+from agent.aggregate import Allocation, Quantity
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import access, cli
-from agent.access import Account
+from agent import cli
 from agent.errors import EX_OK
+from agent.host import access
+from agent.host.access import Account
 from tests.conftest import ConfigWriter
 
 STRANGER = Account("metering-agent", 99_999, frozenset({99_998}))  # owns nothing here

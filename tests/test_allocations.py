@@ -10,18 +10,17 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.aggregate import Point, Quantity, to_quantity
-from agent.allocations import (
+from agent.aggregate import Allocation, Point, Quantity, to_quantity
+from agent.billing.allocations import (
     MAX_ALLOCATIONS,
-    Allocation,
     allocate,
     apportion,
     shares,
     tag_value,
     tags_of,
 )
+from agent.billing.hour import billed
 from agent.config import CollectorConfig, Dimension
-from agent.sealing import billed
 
 D = Decimal
 TENANT = {"Tenant": "tenant"}

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate import Quantity
-from agent.allocations import Allocation, to_json
+from agent.aggregate import Allocation, Quantity, to_json
 from agent.emulator import Emulator
 from agent.ledger import Ledger
-from agent.metering import MeteringClient, build_request
-from agent.sealing import seal_hours, span_for
+from agent.modes.instance import seal_hours
+from agent.sending.client import MeteringClient, build_request
+from agent.windows import span_for
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT, run_cli
 
@@ -61,7 +61,7 @@ def test_allocations_are_stored_with_the_request_and_never_change(tmp_path: Path
 
 
 def test_a_ledger_of_schema_4_migrates_and_its_hours_have_none(tmp_path: Path) -> None:
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(tmp_path / "ledger.db")
     for v in range(1, 5):

@@ -16,14 +16,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import batching
-from agent.aggregate import Quantity
-from agent.allocations import Allocation
-from agent.batching import BatchSender, plan, usage_record
+from agent.aggregate import Allocation, Quantity
 from agent.emulator import Emulator, Settings
 from agent.ledger import Ledger
-from agent.metering import MeteringClient
-from agent.sending import SAAS_EXPIRY, due, expires_at
+from agent.modes import saas as batching
+from agent.modes.saas import BatchSender
+from agent.sending.batches import plan, usage_record
+from agent.sending.client import MeteringClient
+from agent.sending.policy import due, expires_at
+from agent.windows import SAAS_EXPIRY
 from tests.conftest import PRODUCT, run_cli
 from tests.saas import ServiceClock, add_customers, license_arn, saas_config, seal, subscribed
 
@@ -340,8 +341,8 @@ def test_one_timestamp_bound_selects_exactly_the_expired_records(ts: int, age: i
     """The pass selects expired records by `timestamp <= expired_upto(now)`: the same set as
     `now >= expires_at(h)` record by record (24 h less a minute, and the month-end cutoff)."""
     from agent.aggregate import Quantity
-    from agent.batching import expired_upto
-    from agent.ledger import SealedHour
+    from agent.ledger.hours import SealedHour
+    from agent.windows import expired_upto
 
     h = SealedHour("d", ts // 3600 * 3600, PRODUCT, Quantity(1), ts, "t", 1, "1", "pending",
                    None, 0, None, 0.0, 0.0, None, customer="c")  # fmt: skip

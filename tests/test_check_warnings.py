@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import access, cli
+from agent import cli
 from agent.errors import EX_CONFIG, EX_OK
+from agent.host import access
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from agent import config as config_mod
-from agent.daemon import STOP_FLUSH
+from agent.daemon.sender import STOP_FLUSH
 from tests.conftest import ROOT
 
 PACKAGING = ROOT / "packaging"

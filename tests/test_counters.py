@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 import pytest
 
 from agent import config
+from agent.collecting.sampling import Sampler, counter_parts
 from agent.collectors import Reading, Registry, Sources, series_key, series_labels
 from agent.collectors.system import SystemCollector
 from agent.errors import ConfigError
-from agent.sampling import Sampler, counter_parts
 from tests.conftest import PRODUCT
 from tests.fakes import FakeHost, FakePsutil, Net
 

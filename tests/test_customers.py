@@ -17,11 +17,15 @@ import pytest
 
 from agent import cli
 from agent.clock import Clock
+from agent.config.tables import check_redirect
 from agent.emulator import Emulator, Settings
 from agent.errors import NotAuthorized, Unavailable
-from agent.fulfillment import Registrar, check_redirect, make_app
-from agent.ledger import Customer, Ledger
-from agent.metering import MeteringClient, TokenRefused
+from agent.fulfillment import make_app
+from agent.fulfillment.handler import Registrar
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
+from agent.sending.client import MeteringClient
+from agent.sending.outcomes import TokenRefused
 from tests.conftest import PRODUCT, ROOT, run_cli
 
 ACCOUNT = "111122223333"

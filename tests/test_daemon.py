@@ -11,24 +11,22 @@ from typing import Any
 
 import pytest
 
-from agent import daemon, identity
 from agent.clock import Clock, iso_hour
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.config import Config
 from agent.config import load as config_load
-from agent.daemon import (
-    RUNNING_CONFIG,
-    ClockTrigger,
-    Daemon,
-    SenderProcess,
-    StateLock,
-    send_command,
-    snap,
-)
+from agent.config.loader import RUNNING_CONFIG
+from agent.daemon import daemon
+from agent.daemon.daemon import Daemon
+from agent.daemon.sender import SenderProcess, send_command
+from agent.daemon.triggers import ClockTrigger, snap
 from agent.errors import LockHeld
-from agent.ledger import Customer, Ledger
-from agent.metering import ImdsError
-from agent.sampling import Sampler
+from agent.host import identity
+from agent.host.imds import ImdsError
+from agent.host.locks import StateLock
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock, FakePsutil, RecordingLog
@@ -179,7 +177,7 @@ def test_restart_within_a_sealed_hour_carries_sums_and_drops_levels(tmp_path: Pa
     d = daemon_for(tmp_path, clock, ps)
     run_round(d)
     # a stop at H+10m seals the partial hour H (what shutdown() does, minus the child)
-    from agent.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     seal_hours(d.ledger, d.config, clock.time(), 0, include_current=True)
     clock.advance(60)
@@ -359,7 +357,7 @@ def test_reload_refuses_what_needs_a_restart(tmp_path: Path, old: str, new: str)
 
 def test_the_sender_reads_the_running_config_not_the_edited_file(tmp_path: Path) -> None:
     """An edit not yet reloaded (or one a reload refused) never reaches the send child."""
-    from agent.daemon import keep_snapshot, snapshot_config
+    from agent.config.loader import keep_snapshot, snapshot_config
 
     cfg = make_config(tmp_path)
     Path(cfg.state_dir).mkdir()
@@ -414,7 +412,7 @@ def test_start_builds_the_whole_daemon_on_a_verified_ledger_under_its_lock(
 ) -> None:
     """What `run` runs on is there before it runs: the lock held, the running config copied for
     the sender, the ledger named by IMDS's instance id, the start-up DryRun due."""
-    from agent.daemon import start
+    from agent.commands.run import start
 
     cfg = make_config(tmp_path, f"metering: {{endpoint_url: '{emulator.url}'}}\n")
     clock = FakeClock(H + 600)
@@ -452,7 +450,7 @@ def test_a_saas_ledger_is_never_moved_aside_for_another_instance(tmp_path: Path,
     """SaaS mode on EC2: the ledger holds the seller's customers, pending records and held usage.
     An instance replaced with its state volume re-attached (IMDS names another instance) keeps
     it: nothing is moved aside, the records are still pending and sent from here."""
-    from agent.daemon import start
+    from agent.commands.run import start
     from tests.saas import license_arn, saas_config, seal
 
     cfg = saas_config(tmp_path, emulator.url)

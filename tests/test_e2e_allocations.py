@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.aggregate import LabelSet
-from agent.allocations import to_json
+from agent.aggregate import LabelSet, to_json
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT
 from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.clock import Clock, hour_start
-from agent.daemon import send_command
+from agent.daemon.sender import send_command
 from agent.emulator import Emulator, Settings
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, ROOT

@@ -18,7 +18,7 @@ from agent.clock import hour_start
 from agent.emulator import IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_NOPERM, EX_OK
 from agent.ledger import Ledger
-from agent.sealing import seal_hours
+from agent.modes.instance import seal_hours
 from tests.billing import make_config
 from tests.conftest import PRODUCT, run_cli
 from tests.e2e import Agent, faketime_env, offset_to_before_boundary, wait_for

@@ -160,7 +160,7 @@ def test_trial_registers_with_the_emulators_own_key(
     whole container path runs offline."""
     import io
 
-    from agent import trial
+    from agent.commands import trial
 
     kept: list[Emulator] = []
 

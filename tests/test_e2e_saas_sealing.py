@@ -20,7 +20,8 @@ import pytest
 
 from agent.clock import hour_start
 from agent.emulator import Emulator
-from agent.ledger import Customer, Ledger
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
 from tests.conftest import PRODUCT
 from tests.e2e import (
     Agent,

@@ -16,7 +16,7 @@ from agent.clock import hour_start, iso_hour
 from agent.emulator import Emulator, Settings
 from agent.errors import EX_NOPERM
 from agent.ledger import Ledger
-from agent.sealing import seal_hours
+from agent.modes.instance import seal_hours
 from tests.billing import make_config
 from tests.conftest import PRODUCT, run_cli
 from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for

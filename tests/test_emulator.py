@@ -12,7 +12,8 @@ import pytest
 
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
-from agent.metering import Imds, MeteringClient
+from agent.host.imds import Imds
+from agent.sending.client import MeteringClient
 from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 
@@ -201,7 +202,7 @@ def test_the_emulator_command_refuses_dimensions_outside_its_listing(monkeypatch
     import sys
     from datetime import datetime, timezone
 
-    from agent.metering import MeteringClient
+    from agent.sending.client import MeteringClient
     from tests.conftest import ROOT
 
     port = _free_port()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.clock import Clock
-from agent.fulfillment import RESTART_AFTER, HandlerProcess, handler_command
+from agent.fulfillment.process import RESTART_AFTER, HandlerProcess, handler_command
 from tests.test_sender_process import FakePopen, Mono
 
 

@@ -222,7 +222,7 @@ def test_selector_parsing() -> None:
 def test_an_unparsable_line_is_a_counted_error_and_loses_nothing(tmp_path: Path) -> None:
     """The round with a bad line stores nothing (baselines included) and `status` counts it; the
     next good round bills everything since the last good one."""
-    from agent.sampling import Sampler
+    from agent.collecting.sampling import Sampler
     from tests.billing import H, make_config
     from tests.fakes import FakeClock
     from tests.test_daemon import FakeImds, open_daemon

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
+from agent.host import identity
+from agent.host.imds import ImdsError
 from agent.ledger import Ledger
-from agent.metering import ImdsError
-from agent.sending import Sender
+from agent.modes.instance import Sender
 from tests.billing import FakeClient, H, make_config
 from tests.fakes import FakeClock
 from tests.test_sealing import fill
@@ -42,7 +42,7 @@ def baked(tmp_path: Path) -> Path:
     ledger = Ledger(cfg.state_dir)
     ledger.update_meta(instance_id="i-build", instance_id_source="imds")
     fill(ledger, "vcpus", H - 3600, 3)
-    from agent.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     seal_hours(ledger, cfg, H, offset=0)
     ledger.close()

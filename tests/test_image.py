@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import image
+from agent.commands import image
 from agent.config import load
-from agent.daemon import StateLock
 from agent.errors import EX_CONFIG, AgentError, LockHeld
+from agent.host.locks import StateLock
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, run_cli
 
@@ -132,7 +132,7 @@ def test_prepare_image_names_the_unsent_hours_it_discards(tmp_path: Path) -> Non
     """A build machine that was subscribed billed real hours: those never sent are named."""
     from decimal import Decimal
 
-    from agent.sealing import seal_hours
+    from agent.modes.instance import seal_hours
 
     config, state, _ = bake_state(tmp_path)
     cfg = load(config)

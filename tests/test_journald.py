@@ -34,7 +34,7 @@ def _log_to_file(tmp_path: Path, journal_stream: str | None) -> list[str]:
 def test_each_line_of_a_multi_line_event_keeps_its_priority() -> None:
     import logging
 
-    from agent.logs import JournalFormatter
+    from agent.host.logs import JournalFormatter
 
     record = logging.LogRecord("agent", logging.ERROR, "", 0, "reload failed: %s", ("a\nb",), None)
     assert JournalFormatter().format(record).splitlines() == [

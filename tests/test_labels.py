@@ -21,11 +21,11 @@ import pytest
 
 from agent import config
 from agent.aggregate import LabelSet
+from agent.collecting.sampling import Sampler, _exact_breakdown
 from agent.collectors import Collector, CollectorError, Reading, Registry, Sources
 from agent.collectors.http import HttpCollector
 from agent.collectors.linecount import LineMatcher
 from agent.ledger import Ledger
-from agent.sampling import Sampler, _exact_breakdown
 from tests.billing import H
 from tests.conftest import PRODUCT, run_cli
 from tests.fakes import FakeHost

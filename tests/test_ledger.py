@@ -9,7 +9,9 @@ import pytest
 
 from agent.aggregate import Quantity
 from agent.errors import AgentError
-from agent.ledger import SCHEMA_VERSION, Ledger, move_aside
+from agent.ledger import Ledger
+from agent.ledger.database import move_aside
+from agent.ledger.migrations import SCHEMA_VERSION
 from tests.billing import H
 
 
@@ -148,7 +150,7 @@ def test_move_aside_renames_the_files(tmp_path: Path) -> None:
 
 def v1_ledger(path: Path, samples: list[tuple[str, float, str]]) -> None:
     """A ledger as the released agent (schema 1) left it, with `samples` unsealed."""
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(path / "ledger.db")
     for statement in _split_sql(_MIGRATIONS[1]):
@@ -227,7 +229,7 @@ def test_migration_7_keeps_sealed_hours_and_their_immutability(tmp_path: Path) -
     """A schema-6 ledger with a pending and a sent hour: after the rebuild that adds `customer`,
     both read back unchanged (customer ''), the request fields still refuse an UPDATE, a held
     hour can still be re-issued, and a SaaS record sits beside an instance one."""
-    from agent.ledger import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(tmp_path / "ledger.db")
     for v in range(1, 7):
@@ -271,7 +273,7 @@ def test_migration_7_keeps_sealed_hours_and_their_immutability(tmp_path: Path) -
 
 
 def test_customers_are_kept_removed_and_brought_back(tmp_path: Path) -> None:
-    from agent.ledger import Customer
+    from agent.ledger.customers import Customer
 
     ledger = Ledger(tmp_path)
     acme = Customer("acme", "111122223333", "arn:aws:license-manager::1:license:l-1", "agmt-1",
@@ -295,7 +297,7 @@ def test_customers_are_kept_removed_and_brought_back(tmp_path: Path) -> None:
 
 def older_ledger(path: Path, version: int) -> sqlite3.Connection:
     """A ledger as an agent of schema `version` left it (open: the caller adds rows, commits)."""
-    from agent.ledger import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATION_STEPS, _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(path / "ledger.db")
     for v in range(1, version + 1):
@@ -343,7 +345,7 @@ def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_pat
     the sample, nor the position past the loss, nor the loss: the next reading reports it again.
     Stored, it is kept whatever becomes of the value."""
     from agent.collectors import Unread
-    from agent.ledger import UnreadUsage
+    from agent.ledger.dimensions import UnreadUsage
 
     lost = (Unread("gone", "fix it", 100), Unread("truncated", "use create", 0))
 

@@ -516,7 +516,7 @@ def test_a_reload_keeps_the_files_a_log_dimension_holds_open(tmp_path: Path) -> 
     generation still held and read to its end; a dimension whose pattern changed gets a new
     collector, and the old one lets its files go."""
     from agent import config
-    from agent.sampling import Sampler
+    from agent.collecting.sampling import Sampler
 
     log = Log(tmp_path / "access.log")
     log.write(3)

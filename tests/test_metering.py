@@ -8,15 +8,9 @@ from botocore.stub import Stubber
 from agent.aggregate import Quantity
 from agent.emulator import Emulator
 from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.metering import (
-    Imds,
-    ImdsError,
-    MeteringClient,
-    Outcome,
-    classify,
-    dry_run_verdict,
-    resolve_region,
-)
+from agent.host.imds import Imds, ImdsError, resolve_region
+from agent.sending.client import MeteringClient, dry_run_verdict
+from agent.sending.outcomes import Outcome, classify
 from tests.billing import sealed_hour
 from tests.conftest import PRODUCT
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.batching import BatchSender
 from agent.ledger import Ledger
-from agent.metering import MeteringClient
+from agent.modes.saas import BatchSender
+from agent.sending.client import MeteringClient
 from tests.conftest import PRODUCT
 from tests.saas import ServiceClock, add_customers, saas_config, seal
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from agent import config
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
-from agent.sampling import Sampler
 from tests.conftest import PRODUCT
 
 SYS_NET = Path("/sys/class/net")

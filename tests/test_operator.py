@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import hooks as hooks_module
-from agent.hooks import Hooks
+from agent.commands.report import parse_when
+from agent.daemon import hooks as hooks_module
+from agent.daemon.hooks import Hooks
+from agent.errors import UsageError
+from agent.host.logs import JsonFormatter, Redact, redact
 from agent.ledger import Ledger
-from agent.logs import JsonFormatter, Redact, redact
-from agent.report import UsageError, parse_when
-from agent.sealing import seal_hours
+from agent.modes.instance import seal_hours
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.fakes import FakeClock, RecordingLog

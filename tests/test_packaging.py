@@ -31,7 +31,7 @@ def test_unit_matches_what_the_agent_does() -> None:
     ]:
         assert f"\n{line}\n" in unit, line
     timeout = int(re.search(r"\nTimeoutStopSec=(\d+)\n", unit).group(1))  # type: ignore[union-attr]
-    from agent.daemon import STOP_FLUSH
+    from agent.daemon.sender import STOP_FLUSH
 
     assert timeout > STOP_FLUSH + 10  # the stop flush and its sender child fit
 

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity, platform
 from agent.aggregate import Quantity
 from agent.config import load
-from agent.daemon import SenderProcess
+from agent.daemon.sender import SenderProcess
 from agent.emulator import ACCESS_KEY, IRSA_KEY, TASK_ROLE_KEY, Emulator, Settings
 from agent.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError
-from agent.ledger import Ledger, SealedHour
-from agent.metering import ImdsError, MeteringClient, resolve_region
-from agent.sealing import seal_hours
+from agent.host import identity, platform
+from agent.host.imds import ImdsError, resolve_region
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
+from agent.modes.instance import seal_hours
+from agent.sending.client import MeteringClient
 from tests.billing import make_config, sealed_hour
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.test_sealing import fill
@@ -336,7 +338,7 @@ class TestCli:
 
 
 def test_trial_gives_a_container_config_the_emulator_as_its_platform() -> None:
-    from agent.trial import container_env
+    from agent.commands.trial import container_env
 
     ecs = container_env("ecs", "http://127.0.0.1:1")
     assert platform.detect("auto", ecs).name == "ecs"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import LockHeld
-from agent.productlock import ProductLock, is_loopback, run_dir
+from agent.host.locks import ProductLock, is_loopback, run_dir
 
 
 def test_a_second_agent_for_the_product_is_refused_naming_the_first_config(

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import config, sealing
+from agent import config
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.ledger import Ledger
-from agent.sampling import Sampler
+from agent.modes import instance as sealing
 from tests.billing import H
 from tests.conftest import PRODUCT
 from tests.fakes import FakeHost

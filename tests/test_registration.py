@@ -23,12 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from agent import config as config_mod
-from agent import registration, status
+from agent.commands import status
 from agent.config import RegisterUsage, public_key_problem
 from agent.emulator import Emulator, ServiceError, Settings, b64url, sign_jwt
 from agent.errors import AgentError, ConfigError, NotAuthorized, Unavailable
 from agent.ledger import Ledger
-from agent.metering import MeteringClient, Registration, classify_registration
+from agent.sending import registration
+from agent.sending.client import MeteringClient
+from agent.sending.outcomes import Registration, classify_registration
 from tests.billing import make_config
 from tests.conftest import PRODUCT, ConfigWriter, run_cli
 from tests.fakes import FakeClock

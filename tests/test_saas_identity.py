@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import customers as customers_mod
-from agent.batching import plan, record_key, usage_record
 from agent.emulator import Emulator
-from agent.ledger import Customer, CustomerRef, Ledger
-from agent.sealing import seal_hours
+from agent.fulfillment import customers as customers_mod
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
+from agent.ledger.hours import CustomerRef
+from agent.modes.saas import seal_hours
+from agent.sending.batches import plan, record_key, usage_record
 from tests import test_batching, test_customers
 from tests.saas import license_arn, seal
 from tests.test_batching import H, Saas

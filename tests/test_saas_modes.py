@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as config_mod
-from agent import health
 from agent.aggregate import Quantity
-from agent.batching import BatchSender
 from agent.clock import iso_hour
-from agent.ledger import Customer, Ledger
-from agent.metering import BatchOutcome, Outcome
-from agent.sending import Sender, due, sendable_at
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
+from agent.modes.instance import Sender
+from agent.modes.saas import BatchSender
+from agent.sending import health
+from agent.sending.outcomes import BatchOutcome, Outcome
+from agent.sending.policy import due, sendable_at
 from tests import test_batching
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
@@ -170,7 +172,7 @@ def test_health_reason_counts_refused_records_in_sql(tmp_path: Path) -> None:
 
 
 def test_status_names_the_other_modes_pending_records(saas: Saas) -> None:
-    from agent import status
+    from agent.commands import status
 
     add_customers(saas.ledger, ["acme"])
     seal(saas.ledger, "acme", "requests", H, 7)

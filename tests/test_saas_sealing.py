@@ -15,13 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config as config_mod
-from agent.aggregate import LabelSet, Point, to_quantity
-from agent.allocations import allocate, to_json
+from agent.aggregate import LabelSet, Point, to_json, to_quantity
+from agent.billing.allocations import allocate
+from agent.billing.hour import billed
+from agent.billing.saas_sealing import split_by_customer
 from agent.config import Config, Dimension
 from agent.errors import ConfigError
-from agent.ledger import Customer, Ledger
-from agent.saas_sealing import SAAS_EXPIRY, split_by_customer
-from agent.sealing import billed, seal_hours, span_for
+from agent.ledger import Ledger
+from agent.ledger.customers import Customer
+from agent.modes.saas import seal_hours
+from agent.windows import SAAS_EXPIRY, span_for
 from tests.billing import H
 from tests.conftest import PRODUCT
 
@@ -200,15 +203,15 @@ def test_a_customer_added_after_the_window_gets_an_expired_record(tmp_path: Path
     seal_hours(ledger, cfg, H + 600 + SAAS_EXPIRY, offset=0)
     (h,) = ledger.hours()
     assert (h.customer, h.state, h.quantity.text) == ("late", "expired", "2")
-    from agent import health
+    from agent.sending import health
 
     snap = health.snapshot(ledger, H + 600 + SAAS_EXPIRY)
     assert snap["ok"] is False and "expired" in snap["reason"]
 
 
 def test_max_label_sets_never_folds_a_customer(tmp_path: Path) -> None:
+    from agent.collecting.sampling import Sampler
     from agent.collectors import Reading
-    from agent.sampling import Sampler
 
     cfg = saas_config(tmp_path, LOG_DIMS + "    max_label_sets: 2\n")
     sampler = Sampler(cfg)
@@ -265,8 +268,8 @@ def test_through_the_ledger_every_customer_matches_the_oracle(
 def test_a_reading_of_more_customers_than_the_collector_cap_keeps_each(tmp_path: Path) -> None:
     """Beyond the collectors' 10,000 label sets a reading folds the rest under `()`; in SaaS mode
     a set keeps its customer label, so no customer's lines become nobody's usage."""
+    from agent.collecting.sampling import Sampler
     from agent.collectors.base import MAX_LABEL_SETS
-    from agent.sampling import Sampler
 
     log = tmp_path / "app.log"
     n = MAX_LABEL_SETS + 50
@@ -290,8 +293,8 @@ def test_held_usage_of_last_month_expires_at_0600_on_the_1st(tmp_path: Path) -> 
     before 06:00 UTC on the 1st, whatever is left of its 24 h; status shows that deadline."""
     from datetime import datetime, timezone
 
+    from agent.billing.saas_sealing import held_rows
     from agent.clock import iso
-    from agent.saas_sealing import held_rows
 
     hour = int(datetime(2027, 1, 31, 23, tzinfo=timezone.utc).timestamp())
     cutoff = int(datetime(2027, 2, 1, 6, tzinfo=timezone.utc).timestamp())

@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from agent.ledger import Ledger
-from agent.sealing import seal_hours
+from agent.modes.saas import seal_hours
 from tests.billing import H
 from tests.conftest import run_cli
 from tests.test_saas_sealing import add, key, record, saas_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.emulator import Emulator
-from agent.sdnotify import Notifier
+from agent.host.sdnotify import Notifier
 from tests.conftest import PRODUCT
 from tests.e2e import Agent, wait_for
 

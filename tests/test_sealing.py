@@ -5,7 +5,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from agent.ledger import Ledger
-from agent.sealing import seal_hours, send_offset, span_for
+from agent.modes.instance import seal_hours
+from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 
 D = Decimal

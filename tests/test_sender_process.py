@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from agent.daemon import GRACE, SENDER_TIMEOUT, STOP_FLUSH, SenderProcess, send_command
+from agent.daemon.sender import GRACE, SENDER_TIMEOUT, STOP_FLUSH, SenderProcess, send_command
 from tests.fakes import FakeClock
 
 

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from agent import sealing
+from agent import windows as sealing
 from agent.aggregate import Quantity
+from agent.commands.status import next_send
 from agent.config import Config
 from agent.ledger import Ledger
-from agent.metering import Outcome
-from agent.sealing import seal_hours
-from agent.sending import BACKOFF_CAP, EXPIRY, Sender, backoff, due, next_send, note_unreachable
+from agent.modes.instance import Sender, seal_hours
+from agent.sending.outcomes import Outcome
+from agent.sending.policy import BACKOFF_CAP, backoff, due
+from agent.sending.send_pass import note_unreachable
+from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config, retry
 from tests.fakes import FakeClock
 from tests.test_sealing import fill
@@ -311,7 +314,7 @@ def test_a_flush_spends_no_time_on_a_due_dry_run_unless_paused(setup) -> None:
 
 
 def test_a_flush_caps_each_calls_timeouts_at_the_time_left() -> None:
-    from agent.cli import call_timeouts
+    from agent.commands.run import call_timeouts
 
     clock = FakeClock(H)
     assert call_timeouts(clock, None) == (5.0, 15.0)

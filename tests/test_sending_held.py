@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import health
 from agent.config import Config
-from agent.ledger import Ledger, SealedHour
-from agent.metering import Outcome
-from agent.sealing import seal_hours
-from agent.sending import EXPIRY, Sender
+from agent.ledger import Ledger
+from agent.ledger.hours import SealedHour
+from agent.modes.instance import Sender, seal_hours
+from agent.sending import health
+from agent.sending.outcomes import Outcome
+from agent.windows import EXPIRY
 from tests.billing import FakeClient, H, make_config
 from tests.conftest import PRODUCT
 from tests.fakes import FakeClock
@@ -214,7 +215,7 @@ def test_a_tried_hour_without_an_error_is_never_reissued(tmp_path: Path) -> None
     with pytest.raises(sqlite3.IntegrityError):
         reissue_update(ledger.db)
     # migration 2's trigger alone (a ledger a developer migrated to 2) is NULL-safe too
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(":memory:")
     for v in (1, 2):
@@ -230,7 +231,7 @@ def test_a_tried_hour_without_an_error_is_never_reissued(tmp_path: Path) -> None
 
 
 def test_migration_4_keeps_held_hours_reissuable_and_tried_ones_not(tmp_path: Path) -> None:
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     db = sqlite3.connect(tmp_path / "ledger.db")
     for v in (1, 2, 3):

@@ -8,11 +8,15 @@ import os
 from decimal import Decimal as D
 from pathlib import Path
 
-from agent import __version__, health, sending, status
+from agent import __version__
 from agent.clock import HOUR, iso
-from agent.daemon import StateLock
+from agent.commands import status
+from agent.commands import status as sending
+from agent.host.locks import StateLock
 from agent.ledger import Ledger
-from agent.sealing import seal_hours, send_offset, span_for
+from agent.modes.instance import seal_hours
+from agent.sending import health
+from agent.windows import send_offset, span_for
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.fakes import FakeClock

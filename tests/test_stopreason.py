@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.stopreason import job_type, own_unit, restarting
+from agent.host.stopreason import job_type, own_unit, restarting
 
 V2 = "0::/system.slice/metering-agent.service\n"
 V1 = (

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from agent import config
+from agent.collecting.sampling import Sampler
 from agent.collectors import Registry, Sources
 from agent.collectors.system import SystemCollector
-from agent.sampling import Sampler
 from tests.conftest import PRODUCT
 from tests.fakes import Disk, FakeHost, FakePsutil, Net
 

@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import trial
 from agent.clock import iso_hour
+from agent.commands import trial
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT, run_cli
 

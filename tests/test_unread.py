@@ -12,13 +12,17 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent import cli, collectors, daemon, health, status
+from agent import cli, collectors
 from agent.clock import Clock
+from agent.collecting.sampling import Sampler
 from agent.collectors import Collector, Reading, Registry, Sources, Unread
+from agent.commands import status
 from agent.config import Config
 from agent.config import load as config_load
-from agent.ledger import Ledger, UnreadUsage
-from agent.sampling import Sampler
+from agent.daemon import daemon
+from agent.ledger import Ledger
+from agent.ledger.dimensions import UnreadUsage
+from agent.sending import health
 from tests.billing import H, make_config
 from tests.conftest import PRODUCT, run_cli
 from tests.fakes import FakeClock, RecordingLog

@@ -16,17 +16,22 @@ from typing import Any, ClassVar
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import config, health, sealing
+from agent import config
 from agent.aggregate import Point, combine_exact, reading_problem, to_quantity
+from agent.billing import hour as sealing
 from agent.clock import Clock
+from agent.collecting.reads import Reads
+from agent.collecting.sampling import Sampler, take_within
 from agent.collectors import Collector, Reading, Registry, Sources
 from agent.collectors.linecount import LineMatcher
-from agent.daemon import ClockTrigger, Daemon
-from agent.ledger import INSTANT_TAKEN, Ledger
-from agent.reads import Reads, take_within
-from agent.sampling import Sampler
-from agent.sealing import seal_hours, span_for
-from agent.status import collect
+from agent.commands.status import collect
+from agent.daemon.daemon import Daemon
+from agent.daemon.triggers import ClockTrigger
+from agent.ledger import Ledger
+from agent.ledger.samples import INSTANT_TAKEN
+from agent.modes.instance import seal_hours
+from agent.sending import health
+from agent.windows import span_for
 from tests.billing import H, make_config
 from tests.fakes import FakeClock, FakePsutil
 from tests.test_daemon import FakeImds, open_daemon
@@ -261,7 +266,7 @@ def test_kill9_between_two_samples_never_counts_the_overlap_twice(tmp_path: Path
 
 def test_migration_keeps_duplicate_instants_of_an_old_ledger(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "ledger.db")
-    from agent.ledger import _MIGRATIONS, _split_sql
+    from agent.ledger.migrations import _MIGRATIONS, _split_sql
 
     for statement in _split_sql(_MIGRATIONS[1]):
         db.execute(statement)

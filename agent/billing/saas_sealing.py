@@ -1,0 +1,363 @@
+"""SaaS mode's sealing: one record per (customer, dimension, hour), each customer billed exactly
+what it alone would have been billed (SPEC "SaaS mode").
+
+Why not a split of the total: rounding and `max`/`min`/`last`/`avg` do not distribute over
+customers (two customers at 0.4 each round to 0 apiece, not 1 between them), and a customer must
+never pay for another's usage. So each customer's points (its share of each sample of the hour, 0
+where it had none) go through the dimension's own arithmetic, `hour.billed`, on their own.
+
+The customer is the value of `saas.customer_label` in a sample's breakdown (the sampler keeps it in
+every dimension). Usage whose label names no customer in the ledger (or that has no label) is held
+in `held_usage` with its points and sealed by a later pass once `customers add` names it, while its
+Timestamp is less than 24 h - 60 s old; after that it is kept as an `expired` record. Every known,
+not removed customer without usage in a (dimension, hour) that has samples gets an idle zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from agent.aggregate import LabelSet, Point, Quantity, plain, to_quantity
+from agent.billing.allocations import MAX_ALLOCATIONS, allocate
+from agent.billing.hour import Sealed, billed, drop_bad_points
+from agent.clock import hour_start, iso, iso_hour
+from agent.config.model import Config, Dimension, Saas
+from agent.ledger import Ledger
+from agent.ledger.samples import HeldUsage
+from agent.windows import expired_upto, record_timestamp, saas_expires_at, send_slot
+
+log = logging.getLogger(__name__)
+
+ZERO = Decimal(0)
+UNKNOWN = "unknown customer"
+NO_LABEL = "(no label)"  # usage that carried no customer label
+
+
+@dataclass(frozen=True)
+class CustomerSealed:
+    customer: str
+    dimension: str
+    hour: int
+    quantity: str
+
+
+# One customer's shares of an hour: by sample index, its usage (and, for a dimension with
+# allocations, that usage by the other labels).
+Shares = dict[int, Decimal] | dict[int, tuple[Decimal, dict[LabelSet, Decimal]]]
+
+
+def split_by_customer(
+    points: Sequence[Point], label: str, dim: Dimension
+) -> dict[str, list[Point]]:
+    """Each customer's points: its share of each sample (the parts of the sample's breakdown
+    whose `label` has that value), with what is left of the breakdown (the other labels, for the
+    allocations). Usage without the label is under ''.
+
+    A customer absent from a sample counts 0 there. For `sum` and `integral` a 0 changes nothing,
+    so only the samples it took part in are listed; for the other aggregates every sample is (a
+    0 lowers a `min`, counts in an `avg`, is the `last`). Either way the hour's last sample is
+    listed for every customer: it is the record's Timestamp.
+    """
+    by = shares_by_customer(points, label, dim)
+    return {c: customer_points(points, mine, dim) for c, mine in by.items()}
+
+
+def shares_by_customer(points: Sequence[Point], label: str, dim: Dimension) -> dict[str, Shares]:
+    """Each sample's breakdown read once, into each customer's shares (see split_by_customer);
+    points are made from them one customer at a time (customer_points), so an hour of many
+    customers never holds every customer's points at once."""
+    keep = frozenset(dim.allocations.values()) if dim.allocations else None
+    plain: dict[str, dict[int, Decimal]] = {}
+    rich: dict[str, dict[int, tuple[Decimal, dict[LabelSet, Decimal]]]] = {}
+    for i, p in enumerate(points):
+        parts: Mapping[LabelSet, Decimal] = (
+            p.breakdown if p.breakdown is not None else {(): p.value}
+        )
+        for labels, value in parts.items():
+            if not value:
+                continue
+            customer = ""
+            for name, v in labels:
+                if name == label:
+                    customer = v
+                    break
+            if keep is None:
+                mine = plain.setdefault(customer, {})
+                mine[i] = mine.get(i, ZERO) + value
+                continue
+            rest = tuple(pair for pair in labels if pair[0] in keep)
+            kept = rich.setdefault(customer, {})
+            total, by_rest = kept.get(i, (ZERO, {}))
+            by_rest[rest] = by_rest.get(rest, ZERO) + value
+            kept[i] = (total + value, by_rest)
+    return dict(plain) if keep is None else dict(rich)
+
+
+def customer_points(points: Sequence[Point], mine: Shares, dim: Dimension) -> list[Point]:
+    """One customer's points from its shares (see split_by_customer for which are listed)."""
+    last = len(points) - 1
+    if dim.aggregate in ("sum", "integral"):
+        indices: Sequence[int] = sorted({*mine, last})
+    else:
+        indices = range(len(points))
+    out = []
+    for i in indices:
+        p, share = points[i], mine.get(i)
+        if dim.allocations is None:
+            out.append(Point(p.t, share if isinstance(share, Decimal) else ZERO, p.span))
+        elif share is None:
+            out.append(Point(p.t, ZERO, p.span, {}))
+        else:
+            assert isinstance(share, tuple)
+            total, by_rest = share
+            out.append(Point(p.t, total, p.span, {k: v for k, v in by_rest.items() if v}))
+    return out
+
+
+def seal_one(
+    ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
+    offset: float,
+) -> list[CustomerSealed] | None:  # fmt: skip
+    """Seal one dimension's hour for every customer in one transaction: a record per known
+    customer with usage, an idle zero per known customer without (`saas.idle_zero`), the rest
+    held. None if another pass sealed it first."""
+    name = dim.name
+    with ledger.transaction() as db:
+        points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
+        if not points:
+            return None
+        known = {c.label for c in ledger.customers(include_removed=True)}
+        active = {c.label for c in ledger.customers()} if saas.idle_zero else set()
+        split = shares_by_customer(points, saas.customer_label, dim)
+        last = max(p.t for p in points)
+        timestamp = record_timestamp(last, hour)
+        done: list[CustomerSealed] = []
+        for customer in sorted(set(split) | active):
+            mine = split.get(customer)
+            if mine is not None and customer not in known:
+                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
+                log.warning(
+                    "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
+                    "add` names it, within 24 h",
+                    iso_hour(hour),
+                    name,
+                    f"label {customer!r}" if customer else "samples without the customer label",
+                    UNKNOWN,
+                )
+                continue
+            if mine is None:  # idle zero: what an hour of nothing bills
+                raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
+                own: list[Point] = []
+            else:
+                own = customer_points(points, mine, dim)
+                raw, quantity = billed(dim, own)
+            _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
+                    timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
+            done.append(CustomerSealed(customer, name, hour, quantity.text))
+        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (name, hour))
+    held = sorted(c for c in split if c not in known)
+    log.info(
+        "hour %s dimension %s: sealed %d customer record(s) (%d idle zero(s)) from %d samples; "
+        "%d label(s) held",
+        iso_hour(hour),
+        name,
+        len(done),
+        sum(1 for c in done if c.customer not in split),
+        len(points),
+        len(held),
+    )
+    return done
+
+
+def _insert(
+    ledger: Ledger, db: sqlite3.Connection, config: Config, dim: Dimension, customer: str,
+    hour: int, points: Sequence[Point], raw: Decimal, quantity: Quantity, timestamp: int,
+    samples: int, now: float, next_attempt: float,
+) -> None:  # fmt: skip
+    if quantity.clamped_from is not None:
+        log.warning(
+            "hour %s dimension %s customer %s: quantity %s is outside what the service "
+            "accepts; sending %s",
+            iso_hour(hour),
+            dim.name,
+            customer,
+            quantity.clamped_from,
+            quantity.text,
+        )
+    allocated = allocate(dim, list(points), quantity)
+    if allocated.folded:
+        log.warning(
+            "hour %s dimension %s customer %s: %d tag sets beyond the %d allocations a record "
+            "takes are billed untagged (the smallest)",
+            iso_hour(hour),
+            dim.name,
+            customer,
+            allocated.folded,
+            MAX_ALLOCATIONS,
+        )
+    ledger.insert_sealed(
+        db,
+        dimension=dim.name,
+        hour=hour,
+        product_code=config.product_code,
+        quantity=quantity,
+        timestamp=timestamp,
+        client_token=str(uuid.uuid4()),
+        samples=samples,
+        raw=format(raw.normalize(), "f"),
+        sealed_at=now,
+        next_attempt=next_attempt,
+        allocations=allocated.allocations,
+        customer=customer,
+        keep_samples=True,
+    )
+
+
+def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSealed]:
+    """Seal held usage whose label is now a customer (removed ones too: the usage is theirs),
+    while its Timestamp is within the 24 h window; usage past the window, whoever it belongs to,
+    becomes an `expired` record (logged, shown by status, report and health). Each held
+    (label, dimension, hour) in its own transaction; returns the records made (either kind)."""
+    dims = {d.name: d for d in config.dimensions}
+    released: list[CustomerSealed] = []
+    for held in ledger.held_usage(settle_by=expired_upto(now)):
+        dim = dims.get(held.dimension)
+        if dim is None:
+            continue  # kept: the dimension may come back with the config
+        known = held.customer != "" and ledger.customer(held.customer) is not None
+        late = now >= saas_expires_at(held.timestamp)  # 24 h, or the month-end cutoff
+        if not known and not late:
+            continue
+        raw, quantity = billed(dim, list(held.points))
+        why = None
+        if late:
+            why = (
+                f"{UNKNOWN} {held.customer!r}: usage held until its 24 h window passed; "
+                "add the customer sooner (`customers add`)"
+                if not known
+                else f"customer {held.customer!r} was added after the 24 h window"
+            )
+        with ledger.transaction() as db:
+            still = ledger.held_usage(db, [held.customer])
+            if not any((h.dimension, h.hour) == (held.dimension, held.hour) for h in still):
+                continue  # another pass took it
+            _insert(ledger, db, config, dim, held.customer, held.hour, held.points, raw,
+                    quantity, held.timestamp, len(held.points), now, now)  # fmt: skip
+            ledger.release_held(db, held, expired=why)
+        if why is None:
+            log.info(
+                "hour %s dimension %s customer %s: held usage sealed, quantity %s",
+                iso_hour(held.hour),
+                held.dimension,
+                held.customer,
+                quantity.text,
+            )
+        else:
+            log.error(
+                "hour %s dimension %s customer %s: quantity %s expired unsent: %s",
+                iso_hour(held.hour),
+                held.dimension,
+                held.customer or "(no label)",
+                quantity.text,
+                why,
+            )
+        released.append(CustomerSealed(held.customer, held.dimension, held.hour, quantity.text))
+    return released
+
+
+def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[dict[str, Any]]:
+    """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
+
+    rows: list[dict[str, Any]] = []
+    for h in held:
+        dim = dims.get(h.dimension)
+        try:
+            quantity = billed(dim, list(h.points))[1].text if dim else None
+        except (ArithmeticError, ValueError):
+            quantity = None
+        rows.append(
+            {
+                "hour": iso_hour(h.hour),
+                "dimension": h.dimension,
+                "customer": UNKNOWN,
+                "label": h.customer,
+                "quantity": quantity,
+                "state": "held",
+                "expires_at": iso(saas_expires_at(h.timestamp)),
+            }
+        )
+    return rows
+
+
+def seal_each(
+    ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
+    offset: float,
+) -> list[Sealed]:  # fmt: skip
+    """One (dimension, hour) sealed per customer (seal_one), as the sealing pass counts them."""
+    done = seal_one(ledger, config, saas, dim, hour, now, offset)
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
+
+
+def release(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
+    """Held usage sealed for labels that became customers (or expired), after each pass;
+    contained: the sealing of the hours themselves went on."""
+    try:
+        done = release_held(ledger, config, now)
+    except Exception as e:
+        log.error("held usage: cannot release: %s: %s", type(e).__name__, e)
+        return []
+    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done]
+
+
+def so_far_by_customer(ledger: Ledger, dim: Dimension, label: str, hour: int) -> dict[str, str]:
+    """What each customer's open hour would bill if it were sealed now (`status`); nothing when
+    the arithmetic fails (sealing will record the hour's seal error, which status shows)."""
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    split = split_by_customer(points, label, dim)
+    try:
+        return {c or NO_LABEL: billed(dim, pts)[1].text for c, pts in sorted(split.items())}
+    except (ArithmeticError, ValueError):
+        return {}
+
+
+def customer_lines(
+    label: str, breakdown: Mapping[Any, Decimal], ledger: Ledger | None
+) -> list[str]:
+    """`sample`: the reading per customer (the value of `label`), each marked unknown when no
+    customer has it yet (its usage would be held)."""
+    by: dict[str, Decimal] = {}
+    for labels, value in breakdown.items():
+        who = dict(labels).get(label, "")
+        by[who] = by.get(who, Decimal(0)) + value
+    lines = []
+    for who, value in sorted(by.items()):
+        if not value:
+            continue
+        known = bool(who) and ledger is not None and ledger.customer(who) is not None
+        note = "" if known else "  (unknown customer: held until `customers add`)"
+        lines.append(f"  customer {who or '(no label)'}  {plain(value)}{note}")
+    return lines
+
+
+def status_sections(ledger: Ledger, config: Config, label: str, now: float) -> dict[str, Any]:
+    """`status`: the customers count, each dimension's open hour so far per customer, and usage
+    held for labels no customer has (`unknown customer`)."""
+    dims = {d.name: d for d in config.dimensions}
+    everyone = ledger.customers(include_removed=True)
+    return {
+        "mode": "saas",
+        "customers": {
+            "known": sum(1 for c in everyone if c.removed_at is None),
+            "removed": sum(1 for c in everyone if c.removed_at is not None),
+        },
+        "current_hour_so_far_by_customer": {
+            d.name: so_far_by_customer(ledger, d, label, hour_start(now)) for d in config.dimensions
+        },
+        "held": held_rows(ledger.held_usage(), dims),
+    }

@@ -1,0 +1,172 @@
+"""`metering-agent prepare-image`: the state dir made ready to be baked into an AMI.
+
+Why: a ledger baked on the seller's build instance holds the seller's own test hours; the buyer's
+agent would move it aside (one instance, one ledger), but it is better never shipped, and neither
+are a health file, locks or a running-config copy that describe the build instance. This command
+removes exactly those files, refuses while `run` holds the state dir (stop it first: it would
+write them again), and says what the buyer's first boot will read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from agent.commands.common import load_config
+from agent.config.loader import traps
+from agent.config.model import Config
+from agent.errors import AgentError, LockHeld
+from agent.ledger import Ledger
+from agent.modes.choose import mode_for
+
+LEDGER = "ledger.db"
+LOCKS = ("lock", "send.lock")
+OTHERS = ("health.json", "config.running.yaml", "config.running.yaml.new")
+
+
+def agent_files(state_dir: Path) -> list[Path]:
+    """The files `run` and `send` leave in the state dir: the ledger with its WAL files, ledgers
+    moved aside, the health file, the running-config copy and the locks."""
+    found = [state_dir / name for name in (LEDGER, f"{LEDGER}-wal", f"{LEDGER}-shm")]
+    found += sorted(state_dir.glob(f"{LEDGER}.*"))  # moved aside: ledger.db.instance-i-0abc.17...
+    found += sorted(state_dir.glob(".health.*"))  # a write a kill interrupted
+    found += [state_dir / name for name in (*OTHERS, *LOCKS)]
+    return [p for p in found if p.is_file() and not p.is_symlink()]
+
+
+def hold(path: Path) -> IO[str] | None:
+    """Take the flock on `path` (without creating it) so no `run` starts while files go; raises
+    LockHeld when a process holds it."""
+    try:
+        f: IO[str] = open(path)  # noqa: SIM115 - held until the caller closes it
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # the unit's UMask makes the lock 0600, the service user's
+        raise AgentError(f"cannot open {path}: {e.strerror}; run prepare-image as root") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise LockHeld(
+            f"a metering-agent process holds {path}; stop it first "
+            "(systemctl stop metering-agent), then run prepare-image again"
+        ) from None
+    return f
+
+
+def first_boot(cfg: Config) -> list[str]:
+    """What the buyer's first boot will read, per log dimension, and when its first record goes."""
+    lines = []
+    for dim in cfg.dimensions:
+        if dim.collector.type != "log":
+            continue
+        opts = dim.collector.options
+        path = opts["path"]
+        if opts.get("start_at") == "beginning":
+            lines.append(
+                f"{dim.name}: reads {path} from the beginning: lines in it when the image is "
+                "made are billed in the buyer's first hour (empty the log before baking if "
+                "they are yours)"
+            )
+        else:
+            lines.append(
+                f"{dim.name}: reads only lines written to {path} after its first sample "
+                "(start_at: end); a file that appears later is read from its beginning"
+            )
+    window = cfg.metering.send_window
+    lines.append(
+        "the first record: the buyer's first hour is sent at its end"
+        + (f" plus up to {window} s (send_window)" if window else "")
+    )
+    return lines
+
+
+def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
+    """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking."""
+    out = out or sys.stdout
+    stdin = stdin or sys.stdin
+    refusal = mode_for(cfg).image_refusal()  # a SaaS ledger is never removed for an image
+    if refusal is not None:
+        print(f"metering-agent: {refusal}", file=sys.stderr)
+        return 1
+    state_dir = Path(cfg.state_dir)
+    guards = [hold(state_dir / name) for name in LOCKS]
+    try:
+        code = _remove(state_dir, yes, out, stdin)
+    finally:
+        for guard in guards:
+            if guard is not None:
+                guard.close()
+    if code == 0:
+        print("the buyer's first boot:", file=out)
+        for line in first_boot(cfg):
+            print(f"  {line}", file=out)
+        for trap in traps(cfg):  # the last chance to see an emulator endpoint before it ships
+            print(f"warning: {trap}", file=out)
+    return code
+
+
+def _unsent(state_dir: Path) -> str | None:
+    """The ledger's hours sealed and never sent, which go with it: on a build machine that was
+    subscribed (and billed), that is usage nobody will be billed for."""
+    if not (state_dir / LEDGER).is_file():
+        return None
+    try:
+        ledger = Ledger(state_dir, readonly=True)
+    except (AgentError, OSError, sqlite3.Error) as e:
+        return f"cannot read {state_dir / LEDGER} to count its unsent hours ({e})"
+    try:  # a count any schema version answers (a read-only open does not migrate)
+        count = ledger.pending_hour_count()
+    except sqlite3.Error as e:
+        return f"cannot read {state_dir / LEDGER} to count its unsent hours ({e})"
+    finally:
+        ledger.close()
+    if not count:
+        return None
+    return (
+        f"the ledger holds {count} hour(s) sealed and never sent; removing it means they are "
+        "never billed"
+    )
+
+
+def _remove(state_dir: Path, yes: bool, out: Any, stdin: Any) -> int:
+    unsent = _unsent(state_dir)  # first: reading the ledger may make its -wal and -shm files
+    files = agent_files(state_dir) if state_dir.is_dir() else []
+    if not files:
+        print(f"{state_dir}: nothing to remove (no ledger, health file or locks)", file=out)
+        return 0
+    if unsent:
+        print(f"warning: {unsent}", file=out)
+    if not yes:
+        if not stdin.isatty():
+            raise AgentError(
+                f"prepare-image would remove {len(files)} file(s) from {state_dir}, and stdin "
+                "is not a terminal to ask: pass --yes"
+            )
+        print(f"will remove from {state_dir}:", file=out)
+        for p in files:
+            print(f"  {p.name}", file=out)
+        print("remove them? [y/N] ", end="", file=out, flush=True)
+        if stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing removed", file=out)
+            return 1
+    for p in files:
+        try:
+            os.unlink(p)
+        except OSError as e:
+            raise AgentError(f"cannot remove {p}: {e.strerror}; run as root") from None
+        print(f"removed {p}", file=out)
+    return 0
+
+
+def cmd_prepare_image(args: argparse.Namespace) -> int:
+    from agent.collecting.sampling import Sampler
+
+    cfg = load_config(args)
+    Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
+    return prepare(cfg, args.yes)

@@ -1,0 +1,350 @@
+"""`metering-agent trial`: the seller's own config, end to end, against the built-in emulator.
+
+Why: trusting what an agent bills means watching it bill whole hours of one's own config, and an
+hour is too long to wait. The trial runs the unchanged `run` daemon as a child on an accelerated
+clock shared with an in-process emulator (MeterUsage + IMDSv2 on a free loopback port), in a
+temporary state dir, with dummy credentials: the real state dir and AWS are never touched. It then
+prints what MeterUsage received per hour and dimension, and every refusal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.clock import HOUR, Clock, hour_start, iso_hour
+from agent.config import loader as config_mod
+from agent.emulator.rules import Record, ServiceError, Settings, _timestamp
+from agent.emulator.server import Emulator
+from agent.errors import EX_OK, EX_SOFTWARE, AgentError
+
+LEAD = 3.0  # real seconds the daemon gets to start before the first hour begins
+HOUR_GRACE = 15.0  # real seconds after a boundary to wait for the hour's records
+STOP_TIMEOUT = 60.0
+
+# Whatever the seller's shell holds, the trial signs only with dummy keys and asks only the
+# emulator's IMDS; platform detection must not find a container either.
+_SCRUBBED = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "ECS_CONTAINER_METADATA_URI_V4",
+    "KUBERNETES_SERVICE_HOST",
+    "METERING_AGENT_CONFIG",
+    "HTTP_PROXY",  # the emulator is on loopback: a build host's proxy must not carry the calls
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
+MAX_SPEED = 600.0  # at most; and a sampling interval must last 1/5 real second (see `speed_limit`)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    hour: int | None
+    dimension: str
+    code: str
+    count: int
+
+
+@dataclass
+class Outcome:
+    records: list[Record]
+    refusals: list[Refusal]
+    exit_code: int | None  # the daemon's
+    first_hour: int
+    hours: int
+    dimensions: list[str]
+    work: Path  # the temporary state dir, config copy and the agent's log
+
+
+def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict[str, Any]:
+    """The seller's config with the trial's state dir and endpoint, sending at once; hooks are
+    left out (a trial must not page anyone)."""
+    data = dict(raw)
+    data["state_dir"] = str(state_dir)
+    metering = dict(data.get("metering") or {})
+    metering["endpoint_url"] = endpoint
+    metering["send_window"] = 0
+    data["metering"] = metering
+    data.pop("on_metering_failure", None)
+    data.pop("on_recovery", None)
+    return data
+
+
+def container_env(platform: str, url: str) -> dict[str, str]:
+    """A config set to `platform: ecs` or `eks` runs its container path against the emulator:
+    its ECS task metadata (the TaskARN names the task and the region), or a pod uid."""
+    if platform == "ecs":
+        return {"ECS_CONTAINER_METADATA_URI_V4": f"{url}/ecs/v4"}
+    if platform == "eks":
+        return {"POD_UID": "trial-pod-0000-0000-000000000000"}
+    return {}
+
+
+def child_env(imds_url: str, run_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env.update(
+        AWS_ACCESS_KEY_ID="ASIATRIALDUMMYKEY000",
+        AWS_SECRET_ACCESS_KEY="trial-dummy-secret-never-valid-at-aws",
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds_url,
+        AWS_EC2_METADATA_V1_DISABLED="true",
+        METERING_AGENT_RUN_DIR=str(run_dir),
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    return env
+
+
+def speed_limit(cfg: config_mod.Config) -> float:
+    """The fastest clock that still bills as production would: a round fired up to 1/5 of a real
+    second late must stay within a quarter interval of its instant (`daemon.snap`), and a send
+    child's second of start-up must stay small beside the hour (and the 6 h window)."""
+    return min(MAX_SPEED, 5.0 * min([cfg.interval, *(d.interval for d in cfg.dimensions)]))
+
+
+def refusals(emulator: Emulator) -> list[Refusal]:
+    """MeterUsage answers that were errors (DryRun's success answer aside), grouped."""
+    seen: Counter[tuple[int | None, str, str]] = Counter()
+    for call in emulator.calls("error"):
+        request = call.get("request") or {}
+        if call.get("code") == "DryRunOperation":
+            continue
+        try:
+            hour: int | None = hour_start(_timestamp(request.get("Timestamp")))
+        except ServiceError:  # a malformed request has no hour to show
+            hour = None
+        what = ("DryRun " if request.get("DryRun") else "") + str(request.get("UsageDimension"))
+        seen[(None if request.get("DryRun") else hour, what, str(call.get("code")))] += 1
+    return [Refusal(h, d, c, n) for (h, d, c), n in sorted(seen.items(), key=_refusal_key)]
+
+
+def _refusal_key(item: tuple[tuple[int | None, str, str], int]) -> tuple[int, str, str]:
+    (hour, dimension, code), _ = item
+    return (hour or 0, dimension, code)
+
+
+def run(
+    cfg_path: Path,
+    hours: int = 2,
+    speed: float = 60.0,
+    listing: list[str] | None = None,
+    out: Any = None,
+) -> Outcome:
+    """Run the trial; prints progress to `out` and returns what the emulator saw."""
+    out = out or sys.stdout
+    cfg = config_mod.load(cfg_path)  # ConfigError (78) before anything starts
+    if speed > speed_limit(cfg):
+        raise AgentError(
+            f"--speed {speed:g}: at most {speed_limit(cfg):g} for this config (5 x its shortest "
+            f"interval, {MAX_SPEED:g} at most); faster, sampling rounds land off their instants"
+        )
+    raw = config_mod.read_yaml(cfg_path)
+    region = cfg.metering.region if cfg.metering.region != "auto" else "us-east-1"
+    work = Path(tempfile.mkdtemp(prefix="metering-agent-trial-"))
+    wall = Clock()  # the real one: the trial's own waits are in real seconds
+    now = wall.time()
+    # The first trial hour begins LEAD real seconds from now, so it is whole.
+    first_hour = hour_start(now) + HOUR
+    clock = Clock(rate=speed, origin=first_hour - LEAD * speed, wall0=now)
+    settings = Settings(region=region, product_codes={cfg.product_code})
+    if listing:
+        settings.dimensions = set(listing)
+    if cfg.register_usage is not None:
+        settings.public_key_version = cfg.register_usage.public_key_version
+    emulator = Emulator(settings, clock)
+    url = emulator.serve(0)
+    data = trial_config(raw, work / "state", url)
+    if cfg.register_usage is not None and cfg.register_usage.public_key:
+        # RegisterUsage is answered by the emulator, signed with its own key, not the listing's
+        key = work / "emulator-public-key.pem"
+        key.write_bytes(emulator.public_key_pem())
+        data["register_usage"] = {**data["register_usage"], "public_key": str(key)}
+    cfg_copy = work / "config.yaml"
+    cfg_copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    config_mod.load(cfg_copy)  # the overrides keep it valid
+    log_path = work / "agent.log"
+    print(
+        f"trial: {cfg_path}: {len(cfg.dimensions)} dimensions, {hours} h at {speed:g}x "
+        f"(~{hours * HOUR / speed + LEAD:.0f} s); emulator on {url}, state in {work}",
+        file=out,
+        flush=True,
+    )
+    for trap in config_mod.traps(cfg):  # what `check` warns of shows in the table, too
+        print(f"warning: {trap}", file=out, flush=True)
+    code: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    interrupted = False
+    names = [d.name for d in cfg.dimensions]
+    try:
+        clock_args = ["--clock", clock.spec or ""]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(cfg_copy), *clock_args],
+                env={**child_env(url, work / "run"), **container_env(cfg.platform, url)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        for i in range(hours):
+            hour = first_hour + i * HOUR
+            if not _wait_hour(clock, wall, emulator, proc, hour, names):
+                break
+            print(_progress_line(i + 1, hours, hour, emulator, names), file=out, flush=True)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+        else:
+            code = proc.returncode
+    except KeyboardInterrupt:  # Ctrl-C: nothing of the trial stays behind
+        interrupted = True
+        raise
+    finally:
+        if proc is not None and proc.poll() is None:  # first, so nothing writes in `work` after
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        emulator.stop()
+        if interrupted:
+            shutil.rmtree(work, ignore_errors=True)
+    return Outcome(emulator.records(), refusals(emulator), code, first_hour, hours, names, work)
+
+
+def _wait_hour(
+    clock: Clock,
+    wall: Clock,
+    emulator: Emulator,
+    proc: subprocess.Popen[bytes],
+    hour: int,
+    names: list[str],
+) -> bool:
+    """Until `hour` has a record or a refusal for every dimension (or a grace after its end);
+    False when the agent died."""
+    end_wall = clock.to_wall(hour + HOUR)
+    while True:
+        if proc.poll() is not None:
+            return False
+        if wall.time() >= end_wall:
+            done = {r.dimension for r in emulator.records() if r.hour == hour}
+            done |= {f.dimension for f in refusals(emulator) if f.hour == hour}
+            if set(names) <= done or wall.time() >= end_wall + HOUR_GRACE:
+                return True
+        wall.sleep(0.1)
+
+
+def _progress_line(i: int, n: int, hour: int, emulator: Emulator, names: list[str]) -> str:
+    got = {r.dimension: r.quantity_text for r in emulator.records() if r.hour == hour}
+    refused = {f.dimension: f.code for f in refusals(emulator) if f.hour == hour}
+    parts = [
+        f"{name} {got[name]}"
+        if name in got
+        else f"{name} refused ({refused[name]})"
+        if name in refused
+        else f"{name} -"
+        for name in names
+    ]
+    return f"hour {i}/{n} {iso_hour(hour)}: " + ", ".join(parts)
+
+
+def render(outcome: Outcome) -> str:
+    """What MeterUsage received, hour by hour and dimension, then the refusals."""
+    rows = [("hour", "dimension", "quantity", "allocations", "")]
+    last = outcome.first_hour + outcome.hours * HOUR
+    for r in outcome.records:
+        note = ""
+        if r.hour < outcome.first_hour:
+            note = "partial: the agent started in it"
+        elif r.hour >= last:
+            note = "partial: the trial stopped the agent in it (a stop seals and sends)"
+        rows.append((iso_hour(r.hour), r.dimension, r.quantity_text, _allocations(r), note))
+    with_alloc = any(r.allocations for r in outcome.records)
+    lines = ["MeterUsage received:"]
+    if len(rows) == 1:
+        lines.append("  nothing")
+    else:
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        for row in rows:
+            cells = [row[c].ljust(widths[c]) for c in range(3)]
+            if with_alloc:
+                cells.append(row[3].ljust(widths[3]))
+            lines.append(("  " + "  ".join(cells) + "  " + row[4]).rstrip())
+    if outcome.refusals:
+        lines.append("refused:")
+        for f in outcome.refusals:
+            when = iso_hour(f.hour) if f.hour is not None else "-"
+            lines.append(f"  {when}  {f.dimension}  {f.code}  x{f.count}")
+    return "\n".join(lines)
+
+
+def _allocations(r: Record) -> str:
+    if not r.allocations:
+        return "-"
+    parts = []
+    for a in r.allocations:
+        tags = ",".join(f"{t['Key']}={t['Value']}" for t in a.get("Tags") or []) or "untagged"
+        qty = a.get("AllocatedUsageQuantityAsDecimal", a.get("AllocatedUsageQuantity"))
+        parts.append(f"{tags}:{qty}")
+    return " ".join(parts)
+
+
+def main(cfg_path: Path, hours: int, speed: float, dimensions: str | None, out: Any = None) -> int:
+    """The `trial` command: 0 when every hour went through, 1 on any refusal or failure."""
+    out = out or sys.stdout
+    if not 1 <= hours <= 48:
+        raise AgentError(f"--hours {hours}: expected 1 to 48")
+    if not speed >= 1:
+        raise AgentError(f"--speed {speed:g}: expected 1 or more (60: an hour in a minute)")
+    listing = [d.strip() for d in dimensions.split(",") if d.strip()] if dimensions else None
+    outcome = run(cfg_path, hours, speed, listing, out)
+    print(render(outcome), file=out, flush=True)
+    problems = []
+    if outcome.exit_code != 0:
+        problems.append(f"the agent exited {outcome.exit_code}")
+    if outcome.refusals:
+        problems.append("MeterUsage refused requests (see above)")
+    got: set[tuple[int | None, str]] = {(r.hour, r.dimension) for r in outcome.records}
+    got |= {(f.hour, f.dimension) for f in outcome.refusals}
+    for h in range(outcome.first_hour, outcome.first_hour + outcome.hours * HOUR, HOUR):
+        missing = [d for d in outcome.dimensions if (h, d) not in got]
+        if missing:  # no samples: a collector that failed, or a source that was never there
+            problems.append(f"nothing received for {iso_hour(h)} {', '.join(missing)}")
+    if not problems:
+        shutil.rmtree(outcome.work, ignore_errors=True)
+        return EX_OK
+    log_path = outcome.work / "agent.log"
+    for problem in problems:
+        print(f"trial: {problem}", file=out)
+    print(f"trial: the agent's log ({log_path}) ends:", file=out)
+    for line in log_path.read_text(errors="replace").splitlines()[-15:]:
+        print(f"  {line}", file=out)
+    return EX_SOFTWARE
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from agent.modes.choose import mode_for
+
+    cfg = config_mod.load(config_mod.resolve_path(args.config))
+    mode_for(cfg).check_trial(cfg.source)  # instance mode (MeterUsage) only
+
+    return main(config_mod.resolve_path(args.config), args.hours, args.speed, args.dimensions)

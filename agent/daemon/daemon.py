@@ -1,0 +1,547 @@
+"""`run`: wires clock, collectors, ledger and sender into APScheduler jobs; signals; the stop flush.
+
+Jobs (all on the injected clock, through ClockTrigger):
+- one sampling job per distinct interval: hand each dimension's read to its own worker thread
+  (a daemon), with a total deadline (`collecting/reads.py`); each read stores its sample with its
+  position;
+- a boundary job at every hour: seal (sealing also runs after each round and at start-up, and looks
+  at the ledger, not at which trigger fired, so a suspend never skips or repeats an hour), as the
+  billing mode seals (`self.mode`, chosen by `start` in commands/run.py: agent/modes/);
+- a send tick: when the ledger has work due (an hour past its per-instance send slot, a retry, a
+  DryRun), run `metering-agent send` as a short-lived child. boto3 is loaded only there, so the
+  sampling process stays small.
+
+Wall-clock steps: APScheduler 3 keeps each job's next run as an absolute time and sleeps on the
+monotonic clock, so a step back of ten minutes would stall every job (the watchdog ping too) for
+ten minutes. The main thread wakes every second on the monotonic clock, asks the Clock whether the
+wall clock stepped, and if so gives every ClockTrigger job (sampling, sealing, the send tick, the
+watchdog) its next fire time from the new wall time, then wakes the scheduler. A forward step runs
+each job once (coalesced), never a burst. Sealing looks at the ledger, not at the trigger, and the
+ledger refuses an instant a dimension already has, so re-lived minutes are not billed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from agent.billing.hour import Sealed, carries
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
+from agent.collecting.reads import Reads
+from agent.collecting.sampling import Sample, Sampler
+from agent.config.loader import keep_snapshot, load, snapshot_config
+from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
+from agent.daemon.hooks import Hooks
+from agent.daemon.sender import STOP_FLUSH, SenderProcess
+from agent.daemon.triggers import ClockTrigger, snap
+from agent.errors import EX_NOPERM, AgentError
+from agent.host import identity, stopreason
+from agent.host import platform as platforms
+from agent.host.sdnotify import Notifier
+from agent.ledger import Ledger
+from agent.ledger.samples import INSTANT_TAKEN
+from agent.modes.instance import InstanceMode
+from agent.modes.mode import Mode
+from agent.sending import health
+from agent.sending.policy import due
+from agent.windows import send_offset, span_for
+
+log = logging.getLogger(__name__)
+
+SEND_TICK = 15  # seconds of clock time between checks for due work
+# In a task or pod the whole stop must fit the platform's grace (ECS stopTimeout and Kubernetes'
+# terminationGracePeriodSeconds default to 30 s, then SIGKILL): the flush gets 20 s, its child is
+# ended 2 s after, so seal + flush + exit stay well inside it.
+CONTAINER_STOP_FLUSH = 20
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock,
+        ledger: Ledger,
+        ident: identity.Identity,
+        sampler: Sampler,
+        sender: SenderProcess,
+        held: tuple[object, ...] = (),
+        platform: platforms.Platform | None = None,
+        where: str = "",
+        registration: Any = None,
+        modes: Callable[[Config], Mode] | None = None,
+    ) -> None:
+        """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
+        without it, instance mode, the config's default); `registration` is the mode's
+        fulfillment handler child, if it serves one."""
+        self.config = config
+        self.choose_mode = modes or (lambda _config: InstanceMode())
+        self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
+        self.platform = platform or platforms.Platform("ec2", "default")
+        self.where = where  # the start-up line's platform, identity, region, credentials
+        # metering.on_check_failure: exit: a refused start-up DryRun ends `run` with 77
+        self._startup_pending = config.metering.startup_check and (
+            platforms.check_failure_policy(config.metering.on_check_failure, self.platform.name)
+            == "exit"
+        )
+        self.exit_code = 0
+        self.registration = registration  # fulfillment.HandlerProcess (saas.registration)
+        self.clock = clock
+        self.ledger = ledger
+        self.identity = ident
+        self.sampler = sampler
+        self.sender = sender
+        self.held = held  # the locks this run holds, for as long as it runs
+        self.state_dir = Path(config.state_dir)
+        self.offset = send_offset(ledger.get_meta("instance_id"), config.metering.send_window)
+        self.hooks = Hooks(config, ledger, clock)
+        self.notify = Notifier()
+        self.stop_event = threading.Event()
+        self._last_error: dict[str, str] = {}
+        self._round_lock = threading.Lock()
+        self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
+        self._reload = threading.Event()
+        self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
+        self.reads = Reads(clock.monotonic)
+        self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
+        self._signalled: float | None = None  # clock.time() of the first SIGTERM/SIGINT
+        self._seal_errors: list[tuple[str, int, str]] = []
+        self.scheduler = self._scheduler()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        log.info(
+            "metering-agent started: product %s, %d dimensions, instance %s, send slot +%.1f s "
+            "after each hour; %s",
+            self.config.product_code,
+            len(self.config.dimensions),
+            self.ledger.get_meta("instance_id"),
+            self.offset,
+            self.where or f"platform {self.platform.name}",
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        self.close_hours()
+        for interval in sorted({d.interval for d in self.config.dimensions}):
+            self.sample_round(interval)
+        self.scheduler.start()
+        if self.registration is not None:
+            self.registration.ensure()
+        self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
+        self.notify.ready(
+            f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
+        )
+        while not self.stop_event.wait(1.0):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            self.check_clock()
+            self.check_startup()
+        self.shutdown()
+        return self.exit_code
+
+    def check_startup(self) -> None:
+        """metering.on_check_failure: exit. Until the start-up DryRun has passed, a sender that
+        ended paused (77: the DryRun, or the credentials, refused; throttling and 5xx back off
+        and exit 69) stops `run` as SIGTERM would, and `run` exits 77 (AWS asks container
+        products to stop when the check fails)."""
+        if not self._startup_pending:
+            return
+        self.sender.running()  # reaps a finished child
+        code = self.sender.take_exit()
+        state = self.ledger.send_state()
+        if state.authorized and state.dryrun_due is None:
+            self._startup_pending = False  # passed: later refusals pause sending, as on EC2
+            return
+        if code != EX_NOPERM:
+            return
+        log.error(
+            "stopping with exit 77: the start-up check failed (%s); metering.on_check_failure "
+            "is exit on %s",
+            state.reason or "not authorized",
+            self.platform.name,
+        )
+        self.exit_code = EX_NOPERM
+        self.notify.stopping("start-up check failed")
+        self.stop_event.set()
+
+    def _verified(self) -> bool:
+        """Whether this run may seal and send from its ledger (see identity)."""
+        return self.identity.verified.is_set()
+
+    def _imds_wanted(self) -> bool:
+        """Keep asking IMDS while the ledger is unverified or has only a random id."""
+        return not self._verified() or self.ledger.get_meta("instance_id_source") != "imds"
+
+    def _swap_ledger(self, settle: Callable[[Ledger], Ledger]) -> bool:
+        """Apply IMDS's late answer between sampling rounds; a moved-aside ledger is replaced.
+        Not once the stop has begun (False): the stop keeps what it decided with."""
+        with self._round_lock:
+            if self.stop_event.is_set():
+                return False
+            try:
+                ledger = settle(self.ledger)
+            except Exception as e:  # no usable ledger: stop (exit 1) rather than store into none
+                log.error("stopping: the ledger is unusable after a failed identity swap: %s", e)
+                identity.stop_now(1)
+            if ledger is not self.ledger:
+                self.ledger = self.hooks.ledger = ledger
+                if self.config.metering.startup_check:
+                    ledger.schedule_dryrun(self.clock.time())
+            instance_id = ledger.get_meta("instance_id")
+            self.offset = send_offset(instance_id, self.config.metering.send_window)
+            health.write(self.state_dir, ledger, self.clock.time())
+            return True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signalled is None:
+            self._signalled = self.clock.time()  # the container's grace counts from here
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.notify.stopping("stopping")
+        self.stop_event.set()
+
+    def _scheduler(self) -> BackgroundScheduler:
+        """The jobs, not yet started (`run` starts them)."""
+        scheduler = BackgroundScheduler(
+            timezone=timezone.utc,
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+        self._add_sampling_jobs(scheduler, self.config)
+        scheduler.add_job(self._close_hours_locked, ClockTrigger(self.clock, HOUR), id="seal")
+        if self.notify.watchdog_seconds:
+            # Pinged from the scheduler's own thread pool: a wedged scheduler stops the pings
+            # and systemd restarts the agent. Real seconds, whatever the agent clock does.
+            scheduler.add_job(
+                self.notify.watchdog,
+                ClockTrigger(Clock(), max(1.0, self.notify.watchdog_seconds / 2)),
+                id="watchdog",
+            )
+        scheduler.add_job(
+            self.send_tick,
+            ClockTrigger(self.clock, SEND_TICK),
+            id="send",
+            next_run_time=datetime.now(timezone.utc),  # at once: start-up DryRun, leftovers
+        )
+        return scheduler
+
+    def _add_sampling_jobs(self, scheduler: BackgroundScheduler, config: Config) -> None:
+        for interval in sorted({d.interval for d in config.dimensions}):
+            scheduler.add_job(
+                self.sample_round,
+                ClockTrigger(self.clock, interval),
+                args=[interval],
+                id=f"sample-{interval}s",
+            )
+
+    def reload(self) -> None:
+        """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
+        its samples go on. A config that does not load is logged and the running one kept.
+
+        What only a restart may change (state_dir, product code, endpoint: the locks and the
+        ledger depend on them) is refused. A dimension that the new config drops or bills
+        differently has its open hour sealed first, under the config it was sampled with:
+        its samples could not be aggregated under the new one."""
+        snapshot: Path | None = None
+        try:
+            new, snapshot = snapshot_config(self.config.source, self.state_dir)
+            for key, old_value, new_value in (
+                ("state_dir", self.state_dir, Path(new.state_dir)),
+                ("product_code", self.config.product_code, new.product_code),
+                ("metering.endpoint_url", self.config.metering.endpoint_url,
+                 new.metering.endpoint_url),
+                ("platform", self.config.platform, new.platform),
+            ):  # fmt: skip
+                if old_value != new_value:
+                    raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
+            sampler = Sampler(new)
+            mode = self.choose_mode(new)
+        except Exception as e:  # a reload must never take the running agent down
+            log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
+                      exc_info=not isinstance(e, AgentError))  # fmt: skip
+            if snapshot is not None:
+                snapshot.unlink(missing_ok=True)
+            return
+        keep_snapshot(self.state_dir, snapshot)
+        with self._round_lock:
+            if self._verified():
+                self._seal_as_sampled(changed_dimensions(self.config, new), self.clock.time())
+            old_intervals = {d.interval for d in self.config.dimensions}
+            if new.metering.send_window != self.config.metering.send_window:
+                self.offset = send_offset(
+                    self.ledger.get_meta("instance_id"), new.metering.send_window
+                )
+            sampler.carry_over(self.sampler)
+            self.config, self.sampler, self.hooks.config = new, sampler, new
+            self.mode = mode
+            for interval in old_intervals:
+                self.scheduler.remove_job(f"sample-{interval}s")
+            self._add_sampling_jobs(self.scheduler, new)
+        if self.registration is not None:
+            self.registration.restart()  # it reads the running config only when it starts
+        log.info(
+            "reloaded %s: product %s, %d dimensions",
+            new.source,
+            new.product_code,
+            len(new.dimensions),
+        )
+        self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
+    def _seal_as_sampled(self, changed: list[Dimension], now: float) -> None:
+        """Seal now the open hour of the dimensions a new config drops or bills differently,
+        under the config they were sampled with: the new one cannot continue their samples."""
+        if not changed:
+            return
+        for dim in changed:
+            log.info("dimension %s: dropped or billed differently by the new config; sealing "
+                     "its hour %s as it was sampled", dim.name, iso_hour(now))  # fmt: skip
+        old = dataclasses.replace(self.config, dimensions=tuple(changed))
+        self.mode.seal_hours(self.ledger, old, now, self.offset, include_current=True)
+
+    def shutdown(self) -> None:
+        """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
+
+        A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
+        sends nothing: the restarted agent continues the hour, seals it at the boundary and
+        sends at once what is pending."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        # In a container the grace is short: a running sender is ended at once (its requests
+        # are resent identically), and the flush budget counts from the signal.
+        self.sender.stop(at_once=self.platform.container)
+        if self.registration is not None:
+            self.registration.stop()
+        restart = self.restarting()
+        changed: list[Dimension] = []
+        if restart:
+            # The restarted agent continues the hour with the config on disk: if that does not
+            # load (it would not start), stop as for a shutdown; a dimension it drops or bills
+            # differently is sealed now, as it was sampled.
+            try:
+                changed = changed_dimensions(self.config, load(self.config.source))
+            except Exception as e:
+                log.warning(
+                    "restart, but the config on disk does not load (%s): sealing and sending now",
+                    e,
+                )
+                restart = False
+        with self._round_lock:  # a read storing its sample finishes its write first
+            self._stopped = True  # reads still running (hung sources) are abandoned
+            stop = self.clock.time()
+            for dim in self.config.dimensions:
+                self.ledger.clip_last_span(dim.name, stop)
+            if self._verified():
+                self.mode.seal_hours(
+                    self.ledger, self.config, stop, self.offset, include_current=not restart
+                )
+                if restart:
+                    self._seal_as_sampled(changed, stop)
+        health.write(self.state_dir, self.ledger, self.clock.time())
+        if not self._verified():
+            log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
+        elif restart:
+            log.info(
+                "restart: hour %s stays open; the restarted agent continues it", iso_hour(stop)
+            )
+        elif self.mode.pending_bounds(self.ledger):
+            if self.platform.container:
+                begun = self._signalled if self._signalled is not None else stop
+                deadline = begun + CONTAINER_STOP_FLUSH * self.clock.rate
+                left = max(1.0, (deadline - self.clock.time()) / self.clock.rate)
+                self.sender.flush(deadline, wait=left + 2, grace=2.0)
+            else:
+                self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
+        self.hooks.wait(timeout=5)
+        left = self.ledger.pending_hour_count()
+        log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
+        self.ledger.close()
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def check_clock(self) -> None:
+        """Reschedule every job after a wall-clock step (see the module docstring)."""
+        step = self.clock.stepped()
+        if not step:
+            return
+        log.warning(
+            "the wall clock stepped %+.0f s (now %s): rescheduling sampling, sealing and sends",
+            step,
+            iso(self.clock.time()),
+        )
+        now = datetime.now(timezone.utc)
+        for job in self.scheduler.get_jobs():
+            if isinstance(job.trigger, ClockTrigger):
+                job.modify(next_run_time=job.trigger.get_next_fire_time(None, now))
+        self.scheduler.wakeup()
+
+    def sample_round(self, interval: int) -> None:
+        """Start a read of every dimension on this interval, each on its own (see reads.py)."""
+        if self.stop_event.is_set():
+            return
+        t = snap(self.clock.time(), interval, self.clock.rate)
+        for dim in self.config.dimensions:
+            if dim.interval == interval:
+                budget = min(
+                    float(dim.collector.options.get("timeout", 10)), interval / self.clock.rate
+                )
+                read = functools.partial(self._read, dim, t, self.sampler)
+                busy = self.reads.start(dim.name, t, budget, read)
+                if busy is not None:
+                    self._collector_error(dim, t, busy)
+        self._close_hours_locked()
+
+    def _read(
+        self, dim: Dimension, t: float, sampler: Sampler, in_time: Callable[[], bool]
+    ) -> None:
+        """One dimension's read at instant `t` (on its worker thread), stored with its position.
+
+        A read that ends after its deadline has already cost its dimension the instants it
+        overran (and no longer held sealing); its answer is still stored, with the position it
+        advanced to, so a slow log backlog is never read again from the same place forever; the
+        lateness is a collector error in `status`. After the stop seal nothing is stored.
+        """
+        try:
+            if self._stopped:
+                return
+            sample = sampler.take(dim, t, self.ledger.position(dim.name), in_time)
+            with self._round_lock:
+                current = next((d for d in self.config.dimensions if d.name == dim.name), None)
+                if self._stopped or not bills_alike(current, dim):
+                    return  # read under a config that a reload replaced: its position not kept
+                late = not in_time()
+                self._sample(dim, t, sample)
+                if late and sample.error is None:  # a late error already says why
+                    timeout = dim.collector.options.get("timeout", 10)
+                    self._collector_error(
+                        dim, t, f"read took longer than its {timeout} s timeout (stored late)"
+                    )
+                if hour_start(t) < hour_start(self.clock.time()):
+                    self.close_hours()  # a read that outlived its hour (the round's seal held it)
+        except Exception:  # a ledger failure: logged, the next round tries again
+            log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
+
+    def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
+        """Every failure is counted for `status`; the journal hears of each new error once."""
+        if self._last_error.get(dim.name) != error:
+            log.warning("dimension %s: collector failed: %s", dim.name, error)
+            self._last_error[dim.name] = error
+        self.ledger.record_collector_error(dim.name, t, error)
+
+    def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
+        if sample.error or sample.value is None:
+            self._collector_error(dim, t, sample.error or "no value")
+            return
+        if sample.warning:
+            self._collector_error(dim, t, sample.warning)
+        elif self._last_error.pop(dim.name, None) is not None:
+            log.info("dimension %s: collector works again", dim.name)
+        hour = self.ledger.record_sample(
+            dim.name,
+            t,
+            sample.value,
+            span_for(t, dim.interval),
+            sample.state,
+            carry=carries(dim),
+            increment=dim.collector.kind == "increment",
+            breakdown=sample.breakdown,
+            unread=sample.unread,
+        )
+        if sample.unread:  # stored with the position past it: logged once, health says so now
+            for lost in sample.unread:
+                log.warning(
+                    "dimension %s: usage went unread: %s; fix: %s", dim.name, lost.what, lost.fix
+                )
+            self.publish_health()
+        if hour == INSTANT_TAKEN:
+            log.debug(
+                "dimension %s: instant %s is already stored (restart or clock step); skipped",
+                dim.name,
+                iso(t),
+            )
+        elif hour is None:
+            if self._dropped_warned.get(dim.name) != hour_start(t):  # once per hour, not per round
+                self._dropped_warned[dim.name] = hour_start(t)
+                log.warning(
+                    "dimension %s: samples from %s on are for hour %s, already sealed; dropped "
+                    "until the hour ends (%s cannot carry into the next hour)",
+                    dim.name,
+                    iso(t),
+                    iso_hour(t),
+                    dim.aggregate,
+                )
+        elif hour != hour_start(t):
+            log.info(
+                "dimension %s: sample at %s carried into hour %s (its own hour is sealed)",
+                dim.name,
+                iso(t),
+                iso(hour),
+            )
+
+    def _close_hours_locked(self) -> None:
+        """Each round's end and the hourly job: under the lock a read stores with, not after
+        the stop seal."""
+        with self._round_lock:
+            if not self._stopped:
+                self.close_hours()
+
+    def close_hours(self) -> None:
+        """After each round, at each boundary and at start-up: seal the hours that ended; if any
+        did, prune, publish health and schedule their send; else publish a changed seal error."""
+        if not self._verified():
+            return
+        if self.seal_closed_hours():
+            self.ledger.prune(self.clock.time())  # once an hour: sealed hours are kept 90 days
+            self.publish_health()
+            self.schedule_send()
+        elif self.ledger.seal_errors() != self._seal_errors:
+            self.publish_health()
+
+    def seal_closed_hours(self) -> list[Sealed]:
+        """Seal every hour that ended (a read still in time holds its own); the hours sealed."""
+        return self.mode.seal_hours(
+            self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
+        )
+
+    def publish_health(self) -> None:
+        """Rewrite health.json; remember the seal errors it shows, to notice when they change."""
+        self._seal_errors = self.ledger.seal_errors()
+        health.write(self.state_dir, self.ledger, self.clock.time())
+
+    def schedule_send(self) -> None:
+        """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a
+        fleet's slots would bunch into bursts that the service throttles (benchmarks/fleet.py)."""
+        when = due(
+            self.ledger.send_state(), self.mode.pending_bounds(self.ledger), self.mode.expires_at
+        )
+        if when is None or not self.scheduler.running:  # at start-up the send tick fires at once
+            return
+        wall = self.clock.to_wall(max(when, self.clock.time()))
+        self.scheduler.add_job(
+            self.send_tick,
+            DateTrigger(datetime.fromtimestamp(wall, tz=timezone.utc)),
+            id="send-at",
+            replace_existing=True,
+        )
+
+    def send_tick(self) -> None:
+        """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
+        self.hooks.check()
+        if self.registration is not None and not self.stop_event.is_set():
+            self.registration.ensure()  # started again if it exited
+        if self.stop_event.is_set() or self.sender.running() or not self._verified():
+            return
+        when = due(
+            self.ledger.send_state(), self.mode.pending_bounds(self.ledger), self.mode.expires_at
+        )
+        if when is not None and when <= self.clock.time():
+            self.sender.start()
