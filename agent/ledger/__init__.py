@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -39,6 +40,8 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                self._create()
             self.db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
@@ -48,3 +51,22 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
             migrate(self)
             adopt(Path(state_dir), *(Path(f"{self.path}{x}") for x in ("", "-wal", "-shm")))
         self.db.execute("PRAGMA busy_timeout=30000")
+
+    def _create(self) -> None:
+        """A new ledger appears whole: built and migrated under a temporary name, then linked into
+        place (another process that made one first wins). No reader ever sees a ledger file that
+        exists but has no schema yet."""
+        tmp = self.path.with_name(f".{LEDGER_FILE}.{os.getpid()}.{threading.get_ident()}.new")
+        tmp.unlink(missing_ok=True)
+        self.db = sqlite3.connect(tmp, isolation_level=None, timeout=30)
+        try:
+            self.db.execute("PRAGMA synchronous=FULL")
+            migrate(self)
+        finally:
+            self.db.close()
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
