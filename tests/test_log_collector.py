@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.collectors import Sources
-from agent.collectors import log as log_module
+from agent.collectors import Sources, logfiles
 from agent.collectors.log import FORGET_AFTER, LogCollector
 from agent.errors import ConfigError
 from tests.conftest import run_cli
@@ -480,7 +479,7 @@ class Rollovers:
         self.every_open = self.next_open = False
         for name in ("stat", "scandir"):
             monkeypatch.setattr(os, name, self._hooked(getattr(os, name)))
-        monkeypatch.setattr(log_module, "open", self._hooked(open, opens=True), raising=False)
+        monkeypatch.setattr(logfiles, "open", self._hooked(open, opens=True), raising=False)
 
     def _hooked(self, call: Any, opens: bool = False) -> Any:
         def hooked(*args: Any, **kwargs: Any) -> Any:
@@ -630,7 +629,7 @@ def test_a_compressed_copy_is_never_judged_by_another_copys_trailer(
                 os.rename(_dir / "swap", _dir / "access.log.2.gz")
             return open(path, *args, **kw)
 
-        monkeypatch.setattr(log_module, "open", swap_names, raising=False)
+        monkeypatch.setattr(logfiles, "open", swap_names, raising=False)
         total += t.read()
         monkeypatch.undo()
         total += t.read()
@@ -681,7 +680,7 @@ def test_copytruncate_in_the_middle_of_a_read_never_mixes_two_contents(
         handles.append(TruncatedWhileRead(open(*args, **kwargs), log))  # noqa: SIM115
         return handles[-1]
 
-    monkeypatch.setattr(log_module, "open", opened, raising=False)
+    monkeypatch.setattr(logfiles, "open", opened, raising=False)
     t = Tail(collector(log), t.state)  # a restart: the file is opened again, through the hook
     total += t.read()
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""How the log collector knows a file (agent/collectors/streams.py), tried against the assumptions
+"""How the log collector knows a file (agent/collectors/streams.py, evidence.py), tried against the assumptions
 it makes about the world: files that begin alike, inodes that come back, a device number that
 changes, a symlink switched to another file, a generation deleted before it was read, a read cut
 by its deadline, a copy where the collector cannot see it. Rotation is done here with the same
@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from agent.collectors import SourceMissing, Sources
+from agent.collectors import SourceMissing, Sources, logblocks
 from agent.collectors import log as log_module
+from agent.collectors.evidence import crc_combine, judge
 from agent.collectors.log import MAX_HELD, QUIET, LogCollector
-from agent.collectors.streams import Stream, crc_combine, judge
+from agent.collectors.streams import Stream
 
 PATTERN = '"request":"GET /api/'
 
@@ -303,7 +304,7 @@ def test_a_read_stops_at_its_deadline_and_goes_on_next_time(
 ) -> None:
     """A backlog larger than one read can take within the dimension's timeout: the read stops at
     a line boundary after a block, the position is saved, and the next reading goes on."""
-    monkeypatch.setattr(log_module, "BLOCK", 4096)
+    monkeypatch.setattr(logblocks, "BLOCK", 4096)
     log = Log(tmp_path / "access.log")
     t = Tail(lambda: collector(log.path, max_line_bytes=256))
     log.write(400)

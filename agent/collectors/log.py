@@ -29,20 +29,11 @@ newline; a line longer than `max_line_bytes` is judged by its first bytes and th
 
 from __future__ import annotations
 
-import bz2
 import codecs
-import glob
-import gzip
-import hashlib
 import logging
-import lzma
 import os
-import re
-import stat
-import zlib
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -57,67 +48,44 @@ from agent.collectors.base import (
     Unread,
     fold,
 )
-from agent.collectors.linecount import LineMatcher
-from agent.collectors.streams import (
-    TAIL,
+from agent.collectors.evidence import (
+    Changed,
     Hasher,
-    Stream,
+    anchor,
+    anchor_holds,
     catch_up,
-    crc,
+    check,
     gzip_trailer,
     judge,
+    legacy_head,
+    plain_owner,
+    tail_of,
 )
+from agent.collectors.linecount import LineMatcher, check_pattern
+from agent.collectors.logblocks import Blocks, ReadStats
+from agent.collectors.logfiles import (
+    DECOMPRESS_ERRORS,
+    MAGIC,
+    OPENERS,
+    Entry,
+    Files,
+    Moved,
+    key_of,
+    open_same,
+    same,
+)
+from agent.collectors.streams import STATE_VERSION, Stream, blake, load_state
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, Int, Regex, Str
 
 log = logging.getLogger(__name__)
 
-BLOCK = 4 << 20
 FORGET_AFTER = 3  # readings in a row in which nothing carried a stream, before it is forgotten
 LOST_AFTER = 2  # readings a stream that lost its file waits for a copy before it is reported
 QUIET = 3  # readings a renamed, read-to-its-end file stays open without growing
 MAX_HELD = 64  # files held open per dimension; beyond, the quietest finished ones are closed
 CATCH_UP = 64 << 20  # bytes a reading hashes of what a start at the end skipped
-PARALLEL_HASH = 1 << 20  # blocks at least this large are hashed beside the match
-STATE_VERSION = 3
-# Compressed copies are known by their magic bytes, whatever their name.
-MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
-OPENERS: dict[str, Callable[..., Any]] = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
-DECOMPRESS_ERRORS = (EOFError, zlib.error, OSError, lzma.LZMAError, ValueError)
-_DIGITS = re.compile(r"[0-9]+")
 ROTATED_FIX = "set the log collector's `rotated` to a glob matching where the rotated copies go"
-
-_hash_pool: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One thread that hashes a large block while the matcher scans it (both release the GIL)."""
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(1, thread_name_prefix="log-hash")
-    return _hash_pool
-
-
-@dataclass
-class ReadStats:
-    """What the last reading did, for `sample` (lines are counted only when asked: it costs)."""
-
-    lines: int = 0
-    matched: Decimal = Decimal(0)
-    files: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Entry:
-    """A regular file found by the listing."""
-
-    path: str
-    st: os.stat_result
-    live: bool
-
-    @property
-    def key(self) -> str:
-        return _key(self.st)
 
 
 @dataclass
@@ -136,13 +104,9 @@ class _Carrier:
     """What a stream is read from this reading."""
 
     plain: Any = None  # an open file (held or opened now), positioned nowhere in particular
-    entry: _Entry | None = None  # where it was listed, if it was
-    compressed: _Entry | None = None
+    entry: Entry | None = None  # where it was listed, if it was
+    compressed: Entry | None = None
     codec: str = ""
-
-
-class _Changed(Exception):
-    """The file's bytes before the offset are not the stream's any more."""
 
 
 class LogCollector(Collector):
@@ -187,8 +151,6 @@ class LogCollector(Collector):
             raise ConfigError(
                 f"{path}.pattern", "mode: sum needs a named group (?P<value>...) holding a number"
             )
-        from agent.collectors.linecount import check_pattern  # (hyperscan: log patterns only)
-
         try:
             check_pattern(options["pattern"], encoding)
         except ValueError as e:
@@ -197,19 +159,31 @@ class LogCollector(Collector):
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
         self.glob = self.config["path"]
-        self.rotated = self.config.get("rotated")
-        self.max_line = int(self.config["max_line_bytes"])
+        self.files = Files(self.glob, self.config.get("rotated"))
         self.matcher = LineMatcher(
             self.config["pattern"], self.config["mode"], self.config["encoding"]
         )
-        self.count_lines = False  # `sample` turns it on to report lines read
+        self.blocks = Blocks(self.matcher, int(self.config["max_line_bytes"]))
         self._parts: dict[LabelSet, Decimal] = {}  # this reading's usage per label set
-        self.last = ReadStats()
         self._warned: set[str] = set()
         self._held: dict[tuple[int, int], _Held] = {}
         self._unread: list[Unread] = []
         # copies already judged by content, by (file, size, mtime): (stream id or 0, full)
         self._judged: dict[tuple[str, int, int], tuple[int, bool]] = {}
+
+    @property
+    def count_lines(self) -> bool:
+        """`sample` turns it on to report the lines read (it costs a pass over the bytes)."""
+        return self.blocks.count_lines
+
+    @count_lines.setter
+    def count_lines(self, on: bool) -> None:
+        self.blocks.count_lines = on
+
+    @property
+    def last(self) -> ReadStats:
+        """What the last reading did, for `sample`."""
+        return self.blocks.last
 
     def count_labels(self, on: bool) -> None:
         self.matcher.count_labels(on)
@@ -219,7 +193,7 @@ class LogCollector(Collector):
         return frozenset(self.matcher.labels)
 
     def probe(self) -> None:
-        if not self._live_paths():
+        if not self.files.live_paths():
             raise SourceMissing(f"no file matches {self.glob}")
 
     def close(self) -> None:
@@ -228,96 +202,18 @@ class LogCollector(Collector):
             held.fh.close()
         self._held.clear()
 
-    # -- listing -----------------------------------------------------------------------------
-
-    def _live_paths(self) -> list[str]:
-        """Real paths of the files `path` names, minus those that are copies of another of them."""
-        names = sorted(glob.glob(self.glob)) if glob.has_magic(self.glob) else [self.glob]
-        real: dict[str, None] = {}  # ordered, without repeats
-        for name in names:
-            target = os.path.realpath(name)
-            if os.path.isfile(target):
-                real[target] = None
-        rotated = self._rotated_paths()
-        others = set(real)
-        return [p for p in real if p not in rotated and not _is_copy(p, others)]
-
-    def _rotated_paths(self) -> set[str]:
-        if not self.rotated:
-            return set()
-        return {os.path.realpath(p) for p in glob.glob(self.rotated)}
-
-    def _link_siblings(self) -> set[str]:
-        """For a `path` that is a symlink to dated files (`app.log -> app-20261206.log`): the
-        files beside its target named like it but for their digits (`app-*.log`). A target the
-        link pointed at only between two readings is found there, as copies are."""
-        names = glob.glob(self.glob) if glob.has_magic(self.glob) else [self.glob]
-        out: set[str] = set()
-        for name in names:
-            if not os.path.islink(name):
-                continue
-            target = os.path.realpath(name)
-            shape = _DIGITS.sub("*", glob.escape(os.path.basename(target)))
-            if shape != glob.escape(os.path.basename(target)):
-                out.update(
-                    os.path.realpath(p)
-                    for p in glob.glob(os.path.join(glob.escape(os.path.dirname(target)), shape))
-                )
-        return out
-
-    def _copy_paths(self, bases: set[str]) -> list[str]:
-        """Where rotation may have put each base's content: the base itself, NAME.* and NAME-*
-        beside it, the `rotated` glob, and the dated siblings of a symlink's target."""
-        by_dir: dict[str, set[str]] = {}
-        for base in bases:
-            by_dir.setdefault(os.path.dirname(base), set()).add(os.path.basename(base))
-        out: list[str] = []
-        for directory, names in sorted(by_dir.items()):
-            try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
-            except OSError:
-                continue
-            prefixes = tuple(n + "." for n in names) + tuple(n + "-" for n in names)
-            out.extend(e.path for e in entries if e.name in names or e.name.startswith(prefixes))
-        out.extend(sorted(self._rotated_paths() | self._link_siblings()))
-        return out
-
-    def _list(self, streams: list[Stream]) -> dict[str, _Entry]:
-        """Every regular file that may carry a stream: the live files first, then the places of
-        their copies and the paths where streams were last seen."""
-        live = self._live_paths()
-        bases = set(live) | {s.name for s in streams if s.name}
-        found: dict[str, _Entry] = {}
-        paths = dict.fromkeys(live, True)
-        for path in self._copy_paths(bases) + [s.path for s in streams if s.path]:
-            paths.setdefault(path, False)
-        for path, is_live in paths.items():
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # gone between the listing and now
-            if stat.S_ISREG(st.st_mode):
-                entry = found.get(_key(st))
-                if entry is None:
-                    found[_key(st)] = _Entry(path, st, is_live)
-                elif is_live and not entry.live:
-                    entry.live = True
-        return found
-
-    # -- reading -----------------------------------------------------------------------------
-
     def read(self, state: dict[str, Any] | None) -> Reading:
         return self.read_within(state, lambda: True)
 
     def read_within(self, state: dict[str, Any] | None, in_time: Callable[[], bool]) -> Reading:
         first = state is None
-        streams, next_id = _load(state)
-        self.last = ReadStats()
+        streams, next_id = load_state(state)
+        self.blocks.last = ReadStats()
         self._parts = {}
         self._unread = []
         self.matcher.keep_label = self.keep_label
         self._close_drained(streams)
-        entries = self._list(streams)
+        entries = self.files.entries([s.name for s in streams], [s.path for s in streams])
         if not any(e.live for e in entries.values()) and not first and not self._held:
             raise SourceMissing(f"no file matches {self.glob}")
 
@@ -336,7 +232,7 @@ class LogCollector(Collector):
                 if not s.done:
                     total += self._advance(s, carrier, in_time)
         for s in streams:
-            claimed.update(k for k in s.known if k in entries and _same(entries[k], s.known[k]))
+            claimed.update(k for k in s.known if k in entries and same(entries[k], s.known[k]))
         # 2. By content: every other file is a copy of a stream (read on from the stream's
         # offset if it holds more), or new content (read from its start).
         found_copy: set[int] = set()
@@ -383,7 +279,7 @@ class LogCollector(Collector):
         )
 
     def _find_plain(
-        self, s: Stream, entries: Mapping[str, _Entry], lost_now: set[int]
+        self, s: Stream, entries: Mapping[str, Entry], lost_now: set[int]
     ) -> _Carrier | None:
         """The plain file that carries `s` this reading, by its inode: held open, or listed and
         still holding the stream's bytes. A file whose bytes before the offset changed (truncated,
@@ -401,17 +297,17 @@ class LogCollector(Collector):
             )
         if held is None and entry is None:
             return None
-        if held is None and entry is not None and _same(entry, s.known.get(entry.key)):
+        if held is None and entry is not None and same(entry, s.known.get(entry.key)):
             return None  # let go once read to its end and quiet, unchanged since
         try:
-            fh = held.fh if held is not None else _open_same(entry)  # type: ignore[arg-type]
-        except (_Moved, FileNotFoundError):
+            fh = held.fh if held is not None else open_same(entry)  # type: ignore[arg-type]
+        except (Moved, FileNotFoundError):
             return None  # renamed over or gone since the listing: looked for at the next reading
         except OSError as e:
             raise CollectorError(f"cannot read {entry.path if entry else s.path}: {e}") from None
         try:
-            _check(s, fh, held is not None)
-        except _Changed:
+            check(s, fh, held is not None)
+        except Changed:
             if held is None:
                 fh.close()
             self._lose(s, lost_now, truncated=held is not None)
@@ -440,13 +336,13 @@ class LogCollector(Collector):
         lost_now.add(s.id)
 
     def _place(
-        self, entry: _Entry, streams: list[Stream], first: bool
+        self, entry: Entry, streams: list[Stream], first: bool
     ) -> tuple[Stream, _Carrier | None] | None:
         """The stream a file that no stream claimed by inode belongs to, with what to read it from
         now: the stream whose content it holds, or a new one (id -1) when it is new content; None
         when it is left for the next reading (renamed away, or still being compressed)."""
         try:
-            with _open_same(entry) as raw:
+            with open_same(entry) as raw:
                 magic = raw.read(6)
                 codec = None
                 if not entry.live:
@@ -471,26 +367,26 @@ class LogCollector(Collector):
             if codec is not None:
                 return s, _Carrier(compressed=entry, codec=codec)
             return s, None  # a longer plain copy while its own file still has the bytes
-        except (_Moved, FileNotFoundError):
+        except (Moved, FileNotFoundError):
             return None
         except OSError as e:
             raise CollectorError(f"cannot read {entry.path}: {e.strerror}") from None
 
-    def _carrier(self, s: Stream, entry: _Entry, codec: str | None) -> _Carrier:
+    def _carrier(self, s: Stream, entry: Entry, codec: str | None) -> _Carrier:
         if codec is not None:
             return _Carrier(compressed=entry, codec=codec)
         s.dev, s.ino, s.path = entry.st.st_dev, entry.st.st_ino, entry.path
-        return _Carrier(plain=_open_same(entry), entry=entry)
+        return _Carrier(plain=open_same(entry), entry=entry)
 
-    def _new_live(self, entry: _Entry, first: bool) -> tuple[Stream, _Carrier]:
+    def _new_live(self, entry: Entry, first: bool) -> tuple[Stream, _Carrier]:
         s = Stream(-1, path=entry.path, name=entry.path, live=True)
         carrier = self._carrier(s, entry, None)
         if first and self.config["start_at"] == "end":
-            s.off, s.skip = self._end_of_complete_lines(entry)
+            s.off, s.skip = self.blocks.end_of_complete_lines(entry)
             s.base = s.off  # hashed from its start at the next readings (`catch_up`)
         return s, carrier
 
-    def _history(self, entry: _Entry, codec: str | None) -> tuple[Stream, _Carrier | None]:
+    def _history(self, entry: Entry, codec: str | None) -> tuple[Stream, _Carrier | None]:
         """A copy present at the dimension's first reading: billed before our time. A plain one
         is followed from its end (the application may still write to it); a compressed one is
         known by its inode only."""
@@ -500,13 +396,13 @@ class LogCollector(Collector):
             s.known[entry.key] = [entry.st.st_size, entry.st.st_mtime_ns]
             return s, None
         carrier = self._carrier(s, entry, None)
-        s.off, s.skip = self._end_of_complete_lines(entry)
+        s.off, s.skip = self.blocks.end_of_complete_lines(entry)
         s.base = s.off
         return s, carrier
 
     def _owner(
         self,
-        entry: _Entry,
+        entry: Entry,
         codec: str | None,
         trailer: tuple[int, int] | None,
         streams: list[Stream],
@@ -525,21 +421,21 @@ class LogCollector(Collector):
             if known is not None or cached[0] == 0:
                 return known, cached[1], entry.st.st_size if codec is None else None
         try:
-            with _open_same(entry) as raw:
+            with open_same(entry) as raw:
                 if codec is None:
-                    fast = _plain_owner(raw.fileno(), entry.st.st_size, streams)
+                    fast = plain_owner(raw.fileno(), entry.st.st_size, streams)
                     if fast is not None:
                         return fast, True, entry.st.st_size
                     verdict = judge(raw, entry.st.st_size, streams)
                     raw.seek(0)
-                    head = _legacy_head(raw, streams)
+                    head = legacy_head(raw, streams)
                 else:
                     with OPENERS[codec](raw, "rb") as z:
                         verdict = judge(z, None, streams)
-                    with _open_same(entry) as again, OPENERS[codec](again, "rb") as z:
-                        head = _legacy_head(z, streams)
+                    with open_same(entry) as again, OPENERS[codec](again, "rb") as z:
+                        head = legacy_head(z, streams)
         except DECOMPRESS_ERRORS as e:
-            if isinstance(e, (FileNotFoundError, _Moved)):
+            if isinstance(e, (FileNotFoundError, Moved)):
                 raise
             self._cannot_decompress(entry, e)
             return None
@@ -551,7 +447,7 @@ class LogCollector(Collector):
             for s in streams:  # a position an older agent saved, before its prefix is hashed
                 if s.legacy is not None and s.base is not None:
                     digest, length = s.legacy
-                    if len(head) >= length and _blake(head[:length]) == digest:
+                    if len(head) >= length and blake(head[:length]) == digest:
                         owner, full = s, True
                         break
         self._judged[(entry.key, entry.st.st_size, entry.st.st_mtime_ns)] = (
@@ -560,7 +456,7 @@ class LogCollector(Collector):
         )
         return owner, full, entry.st.st_size if codec is None else None
 
-    def _cannot_decompress(self, entry: _Entry, e: BaseException) -> None:
+    def _cannot_decompress(self, entry: Entry, e: BaseException) -> None:
         """A compressed copy still being written, or damaged: said once, tried again later."""
         if entry.path not in self._warned:
             self._warned.add(entry.path)
@@ -595,19 +491,19 @@ class LogCollector(Collector):
             if s.off >= size:
                 s.cut = False
                 return Decimal(0)
-            anchor = _anchor(s, fd)
-            if anchor is None:
+            mark = anchor(s, fd)
+            if mark is None:
                 return Decimal(0)
             hasher = Hasher(s)
             fh.seek(s.off)
-            value, off, skip, parts, cut = self._consume(fh, s, hasher, size, in_time)
-            if not _anchor_holds(fd, anchor, hasher):
+            value, off, skip, parts, cut = self.blocks.consume(fh, s, hasher, size, in_time)
+            if not anchor_holds(fd, mark, hasher):
                 # Truncated (copytruncate) and written again while being read: the bytes read
                 # may belong to two contents. Nothing is kept; the next reading finds the old
                 # content's copy and reads the new from its start.
                 return Decimal(0)
-            tail = _tail_of(fd, off)
-        except (FileNotFoundError, _Moved):
+            tail = tail_of(fd, off)
+        except (FileNotFoundError, Moved):
             return Decimal(0)
         except OSError as e:
             raise CollectorError(f"cannot read {s.path}: {e.strerror}") from None
@@ -618,19 +514,19 @@ class LogCollector(Collector):
         return value
 
     def _read_compressed(
-        self, s: Stream, entry: _Entry, codec: str, in_time: Callable[[], bool]
+        self, s: Stream, entry: Entry, codec: str, in_time: Callable[[], bool]
     ) -> Decimal:
         """Finish a stream from a compressed copy (its plain file is gone)."""
         s.path, s.live = entry.path, False
         try:
-            with _open_same(entry) as raw, OPENERS[codec](raw, "rb") as z:
+            with open_same(entry) as raw, OPENERS[codec](raw, "rb") as z:
                 if s.base is not None:
                     z.seek(s.ck)
                     catch_up(s, z, s.base - s.ck)
                 hasher = Hasher(s)
                 z.seek(s.off)
-                value, off, skip, parts, cut = self._consume(z, s, hasher, None, in_time)
-        except (FileNotFoundError, _Moved):
+                value, off, skip, parts, cut = self.blocks.consume(z, s, hasher, None, in_time)
+        except (FileNotFoundError, Moved):
             return Decimal(0)
         except DECOMPRESS_ERRORS as e:
             self._cannot_decompress(entry, e)
@@ -651,103 +547,6 @@ class LogCollector(Collector):
             if key not in mine and len(mine) >= MAX_LABEL_SETS:
                 key = fold(key, self.keep_label)
             mine[key] = mine.get(key, Decimal(0)) + value
-
-    def _end_of_complete_lines(self, entry: _Entry) -> tuple[int, bool]:
-        size = entry.st.st_size
-        window = min(size, self.max_line)
-        try:
-            with _open_same(entry) as fh:
-                fh.seek(size - window)
-                tail = fh.read(window)
-        except (OSError, _Moved):
-            return size, False
-        nl = tail.rfind(b"\n")
-        if nl >= 0:
-            return size - window + nl + 1, False
-        return size, size > 0  # inside a line longer than the cap: skip its rest
-
-    def _consume(
-        self,
-        f: Any,
-        s: Stream,
-        hasher: Hasher,
-        size: int | None,
-        in_time: Callable[[], bool],
-    ) -> tuple[Decimal, int, bool, dict[LabelSet, Decimal], bool]:
-        """Match complete lines from the stream's offset (where `f` is positioned) up to `size`
-        (None: to the end of the stream), hashing every byte consumed; stops at a line boundary
-        once `in_time()` turns False. Returns (value, new offset, skip, value per label set,
-        whether it stopped with bytes left)."""
-        offset, skip = s.off, s.skip
-        value = Decimal(0)
-        remaining = (size - offset) if size is not None else 1 << 62
-        if remaining <= 0:
-            return value, offset, skip, {}, False
-        self.matcher.take_parts()  # (nothing left over from a read that was not kept)
-        # A large read hashes each block in another thread while it reads and scans the next
-        # (two buffers, used in turn); a small one hashes as it goes, in one buffer.
-        parallel = remaining >= 2 * PARALLEL_HASH
-        hasher.pool = _pool() if parallel else None
-        bufs = [bytearray(min(BLOCK, remaining) + self.max_line + 1) for _ in range(1 + parallel)]
-        views = [memoryview(b) for b in bufs]
-        busy: list[Any] = [None] * len(bufs)  # the hashing still reading each buffer
-        base, have, i = offset, 0, 0  # file offset of the current buffer's start; bytes held
-        carry: tuple[int, int, int] | None = None  # the previous buffer's unfinished line
-        count_lines = self.count_lines
-        cut = False
-        try:
-            while remaining > 0:
-                buf, view = bufs[i], views[i]
-                if busy[i] is not None:
-                    busy[i].result()
-                if carry is not None:
-                    j, at, end = carry
-                    buf[: end - at] = bufs[j][at:end]
-                n = f.readinto(view[have : have + min(len(buf) - have, remaining)])
-                if not n:
-                    break
-                remaining -= n
-                end = have + n
-                start = 0
-                i_next = (i + 1) % len(bufs)
-                if skip:
-                    nl = buf.find(b"\n", 0, end)
-                    if nl < 0:
-                        busy[i] = hasher.feed(view[:end])
-                        base, have, carry, i = base + end, 0, None, i_next
-                        continue
-                    start, skip = nl + 1, False
-                last = buf.rfind(b"\n", start, end) + 1
-                if last <= start:
-                    last = start
-                if last > start:
-                    value += self.matcher.scan(buf, start, last)
-                    if count_lines:
-                        self.last.lines += buf.count(b"\n", start, last)
-                tail = end - last
-                if tail > self.max_line:
-                    value += self.matcher.match_line(bytes(buf[last : last + self.max_line]))
-                    self.last.lines += 1
-                    busy[i] = hasher.feed(view[:end])
-                    base, have, carry, skip, i = base + end, 0, None, True, i_next
-                    continue
-                busy[i] = hasher.feed(view[:last])
-                base, have, carry, i = base + last, tail, (i, last, end), i_next
-                if len(bufs) == 1 and tail:
-                    hasher.wait()  # (one buffer: hashed before its tail moves to its front)
-                    busy[0] = None
-                    buf[:tail] = buf[last:end]
-                    carry = None
-                if remaining > 0 and not in_time():
-                    cut = True
-                    break
-        finally:
-            hasher.wait()
-            for v in views:
-                v.release()
-        return value, base, skip, self.matcher.take_parts(), cut
-
-    # -- after the reads ---------------------------------------------------------------------
 
     def _hold(self, streams: list[Stream], carriers: Mapping[int, _Carrier]) -> set[int]:
         """Keep each stream's plain file open for the next reading, and let go of those that
@@ -785,7 +584,7 @@ class LogCollector(Collector):
                 s = wanted[(held.dev, held.ino)]
                 st = os.fstat(held.fh.fileno())
                 s.fin = True
-                s.known[_key(st)] = [st.st_size, st.st_mtime_ns]
+                s.known[key_of(st)] = [st.st_size, st.st_mtime_ns]
                 self._held.pop((held.dev, held.ino)).fh.close()
                 excess -= 1
         return drained
@@ -806,7 +605,7 @@ class LogCollector(Collector):
         self,
         streams: list[Stream],
         carriers: Mapping[int, _Carrier],
-        entries: Mapping[str, _Entry],
+        entries: Mapping[str, Entry],
         found_copy: set[int],
         lost_now: set[int],
         drained: set[int],
@@ -822,7 +621,7 @@ class LogCollector(Collector):
                 (s.id in carriers and s.id not in drained)
                 or s.id in found_copy
                 or (s.ino is not None and s.id not in drained and (s.dev or 0, s.ino) in self._held)
-                or any(k in entries and _same(entries[k], v) for k, v in s.known.items())
+                or any(k in entries and same(entries[k], v) for k, v in s.known.items())
             )
             if carried:
                 s.miss = 0
@@ -871,128 +670,6 @@ class LogCollector(Collector):
         log.warning("%s: usage went unread: %s; %s", self.glob, unread.what, unread.fix)
 
 
-def _check(s: Stream, fh: Any, held: bool) -> None:
-    """Raise _Changed unless the open file still holds the stream's bytes up to its offset.
-
-    Held open, its inode is the stream's for sure: only a truncation (shorter than the offset, or
-    rewritten past it: the bytes before the offset differ) can have happened. Not held (after a
-    restart), the inode may have been reused: its first bytes must agree too."""
-    fd = fh.fileno()
-    if os.fstat(fd).st_size < s.off:
-        raise _Changed
-    if s.off and s.tail is not None and _anchor(s, fd) is None:
-        raise _Changed
-    if held:
-        return
-    if s.legacy is not None:
-        digest, length = s.legacy
-        if _blake(os.pread(fd, length, 0)) != digest:
-            raise _Changed
-    head_at, head = s.checkpoints()[0]
-    if head_at and crc(os.pread(fd, head_at, 0)) != head:
-        raise _Changed
-
-
-def _anchor(s: Stream, fd: int) -> tuple[int, int, int] | None:
-    """(offset, length, crc) of the bytes before the offset that a read must find unchanged when
-    it ends; None when they already are not the stream's. (0, 0, 0): a read from the start, whose
-    own first bytes are checked instead."""
-    if s.off == 0 or s.tail is None:
-        return (0, 0, 0)
-    length, value = s.tail
-    if crc(os.pread(fd, length, s.off - length)) != value:
-        return None
-    return (s.off - length, length, value)
-
-
-def _anchor_holds(fd: int, anchor: tuple[int, int, int], hasher: Hasher) -> bool:
-    at, length, value = anchor
-    if length:
-        return crc(os.pread(fd, length, at)) == value
-    if hasher.behind:
-        return True
-    # A read from the start: the first bytes it hashed must still be there.
-    head_at, head_crc = hasher.head if hasher.head is not None else (hasher.at, hasher.value)
-    return crc(os.pread(fd, head_at, 0)) == head_crc
-
-
-def _plain_owner(fd: int, size: int, streams: list[Stream]) -> Stream | None:
-    """A plain copy at least as long as what was read of a stream, that holds the stream's own
-    first bytes and the bytes just before its offset: `copytruncate`'s copy, found without reading
-    it whole (a copy of a big log is made once a day). Files that begin alike part there too,
-    unless byte-identical where they are compared."""
-    for s in streams:
-        if s.tail is None or not s.off or s.base is not None or size < s.off or s.ck != s.off:
-            continue
-        head_at, head = s.checkpoints()[0]
-        length, tail = s.tail
-        if (
-            crc(os.pread(fd, head_at, 0)) == head
-            and crc(os.pread(fd, length, s.off - length)) == tail
-        ):
-            return s
-    return None
-
-
-def _legacy_head(f: Any, streams: list[Stream]) -> bytes:
-    length = max((s.legacy[1] for s in streams if s.legacy is not None), default=0)
-    return f.read(length) if length else b""
-
-
-class _Moved(Exception):
-    """The name now holds another file than the one listed."""
-
-
-def _key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}"
-
-
-def _same(entry: _Entry, known: list[int] | None) -> bool:
-    return [entry.st.st_size, entry.st.st_mtime_ns] == known
-
-
-def _open_same(f: _Entry) -> Any:
-    """Open the file that was listed as f (same device and inode): at its name, else where a
-    rename in the same folder has put it since (rotation shifts names while a reading runs).
-
-    _Moved when it is in neither place: it is looked at again at the next reading."""
-    path: str | None = f.path
-    for _ in range(3):
-        if path is None:
-            break
-        try:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller
-        except FileNotFoundError:
-            pass
-        else:
-            st = os.fstat(fh.fileno())
-            if (st.st_dev, st.st_ino) == (f.st.st_dev, f.st.st_ino):
-                if path != f.path:
-                    f.path = path
-                return fh
-            fh.close()
-        path = _named(os.path.dirname(f.path), f.st.st_ino)
-    raise _Moved(f.path)
-
-
-def _named(directory: str, ino: int) -> str | None:
-    """The entry of `directory` whose inode is `ino` (the folder's own record; the open that
-    follows checks it)."""
-    try:
-        with os.scandir(directory) as entries:
-            return next((e.path for e in entries if e.inode() == ino), None)
-    except OSError:
-        return None
-
-
-def _is_copy(path: str, others: set[str]) -> bool:
-    """Whether `path` is named like a copy (NAME.*, NAME-*) of another of `others`."""
-    for i, c in enumerate(path):
-        if c in ".-" and i > 0 and path[:i] in others and "/" not in path[i:]:
-            return True
-    return False
-
-
 def _still_there(s: Stream) -> bool:
     """The file a stream was last read from is still at its path but was not listed (its folder
     could not be read): the stream is kept however long that lasts, so its content is never read
@@ -1003,69 +680,3 @@ def _still_there(s: Stream) -> bool:
         return os.stat(s.path).st_ino == s.ino
     except OSError:
         return False
-
-
-def _tail_of(fd: int, off: int) -> tuple[int, int] | None:
-    """(length, crc) of the bytes just before `off`."""
-    length = min(TAIL, off)
-    data = os.pread(fd, length, off - length)
-    if len(data) != length:
-        return None
-    return length, crc(data)
-
-
-def _blake(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _load(state: Mapping[str, Any] | None) -> tuple[list[Stream], int]:
-    """The saved streams and the next free id; positions saved by versions 1 and 2 (known by a
-    fingerprint of their first bytes) are converted: their inode and offset are kept, and their
-    content is hashed from their file at the next readings."""
-    if not state:
-        return [], 1
-    if state.get("v") == STATE_VERSION:
-        streams = [Stream.from_json(d) for d in state.get("streams", [])]
-        return streams, int(state.get("next", 1 + max((s.id for s in streams), default=0)))
-    streams = []
-    for i, d in enumerate(_v2_streams(state), start=1):
-        known = {str(k): [int(v[0]), int(v[1])] for k, v in dict(d.get("ids", {})).items()}
-        home = d.get("home")
-        streams.append(
-            Stream(
-                i,
-                off=int(d["off"]),
-                skip=bool(d.get("skip")),
-                ino=None if home is None else int(home),
-                dev=None,
-                path=str(d.get("path", "")),
-                name=str(d.get("base") or d.get("path", "")),
-                known=known,
-                done=bool(d.get("done")),
-                legacy=(str(d["fp"]), int(d["fl"])),
-                base=int(d["off"]),  # its first bytes are hashed at the next readings
-            )
-        )
-    for s in streams:
-        if s.ino is not None:
-            s.dev = -1  # not saved then: the inode and its first bytes decide (_find_plain)
-    return streams, len(streams) + 1
-
-
-def _v2_streams(state: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    if state.get("v") == 2:
-        yield from (dict(s) for s in state.get("streams", []))
-        return
-    for key, entry in dict(state.get("files", {})).items():
-        fp = bytes.fromhex(entry["fp"])
-        if not fp:
-            continue
-        yield {
-            "fp": _blake(fp),
-            "fl": len(fp),
-            "off": int(entry["offset"]),
-            "skip": bool(entry.get("skip")),
-            "path": entry["path"],
-            "base": entry["path"],
-            "home": int(key.split(":")[1]),
-        }

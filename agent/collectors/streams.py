@@ -1,4 +1,4 @@
-"""How the log collector knows a file: one *stream* per file generation, and the evidence for it.
+"""How the log collector knows a file: one *stream* per file generation, and its saved state.
 
 A stream is the content of one file from its first byte (one inode's generation): what rotation
 renames, copies, compresses and deletes. It is known two ways, kept apart from reading:
@@ -11,29 +11,25 @@ renames, copies, compresses and deletes. It is known two ways, kept apart from r
   `.gz` or other compressed copy, a copy moved across filesystems): a running CRC-32 of *every byte
   read* of the stream, kept at a few offsets (`checkpoints`). A candidate file continues a stream
   when its own first bytes give the same CRC at the stream's checkpoints, judged at the latest one
-  the candidate reaches: all that was read, not a fixed-length prefix. Two files that begin alike
-  (JSON logs whose constant fields come first) part at the first byte that differs. A gzip copy of
-  a stream read to its end is recognised from its trailer alone (it states the CRC-32 and length of
-  what it holds), without decompressing it.
+  the candidate reaches (`evidence.py`).
 
 A stream's state is plain JSON (it travels in the Reading's state and is committed with the count
 it produced), small and bounded: a few integers, two paths and the copies known to hold it.
+`load_state` reads it, and converts positions that versions 1 and 2 saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 HEAD = 4096  # bytes: the first checkpoint, a quick test of a candidate before a longer one
 TAIL = 4096  # bytes before the offset that must still be there for a file not held open
 CHECKPOINTS = 4  # reading ends kept besides the head and the current offset
-
-
-class _Reads(Protocol):
-    def readinto(self, buffer: Any, /) -> int | None: ...
+STATE_VERSION = 3
 
 
 def crc(data: Any, value: int = 0) -> int:
@@ -169,208 +165,58 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def crc_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A+B from those of A and B and B's length (zlib's crc32_combine, which
-    Python's zlib does not offer): a stream whose first bytes are hashed after later ones (a
-    start at the end) joins the two."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four
-    while True:
-        even = _gf2_square(odd)  # the first pass: one zero byte
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+def blake(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _gf2_times(mat: list[int], vec: int) -> int:
-    total, i = 0, 0
-    while vec:
-        if vec & 1:
-            total ^= mat[i]
-        vec >>= 1
-        i += 1
-    return total
+def load_state(state: Mapping[str, Any] | None) -> tuple[list[Stream], int]:
+    """The saved streams and the next free id; positions saved by versions 1 and 2 (known by a
+    fingerprint of their first bytes) are converted: their inode and offset are kept, and their
+    content is hashed from their file at the next readings."""
+    if not state:
+        return [], 1
+    if state.get("v") == STATE_VERSION:
+        streams = [Stream.from_json(d) for d in state.get("streams", [])]
+        return streams, int(state.get("next", 1 + max((s.id for s in streams), default=0)))
+    streams = []
+    for i, d in enumerate(_v2_streams(state), start=1):
+        known = {str(k): [int(v[0]), int(v[1])] for k, v in dict(d.get("ids", {})).items()}
+        home = d.get("home")
+        streams.append(
+            Stream(
+                i,
+                off=int(d["off"]),
+                skip=bool(d.get("skip")),
+                ino=None if home is None else int(home),
+                dev=None,
+                path=str(d.get("path", "")),
+                name=str(d.get("base") or d.get("path", "")),
+                known=known,
+                done=bool(d.get("done")),
+                legacy=(str(d["fp"]), int(d["fl"])),
+                base=int(d["off"]),  # its first bytes are hashed at the next readings
+            )
+        )
+    for s in streams:
+        if s.ino is not None:
+            s.dev = -1  # not saved then: the inode and its first bytes decide (_find_plain)
+    return streams, len(streams) + 1
 
 
-def _gf2_square(mat: list[int]) -> list[int]:
-    return [_gf2_times(mat, row) for row in mat]
-
-
-class Hasher:
-    """The running CRC of what a reading consumes of a stream, recording the head checkpoint when
-    the bytes cross HEAD. Behind (`Stream.base` set: a start at the end has not hashed the bytes
-    it skipped yet), it hashes the consumed bytes apart, to be joined later (`catch_up`)."""
-
-    def __init__(self, s: Stream, pool: Any = None) -> None:
-        self.behind = s.base is not None
-        self.at = s.off if self.behind else s.ck
-        self.value = s.rest if self.behind else s.crc
-        self.head: tuple[int, int] | None = None
-        self.pool = pool  # a one-thread executor: hashing runs there, in order
-        self._last: Any = None
-
-    def feed(self, data: Any) -> Any:
-        """Hash `data` next: in the pool's thread when there is one (in order, while the caller
-        reads and scans on; zlib lets go of the GIL), else at once. Returns what to wait on
-        (`.result()`) before `data`'s buffer is written again, or None."""
-        if self.pool is None:
-            self.update(data)
-            return None
-        self._last = self.pool.submit(self.update, data)
-        return self._last
-
-    def wait(self) -> None:
-        """Until everything fed is hashed: `at`, `value` and `head` are final."""
-        if self._last is not None:
-            self._last.result()
-            self._last = None
-
-    def update(self, data: Any) -> None:
-        n = len(data)
-        if not self.behind and self.at < HEAD < self.at + n:
-            cut = HEAD - self.at
-            self.value = crc(data[:cut], self.value)
-            self.head = (HEAD, self.value)
-            self.value = crc(data[cut:], self.value)
-        else:
-            self.value = crc(data, self.value)
-            if not self.behind and self.at + n == HEAD:
-                self.head = (HEAD, self.value)
-        self.at += n
-
-    def settle(self, s: Stream, off: int, tail: tuple[int, int] | None) -> None:
-        if self.behind:
-            s.off, s.rest = off, self.value
-            if tail is not None:
-                s.tail = tail
-        else:
-            s.note_read(off, self.at, self.value, tail, self.head)
-
-
-def catch_up(s: Stream, read: _Reads, budget: int) -> None:
-    """Hash up to `budget` bytes of what a start at the end skipped (the bytes [ck, base), from
-    `read`, positioned at `ck`); once all are hashed, join them with what was hashed since."""
-    assert s.base is not None
-    value, at = s.crc, s.ck
-    head: tuple[int, int] | None = None
-    buf = bytearray(min(1 << 20, max(1, s.base - at)))
-    view = memoryview(buf)
-    try:
-        while at < s.base and budget > 0:
-            n = read.readinto(view[: min(len(buf), s.base - at, budget)])
-            if not n:
-                break
-            if at < HEAD <= at + n:
-                head = (HEAD, crc(view[: HEAD - at], value))
-            value = crc(view[:n], value)
-            at += n
-            budget -= n
-    finally:
-        view.release()
-    if head is not None:
-        s.points = sorted({*s.points, head})
-    s.ck, s.crc = at, value
-    if at == s.base:
-        s.crc = crc_combine(value, s.rest, s.off - s.base)
-        s.ck, s.base, s.rest = s.off, None, 0
-        if s.off <= HEAD and s.off:
-            s.points = sorted({*s.points, (s.off, s.crc)})
-
-
-@dataclass
-class Verdict:
-    """Which stream a candidate file holds, and how much of it: `full` when it holds all that was
-    read of the stream (it may hold more, to be read from the stream's offset); otherwise it is a
-    copy shorter than the stream's offset (made before lines that `copytruncate` then lost, or
-    while the stream was still growing) and has nothing to add."""
-
-    stream: Stream
-    full: bool
-
-
-def judge(read: _Reads, length: int | None, streams: Iterable[Stream]) -> Verdict | None:
-    """Read a candidate from its first byte and tell which stream, if any, it continues.
-
-    `length` is the candidate's length when known (a plain file), None for a compressed one (read
-    to its end as needed). A stream is continued when the candidate gives the same CRC at every
-    checkpoint of the stream that it reaches, the latest one included; full when it reaches the
-    stream's `ck`. A shorter candidate counts only if it reaches the stream's previous reading end
-    (the copy was made after that reading). Of several, the one agreeing over the most bytes wins
-    (byte-identical files cannot be told apart; either is right then)."""
-    candidates = [s for s in streams if s.ck > 0]  # a stream with nothing read has no evidence
-    if not candidates:
-        return None
-    want: dict[int, list[tuple[Stream, int]]] = {}
-    for s in candidates:
-        for off, value in s.checkpoints():
-            want.setdefault(off, []).append((s, value))
-    alive = {id(s): s for s in candidates}
-    agreed: dict[int, int] = {}  # stream id -> the furthest checkpoint it agreed on
-    offsets = sorted(want)
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    at, value, i = 0, 0, 0
-    try:
-        while alive and i < len(offsets):
-            # checkpoints at the bytes already hashed
-            while i < len(offsets) and offsets[i] <= at:
-                if offsets[i] == at:
-                    for s, expected in want[offsets[i]]:
-                        if id(s) in alive:
-                            if expected == value:
-                                agreed[id(s)] = at
-                            else:
-                                del alive[id(s)]
-                i += 1
-            if i >= len(offsets) or not alive:
-                break
-            need = min(len(buf), offsets[i] - at)
-            n = read.readinto(view[:need])
-            if not n:
-                break
-            value = crc(view[:n], value)
-            at += n
-    finally:
-        view.release()
-    best: tuple[int, int, Stream] | None = None
-    for key, s in alive.items():
-        reached = agreed.get(key)
-        if reached is None:
+def _v2_streams(state: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    if state.get("v") == 2:
+        yield from (dict(s) for s in state.get("streams", []))
+        return
+    for key, entry in dict(state.get("files", {})).items():
+        fp = bytes.fromhex(entry["fp"])
+        if not fp:
             continue
-        full = reached == s.ck
-        if not full:
-            points = s.checkpoints()
-            previous = points[-2][0] if len(points) > 1 else 0
-            if reached < previous or (length is not None and length < previous):
-                continue
-        rank = (1 if full else 0, reached)
-        if best is None or rank > best[:2]:
-            best = (*rank, s)
-    if best is None:
-        return None
-    return Verdict(best[2], best[0] == 1)
-
-
-def gzip_trailer(raw: Any) -> tuple[int, int] | None:
-    """(CRC-32, length mod 2**32) that a gzip file's trailer states of what it holds; None when
-    it cannot be read. Taken from the listed file's own handle, never from whatever has its name."""
-    try:
-        raw.seek(-8, 2)
-        data = raw.read(8)
-    except OSError:
-        return None
-    if len(data) != 8:
-        return None
-    return int.from_bytes(data[:4], "little"), int.from_bytes(data[4:], "little")
+        yield {
+            "fp": blake(fp),
+            "fl": len(fp),
+            "off": int(entry["offset"]),
+            "skip": bool(entry.get("skip")),
+            "path": entry["path"],
+            "base": entry["path"],
+            "home": int(key.split(":")[1]),
+        }
