@@ -108,7 +108,8 @@ def test_rotations_racing_the_readings(tmp_path: Path, rotate_conf: str) -> None
     opens and reads them. (Not copytruncate: a reading inside its copy-to-truncate window bills
     lines the truncate then removes, as docs/log-files.md says.)"""
     assert_billed_as_written(
-        run_scenario(tmp_path, rotate_conf, racing=0.3, interval=0.2), min_rotations=8
+        run_scenario(tmp_path, rotate_conf, racing=0.3, interval=0.2, rotations=8),
+        min_rotations=8,
     )
 
 

@@ -92,6 +92,7 @@ def test_debian_nginx_stanza_with_json_lines_that_all_begin_alike(tmp_path: Path
         fmt=nginx_json,
         every=1.0,
         kill_then_rotate=True,
+        rotations=6,
     )
     assert sorted(p.name for p in (tmp_path / "logs").iterdir())[:3] == [
         "access.log",
@@ -112,6 +113,7 @@ def test_json_lines_rotate_2_compress_without_delaycompress(tmp_path: Path) -> N
         fmt=nginx_json,
         every=1.0,
         kill_then_rotate=True,
+        rotations=6,
     )
     assert outcome.on_disk < outcome.written  # rotate 2 deleted the oldest copies
     assert_billed_as_written(outcome, min_rotations=6, kept=False)
@@ -128,6 +130,7 @@ def test_size_driven_rotation_with_the_same_first_line_in_every_file(tmp_path: P
         first=HEALTH_CHECK,
         every=0.5,
         force=False,
+        rotations=8,
     )
     assert len(outcome.generations) >= 8  # logrotate did rotate, by size
     heads = {
@@ -155,6 +158,7 @@ def test_dateext_with_extension_and_rotated(tmp_path: Path) -> None:
         extra_options=f", rotated: '{logs}/access-*.log*'",
         kill_then_rotate=True,
         min_gap=1.05,  # %s: two rotations in one second would name the same copy (exit 1)
+        rotations=4,
     )
     assert any(p.name.startswith("access-") and p.name.endswith(".log") for p in logs.iterdir())
     assert_billed_as_written(outcome, min_rotations=4)
@@ -263,7 +267,12 @@ def test_state_stays_bounded_with_30_compressed_copies(tmp_path: Path) -> None:
     disk (plus a few for files just deleted), however many rotations there were; and every line
     was billed."""
     outcome = run_scenario(
-        tmp_path, "  create\n  compress\n  rotate 30", interval=0.1, every=0.1, seconds=7.0
+        tmp_path,
+        "  create\n  compress\n  rotate 30",
+        interval=0.1,
+        every=0.1,
+        seconds=7.0,
+        rotations=40,
     )
     files = list((tmp_path / "logs").iterdir())
     assert len([p for p in files if p.name.endswith(".gz")]) == 30
