@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.collectors import linecount
 from agent.emulator import Emulator, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,9 @@ def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
     # The product lock's directory (the unit's RuntimeDirectory=), never the real /run.
     monkeypatch.setenv("METERING_AGENT_RUN_DIR", str(tmp_path / "run"))
+    # `run` in-process switches hyperscan compiling to a child for good (the daemon's choice):
+    # restored after each test, or every later pattern in this worker costs a process start.
+    monkeypatch.setattr(linecount, "_compiler", linecount._compiler)
 
 
 @pytest.fixture

@@ -11,7 +11,14 @@ import sqlite3
 from dataclasses import dataclass
 from decimal import Decimal
 
-from agent.aggregate import Point, Quantity, combine_exact, to_decimal, to_quantity
+from agent.aggregate import (
+    Point,
+    Quantity,
+    combine_exact,
+    reading_problem,
+    to_decimal,
+    to_quantity,
+)
 from agent.clock import iso, iso_hour
 from agent.config.model import Dimension
 from agent.ledger.samples import Samples
@@ -39,7 +46,7 @@ def so_far(ledger: Samples, dim: Dimension, hour: int) -> str | None:
     """What `dim`'s open hour would bill if it were sealed now (None: no sample yet). Reads only,
     skipping a value that is not finite as sealing drops it; None too when the arithmetic fails
     (sealing will then record the hour's seal error, which status shows)."""
-    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if billable(p)]
     try:
         return billed(dim, points)[1].text if points else None
     except (ArithmeticError, ValueError):  # e.g. decimal.Overflow: as seal_hours contains it
@@ -49,18 +56,20 @@ def so_far(ledger: Samples, dim: Dimension, hour: int) -> str | None:
 def drop_bad_points(
     ledger: Samples, db: sqlite3.Connection, name: str, hour: int, points: list[Point]
 ) -> list[Point]:
-    """The hour's points less those that are not a finite number, which are deleted.
+    """The hour's points less those that are not a finite number below 10^30, which are deleted.
 
-    Stored by an agent that did not check values yet (a `rows=nan` line): such a value is that
-    round's collector error today, so it is dropped and the hour's finite samples are billed
-    rather than held for good.
+    Stored by an agent that did not check values yet (a `rows=nan` line, `9E+999999`): such a
+    value is that round's collector error today, so it is dropped and the hour's other samples
+    are billed rather than held for good (or summed in exact arithmetic for seconds: a
+    million-digit fraction).
     """
-    bad = [p for p in points if not p.value.is_finite()]
+    bad = [p for p in points if not billable(p)]
     if not bad:
         return points
     ledger.drop_samples(db, name, [p.t for p in bad])
     log.warning(
-        "hour %s dimension %s: dropped %d stored sample(s) that are not a finite number "
+        "hour %s dimension %s: dropped %d stored sample(s) that are no usage (not a finite "
+        "number below 10^30) "
         "(the first at %s: %s)",
         iso_hour(hour),
         name,
@@ -68,7 +77,12 @@ def drop_bad_points(
         iso(bad[0].t),
         bad[0].value,
     )
-    return [p for p in points if p.value.is_finite()]
+    return [p for p in points if billable(p)]
+
+
+def billable(point: Point) -> bool:
+    """Whether a stored value passes the check a reading gets today (`reading_problem`)."""
+    return reading_problem(point.value) is None
 
 
 def carries(dim: Dimension) -> bool:
