@@ -12,6 +12,7 @@ window is judged as the service would judge it.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.clock import HOUR, Clock, hour_start
+from agent.commands.status import daemon_state
 from agent.emulator import Emulator, Settings
 from agent.windows import send_offset
 from tests.conftest import PRODUCT, ROOT
@@ -214,3 +216,23 @@ def test_the_hook_without_a_running_agent_returns_at_once(tmp_path: Path) -> Non
     assert done.stdout == (
         f"metering-agent: pre suspend: no agent runs for {tmp_path / 'state'}; nothing to send\n"
     )
+
+
+def test_a_hook_signal_during_start_up_does_not_end_the_agent(scene) -> None:
+    """The hook signals whoever holds the state lock; `run` holds it before the daemon listens
+    for SIGUSR1, whose default would end the process."""
+    s = scene()
+    signals = 0
+    deadline = time.monotonic() + 30
+    while "metering-agent started" not in s.agent.output() and s.agent.alive():
+        assert time.monotonic() < deadline, s.agent.output()[-2000:]
+        holder = daemon_state(s.state) if (s.state / "lock").exists() else {"running": False}
+        if holder["running"] and holder["pid"]:
+            os.kill(holder["pid"], signal.SIGUSR1)
+            signals += 1
+        time.sleep(0.002)
+    assert s.agent.alive(), s.agent.output()[-2000:]
+    assert signals >= 1
+    hour = wait_sealed_in_slot(s)  # and it goes on as usual
+    assert s.state_of(hour) == "pending"
+    assert s.agent.terminate() == 0
