@@ -74,6 +74,21 @@ class Clock:
             return 0.0
         return (offset - last) * self.rate
 
+    def suspended(self) -> float:
+        """Real seconds the system has spent suspended or hibernated since it booted: Linux's
+        CLOCK_BOOTTIME counts them, CLOCK_MONOTONIC does not (0.0 where there is no BOOTTIME).
+
+        A growth between two calls is a resume (daemon/wake.py), told apart from a wall-clock
+        step (`stepped`), which moves neither. libfaketime leaves both alone, so a faked jump
+        is a step, not a resume."""
+        boottime = getattr(time, "CLOCK_BOOTTIME", None)
+        if boottime is None:
+            return 0.0
+        # BOOTTIME first: time passing between the two reads makes the difference smaller,
+        # never larger, so jitter cannot look like a suspend.
+        boot = time.clock_gettime(boottime)
+        return max(0.0, boot - time.clock_gettime(time.CLOCK_MONOTONIC))
+
     def sleep(self, seconds: float) -> None:
         """Sleep `seconds` of this clock's time."""
         time.sleep(max(0.0, seconds / self.rate))

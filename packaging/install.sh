@@ -16,6 +16,10 @@ PREFIX=/opt/metering-agent
 DESTDIR=${DESTDIR:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UNIT=/etc/systemd/system/metering-agent.service
+# systemd-sleep's hook folder as this host's systemd names it (Debian 12: /lib/systemd/system-sleep;
+# the same folder as /usr/lib/systemd/system-sleep wherever /usr is merged).
+SLEEP_HOOK=$(pkg-config --variable=systemd_sleep_dir systemd 2>/dev/null || true)
+SLEEP_HOOK=${SLEEP_HOOK:-/usr/lib/systemd/system-sleep}/metering-agent
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
@@ -50,6 +54,8 @@ install_agent() {
     install -d "$DESTDIR/usr/bin"
     ln -sfn "$PREFIX/bin/metering-agent" "$DESTDIR/usr/bin/metering-agent"
     install -D -m 0644 "$ROOT/packaging/metering-agent.service" "$DESTDIR$UNIT"
+    # Before a suspend or hibernation, the sealed hours are sent; after the resume, what is due.
+    install -D -m 0755 "$ROOT/packaging/system-sleep/metering-agent" "$DESTDIR$SLEEP_HOOK"
     if [ -e "$DESTDIR/etc/metering-agent/config.yaml" ]; then
         say "keeping $DESTDIR/etc/metering-agent/config.yaml"
     else
@@ -81,7 +87,7 @@ uninstall_agent() {
     if systemd_running; then
         systemctl disable --now metering-agent.service 2>/dev/null || true
     fi
-    rm -f "$DESTDIR$UNIT" "$DESTDIR/usr/bin/metering-agent"
+    rm -f "$DESTDIR$UNIT" "$DESTDIR$SLEEP_HOOK" "$DESTDIR/usr/bin/metering-agent"
     rm -rf "${DESTDIR:?}$PREFIX"
     if systemd_running; then systemctl daemon-reload; fi
     if [ "$purge" = yes ]; then

@@ -22,6 +22,7 @@ class FakeClock(Clock):
         super().__init__()
         self.t = float(t)
         self.slept: list[float] = []
+        self.asleep = 0.0  # seconds the system spent suspended (what `suspended` reads)
 
     def time(self) -> float:
         return self.t
@@ -31,6 +32,14 @@ class FakeClock(Clock):
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+    def suspended(self) -> float:
+        return self.asleep
+
+    def suspend(self, seconds: float) -> None:
+        """The system sleeps: wall time passes, and so does CLOCK_BOOTTIME, not CLOCK_MONOTONIC."""
+        self.t += seconds
+        self.asleep += seconds
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)

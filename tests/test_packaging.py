@@ -43,3 +43,18 @@ def test_pinned_requirements_cover_the_runtime_dependencies() -> None:
         if "==" in line
     }
     assert {"boto3", "botocore", "psutil", "apscheduler", "pyyaml"} <= pins
+
+
+def test_the_sleep_hook_is_installed_by_both_packagings() -> None:
+    """systemd-sleep runs only executables; Debian 12's reads /lib/systemd/system-sleep."""
+    hook = ROOT / "packaging" / "system-sleep" / "metering-agent"
+    assert hook.stat().st_mode & 0o111 == 0o111
+    text = hook.read_text()
+    for python in ("/usr/lib/metering-agent/bin/python3", "/opt/metering-agent/bin/python3"):
+        assert python in text  # the .deb's venv, install.sh's
+    rules = (ROOT / "debian" / "rules").read_text()
+    assert "debian/metering-agent/lib/systemd/system-sleep/metering-agent" in rules
+    assert (
+        '"$ROOT/packaging/system-sleep/metering-agent" "$DESTDIR$SLEEP_HOOK"'
+        in (ROOT / "packaging" / "install.sh").read_text()
+    )

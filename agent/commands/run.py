@@ -7,6 +7,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,9 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     handler = mode_for(config).registration(config, state_dir / RUNNING_CONFIG, clock, log_format)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
+        # The sleep hook signals the lock's holder: until Daemon.run listens, SIGUSR1 must not
+        # end the process (its default). `run` sends what is due as soon as it runs.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file
         lock.acquire()
         product_lock = take_product_lock(config)

@@ -44,6 +44,7 @@ from agent.config.model import Config, Dimension, bills_alike, changed_dimension
 from agent.daemon.hooks import Hooks
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.triggers import ClockTrigger, snap
+from agent.daemon.wake import SLEEP_FLUSH, Wake
 from agent.errors import EX_NOPERM, AgentError
 from agent.host import identity, stopreason
 from agent.host import platform as platforms
@@ -115,6 +116,7 @@ class Daemon:
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
         self._signalled: float | None = None  # clock.time() of the first SIGTERM/SIGINT
         self._seal_errors: list[tuple[str, int, str]] = []
+        self.wake = Wake(clock)  # SIGUSR1 (the sleep hook) or a resume: send now (wake.py)
         self.scheduler = self._scheduler()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        signal.signal(signal.SIGUSR1, self.wake.ask)
         self.close_hours()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
@@ -147,6 +150,7 @@ class Daemon:
                 self._reload.clear()
                 self.reload()
             self.check_clock()
+            self.send_if_woken()
             self.check_startup()
         self.shutdown()
         return self.exit_code
@@ -383,6 +387,22 @@ class Daemon:
             if isinstance(job.trigger, ClockTrigger):
                 job.modify(next_run_time=job.trigger.get_next_fire_time(None, now))
         self.scheduler.wakeup()
+
+    def send_if_woken(self) -> None:
+        """Before a sleep and after a resume (daemon/wake.py): seal the hours that ended, then
+        send every pending record now, whatever its send slot; asked again each second while
+        an earlier flush still runs."""
+        why = self.wake.due()
+        if why is None or self.stop_event.is_set():
+            return  # a stop sends by itself
+        self._close_hours_locked()
+        if not self._verified() or not self.mode.pending_bounds(self.ledger):
+            self.wake.done()  # nothing may leave, or nothing is pending
+            return
+        if self.sender.start_flush(self.clock.time() + SLEEP_FLUSH * self.clock.rate):
+            log.info("%s: sending the %d pending hour(s) now, whatever their send slot", why,
+                     self.ledger.pending_hour_count())  # fmt: skip
+            self.wake.done()
 
     def sample_round(self, interval: int) -> None:
         """Start a read of every dimension on this interval, each on its own (see reads.py)."""

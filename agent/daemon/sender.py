@@ -58,16 +58,47 @@ class SenderProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._exit: int | None = None  # the last reaped child's code, until take_exit
         self._started = 0.0
+        self._flushing = False  # the running child sends every pending record (start_flush)
         self._closed = False  # stopped: a send tick still running starts nothing more
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start a sender of the hours due now; returns at once (`running` reaps it later)."""
+        """Start a sender of the hours due now; returns at once (`running` reaps it later).
+        Not while another child runs (the send tick and the send slot's job can race)."""
         with self._lock:
             if self._closed:  # it would hold send.lock against the stop flush
                 return
+            if self._child is not None and self._child.poll() is None:
+                return
             self._child = self.popen(self.command(False, None))
-            self._started = self.monotonic()
+            self._started, self._flushing = self.monotonic(), False
+
+    def start_flush(self, deadline: float) -> bool:
+        """Start a sender of every pending record now, ignoring send slots, until `deadline`
+        (clock time); returns at once: the send before a sleep and after a resume
+        (daemon/wake.py). A running sender of what was due is ended first (safe: see the class
+        docstring). False while a flush already runs or another child took its place: ask again.
+        """
+        with self._lock:
+            if self._closed:  # stopping: the stop flush sends them
+                return True
+            child = self._child
+            code = None if child is None else child.poll()
+            if child is not None and code is None and self._flushing:
+                return False
+            if code is not None:  # finished, not yet reaped: its code, as `running` keeps it
+                self._exit = code
+        if child is not None and code is None:
+            log.info("ending send process %d: a flush of every pending hour replaces it", child.pid)
+            end(child)  # outside the lock: `running` and `stop` must not wait on it
+        with self._lock:
+            if self._closed:
+                return True
+            if self._child is not None and self._child is not child:
+                return False  # the send tick started one meanwhile
+            self._child = self.popen(self.command(True, deadline))
+            self._started, self._flushing = self.monotonic(), True
+            return True
 
     def running(self) -> bool:
         """Whether a sender still runs: a finished one is reaped, one over its time ended."""
