@@ -67,9 +67,7 @@ def exporter(tmp_path: Path) -> Any:
 
     def worker(increments: int, path: str) -> int:
         """One worker process that serves `increments` requests and exits."""
-        subprocess.run(
-            [sys.executable, "-c", WORKER, str(increments), path], env=env, check=True
-        )
+        subprocess.run([sys.executable, "-c", WORKER, str(increments), path], env=env, check=True)
         return increments
 
     yield port, worker
