@@ -51,6 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             _say("fail", f"collector {dim.name}: {error}")
         else:
             _say("ok", f"collector {dim.name}: read {plain(s.raw)}{_engine(sampler, dim)}")
+            if s.warning:  # e.g. a counter the answer does not hold yet: a typo shows here
+                _say("warn", f"collector {dim.name}: {s.warning}")
     if any(d.collector.type == "log" for d in cfg.dimensions):
         line = first_reading_line(cfg.state_dir, ledger_instance(cfg.state_dir))
         _say("ok", f"logs' first reading: {line}")
