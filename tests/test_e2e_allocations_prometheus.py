@@ -68,8 +68,10 @@ def test_prometheus_teams_across_an_hour_and_kill9(emulator: Emulator, tmp_path:
 
     agent = Agent(config, env).start()
     try:
-        exporter.inc("acme", 5, kind="data")  # before the first reading: not billable
+        # before the first reading, but the series began after boot (its _created): billed
+        exporter.inc("acme", 5, kind="data")
         live[series_key({"tenant": "acme", "kind": "data"})] = Decimal(5)
+        applied["A"]["data"] += 5
         settle()
         for i in range(60):
             inc("A")

@@ -75,8 +75,11 @@ def test_exporter_churn_and_kill9_across_an_hour(emulator: Emulator, tmp_path: P
     kills = 0
     rng = random.Random(7)
     try:
-        exporter.inc("early", 1000)  # before the first reading: not billable
+        # before the first reading, but the series began after this machine booted (its
+        # _created): all of it is this boot's usage, billed (a fresh ledger counts it from 0)
+        exporter.inc("early", 1000)
         live["early"] = Decimal(1000)
+        applied += 1000
         wait_for("the first baseline", lambda: committed_series(state), 20, agent)
 
         def settle() -> None:

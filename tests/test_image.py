@@ -57,14 +57,17 @@ def test_prepare_image_removes_the_agents_files_and_says_what_first_boot_reads(
     assert state / "ledger.db" in made
     result = run_cli("prepare-image", "--yes", "-c", str(config))
     assert result.returncode == 0, result.stderr
-    assert sorted(state.iterdir()) == [state / "seller-notes.txt"]
+    assert sorted(state.iterdir()) == [state / "image.json", state / "seller-notes.txt"]
+    (logged,) = json.loads((state / "image.json").read_text())["logs"]
+    assert (logged["path"], logged["length"]) == (str(tmp_path / "early.log"), len("GET /\n") * 3)
     removed = {line.split(" ", 1)[1] for line in result.stdout.splitlines() if "removed " in line}
     # reading the ledger for unsent hours may leave its -wal/-shm: removed as well
     assert removed - {f"{state}/ledger.db-wal", f"{state}/ledger.db-shm"} == {str(p) for p in made}
     boot = result.stdout.split("the buyer's first boot:")[1]
     early = next(line for line in boot.splitlines() if line.strip().startswith("early_requests:"))
     late = next(line for line in boot.splitlines() if line.strip().startswith("late_requests:"))
-    assert "from the beginning" in early and "only lines written" in late
+    assert "from the length each file has now" in early and "(18 bytes)" in early
+    assert "no file in the image yet" in late
     assert "600 s" in boot  # the first record: end of hour + up to send_window
     assert "warning:" not in result.stdout
     # a second run finds nothing to remove and succeeds

@@ -27,6 +27,7 @@ from agent.clock import hour_start, iso_hour
 from agent.collectors import (
     Collector,
     CollectorError,
+    NotYet,
     Reading,
     Registry,
     SourceMissing,
@@ -54,17 +55,25 @@ class Sample:
 
 
 def counter_parts(
-    reading: Reading, boot_id: str | None, saved: Mapping[str, Any] | None
+    reading: Reading,
+    boot_id: str | None,
+    saved: Mapping[str, Any] | None,
+    boot_time: Decimal | None = None,
 ) -> tuple[Decimal, dict[str, Decimal] | None, dict[str, Any]]:
     """Difference a running total against its saved baseline; return the increase and the new state.
 
     No baseline yet (the dimension's first reading): 0, since we cannot know what happened before
-    we looked. A new boot (the kernel's boot id changed) restarts every counter: the increment is
-    the reading itself. A reading made of series (`Reading.series`) is differenced per series, see
-    `series_increments`. A baseline saved before boot ids were kept (it has psutil's boot time,
-    which moves when the clock is stepped, so it is not used) counts as the same boot unless the
-    reading is below it. The middle item is each series' increment by its key (None when the
-    totals were compared instead).
+    we looked, except for a series whose source says it began counting after the machine booted
+    (`Reading.started` later than `boot_time`): all of it is this boot's, so it counts from 0
+    (its whole value); on an instance's first boot the product starts before the agent's first
+    reading. A successful answer without the counter (`NotYet`) is a baseline of no series, so
+    each series that appears later counts whole (`series_increments`). A new boot (the kernel's
+    boot id changed) restarts every counter: the increment is the reading itself. A reading
+    made of series (`Reading.series`) is differenced per series, see `series_increments`. A
+    baseline saved before boot ids were kept (it has psutil's boot time, which moves when the
+    clock is stepped, so it is not used) counts as the same boot unless the reading is below
+    it. The middle item is each series' increment by its key (None when the totals were
+    compared instead).
     """
     new: dict[str, Any] = {"boot_id": boot_id}
     if reading.series is not None:
@@ -74,7 +83,8 @@ def counter_parts(
     else:
         new["baseline"] = str(reading.value)
     if not saved or ("baseline" not in saved and "series" not in saved):
-        return Decimal(0), {}, new
+        parts = first_parts(reading, boot_time)
+        return sum(parts.values(), Decimal(0)), parts, new
     legacy = "boot_id" not in saved
     if saved.get("boot_id") and boot_id and saved["boot_id"] != boot_id:
         return reading.value, None if reading.series is None else dict(reading.series), new
@@ -91,6 +101,18 @@ def counter_parts(
     if legacy and reading.legacy_total is not None:
         now = reading.legacy_total
     return (now - before if now >= before else reading.value), None, new
+
+
+def first_parts(reading: Reading, boot_time: Decimal | None) -> dict[str, Decimal]:
+    """A first reading's increments: each series that began after the machine booted, whole;
+    nothing of the others (their baseline)."""
+    if reading.series is None or not reading.started or boot_time is None:
+        return {}
+    return {
+        key: value
+        for key, value in reading.series.items()
+        if key in reading.started and reading.started[key] > boot_time
+    }
 
 
 def series_increments(
@@ -200,8 +222,14 @@ class Sampler:
         if collector is None:
             return Sample(dim.name, t, None, None, None, self.start_errors.get(dim.name))
         saved = saved or {}
+        warning = None
         try:
-            reading = collector.read_within(saved.get("collector"), in_time)
+            try:
+                reading = collector.read_within(saved.get("collector"), in_time)
+            except NotYet as e:
+                if not dim.collector.cumulative:
+                    raise
+                reading, warning = Reading.of_series([]), f"{e} (yet): counted from 0 once it does"
             problem = _value_problem(reading.value)  # before any arithmetic on it
             if problem is not None:
                 return Sample(dim.name, t, None, None, None, problem)
@@ -211,7 +239,10 @@ class Sampler:
             value, parts = reading.value, reading.breakdown
             if dim.collector.cumulative:
                 value, increments, state["counter"] = counter_parts(
-                    reading, self.sources.boot_id(), saved.get("counter")
+                    reading,
+                    self.sources.boot_id(),
+                    saved.get("counter"),
+                    self.sources.boot_time() if not saved.get("counter") else None,
                 )
                 if parts is not None:
                     parts = _by_labels(increments, value)
@@ -240,7 +271,7 @@ class Sampler:
             reading.value,
             value,
             state or None,
-            warning=reading.problem,
+            warning=reading.problem or warning,
             breakdown=breakdown,
             unread=reading.unread,
         )

@@ -14,6 +14,7 @@ from typing import Any
 from agent.collectors.base import (
     Collector,
     CollectorError,
+    NotYet,
     Reading,
     SourceMissing,
     Sources,
@@ -39,6 +40,7 @@ __all__ = [
     "GROUP",
     "Collector",
     "CollectorError",
+    "NotYet",
     "Reading",
     "Registry",
     "SourceMissing",

@@ -33,6 +33,14 @@ class SourceMissing(CollectorError):
     """The source does not exist (yet): a log file not written, a product not started."""
 
 
+class NotYet(CollectorError):
+    """The source answered, but without the metric asked for: a running total not declared yet
+    (prometheus_client's multiprocess mode declares a counter only once a worker has written it).
+    For a counter that answer is a reading of nothing: every series that appears after it has
+    counted from 0 since, so the sampler bills its whole first value. For a level it is an
+    error, as for any reading that finds nothing (a typo in a selector never bills 0 quietly)."""
+
+
 def series_key(labels: Mapping[str, str]) -> str:
     """The canonical text of a label set: JSON of the labels sorted by name, `{"code":"200"}`.
 
@@ -91,6 +99,9 @@ class Reading:
     `counter: true` (or a built-in byte counter) the sampler differences each series on its own.
     `epochs` (optional, same keys) marks each series' life, e.g. OpenMetrics `_created` or an
     interface's ifindex: a changed epoch means that series restarted from 0.
+    `started` (optional, same keys) is when each series began counting, in seconds since the
+    epoch, where the source says (OpenMetrics `_created`, Prometheus `process_start_time_seconds`):
+    on a dimension's first reading, a series that began after the machine booted counts from 0.
     `legacy_total` is only for built-ins whose reading changed meaning: what an older agent would
     have read, to migrate a baseline it saved.
     `breakdown` (optional) splits `value` by labels, `{(("tenant", "acme"),): Decimal(12)}` (see
@@ -113,6 +124,7 @@ class Reading:
         epochs: Iterable[tuple[Mapping[str, str], str]] = (),
         legacy_total: Decimal | None = None,
         breakdown: Mapping[LabelSet, Decimal] | None = None,
+        started: Iterable[tuple[Mapping[str, str], Decimal]] = (),
     ) -> Reading:
         """A reading made of per-series running totals; a label set listed twice is summed.
         A `breakdown` (with `counter: true`, any mapping, e.g. `{}`) asks for samples broken
@@ -122,6 +134,7 @@ class Reading:
             key = series_key(labels)
             values[key] = values.get(key, Decimal(0)) + value
         marks = {series_key(labels): str(epoch) for labels, epoch in epochs}
+        begun = {series_key(labels): Decimal(at) for labels, at in started}
         return cls(
             sum(values.values(), Decimal(0)),
             state,
@@ -129,6 +142,7 @@ class Reading:
             {k: v for k, v in marks.items() if k in values} or None,
             legacy_total,
             breakdown=breakdown,
+            started={k: v for k, v in begun.items() if k in values} or None,
         )
 
     # A problem with part of the source that did not stop the reading (a log line whose value is
@@ -137,6 +151,7 @@ class Reading:
     breakdown: Mapping[LabelSet, Decimal] | None = None
     # Usage this reading found lost for good (see `Unread`); the value is still stored.
     unread: tuple[Unread, ...] = ()
+    started: Mapping[str, Decimal] | None = None
 
 
 @dataclass
@@ -147,6 +162,9 @@ class Sources:
     extra: dict[str, Any] = field(default_factory=dict)
     proc: Path = Path("/proc")  # procfs root: the kernel's boot id
     sys: Path = Path("/sys")  # sysfs root: which network interfaces are backed by a device
+    # What `prepare-image` recorded of the logs in the image (imagerecord.ImageRecord), when it
+    # applies: only to this instance's first boot (`run` claims it); None: `start_at` decides.
+    image: Any = None
 
     def boot_id(self) -> str | None:
         """The kernel's boot id, new at every boot; None where the kernel does not offer one.
@@ -159,6 +177,22 @@ class Sources:
         except OSError:
             return None
         return text or None
+
+    def boot_time(self) -> Decimal | None:
+        """When the machine booted, in seconds since the epoch (`btime` in /proc/stat); None where
+        it cannot be read. It is the wall clock's time at boot, so a counter's start (a time on
+        the same clock) can be compared with it."""
+        try:
+            text = (self.proc / "stat").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("btime "):
+                try:
+                    return Decimal(line.split()[1])
+                except (IndexError, ArithmeticError):
+                    return None
+        return None
 
     def get_psutil(self) -> Any:
         if self.psutil is None:

@@ -39,6 +39,7 @@ from agent.collectors.base import (
     Collector,
     CollectorError,
     Kind,
+    NotYet,
     Reading,
     Sources,
     fold,
@@ -217,6 +218,7 @@ class HttpCollector(Collector):
 
 
 DEFAULT_TIMEOUT = 10.0
+PROCESS_START = "process_start_time_seconds"  # prometheus_client's and most exporters' own
 
 
 def _late(url: str, timeout: float) -> str:
@@ -397,18 +399,25 @@ def prometheus_reading(
     the classic format declares `NAME_total`); its `_created` samples are never summed, they mark
     each series' life (a re-created series gets a new one). A metric the body declares but with no
     matching series yet reads 0 (no request of that kind so far); a metric the body does not
-    mention at all is an error, so a typo in the selector never bills 0 quietly.
+    mention at all raises NotYet: an error for a level, so a typo in the selector never bills 0
+    quietly, and for a counter a reading of nothing (see NotYet).
+
+    Each counter series' start (`Reading.started`) is its `_created`, else the process's own
+    `process_start_time_seconds` in the same answer (one unlabelled sample: this target's).
     """
     family = name[:-6] if name.endswith("_total") else name
-    body = exposition.parse(text, {name, family + "_total", family + "_created"})
+    body = exposition.parse(text, {name, family + "_total", family + "_created", PROCESS_START})
     if require_eof and not body.eof:
         raise exposition.ExpositionError("OpenMetrics answer without # EOF: cut short?")
     is_counter = "counter" in (body.types.get(name), body.types.get(family + "_total"))
     is_counter = is_counter or body.types.get(family) == "counter"
     wanted = {name, family + "_total"} if is_counter else {name}
     created = {_labels_id(s.labels): s.value for s in body.samples if s.name == family + "_created"}
+    process = [s for s in body.samples if s.name == PROCESS_START and s.name != name]
+    process_start = _time(process[0].value) if len(process) == 1 else None
     series: dict[str, Decimal] = {}
     epochs: dict[str, str] = {}
+    started: dict[str, Decimal] = {}
     known = name in body.types or (
         is_counter and (family in body.types or family + "_total" in body.types)
     )
@@ -423,8 +432,11 @@ def prometheus_reading(
         mark = created.get(_labels_id(s.labels)) if is_counter else None
         if mark is not None:
             epochs[key] = _epoch(mark)
+        begun = _time(mark) if mark is not None else process_start
+        if begun is not None:
+            started[key] = begun
     if not known:
-        raise CollectorError(f"the answer has no metric {name}")
+        raise NotYet(f"the answer has no metric {name}")
     breakdown: dict[tuple[tuple[str, str], ...], Decimal] = {}
     for key, value in series.items():
         part = label_set(series_labels(key))
@@ -432,7 +444,9 @@ def prometheus_reading(
             part = fold(part, keep)
         breakdown[part] = breakdown.get(part, Decimal(0)) + value
     total = sum(series.values(), Decimal(0))
-    return Reading(total, series=series, epochs=epochs or None, breakdown=breakdown)
+    return Reading(
+        total, series=series, epochs=epochs or None, breakdown=breakdown, started=started or None
+    )
 
 
 def _labels_id(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -442,6 +456,15 @@ def _labels_id(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def prometheus_sum(text: str, name: str, matchers: list[Matcher]) -> Decimal:
     """Sum the samples of `name` whose labels satisfy every matcher."""
     return prometheus_reading(text, name, matchers).value
+
+
+def _time(value: str) -> Decimal | None:
+    """A time sample (seconds since the epoch) as a number; None when it is not a finite one."""
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
 
 
 def _epoch(created: str) -> str:

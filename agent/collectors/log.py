@@ -381,16 +381,35 @@ class LogCollector(Collector):
     def _new_live(self, entry: Entry, first: bool) -> tuple[Stream, _Carrier]:
         s = Stream(-1, path=entry.path, name=entry.path, live=True)
         carrier = self._carrier(s, entry, None)
-        if first and self.config["start_at"] == "end":
+        if first and self.sources.image is not None:
+            self._start_as_in_image(s, carrier, entry)
+        elif first and self.config["start_at"] == "end":
             s.off, s.skip = self.blocks.end_of_complete_lines(entry)
             s.base = s.off  # hashed from its start at the next readings (`catch_up`)
         return s, carrier
 
+    def _start_as_in_image(self, s: Stream, carrier: _Carrier, entry: Entry) -> None:
+        """The instance's first boot: a plain file that holds a log of the image is read from
+        the length it had there; any other from its beginning (it was not in the image)."""
+        try:
+            length = self.sources.image.length_in_image(carrier.plain.fileno(), entry.st.st_size)
+        except OSError as e:
+            raise CollectorError(f"cannot read {entry.path}: {e.strerror}") from None
+        if length:
+            s.off = s.base = length  # hashed from its start at the next readings (`catch_up`)
+
     def _history(self, entry: Entry, codec: str | None) -> tuple[Stream, _Carrier | None]:
         """A copy present at the dimension's first reading: billed before our time. A plain one
         is followed from its end (the application may still write to it); a compressed one is
-        known by its inode only."""
+        known by its inode only. At an instance's first boot (an image record), a copy is
+        history only as far as the image held it: a plain copy is read on from its length in
+        the image, and a copy the image did not hold is read from its beginning."""
         s = Stream(-1, path=entry.path, name=entry.path)
+        if self.sources.image is not None and not self._in_image_whole(entry, codec):
+            carrier = self._carrier(s, entry, codec)
+            if codec is None:
+                self._start_as_in_image(s, carrier, entry)
+            return s, carrier
         if codec is not None:
             s.done = True
             s.known[entry.key] = [entry.st.st_size, entry.st.st_mtime_ns]
@@ -399,6 +418,22 @@ class LogCollector(Collector):
         s.off, s.skip = self.blocks.end_of_complete_lines(entry)
         s.base = s.off
         return s, carrier
+
+    def _in_image_whole(self, entry: Entry, codec: str | None) -> bool:
+        """Whether the image held all of this copy (so it is history, as without a record): a
+        compressed copy byte for byte, a plain one up to its last complete line."""
+        try:
+            with open_same(entry) as raw:
+                length = self.sources.image.length_in_image(raw.fileno(), entry.st.st_size)
+        except (Moved, FileNotFoundError):
+            return True  # gone since the listing: nothing to read from it
+        except OSError as e:
+            raise CollectorError(f"cannot read {entry.path}: {e.strerror}") from None
+        if length is None:
+            return False
+        if codec is not None:
+            return length == entry.st.st_size
+        return length >= self.blocks.end_of_complete_lines(entry)[0]
 
     def _owner(
         self,

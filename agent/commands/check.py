@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.aggregate import plain
 from agent.clock import Clock
-from agent.commands.common import load_config, make_clock
+from agent.commands.common import first_reading_line, ledger_instance, load_config, make_clock
 from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 
 _quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
@@ -51,6 +51,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             _say("fail", f"collector {dim.name}: {error}")
         else:
             _say("ok", f"collector {dim.name}: read {plain(s.raw)}{_engine(sampler, dim)}")
+            if s.warning:  # e.g. a counter the answer does not hold yet: a typo shows here
+                _say("warn", f"collector {dim.name}: {s.warning}")
+    if any(d.collector.type == "log" for d in cfg.dimensions):
+        line = first_reading_line(cfg.state_dir, ledger_instance(cfg.state_dir))
+        _say("ok", f"logs' first reading: {line}")
     warn_service_access(cfg)
     from agent.config.loader import traps
 

@@ -29,6 +29,31 @@ def make_clock(args: argparse.Namespace) -> Clock:
         raise AgentError(f"--clock {args.clock!r}: expected RATE[:ORIGIN[:WALL0]]") from None
 
 
+def first_reading_line(state_dir: Path, instance_id: str | None) -> str:
+    """One line for `check` and `status`: what decides where a log's first reading starts (the
+    image record at an instance's first boot, else `start_at`)."""
+    from agent.collectors import Sources, imagerecord
+
+    return imagerecord.describe(Path(state_dir), instance_id, Sources().boot_id())
+
+
+def ledger_instance(state_dir: Path) -> str | None:
+    """The instance id the ledger names, if a ledger can be read; None otherwise."""
+    try:
+        ledger = open_ledger_readonly(state_dir, "check")
+    except AgentError:
+        return None
+    if ledger is None:
+        return None
+    try:
+        found = ledger.get_meta("instance_id")
+        return str(found) if found else None
+    except sqlite3.Error:
+        return None
+    finally:
+        ledger.close()
+
+
 def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
     """The ledger for reading, or None when there is none yet; never creates or writes one.
 

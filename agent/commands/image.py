@@ -4,7 +4,9 @@ Why: a ledger baked on the seller's build instance holds the seller's own test h
 agent would move it aside (one instance, one ledger), but it is better never shipped, and neither
 are a health file, locks or a running-config copy that describe the build instance. This command
 removes exactly those files, refuses while `run` holds the state dir (stop it first: it would
-write them again), and says what the buyer's first boot will read.
+write them again), records each log the config names as it is in the image (`image.json`, so
+the buyer's first boot reads only what the buyer's instance wrote), and says what that first boot
+will read.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from agent.commands.common import load_config
+from agent.clock import Clock, iso
+from agent.collectors import Sources, imagerecord
+from agent.collectors.imagerecord import ImageRecord
+from agent.commands.common import load_config, make_clock
 from agent.config.loader import traps
 from agent.config.model import Config
 from agent.errors import AgentError, LockHeld
+from agent.host.ownership import adopt
 from agent.ledger import Ledger
 from agent.modes.choose import mode_for
 
@@ -59,15 +65,56 @@ def hold(path: Path) -> IO[str] | None:
     return f
 
 
-def first_boot(cfg: Config) -> list[str]:
+def image_logs(cfg: Config) -> dict[str, list[str]]:
+    """Per log dimension, the files its first reading would find: the live files its `path`
+    names and the copies beside them (and in `rotated`), as the collector lists them."""
+    from agent.collectors.logfiles import Files
+
+    found: dict[str, list[str]] = {}
+    for dim in cfg.dimensions:
+        if dim.collector.type != "log":
+            continue
+        opts = dim.collector.options
+        entries = Files(opts["path"], opts.get("rotated")).entries([], [])
+        found[dim.name] = sorted(e.path for e in entries.values())
+    return found
+
+
+def record_image(cfg: Config, clock: Clock, build_instance: str | None) -> ImageRecord:
+    """Write `<state_dir>/image.json`: each log file in the image with its identity and length,
+    so the first boot of an instance made from it reads only what is new (imagerecord.py)."""
+    state_dir = Path(cfg.state_dir)
+    paths = [p for files in image_logs(cfg).values() for p in files]
+    made = iso(clock.time()) or ""
+    record = imagerecord.build(paths, made, Sources().boot_id(), build_instance)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = imagerecord.write(state_dir, record)
+        adopt(state_dir, path)
+    except OSError as e:
+        raise AgentError(f"cannot write {state_dir / imagerecord.FILE}: {e.strerror}") from None
+    return record
+
+
+def first_boot(cfg: Config, record: ImageRecord | None = None) -> list[str]:
     """What the buyer's first boot will read, per log dimension, and when its first record goes."""
     lines = []
+    files = image_logs(cfg) if record is not None else {}
+    lengths = {r.path: r.length for r in record.logs} if record is not None else {}
     for dim in cfg.dimensions:
         if dim.collector.type != "log":
             continue
         opts = dim.collector.options
         path = opts["path"]
-        if opts.get("start_at") == "beginning":
+        if record is not None:
+            held = [f"{p} ({lengths[p]:,} bytes)" for p in files.get(dim.name, []) if p in lengths]
+            lines.append(
+                f"{dim.name}: reads {path} from the length each file has now, so only lines "
+                "written on the buyer's instance are billed, including those written before "
+                "the agent's first reading; a file not in the image is read from its beginning"
+                + (f" (recorded: {', '.join(held)})" if held else " (no file in the image yet)")
+            )
+        elif opts.get("start_at") == "beginning":
             lines.append(
                 f"{dim.name}: reads {path} from the beginning: lines in it when the image is "
                 "made are billed in the buyer's first hour (empty the log before baking if "
@@ -86,8 +133,11 @@ def first_boot(cfg: Config) -> list[str]:
     return lines
 
 
-def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
-    """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking."""
+def prepare(
+    cfg: Config, yes: bool, out: Any = None, stdin: Any = None, clock: Clock | None = None
+) -> int:
+    """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking,
+    and record the logs in the image."""
     out = out or sys.stdout
     stdin = stdin or sys.stdin
     refusal = mode_for(cfg).image_refusal()  # a SaaS ledger is never removed for an image
@@ -97,18 +147,44 @@ def prepare(cfg: Config, yes: bool, out: Any = None, stdin: Any = None) -> int:
     state_dir = Path(cfg.state_dir)
     guards = [hold(state_dir / name) for name in LOCKS]
     try:
+        build_instance = _instance(state_dir)  # before the ledger that names it goes
         code = _remove(state_dir, yes, out, stdin)
+        record = record_image(cfg, clock or Clock(), build_instance) if code == 0 else None
     finally:
         for guard in guards:
             if guard is not None:
                 guard.close()
-    if code == 0:
+    if record is not None:
+        print(
+            f"recorded {len(record.logs)} log file(s) in {state_dir / imagerecord.FILE}",
+            file=out,
+        )
         print("the buyer's first boot:", file=out)
-        for line in first_boot(cfg):
+        for line in first_boot(cfg, record):
             print(f"  {line}", file=out)
         for trap in traps(cfg):  # the last chance to see an emulator endpoint before it ships
             print(f"warning: {trap}", file=out)
     return code
+
+
+def _instance(state_dir: Path) -> str | None:
+    """The instance id the ledger was verified with (IMDS), if any: the build machine, on which
+    the image record must not apply."""
+    if not (state_dir / LEDGER).is_file():
+        return None
+    try:
+        ledger = Ledger(state_dir, readonly=True)
+    except (AgentError, OSError, sqlite3.Error):
+        return None
+    try:
+        if ledger.get_meta("instance_id_source") != "imds":
+            return None
+        found = ledger.get_meta("instance_id")
+        return str(found) if found else None
+    except sqlite3.Error:
+        return None
+    finally:
+        ledger.close()
 
 
 def _unsent(state_dir: Path) -> str | None:
@@ -169,4 +245,4 @@ def cmd_prepare_image(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     Sampler(cfg)  # the collectors build, as `check --offline` has them (plugins among them)
-    return prepare(cfg, args.yes)
+    return prepare(cfg, args.yes, clock=make_clock(args))

@@ -11,8 +11,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from agent.clock import Clock
+from agent.clock import Clock, iso
 from agent.collecting.sampling import Sampler
+from agent.collectors import Sources, imagerecord
 from agent.commands.common import load_config, make_clock
 from agent.config.loader import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.config.model import Config
@@ -164,8 +165,24 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
     sender = SenderProcess(command, clock.monotonic)
     where = describe_platform(config, plat, ledger, ident, metadata)
-    return Daemon(config, clock, ledger, ident, Sampler(config), sender, (lock, product_lock),
+    sampler = Sampler(config, sources=first_boot_sources(state_dir, ledger, clock))
+    return Daemon(config, clock, ledger, ident, sampler, sender, (lock, product_lock),
                   plat, where, registration=handler, modes=mode_for)  # fmt: skip
+
+
+def first_boot_sources(state_dir: Path, ledger: Ledger, clock: Clock) -> Sources:
+    """The collectors' sources, with the image record when this is the first boot of an
+    instance made from the image (claimed now, so it never applies to a later boot)."""
+    sources = Sources()
+    try:
+        record, line = imagerecord.claim(
+            state_dir, ledger.get_meta("instance_id"), sources.boot_id(), iso(clock.time()) or ""
+        )
+    except OSError as e:  # cannot mark it used: not used, rather than used at every start
+        record, line = None, f"image record not used: cannot write it ({e.strerror})"
+    log.info("where logs start: %s", line)
+    sources.image = record
+    return sources
 
 
 def describe_platform(

@@ -17,7 +17,13 @@ from typing import Any
 from agent.billing.hour import so_far as hour_so_far
 from agent.billing.saas_sealing import NO_LABEL
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
-from agent.commands.common import hour_row, load_config, open_ledger_readonly, table
+from agent.commands.common import (
+    first_reading_line,
+    hour_row,
+    load_config,
+    open_ledger_readonly,
+    table,
+)
 from agent.config.model import Config
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
 from agent.host import platform as platforms
@@ -113,6 +119,7 @@ def collect(
             "state_dir": str(config.state_dir),
             "platform": platform_report(None, config),
             "daemon": daemon_state(config.state_dir),
+            "first_reading": _first_reading(config, None),
             "ledger": None,
             "health": None,
             "dimensions": [{"name": d.name} for d in config.dimensions],
@@ -136,6 +143,7 @@ def collect(
         "ledger": str(ledger.path),
         "daemon": daemon,
         "platform": platform_report(ledger, config),
+        "first_reading": _first_reading(config, instance_id),
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
         "next_send": iso(when),
@@ -167,6 +175,13 @@ def collect(
         "register_usage": registration_status(ledger, config),
         **mode.status(ledger, config, now),
     }
+
+
+def _first_reading(config: Config, instance_id: str | None) -> str | None:
+    """What decides where a log's first reading starts; None without log dimensions."""
+    if not any(d.collector.type == "log" for d in config.dimensions):
+        return None
+    return first_reading_line(config.state_dir, instance_id)
 
 
 def next_send(ledger: Ledger, config: Config, now: float, mode: Mode | None = None) -> float | None:
@@ -231,6 +246,8 @@ def render(report: dict[str, Any]) -> str:
             f"no ledger yet in {report['state_dir']}: `metering-agent run` has not started"
         )
         lines.append(_platform_line(report["platform"]))
+        if report["first_reading"]:
+            lines.append(f"  logs' first reading: {report['first_reading']}")
         return "\n".join(lines)
     h = report["health"]
     since = f" since {h['failing_since']}" if h["failing_since"] else ""
@@ -244,6 +261,8 @@ def render(report: dict[str, Any]) -> str:
         f"  instance: {report['instance_id']}   send slot: +{report['send_offset_seconds']} s"
     )
     lines.append(_platform_line(report["platform"]))
+    if report["first_reading"]:
+        lines.append(f"  logs' first reading: {report['first_reading']}")
     other = report.get("other_mode_pending")
     if other:
         lines.append(
