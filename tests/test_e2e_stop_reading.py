@@ -24,6 +24,7 @@ from agent.ledger import Ledger
 from agent.ledger.customers import Customer
 from tests.conftest import PRODUCT
 from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for
+from tests.test_prometheus_exporter import Exporter
 
 pytestmark = pytest.mark.e2e
 REGION = "eu-west-1"
@@ -227,3 +228,38 @@ def test_a_reload_seals_a_changed_dimension_with_its_last_reading(
     finally:
         db.close()
     assert carried[0] == 50
+
+
+def test_a_stop_counts_a_prometheus_counters_increase_since_the_last_round(
+    emu: Emulator, tmp_path: Path, agents: list[Agent]
+) -> None:
+    """A real prometheus_client exporter: what its counter gained after the start-up round (the
+    baseline) is billed by the stop's last reading."""
+    exporter = Exporter(tmp_path)
+    try:
+        exporter.inc("acme", 5)  # before the first reading: the baseline, not billed
+        state, config = tmp_path / "state", tmp_path / "config.yaml"
+        config.write_text(
+            "\n".join(
+                [
+                    f"product_code: {PRODUCT}",
+                    f"state_dir: {state}",
+                    f'metering: {{endpoint_url: "{emu.url}", send_window: 0, '
+                    "startup_check: false}",
+                    "sampling: {interval: 60s}",
+                    "dimensions:",
+                    "  - name: jobs",
+                    f"    collector: {{type: http, url: 'http://127.0.0.1:{exporter.port}/metrics',"
+                    " format: prometheus, query: jobs_total, counter: true}",
+                ]
+            )
+            + "\n"
+        )
+        agent = start(agents, config, env_for("ec2", emu))
+        wait_for("the baseline stored", lambda: last_t(state, "jobs") is not None, 30, agent)
+        exporter.inc("acme", 7)
+        exporter.inc("globex", 11)  # a series first seen after the first reading: from 0
+        assert agent.terminate() == 0
+    finally:
+        exporter.stop()
+    assert billed(emu, "jobs") == 7 + 11
