@@ -18,6 +18,12 @@ wall clock stepped, and if so gives every ClockTrigger job (sampling, sealing, t
 watchdog) its next fire time from the new wall time, then wakes the scheduler. A forward step runs
 each job once (coalesced), never a burst. Sealing looks at the ledger, not at the trigger, and the
 ledger refuses an instant a dimension already has, so re-lived minutes are not billed twice.
+
+Every stop first takes one last reading of every dimension (`begin_last_reading`): SIGTERM/SIGINT,
+a container's stop, a restart (the hour stays open; the reading is stored for the restarted agent
+to bill), and a reload that seals a changed dimension (the old collector reads
+before its hour is sealed). All dimensions at once, each within its timeout, all within
+STOP_READING seconds; a hung source is left behind and the stop goes on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,20 @@ SEND_TICK = 15  # seconds of clock time between checks for due work
 # terminationGracePeriodSeconds default to 30 s, then SIGKILL): the flush gets 20 s, its child is
 # ended 2 s after, so seal + flush + exit stay well inside it.
 CONTAINER_STOP_FLUSH = 20
+# A stop's last reading takes at most this long (every dimension at once, each within its own
+# timeout, default 10 s): in a task or pod it comes out of the flush's 20 s and leaves it 10 s.
+STOP_READING = 10
+STORE_GRACE = 0.5  # seconds after a read's deadline for it to store what it read by then
+
+
+@dataclasses.dataclass(frozen=True)
+class LastReading:
+    """A stop's last reading under way: its instant, and each dimension's read with the time
+    (monotonic) it has until."""
+
+    t: float
+    until: dict[str, float]
+    dims: tuple[Dimension, ...]
 
 
 class Daemon:
@@ -277,9 +297,12 @@ class Daemon:
                 snapshot.unlink(missing_ok=True)
             return
         keep_snapshot(self.state_dir, snapshot)
+        changed = changed_dimensions(self.config, new)
+        if changed:  # their hour is sealed now: first the old collectors' last reading goes in
+            self.finish_last_reading(self.begin_last_reading(changed, self.sampler))
         with self._round_lock:
             if self._verified():
-                self._seal_as_sampled(changed_dimensions(self.config, new), self.clock.time())
+                self._seal_as_sampled(changed, self.clock.time())
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
                 self.offset = send_offset(
@@ -313,13 +336,17 @@ class Daemon:
         self.mode.seal_hours(self.ledger, old, now, self.offset, include_current=True)
 
     def shutdown(self) -> None:
-        """Stop sampling; seal the partial hour and send what is pending for at most 30 s.
+        """Stop sampling; take the last reading; seal the partial hour and send what is pending
+        for at most 30 s.
 
-        A restart (stopreason: systemd's own job for the unit) leaves the current hour open and
-        sends nothing: the restarted agent continues the hour, seals it at the boundary and
+        The last reading runs while the sender and the registration child are stopped, and
+        is stored (or abandoned, see finish_last_reading) before anything is sealed. A restart
+        (stopreason: systemd's own job for the unit) leaves the current hour open and sends
+        nothing: the restarted agent continues the hour, seals it at the boundary and
         sends at once what is pending."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        last = self.begin_last_reading(self.config.dimensions, self.sampler)
         # In a container the grace is short: a running sender is ended at once (its requests
         # are resent identically), and the flush budget counts from the signal.
         self.sender.stop(at_once=self.platform.container)
@@ -339,11 +366,12 @@ class Daemon:
                     e,
                 )
                 restart = False
+        self.finish_last_reading(last)
         with self._round_lock:  # a read storing its sample finishes its write first
             self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
-            for dim in self.config.dimensions:
-                self.ledger.clip_last_span(dim.name, stop)
+            for dim in self.config.dimensions:  # an integral's time ends at the last reading
+                self.ledger.clip_last_span(dim.name, min(last.t, stop))
             if self._verified():
                 self.mode.seal_hours(
                     self.ledger, self.config, stop, self.offset, include_current=not restart
@@ -369,6 +397,37 @@ class Daemon:
         left = self.ledger.pending_hour_count()
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
+
+    def begin_last_reading(self, dims: Sequence[Dimension], sampler: Sampler) -> LastReading:
+        """Start a stop's last reading of `dims` with `sampler`'s collectors: each on its own
+        worker, right after the read in flight there (a collector is never used by two threads),
+        within its timeout after that one's deadline, and all by STOP_READING s from now. Its
+        instant is now, or just after the newest round's instant when a round snapped ahead of
+        it: a level or counter is never refused as an instant already lived."""
+        now = self.clock.time()
+        newest = self.reads.newest()
+        t = now if newest is None or newest < now else newest + 0.001
+        end = self.clock.monotonic() + STOP_READING
+        until = {}
+        for dim in dims:
+            timeout = min(
+                float(dim.collector.options.get("timeout", 10)), dim.interval / self.clock.rate
+            )
+            read = functools.partial(self._read, dim, t, sampler)
+            until[dim.name] = self.reads.last(dim.name, t, timeout, end, read)
+        return LastReading(t, until, tuple(dims))
+
+    def finish_last_reading(self, last: LastReading) -> None:
+        """Wait for the last reading, each read until its time (and STORE_GRACE to store what it
+        had by then). A dimension still reading then is left behind, counted as its collector's
+        error: nothing of that read is stored, so its position stays and the next start reads
+        what it had not."""
+        late = self.reads.idle({n: end + STORE_GRACE for n, end in last.until.items()})
+        for dim in last.dims:
+            if dim.name in late:
+                self._collector_error(
+                    dim, last.t, "no last reading at the stop: a read still ran past its timeout"
+                )
 
     # -- jobs --------------------------------------------------------------------------------
 
