@@ -21,6 +21,7 @@ from agent.host.ownership import adopt
 from agent.ledger.customers import Customers
 from agent.ledger.database import LEDGER_FILE, Database
 from agent.ledger.dimensions import Dimensions
+from agent.ledger.faults import DAMAGED, LedgerDamaged, kind_of, refuse_damaged, same_file
 from agent.ledger.hours import Hours
 from agent.ledger.migrations import migrate
 from agent.ledger.samples import Samples
@@ -40,16 +41,24 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
+            refuse_damaged(self.path)  # an empty file, or its -wal gone: never a new ledger
             if not self.path.exists():
                 self._create()
             self.db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a transaction that returned is on disk, even across power loss.
-            self.db.execute("PRAGMA synchronous=FULL")
-            migrate(self)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a transaction that returned is on disk, even across power loss.
+                self.db.execute("PRAGMA synchronous=FULL")
+                migrate(self)
+            except sqlite3.DatabaseError as e:
+                if kind_of(e) != DAMAGED:
+                    raise
+                self.db.close()
+                raise LedgerDamaged(self.path, str(e)) from None
             adopt(Path(state_dir), *(Path(f"{self.path}{x}") for x in ("", "-wal", "-shm")))
+        self.opened = self.identify()
         self.db.execute("PRAGMA busy_timeout=30000")
 
     def _create(self) -> None:
@@ -68,5 +77,64 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
             os.link(tmp, self.path)
         except FileExistsError:
             pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def identify(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def gone(self) -> bool:
+        """Whether the file this connection writes is no longer the ledger at its path (deleted
+        with its state dir, or replaced): SQLite goes on writing to the unlinked file."""
+        return not same_file(self.path, self.opened)
+
+    def verify(self) -> str | None:
+        """`run`'s start: SQLite's quick_check of every page. Damage in indexes only is repaired
+        (REINDEX rebuilds them from the tables: nothing is lost) and the repair returned, to be
+        logged; damage in a table raises LedgerDamaged."""
+        problem = self.quick_check()
+        if problem is None:
+            return None
+        if self.repair():
+            return f"its indexes were damaged ({problem}); rebuilt from the tables, nothing lost"
+        raise LedgerDamaged(self.path, problem)
+
+    def repair(self) -> bool:
+        """REINDEX, then quick_check again: whether the ledger is whole now."""
+        with self._lock:
+            try:
+                self.db.execute("REINDEX")
+            except sqlite3.DatabaseError:
+                return False
+        return self.quick_check() is None
+
+    def quick_check(self) -> str | None:
+        """SQLite's quick_check: None when whole, else what it found (or the error it raised)."""
+        with self._lock:
+            try:
+                rows = self.db.execute("PRAGMA quick_check").fetchall()
+            except sqlite3.DatabaseError as e:
+                return str(e)
+        found = [str(r[0]) for r in rows]
+        return None if found == ["ok"] else "; ".join(found[:3])
+
+    def copy_to(self, path: Path) -> None:
+        """Write the whole database this connection reads (even an unlinked one) to `path`
+        (SQLite's online backup), as a new file linked into place only when complete; never over
+        a file already there (FileExistsError)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.restore")
+        tmp.unlink(missing_ok=True)
+        target = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            with self._lock:
+                self.db.backup(target)
+        finally:
+            target.close()
+        try:
+            os.link(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
