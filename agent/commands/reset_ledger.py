@@ -16,7 +16,6 @@ import fcntl
 import os
 import sqlite3
 import sys
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +24,7 @@ from agent.commands.common import load_config
 from agent.errors import AgentError, LockHeld
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
-from agent.ledger.faults import LedgerDamaged, refuse_damaged
+from agent.ledger.faults import LedgerDamaged, damaged_name, refuse_damaged
 
 LOCKS = ("lock", "send.lock")
 
@@ -67,11 +66,6 @@ def damage(path: Path) -> str | None:
         ledger.close()
 
 
-def aside_name(path: Path, now: float) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    return path.with_name(f"{path.name}.damaged-{stamp}")
-
-
 def reset(state_dir: Path, yes: bool, now: float, out: Any = None) -> int:
     out = out or sys.stdout
     if not yes:
@@ -90,7 +84,7 @@ def reset(state_dir: Path, yes: bool, now: float, out: Any = None) -> int:
                 f"{path} is not damaged (SQLite's quick_check finds it whole): nothing moved; "
                 "its unsent hours would be lost for nothing"
             )
-        dest = aside_name(path, now)
+        dest = damaged_name(path, now)
         for suffix in ("", "-wal", "-shm"):
             part = Path(f"{path}{suffix}")
             if part.exists():

@@ -18,6 +18,7 @@ import errno
 import os
 import sqlite3
 import struct
+import time
 from pathlib import Path
 
 from agent.errors import AgentError
@@ -45,6 +46,12 @@ class LedgerDamaged(AgentError):
             f"keep a copy if you want to salvage it, then `{RESET}` moves it aside and the next "
             "`run` starts a new one"
         )
+
+
+def damaged_name(path: Path, now: float) -> Path:
+    """Where a damaged ledger is kept: `ledger.db.damaged-<UTC time>` beside it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return path.with_name(f"{path.name}.damaged-{stamp}")
 
 
 def kind_of(error: BaseException) -> str | None:

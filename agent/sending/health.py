@@ -171,6 +171,11 @@ def write(
     target = Path(state_dir) / HEALTH_FILE
     try:
         _replace(Path(state_dir), target, data)
+    except FileNotFoundError:
+        if Path(state_dir).is_dir():
+            raise
+        # the state dir was deleted (a sender child running then): nowhere to write; the
+        # daemon notices it gone, makes it again and writes health there
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not target.exists():
             raise
