@@ -251,6 +251,7 @@ def test_damaged_ledger_then_reset(emulator: Emulator, tmp_path: Path) -> None:
         if agent.alive():
             agent.kill9()
     assert agent.output().count("storage: ledger damaged since") == 1
+    assert "storage: state dir gone" not in agent.output()  # the stop names it as it is
     assert "Traceback" not in agent.output()
     again = subprocess.run(
         [sys.executable, "-m", "agent", "run", "-c", str(config)],

@@ -345,11 +345,11 @@ class Daemon:
             self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
             try:
-                if not self.storage_works():  # readings kept in memory are stored first
-                    raise StateDirGone(self.storage.detail)
-                for dim in self.config.dimensions:
-                    self.ledger.clip_last_span(dim.name, stop)
-                if self._verified():
+                stored = self.storage_works()  # readings kept in memory are stored first
+                if stored:
+                    for dim in self.config.dimensions:
+                        self.ledger.clip_last_span(dim.name, stop)
+                if stored and self._verified():
                     self.mode.seal_hours(
                         self.ledger, self.config, stop, self.offset, include_current=not restart
                     )
@@ -358,6 +358,7 @@ class Daemon:
             except Exception as e:
                 if not self.storage.failed(e, stop, self.ledger.path):
                     raise
+            if self.storage.failing:
                 log.error("stopping while the agent cannot store (%s): %d reading(s) kept in "
                           "memory are lost; the samples in the ledger are sealed at the next start",
                           self.storage.kind, len(self.storage.unstored))  # fmt: skip
