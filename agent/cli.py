@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_prepare_image)
+
+    p = sub.add_parser(
+        "reset-ledger",
+        parents=[common],
+        help="move a damaged ledger aside (ledger.db.damaged-TIME) so the next `run` starts anew",
+    )
+    p.add_argument("--yes", action="store_true", help="required: the move is on purpose")
+    p.set_defaults(func=cmd_reset_ledger)
     add_customer_commands(sub, common)
     return parser
 
@@ -344,6 +352,12 @@ def cmd_prepare_image(args: argparse.Namespace) -> int:
     from agent.commands import image
 
     return image.cmd_prepare_image(args)
+
+
+def cmd_reset_ledger(args: argparse.Namespace) -> int:
+    from agent.commands import reset_ledger
+
+    return reset_ledger.cmd_reset_ledger(args)
 
 
 def cmd_customers_add(args: argparse.Namespace) -> int:

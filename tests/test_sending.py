@@ -61,7 +61,7 @@ def test_sends_due_hours_oldest_first_with_the_sealed_request(setup) -> None:
     assert all(h.record_id for h in ledger.hours())
     assert health(cfg) | {"last_success": None} == {
         "ok": True, "authorized": True, "last_success": None, "failing_since": None,
-        "pending_hours": 0, "reason": None,
+        "pending_hours": 0, "reason": None, "storage": None,
     }  # fmt: skip
 
 

@@ -149,16 +149,16 @@ def test_status_check_exits_by_health_and_prints_nothing(tmp_path: Path) -> None
 
 
 def test_status_check_is_0_or_1_only(tmp_path: Path) -> None:
-    """A ledger the probe cannot read (the product's own user; here a damaged file) falls back
-    to health.json, which is written for that reader; a bad config is 1 with one line."""
+    """A damaged ledger is not ok whatever health.json says (the agent cannot store what it
+    reads: issue 23); a bad config is 1 with one line."""
     cfg = make_config(tmp_path)
     state = Path(cfg.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     (state / "ledger.db").write_bytes(b"not a database" * 100)
-    for ok, code in ((True, 0), (False, 1)):
+    for ok in (True, False):
         (state / "health.json").write_text(f'{{"ok": {str(ok).lower()}}}')
         result = run_cli("status", "--check", "-c", str(cfg.source))
-        assert (result.returncode, result.stdout, result.stderr) == (code, "", "")
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", "")
     (state / "health.json").unlink()
     result = run_cli("status", "--check", "-c", str(cfg.source))
     assert (result.returncode, result.stdout, result.stderr) == (1, "", "")

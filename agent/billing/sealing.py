@@ -16,6 +16,7 @@ from agent.billing.hour import Sealed
 from agent.clock import HOUR, hour_start, iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
+from agent.ledger.faults import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def seal_pass(
     Each (dimension, hour) seals in its own transaction: one that cannot be sealed (a value the
     arithmetic refuses, a database error) is logged, kept in the ledger for `status` and health,
     and retried at the next pass, while every other dimension's hours go on being sealed and sent.
+    The ledger's own storage failing (disk full, damaged, gone: ledger/faults.py) is no one
+    dimension's problem: it ends the pass, raised to the daemon, which names that state.
     `hold(dimension, hour)` keeps an hour open while a read for it is still within its deadline.
     """
     dims = {d.name: d for d in config.dimensions}
@@ -59,6 +62,8 @@ def seal_pass(
         try:
             sealed.extend(seal_one(dim, hour))
         except Exception as e:  # contained: this dimension's hour only
+            if kind_of(e) is not None:
+                raise
             failed.add(name)
             _note_seal_error(ledger, name, hour, f"{type(e).__name__}: {e}")
             continue

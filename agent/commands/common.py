@@ -62,6 +62,7 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
     """
     from agent.ledger import Ledger
     from agent.ledger.database import LEDGER_FILE
+    from agent.ledger.faults import DAMAGED, LedgerDamaged, kind_of, refuse_damaged
     from agent.ledger.migrations import SCHEMA_VERSION
 
     path = Path(state_dir) / LEDGER_FILE
@@ -72,12 +73,16 @@ def open_ledger_readonly(state_dir: Path, command: str = "status") -> Any:
         raise ownership.unreadable(Path(state_dir), command) from None
     if not os.access(path, os.R_OK):
         raise ownership.unreadable(Path(state_dir), command)
+    # an empty file, or one whose -wal is gone, is damaged, not an old schema to migrate
+    refuse_damaged(path)
     try:
         ledger = Ledger(state_dir, readonly=True)
         version = ledger.schema_version()
     except sqlite3.Error as e:
         if not os.access(state_dir, os.W_OK) and "unable to open" in str(e):
             raise ownership.unreadable(Path(state_dir), command) from None
+        if kind_of(e) == DAMAGED:
+            raise LedgerDamaged(path, str(e)) from None
         raise AgentError(f"{state_dir}/{LEDGER_FILE}: cannot read the ledger: {e}") from None
     if version < SCHEMA_VERSION:
         ledger.close()

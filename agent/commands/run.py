@@ -151,7 +151,13 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
         ident = identity.ContainerIdentity(task_id, source, clock, state_dir)
     else:  # the EC2 instance (IMDS), or in SaaS mode the seller's host
         ident = mode_for(config).identity(clock, state_dir)
-    ledger = ident.start(Ledger(state_dir))
+    ledger = Ledger(state_dir)  # LedgerDamaged (exit 1, one line): empty, or its -wal gone
+    repaired = ledger.verify(now)  # quick_check; rebuilt from its tables, or LedgerDamaged
+    if repaired:
+        log.warning("ledger %s: %s", ledger.path, repaired)
+        if ledger.reopen:
+            ledger = Ledger(state_dir)
+    ledger = ident.start(ledger)
     # `status` may run in another environment (a shell on the node, kubectl exec): it shows this
     ledger.update_meta(run_platform={"name": plat.name, "how": plat.how})
     if config.register_usage is not None:  # once, before sampling; a refusal ends `run` (77)

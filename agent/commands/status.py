@@ -30,6 +30,7 @@ from agent.host import platform as platforms
 from agent.ledger import Ledger
 from agent.ledger.database import LEDGER_FILE
 from agent.ledger.dimensions import UnreadUsage
+from agent.ledger.faults import DAMAGED, LedgerDamaged, kind_of, refuse_damaged
 from agent.modes.choose import mode_for
 from agent.modes.mode import Mode
 from agent.sending import health
@@ -61,23 +62,45 @@ def daemon_state(state_dir: Path) -> dict[str, Any]:
     return answer
 
 
+def live_storage(state_dir: Path) -> dict[str, Any] | None:
+    """The storage problem (disk full, ledger damaged, state dir gone) that the running daemon
+    wrote in health.json: only it can know; a stopped agent's file says nothing of now."""
+    if daemon_state(state_dir)["running"] is not True:
+        return None
+    return health.written_storage(state_dir)
+
+
 def check(state_dir: Path, clock: Clock) -> bool:
-    """`status --check`: health computed from the ledger as the daemon does; where the ledger
-    cannot be read (a product's own user: it is the agent's, mode 0600), health.json's `ok`,
-    written 0644 for that reader. No ledger yet, or nothing readable: not ok."""
+    """`status --check`: health computed from the ledger as the daemon does, with the running
+    daemon's storage state; where the ledger cannot be read (a product's own user: it is the
+    agent's, mode 0600), health.json's `ok`, written 0644 for that reader. No ledger yet, a
+    damaged one, or nothing readable: not ok."""
     try:
-        if not (Path(state_dir) / LEDGER_FILE).is_file():
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.is_file():
             return False
+        refuse_damaged(path)
         ledger = Ledger(state_dir, readonly=True)
         try:
-            return bool(health.snapshot(ledger, clock.time())["ok"])
+            return bool(health.snapshot(ledger, clock.time(), live_storage(state_dir))["ok"])
         finally:
             ledger.close()
-    except (OSError, sqlite3.Error, AgentError):
-        try:
-            return json.loads((Path(state_dir) / health.HEALTH_FILE).read_text())["ok"] is True
-        except (OSError, ValueError, TypeError, KeyError):
+    except LedgerDamaged:
+        return False
+    except sqlite3.DatabaseError as e:
+        if kind_of(e) == DAMAGED:
             return False
+        return _written_ok(state_dir)
+    except (OSError, AgentError):
+        return _written_ok(state_dir)
+
+
+def _written_ok(state_dir: Path) -> bool:
+    """health.json's `ok`, for a reader that cannot open the ledger."""
+    try:
+        return json.loads((Path(state_dir) / health.HEALTH_FILE).read_text())["ok"] is True
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
 
 
 def platform_report(ledger: Ledger | None, config: Config) -> dict[str, Any]:
@@ -147,7 +170,7 @@ def collect(
         "instance_id": instance_id,
         "send_offset_seconds": round(offset, 3),
         "next_send": iso(when),
-        "health": health.snapshot(ledger, now),
+        "health": health.snapshot(ledger, now, live_storage(config.state_dir)),
         "other_mode_pending": other_mode_pending(ledger, mode),
         "unsealed_samples": ledger.unsealed_sample_count(),
         "current_hour": iso_hour(now),
@@ -253,6 +276,14 @@ def render(report: dict[str, Any]) -> str:
     since = f" since {h['failing_since']}" if h["failing_since"] else ""
     verdict = "ok" if h["ok"] else f"FAILING{since}: {h['reason']}"
     lines.append(f"metering health: {verdict}")
+    storage = h.get("storage")
+    if storage:
+        lines.append(
+            f"  storage: {storage['state'] or 'works again'}   readings in memory: "
+            f"{storage['readings_in_memory']}   folded into later readings: "
+            f"{sum(storage['readings_folded'].values())}   dropped: "
+            f"{sum(storage['readings_dropped'].values())}"
+        )
     lines.append(
         f"  authorized: {_text(h['authorized'])}   last success: {_text(h['last_success'])}   "
         f"pending hours: {h['pending_hours']}   next send: {_text(report['next_send'])}"

@@ -45,17 +45,21 @@ from agent.billing.hour import Sealed, carries
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.collecting.reads import Reads
 from agent.collecting.sampling import Sample, Sampler
+from agent.collecting.unstored import Kept
 from agent.config.loader import keep_snapshot, load, snapshot_config
 from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
 from agent.daemon.hooks import Hooks
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
+from agent.daemon.storage import StateDirGone, Storage
 from agent.daemon.triggers import ClockTrigger, snap
 from agent.daemon.wake import SLEEP_FLUSH, Wake
 from agent.errors import EX_NOPERM, AgentError
 from agent.host import identity, stopreason
 from agent.host import platform as platforms
+from agent.host.locks import StateLock
 from agent.host.sdnotify import Notifier
 from agent.ledger import Ledger
+from agent.ledger.faults import DAMAGED
 from agent.ledger.samples import INSTANT_TAKEN
 from agent.modes.instance import InstanceMode
 from agent.modes.mode import Mode
@@ -137,6 +141,7 @@ class Daemon:
         self._signalled: float | None = None  # clock.time() of the first SIGTERM/SIGINT
         self._seal_errors: list[tuple[str, int, str]] = []
         self.wake = Wake(clock)  # SIGUSR1 (the sleep hook) or a resume: send now (wake.py)
+        self.storage = Storage(self.state_dir)  # disk full, ledger damaged, state dir gone
         self.scheduler = self._scheduler()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,6 +163,7 @@ class Daemon:
         self.close_hours()
         for interval in sorted({d.interval for d in self.config.dimensions}):
             self.sample_round(interval)
+        self.publish_health()  # this run's own storage state, not a previous run's
         self.scheduler.start()
         if self.registration is not None:
             self.registration.ensure()
@@ -370,15 +376,25 @@ class Daemon:
         with self._round_lock:  # a read storing its sample finishes its write first
             self._stopped = True  # reads still running (hung sources) are abandoned
             stop = self.clock.time()
-            for dim in self.config.dimensions:  # an integral's time ends at the last reading
-                self.ledger.clip_last_span(dim.name, min(last.t, stop))
-            if self._verified():
-                self.mode.seal_hours(
-                    self.ledger, self.config, stop, self.offset, include_current=not restart
-                )
-                if restart:
-                    self._seal_as_sampled(changed, stop)
-        health.write(self.state_dir, self.ledger, self.clock.time())
+            try:
+                stored = self.storage_works()  # readings kept in memory are stored first
+                if stored:  # an integral's time ends at the last reading
+                    for dim in self.config.dimensions:
+                        self.ledger.clip_last_span(dim.name, min(last.t, stop))
+                if stored and self._verified():
+                    self.mode.seal_hours(
+                        self.ledger, self.config, stop, self.offset, include_current=not restart
+                    )
+                    if restart:
+                        self._seal_as_sampled(changed, stop)
+            except Exception as e:
+                if not self.storage.failed(e, stop, self.ledger.path):
+                    raise
+            if self.storage.failing:
+                log.error("stopping while the agent cannot store (%s): %d reading(s) kept in "
+                          "memory are lost; the samples in the ledger are sealed at the next start",
+                          self.storage.kind, len(self.storage.unstored))  # fmt: skip
+        self.publish_health()
         if not self._verified():
             log.warning("stopping with the ledger's instance unverified: nothing sealed or sent")
         elif restart:
@@ -492,7 +508,10 @@ class Daemon:
         try:
             if self._stopped:
                 return
-            sample = sampler.take(dim, t, self.ledger.position(dim.name), in_time)
+            position = self._position(dim.name)
+            if isinstance(position, bool):
+                return  # the ledger cannot say where the last reading ended: read next round
+            sample = sampler.take(dim, t, position, in_time)
             with self._round_lock:
                 current = next((d for d in self.config.dimensions if d.name == dim.name), None)
                 if self._stopped or not bills_alike(current, dim):
@@ -509,12 +528,28 @@ class Daemon:
         except Exception:  # a ledger failure: logged, the next round tries again
             log.exception("dimension %s: storing the sample at %s failed", dim.name, iso(t))
 
+    def _position(self, name: str) -> dict[str, Any] | bool | None:
+        """Where the dimension's last reading ended: the newest reading kept in memory, else the
+        ledger's; False when the ledger cannot be read (a storage state, noted)."""
+        if self.storage.unstored.held(name):
+            return self.storage.unstored.position(name)
+        try:
+            return self.ledger.position(name)
+        except Exception as e:
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
+            return False
+
     def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
         """Every failure is counted for `status`; the journal hears of each new error once."""
         if self._last_error.get(dim.name) != error:
             log.warning("dimension %s: collector failed: %s", dim.name, error)
             self._last_error[dim.name] = error
-        self.ledger.record_collector_error(dim.name, t, error)
+        try:
+            self.ledger.record_collector_error(dim.name, t, error)
+        except Exception as e:  # not stored: the journal has it; the storage state is named
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
 
     def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
         if sample.error or sample.value is None:
@@ -524,6 +559,32 @@ class Daemon:
             self._collector_error(dim, t, sample.warning)
         elif self._last_error.pop(dim.name, None) is not None:
             log.info("dimension %s: collector works again", dim.name)
+        self._store(dim, t, sample)
+
+    def _store(self, dim: Dimension, t: float, sample: Sample) -> None:
+        """Store the readings kept in memory first, then this one; where the ledger cannot store
+        (see storage.py), keep it in memory and publish health at once."""
+        try:
+            self._store_kept(dim.name)
+            if not self.storage.unstored.held(dim.name):
+                self._record(dim, t, sample)
+                return
+        except Exception as e:
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
+        self.storage.keep(Kept(dim, t, sample))
+        self.publish_health()
+
+    def _store_kept(self, name: str) -> None:
+        """Store the dimension's kept readings, oldest first, each with its own instant."""
+        while (kept := self.storage.unstored.oldest(name)) is not None:
+            if self.ledger.gone():
+                raise StateDirGone(f"{self.ledger.path}: no longer there")
+            self._record(kept.dimension, kept.t, kept.sample)
+            self.storage.unstored.stored(name)
+
+    def _record(self, dim: Dimension, t: float, sample: Sample) -> None:
+        assert sample.value is not None
         hour = self.ledger.record_sample(
             dim.name,
             t,
@@ -575,9 +636,92 @@ class Daemon:
 
     def close_hours(self) -> None:
         """After each round, at each boundary and at start-up: seal the hours that ended; if any
-        did, prune, publish health and schedule their send; else publish a changed seal error."""
+        did, prune, publish health and schedule their send; else publish a changed seal error.
+
+        Not while readings wait in memory to be stored (an hour is sealed only once all of its
+        readings are in the ledger) or the ledger cannot store: a seal that failed is retried
+        here once it can, so the hour is billed as its own."""
         if not self._verified():
             return
+        if not self.storage_works():
+            return
+        try:
+            self._seal_and_publish()
+        except Exception as e:
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
+            self.publish_health()
+
+    def storage_works(self) -> bool:
+        """Each round: notice the state dir gone; while a storage state lasts, try to end it
+        (repair, restore, store what was kept); whether sealing may go on."""
+        now = self.clock.time()
+        was = self.storage.kind
+        try:
+            if self.ledger.gone():
+                self._restore_state_dir()
+            if self.storage.may_repair(now) and self.ledger.repair():
+                log.info("ledger %s: its indexes were rebuilt (REINDEX): whole again",
+                         self.ledger.path)  # fmt: skip
+            elif self.storage.kind == DAMAGED:
+                return False  # a write elsewhere in a damaged file proves nothing
+            for name in self.storage.unstored.dimensions():
+                self._store_kept(name)
+            if self.storage.failing:
+                self.ledger.note_storage_works(now)  # a write: the first that succeeds ends it
+        except Exception as e:
+            if not self.storage.failed(e, now, self.ledger.path):
+                raise
+            if was != self.storage.kind:
+                self.publish_health()
+            return False
+        if was is not None:
+            self.storage.recovered(now)
+            self.publish_health()
+        elif self.storage.failing:  # began and was mended this round (the state dir made
+            self.publish_health()  # again): named until the next round ends it
+        return True
+
+    def _restore_state_dir(self) -> None:
+        """The ledger's file is gone from its path (see storage.restore); raises StateDirGone,
+        noted, when it cannot be restored."""
+        self.storage.failed(
+            StateDirGone(f"{self.state_dir} or its ledger was deleted while running"),
+            self.clock.time(),
+            self.ledger.path,
+        )
+        try:
+            restored, lock = self._restore()
+        except OSError as e:
+            raise StateDirGone(
+                f"{self.state_dir} was deleted while running and cannot be made again: "
+                f"{e.strerror or e}"
+            ) from None
+        old, self.ledger = self.ledger, restored
+        self.hooks.ledger = restored
+        self.held = (*self.held, lock)
+        old.close()
+        log.warning(
+            "state dir %s was deleted while running: made it again and restored the ledger "
+            "from the open file (%d pending hour(s) kept)",
+            self.state_dir,
+            restored.pending_hour_count(),
+        )
+
+    def _restore(self) -> tuple[Ledger, StateLock]:
+        """Make the state dir again, copy the open (deleted) ledger back into it, take the state
+        lock and the running-config copy again. OSError when the directory cannot be made (or a
+        file already took the ledger's place)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger.copy_to(self.ledger.path)
+        restored = Ledger(self.state_dir)
+        lock = StateLock(self.state_dir)
+        lock.acquire()
+        _config, snapshot = snapshot_config(self.config.source, self.state_dir)
+        keep_snapshot(self.state_dir, snapshot)
+        return restored, lock
+
+    def _seal_and_publish(self) -> None:
         if self.seal_closed_hours():
             self.ledger.prune(self.clock.time())  # once an hour: sealed hours are kept 90 days
             self.publish_health()
@@ -592,9 +736,17 @@ class Daemon:
         )
 
     def publish_health(self) -> None:
-        """Rewrite health.json; remember the seal errors it shows, to notice when they change."""
-        self._seal_errors = self.ledger.seal_errors()
-        health.write(self.state_dir, self.ledger, self.clock.time())
+        """Rewrite health.json; remember the seal errors it shows, to notice when they change.
+        With the state dir gone and not made again, there is no place for it (`status --check`
+        finds no ledger there: not ok)."""
+        report = self.storage.report(self.ledger.path)
+        try:
+            if report is None or report["state"] is None:
+                self._seal_errors = self.ledger.seal_errors()
+            health.write(self.state_dir, self.ledger, self.clock.time(), storage=report)
+        except Exception as e:
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
 
     def schedule_send(self) -> None:
         """Start the sender at the exact send slot, not at the next tick: on a 15 s grid, a

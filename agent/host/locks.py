@@ -147,7 +147,9 @@ class StateLock:
             ) from None
         from agent import __version__  # here: keeps this edit off the module's imports
 
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()} {__version__}\n")  # read by `status`
-        self._file.flush()
+        # read by `status`; unbuffered, and skipped on a full disk (the lock is the flock, the
+        # text only says who holds it): a sender must still start to send what is pending
+        with contextlib.suppress(OSError):
+            fd = self._file.fileno()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {__version__}\n".encode(), 0)

@@ -65,6 +65,10 @@ class Database:
             (key, json.dumps(value)),
         )
 
+    def note_storage_works(self, now: float) -> None:
+        """A small write; the first that succeeds ends a storage state."""
+        self.update_meta(storage_checked=now)
+
     def update_meta(self, **values: Any) -> None:
         with self.transaction() as db:
             for key, value in values.items():

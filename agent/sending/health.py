@@ -7,14 +7,20 @@ ledger's instance identity is not awaiting IMDS, and no dimension found usage un
 24 h (`Reading.unread`): lost revenue stays visible whatever was sent last. A per-record Status of
 a BatchMeterUsage call that succeeded (CustomerNotSubscribed, DuplicateRecord) sets no
 `failing_since`: the record shows here on its own. Rewritten atomically (temp file + rename), mode
-0644 whatever the umask.
+0644 whatever the umask; on a full disk, where no new file can be made, rewritten in place.
+
+`storage` is the daemon's own storage problem (disk full, ledger damaged, state dir gone: see
+agent/daemon/storage.py), null when it can store what it reads; only the daemon knows it, so a
+writer that does not pass it (the sender child) keeps what the file says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -81,8 +87,24 @@ def describe_unread(u: UnreadUsage) -> str:
     return f"dimension {u.dimension}: usage went unread (found {iso(u.t)}): {u.what}; fix: {u.fix}"
 
 
-def snapshot(ledger: Facts, now: float | None = None) -> dict[str, Any]:
+def snapshot(
+    ledger: Facts, now: float | None = None, storage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Health from the ledger's facts; with a storage problem (`storage`, its `reason` first),
+    not ok, and facts the ledger cannot give (damaged, gone) left unknown."""
     now = Clock().time() if now is None else now
+    if storage is None:
+        return _from_ledger(ledger, now)
+    try:
+        data = _from_ledger(ledger, now)
+    except sqlite3.Error:
+        data = {"ok": False, "authorized": None, "last_success": None, "failing_since": None,
+                "pending_hours": 0, "reason": None}  # fmt: skip
+    reason = "; ".join(r for r in (storage["reason"], data["reason"]) if r)
+    return {**data, "ok": False, "reason": reason, "storage": storage}
+
+
+def _from_ledger(ledger: Facts, now: float) -> dict[str, Any]:
     state = ledger.send_state()
     reasons = []
     if state.identity_unverified:
@@ -109,6 +131,7 @@ def snapshot(ledger: Facts, now: float | None = None) -> dict[str, Any]:
         "failing_since": iso(state.failing_since),
         "pending_hours": ledger.pending_hour_count(),
         "reason": "; ".join(reasons) or None,
+        "storage": None,
     }
     return _with_seal_errors(data, ledger)
 
@@ -127,9 +150,52 @@ def _with_seal_errors(data: dict[str, Any], ledger: Facts) -> dict[str, Any]:
     return {**data, "ok": False, "reason": reason}
 
 
-def write(state_dir: Path, ledger: Facts, now: float | None = None) -> dict[str, Any]:
-    data = snapshot(ledger, now)
+KEEP: Any = object()  # write(): keep the storage problem the file already names
+
+
+def written_storage(state_dir: Path) -> dict[str, Any] | None:
+    """The storage problem health.json names (null, or no readable file: None)."""
+    try:
+        found = json.loads((Path(state_dir) / HEALTH_FILE).read_text()).get("storage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) and found.get("reason") else None
+
+
+def write(
+    state_dir: Path, ledger: Facts, now: float | None = None, storage: Any = KEEP
+) -> dict[str, Any]:
+    if storage is KEEP:
+        storage = written_storage(state_dir)
+    data = snapshot(ledger, now, storage)
     target = Path(state_dir) / HEALTH_FILE
+    try:
+        _replace(Path(state_dir), target, data)
+    except FileNotFoundError:
+        if Path(state_dir).is_dir():
+            raise
+        # the state dir was deleted (a sender child running then): nowhere to write; the
+        # daemon notices it gone, makes it again and writes health there
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not target.exists():
+            raise
+        _rewrite_in_place(target, data)
+    return data
+
+
+def _rewrite_in_place(target: Path, data: dict[str, Any]) -> None:
+    """A full disk has no room for a new file, but the old one's blocks are its own: one write
+    over them, then cut to length. Not atomic, so only when the atomic way cannot be taken."""
+    text = (json.dumps(data, indent=1) + "\n").encode()
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        os.write(fd, text)
+        os.ftruncate(fd, len(text))
+    finally:
+        os.close(fd)
+
+
+def _replace(state_dir: Path, target: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".health.", dir=state_dir)
     try:
         with os.fdopen(fd, "w") as f:
@@ -142,4 +208,3 @@ def write(state_dir: Path, ledger: Facts, now: float | None = None) -> dict[str,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return data
