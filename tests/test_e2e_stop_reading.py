@@ -233,11 +233,12 @@ def test_a_reload_seals_a_changed_dimension_with_its_last_reading(
 def test_a_stop_counts_a_prometheus_counters_increase_since_the_last_round(
     emu: Emulator, tmp_path: Path, agents: list[Agent]
 ) -> None:
-    """A real prometheus_client exporter: what its counter gained after the start-up round (the
-    baseline) is billed by the stop's last reading."""
+    """A real prometheus_client exporter: what its counter gained after the start-up round is
+    billed by the stop's last reading. (What it counted before that round is billed too: its
+    `_created` is after the machine booted, so on a fresh ledger it counts from 0.)"""
     exporter = Exporter(tmp_path)
     try:
-        exporter.inc("acme", 5)  # before the first reading: the baseline, not billed
+        exporter.inc("acme", 5)  # before the first reading: began after boot, so billed (SPEC)
         state, config = tmp_path / "state", tmp_path / "config.yaml"
         config.write_text(
             "\n".join(
@@ -262,4 +263,4 @@ def test_a_stop_counts_a_prometheus_counters_increase_since_the_last_round(
         assert agent.terminate() == 0
     finally:
         exporter.stop()
-    assert billed(emu, "jobs") == 7 + 11
+    assert billed(emu, "jobs") == 5 + 7 + 11
