@@ -180,17 +180,24 @@ def newest_instant(state_dir: Path) -> float | None:
     return min(last) if last and None not in last else None  # type: ignore[type-var]
 
 
-def wait_sampled_at(
-    state_dir: Path, instant: float, what: str, timeout: float, agent: Agent | None = None
+def wait_round_after(
+    state_dir: Path,
+    now: float,
+    interval: float,
+    what: str,
+    timeout: float,
+    agent: Agent | None = None,
 ) -> float:
-    """Wait until every dimension has stored a sample taken at or after `instant` (agent clock).
+    """Wait until a whole round (its reads and its seal pass) has run after `now` (agent clock).
 
-    Rounds run one at a time: a round stored at `instant` + one interval means the whole round
-    before it (its reads and its seal pass) ran at or after `instant`. Anchor a negative check
-    ("nothing happens in the next rounds") on that, not on seconds slept."""
+    A round's instant is its start snapped down to the interval's grid, and rounds run one at a
+    time: a round stored one interval after the first grid instant at or after `now` means the
+    round at that instant, begun after `now`, has ended. Anchor a negative check ("nothing
+    happens in the next rounds") on that, not on seconds slept."""
+    first = now - now % interval + (interval if now % interval else 0)
     return wait_for(
         what,
-        lambda: (t := newest_instant(state_dir)) is not None and t >= instant and t,
+        lambda: (t := newest_instant(state_dir)) is not None and t >= first + interval and t,
         timeout,
         agent,
     )
