@@ -190,7 +190,7 @@ def wait_round_after(
 ) -> float:
     """Wait until a whole round (its reads and its seal pass) has run after `now` (agent clock).
 
-    A round's instant is its start snapped down to the interval's grid, and rounds run one at a
+    Rounds fire at the instants of the interval's grid, are stored under them, and run one at a
     time: a round stored one interval after the first grid instant at or after `now` means the
     round at that instant, begun after `now`, has ended. Anchor a negative check ("nothing
     happens in the next rounds") on that, not on seconds slept."""
