@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,64 @@ def ledger_samples(state_dir: Path) -> int:
         raise
     finally:
         ledger.close()
+
+
+def stored_total(state_dir: Path, dimension: str, hour: int | None = None) -> Decimal:
+    """The sum of a dimension's stored (unsealed) sample values, of one hour if given: for a log
+    counter, the lines read so far."""
+    if not (state_dir / "ledger.db").exists():
+        return Decimal(0)
+    where, args = ("AND hour = ?", (dimension, hour)) if hour is not None else ("", (dimension,))
+    try:
+        db = sqlite3.connect(f"file:{state_dir / 'ledger.db'}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute(
+                f"SELECT value FROM samples WHERE dimension = ? {where}", args
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the daemon is still creating it
+            return Decimal(0)
+        raise
+    return sum((Decimal(v) for (v,) in rows), Decimal(0))
+
+
+def newest_instant(state_dir: Path) -> float | None:
+    """The instant (agent clock) of the oldest among each dimension's newest stored sample: every
+    dimension has stored a round at or after it. None before each has one."""
+    if not (state_dir / "ledger.db").exists():
+        return None
+    ledger = Ledger(state_dir, readonly=True)
+    try:
+        last = [d.last_t for d in ledger.dimension_status()]
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the daemon is still creating it
+            return None
+        raise
+    finally:
+        ledger.close()
+    return min(last) if last and None not in last else None  # type: ignore[type-var]
+
+
+def wait_round_after(
+    state_dir: Path,
+    now: float,
+    interval: float,
+    what: str,
+    timeout: float,
+    agent: Agent | None = None,
+) -> float:
+    """Wait until a whole round (its reads and its seal pass) has run after `now` (agent clock).
+
+    Rounds fire at the instants of the interval's grid, are stored under them, and run one at a
+    time: a round stored one interval after the first grid instant at or after `now` means the
+    round at that instant, begun after `now`, has ended. Anchor a negative check ("nothing
+    happens in the next rounds") on that, not on seconds slept."""
+    first = now - now % interval + (interval if now % interval else 0)
+    return wait_for(
+        what,
+        lambda: (t := newest_instant(state_dir)) is not None and t >= first + interval and t,
+        timeout,
+        agent,
+    )

@@ -24,6 +24,7 @@ from tests.e2e import (
     ledger_samples,
     offset_to_before_boundary,
     wait_for,
+    wait_round_after,
 )
 
 pytestmark = pytest.mark.e2e
@@ -209,7 +210,8 @@ def test_kill9_with_a_request_in_flight_resends_it_identically(
     )
     agent.kill9()
     assert {h.state for h in ledger_hours(state)} == {"pending"}
-    time.sleep(4.5)  # the service finished recording the request whose answer nobody read
+    # the service finishes recording the request whose answer nobody read (4 s after it came)
+    wait_for("the unanswered request recorded", lambda: emulator.records(), 20)
     assert len(emulator.records()) == 1
     agent, _ = faketime_agent(lead=0, offset=offset)
     wait_for(
@@ -329,7 +331,11 @@ def test_clock_jump_seals_the_skipped_hour_once(emulator: Emulator, tmp_path: Pa
     wait_for("a few samples", lambda: ledger_samples(state) >= 4, 20, agent)
     stamp.write_text(f"{offset + 3 * 3600:+d}\n")  # the jump
     wait_for("the hour before the jump sent", lambda: len(emulator.records()) == 2, 60, agent)
-    time.sleep(6)  # more rounds after the jump: nothing is sealed or sent twice
+    # A negative check, bounded by rounds, not seconds: a whole round after the hour was sent
+    # (its reads and its seal pass, at an instant after now on the jumped clock) seals nothing
+    # again; a second seal would show in the ledger's hours below, before any send of it.
+    now = time.time() + offset + 3 * 3600
+    wait_round_after(state, now, 5, "a whole round after the send", 30, agent)
     assert {(r.hour, r.dimension) for r in emulator.records()} == {
         (hour, "vcpus"),
         (hour, "vcpu_hours"),

@@ -18,7 +18,14 @@ import pytest
 from agent.aggregate import LabelSet, to_json
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT
-from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for
+from tests.e2e import (
+    Agent,
+    faketime_env,
+    ledger_hours,
+    ledger_samples,
+    offset_to_before_boundary,
+    wait_for,
+)
 from tests.test_e2e_labels import stored
 from tests.test_labels import PATTERN, TENANTS, oracle
 
@@ -117,8 +124,15 @@ def test_tenants_across_an_hour_and_kill9(emulator: Emulator, tmp_path: Path) ->
             for pause in (1.0, 1.3):
                 time.sleep(pause)
                 agent.kill9()
+                before = ledger_samples(state)
                 agent = Agent(config, env).start()
-            time.sleep(1.0)
+            # the lines go on until the last agent has stored a reading of its own
+            wait_for(
+                "a reading by the restarted agent",
+                lambda: ledger_samples(state) > before,
+                30,
+                agent,
+            )
         finally:
             stop.set()
             thread.join()

@@ -17,7 +17,7 @@ import pytest
 
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT
-from tests.e2e import Agent, faketime_env, wait_for
+from tests.e2e import Agent, faketime_env, ledger_samples, wait_for
 from tests.test_labels import PATTERN, TENANTS, oracle
 
 pytestmark = pytest.mark.e2e
@@ -88,8 +88,15 @@ def test_labelled_log_across_kill9(emulator: Emulator, tmp_path: Path) -> None:
         for pause in (1.2, 0.7, 1.5):
             time.sleep(pause)
             agent.kill9()
+            before = ledger_samples(tmp_path / "state")
             agent = Agent(config, env).start()
-        time.sleep(1.0)
+        # the lines go on until the last agent has stored a reading of its own
+        wait_for(
+            "a reading by the restarted agent",
+            lambda: ledger_samples(tmp_path / "state") > before,
+            30,
+            agent,
+        )
     finally:
         stop.set()
         thread.join()

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.clock import hour_start
@@ -21,7 +22,7 @@ from agent.ledger import Ledger
 from agent.modes.instance import seal_hours
 from tests.billing import make_config
 from tests.conftest import PRODUCT, run_cli
-from tests.e2e import Agent, faketime_env, offset_to_before_boundary, wait_for
+from tests.e2e import Agent, faketime_env, newest_instant, offset_to_before_boundary, wait_for
 from tests.test_e2e import assert_no_duplicates
 from tests.test_e2e_sending import config_text, health, hours
 from tests.test_sealing import fill
@@ -61,6 +62,23 @@ def start(agents: list[Agent], cfg: Path, env: dict[str, str]) -> Agent:
     agent = Agent(cfg, env).start()
     agents.append(agent)
     return agent
+
+
+def live_children(agent: Agent) -> list[psutil.Process]:
+    """The daemon's child processes still running (an exited one not yet reaped is not)."""
+    assert agent.proc is not None
+    try:
+        children = psutil.Process(agent.proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    alive = []
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def meta(state: Path, key: str) -> object:
@@ -140,6 +158,8 @@ def test_the_node_role_is_refused_on_ecs(
     assert agent.proc is not None
     assert agent.proc.wait(timeout=45) == EX_NOPERM
     assert health(state)["authorized"] is False
+    told = agent.output()
+    assert "stopping with exit 77" in told  # the line the second run must not log
 
     cfg.write_text(
         config_text(state, emu.url, dims=("vcpus",)).replace(
@@ -149,8 +169,12 @@ def test_the_node_role_is_refused_on_ecs(
     (state / "health.json").unlink()
     agent = start(agents, cfg, env)
     wait_for("the DryRun refused", lambda: health(state).get("authorized") is False, 30, agent)
-    time.sleep(5)  # time enough to have stopped, had it been told to
+    # A negative check: under `exit` the daemon's loop, once a second, finds the sender ended
+    # with 77 and logs its stop (the first part above). So: the sender gone, then two passes.
+    wait_for("the refused sender to end", lambda: not live_children(agent), 30, agent)
+    time.sleep(2)
     assert agent.alive()
+    assert "stopping with exit 77" not in agent.output()[len(told) :]  # the log is appended to
     data = health(state)
     assert data["ok"] is False and data["authorized"] is False
     assert "taskRoleArn" in data["reason"]
@@ -229,6 +253,14 @@ def test_a_startup_check_refused_for_its_credentials_ends_run_with_77(
     assert "UnrecognizedClientException" in (health(state)["reason"] or "")
 
 
+class Hanging:
+    """A MeterUsage endpoint that accepts each connection and never answers."""
+
+    def __init__(self, url: str, held: list[socket.socket]) -> None:
+        self.url = url
+        self.held = held  # the connections it accepted
+
+
 @pytest.fixture
 def hanging_endpoint():
     """A MeterUsage endpoint that accepts each connection and never answers."""
@@ -247,25 +279,25 @@ def hanging_endpoint():
             held.append(conn)
 
     threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    yield Hanging(f"http://127.0.0.1:{server.getsockname()[1]}", held)
     server.close()
     for conn in held:
         conn.close()
 
 
 def test_an_ecs_stop_fits_the_task_grace_against_an_endpoint_that_never_answers(
-    emu: Emulator, hanging_endpoint: str, tmp_path: Path, agents: list[Agent]
+    emu: Emulator, hanging_endpoint: Hanging, tmp_path: Path, agents: list[Agent]
 ) -> None:
     """ECS kills the container 30 s after SIGTERM (stopTimeout): the agent is out well before,
     and the partial hour it sealed and could not send stays pending for the next start."""
     state = tmp_path / "state"
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(state, hanging_endpoint))
+    cfg.write_text(config_text(state, hanging_endpoint.url))
     offset = offset_to_before_boundary(1800)  # mid-hour: the stop seals a partial hour
     hour = hour_start(time.time() + offset)
     agent = start(agents, cfg, {**faketime_env(offset, CLOSED), **ecs_env(emu)})
-    wait_for("the daemon up", lambda: (state / "ledger.db").exists(), 30, agent)
-    time.sleep(6)  # samples taken; a due sender (its DryRun hanging) is running by now
+    wait_for("samples taken", lambda: newest_instant(state) is not None, 30, agent)
+    wait_for("the sender's DryRun hanging", lambda: hanging_endpoint.held, 30, agent)
     assert agent.proc is not None
     begun = time.monotonic()
     agent.proc.send_signal(signal.SIGTERM)

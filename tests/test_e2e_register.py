@@ -201,8 +201,9 @@ def test_sigterm_during_a_slow_register_usage_exits_0_at_once(fast, tmp_path: Pa
     _clock, emulator, agent = fast
     emulator.inject("slow", operation="RegisterUsage", delay=60.0)
     agent.start()
+    # in flight now: `run` sets its SIGTERM handler as it starts the child, long before the child
+    # (its imports, its credentials) sends anything
     wait_for("RegisterUsage to arrive", lambda: "RegisterUsage" in operations(emulator), 30, agent)
-    time.sleep(0.5)
     begun = time.monotonic()
     assert agent.terminate(timeout=30) == 0
     assert time.monotonic() - begun < 5

@@ -29,6 +29,7 @@ from tests.e2e import (
     ledger_hours,
     ledger_samples,
     offset_to_before_boundary,
+    stored_total,
     wait_for,
 )
 
@@ -112,10 +113,9 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
         wait_for("the daemon's first round", lambda: ledger_samples(state) > 0, 20, agent)
         write_lines(log, boundary - 6, rng)  # the first hour's lines, all read before its end
         cut = log.stat().st_size
-        while time.time() < boundary + 3:
-            time.sleep(0.2)
         in_first = lambda: [h for h in ledger_hours(state) if h.hour == first]  # noqa: E731
-        wait_for("the first hour sealed", lambda: len(in_first()) == 10, 20, agent)
+        wait = boundary - time.time() + 20
+        wait_for("the first hour sealed", lambda: len(in_first()) == 10, wait, agent)
         write_lines(log, time.time() + 4, rng)  # the second hour's
         data = log.read_bytes()
         one, two = on_disk(data[:cut]), on_disk(data[cut:])
@@ -151,7 +151,12 @@ def test_saas_records_per_customer_idle_zeros_and_held_usage(
             20,
             agent,
         )
-        time.sleep(1.5)  # the second hour's last lines are read
+        wait_for(
+            "the second hour's last lines read",
+            lambda: stored_total(state, "api_requests", first + 3600) >= sum(two.values()),
+            20,
+            agent,
+        )
     finally:
         assert agent.terminate() == 0  # a stop for shutdown seals the partial hour
     hours = ledger_hours(state)

@@ -28,7 +28,14 @@ from agent.clock import hour_start
 from agent.emulator import Emulator
 from agent.ledger import Ledger
 from tests.conftest import PRODUCT, run_cli
-from tests.e2e import Agent, faketime_env, offset_to_before_boundary, wait_for
+from tests.e2e import (
+    Agent,
+    faketime_env,
+    newest_instant,
+    offset_to_before_boundary,
+    wait_for,
+    wait_round_after,
+)
 
 pytestmark = pytest.mark.e2e
 CPUS = os.cpu_count() or 1
@@ -166,9 +173,11 @@ def test_a_ledger_with_a_nan_sample_bills_the_finite_samples(
     assert agent.terminate() == 0
     health = json.loads((state / "health.json").read_text())
     assert health["ok"] is True, health
+    last = newest_instant(state)
     again = Agent(config, env_for(emulator)).start()
     agents.append(again)
-    time.sleep(4)
+    # its start-up seal runs before its first round: a round stored means it passed
+    wait_for("a round by the restarted agent", lambda: newest_instant(state) != last, 30, again)
     assert again.alive()
     assert again.terminate() == 0
     assert billed(emulator)[(previous, "vcpus")] == "4"
@@ -244,11 +253,14 @@ def test_a_backward_step_of_ten_minutes_stalls_nothing(
         8,
         agent,
     )
-    time.sleep(max(0.0, stepped + 5 - time.time()))
     pings = drain(sock).count("WATCHDOG=1")
+    while pings < 3 and time.time() < stepped + 5:
+        time.sleep(0.1)
+        pings += drain(sock).count("WATCHDOG=1")
     assert pings >= 3  # every second (WatchdogSec=2), not ten minutes later
     stamp.write_text(f"{offset:+d}\n")  # and forward again to the true time
-    time.sleep(5)
+    # a whole round on the true clock (its samples' spans too) before the stop
+    wait_round_after(state, time.time() + offset, 2, "a round after the step forward", 20, agent)
     assert agent.terminate() == 0
     stopped = time.time()
     sock.close()

@@ -20,7 +20,14 @@ import pytest
 from agent.clock import hour_start
 from agent.emulator import Emulator
 from tests.conftest import PRODUCT
-from tests.e2e import Agent, faketime_env, ledger_hours, offset_to_before_boundary, wait_for
+from tests.e2e import (
+    Agent,
+    faketime_env,
+    ledger_hours,
+    offset_to_before_boundary,
+    stored_total,
+    wait_for,
+)
 from tests.test_matching import BAD, HOSTILE, NORMAL
 
 pytestmark = pytest.mark.e2e
@@ -76,13 +83,16 @@ def test_a_hostile_line_stops_neither_sampling_nor_sealing_nor_sigterm(
         assert sealed["vcpus"].samples >= 5  # one a second while the log was being read
 
         after = write(log, 200)  # the next hour: read while it is open
+        state = tmp_path / "state"
         wait_for(
-            "the next hour's reading",
-            lambda: _samples(tmp_path / "state", "api_requests", hour + 3600) >= 1,
+            "the next hour's lines read, and a vcpus sample in it",
+            lambda: (
+                stored_total(state, "api_requests", hour + 3600) >= after
+                and _samples(state, "vcpus", hour + 3600) >= 1
+            ),
             30,
             agent,
         )
-        time.sleep(1.5)
         start = time.monotonic()
         assert agent.terminate(timeout=20) == 0
         assert time.monotonic() - start < 5

@@ -6,6 +6,7 @@ count: `vcpus` is its max, `vcpu_hours` its integral over a whole hour)."""
 from __future__ import annotations
 
 import io
+import os
 import textwrap
 from decimal import Decimal
 from pathlib import Path
@@ -156,6 +157,18 @@ def test_a_speed_faster_than_the_config_can_bill_is_refused_in_one_line(tmp_path
     assert not (tmp_path / "state").exists()
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the process group `pgid` still runs (a zombie does not: it cannot
+    write a byte)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
+
+
 def test_ctrl_c_stops_the_agent_before_its_files_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,5 +197,9 @@ def test_ctrl_c_stops_the_agent_before_its_files_are_removed(
         trial.run(cfg, hours=1, speed=60, out=io.StringIO())
     (child,) = children
     assert child.poll() is not None  # killed, not left running
-    time.sleep(0.5)
+    # nothing can write there once no process of the agent's group is left (its sender too)
+    deadline = time.monotonic() + 10
+    while group_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_alive(child.pid), "a process of the killed agent's group is still running"
     assert list(scratch.iterdir()) == []
