@@ -391,3 +391,22 @@ def test_unread_usage_commits_with_its_sample_and_position_or_not_at_all(tmp_pat
     assert ledger.unread_usage(since=H + 60) == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]
     ledger.prune(H + 61 + 90 * 86400)  # kept 90 days, like sealed hours
     assert ledger.unread_usage() == [UnreadUsage("peak", 1, 1, H + 120, "c", "d")]
+
+
+def test_unsealed_hours_are_every_dimensions_past_hours_in_hour_order(ledger: Ledger) -> None:
+    """The seal pass's question, answered by index seeks: every (dimension, hour) with samples
+    before the given hour, by hour then dimension, whatever the open hour holds."""
+    for name, t in [("zeta", H + 10), ("alpha", H + 30), ("mid", H + 20), ("alpha", H + 3600 + 5)]:
+        ledger.record_sample(name, t, Decimal(1), 1.0, None, carry=True)
+    for i in range(500):  # the open hour's samples: never in the answer
+        ledger.record_sample("alpha", H + 7200 + i, Decimal(1), 1.0, None, carry=True)
+    with ledger.transaction() as db:
+        oracle = db.execute(
+            "SELECT DISTINCT dimension, hour FROM samples WHERE hour < ? ORDER BY hour, dimension",
+            (H + 7200,),
+        ).fetchall()
+        got = ledger.unsealed_hours(db, H + 7200)
+    assert got == [(d, h) for d, h in oracle]
+    assert got == [("alpha", H), ("mid", H), ("zeta", H), ("alpha", H + 3600)]
+    with ledger.transaction() as db:
+        assert ledger.unsealed_hours(db, H) == []

@@ -32,7 +32,9 @@ log = logging.getLogger("agent")
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.collectors import linecount
+    from agent.host import malloc
 
+    malloc.one_arena()  # before any thread: see host/malloc.py
     linecount.compile_in_child()  # the compiler's memory stays out of the long-lived daemon
     cfg = load_config(args)
     ownership.check_writer(Path(cfg.state_dir), "run")

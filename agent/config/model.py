@@ -119,7 +119,10 @@ class Config:
 
 def bills_alike(a: Dimension | None, b: Dimension) -> bool:
     """Same name, collector, aggregate, scale, rounding, decimals and interval (its place in the
-    file aside): samples of one can be continued under the other."""
+    file aside): samples of one can be continued under the other. (Asked at each read: the same
+    object, as it is unless a reload replaced the config, is answered without copying.)"""
+    if a is b:
+        return True
     return a is not None and dataclasses.replace(a, path="") == dataclasses.replace(b, path="")
 
 

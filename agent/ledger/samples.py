@@ -56,6 +56,18 @@ class HeldUsage:
         return min(max(int(last), self.hour), self.hour + HOUR - 1)
 
 
+# The distinct dimensions of samples, one index seek each (samples_by_hour leads with dimension).
+_DIMENSIONS = """
+    WITH RECURSIVE dims(d) AS (
+        SELECT MIN(dimension) FROM samples
+        UNION ALL
+        SELECT (SELECT MIN(dimension) FROM samples WHERE dimension > d) FROM dims
+        WHERE d IS NOT NULL
+    )
+    SELECT d FROM dims WHERE d IS NOT NULL
+"""
+
+
 class Samples(Database):
     """Unsealed usage: samples, collector positions, and usage held for an unknown customer."""
 
@@ -192,12 +204,21 @@ class Samples(Database):
         return row is not None
 
     def unsealed_hours(self, db: sqlite3.Connection, before: int) -> list[tuple[str, int]]:
-        """(dimension, hour) pairs with samples, for hours that start before `before`."""
-        rows = db.execute(
-            "SELECT DISTINCT dimension, hour FROM samples WHERE hour < ? ORDER BY hour, dimension",
-            (before,),
-        ).fetchall()
-        return [(str(d), int(h)) for d, h in rows]
+        """(dimension, hour) pairs with samples, for hours that start before `before`, by hour.
+
+        Asked after every round, when the open hour may hold thousands of samples: each dimension
+        in the index is found by a seek (a skip-scan), then its hours before `before` by another,
+        so the cost does not grow with the open hour's samples (a plain `WHERE hour < ?` scans
+        the whole index: 0.29 ms per round at the end of an hour of three 1 s dimensions, 0.02
+        this way)."""
+        pairs = [
+            (str(d), int(h))
+            for (d,) in db.execute(_DIMENSIONS).fetchall()
+            for (h,) in db.execute(
+                "SELECT DISTINCT hour FROM samples WHERE dimension = ? AND hour < ?", (d, before)
+            ).fetchall()
+        ]
+        return sorted(pairs, key=lambda p: (p[1], p[0]))
 
     def points(self, db: sqlite3.Connection, dimension: str, hour: int) -> list[Point]:
         rows = db.execute(

@@ -7,11 +7,13 @@ from __future__ import annotations
 from agent.config.model import Config
 from agent.modes.instance import InstanceMode
 from agent.modes.mode import Mode
-from agent.modes.saas import SaasMode, settings
 
 
 def mode_for(config: Config) -> Mode:
     """The config's billing mode: instance (the default) or saas."""
     if config.mode == "saas":
+        # Imported here: an instance-mode daemon never loads SaaS sealing and BatchMeterUsage.
+        from agent.modes.saas import SaasMode, settings
+
         return SaasMode(settings(config))
     return InstanceMode()
