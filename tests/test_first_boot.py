@@ -21,6 +21,7 @@ from agent.collecting.sampling import Sampler, counter_parts
 from agent.collectors import NotYet, Reading, Registry, Sources, imagerecord
 from agent.collectors.http import prometheus_reading
 from agent.collectors.log import LogCollector
+from agent.commands.run import earlier_ledger_this_boot
 from agent.config import load
 from tests.conftest import PRODUCT
 from tests.fakes import FakeHost
@@ -349,3 +350,44 @@ def test_boot_time_is_read_from_proc_stat(tmp_path: Path) -> None:
     real = Sources().boot_time()
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     assert real is not None and abs(float(real) - (time.time() - uptime)) < 5
+
+
+def test_after_an_earlier_ledger_in_this_boot_a_counter_begun_after_boot_is_a_baseline(
+    tmp_path: Path,
+) -> None:
+    """A fresh ledger is not always a first one: after `reset-ledger` (or a ledger deleted by
+    hand) the counter may have been billed by the ledger before. `run` finds that ledger's health
+    file or damaged copy, written since boot, and the counter's first reading is its baseline."""
+    state = tmp_path / "state"
+    state.mkdir()
+    boot = Decimal(int(time.time()) - 600)
+    assert earlier_ledger_this_boot(state, boot) is None  # nothing yet: a first ledger
+    (state / "health.json").write_text("{}")
+    assert earlier_ledger_this_boot(state, boot) == "health.json"
+    os.utime(state / "health.json", (float(boot) - 60, float(boot) - 60))  # the last boot's
+    assert earlier_ledger_this_boot(state, boot) is None
+    (state / "ledger.db.damaged-20261206T080000Z").write_bytes(b"")
+    assert earlier_ledger_this_boot(state, boot) == "ledger.db.damaged-20261206T080000Z"
+    assert earlier_ledger_this_boot(state, None) is None  # boot time unknown: nothing to say
+
+    host = FakeHost(tmp_path)
+    (host.proc / "stat").write_text(f"cpu 1 2 3\nbtime {boot}\n")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(
+        f"""
+product_code: {PRODUCT}
+state_dir: {state}
+dimensions:
+  - name: requests
+    collector: {{type: http, url: 'http://127.0.0.1:1/metrics', format: prometheus,
+                 query: requests_total, counter: true}}
+"""
+    )
+    began = int(boot) + 100  # after boot
+    opener = _Opener([f"# TYPE requests counter\nrequests_total 40\nrequests_created {began}\n"])
+    (dim,) = load(cfg_path).dimensions
+    for count_from_boot, billed in ((True, 40), (False, 0)):
+        sources = Sources(proc=host.proc, extra={"http_opener": opener})
+        sources.count_from_boot = count_from_boot
+        sampler = Sampler(load(cfg_path), Registry(), sources)
+        assert sampler.take(dim, 0.0, None).value == billed

@@ -19,10 +19,13 @@ from agent import config
 from tests.conftest import PRODUCT
 from tests.rotation import LOGROTATE, PATTERN, Agent, matching, nginx_json
 
-pytestmark = pytest.mark.skipif(
-    not os.access(LOGROTATE, os.X_OK),
-    reason=f"{LOGROTATE} is not installed (apt-get install logrotate)",
-)
+pytestmark = [
+    pytest.mark.e2e,  # Debian's real logrotate, as in tests/test_logrotate*.py
+    pytest.mark.skipif(
+        not os.access(LOGROTATE, os.X_OK),
+        reason=f"{LOGROTATE} is not installed (apt-get install logrotate)",
+    ),
+]
 
 
 def _agent(tmp_path: Path, log: Path) -> Agent:

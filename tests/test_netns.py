@@ -46,7 +46,10 @@ def _can_make_namespaces() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif((reason := _can_make_namespaces()) is not None, reason=reason or "")
+pytestmark = [
+    pytest.mark.e2e,  # real network namespaces and veth links (ip netns), the kernel's counters
+    pytest.mark.skipif((reason := _can_make_namespaces()) is not None, reason=reason or ""),
+]
 
 SINK = textwrap.dedent(
     """

@@ -242,7 +242,9 @@ class Sampler:
                     reading,
                     self.sources.boot_id(),
                     saved.get("counter"),
-                    self.sources.boot_time() if not saved.get("counter") else None,
+                    self.sources.boot_time()
+                    if self.sources.count_from_boot and not saved.get("counter")
+                    else None,
                 )
                 if parts is not None:
                     parts = _by_labels(increments, value)

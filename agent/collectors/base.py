@@ -165,6 +165,10 @@ class Sources:
     # What `prepare-image` recorded of the logs in the image (imagerecord.ImageRecord), when it
     # applies: only to this instance's first boot (`run` claims it); None: `start_at` decides.
     image: Any = None
+    # Whether a counter that began after boot may count from 0 on its first reading (SPEC: on a
+    # fresh ledger). False where a ledger was already used in this boot (`run` finds its health
+    # file or a damaged copy written since boot): that ledger may have billed the counter.
+    count_from_boot: bool = True
 
     def boot_id(self) -> str | None:
         """The kernel's boot id, new at every boot; None where the kernel does not offer one.

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
             f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
             "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
         ) from None
+    earlier = earlier_ledger_this_boot(state_dir, Sources().boot_time())  # before this run writes
     now = clock.time()
     plat = platforms.detect(config.platform, os.environ)
     metadata = platforms.TaskMetadata(os.environ) if plat.name == "ecs" else None
@@ -173,14 +175,17 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     command = functools.partial(send_command, state_dir / RUNNING_CONFIG, clock, log_format)
     sender = SenderProcess(command, clock.monotonic)
     where = describe_platform(config, plat, ledger, ident, metadata)
-    sampler = Sampler(config, sources=first_boot_sources(state_dir, ledger, clock))
+    sampler = Sampler(config, sources=first_boot_sources(state_dir, ledger, clock, earlier))
     return Daemon(config, clock, ledger, ident, sampler, sender, (lock, product_lock),
                   plat, where, registration=handler, modes=mode_for)  # fmt: skip
 
 
-def first_boot_sources(state_dir: Path, ledger: Ledger, clock: Clock) -> Sources:
+def first_boot_sources(
+    state_dir: Path, ledger: Ledger, clock: Clock, earlier: str | None = None
+) -> Sources:
     """The collectors' sources, with the image record when this is the first boot of an
-    instance made from the image (claimed now, so it never applies to a later boot)."""
+    instance made from the image (claimed now, so it never applies to a later boot); `earlier`:
+    what shows a ledger was used before in this boot (see earlier_ledger_this_boot)."""
     sources = Sources()
     try:
         record, line = imagerecord.claim(
@@ -190,7 +195,29 @@ def first_boot_sources(state_dir: Path, ledger: Ledger, clock: Clock) -> Sources
         record, line = None, f"image record not used: cannot write it ({e.strerror})"
     log.info("where logs start: %s", line)
     sources.image = record
+    if earlier is not None:
+        sources.count_from_boot = False
+        log.info(
+            "counters: a ledger was used earlier in this boot (%s), so a counter without a saved "
+            "reading starts from its first reading, not from 0 (what it counted may be billed)",
+            earlier,
+        )
     return sources
+
+
+def earlier_ledger_this_boot(state_dir: Path, boot_time: Decimal | None) -> str | None:
+    """A file written since the machine booted by a run with another ledger: the health file
+    (every run writes it; `prepare-image` removes it) or a ledger moved aside as damaged
+    (`reset-ledger`). Asked before this run writes its own health file."""
+    if boot_time is None:
+        return None
+    for path in [state_dir / "health.json", *sorted(state_dir.glob("ledger.db.damaged-*"))]:
+        try:
+            if path.stat().st_mtime > boot_time:
+                return path.name
+        except OSError:
+            continue
+    return None
 
 
 def describe_platform(
