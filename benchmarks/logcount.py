@@ -37,7 +37,8 @@ from pathlib import Path
 
 from agent.collectors import Sources
 from agent.collectors.linecount import LineMatcher
-from agent.collectors.log import BLOCK, LogCollector
+from agent.collectors.log import LogCollector
+from agent.collectors.logblocks import BLOCK
 
 # (kind, pattern, labels counted)
 PATTERNS = [
