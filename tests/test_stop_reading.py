@@ -196,3 +196,26 @@ def test_a_last_read_runs_after_the_one_in_flight_and_never_past_its_end() -> No
     assert late == 99.0  # the stop's end bounds it
     assert reads.idle({"b": 1e3}) == []
     assert order == ["round", "last True"]  # it could only start after its end: not run
+
+
+def test_a_stop_just_before_the_boundary_seals_the_hour_its_last_reading_stands_in(
+    tmp_path: Path,
+) -> None:
+    """A round fired at 10:59:59.6 is snapped to 11:00:00, so the stop's last reading stands just
+    after it, in the 11:00 hour, while the wall clock is still in 10:00: a shutdown seals that
+    hour too (an instance being terminated has no later start to seal it)."""
+    clock, ps = FakeClock(H + 3600 - 1200), FakePsutil()
+    d = daemon(tmp_path, clock, ps)
+    write(tmp_path / "access.log", 300)
+    run_round(d)  # 10:40: the hour H's reading
+    clock.advance(1200 - 0.4)  # 10:59:59.6
+    write(tmp_path / "access.log", 200)
+    run_round(d)  # snapped to 11:00:00
+    write(tmp_path / "access.log", 50)
+    d.restarting = lambda: False
+    d.shutdown()
+    d2 = daemon(tmp_path, clock, ps)
+    assert d2.ledger.unsealed_sample_count() == 0
+    got = sealed(d2)
+    assert got[("requests", H)] == "300"
+    assert got[("requests", H + 3600)] == "250"  # the round at 11:00 and the stop's last reading

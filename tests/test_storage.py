@@ -173,3 +173,67 @@ def test_health_names_the_storage_state_and_a_sender_keeps_it(tmp_path: Path) ->
     assert again["storage"] == storage and again["ok"] is False
     cleared = health.write(tmp_path, ledger, H, storage=None)
     assert cleared["ok"] is True and cleared["storage"] is None
+
+
+def test_a_reload_while_the_disk_is_full_is_refused_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGHUP with a dimension billed differently, while readings wait in memory: its hour cannot
+    be sealed as sampled without them, so the reload is refused (one line) and the running config
+    kept; once the disk has room, the kept readings are stored and billed in their hour."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(H + 600)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    full = {"on": False}
+    _full(d.ledger, full)
+    run_round(d)  # the baseline
+    full["on"] = True
+    ps.user_list = [*ps.user_list, object(), object()]  # +2 requests
+    clock.advance(60)
+    run_round(d)  # kept in memory
+    assert d.storage.failing
+    source = Path(d.config.source)
+    text = source.read_text()
+    changed = text.replace(
+        "metric: users, counter: true}", "metric: users, counter: true}\n    scale: 2"
+    )
+    assert changed != text
+    source.write_text(changed)
+    before = d.config
+    d.reload()
+    assert d.config is before  # kept
+    assert any(
+        "reload of" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records
+    )
+    full["on"] = False
+    clock.advance(3600)
+    run_round(d)
+    hours = {(h.dimension, h.hour): h.quantity.value for h in d.ledger.hours()}
+    assert hours[("requests", H)] == 2
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_damaged_ledger_under_the_send_tick_is_a_state_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The send tick (and the main loop: the sleep hook's flush, the start-up check) read the
+    ledger: a damaged page there makes health not ok, logged once, and the tick goes on."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(H + 600)
+    d = daemon_for(tmp_path, clock, FakePsutil())
+    real = d.ledger.send_state
+
+    def damaged() -> Any:
+        error = sqlite3.DatabaseError("database disk image is malformed")
+        error.sqlite_errorcode = 11  # type: ignore[attr-defined]
+        raise error
+
+    d.ledger.send_state = damaged  # type: ignore[method-assign]
+    d.send_tick()
+    d.send_tick()
+    written = json.loads((d.state_dir / "health.json").read_text())
+    assert written["ok"] is False and written["storage"]["state"] == "ledger damaged"
+    assert not any(r.exc_info for r in caplog.records)
+    d.ledger.send_state = real  # type: ignore[method-assign]
+    d.send_tick()

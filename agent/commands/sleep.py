@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,10 @@ def main(argv: list[str]) -> int:
         print(hook(argv[0], kind), flush=True)
     except AgentError as e:
         print(f"metering-agent sleep hook: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:  # a damaged ledger: the agent's health says so; the sleep goes on
+        print(f"metering-agent sleep hook: the ledger cannot be read ({e}); not waiting",
+              file=sys.stderr)  # fmt: skip
         return 1
     return EX_OK
 

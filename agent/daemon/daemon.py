@@ -172,12 +172,17 @@ class Daemon:
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
         )
         while not self.stop_event.wait(1.0):
-            if self._reload.is_set():
-                self._reload.clear()
-                self.reload()
-            self.check_clock()
-            self.send_if_woken()
-            self.check_startup()
+            try:
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self.check_clock()
+                self.send_if_woken()
+                self.check_startup()
+            except Exception as e:  # the ledger's storage failing is a state, not the end of run
+                if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                    raise
+                self.publish_health()
         self.shutdown()
         return self.exit_code
 
@@ -302,13 +307,31 @@ class Daemon:
             if snapshot is not None:
                 snapshot.unlink(missing_ok=True)
             return
-        keep_snapshot(self.state_dir, snapshot)
         changed = changed_dimensions(self.config, new)
+        if changed and self.storage.failing:  # their hour cannot be sealed without what is kept
+            log.error("reload of %s refused, keeping the running config: the agent cannot store "
+                      "(%s), and %s must be sealed as sampled first; reload again once health "
+                      "is ok", self.config.source, self.storage.kind,
+                      ", ".join(d.name for d in changed))  # fmt: skip
+            snapshot.unlink(missing_ok=True)
+            return
+        keep_snapshot(self.state_dir, snapshot)
+        last_t = None
         if changed:  # their hour is sealed now: first the old collectors' last reading goes in
-            self.finish_last_reading(self.begin_last_reading(changed, self.sampler))
+            last = self.begin_last_reading(changed, self.sampler)
+            self.finish_last_reading(last)
+            last_t = last.t
         with self._round_lock:
             if self._verified():
-                self._seal_as_sampled(changed, self.clock.time())
+                now = self.clock.time()
+                # the last reading may stand at a round's instant snapped just past the boundary
+                now = now if last_t is None else max(now, last_t)
+                try:
+                    if self.storage_works():  # what the last reading could not store goes first
+                        self._seal_as_sampled(changed, now)
+                except Exception as e:
+                    if not self.storage.failed(e, now, self.ledger.path):
+                        raise
             old_intervals = {d.interval for d in self.config.dimensions}
             if new.metering.send_window != self.config.metering.send_window:
                 self.offset = send_offset(
@@ -382,8 +405,11 @@ class Daemon:
                     for dim in self.config.dimensions:
                         self.ledger.clip_last_span(dim.name, min(last.t, stop))
                 if stored and self._verified():
+                    # a shutdown seals the hour of the last reading too: its instant may be a
+                    # round's, snapped just past the boundary the wall clock has not reached
+                    upto = stop if restart else max(stop, last.t)
                     self.mode.seal_hours(
-                        self.ledger, self.config, stop, self.offset, include_current=not restart
+                        self.ledger, self.config, upto, self.offset, include_current=not restart
                     )
                     if restart:
                         self._seal_as_sampled(changed, stop)
@@ -532,7 +558,10 @@ class Daemon:
         """Where the dimension's last reading ended: the newest reading kept in memory, else the
         ledger's; False when the ledger cannot be read (a storage state, noted)."""
         if self.storage.unstored.held(name):
-            return self.storage.unstored.position(name)
+            kept = self.storage.unstored.position(name)
+            if kept is not None:
+                return kept
+            # no kept reading carries a position (errors only): the ledger's is the newest
         try:
             return self.ledger.position(name)
         except Exception as e:
@@ -765,7 +794,16 @@ class Daemon:
         )
 
     def send_tick(self) -> None:
-        """Start a sender child when work is due; never waits for it (the next tick reaps it)."""
+        """Start a sender child when work is due; never waits for it (the next tick reaps it).
+        The ledger's storage failing is noted (health), not a traceback at every tick."""
+        try:
+            self._send_tick()
+        except Exception as e:
+            if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
+            self.publish_health()
+
+    def _send_tick(self) -> None:
         self.hooks.check()
         if self.registration is not None and not self.stop_event.is_set():
             self.registration.ensure()  # started again if it exited
