@@ -158,7 +158,8 @@ def test_a_wrong_then_fixed_product_code_sends_the_held_hours(
         60,
         agent,
     )
-    assert health(state)["ok"] is False
+    # the sender records the refusals in the ledger, then rewrites health.json: wait for that
+    wait_for("health not ok", lambda: health(state)["ok"] is False, 10, agent)
     assert agent.terminate() == 0  # the stop seals the partial next hour too (also held)
     held = {(h.dimension, h.hour): h for h in hours(state)}
     assert {h.state for h in held.values()} == {"pending"}
