@@ -558,10 +558,7 @@ class Daemon:
         """Where the dimension's last reading ended: the newest reading kept in memory, else the
         ledger's; False when the ledger cannot be read (a storage state, noted)."""
         if self.storage.unstored.held(name):
-            kept = self.storage.unstored.position(name)
-            if kept is not None:
-                return kept
-            # no kept reading carries a position (errors only): the ledger's is the newest
+            return self.storage.unstored.position(name)
         try:
             return self.ledger.position(name)
         except Exception as e:
