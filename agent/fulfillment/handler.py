@@ -81,18 +81,18 @@ class Registrar:
             return self._client
 
     def register(self, token: str) -> Customer:
-        from agent.fulfillment import customers
+        from agent.fulfillment.customers import BuyerTaken, describe, from_resolved, store
         from agent.ledger import Ledger
 
         resolved = self.client().resolve_customer(token)
         now = self.clock.time()
-        customer = customers.from_resolved(resolved, None, now, self.cfg.product_code)
+        customer = from_resolved(resolved, None, now, self.cfg.product_code)
         ledger = Ledger(self.cfg.state_dir)
         try:
-            stored = customers.store(ledger, customer)
-        except customers.BuyerTaken as e:  # registered before (by hand): that label stays
+            stored = store(ledger, customer)
+        except BuyerTaken as e:  # registered before (by hand): that label stays
             log.info("fulfillment: customer %s (%s) is registered already; nothing stored",
-                     e.existing.label, customers.describe(e.existing))  # fmt: skip
+                     e.existing.label, describe(e.existing))  # fmt: skip
             return e.existing
         finally:
             ledger.close()
