@@ -3,6 +3,7 @@ names what was lost, one sender per product, and a baked ledger on a slow first 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -235,9 +236,16 @@ def test_a_second_agent_for_the_product_exits_1_naming_the_first(
 
 
 def samples_in(db_path: Path, since: float = 0.0) -> set[tuple[str, float]]:
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
         rows = db.execute("SELECT dimension, t FROM samples WHERE t >= ?", (since,)).fetchall()
     return {(d, t) for d, t in rows}
+
+
+def instance_of(db_path: Path) -> str | None:
+    """The instance id the ledger at `db_path` names (the file there now: the swap is atomic)."""
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+    return None if row is None else json.loads(row[0])
 
 
 def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
@@ -290,7 +298,13 @@ def test_a_baked_ledger_is_never_sent_when_imds_is_slow_at_first_boot(
     assert list(state.glob("ledger.db.instance-*")) == []
     emulator.configure(imds_hang=0.0)
     wait_for(
-        "the baked ledger moved aside", lambda: list(state.glob("ledger.db.instance-*")), 40, agent
+        "the baked ledger moved aside and a fresh one in its place",
+        lambda: (
+            list(state.glob("ledger.db.instance-*"))
+            and instance_of(state / "ledger.db") not in (None, "i-0build000000000")
+        ),
+        40,
+        agent,
     )
     carried = samples_in(state / "ledger.db")
     assert first_run <= carried, "the first run's samples are carried into the fresh ledger"

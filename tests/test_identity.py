@@ -193,15 +193,17 @@ def test_the_same_id_answering_late_clears_the_mark(tmp_path: Path) -> None:
 
 
 def fail_first(monkeypatch, name: str, error: Exception, half_move: bool = False):  # type: ignore[no-untyped-def]
-    """Make identity's `name` (move_aside or Ledger) raise once, then work again."""
+    """Make identity's `name` (replace_closed or Ledger) raise once, then work again;
+    `half_move`: the ledger file disappears before the failure."""
     real = getattr(identity, name)
     calls = []
 
     def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(args)
         if len(calls) == 1:
-            if half_move:  # the ledger file renamed, then the failure
-                real(*args, **kwargs)
+            if half_move:  # the ledger file gone (deleted meanwhile), then the failure
+                state_dir = Path(args[0])
+                (state_dir / "ledger.db").rename(state_dir / "elsewhere.db")
             raise error
         return real(*args, **kwargs)
 
@@ -213,7 +215,7 @@ def no_moved_aside(state: Path) -> bool:
     return list(state.glob("ledger.db.instance-*")) == []
 
 
-@pytest.mark.parametrize("name", ["move_aside", "Ledger"])
+@pytest.mark.parametrize("name", ["replace_closed", "Ledger"])
 def test_a_failed_late_swap_keeps_a_usable_ledger_and_tries_again(
     tmp_path: Path, monkeypatch, name: str
 ) -> None:
@@ -232,8 +234,10 @@ def test_a_failed_late_swap_keeps_a_usable_ledger_and_tries_again(
         holder["ledger"] = settle(holder["ledger"])
         swaps.append(ident.verified.is_set())
         if len(swaps) == 1:
-            # the failed swap left a ledger this run goes on storing into
-            assert holder["ledger"].get_meta("instance_id") == "i-build"
+            # the failed swap left a ledger this run goes on storing into: the old one when the
+            # replacement failed, the fresh one when only reopening it did
+            expected = "i-build" if name == "replace_closed" else "i-buyer"
+            assert holder["ledger"].get_meta("instance_id") == expected
             holder["ledger"].record_sample("vcpus", H + 180, Decimal(4), 60, {"p": 2}, carry=False)
             after_failure.set()
         return True
@@ -244,8 +248,8 @@ def test_a_failed_late_swap_keeps_a_usable_ledger_and_tries_again(
     assert ident.verified.wait(5)
     stop.set()
     assert after_failure.is_set() and swaps == [False, True]
-    # move_aside: failed, then worked; Ledger: the fresh one failed, the old reopened, fresh again
-    assert len(calls) == (2 if name == "move_aside" else 3)
+    # replace_closed: failed, then worked; Ledger: opening the fresh one failed, then worked
+    assert len(calls) == 2
     fresh = holder["ledger"]
     assert fresh.get_meta("instance_id") == "i-buyer"
     assert samples_at(fresh) == [H + 120, H + 180] and fresh.position("vcpus") == {"p": 2}
@@ -260,7 +264,7 @@ def test_a_failed_move_at_start_stays_unverified_on_the_old_ledger(
     state = baked(tmp_path)
     imds = SlowImds("i-buyer")
     imds.up = True
-    fail_first(monkeypatch, "move_aside", PermissionError(13, "Permission denied"))
+    fail_first(monkeypatch, "replace_closed", PermissionError(13, "Permission denied"))
     ident = identity.Identity(imds, FakeClock(H + 100), state)  # type: ignore[arg-type]
     ledger = ident.start(Ledger(state))
     assert not ident.verified.is_set() and no_moved_aside(state)
@@ -288,8 +292,8 @@ def test_the_daemon_stops_with_exit_1_when_no_usable_ledger_is_left(
     baked(tmp_path)
     imds = SlowImds("i-buyer")
     d = open_daemon(make_config(tmp_path), FakeClock(H + 100), imds)
-    # half moved (the ledger renamed, its WAL not): no ledger.db left to reopen safely
-    fail_first(monkeypatch, "move_aside", OSError(5, "Input/output error"), half_move=True)
+    # the ledger file gone while it was closed: no ledger.db left to reopen safely
+    fail_first(monkeypatch, "replace_closed", OSError(5, "Input/output error"), half_move=True)
     codes = []
 
     def stop_now(code: int = 1) -> None:

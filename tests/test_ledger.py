@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -9,8 +12,7 @@ import pytest
 
 from agent.aggregate import Quantity
 from agent.errors import AgentError
-from agent.ledger import Ledger
-from agent.ledger.database import move_aside
+from agent.ledger import Ledger, LedgerInUse, replace_closed
 from agent.ledger.migrations import SCHEMA_VERSION
 from tests.billing import H
 
@@ -139,10 +141,69 @@ def test_clip_last_span_at_a_stop(ledger: Ledger) -> None:
         assert [p.span for p in ledger.points(db, "vcpu_hours", H)] == [60, 20]
 
 
-def test_move_aside_renames_the_files(tmp_path: Path) -> None:
-    Ledger(tmp_path).close()
-    moved = move_aside(tmp_path, "instance-i-1", H)
-    assert moved.exists() and not (tmp_path / "ledger.db").exists()
+def _ids(path: Path) -> list[str]:
+    """The instance ids a closed ledger file names (immutable: no -wal or -shm made beside it)."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)) as db:
+        return [
+            json.loads(v) for (v,) in db.execute("SELECT value FROM meta WHERE key = 'instance_id'")
+        ]
+
+
+def _old_ledger(path: Path) -> None:
+    ledger = Ledger(path)
+    ledger.update_meta(instance_id="i-1")
+    ledger.close()
+
+
+def test_replace_closed_keeps_the_old_file_and_puts_the_fresh_one_whole_in_place(
+    tmp_path: Path,
+) -> None:
+    _old_ledger(tmp_path)
+    moved = replace_closed(tmp_path, "instance-i-1", H, lambda f: f.update_meta(instance_id="i-2"))
+    assert moved.name == f"ledger.db.instance-i-1.{H}"
+    assert _ids(moved) == ["i-1"] and _ids(tmp_path / "ledger.db") == ["i-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.db", moved.name]
+
+
+def test_replace_closed_refuses_while_another_connection_keeps_the_wal(tmp_path: Path) -> None:
+    _old_ledger(tmp_path)
+    reader = sqlite3.connect(f"file:{tmp_path / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        reader.execute("SELECT count(*) FROM meta").fetchone()  # opens the WAL index
+        writer = Ledger(tmp_path)
+        writer.update_meta(instance_id="i-1b")
+        writer.close()  # not the last connection: the WAL stays
+        assert (tmp_path / "ledger.db-wal").exists()
+        with pytest.raises(LedgerInUse):
+            replace_closed(tmp_path, "instance-i-1", H, lambda f: None)
+    finally:
+        reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "ledger.db"
+    assert list(tmp_path.glob("ledger.db.*")) == []
+    assert Ledger(tmp_path).get_meta("instance_id") == "i-1b"  # its WAL still paired with it
+
+
+def test_a_failed_fill_or_a_stop_between_link_and_rename_leaves_the_old_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _old_ledger(tmp_path)
+
+    def broken(fresh: Ledger) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        replace_closed(tmp_path, "instance-i-1", H, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.db"]
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        replace_closed(tmp_path, "instance-i-1", H, lambda f: None)
+    # the link was made, the rename was not: the old ledger is still the ledger
+    assert _ids(tmp_path / "ledger.db") == ["i-1"] and len(list(tmp_path.glob("ledger.db.*"))) == 1
+    monkeypatch.setattr(os, "replace", real)
+    moved = replace_closed(tmp_path, "instance-i-1", H + 60, lambda f: None)
+    assert [p.name for p in tmp_path.glob("ledger.db.*")] == [moved.name]  # the stale link dropped
+    assert _ids(moved) == ["i-1"] and _ids(tmp_path / "ledger.db") == []
 
 
 # -- migrating a ledger an older agent wrote --------------------------------------------------

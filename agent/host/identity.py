@@ -29,8 +29,8 @@ from typing import NoReturn
 from agent.clock import Clock, iso
 from agent.errors import AgentError
 from agent.host.imds import Imds, ImdsError
-from agent.ledger import Ledger
-from agent.ledger.database import LEDGER_FILE, move_aside
+from agent.ledger import Ledger, replace_closed
+from agent.ledger.database import LEDGER_FILE
 from agent.sending import health
 
 log = logging.getLogger(__name__)
@@ -68,18 +68,13 @@ def settle(
         marks = [t for t in (carry_since, ledger.get_meta(SINCE)) if t is not None]
         samples, positions, unread = ledger.since(min(marks)) if marks else ([], [], [])
         ledger.close()
-        moved = move_aside(state_dir, f"instance-{known}", now)
-        try:
-            fresh = Ledger(state_dir)
-        except Exception:
-            put_back(moved, state_dir)
-            raise
-        try:
+
+        def fill(fresh: Ledger) -> None:
             fresh.take_over(samples, positions, unread)
-        except Exception:
-            fresh.close()
-            put_back(moved, state_dir)
-            raise
+            fresh.update_meta(instance_id=instance_id, instance_id_source="imds")
+
+        moved = replace_closed(state_dir, f"instance-{known}", now, fill)
+        ledger = Ledger(state_dir)
         log.warning(
             "the ledger belongs to instance %s, this is %s (an image baked with state?): moved "
             "it to %s and started a fresh one; nothing from it will be sent",
@@ -87,8 +82,7 @@ def settle(
             instance_id,
             moved,
         )
-        ledger = fresh
-        known = None
+        known = instance_id
     if instance_id and known != instance_id:
         ledger.update_meta(instance_id=instance_id, instance_id_source="imds")
     elif not known:
@@ -98,31 +92,20 @@ def settle(
     return ledger
 
 
-def put_back(moved: Path, state_dir: Path) -> None:
-    """Undo a move aside whose fresh ledger could not be made: drop what the attempt left and
-    rename the old ledger back, so it stays in use (unverified) and the move is tried again."""
-    src = Path(state_dir) / LEDGER_FILE
-    for suffix in ("-wal", "-shm", ""):  # the failed fresh ledger's: empty, or half made
-        Path(str(src) + suffix).unlink(missing_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        part = Path(str(moved) + suffix)
-        if part.exists():
-            os.replace(part, Path(str(src) + suffix))
-
-
 def usable(ledger: Ledger, state_dir: Path) -> Ledger:
     """The ledger after a failed settle: the same one if still open, else the file reopened.
 
-    Why: settle closes the ledger before moving it aside; a failure after that must not leave
-    the daemon storing into a closed ledger. No file to reopen (or it will not open): AgentError,
-    and the daemon stops rather than run on without a ledger."""
+    Why: settle closes the ledger before replacing it; a failure after that (the old file is
+    untouched, see replace_closed) must not leave the daemon storing into a closed ledger. No
+    file to reopen (deleted meanwhile, or it will not open): AgentError, and the daemon stops
+    rather than run on without a ledger."""
     try:
         ledger.get_meta("instance_id")
         return ledger
     except sqlite3.Error:
         ledger.close()
     path = Path(state_dir) / LEDGER_FILE
-    if not path.exists():  # half moved: a new file here would pair with the old one's WAL
+    if not path.exists():  # a new file here would pair with a WAL left by the old one
         raise AgentError(f"{path}: gone after a failed move aside; restart to recover it")
     try:
         return Ledger(state_dir)

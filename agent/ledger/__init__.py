@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.host.ownership import adopt
@@ -183,6 +185,69 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
             os.link(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class LedgerInUse(OSError):
+    """The closed ledger still has a write-ahead log or its index: another process has it open."""
+
+
+def replace_closed(
+    state_dir: Path, reason: str, now: float, fill: Callable[[Ledger], None]
+) -> Path:
+    """Put a fresh ledger, filled by `fill`, in the place of the closed one, which is kept as
+    `ledger.db.<reason>.<time>` (returned). The fresh one is built whole in a scratch folder, then
+    the old file is linked to its new name and the fresh one renamed over the ledger's: a reader
+    and a crash at any instant find either the old ledger, whole, or the fresh one, whole.
+
+    Why the old one must have no `-wal`/`-shm` left (LedgerInUse otherwise, nothing changed): a
+    write-ahead log is paired with whatever file bears the ledger's name, so one left behind would
+    be replayed into the fresh ledger. Closing the last connection checkpoints and removes both;
+    they remain only while another process (a `status`) has the ledger open, and the caller tries
+    again later. A link left by a crash between the two steps is dropped on the next attempt."""
+    src = Path(state_dir) / LEDGER_FILE
+    for suffix in ("-wal", "-shm"):
+        if Path(f"{src}{suffix}").exists():
+            raise LedgerInUse(f"{src}{suffix} exists: another process has the ledger open")
+    work = Path(state_dir) / f".{LEDGER_FILE}.fresh"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        fresh = Ledger(work)
+        try:
+            fill(fresh)
+        finally:
+            fresh.close()
+        built = work / LEDGER_FILE
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{built}{suffix}").exists():  # still open somewhere: not whole on disk
+                raise LedgerInUse(f"{built}{suffix} exists after it was closed")
+        _drop_stale_links(src)
+        dest = src.with_name(f"{LEDGER_FILE}.{reason}.{int(now)}")
+        os.link(src, dest)
+        os.replace(built, src)
+        _fsync_dir(Path(state_dir))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    adopt(Path(state_dir), src, dest)
+    return dest
+
+
+def _drop_stale_links(src: Path) -> None:
+    """Other names of the ledger's own file (`ledger.db.*` links from an attempt that stopped
+    between its link and its rename): the file is still the ledger, not a ledger moved aside."""
+    st = src.stat()
+    for other in src.parent.glob(f"{LEDGER_FILE}.*"):
+        info = other.lstat()
+        if (info.st_dev, info.st_ino) == (st.st_dev, st.st_ino):
+            other.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_tables(db: sqlite3.Connection, target: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -74,13 +73,3 @@ class Database:
             for key, value in values.items():
                 self.set_meta(db, key, value)
 
-
-def move_aside(state_dir: Path, reason: str, now: float) -> Path:
-    """Rename the ledger (and its WAL files) out of the way; returns the new name."""
-    src = Path(state_dir) / LEDGER_FILE
-    dest = src.with_name(f"{LEDGER_FILE}.{reason}.{int(now)}")
-    for suffix in ("", "-wal", "-shm"):
-        part = Path(str(src) + suffix)
-        if part.exists():
-            os.replace(part, Path(str(dest) + suffix))
-    return dest
