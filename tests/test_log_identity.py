@@ -346,6 +346,48 @@ def test_lines_in_a_copy_it_cannot_see_are_reported_not_silent(tmp_path: Path) -
             assert "rotated" in t.unread[0].fix
 
 
+@pytest.mark.parametrize("copies", [1, 0])
+def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
+    tmp_path: Path, copies: int
+) -> None:
+    """`create` + `compress`: the agent's last committed reading saw the new live file empty (read
+    to byte 0: nothing to know it by); the agent restarts, lines are written, logrotate compresses
+    it away before the first reading. Its copy is new content, read whole: billed, and not
+    reported as unread (CI saw that false report under real logrotate). With `rotate 0` there is
+    no copy: the loss is reported."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    t.read()  # the new live file, empty: read to byte 0
+    t.restart()
+    before = log.written
+    log.write(7)
+    in_it = log.written - before
+    # logrotate's order: rename, create the new file, compress, unlink (no inode reused)
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    if copies:
+        gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    else:
+        (folder / "access.log.1").unlink()
+    log.write(2)
+    for _ in range(3):
+        t.read()
+    if copies:
+        assert t.total == log.written and t.unread == []
+    else:
+        assert t.total == log.written - in_it  # the matching lines went with the file
+        assert len(t.unread) == 1 and "read to byte 0" in t.unread[0].what
+
+
 def test_a_truncation_with_no_copy_in_sight_is_reported(tmp_path: Path) -> None:
     """`copytruncate` with `olddir` and no `rotated`: the live file is emptied under the
     collector, and the copy holding its last lines is out of sight."""

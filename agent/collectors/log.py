@@ -237,6 +237,7 @@ class LogCollector(Collector):
         # offset if it holds more), or new content (read from its start).
         found_copy: set[int] = set()
         placed_now: dict[int, _Carrier] = {}
+        new_copies = 0  # copies of content never seen, read from their first byte
         for key, entry in entries.items():
             if key in claimed:
                 continue
@@ -247,6 +248,7 @@ class LogCollector(Collector):
             if s.id < 0:
                 s.id, next_id = next_id, next_id + 1
                 streams.append(s)
+                new_copies += not first and not entry.live and carrier is not None
             else:
                 found_copy.add(s.id)
                 s.lost = 0
@@ -260,7 +262,7 @@ class LogCollector(Collector):
                 total += self._advance(s, carrier, in_time)
         self._judged = {k: v for k, v in self._judged.items() if k[0] in entries}
         drained = self._hold(streams, carriers)
-        kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained)
+        kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained, new_copies)
 
         self.last.matched = (
             total if self.matcher.mode == "count" else Decimal(self.matcher.matched_lines)
@@ -644,12 +646,18 @@ class LogCollector(Collector):
         found_copy: set[int],
         lost_now: set[int],
         drained: set[int],
+        new_copies: int,
     ) -> list[Stream]:
         """The streams to keep: each one something carried this reading (its plain file, a
         copy known to hold it, a compressed copy read), and each other one until FORGET_AFTER
         readings have found nothing of it (a deleted file drained this reading is nothing's
         already). A stream that lost its file with usage it may not have read, and whose content
-        no copy in sight holds, is reported once."""
+        no copy in sight holds, is reported once.
+
+        A stream read to byte 0 has no content to be known by: a copy of it is new content, read
+        whole. So each one that vanished is taken as held by one of the `new_copies` this
+        reading read from their first byte (a file created empty, then written and rotated
+        away while the agent restarted); only those beyond that count are reported."""
         kept = []
         for s in streams:
             carried = (
@@ -658,6 +666,10 @@ class LogCollector(Collector):
                 or (s.ino is not None and s.id not in drained and (s.dev or 0, s.ino) in self._held)
                 or any(k in entries and same(entries[k], v) for k, v in s.known.items())
             )
+            nothing_read = s.off == s.ck == 0 and s.ino is not None and not s.fin
+            if not carried and nothing_read and new_copies:
+                new_copies -= 1  # its content, if it had any, was in one of them
+                s.fin = True
             if carried:
                 s.miss = 0
             elif not _still_there(s):

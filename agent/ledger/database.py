@@ -72,4 +72,3 @@ class Database:
         with self.transaction() as db:
             for key, value in values.items():
                 self.set_meta(db, key, value)
-
