@@ -344,3 +344,24 @@ def test_credentials_child_reads_the_default_chain(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "session")
     assert fetch_in_child() == Credentials("AKIDCHILD", "secret", "session", None)
+
+
+def test_credentials_child_takes_the_instance_role_over_imdsv2(emulator: Any) -> None:
+    """The emulator's IMDSv2 (the conftest points botocore at it) serves the instance role's
+    credentials with an expiry: the daemon refreshes before it."""
+    creds = fetch_in_child()
+    assert creds.access_key and creds.secret_key and creds.token
+    assert creds.expires is not None and creds.expires > time.time() + 600
+
+
+def test_warnings_are_billed_and_counted(tmp_path: Path, api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    s, dim = errors_for(tmp_path, url)
+    fake.vector((a("acme", "i1"), "5"))
+    first = s.take(dim, 1.0, None)
+    data = json.loads(fake.body)
+    data["data"]["result"][0]["value"][1] = "7"
+    fake.answer({**data, "warnings": ["partial response: store eu-1 unreachable"]})
+    sample = s.take(dim, 2.0, first.state)
+    assert sample.value == 2 and sample.error is None
+    assert sample.warning is not None and "partial response: store eu-1" in sample.warning
