@@ -22,6 +22,7 @@ a finite non-negative number, a series without the customer label. Reads are bou
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import urllib.error
@@ -35,7 +36,7 @@ from typing import Any, ClassVar
 from agent.clock import Clock
 from agent.collectors.base import Collector, CollectorError, Kind, Reading, Sources, series_key
 from agent.collectors.http import DEFAULT_TIMEOUT, Deadline, bounded_opener, late, number
-from agent.collectors.sigv4 import CredentialSource, canonical_query, sign_get
+from agent.collectors.sigv4 import CredentialSource, canonical_query, fetch_in_child, sign_get
 from agent.errors import ConfigError
 from agent.fields import Field, Int, Section, Str
 
@@ -109,11 +110,9 @@ class PromqlCollector(Collector):
         self.wall = wall
         auth = self.config.get("auth") or {}
         self.sigv4 = auth.get("sigv4")
-        self.creds = (
-            CredentialSource(wall.time, sources.extra.get("aws_credentials"))
-            if self.sigv4
-            else None
-        )
+        timeout = float(self.config.get("timeout") or DEFAULT_TIMEOUT)
+        fetch = sources.extra.get("aws_credentials") or functools.partial(fetch_in_child, timeout)
+        self.creds = CredentialSource(wall.time, fetch) if self.sigv4 else None
 
     def labels(self) -> frozenset[str] | None:
         return None  # the query's series decide

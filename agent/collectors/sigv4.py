@@ -123,14 +123,15 @@ class CredentialSource:
         self._creds = None
 
 
-def fetch_in_child() -> Credentials:
-    """Run this module as a child that prints the default chain's credentials as JSON."""
+def fetch_in_child(timeout: float = CHILD_TIMEOUT) -> Credentials:
+    """Run this module as a child that prints the default chain's credentials as JSON, within
+    `timeout` (the read's own: an abandoned read leaves no child behind for long)."""
     env = {**os.environ, "AWS_EC2_METADATA_V1_DISABLED": "true"}  # IMDSv2 only (SPEC)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "agent.collectors.sigv4"],
             capture_output=True,
-            timeout=CHILD_TIMEOUT,
+            timeout=timeout,
             env=env,
             check=False,
         )
