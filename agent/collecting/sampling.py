@@ -240,7 +240,7 @@ class Sampler:
             if dim.collector.cumulative:
                 value, increments, state["counter"] = counter_parts(
                     reading,
-                    self.sources.boot_id(),
+                    self.sources.boot_id() if collector.local_counters else None,
                     saved.get("counter"),
                     self.sources.boot_time()
                     if self.sources.count_from_boot and not saved.get("counter")

@@ -34,6 +34,7 @@ BUILTINS = {
     "system": "agent.collectors.system:SystemCollector",
     "log": "agent.collectors.log:LogCollector",
     "http": "agent.collectors.http:HttpCollector",
+    "promql": "agent.collectors.promql:PromqlCollector",
 }
 
 __all__ = [

@@ -220,6 +220,9 @@ class Collector:
     # A label never folded into `()` beyond MAX_LABEL_SETS (see `fold`): SaaS mode's customer
     # label, set by the sampler.
     keep_label: str | None = None
+    # Whether the running totals it reads live on this machine, so that a new boot (the kernel's
+    # boot id) restarts them; False for a source that reads other machines' counters (promql).
+    local_counters: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         self.config = dict(options)

@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from agent.collectors import exposition
 from agent.collectors.base import (
@@ -105,10 +105,8 @@ class HttpCollector(Collector):
 
     def __init__(self, options: Mapping[str, Any], sources: Sources) -> None:
         super().__init__(options, sources)
-        self.deadline = _Deadline(0)  # the probe in progress: one at a time per collector
-        self.opener = sources.extra.get("http_opener") or urllib.request.build_opener(
-            _SameHostRedirects(), _DeadlineHTTPHandler(self), _DeadlineHTTPSHandler(self)
-        )
+        self.deadline = Deadline(0)  # the probe in progress: one at a time per collector
+        self.opener = sources.extra.get("http_opener") or bounded_opener(self)
         self.selector = (
             parse_selector(self.config["query"], "query")
             if self.config["format"] == "prometheus" and self.config["mode"] == "value"
@@ -147,7 +145,7 @@ class HttpCollector(Collector):
         )
         limit = int(self.config["max_bytes"])
         timeout = float(self.config.get("timeout") or DEFAULT_TIMEOUT)
-        deadline = self.deadline = _Deadline(timeout)
+        deadline = self.deadline = Deadline(timeout)
         try:
             with self.opener.open(req, timeout=deadline.remaining()) as resp:
                 body = resp.read(limit + 1)
@@ -161,7 +159,7 @@ class HttpCollector(Collector):
             if self.config["mode"] == "up":
                 return 0, b""
             if deadline.passed():  # shut down by the reaper, or the last per-op timeout
-                raise CollectorError(_late(url, timeout)) from None
+                raise CollectorError(late(url, timeout)) from None
             reason = getattr(e, "reason", e)
             raise CollectorError(f"{url} unreachable: {reason}") from None
         finally:
@@ -169,7 +167,7 @@ class HttpCollector(Collector):
         if deadline.expired:  # the socket was shut down mid-answer: the body may be cut short
             if self.config["mode"] == "up":
                 return 0, b""
-            raise CollectorError(_late(url, timeout))
+            raise CollectorError(late(url, timeout))
         if len(body) > limit:
             raise CollectorError(f"{url} answered more than {limit} bytes (max_bytes)")
         return status, body
@@ -196,7 +194,7 @@ class HttpCollector(Collector):
         found = jmespath.search(self.config["query"], data)
         label = self.config.get("label")
         if not label:
-            return Reading(_number(found, what))
+            return Reading(number(found, what))
         if not isinstance(found, dict):
             raise CollectorError(f"{what} gave {type(found).__name__}, not an object of numbers")
         breakdown: dict[tuple[tuple[str, str], ...], Decimal] = {}
@@ -204,28 +202,28 @@ class HttpCollector(Collector):
             part = label_set({label: str(key)})
             if part not in breakdown and len(breakdown) >= MAX_LABEL_SETS:
                 part = fold(part, self.keep_label)
-            breakdown[part] = breakdown.get(part, Decimal(0)) + _number(value, f"{what}[{key!r}]")
+            breakdown[part] = breakdown.get(part, Decimal(0)) + number(value, f"{what}[{key!r}]")
         # each key is a series: with `counter: true` each is differenced on its own (a key that
         # disappears or resets is not netted against the others)
-        series = [({label: str(key)}, _number(v, f"{what}[{key!r}]")) for key, v in found.items()]
+        series = [({label: str(key)}, number(v, f"{what}[{key!r}]")) for key, v in found.items()]
         return Reading.of_series(series, breakdown=breakdown)
 
     def _text(self, body: bytes) -> Decimal:
         m = re.search(self.config["query"], body.decode("utf-8", errors="replace"))
         if m is None:
             raise CollectorError(f"pattern {self.config['query']!r} not found in the answer")
-        return _number(m.group(1), f"pattern {self.config['query']!r}")
+        return number(m.group(1), f"pattern {self.config['query']!r}")
 
 
 DEFAULT_TIMEOUT = 10.0
 PROCESS_START = "process_start_time_seconds"  # prometheus_client's and most exporters' own
 
 
-def _late(url: str, timeout: float) -> str:
+def late(url: str, timeout: float) -> str:
     return f"{url} gave no complete answer within the {timeout:g} s timeout"
 
 
-class _Deadline:
+class Deadline:
     """A total deadline for one probe, shared by every connection it opens (redirects too).
 
     Each connection's socket gets a per-operation timeout no longer than what is left, and is
@@ -269,11 +267,11 @@ class _Reaper:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Deadline, socket.socket]] = []
+        self._heap: list[tuple[float, int, Deadline, socket.socket]] = []
         self._count = 0
         self._thread: threading.Thread | None = None
 
-    def add(self, deadline: _Deadline, sock: socket.socket) -> None:
+    def add(self, deadline: Deadline, sock: socket.socket) -> None:
         with self._cond:
             self._count += 1
             heapq.heappush(self._heap, (deadline.end, self._count, deadline, sock))
@@ -298,8 +296,22 @@ class _Reaper:
 _REAPER = _Reaper()
 
 
+class Probe(Protocol):
+    """What a bounded connection needs of its owner: the deadline of the probe in progress."""
+
+    deadline: Deadline
+
+
+def bounded_opener(probe: Probe) -> urllib.request.OpenerDirector:
+    """An opener whose connections live under `probe.deadline` and follow same-host redirects
+    only; the promql collector reads through one too."""
+    return urllib.request.build_opener(
+        _SameHostRedirects(), _DeadlineHTTPHandler(probe), _DeadlineHTTPSHandler(probe)
+    )
+
+
 class _GuardedHTTP(http.client.HTTPConnection):
-    probe: HttpCollector
+    probe: Probe
 
     def connect(self) -> None:
         super().connect()
@@ -307,7 +319,7 @@ class _GuardedHTTP(http.client.HTTPConnection):
 
 
 class _GuardedHTTPS(http.client.HTTPSConnection):
-    probe: HttpCollector
+    probe: Probe
 
     def connect(self) -> None:
         super().connect()
@@ -317,7 +329,7 @@ class _GuardedHTTPS(http.client.HTTPSConnection):
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
     """Opens connections that put their socket under the probe's current deadline."""
 
-    def __init__(self, probe: HttpCollector) -> None:
+    def __init__(self, probe: Probe) -> None:
         super().__init__()
         self.probe = probe
 
@@ -326,7 +338,7 @@ class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
 
 
 class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, probe: HttpCollector) -> None:
+    def __init__(self, probe: Probe) -> None:
         super().__init__()
         self.probe = probe
 
@@ -339,14 +351,14 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 def _connection(
-    cls: type[_GuardedHTTP] | type[_GuardedHTTPS], probe: HttpCollector, *args: Any, **kw: Any
+    cls: type[_GuardedHTTP] | type[_GuardedHTTPS], probe: Probe, *args: Any, **kw: Any
 ) -> http.client.HTTPConnection:
     conn = cls(*args, **kw)
     conn.probe = probe
     return conn
 
 
-def _number(value: Any, what: str) -> Decimal:
+def number(value: Any, what: str) -> Decimal:
     if value is None:
         raise CollectorError(f"{what} matched nothing")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -428,7 +440,7 @@ def prometheus_reading(
         if not all(_label_ok(s.labels.get(label, ""), op, want) for label, op, want in matchers):
             continue
         key = series_key(s.labels)
-        series[key] = series.get(key, Decimal(0)) + _number(s.value, f"metric {s.name}")
+        series[key] = series.get(key, Decimal(0)) + number(s.value, f"metric {s.name}")
         mark = created.get(_labels_id(s.labels)) if is_counter else None
         if mark is not None:
             epochs[key] = _epoch(mark)
