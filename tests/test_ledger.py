@@ -13,6 +13,7 @@ import pytest
 from agent.aggregate import Quantity
 from agent.errors import AgentError
 from agent.ledger import Ledger, LedgerInUse, replace_closed
+from agent.ledger.faults import LedgerDamaged
 from agent.ledger.migrations import SCHEMA_VERSION
 from tests.billing import H
 
@@ -471,3 +472,29 @@ def test_unsealed_hours_are_every_dimensions_past_hours_in_hour_order(ledger: Le
     assert got == [("alpha", H), ("mid", H), ("zeta", H), ("alpha", H + 3600)]
     with ledger.transaction() as db:
         assert ledger.unsealed_hours(db, H) == []
+
+
+def test_a_rebuild_puts_the_copy_in_place_and_keeps_the_old_file_by_a_link(
+    tmp_path: Path,
+) -> None:
+    """verify()'s last resort (the tables copied into a new file), on a ledger with committed
+    rows: the copy replaces the ledger in one rename, the old file kept as ledger.db.damaged-*;
+    while another connection keeps the WAL, nothing is replaced (LedgerDamaged, files as they
+    were)."""
+    ledger = Ledger(tmp_path)
+    seal_one(ledger)
+    reader = sqlite3.connect(f"file:{tmp_path / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        reader.execute("SELECT count(*) FROM hours").fetchone()
+        with pytest.raises(LedgerDamaged):
+            ledger._rebuild(H)
+    finally:
+        reader.close()
+    assert list(tmp_path.glob("ledger.db.*")) == [] and list(tmp_path.glob(".*")) == []
+    ledger = Ledger(tmp_path)
+    assert [h.quantity for h in ledger.pending()] == [FOUR]
+    aside = ledger._rebuild(H)
+    assert aside is not None and aside.name.startswith("ledger.db.damaged-") and ledger.reopen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.db", aside.name]
+    with contextlib.closing(Ledger(tmp_path)) as copy:
+        assert [h.quantity for h in copy.pending()] == [FOUR]

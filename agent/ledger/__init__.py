@@ -140,14 +140,17 @@ class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Dat
         if not whole:
             tmp.unlink(missing_ok=True)
             return None
-        self.db.close()
-        aside = damaged_name(self.path, now)
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{self.path}{suffix}")
-            if part.exists():
-                os.replace(part, Path(f"{aside}{suffix}"))
-        os.replace(tmp, self.path)
+        self.db.close()  # the last connection: its WAL is checkpointed and removed
         self.reopen = True
+        aside = damaged_name(self.path, now)
+        try:
+            install(tmp, self.path, aside)
+        except LedgerInUse as e:
+            raise LedgerDamaged(
+                self.path, f"its copy could not be put in its place ({e}); stop that process"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return aside
 
     def repair(self) -> bool:
@@ -205,7 +208,7 @@ def replace_closed(
     they remain only while another process (a `status`) has the ledger open, and the caller tries
     again later. A link left by a crash between the two steps is dropped on the next attempt."""
     src = Path(state_dir) / LEDGER_FILE
-    for suffix in ("-wal", "-shm"):
+    for suffix in ("-wal", "-shm"):  # before the work of filling a fresh one
         if Path(f"{src}{suffix}").exists():
             raise LedgerInUse(f"{src}{suffix} exists: another process has the ledger open")
     work = Path(state_dir) / f".{LEDGER_FILE}.fresh"
@@ -217,19 +220,26 @@ def replace_closed(
             fill(fresh)
         finally:
             fresh.close()
-        built = work / LEDGER_FILE
-        for suffix in ("-wal", "-shm"):
-            if Path(f"{built}{suffix}").exists():  # still open somewhere: not whole on disk
-                raise LedgerInUse(f"{built}{suffix} exists after it was closed")
-        _drop_stale_links(src)
         dest = src.with_name(f"{LEDGER_FILE}.{reason}.{int(now)}")
-        os.link(src, dest)
-        os.replace(built, src)
-        _fsync_dir(Path(state_dir))
+        install(work / LEDGER_FILE, src, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     adopt(Path(state_dir), src, dest)
     return dest
+
+
+def install(built: Path, src: Path, dest: Path) -> None:
+    """The closed database `built` renamed over the closed ledger `src`, which stays as `dest`
+    (a link made first): at every instant `src` is one whole ledger. LedgerInUse, nothing changed,
+    while either still has a `-wal` or `-shm` (see replace_closed)."""
+    for path in (src, built):
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{path}{suffix}").exists():
+                raise LedgerInUse(f"{path}{suffix} exists: another process has it open")
+    _drop_stale_links(src)
+    os.link(src, dest)
+    os.replace(built, src)
+    _fsync_dir(src.parent)
 
 
 def _drop_stale_links(src: Path) -> None:
