@@ -391,3 +391,31 @@ dimensions:
         sources.count_from_boot = count_from_boot
         sampler = Sampler(load(cfg_path), Registry(), sources)
         assert sampler.take(dim, 0.0, None).value == billed
+
+
+def test_the_product_lock_is_the_trace_of_an_earlier_run_when_the_state_dir_is_gone(
+    tmp_path: Path,
+) -> None:
+    """The state dir deleted whole (health file and ledger with it): the product lock, kept in
+    the run dir until the next boot (RuntimeDirectoryPreserve=yes), still shows that this product
+    was metered earlier in this boot, so the fresh ledger's counters start from a baseline."""
+    from agent.host.locks import ProductLock
+
+    run_dir, state = tmp_path / "run", tmp_path / "state"
+    state.mkdir()
+    boot = Decimal(int(time.time()) - 600)
+    first = ProductLock("prod-x", tmp_path / "config.yaml", run_dir)
+    assert first.acquire() and first.written_before is None  # the first run of this boot
+    first._file.close()  # type: ignore[union-attr]  # the run ends
+    again = ProductLock("prod-x", tmp_path / "config.yaml", run_dir)
+    assert again.acquire()
+    written = {str(again.path): again.written_before}
+    assert earlier_ledger_this_boot(state, boot, written) == str(again.path)
+    again._file.close()  # type: ignore[union-attr]  # the run ends
+    os.utime(again.path, (float(boot) - 60, float(boot) - 60))  # a lock file from before boot
+    last = ProductLock("prod-x", tmp_path / "config.yaml", run_dir)
+    assert last.acquire()
+    assert earlier_ledger_this_boot(state, boot, {str(last.path): last.written_before}) is None
+    last._file.close()  # type: ignore[union-attr]  # the run ends
+    unit = (Path(__file__).parent.parent / "packaging" / "metering-agent.service").read_text()
+    assert "RuntimeDirectoryPreserve=yes" in unit.splitlines()

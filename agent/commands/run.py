@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,11 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
             f"state_dir {state_dir}: {e.strerror}; it must be writable by the agent's "
             "user (the unit's StateDirectory= makes /var/lib/metering-agent so)"
         ) from None
-    earlier = earlier_ledger_this_boot(state_dir, Sources().boot_time())  # before this run writes
+    earlier = earlier_ledger_this_boot(  # before this run writes
+        state_dir,
+        Sources().boot_time(),
+        {str(product_lock.path): product_lock.written_before} if product_lock else {},
+    )
     now = clock.time()
     plat = platforms.detect(config.platform, os.environ)
     metadata = platforms.TaskMetadata(os.environ) if plat.name == "ecs" else None
@@ -205,10 +210,14 @@ def first_boot_sources(
     return sources
 
 
-def earlier_ledger_this_boot(state_dir: Path, boot_time: Decimal | None) -> str | None:
+def earlier_ledger_this_boot(
+    state_dir: Path, boot_time: Decimal | None, written: Mapping[str, float | None] | None = None
+) -> str | None:
     """A file written since the machine booted by a run with another ledger: the health file
-    (every run writes it; `prepare-image` removes it) or a ledger moved aside as damaged
-    (`reset-ledger`). Asked before this run writes its own health file."""
+    (every run writes it; `prepare-image` removes it), a ledger moved aside as damaged
+    (`reset-ledger`), or outside the state dir (which may have been deleted with its ledger) the
+    product lock an earlier run wrote (`written`: name -> when, taken before this run wrote it).
+    Asked before this run writes its own health file."""
     if boot_time is None:
         return None
     for path in [state_dir / "health.json", *sorted(state_dir.glob("ledger.db.damaged-*"))]:
@@ -217,6 +226,9 @@ def earlier_ledger_this_boot(state_dir: Path, boot_time: Decimal | None) -> str 
                 return path.name
         except OSError:
             continue
+    for name, when in (written or {}).items():
+        if when is not None and when > boot_time:
+            return name
     return None
 
 

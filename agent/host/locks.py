@@ -60,10 +60,16 @@ class ProductLock:
         self.product_code = product_code
         self.config_path = config_path
         self._file: IO[str] | None = None
+        # When an earlier run for the product last wrote the lock (None: none did). The run dir
+        # is a tmpfs kept until the next boot (RuntimeDirectoryPreserve=yes), so this is the trace
+        # of an earlier run in this boot that survives its state dir.
+        self.written_before: float | None = None
 
     def acquire(self) -> bool:
         """Hold the lock for this process's lifetime; False (with a warning) where it cannot be
         created; LockHeld when another agent for the product holds it."""
+        with contextlib.suppress(OSError):
+            self.written_before = self.path.stat().st_mtime
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = self._open()
