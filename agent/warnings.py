@@ -64,6 +64,10 @@ STATIC_CREDENTIALS = _kind(
 KEY_ROTATION = _kind(
     "key_rotation", "RegisterUsage: the listing's public key version is being rotated out"
 )
+OTHER_MODE_RECORDS = _kind(
+    "other_mode_records",
+    "status: the ledger holds pending records of the other mode (instance or saas), not sent",
+)
 UNSENT_HOURS = _kind(
     "unsent_hours", "prepare-image: the ledger it removes holds hours sealed and never sent"
 )

@@ -86,35 +86,29 @@ def test_an_unknown_name_in_accept_is_a_config_error_naming_it(write_config: Con
     assert "rounding_up" in line.split("expected one of", 1)[1]  # the known names, and a hint
 
 
-def _printed_literals(tree: ast.AST) -> list[str]:
-    """The leading text of every string that a print() or a `say(...)` gets in the source."""
+def _leading_texts(tree: ast.AST) -> list[str]:
+    """Every string literal, and the leading text of every f-string, in the source."""
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or not node.args:
-            continue
-        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-        if name not in ("print", "_say", "say"):
-            continue
-        for arg in node.args[:1]:
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                found.append(arg.value)
-            elif isinstance(arg, ast.JoinedStr) and arg.values:
-                first = arg.values[0]
-                if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                    found.append(first.value)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append(node.value)
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                found.append(first.value)
     return found
 
 
 def test_no_command_prints_a_warning_outside_the_registry() -> None:
-    """Every warning goes through agent/warnings.py (one prefix, a name): no print of a
-    `warning:`/`warn` text, no `_say("warn", ...)` anywhere in the agent."""
+    """Every warning goes through agent/warnings.py (one prefix, a name): no text that begins
+    `warning: `, `WARNING ` or `warn ` and no `_say("warn", ...)` anywhere in the agent."""
     offenders = []
     for path in sorted((ROOT / "agent").rglob("*.py")):
         if path.name == "warnings.py":
             continue
         tree = ast.parse(path.read_text(), str(path))
-        for text in _printed_literals(tree):
-            if re.match(r"\s*(warn\b|warning\b|WARNING\b)", text, flags=re.I):
+        for text in _leading_texts(tree):
+            if re.match(r"\s*(warning: |WARNING |warn\s)", text):
                 offenders.append(f"{path.relative_to(ROOT)}: {text!r}")
         for node in ast.walk(tree):
             if (

@@ -41,6 +41,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     warns = Warnings(cfg.accepted_warnings)
     code = _check(args, cfg, warns)
+    if warns.silenced:  # said once, so an acknowledged warning is never a surprise
+        names = ", ".join(dict.fromkeys(warns.silenced))
+        _say("ok", f"warnings accepted in the config (warnings.accept): {names}")
     failure = warns.strict_failure() if getattr(args, "strict", False) else None
     if code == EX_OK and failure:
         print(f"metering-agent: {failure} ({cfg.source})", file=sys.stderr)
