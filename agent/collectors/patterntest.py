@@ -22,7 +22,8 @@ from agent.collectors.linecount import LineMatcher
 from agent.collectors.logfiles import Files
 
 BLOCK = 1 << 20
-EXAMPLES = 3  # lines shown of each kind
+EXAMPLES = 3  # distinct lines shown of each kind
+LOOK_AT = 100_000  # lines judged one by one for examples, at most (the count is the matcher's)
 TOP = 5  # values shown per label
 
 
@@ -80,6 +81,7 @@ class _Reader:
     ) -> None:
         self.counter, self.one, self.result = counter, one, result
         self.max_line, self.n = max_line, n
+        self.looked = 0  # lines judged one at a time so far (LOOK_AT)
 
     def read(self, f: Any) -> None:
         carry = b""
@@ -117,12 +119,15 @@ class _Reader:
         r.value += value
         want_match = len(r.matched_examples) < self.n and matching > 0
         want_other = len(r.other_examples) < self.n and matching < n
-        if not (want_match or want_other):
-            return  # (so looking at single lines costs a few blocks at most)
+        if not (want_match or want_other) or self.looked >= LOOK_AT:
+            return  # (the count above is whole; only the examples stop being looked for)
         for line in block.split(b"\n")[:-1]:
+            self.looked += 1
+            if self.looked > LOOK_AT:
+                return
             hit = bool(self.one.scan(line + b"\n"))
             kept = r.matched_examples if hit else r.other_examples
-            if len(kept) < self.n:
+            if len(kept) < self.n and line not in kept:  # distinct lines say more
                 kept.append(line)
             if len(r.matched_examples) >= self.n and len(r.other_examples) >= self.n:
                 return
