@@ -250,7 +250,7 @@ def traps(cfg: Config) -> list[tuple[Kind, str]]:
     Why: a config can be valid and still wrong for the image it is baked into: an emulator endpoint
     left in bills nothing, and `up` rounding below the billed step bills a whole step for a crumb.
     """
-    from agent.aggregate import to_quantity
+    from agent.aggregate import exact, to_quantity
 
     found = []
     problem = loopback_endpoint(cfg)
@@ -266,10 +266,11 @@ def traps(cfg: Config) -> list[tuple[Kind, str]]:
         found.append(
             (
                 ROUNDING_UP,
-                f"{dim.path}.rounding ({dim.name}): up with scale {dim.scale} and "
+                f"{dim.path}.rounding ({dim.name}): up with scale {exact(dim.scale)} and "
                 f"{'no decimals' if dim.decimals is None else f'decimals {dim.decimals}'} bills "
                 f"{unit} for any usage in an hour: 3 counted bill {billed} "
-                f"(3 x {dim.scale} = {Decimal(3) * dim.scale}); {fix}, use rounding: nearest, "
+                f"(3 x {exact(dim.scale)} = {exact(Decimal(3) * dim.scale)}); {fix}, use "
+                "rounding: nearest, "
                 f"or add {ROUNDING_UP.name} to warnings.accept if it is meant",
             )
         )
