@@ -267,3 +267,15 @@ def test_a_jmespath_query_that_runs_is_accepted(write_config: ConfigWriter) -> N
         f"    collector: {{type: http, url: 'http://127.0.0.1:9/stats', query: '{query}'}}\n"
     )
     assert run_cli("check", "--offline", "-c", str(path)).returncode == EX_OK
+
+
+def test_a_tiny_scale_is_shown_with_every_digit_and_no_exponent(write_config: ConfigWriter) -> None:
+    tiny = "0.000000000931322574615478515625"
+    path = write_config(
+        f"product_code: {PRODUCT}\ndimensions:\n  - name: d\n"
+        f"    collector: {{type: system, metric: cpu_count}}\n    scale: {tiny}\n    rounding: up\n"
+    )
+    result = run_cli("check", "--offline", "-c", str(path))
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("warning [rounding_up]")]
+    assert f"scale {tiny} " in line and f"= {Decimal(tiny) * 3:f})" in line
+    assert "E-" not in line
