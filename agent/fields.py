@@ -37,6 +37,9 @@ class ScalarFloat(float):
         made.text = text
         return made
 
+    def __reduce__(self) -> tuple[Any, tuple[float, str]]:  # copy and pickle keep the text
+        return (ScalarFloat, (float(self), self.text))
+
 
 def _written(value: int | float) -> str:
     """A number's text as the config wrote it, where the loader kept it (ScalarFloat)."""

@@ -279,3 +279,17 @@ def test_a_tiny_scale_is_shown_with_every_digit_and_no_exponent(write_config: Co
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("warning [rounding_up]")]
     assert f"scale {tiny} " in line and f"= {Decimal(tiny) * 3:f})" in line
     assert "E-" not in line
+
+
+def test_a_scalar_float_keeps_its_text_through_copy_and_pickle(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    from agent.fields import ScalarFloat
+
+    path = tmp_path / "list.yaml"
+    path.write_text("[0.10]\n")
+    (read,) = read_yaml(path)
+    assert isinstance(read, ScalarFloat) and read.text == "0.10" and read == 0.1
+    for again in (copy.deepcopy(read), pickle.loads(pickle.dumps(read))):
+        assert type(again) is ScalarFloat and again.text == "0.10" and again == 0.1
