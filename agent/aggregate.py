@@ -52,6 +52,30 @@ def plain(value: Any) -> str:
     return format(value.normalize(), "f")
 
 
+SHOWN = 120  # characters of a line or label value a command prints
+
+
+def shown(text: str | bytes, limit: int = SHOWN, encoding: str = "utf-8") -> str:
+    """A label value or log line for people: one line (control characters escaped), cut to
+    `limit` characters with its full length said, so a 64 KiB value cannot flood a terminal."""
+    if isinstance(text, (bytes, bytearray)):
+        size = len(text)
+        text = bytes(text[: limit * 4]).decode(encoding, errors="replace")
+        unit = "bytes"
+    else:
+        size, unit = len(text), "characters"
+    cut = text[:limit]
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    if len(cut) < len(text) or (unit == "bytes" and size > limit * 4):
+        return f"{safe}... ({size:,} {unit})"
+    return safe
+
+
+def exact(value: Decimal) -> str:
+    """A decimal in plain notation with every digit it has (a `scale`, as configured)."""
+    return format(value.normalize(), "f") if value else "0"
+
+
 @dataclass(frozen=True)
 class Point:
     """One sample as aggregation sees it: when, what, and how many seconds it stands for."""

@@ -97,11 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="print only warnings and failures (ExecStartPre)"
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a warning the config does not accept (warnings.accept) fails the check (78)",
+    )
     add_clock_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "sample", parents=[common], help="run every collector once and print what it would add"
+    )
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="test each log pattern against the lines already in its files (count, examples, "
+        "top label values)",
     )
     p.set_defaults(func=cmd_sample)
 

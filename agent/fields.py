@@ -25,6 +25,32 @@ _POSITIVE_TEXT = r"\s*\+?(?=[^eE]*[1-9])" + _MANTISSA
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600}
 
 
+class ScalarFloat(float):
+    """A YAML float that keeps the text it was written as (the loader makes these), so that a
+    decimal key reads `0.000000000931322574615478515625` as those digits, never through a binary
+    float. Anywhere else it is the float YAML says it is."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> ScalarFloat:
+        made = super().__new__(cls, value)
+        made.text = text
+        return made
+
+    def __reduce__(self) -> tuple[Any, tuple[float, str]]:  # copy and pickle keep the text
+        return (ScalarFloat, (float(self), self.text))
+
+
+def _written(value: int | float) -> str:
+    """A number's text as the config wrote it, where the loader kept it (ScalarFloat)."""
+    text = getattr(value, "text", None)
+    if isinstance(text, str):
+        plain = text.replace("_", "")  # YAML 1.1 allows 1_000.5
+        if re.fullmatch(_NUMBER_TEXT, plain):
+            return plain
+    return str(value)
+
+
 def describe(value: Any) -> str:
     """A value as the user wrote it, for error messages."""
     if isinstance(value, str):
@@ -113,7 +139,8 @@ class Int(Spec):
 
 @dataclass(frozen=True)
 class Number(Spec):
-    """A decimal number; floats from YAML go through their shortest repr, never binary noise."""
+    """A decimal number: as written in the YAML text (quoted or not; see ScalarFloat), else a
+    float's shortest repr, never binary noise."""
 
     minimum: Decimal | None = None
     exclusive_minimum: bool = False
@@ -124,7 +151,7 @@ class Number(Spec):
         if isinstance(value, str) and not re.fullmatch(_NUMBER_TEXT, value):
             raise ConfigError(path, f"expected a number; found {describe(value)}")
         try:
-            number = Decimal(str(value))
+            number = Decimal(value if isinstance(value, str) else _written(value))
         except InvalidOperation:
             raise ConfigError(path, f"expected a number; found {describe(value)}") from None
         if not number.is_finite():

@@ -103,7 +103,9 @@ def _check_as_root(
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(access, "service_account", lambda: STRANGER)
     code = cli.main(["check", "--offline", "-c", str(path)])
-    return code, [line for line in capsys.readouterr().out.splitlines() if line.startswith("warn")]
+    return code, [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("warning [")
+    ]
 
 
 def _log_config(write_config: ConfigWriter, log: Path) -> Path:

@@ -22,13 +22,15 @@ from tests.conftest import PRODUCT, ConfigWriter, run_cli
 def check_offline(
     path: Path, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, list[str], list[str]]:
-    """Exit code, `warning:` lines and `warn` collector lines of `check --offline`."""
+    """Exit code, the config's warning lines (traps) and the other warning lines (collectors) of
+    `check --offline`."""
     code = cli.main(["check", "--offline", "-c", str(path)])
     out = capsys.readouterr().out.splitlines()
+    traps = ("warning [loopback_endpoint] ", "warning [rounding_up] ")
     return (
         code,
-        [line for line in out if line.startswith("warning: ")],
-        [line for line in out if line.startswith("warn ")],
+        [line for line in out if line.startswith(traps)],
+        [line for line in out if line.startswith("warning [") and not line.startswith(traps)],
     )
 
 

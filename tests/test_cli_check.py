@@ -25,9 +25,11 @@ def test_check_passes_with_both_dry_run_styles(
     path = write_config(endpoint=emulator.url)
     result = run_cli("check", "-c", str(path), env=env_for(emulator))
     assert result.returncode == EX_OK, result.stderr
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("warning: ")]
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("warning [")]
     assert [line.split()[0] for line in lines] == ["ok"] * 7  # platform, identity too
-    assert "warning: metering.endpoint_url" in result.stdout  # the emulator is on loopback
+    assert (
+        "warning [loopback_endpoint] metering.endpoint_url" in result.stdout
+    )  # the emulator is on loopback
     assert "region us-east-1 (from IMDS placement/region)" in result.stdout
     assert "MeterUsage DryRun: permitted" in lines[-1]
     assert emulator.records() == []  # DryRun records nothing
@@ -98,7 +100,8 @@ def test_check_offline_warns_on_a_missing_source(write_config: ConfigWriter, tmp
     result = run_cli("check", "--offline", "-c", str(path))
     assert result.returncode == EX_OK
     assert (
-        result.stdout.startswith("ok") and "warn  collector disk: source missing" in result.stdout
+        result.stdout.startswith("ok")
+        and "warning [source_missing] collector disk: source missing" in result.stdout
     )
 
 

@@ -35,7 +35,7 @@ def check(path: Path, emulator: Emulator) -> tuple[int, list[str], str]:
         "check", "-c", str(path), env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": emulator.url}
     )
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("warning: ")]
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("warning [")]
     return result.returncode, lines, result.stdout
 
 
@@ -110,7 +110,7 @@ def test_check_retries_throttling_then_succeeds_and_warns_of_a_rotation(
     code, _lines, out = check(configure(write_config, emulator, emulator_key(emulator)), emulator)
     assert code == EX_OK
     assert registrations(emulator) == ["ThrottlingException", "ThrottlingException", "ok"]
-    assert "warning: RegisterUsage: public key version 1 is being rotated out" in out
+    assert "warning [key_rotation] RegisterUsage: public key version 1 is being rotated out" in out
     assert "2030-03-17T17:46:40Z" in out
 
 

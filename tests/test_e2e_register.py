@@ -149,7 +149,7 @@ def test_run_retries_throttling_and_shows_the_rotation_in_status(fast, tmp_path:
     assert reg["rotation_timestamp"] == iso(rotation)
     assert "rotated out" in reg["warning"]
     text = run_cli("status", "-c", str(agent.config)).stdout
-    assert "WARNING RegisterUsage: public key version 1 is being rotated out" in text
+    assert "warning [key_rotation] RegisterUsage: public key version 1 is being rotated out" in text
     assert agent.terminate() == 0
 
 

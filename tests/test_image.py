@@ -69,7 +69,7 @@ def test_prepare_image_removes_the_agents_files_and_says_what_first_boot_reads(
     assert "from the length each file has now" in early and "(18 bytes)" in early
     assert "no file in the image yet" in late
     assert "600 s" in boot  # the first record: end of hour + up to send_window
-    assert "warning:" not in result.stdout
+    assert "warning" not in result.stdout
     # a second run finds nothing to remove and succeeds
     again = run_cli("prepare-image", "--yes", "-c", str(config))
     assert again.returncode == 0 and "removed" not in again.stdout
@@ -117,18 +117,28 @@ def test_prepare_image_on_a_bad_config_exits_78(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_prepare_image_warns_of_an_emulator_endpoint_left_in_the_config(tmp_path: Path) -> None:
-    config, _state, _ = bake_state(tmp_path)
-    config.write_text(
-        config.read_text().replace(
-            "metering: {send_window: 10m}",
-            "metering: {send_window: 10m, endpoint_url: 'http://127.0.0.1:8787'}",
-        )
+@pytest.mark.parametrize("accepted", [False, True])
+def test_prepare_image_refuses_an_emulator_endpoint_left_in_the_config(
+    tmp_path: Path, accepted: bool
+) -> None:
+    """An image baked with a loopback endpoint bills nothing: refused (78) with the fix, even
+    when `warnings.accept` silences the warning for `check`, and nothing is removed."""
+    config, state, _ = bake_state(tmp_path)
+    before = sorted(state.iterdir())
+    text = config.read_text().replace(
+        "metering: {send_window: 10m}",
+        "metering: {send_window: 10m, endpoint_url: 'http://127.0.0.1:8787'}",
     )
+    if accepted:
+        text += "warnings: {accept: [loopback_endpoint]}\n"
+    config.write_text(text)
     result = run_cli("prepare-image", "--yes", "-c", str(config))
-    assert result.returncode == 0
-    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
-    assert "metering.endpoint_url" in warning
+    assert result.returncode == 78
+    (line,) = result.stderr.strip().splitlines()
+    assert "metering.endpoint_url: http://127.0.0.1:8787 is on this machine" in line
+    assert "remove it before baking" in line and "nothing was removed" in line
+    assert sorted(state.iterdir()) == before
+    assert result.stdout == ""
 
 
 def test_prepare_image_names_the_unsent_hours_it_discards(tmp_path: Path) -> None:
@@ -148,7 +158,7 @@ def test_prepare_image_names_the_unsent_hours_it_discards(tmp_path: Path) -> Non
     result = run_cli("prepare-image", "--yes", "-c", str(config))
     assert result.returncode == 0, result.stderr
     (warning,) = [line for line in result.stdout.splitlines() if "never sent" in line]
-    assert warning.startswith("warning: the ledger holds 1 hour(s)")
+    assert warning.startswith("warning [unsent_hours] the ledger holds 1 hour(s)")
 
 
 def test_prepare_image_that_cannot_open_a_lock_says_so_in_one_line(tmp_path: Path) -> None:

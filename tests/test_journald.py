@@ -78,4 +78,4 @@ def test_quiet_offline_check_still_warns(tmp_path: Path) -> None:
     result = run_cli("check", "--offline", "--quiet", "-c", str(path))
     assert result.returncode == 0
     (line,) = result.stdout.splitlines()
-    assert line.startswith("warn  collector d: source missing")
+    assert line.startswith("warning [source_missing] collector d: source missing")

@@ -41,7 +41,7 @@ dimensions:
     assert result.stdout.startswith("seats 12  (raw 12, max)")
     seats.write_text("not a number")
     result = run_cli("sample", "-c", str(config))
-    assert "warning: seats:" in result.stderr and "not a number" in result.stderr
+    assert "warning [collector_failed] seats:" in result.stderr and "not a number" in result.stderr
 
 
 def test_plugin_options_are_validated_by_the_agent(tmp_path: Path) -> None:

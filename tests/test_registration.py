@@ -569,7 +569,7 @@ def test_a_registration_is_kept_for_status(tmp_path: Path) -> None:
     assert reg["registered_at"] == "2027-01-15T08:00:00Z"
     assert reg["rotation_timestamp"] == "2027-01-16T08:00:00Z"
     assert "public key version 2 is being rotated out" in reg["warning"]
-    assert "WARNING RegisterUsage" in status.render(report)
+    assert "warning [key_rotation] RegisterUsage" in status.render(report)
     plain = replace(cfg, register_usage=None)
     assert status.collect(ledger, plain, FakeClock(NOW))["register_usage"] is None
 

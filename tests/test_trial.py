@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import os
 import textwrap
+import time
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,18 @@ UNREACHABLE = """\
 """
 
 
+class Stamped(io.StringIO):
+    """Output that remembers the real time of each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.stamps.append((time.time(), text))
+        return super().write(text)
+
+
 def table_rows(text: str) -> dict[tuple[str, str], str]:
     """(hour, dimension) -> quantity, from the table `trial` prints."""
     rows: dict[tuple[str, str], str] = {}
@@ -73,7 +87,7 @@ def test_trial_table_is_what_the_emulator_received(
     state = tmp_path / "state"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(textwrap.dedent(CONFIG.format(state=state, extra=UNREACHABLE)))
-    out = io.StringIO()
+    out = Stamped()
     code = trial.main(cfg, hours=1, speed=120, dimensions="vcpus,vcpu_hours,users", out=out)
     text = out.getvalue()
 
@@ -100,6 +114,19 @@ def test_trial_table_is_what_the_emulator_received(
     (missing,) = [line for line in text.splitlines() if line.startswith("trial: nothing received")]
     assert missing.endswith(f"{whole_hour} users")
     assert not state.exists()  # the config's own state dir is never touched
+    # each trial hour's real start, said as it begins (the oracle: when it was written)
+    (written, began) = next((t, line) for t, line in out.stamps if line.startswith("trial hour"))
+    assert began.startswith(f"trial hour 1/1 ({whole_hour} on the agent's clock) began at ")
+    start = began.split(" began at ", 1)[1].split(" real time", 1)[0]
+    assert (
+        abs(
+            datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+            - written
+        )
+        < 1.5
+    )
+    assert began.rstrip().endswith("(30 s)")  # 3600 s at 120x
+    assert text.index(began) < text.index(progress)
 
 
 @pytest.mark.e2e

@@ -168,7 +168,9 @@ def test_sample_prints_each_loss_and_writes_nothing(
     Lossy.lost = (GONE, HIDDEN)
     assert cli.main(["sample", "-c", str(cfg.source)]) == 0
     out, err = capsys.readouterr()
-    warnings = [line for line in err.splitlines() if line.startswith("warning: api_bytes: ")]
+    warnings = [
+        line for line in err.splitlines() if line.startswith("warning [usage_unread] api_bytes: ")
+    ]
     assert len(warnings) == 2
     assert all(u.what in w and u.fix in w for u, w in zip((GONE, HIDDEN), warnings, strict=True))
     assert "api_bytes 1" in out  # the reading itself is still shown

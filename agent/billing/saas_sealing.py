@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from agent.aggregate import LabelSet, Point, Quantity, plain, to_quantity
+from agent.aggregate import LabelSet, Point, Quantity, plain, shown, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.billing.hour import Sealed, billed, drop_bad_points
 from agent.clock import hour_start, iso, iso_hour
@@ -341,7 +341,7 @@ def customer_lines(
             continue
         known = bool(who) and ledger is not None and ledger.customer(who) is not None
         note = "" if known else "  (unknown customer: held until `customers add`)"
-        lines.append(f"  customer {who or '(no label)'}  {plain(value)}{note}")
+        lines.append(f"  customer {shown(who, 60) if who else '(no label)'}  {plain(value)}{note}")
     return lines
 
 

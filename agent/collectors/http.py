@@ -19,6 +19,7 @@ sample and `status` counts it.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import heapq
 import http.client
@@ -54,6 +55,34 @@ _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
 
 
+def _jmespath_call_problem(node: Any) -> str | None:
+    """A function call jmespath would refuse only when the query runs (an unknown name, the
+    wrong number of arguments), found in the compiled tree: a typo is the config's error (78),
+    not a source that does not answer."""
+    from jmespath.functions import Functions
+
+    table = Functions().FUNCTION_TABLE
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, dict):
+            continue
+        stack.extend(n.get("children") or ())
+        if n.get("type") != "function_expression":
+            continue
+        name, given = n.get("value"), len(n.get("children") or ())
+        if name not in table:
+            hint = difflib.get_close_matches(str(name), list(table), n=1)
+            known = f"did you mean {hint[0]}()?" if hint else "see jmespath.org for the functions"
+            return f"unknown function {name}(); {known}"
+        signature = table[name]["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic")
+        if (given < len(signature)) if variadic else (given != len(signature)):
+            want = f"{'at least ' if variadic else ''}{len(signature)}"
+            return f"{name}() takes {want} argument(s); the query gives it {given}"
+    return None
+
+
 class HttpCollector(Collector):
     type_name = "http"
     options: ClassVar[Mapping[str, Field]] = {
@@ -85,10 +114,13 @@ class HttpCollector(Collector):
             from jmespath.exceptions import JMESPathError
 
             try:
-                jmespath.compile(query)
+                parsed = jmespath.compile(query)
             except JMESPathError as e:
                 msg = str(e).splitlines()[0]
                 raise ConfigError(f"{path}.query", f"invalid JMESPath: {msg}") from None
+            problem = _jmespath_call_problem(parsed.parsed)
+            if problem:
+                raise ConfigError(f"{path}.query", f"invalid JMESPath: {problem}")
         elif fmt == "prometheus":
             parse_selector(query, f"{path}.query")
         else:
@@ -185,13 +217,17 @@ class HttpCollector(Collector):
         import json
 
         import jmespath
+        from jmespath.exceptions import JMESPathError
 
         try:
             data = json.loads(body)
         except ValueError as e:
             raise CollectorError(f"{self.config['url']} did not answer JSON: {e}") from None
         what = f"JMESPath {self.config['query']!r}"
-        found = jmespath.search(self.config["query"], data)
+        try:
+            found = jmespath.search(self.config["query"], data)
+        except JMESPathError as e:  # a type the answer holds, e.g. sum() of an object
+            raise CollectorError(f"{what} on this answer: {str(e).splitlines()[0]}") from None
         label = self.config.get("label")
         if not label:
             return Reading(number(found, what))

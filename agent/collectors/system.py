@@ -13,15 +13,25 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from agent.collectors.base import Collector, CollectorError, Kind, Reading, SourceMissing
+from agent.collectors.base import (
+    Collector,
+    CollectorError,
+    Kind,
+    Reading,
+    SourceMissing,
+    Unread,
+)
 from agent.errors import ConfigError
 from agent.fields import Enum, Field, ListOf, Regex, Str
 
 GIB = Decimal(2**30)
+# Readings between two reports of `interfaces` that match nothing: each report keeps health's
+# 24-hour view of unread usage filled while the mistake lasts, without one row per reading.
+REPORT_EVERY = 60
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,15 @@ class SystemCollector(Collector):
     def probe(self) -> None:
         if self.config["metric"] == "disk_used_gib":
             self.read(None)
+        if self.metric.per_interface and self.config.get("interfaces"):
+            nics = self._nics()
+            if not any(self._counts(name) for name in nics):
+                what, fix = self._none_match(nics)
+                raise SourceMissing(f"{what}; {fix}")
 
     def read(self, state: dict[str, Any] | None) -> Reading:
         if self.metric.per_interface:
-            return self._per_interface(self.metric.per_interface)
+            return self._per_interface(self.metric.per_interface, state)
         try:
             raw = self.metric.read(self.psutil, self.config)
         except FileNotFoundError as e:
@@ -140,13 +155,29 @@ class SystemCollector(Collector):
             raise CollectorError(f"system metric {self.config['metric']}: {e}") from None
         return Reading(raw if isinstance(raw, Decimal) else Decimal(str(raw)))
 
-    def _per_interface(self, field: str) -> Reading:
-        """One series per chosen interface, with its ifindex as the series' epoch (an interface
-        deleted and re-created under the same name gets a new one: its counters restarted)."""
+    def _nics(self) -> dict[str, Any]:
         try:
-            nics = self.psutil.net_io_counters(pernic=True)
+            return dict(self.psutil.net_io_counters(pernic=True))
         except (OSError, RuntimeError) as e:
             raise CollectorError(f"system metric {self.config['metric']}: {e}") from None
+
+    def _none_match(self, nics: Mapping[str, Any]) -> tuple[str, str]:
+        """What is wrong with `interfaces` that match no interface, and the fix."""
+        have = ", ".join(sorted(nics)) or "none"
+        return (
+            f"interfaces {', '.join(self.config['interfaces'])} match none of this host's "
+            f"network interfaces ({have}): their traffic is not counted",
+            "set interfaces to globs naming the egress interfaces (e.g. eth*, ens*), or remove "
+            "it to count the interfaces backed by a device",
+        )
+
+    def _per_interface(self, field: str, state: dict[str, Any] | None) -> Reading:
+        """One series per chosen interface, with its ifindex as the series' epoch (an interface
+        deleted and re-created under the same name gets a new one: its counters restarted).
+        `interfaces` that match none: reported as usage unread (health names it with the fix)
+        at the first such reading and every REPORT_EVERY readings after, counted in the
+        state."""
+        nics = self._nics()
         chosen = [name for name in sorted(nics) if self._counts(name)]
         series = [({"interface": name}, Decimal(getattr(nics[name], field))) for name in chosen]
         epochs = []
@@ -156,7 +187,15 @@ class SystemCollector(Collector):
                 epochs.append(({"interface": name}, ifindex))
         # What agents before per-interface counting read: every interface together.
         legacy = sum((Decimal(getattr(c, field)) for c in nics.values()), Decimal(0))
-        return Reading.of_series(series, epochs=epochs, legacy_total=legacy)
+        if chosen or not self.config.get("interfaces"):
+            return Reading.of_series(series, epochs=epochs, legacy_total=legacy)
+        readings = int((state or {}).get("unmatched", 0))
+        reading = Reading.of_series(
+            series, state={"unmatched": readings + 1}, epochs=epochs, legacy_total=legacy
+        )
+        if readings % REPORT_EVERY:
+            return reading
+        return replace(reading, unread=(Unread(*self._none_match(nics)),))
 
     def _counts(self, name: str) -> bool:
         globs = self.config.get("interfaces")

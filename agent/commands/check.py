@@ -13,7 +13,16 @@ from typing import Any
 from agent.aggregate import plain
 from agent.clock import Clock
 from agent.commands.common import first_reading_line, ledger_instance, load_config, make_clock
-from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
+from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
+from agent.warnings import (
+    COLLECTOR_PROBLEM,
+    IDENTITY_UNVERIFIED,
+    KEY_ROTATION,
+    SERVICE_CANNOT_READ,
+    SOURCE_MISSING,
+    STATIC_CREDENTIALS,
+    Warnings,
+)
 
 _quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
 
@@ -26,11 +35,25 @@ def _say(status: str, text: str) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run the same validation as `run`, then every collector once, then region, credentials and
-    DryRun; one line per step. Writes no state."""
-    from agent.collecting.sampling import Sampler, take_within
-
+    DryRun; one line per step. Writes no state. With `--strict`, a warning the config does not
+    accept fails it (78) once nothing else has."""
     (_quiet.set if args.quiet else _quiet.clear)()
     cfg = load_config(args)
+    warns = Warnings(cfg.accepted_warnings)
+    code = _check(args, cfg, warns)
+    if warns.silenced:  # said once, so an acknowledged warning is never a surprise
+        names = ", ".join(dict.fromkeys(warns.silenced))
+        _say("ok", f"warnings accepted in the config (warnings.accept): {names}")
+    failure = warns.strict_failure() if getattr(args, "strict", False) else None
+    if code == EX_OK and failure:
+        print(f"metering-agent: {failure} ({cfg.source})", file=sys.stderr)
+        return EX_CONFIG
+    return code
+
+
+def _check(args: argparse.Namespace, cfg: Any, warns: Warnings) -> int:
+    from agent.collecting.sampling import Sampler, take_within
+
     _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
     sampler = Sampler(cfg)
     clock = make_clock(args)
@@ -39,7 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.offline:
             problem = sampler.probe(dim)
             if problem:
-                _say("warn", f"collector {dim.name}: {problem} (fine at boot if it appears later)")
+                warns.say(
+                    SOURCE_MISSING,
+                    f"collector {dim.name}: {problem} (fine at boot if it appears later)",
+                )
             else:
                 ready = f"{dim.collector.type} ready{_engine(sampler, dim)}"
                 _say("ok", f"collector {dim.name}: {ready}")
@@ -52,15 +78,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             _say("ok", f"collector {dim.name}: read {plain(s.raw)}{_engine(sampler, dim)}")
             if s.warning:  # e.g. a counter the answer does not hold yet: a typo shows here
-                _say("warn", f"collector {dim.name}: {s.warning}")
+                warns.say(COLLECTOR_PROBLEM, f"collector {dim.name}: {s.warning}")
     if any(d.collector.type == "log" for d in cfg.dimensions):
         line = first_reading_line(cfg.state_dir, ledger_instance(cfg.state_dir))
         _say("ok", f"logs' first reading: {line}")
-    warn_service_access(cfg)
+    warn_service_access(cfg, warns)
     from agent.config.loader import traps
 
-    for trap in traps(cfg):
-        print(f"warning: {trap}", flush=True)
+    for kind, trap in traps(cfg):
+        warns.say(kind, trap)
     from agent.host import platform
 
     plat = platform.detect(cfg.platform, os.environ)
@@ -78,7 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from agent.sending.outcomes import ROLE_HINT
 
     metadata = platform.TaskMetadata(os.environ) if plat.name == "ecs" else None
-    check_identity(plat, metadata)
+    check_identity(plat, metadata, warns)
     region, where = resolve_region(cfg.metering.region, platform=plat.name, metadata=metadata)
     _say("ok", f"region {region} (from {where})")
     client = metering.MeteringClient(region, cfg.metering.endpoint_url, platform=plat.name)
@@ -95,10 +121,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise NotAuthorized(node_role)
     _say("ok", f"credentials found ({method})")
     if static:
-        _say("warn", static)
+        warns.say(STATIC_CREDENTIALS, static)
     mode.check_permission(client, cfg, clock, _say)  # DryRun each dimension, or SaaS's probe
     if cfg.register_usage is not None:
-        refused = check_register_usage(cfg, client, clock)
+        refused = check_register_usage(cfg, client, clock, warns)
         if refused:
             return refused
     if unreachable:
@@ -110,7 +136,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def check_identity(plat: Any, metadata: Any) -> None:
+def check_identity(plat: Any, metadata: Any, warns: Warnings) -> None:
     """The id the ledger will carry (and seed the send offset with): ECS TaskARN, EKS pod uid
     or name (a failure is the run's: 69), EC2 the IMDS instance id (a warning: `run` waits)."""
     from agent.host import platform
@@ -123,10 +149,10 @@ def check_identity(plat: Any, metadata: Any) -> None:
     try:
         _say("ok", f"identity {Imds().instance_id()} (from IMDS instance-id)")
     except ImdsError as e:
-        _say("warn", f"identity: {e} (`run` keeps asking IMDS)")
+        warns.say(IDENTITY_UNVERIFIED, f"identity: {e} (`run` keeps asking IMDS)")
 
 
-def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
+def check_register_usage(cfg: Any, client: Any, clock: Clock, warns: Warnings) -> int:
     """RegisterUsage as `run` calls it (it has no DryRun): one `ok` line, or one `fail` line and
     the error's exit code (77 for the final errors and a signature that does not verify)."""
     from agent.sending import registration
@@ -140,11 +166,11 @@ def check_register_usage(cfg: Any, client: Any, clock: Clock) -> int:
     _say("ok", f"RegisterUsage: registered, public key version {done.public_key_version}, {how}")
     if done.rotation is not None:
         rotation = registration.rotation_warning(done.public_key_version, done.rotation)
-        print(f"warning: RegisterUsage: {rotation}", flush=True)
+        warns.say(KEY_ROTATION, f"RegisterUsage: {rotation}")
     return EX_OK
 
 
-def warn_service_access(cfg: Any) -> None:
+def warn_service_access(cfg: Any, warns: Warnings) -> None:
     """Run as root, `check` reads every file; the service cannot. Say which logs it would miss."""
     if os.geteuid() != 0:
         return  # the check's own reads already ran with this user's rights
@@ -157,11 +183,11 @@ def warn_service_access(cfg: Any) -> None:
         opts = dim.collector.options
         if who is None:  # not installed yet: the sandbox's hidden trees are known all the same
             for problem in access.sandbox_problems(opts["path"], opts.get("rotated")):
-                _say("warn", f"collector {dim.name}: {problem}")
+                warns.say(SERVICE_CANNOT_READ, f"collector {dim.name}: {problem}")
             continue
         for problem in access.log_problems(opts["path"], opts.get("rotated"), who):
-            _say(
-                "warn",
+            warns.say(
+                SERVICE_CANNOT_READ,
                 f"collector {dim.name}: {problem} (the service runs as {who.name}, with group "
                 "adm, and bills nothing from a log it cannot read)",
             )

@@ -23,12 +23,13 @@ from agent.clock import Clock, iso
 from agent.collectors import Sources, imagerecord
 from agent.collectors.imagerecord import ImageRecord
 from agent.commands.common import load_config, make_clock
-from agent.config.loader import traps
+from agent.config.loader import loopback_endpoint, traps
 from agent.config.model import Config
-from agent.errors import AgentError, LockHeld
+from agent.errors import AgentError, ConfigError, LockHeld
 from agent.host.ownership import adopt
 from agent.ledger import Ledger
 from agent.modes.choose import mode_for
+from agent.warnings import LOOPBACK_ENDPOINT, UNSENT_HOURS, Warnings
 
 LEDGER = "ledger.db"
 LOCKS = ("lock", "send.lock")
@@ -136,19 +137,27 @@ def first_boot(cfg: Config, record: ImageRecord | None = None) -> list[str]:
 def prepare(
     cfg: Config, yes: bool, out: Any = None, stdin: Any = None, clock: Clock | None = None
 ) -> int:
-    """Refuse while `run` holds the state dir; otherwise remove the agent's files, after asking,
-    and record the logs in the image."""
+    """Refuse an endpoint on this machine (78) and while `run` holds the state dir; otherwise
+    remove the agent's files, after asking, and record the logs in the image."""
     out = out or sys.stdout
     stdin = stdin or sys.stdin
+    warns = Warnings(cfg.accepted_warnings, out)
     refusal = mode_for(cfg).image_refusal()  # a SaaS ledger is never removed for an image
     if refusal is not None:
         print(f"metering-agent: {refusal}", file=sys.stderr)
         return 1
+    baked_endpoint = loopback_endpoint(cfg)
+    if baked_endpoint is not None:  # refused even when accepted: nothing would ever be billed
+        raise ConfigError(
+            f"{cfg.source}",
+            f"{baked_endpoint} (or set it to a VPC endpoint), then run prepare-image again; "
+            "nothing was removed",
+        )
     state_dir = Path(cfg.state_dir)
     guards = [hold(state_dir / name) for name in LOCKS]
     try:
         build_instance = _instance(state_dir)  # before the ledger that names it goes
-        code = _remove(state_dir, yes, out, stdin)
+        code = _remove(state_dir, yes, out, stdin, warns)
         record = record_image(cfg, clock or Clock(), build_instance) if code == 0 else None
     finally:
         for guard in guards:
@@ -162,8 +171,9 @@ def prepare(
         print("the buyer's first boot:", file=out)
         for line in first_boot(cfg, record):
             print(f"  {line}", file=out)
-        for trap in traps(cfg):  # the last chance to see an emulator endpoint before it ships
-            print(f"warning: {trap}", file=out)
+        for kind, trap in traps(cfg):
+            if kind is not LOOPBACK_ENDPOINT:  # (refused above)
+                warns.say(kind, trap)
     return code
 
 
@@ -210,14 +220,14 @@ def _unsent(state_dir: Path) -> str | None:
     )
 
 
-def _remove(state_dir: Path, yes: bool, out: Any, stdin: Any) -> int:
+def _remove(state_dir: Path, yes: bool, out: Any, stdin: Any, warns: Warnings) -> int:
     unsent = _unsent(state_dir)  # first: reading the ledger may make its -wal and -shm files
     files = agent_files(state_dir) if state_dir.is_dir() else []
     if not files:
         print(f"{state_dir}: nothing to remove (no ledger, health file or locks)", file=out)
         return 0
     if unsent:
-        print(f"warning: {unsent}", file=out)
+        warns.say(UNSENT_HOURS, unsent)
     if not yes:
         if not stdin.isatty():
             raise AgentError(

@@ -35,6 +35,8 @@ from agent.modes.choose import mode_for
 from agent.modes.mode import Mode
 from agent.sending import health
 from agent.sending.policy import due, sendable_at
+from agent.warnings import KEY_ROTATION, OTHER_MODE_RECORDS
+from agent.warnings import line as warning_line
 from agent.windows import send_offset, send_slot
 
 
@@ -296,11 +298,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  logs' first reading: {report['first_reading']}")
     other = report.get("other_mode_pending")
     if other:
-        lines.append(
-            f"  WARNING {other['records']} pending record(s) of mode {other['mode']} (from hour "
+        text = (
+            f"{other['records']} pending record(s) of mode {other['mode']} (from hour "
             f"{other['oldest_hour']}) are not sent in this mode; they wait for mode: "
             f"{other['mode']}"
         )
+        lines.append(f"  {warning_line(OTHER_MODE_RECORDS, text)}")
     reg = report.get("register_usage")
     if reg is not None:
         verified = {True: "verified", False: "not verified", None: "-"}[reg["signature_verified"]]
@@ -309,7 +312,7 @@ def render(report: dict[str, Any]) -> str:
             f"{reg['public_key_version']}   signature {verified}"
         )
         if reg["warning"]:
-            lines.append(f"  WARNING RegisterUsage: {reg['warning']}")
+            lines.append(f"  {warning_line(KEY_ROTATION, 'RegisterUsage: ' + reg['warning'])}")
     lines.append("")
     lines.append(f"dimensions (current hour {report['current_hour']}, so far in billed units):")
     for d in report["dimensions"]:

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent.clock import HOUR, Clock, hour_start, iso_hour
+from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.config import loader as config_mod
 from agent.emulator.rules import Record, ServiceError, Settings, _timestamp
 from agent.emulator.server import Emulator
 from agent.errors import EX_OK, EX_SOFTWARE, AgentError
+from agent.warnings import Warnings
 
 LEAD = 3.0  # real seconds the daemon gets to start before the first hour begins
 HOUR_GRACE = 15.0  # real seconds after a boundary to wait for the hour's records
@@ -179,7 +178,7 @@ def run(
         key.write_bytes(emulator.public_key_pem())
         data["register_usage"] = {**data["register_usage"], "public_key": str(key)}
     cfg_copy = work / "config.yaml"
-    cfg_copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    cfg_copy.write_text(config_mod.dump_yaml(data))
     config_mod.load(cfg_copy)  # the overrides keep it valid
     log_path = work / "agent.log"
     print(
@@ -188,8 +187,9 @@ def run(
         file=out,
         flush=True,
     )
-    for trap in config_mod.traps(cfg):  # what `check` warns of shows in the table, too
-        print(f"warning: {trap}", file=out, flush=True)
+    warns = Warnings(cfg.accepted_warnings, out)
+    for kind, trap in config_mod.traps(cfg):  # what `check` warns of shows in the table, too
+        warns.say(kind, trap)
     code: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     interrupted = False
@@ -206,6 +206,9 @@ def run(
             )
         for i in range(hours):
             hour = first_hour + i * HOUR
+            if not _wait_until(wall, clock.to_wall(hour), proc):
+                break
+            print(_start_line(i + 1, hours, hour, clock, wall), file=out, flush=True)
             if not _wait_hour(clock, wall, emulator, proc, hour, names):
                 break
             print(_progress_line(i + 1, hours, hour, emulator, names), file=out, flush=True)
@@ -229,6 +232,24 @@ def run(
         if interrupted:
             shutil.rmtree(work, ignore_errors=True)
     return Outcome(emulator.records(), refusals(emulator), code, first_hour, hours, names, work)
+
+
+def _wait_until(wall: Clock, at: float, proc: subprocess.Popen[bytes]) -> bool:
+    """Until the real time `at`; False when the agent died first."""
+    while wall.time() < at:
+        if proc.poll() is not None:
+            return False
+        wall.sleep(min(0.1, max(at - wall.time(), 0.0)))
+    return True
+
+
+def _start_line(i: int, n: int, hour: int, clock: Clock, wall: Clock) -> str:
+    """Said as trial hour `hour` begins: its real start and end, for a seller driving load."""
+    start, end = wall.time(), clock.to_wall(hour + HOUR)
+    return (
+        f"trial hour {i}/{n} ({iso_hour(hour)} on the agent's clock) began at "
+        f"{iso(start)} real time; it ends at {iso(end)} ({end - start:.0f} s)"
+    )
 
 
 def _wait_hour(

@@ -44,8 +44,9 @@ from agent.config.tables import (
     public_key_problem,
 )
 from agent.errors import ConfigError
-from agent.fields import collect, describe, raise_all
+from agent.fields import ScalarFloat, collect, describe, raise_all
 from agent.host import ownership
+from agent.warnings import LOOPBACK_ENDPOINT, ROUNDING_UP, Kind
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -78,6 +79,31 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _construct_mapping,
 )
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    """A float that keeps its own text: decimal keys (`scale`) read the digits as written."""
+    value = loader.construct_yaml_float(node)
+    return ScalarFloat(value, str(node.value))
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+class _TextDumper(yaml.SafeDumper):
+    """SafeDumper that writes a ScalarFloat as the text it was read from."""
+
+
+_TextDumper.add_representer(
+    ScalarFloat,
+    lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:float", data.text),
+)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of `data` as `read_yaml` gave it: numbers keep the digits they were written with
+    (`trial` writes the seller's config with its overrides this way)."""
+    return yaml.dump(data, Dumper=_TextDumper, sort_keys=False)
 
 
 def resolve_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -177,6 +203,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         register_usage=register,
         mode=top["mode"],
         saas=saas,
+        accepted_warnings=frozenset(top["warnings"]["accept"]) if top["warnings"] else frozenset(),
     )
 
 
@@ -216,21 +243,19 @@ def _register_usage(raw: Mapping[str, Any] | None) -> RegisterUsage | None:
     return RegisterUsage(public_key_version=raw["public_key_version"], public_key=key)
 
 
-def traps(cfg: Config) -> list[str]:
-    """Valid settings that bill what a seller rarely means; `check` prints them as warnings.
+def traps(cfg: Config) -> list[tuple[Kind, str]]:
+    """Valid settings that bill what a seller rarely means; `check`, `trial` and `prepare-image`
+    print them as warnings (each of its kind, which `warnings.accept` can acknowledge).
 
     Why: a config can be valid and still wrong for the image it is baked into: an emulator endpoint
     left in bills nothing, and `up` rounding below the billed step bills a whole step for a crumb.
     """
-    from agent.aggregate import to_quantity
-    from agent.host.locks import is_loopback
+    from agent.aggregate import exact, to_quantity
 
     found = []
-    if is_loopback(cfg.metering.endpoint_url):
-        found.append(
-            f"metering.endpoint_url: {cfg.metering.endpoint_url} is on this machine (the "
-            "emulator?): an image baked with it bills nothing; remove it before baking"
-        )
+    problem = loopback_endpoint(cfg)
+    if problem:
+        found.append((LOOPBACK_ENDPOINT, problem))
     for dim in cfg.dimensions:
         step = Decimal(1).scaleb(-(dim.decimals or 0))
         if dim.rounding != "up" or dim.scale >= step:
@@ -239,12 +264,30 @@ def traps(cfg: Config) -> list[str]:
         unit = "a whole unit" if dim.decimals is None else f"a whole {step}"
         fix = "add decimals" if dim.decimals is None else "raise decimals"
         found.append(
-            f"{dim.path}.rounding ({dim.name}): up with scale {dim.scale} and "
-            f"{'no decimals' if dim.decimals is None else f'decimals {dim.decimals}'} bills "
-            f"{unit} for any usage in an hour: 3 counted bill {billed} "
-            f"(3 x {dim.scale} = {Decimal(3) * dim.scale}); {fix} or use rounding: nearest"
+            (
+                ROUNDING_UP,
+                f"{dim.path}.rounding ({dim.name}): up with scale {exact(dim.scale)} and "
+                f"{'no decimals' if dim.decimals is None else f'decimals {dim.decimals}'} bills "
+                f"{unit} for any usage in an hour: 3 counted bill {billed} "
+                f"(3 x {exact(dim.scale)} = {exact(Decimal(3) * dim.scale)}); {fix}, use "
+                "rounding: nearest, "
+                f"or add {ROUNDING_UP.name} to warnings.accept if it is meant",
+            )
         )
     return found
+
+
+def loopback_endpoint(cfg: Config) -> str | None:
+    """What is wrong with a `metering.endpoint_url` on this machine (None: it is not): `check`
+    warns of it, `prepare-image` refuses it."""
+    from agent.host.locks import is_loopback
+
+    if not is_loopback(cfg.metering.endpoint_url):
+        return None
+    return (
+        f"metering.endpoint_url: {cfg.metering.endpoint_url} is on this machine (the "
+        "emulator?): an image baked with it bills nothing; remove it before baking"
+    )
 
 
 def _collector(raw: Any, path: str, registry: Registry) -> CollectorConfig:

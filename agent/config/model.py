@@ -109,6 +109,7 @@ class Config:
     register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
+    accepted_warnings: frozenset[str] = frozenset()  # warnings.accept: names (agent.warnings)
 
     @property
     def customer_label(self) -> str | None:

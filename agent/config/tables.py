@@ -34,6 +34,7 @@ from agent.fields import (
     Section,
     Str,
 )
+from agent.warnings import KINDS
 
 INTERVAL = Duration(minimum=1, maximum=3600, divides=3600)
 
@@ -231,6 +232,21 @@ TOP = Section(
             doc="instance: MeterUsage per instance; saas: BatchMeterUsage per customer",
         ),
         "saas": Field(Nullable(SAAS), doc="SaaS mode's customers and registration (mode: saas)"),
+        "warnings": Field(
+            Nullable(
+                Section(
+                    {
+                        "accept": Field(
+                            ListOf(Enum(tuple(KINDS))),
+                            default=[],
+                            doc="names of warnings that are meant: not printed, and not "
+                            "failures for check --strict",
+                        )
+                    }
+                )
+            ),
+            doc="warnings acknowledged by name (docs/commands.md lists them)",
+        ),
     }
 )
 

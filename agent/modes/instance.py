@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from agent.aggregate import plain
+from agent.aggregate import plain, shown
 from agent.billing import instance_sealing
 from agent.billing.hour import Sealed
 from agent.billing.sealing import seal_pass
@@ -258,7 +258,8 @@ class InstanceMode:
         top = 5
         ranked = sorted(breakdown.items(), key=lambda kv: (-kv[1], kv[0]))
         lines = [
-            f"  {' '.join(f'{k}={v}' for k, v in labels) or '(no labels)'}  {plain(value)}"
+            f"  {' '.join(f'{k}={shown(v, 60)}' for k, v in labels) or '(no labels)'}  "
+            f"{plain(value)}"
             for labels, value in ranked[:top]
         ]
         rest = ranked[top:]
