@@ -104,10 +104,12 @@ class Daemon:
         where: str = "",
         registration: Any = None,
         modes: Callable[[Config], Mode] | None = None,
+        notifications: Any = None,
     ) -> None:
         """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
         without it, instance mode, the config's default); `registration` is the mode's
-        fulfillment handler child, if it serves one."""
+        fulfillment handler child, if it serves one; `notifications` its subscription queue
+        child, if it applies Marketplace's notifications. Both are kept alike."""
         self.config = config
         self.choose_mode = modes or (lambda _config: InstanceMode())
         self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
@@ -120,6 +122,8 @@ class Daemon:
         )
         self.exit_code = 0
         self.registration = registration  # fulfillment.HandlerProcess (saas.registration)
+        # the children kept beside the daemon (started again if they exit), ended at its stop
+        self.kept = [c for c in (registration, notifications) if c is not None]
         self.clock = clock
         self.ledger = ledger
         self.identity = ident
@@ -165,8 +169,8 @@ class Daemon:
             self.sample_round(interval)
         self.publish_health()  # this run's own storage state, not a previous run's
         self.scheduler.start()
-        if self.registration is not None:
-            self.registration.ensure()
+        for child in self.kept:
+            child.ensure()
         self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -343,8 +347,8 @@ class Daemon:
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")
             self._add_sampling_jobs(self.scheduler, new)
-        if self.registration is not None:
-            self.registration.restart()  # it reads the running config only when it starts
+        for child in self.kept:
+            child.restart()  # it reads the running config only when it starts
         log.info(
             "reloaded %s: product %s, %d dimensions",
             new.source,
@@ -379,8 +383,8 @@ class Daemon:
         # In a container the grace is short: a running sender is ended at once (its requests
         # are resent identically), and the flush budget counts from the signal.
         self.sender.stop(at_once=self.platform.container)
-        if self.registration is not None:
-            self.registration.stop()
+        for child in self.kept:
+            child.stop()
         restart = self.restarting()
         changed: list[Dimension] = []
         if restart:
@@ -802,8 +806,11 @@ class Daemon:
 
     def _send_tick(self) -> None:
         self.hooks.check()
-        if self.registration is not None and not self.stop_event.is_set():
-            self.registration.ensure()  # started again if it exited
+        if not self.stop_event.is_set():
+            for child in self.kept:
+                child.ensure()  # started again if it exited
+            if self.mode.sealing_due(self.ledger):  # an unsubscribe: not at the next round
+                self._close_hours_locked()
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
         when = due(
