@@ -1,6 +1,6 @@
 """The only boto3 user: the meteringmarketplace client signed by the default credential chain
 (MeterUsage and its DryRun, RegisterUsage, ResolveCustomer, BatchMeterUsage), each answer made an
-Outcome (outcomes.py).
+Outcome (outcomes.py); and the SQS queue of subscription notifications (SubscriptionQueue).
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon never
 keeps boto3 (~30 MiB) resident; sends happen in a short child.
