@@ -381,3 +381,66 @@ def test_migration_9_keeps_records_and_customers_and_a_reader_of_an_older_ledger
     assert notify(ledger, "unsubscribe-success", ACME, H + 4000) == "applied"
     assert ledger.flushes_due() == [(ACME, ["acme"])]
     ledger.close()
+
+
+# -- the daemon: the kept child, the send tick, a reload ------------------------------------------
+
+
+@dataclass
+class KeptChild:
+    """Records what the daemon asks of a kept child (fulfillment.process.HandlerProcess)."""
+
+    calls: list[str] = field(default_factory=list)
+
+    def ensure(self) -> None:
+        self.calls.append("ensure")
+
+    def restart(self) -> None:
+        self.calls.append("restart")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def saas_daemon(tmp_path: Path, clock: FakeClock, child: KeptChild) -> Any:
+    from agent.collecting.sampling import Sampler
+    from agent.daemon.daemon import Daemon
+    from agent.daemon.sender import SenderProcess
+    from agent.host import identity
+    from agent.modes.choose import mode_for
+    from tests.test_daemon import FakeImds
+
+    cfg = saas_config(tmp_path)
+    state = Path(cfg.state_dir)
+    ident = identity.Identity(FakeImds("i-1"), clock, state)
+    ledger = ident.start(Ledger(state))
+    sender = SenderProcess(lambda *_: ["true"], clock.monotonic)
+    return Daemon(cfg, clock, ledger, ident, Sampler(cfg), sender, modes=mode_for,
+                  notifications=child)  # fmt: skip
+
+
+def test_the_send_tick_seals_an_unsubscribe_at_once_and_keeps_the_queue_child(
+    tmp_path: Path,
+) -> None:
+    clock, child = FakeClock(H + 600), KeptChild()
+    d = saas_daemon(tmp_path, clock, child)
+    d.ledger.add_customer(customer("acme", ACME))
+    record(d.ledger, H + 60, acme=3)
+    d.send_tick()  # nothing due: the child kept, nothing sealed
+    assert child.calls == ["ensure"] and d.ledger.hours() == []
+    notify(d.ledger, "unsubscribe-pending", ACME, H + 601)
+    clock.advance(15)
+    d.send_tick()  # the next tick, not the next round (whatever the sampling interval)
+    assert records(d.ledger) == {("acme", "api", H): ("3", H + 615),
+                                 ("acme", "seats", H): ("3", H + 615)}  # fmt: skip
+    text = d.config.source.read_text()
+    d.config.source.write_text(text.replace(
+        "       notifications: {queue_url: 'http://127.0.0.1:9/123456789012/mp'}}", "}"))  # fmt: skip
+    before = d.config
+    d.reload()  # the child set is chosen at start: refused, the running config kept
+    assert d.config is before
+    d.config.source.write_text(text.replace("127.0.0.1:9/", "127.0.0.1:10/"))
+    d.reload()  # another queue: the child restarted to read it
+    assert d.config is not before and child.calls[-1] == "restart"
+    d.shutdown()
+    assert child.calls[-1] == "stop"

@@ -294,17 +294,21 @@ class Daemon:
         snapshot: Path | None = None
         try:
             new, snapshot = snapshot_config(self.config.source, self.state_dir)
+            mode = self.choose_mode(new)
             for key, old_value, new_value in (
                 ("state_dir", self.state_dir, Path(new.state_dir)),
                 ("product_code", self.config.product_code, new.product_code),
                 ("metering.endpoint_url", self.config.metering.endpoint_url,
                  new.metering.endpoint_url),
                 ("platform", self.config.platform, new.platform),
+                # the kept children are chosen at start; a reload restarts them, with the new
+                # queue_url, but cannot add or end the subscription queue child
+                ("saas.notifications", self._notices(self.mode, self.config),
+                 self._notices(mode, new)),
             ):  # fmt: skip
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
-            mode = self.choose_mode(new)
         except Exception as e:  # a reload must never take the running agent down
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
                       exc_info=not isinstance(e, AgentError))  # fmt: skip
@@ -356,6 +360,11 @@ class Daemon:
             len(new.dimensions),
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
+    def _notices(self, mode: Mode, config: Config) -> str:
+        """Whether `mode` keeps a subscription queue child for `config` (none is started)."""
+        child = mode.notifications(config, self.state_dir, self.clock, "text")
+        return "not set" if child is None else "set"
 
     def _seal_as_sampled(self, changed: list[Dimension], now: float) -> None:
         """Seal now the open hour of the dimensions a new config drops or bills differently,
