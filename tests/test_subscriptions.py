@@ -444,3 +444,31 @@ def test_the_send_tick_seals_an_unsubscribe_at_once_and_keeps_the_queue_child(
     assert d.config is not before and child.calls[-1] == "restart"
     d.shutdown()
     assert child.calls[-1] == "stop"
+
+
+def test_a_flush_that_fails_is_retried_and_meanwhile_the_customer_is_billed_with_its_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = saas_config(tmp_path)
+    mode = SaasMode(settings(cfg))
+    ledger = Ledger(cfg.state_dir)
+    ledger.add_customer(customer("acme", ACME))
+    record(ledger, H + 60, acme=3)
+    notify(ledger, "unsubscribe-pending", ACME, H + 100)
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("injected: the early mark fails")
+
+    monkeypatch.setattr(Ledger, "mark_early", broken)
+    assert mode.seal_hours(ledger, cfg, H + 200, offset=0) == []  # contained, rolled back
+    assert mode.sealing_due(ledger) and records(ledger) == {}
+    record(ledger, H + 120, acme=2)
+    mode.seal_hours(ledger, cfg, H + 3600, offset=0)  # still failing: billed with its hour
+    assert records(ledger)[("acme", "api", H)] == ("5", H + 3600)
+    assert ledger.held_usage() == []
+    monkeypatch.undo()
+    record(ledger, H + 3660, acme=4)
+    mode.seal_hours(ledger, cfg, H + 3700, offset=0)  # works again: the open hour sealed now
+    assert records(ledger)[("acme", "api", H + 3600)] == ("4", H + 3700)
+    assert not mode.sealing_due(ledger)
+    ledger.close()

@@ -33,6 +33,7 @@ from agent.billing.hour import Sealed, billed, drop_bad_points
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
+from agent.ledger.faults import kind_of
 from agent.ledger.samples import HeldUsage
 from agent.ledger.subscriptions import LEAVING, SUBSCRIBED, Subscription
 from agent.windows import expired_upto, record_timestamp, saas_expires_at, send_slot
@@ -350,42 +351,66 @@ def seal_leaving(ledger: Ledger, config: Config, saas: Saas, now: float) -> list
     """Seal now the open usage of every buyer an unsubscribe named (see the comment above);
     each buyer in its own transaction. A buyer no customer has yet has nothing to seal (its
     usage, if any, is held as an unknown customer's)."""
-    dims = {d.name: d for d in config.dimensions}
     sealed: list[Sealed] = []
     for buyer, labels in ledger.flushes_due():
-        with ledger.transaction() as db:
-            pairs = ledger.unsealed_hours(db, hour_start(now) + HOUR)
-            for label in labels:
-                for name, hour in pairs:
-                    dim = dims.get(name)
-                    if dim is None or ledger.has_record(db, label, name, hour):
-                        continue
-                    points = [p for p in ledger.points(db, name, hour) if p.value.is_finite()]
-                    if not points:
-                        continue
-                    mine = shares_by_customer(points, saas.customer_label, dim).get(label)
-                    if mine is None and not saas.idle_zero:
-                        continue
-                    if mine is None:  # an idle zero: what an hour of nothing bills
-                        own: list[Point] = []
-                        raw = ZERO
-                        quantity = to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
-                    else:
-                        own = customer_points(points, mine, dim)
-                        raw, quantity = billed(dim, own)
-                    timestamp = record_timestamp(max(p.t for p in points), hour)
-                    _insert(ledger, db, config, dim, label, hour, own, raw, quantity, timestamp,
-                            len(own), now, now)  # fmt: skip
-                    ledger.mark_early(db, label, name, hour)
-                    ledger.take_out_customer(db, name, hour, saas.customer_label, label)
-                    sealed.append(Sealed(name, hour, quantity.text, 0))
-                    log.info("hour %s dimension %s customer %s: unsubscribing; its usage so far "
-                             "sealed now, quantity %s, sent at once", iso_hour(hour), name, label,
-                             quantity.text)  # fmt: skip
-            ledger.flush_done(db, buyer, now)
+        try:
+            sealed += _seal_leaving(ledger, config, saas, now, buyer, labels)
+        except Exception as e:  # contained: retried at the next pass, logged when it changes
+            if kind_of(e) is not None:  # the ledger's storage: the daemon names that state
+                raise
+            error = f"{type(e).__name__}: {e}"
+            if _flush_errors.get(buyer) != error:
+                log.error("subscription: buyer %s unsubscribing, but its open usage cannot be "
+                          "sealed now (%s); retried each pass, and billed with its hour if it "
+                          "still fails", buyer, error)  # fmt: skip
+            _flush_errors[buyer] = error
+            continue
+        _flush_errors.pop(buyer, None)
         if not labels:
             log.info("subscription: buyer %s unsubscribing, but no customer has its ids; nothing "
                      "to seal", buyer)  # fmt: skip
+    return sealed
+
+
+_flush_errors: dict[str, str] = {}  # buyer -> the error its last flush failed with (logged once)
+
+
+def _seal_leaving(
+    ledger: Ledger, config: Config, saas: Saas, now: float, buyer: str, labels: list[str]
+) -> list[Sealed]:
+    """One buyer's open usage sealed now, in one transaction that clears its flush_due."""
+    dims = {d.name: d for d in config.dimensions}
+    sealed: list[Sealed] = []
+    with ledger.transaction() as db:
+        pairs = ledger.unsealed_hours(db, hour_start(now) + HOUR)
+        for label in labels:
+            for name, hour in pairs:
+                dim = dims.get(name)
+                if dim is None or ledger.has_record(db, label, name, hour):
+                    continue
+                points = [p for p in ledger.points(db, name, hour) if p.value.is_finite()]
+                if not points:
+                    continue
+                mine = shares_by_customer(points, saas.customer_label, dim).get(label)
+                if mine is None and not saas.idle_zero:
+                    continue
+                if mine is None:  # an idle zero: what an hour of nothing bills
+                    own: list[Point] = []
+                    raw = ZERO
+                    quantity = to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
+                else:
+                    own = customer_points(points, mine, dim)
+                    raw, quantity = billed(dim, own)
+                timestamp = record_timestamp(max(p.t for p in points), hour)
+                _insert(ledger, db, config, dim, label, hour, own, raw, quantity, timestamp,
+                        len(own), now, now)  # fmt: skip
+                ledger.mark_early(db, label, name, hour)
+                ledger.take_out_customer(db, name, hour, saas.customer_label, label)
+                sealed.append(Sealed(name, hour, quantity.text, 0))
+                log.info("hour %s dimension %s customer %s: unsubscribing; its usage so far "
+                         "sealed now, quantity %s, sent at once", iso_hour(hour), name, label,
+                         quantity.text)  # fmt: skip
+        ledger.flush_done(db, buyer, now)
     return sealed
 
 

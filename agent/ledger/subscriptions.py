@@ -134,11 +134,13 @@ class Subscriptions(Database):
         return {str(r[0]): _subscription(r[1:]) for r in rows}
 
     def leaving_labels(self, db: sqlite3.Connection) -> set[str]:
-        """Labels whose buyer is unsubscribing or gone: their usage is held, not sent, and they
-        get no idle zeros (their open usage was sealed by the flush)."""
+        """Labels whose buyer is unsubscribing or gone and whose open usage the flush has
+        sealed: their usage from then on is held, not sent, and they get no idle zeros. A buyer
+        whose flush has not run (or failed) is billed as before, so nothing it used before the
+        unsubscribe is held."""
         rows = db.execute(
             f"SELECT c.label FROM customers c JOIN subscriptions s ON {_SAME_BUYER} "
-            f"WHERE s.state IN ({','.join('?' * len(LEAVING))})",
+            f"WHERE s.state IN ({','.join('?' * len(LEAVING))}) AND s.flush_due IS NULL",
             LEAVING,
         ).fetchall()
         return {str(r[0]) for r in rows}
