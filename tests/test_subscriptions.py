@@ -472,3 +472,28 @@ def test_a_flush_that_fails_is_retried_and_meanwhile_the_customer_is_billed_with
     assert records(ledger)[("acme", "api", H + 3600)] == ("4", H + 3700)
     assert not mode.sealing_due(ledger)
     ledger.close()
+
+
+@pytest.mark.parametrize(
+    "notifications, key",
+    [
+        ("{queue_url: 'sqs queue'}", "saas.notifications.queue_url"),
+        ("{}", "saas.notifications.queue_url"),
+        ("{queue_url: 'http://127.0.0.1:9/1/q', wait: 5}", "saas.notifications.wait"),
+        (None, "saas.notifications"),  # watch-subscriptions without it
+    ],
+)
+def test_config_errors_name_the_key_in_one_line_and_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], notifications: str | None, key: str
+) -> None:
+    from agent import cli
+
+    text = saas_config(tmp_path).source.read_text()
+    old = "notifications: {queue_url: 'http://127.0.0.1:9/123456789012/mp'}"
+    new = f"notifications: {notifications}" if notifications else "registration: null"
+    (tmp_path / "bad.yaml").write_text(text.replace(old, new))
+    command = "check" if notifications else "watch-subscriptions"
+    extra = ["--offline"] if notifications else []
+    assert cli.main([command, *extra, "-c", str(tmp_path / "bad.yaml")]) == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(key in line for line in err) and "Traceback" not in "\n".join(err)
