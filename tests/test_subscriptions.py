@@ -497,3 +497,28 @@ def test_config_errors_name_the_key_in_one_line_and_exit_78(
     assert cli.main([command, *extra, "-c", str(tmp_path / "bad.yaml")]) == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert any(key in line for line in err) and "Traceback" not in "\n".join(err)
+
+
+def test_a_ledger_that_cannot_store_leaves_the_messages_and_the_poll_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    ledger = Ledger(tmp_path)
+    batch = [message(sns(payload("subscribe-success")), 1)]
+    queue = FakeQueue([batch, batch])  # not deleted: SQS shows it again
+    real = subscriptions.apply
+    fails = iter([True])
+
+    def apply(*args: Any) -> str:
+        if next(fails, False):
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args)
+
+    monkeypatch.setattr(subscriptions, "apply", apply)
+    clock = FakeClock(H)
+    polls = iter([True, True, False])
+    subscriptions.watch(queue, ledger, PRODUCT, clock, lambda: next(polls))
+    assert clock.slept == [1.0] and queue.deleted == ["rh-1"]
+    assert [s.state for s in ledger.subscriptions()] == ["subscribed"]
+    ledger.close()

@@ -98,28 +98,36 @@ def watch(
     queue: Queue, ledger: Ledger, product_code: str, clock: Clock,
     running: Callable[[], bool] = lambda: True,
 ) -> None:  # fmt: skip
-    """Poll until `running()` is false (the child runs until `run` ends it). A failed receive
-    is logged when it begins and when it ends, and retried with a capped backoff."""
+    """Poll until `running()` is false (the child runs until `run` ends it). A failed receive,
+    or a ledger that cannot apply (its messages stay in the queue), is logged when it begins and
+    when it ends, and retried with a capped backoff."""
     from agent.sending.client import QueueError
 
-    failing: str | None = None
+    failing: tuple[str, str] | None = None  # ("receive" | "apply", the error), logged once
     delay = RETRY_BASE
     while running():
         try:
             messages = queue.receive()
-        except QueueError as e:
-            if failing != e.code:
+            if messages:
+                handle(queue, ledger, product_code, messages, clock.time)
+        except Exception as e:
+            if isinstance(e, QueueError):
+                now_failing = ("receive", e.code)
                 hint = f"; the agent's role needs {PERMISSIONS}" if e.denied else ""
-                log.error("subscription queue: cannot receive (%s)%s; retrying", e, hint)
-                failing = e.code
+                line = f"cannot receive ({e}){hint}; retrying"
+            else:  # the ledger cannot store (disk full, damaged): nothing after it deleted
+                now_failing = ("apply", f"{type(e).__name__}: {e}")
+                line = (f"cannot apply notifications to the ledger ({now_failing[1]}); they stay "
+                        "in the queue and are applied once it can")  # fmt: skip
+            if failing != now_failing:
+                log.error("subscription queue: %s", line)
+                failing = now_failing
             clock.sleep(delay)
             delay = min(RETRY_CAP, delay * 2)
             continue
-        if failing is not None:
-            log.info("subscription queue: receiving again")
+        if failing is not None and (failing[0] == "receive" or messages):
+            log.info("subscription queue: working again")
             failing, delay = None, RETRY_BASE
-        if messages:
-            handle(queue, ledger, product_code, messages, clock.time)
 
 
 def child_main(cfg: Any, clock: Clock) -> int:
