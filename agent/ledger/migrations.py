@@ -234,6 +234,15 @@ _MIGRATIONS: dict[int, str] = {
         flush_due REAL,
         flushed_at REAL
     );
+    CREATE INDEX subscriptions_by_account ON subscriptions (account_id);
+    CREATE INDEX subscriptions_by_identifier ON subscriptions (customer_identifier);
+    CREATE INDEX subscriptions_by_state ON subscriptions (state);
+    -- asked at every sealing pass: only the few rows that have them are in these
+    CREATE INDEX subscriptions_flush_due ON subscriptions (flush_due) WHERE flush_due IS NOT NULL;
+    CREATE INDEX subscriptions_flushed ON subscriptions (flushed_at) WHERE flushed_at IS NOT NULL;
+    -- a customer's subscription is found by its buyer's ids
+    CREATE INDEX customers_by_account ON customers (account_id);
+    CREATE INDEX customers_by_identifier ON customers (customer_identifier);
     -- a record sealed at its customer's unsubscribe, before the (dimension, hour) as a whole:
     -- the hour stays open for the other customers' samples (samples.Samples._is_sealed)
     ALTER TABLE hours ADD COLUMN early INTEGER NOT NULL DEFAULT 0;

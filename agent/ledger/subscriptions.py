@@ -26,11 +26,19 @@ _COLUMNS = (
     "buyer, account_id, customer_identifier, state, event_at, applied_at, offer, free_trial, "
     "message_id, flush_due, flushed_at"
 )
-# A customer row `c` and a subscription row `s` are the same buyer.
-_SAME_BUYER = (
-    "((s.account_id IS NOT NULL AND c.account_id = s.account_id) OR "
-    "(s.customer_identifier IS NOT NULL AND c.customer_identifier = s.customer_identifier))"
-)
+
+
+def _matched(columns: str, where: str = "1") -> str:
+    """`SELECT columns` over each (customer `c`, subscription `s`) of the same buyer: by account
+    id, or else by the legacy customer identifier. Two indexed joins, not one join with OR
+    (which SQLite runs as a scan of both tables: minutes at 100,000 customers)."""
+    return (
+        f"SELECT {columns} FROM subscriptions s JOIN customers c ON c.account_id = s.account_id "
+        f"WHERE s.account_id IS NOT NULL AND ({where}) UNION "
+        f"SELECT {columns} FROM subscriptions s JOIN customers c "
+        "ON c.customer_identifier = s.customer_identifier "
+        f"WHERE s.customer_identifier IS NOT NULL AND ({where})"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,7 @@ class Subscriptions(Database):
         with self._lock:
             try:
                 rows = self.db.execute(
-                    f"SELECT c.label, {cols} FROM customers c JOIN subscriptions s "
-                    f"ON {_SAME_BUYER} ORDER BY s.event_at"
+                    f"SELECT * FROM ({_matched(f'c.label, {cols}')}) ORDER BY event_at"
                 ).fetchall()
             except sqlite3.OperationalError:
                 return {}
@@ -138,10 +145,9 @@ class Subscriptions(Database):
         sealed: their usage from then on is held, not sent, and they get no idle zeros. A buyer
         whose flush has not run (or failed) is billed as before, so nothing it used before the
         unsubscribe is held."""
+        states = ",".join(f"'{state}'" for state in LEAVING)
         rows = db.execute(
-            f"SELECT c.label FROM customers c JOIN subscriptions s ON {_SAME_BUYER} "
-            f"WHERE s.state IN ({','.join('?' * len(LEAVING))}) AND s.flush_due IS NULL",
-            LEAVING,
+            _matched("c.label", f"s.state IN ({states}) AND s.flush_due IS NULL")
         ).fetchall()
         return {str(r[0]) for r in rows}
 
@@ -157,12 +163,8 @@ class Subscriptions(Database):
                 return []
             out = []
             for (buyer,) in buyers:
-                labels = conn.execute(
-                    f"SELECT c.label FROM customers c JOIN subscriptions s ON {_SAME_BUYER} "
-                    "WHERE s.buyer = ? ORDER BY c.label",
-                    (buyer,),
-                ).fetchall()
-                out.append((str(buyer), [str(r[0]) for r in labels]))
+                labels = conn.execute(_matched("c.label", "s.buyer = ?"), (buyer, buyer))
+                out.append((str(buyer), sorted(str(r[0]) for r in labels.fetchall())))
         return out
 
     @staticmethod
@@ -183,10 +185,7 @@ class Subscriptions(Database):
     def flushed_labels(self, db: sqlite3.Connection) -> set[str]:
         """Labels whose open usage an unsubscribe sealed early at some time: the only ones that
         may already have a record for an hour that is not yet sealed."""
-        rows = db.execute(
-            f"SELECT c.label FROM customers c JOIN subscriptions s ON {_SAME_BUYER} "
-            "WHERE s.flushed_at IS NOT NULL"
-        ).fetchall()
+        rows = db.execute(_matched("c.label", "s.flushed_at IS NOT NULL")).fetchall()
         return {str(r[0]) for r in rows}
 
     @staticmethod
