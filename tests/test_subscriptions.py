@@ -522,3 +522,20 @@ def test_a_ledger_that_cannot_store_leaves_the_messages_and_the_poll_goes_on(
     assert clock.slept == [1.0] and queue.deleted == ["rh-1"]
     assert [s.state for s in ledger.subscriptions()] == ["subscribed"]
     ledger.close()
+
+
+def test_one_buyer_named_with_and_without_its_account_id_is_one_subscription(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.add_customer(Customer("old", None, None, None, f"cid-{ACME}", PRODUCT, float(H)))
+    legacy = parse(message(json.dumps(payload("unsubscribe-pending", account=None)).replace(
+        "cid-None", f"cid-{ACME}"), sent_ms=(H + 10) * 1000), PRODUCT, H)  # fmt: skip
+    assert isinstance(legacy, Notice) and subscriptions.apply(ledger, legacy, H + 10) == "applied"
+    assert notify(ledger, "subscribe-success", ACME, H + 20) == "applied"  # with the account id
+    [row] = ledger.subscriptions()
+    assert (row.buyer, row.account_id, row.state) == (f"cid-{ACME}", ACME, "subscribed")
+    assert ledger.subscription_states()["old"].state == "subscribed"
+    with ledger.transaction() as db:
+        assert ledger.leaving_labels(db) == set()
+    ledger.close()

@@ -89,10 +89,15 @@ class Subscriptions(Database):
         if not buyer:
             raise ValueError("a notification names no buyer")
         with self.transaction() as db:
+            # the buyer's row, whichever of its ids an earlier notification was keyed by (one
+            # with the account id and one without must not make two rows for one buyer)
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM subscriptions WHERE buyer = ?", (buyer,)
+                f"SELECT {_COLUMNS} FROM subscriptions WHERE buyer = ? OR buyer = ? "
+                "OR account_id = ? OR customer_identifier = ? ORDER BY event_at DESC LIMIT 1",
+                (buyer, customer_identifier, account_id, customer_identifier),
             ).fetchone()
             old = None if row is None else _subscription(row)
+            buyer = buyer if old is None else old.buyer
             if old is not None:
                 if old.event_at > event_at:
                     return "stale"
