@@ -262,6 +262,14 @@ def add_customer_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_clock_options(p)
     p.set_defaults(func=cmd_serve_registration)
+    p = sub.add_parser(
+        "watch-subscriptions",
+        parents=[common],
+        help="apply the subscription queue's notifications (what `run` starts when "
+        "saas.notifications is set)",
+    )
+    add_clock_options(p)
+    p.set_defaults(func=cmd_watch_subscriptions)
 
 
 def add_clock_options(p: argparse.ArgumentParser) -> None:
@@ -399,3 +407,9 @@ def cmd_serve_registration(args: argparse.Namespace) -> int:
     from agent.commands import customers
 
     return customers.cmd_serve_registration(args)
+
+
+def cmd_watch_subscriptions(args: argparse.Namespace) -> int:
+    from agent.commands import customers
+
+    return customers.cmd_watch_subscriptions(args)

@@ -11,6 +11,10 @@ every dimension). Usage whose label names no customer in the ledger (or that has
 in `held_usage` with its points and sealed by a later pass once `customers add` names it, while its
 Timestamp is less than 24 h - 60 s old; after that it is kept as an `expired` record. Every known,
 not removed customer without usage in a (dimension, hour) that has samples gets an idle zero.
+
+Subscription notifications (ledger/subscriptions.py): a customer whose buyer is unsubscribing has
+its open usage sealed at once (`seal_leaving`); its usage after that is held, not sent, and it
+gets no idle zeros.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from typing import Any
 from agent.aggregate import LabelSet, Point, Quantity, plain, shown, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.billing.hour import Sealed, billed, drop_bad_points
-from agent.clock import hour_start, iso, iso_hour
+from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
+from agent.ledger.faults import kind_of
 from agent.ledger.samples import HeldUsage
+from agent.ledger.subscriptions import LEAVING, SUBSCRIBED, Subscription
 from agent.windows import expired_upto, record_timestamp, saas_expires_at, send_slot
 
 log = logging.getLogger(__name__)
 
 ZERO = Decimal(0)
 UNKNOWN = "unknown customer"
+UNSUBSCRIBED = "unsubscribed customer"  # usage after a customer's unsubscribe: held, not sent
 NO_LABEL = "(no label)"  # usage that carried no customer label
 
 
@@ -133,13 +140,23 @@ def seal_one(
         if not points:
             return None
         known = {c.label for c in ledger.customers(include_removed=True)}
-        active = {c.label for c in ledger.customers()} if saas.idle_zero else set()
+        leaving = ledger.leaving_labels(db)  # unsubscribing or gone: held, no idle zeros
+        active = {c.label for c in ledger.customers()} - leaving if saas.idle_zero else set()
         split = shares_by_customer(points, saas.customer_label, dim)
         last = max(p.t for p in points)
         timestamp = record_timestamp(last, hour)
+        early = {c for c in ledger.flushed_labels(db) & set(split)
+                 if ledger.has_record(db, c, name, hour)}  # fmt: skip
         done: list[CustomerSealed] = []
         for customer in sorted(set(split) | active):
             mine = split.get(customer)
+            if mine is not None and (customer in leaving or customer in early):
+                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
+                log.warning(
+                    "hour %s dimension %s: usage of customer %s after its unsubscribe held, "
+                    "not sent (%s)", iso_hour(hour), name, customer, UNSUBSCRIBED,
+                )  # fmt: skip
+                continue
             if mine is not None and customer not in known:
                 ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
                 log.warning(
@@ -226,12 +243,20 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
     (label, dimension, hour) in its own transaction; returns the records made (either kind)."""
     dims = {d.name: d for d in config.dimensions}
     released: list[CustomerSealed] = []
+    leaving = ledger.leaving_labels(ledger.db)
     for held in ledger.held_usage(settle_by=expired_upto(now)):
         dim = dims.get(held.dimension)
         if dim is None:
             continue  # kept: the dimension may come back with the config
         known = held.customer != "" and ledger.customer(held.customer) is not None
         late = now >= saas_expires_at(held.timestamp)  # 24 h, or the month-end cutoff
+        if known and (
+            held.customer in leaving
+            or ledger.has_record(ledger.db, held.customer, held.dimension, held.hour)
+        ):
+            if late:  # fmt: skip
+                _drop_unsubscribed(ledger, held)
+            continue
         if not known and not late:
             continue
         raw, quantity = billed(dim, list(held.points))
@@ -271,8 +296,24 @@ def release_held(ledger: Ledger, config: Config, now: float) -> list[CustomerSea
     return released
 
 
-def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[dict[str, Any]]:
-    """Held usage as `status` shows it: what each would bill if sealed now, and until when."""
+def _drop_unsubscribed(ledger: Ledger, held: HeldUsage) -> None:
+    """Usage held after a customer's unsubscribe, past its window: AWS refuses it (the
+    customer is gone, or its hour's record was sealed at the unsubscribe), so it is forgotten
+    with a line, not kept as an expired record (no revenue of a subscription was lost)."""
+    with ledger.transaction() as db:
+        ledger.release_held(db, held)
+    log.warning(
+        "hour %s dimension %s customer %s: usage after its unsubscribe (%d sample(s)) not "
+        "billed: its window has passed", iso_hour(held.hour), held.dimension, held.customer,
+        len(held.points),
+    )  # fmt: skip
+
+
+def held_rows(
+    held: Sequence[HeldUsage], dims: Mapping[str, Dimension], leaving: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """Held usage as `status` shows it: what each would bill if sealed now, and until when;
+    `leaving`: labels of customers whose usage is held because they unsubscribed."""
 
     rows: list[dict[str, Any]] = []
     for h in held:
@@ -285,7 +326,7 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
             {
                 "hour": iso_hour(h.hour),
                 "dimension": h.dimension,
-                "customer": UNKNOWN,
+                "customer": UNSUBSCRIBED if h.customer in leaving else UNKNOWN,
                 "label": h.customer,
                 "quantity": quantity,
                 "state": "held",
@@ -293,6 +334,84 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
             }
         )
     return rows
+
+
+# -- a customer's unsubscribe ---------------------------------------------------------------------
+# `unsubscribe-pending` gives the seller one hour to send the buyer's last records. So at the first
+# sealing pass after the notification is applied (each round, and the daemon's send tick), every
+# (dimension, hour) of that customer with unsealed samples, the current hour included, becomes its
+# record now (`early`): the customer's own points so far, through the dimension's own arithmetic,
+# with next_attempt now (not the hour's send slot), so the daemon's sender sends it at once. The
+# customer's parts are then taken out of those samples, in the same transaction that clears the
+# buyer's `flush_due`: what stays is the other customers' usage, and this customer's later usage,
+# which seal_one holds (its hour already has its record, and the buyer is leaving).
+
+
+def seal_leaving(ledger: Ledger, config: Config, saas: Saas, now: float) -> list[Sealed]:
+    """Seal now the open usage of every buyer an unsubscribe named (see the comment above);
+    each buyer in its own transaction. A buyer no customer has yet has nothing to seal (its
+    usage, if any, is held as an unknown customer's)."""
+    sealed: list[Sealed] = []
+    for buyer, labels in ledger.flushes_due():
+        try:
+            sealed += _seal_leaving(ledger, config, saas, now, buyer, labels)
+        except Exception as e:  # contained: retried at the next pass, logged when it changes
+            if kind_of(e) is not None:  # the ledger's storage: the daemon names that state
+                raise
+            error = f"{type(e).__name__}: {e}"
+            if _flush_errors.get(buyer) != error:
+                log.error("subscription: buyer %s unsubscribing, but its open usage cannot be "
+                          "sealed now (%s); retried each pass, and billed with its hour if it "
+                          "still fails", buyer, error)  # fmt: skip
+            _flush_errors[buyer] = error
+            continue
+        _flush_errors.pop(buyer, None)
+        if not labels:
+            log.info("subscription: buyer %s unsubscribing, but no customer has its ids; nothing "
+                     "to seal", buyer)  # fmt: skip
+    return sealed
+
+
+_flush_errors: dict[str, str] = {}  # buyer -> the error its last flush failed with (logged once)
+
+
+def _seal_leaving(
+    ledger: Ledger, config: Config, saas: Saas, now: float, buyer: str, labels: list[str]
+) -> list[Sealed]:
+    """One buyer's open usage sealed now, in one transaction that clears its flush_due."""
+    dims = {d.name: d for d in config.dimensions}
+    sealed: list[Sealed] = []
+    with ledger.transaction() as db:
+        pairs = ledger.unsealed_hours(db, hour_start(now) + HOUR)
+        for label in labels:
+            for name, hour in pairs:
+                dim = dims.get(name)
+                if dim is None or ledger.has_record(db, label, name, hour):
+                    continue
+                points = [p for p in ledger.points(db, name, hour) if p.value.is_finite()]
+                if not points:
+                    continue
+                mine = shares_by_customer(points, saas.customer_label, dim).get(label)
+                if mine is None and not saas.idle_zero:
+                    continue
+                if mine is None:  # an idle zero: what an hour of nothing bills
+                    own: list[Point] = []
+                    raw = ZERO
+                    quantity = to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
+                else:
+                    own = customer_points(points, mine, dim)
+                    raw, quantity = billed(dim, own)
+                timestamp = record_timestamp(max(p.t for p in points), hour)
+                _insert(ledger, db, config, dim, label, hour, own, raw, quantity, timestamp,
+                        len(own), now, now)  # fmt: skip
+                ledger.mark_early(db, label, name, hour)
+                ledger.take_out_customer(db, name, hour, saas.customer_label, label)
+                sealed.append(Sealed(name, hour, quantity.text, 0))
+                log.info("hour %s dimension %s customer %s: unsubscribing; its usage so far "
+                         "sealed now, quantity %s, sent at once", iso_hour(hour), name, label,
+                         quantity.text)  # fmt: skip
+        ledger.flush_done(db, buyer, now)
+    return sealed
 
 
 def seal_each(
@@ -350,14 +469,45 @@ def status_sections(ledger: Ledger, config: Config, label: str, now: float) -> d
     held for labels no customer has (`unknown customer`)."""
     dims = {d.name: d for d in config.dimensions}
     everyone = ledger.customers(include_removed=True)
+    states = ledger.subscription_states()
+    leaving = frozenset(k for k, v in states.items() if v.state in LEAVING or v.flushed_at)
+    by_state: dict[str, int] = {}
+    for c in everyone:
+        state = states[c.label].state if c.label in states else NOT_NOTIFIED
+        by_state[state] = by_state.get(state, 0) + 1
     return {
         "mode": "saas",
         "customers": {
             "known": sum(1 for c in everyone if c.removed_at is None),
             "removed": sum(1 for c in everyone if c.removed_at is not None),
         },
+        # counts by state, and each customer whose subscription is not plainly active
+        "subscriptions": {
+            "by_state": dict(sorted(by_state.items())),
+            "attention": [
+                subscription_json(k, v) for k, v in sorted(states.items()) if v.state != SUBSCRIBED
+            ],
+        },
         "current_hour_so_far_by_customer": {
             d.name: so_far_by_customer(ledger, d, label, hour_start(now)) for d in config.dimensions
         },
-        "held": held_rows(ledger.held_usage(), dims),
+        "held": held_rows(ledger.held_usage(), dims, leaving),
+    }
+
+
+NOT_NOTIFIED = "not notified"  # no subscription notification named the customer's buyer yet
+
+
+def subscription_json(label: str, s: Subscription | None) -> dict[str, Any]:
+    """A customer's subscription as `status` and `customers list --json` show it."""
+    if s is None:
+        return {"customer": label, "state": NOT_NOTIFIED}
+    return {
+        "customer": label,
+        "state": s.state,
+        "since": iso(s.event_at),
+        "offer": s.offer,
+        "free_trial": s.free_trial,
+        "unsubscribe_sealed_at": iso(s.flushed_at) if s.flushed_at else None,
+        "unsubscribe_seal_due": s.flush_due is not None,
     }

@@ -1,19 +1,23 @@
 """SaaS mode's customers: `customers add|list|remove`, `resolve-customer` (prints the answer,
-stores nothing) and `serve-registration` (the fulfillment handler, as `run` starts it)."""
+stores nothing), `serve-registration` (the fulfillment handler, as `run` starts it) and
+`watch-subscriptions` (the subscription queue child, as `run` starts it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.billing.saas_sealing import NOT_NOTIFIED, subscription_json
 from agent.clock import Clock, iso
 from agent.commands.common import load_config, make_clock, open_ledger_readonly, table
 from agent.errors import EX_OK, AgentError
 from agent.host import ownership
 from agent.ledger.customers import Customer
+from agent.ledger.subscriptions import Subscription
 from agent.modes.choose import mode_for
 
 
@@ -80,12 +84,14 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
     mode_for(cfg).customers("customers list", cfg.source)  # SaaS mode only
     ledger = open_ledger_readonly(cfg.state_dir, "customers list")
     found = [] if ledger is None else ledger.customers(include_removed=True)
+    states = {} if ledger is None else ledger.subscription_states()
     if ledger is not None:
         ledger.close()
     if args.json:
-        print(json.dumps([customers.as_json(c) for c in found], indent=2))
+        print(json.dumps([dict(customers.as_json(c), subscription=subscription_json(
+            c.label, states.get(c.label))) for c in found], indent=2))  # fmt: skip
     else:
-        print(customers_table(found))
+        print(customers_table(found, states))
     return EX_OK
 
 
@@ -129,11 +135,28 @@ def cmd_serve_registration(args: argparse.Namespace) -> int:
     return fulfillment.serve(cfg, saas.registration, make_clock(args))
 
 
-def customers_table(customers: list[Customer]) -> str:
-    """`customers list`: a line per customer, removed ones marked (their usage is still billed)."""
+def cmd_watch_subscriptions(args: argparse.Namespace) -> int:
+    from agent.errors import ConfigError
+    from agent.sending import subscriptions
+
+    cfg = load_config(args)
+    saas = mode_for(cfg).customers("watch-subscriptions", cfg.source)  # SaaS mode only
+    if saas.notifications is None:
+        raise ConfigError("saas.notifications", "not set: add queue_url to apply notifications")
+    ownership.check_writer(Path(cfg.state_dir), "watch-subscriptions")
+    return subscriptions.child_main(cfg, make_clock(args))
+
+
+def customers_table(
+    customers: list[Customer], states: Mapping[str, Subscription] | None = None
+) -> str:
+    """`customers list`: a line per customer, removed ones marked (their usage is still billed),
+    with its subscription as AWS Marketplace's notifications last said it."""
     if not customers:
         return "no customers yet (metering-agent customers add --token TOKEN)"
-    header = ["label", "account", "license / customer identifier", "agreement", "added", "state"]
+    states = states or {}
+    header = ["label", "account", "license / customer identifier", "agreement", "added", "state",
+              "subscription"]  # fmt: skip
     rows = [
         [
             c.label,
@@ -142,7 +165,14 @@ def customers_table(customers: list[Customer]) -> str:
             c.agreement_id or "-",
             iso(c.added_at) or "-",
             f"removed {iso(c.removed_at)}" if c.removed_at is not None else "active",
+            _subscription_cell(states.get(c.label)),
         ]
         for c in customers
     ]
     return "\n".join(table([header, *rows]))
+
+
+def _subscription_cell(s: Subscription | None) -> str:
+    if s is None:
+        return NOT_NOTIFIED
+    return f"{s.state} {iso(s.event_at)}"

@@ -181,8 +181,11 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     sender = SenderProcess(command, clock.monotonic)
     where = describe_platform(config, plat, ledger, ident, metadata)
     sampler = Sampler(config, sources=first_boot_sources(state_dir, ledger, clock, earlier))
+    # SaaS mode's subscription queue child, if configured (boto3 lives there, not here)
+    notices = mode_for(config).notifications(config, state_dir / RUNNING_CONFIG, clock, log_format)
     return Daemon(config, clock, ledger, ident, sampler, sender, (lock, product_lock),
-                  plat, where, registration=handler, modes=mode_for)  # fmt: skip
+                  plat, where, registration=handler, modes=mode_for,
+                  notifications=notices)  # fmt: skip
 
 
 def first_boot_sources(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.billing.hour import so_far as hour_so_far
-from agent.billing.saas_sealing import NO_LABEL
+from agent.billing.saas_sealing import NO_LABEL, UNSUBSCRIBED
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.commands.common import (
     first_reading_line,
@@ -359,6 +359,12 @@ def _saas_lines(report: dict[str, Any]) -> list[str]:
     """SaaS mode: a row per customer record, then the usage held for unknown customers."""
     c = report["customers"]
     lines = [f"customers: {c['known']} known, {c['removed']} removed"]
+    subs = report.get("subscriptions") or {"by_state": {}, "attention": []}
+    if subs["by_state"]:
+        lines.append("  subscriptions: " + ", ".join(f"{n} {k}" for k, n in
+                                                       subs["by_state"].items()))  # fmt: skip
+    for s in subs["attention"]:
+        lines.append(f"  customer {s['customer']}: {s['state']} since {s['since']}")
     for name, by in report["current_hour_so_far_by_customer"].items():
         if by:
             lines.append(f"  {name} so far: " + ", ".join(f"{k} {v}" for k, v in by.items()))
@@ -371,8 +377,10 @@ def _saas_lines(report: dict[str, Any]) -> list[str]:
         for r in report["hours"]
     ]  # fmt: skip
     held = [
-        [h["hour"], f"unknown customer ({h['label'] or NO_LABEL})", h["dimension"],
-         _text(h["quantity"]), "held", "-", "0", f"sealed once added; expires {h['expires_at']}"]
+        [h["hour"], f"{h['customer']} ({h['label'] or NO_LABEL})", h["dimension"],
+         _text(h["quantity"]), "held", "-", "0",
+         f"not sent (after its unsubscribe); kept until {h['expires_at']}"
+         if h["customer"] == UNSUBSCRIBED else f"sealed once added; expires {h['expires_at']}"]
         for h in report["held"]
     ]  # fmt: skip
     rows = cells + held

@@ -30,6 +30,7 @@ from agent.config.model import (
     Dimension,
     Hook,
     MeteringConfig,
+    Notifications,
     RegisterUsage,
     Registration,
     Saas,
@@ -219,7 +220,7 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
             )
         return None
     section = SAAS.parse({}, "saas") if raw is None else raw
-    reg = section["registration"]
+    reg, note = section["registration"], section["notifications"]
     if reg:
         try:
             check_redirect(reg["redirect"])
@@ -229,6 +230,7 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
         customer_label=section["customer_label"],
         idle_zero=section["idle_zero"],
         registration=Registration(reg["listen"], reg["redirect"]) if reg else None,
+        notifications=Notifications(note["queue_url"]) if note else None,
     )
 
 

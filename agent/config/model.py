@@ -88,10 +88,16 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class Notifications:
+    queue_url: str  # the SQS queue subscribed to the product's Marketplace SNS topic
+
+
+@dataclass(frozen=True)
 class Saas:
     customer_label: str  # the label that names the customer in every dimension
     idle_zero: bool  # each hour, send 0 for every known customer without usage
     registration: Registration | None
+    notifications: Notifications | None = None  # subscription notifications (SQS)
 
 
 @dataclass(frozen=True)

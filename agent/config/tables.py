@@ -174,6 +174,24 @@ SAAS = Section(
             ),
             doc="optional: serve the fulfillment URL (the buyer's registration POST)",
         ),
+        "notifications": Field(
+            Nullable(
+                Section(
+                    {
+                        "queue_url": Field(
+                            Str(
+                                r"https?://[^\s/]+/\S+",
+                                hint="expected the queue's URL, e.g. "
+                                "https://sqs.us-east-1.amazonaws.com/123456789012/marketplace",
+                            ),
+                            required=True,
+                            doc="the SQS queue subscribed to the product's Marketplace SNS topic",
+                        ),
+                    }
+                )
+            ),
+            doc="optional: apply AWS Marketplace's subscription notifications (SQS long poll)",
+        ),
     }
 )
 

@@ -104,10 +104,12 @@ class Daemon:
         where: str = "",
         registration: Any = None,
         modes: Callable[[Config], Mode] | None = None,
+        notifications: Any = None,
     ) -> None:
         """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
         without it, instance mode, the config's default); `registration` is the mode's
-        fulfillment handler child, if it serves one."""
+        fulfillment handler child, if it serves one; `notifications` its subscription queue
+        child, if it applies Marketplace's notifications. Both are kept alike."""
         self.config = config
         self.choose_mode = modes or (lambda _config: InstanceMode())
         self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
@@ -120,6 +122,8 @@ class Daemon:
         )
         self.exit_code = 0
         self.registration = registration  # fulfillment.HandlerProcess (saas.registration)
+        # the children kept beside the daemon (started again if they exit), ended at its stop
+        self.kept = [c for c in (registration, notifications) if c is not None]
         self.clock = clock
         self.ledger = ledger
         self.identity = ident
@@ -165,8 +169,8 @@ class Daemon:
             self.sample_round(interval)
         self.publish_health()  # this run's own storage state, not a previous run's
         self.scheduler.start()
-        if self.registration is not None:
-            self.registration.ensure()
+        for child in self.kept:
+            child.ensure()
         self.identity.keep_asking(self.stop_event, self._swap_ledger, self._imds_wanted)
         self.notify.ready(
             f"metering {len(self.config.dimensions)} dimensions for {self.config.product_code}"
@@ -290,17 +294,21 @@ class Daemon:
         snapshot: Path | None = None
         try:
             new, snapshot = snapshot_config(self.config.source, self.state_dir)
+            mode = self.choose_mode(new)
             for key, old_value, new_value in (
                 ("state_dir", self.state_dir, Path(new.state_dir)),
                 ("product_code", self.config.product_code, new.product_code),
                 ("metering.endpoint_url", self.config.metering.endpoint_url,
                  new.metering.endpoint_url),
                 ("platform", self.config.platform, new.platform),
+                # the kept children are chosen at start; a reload restarts them, with the new
+                # queue_url, but cannot add or end the subscription queue child
+                ("saas.notifications", self._notices(self.mode, self.config),
+                 self._notices(mode, new)),
             ):  # fmt: skip
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
             sampler = Sampler(new)
-            mode = self.choose_mode(new)
         except Exception as e:  # a reload must never take the running agent down
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
                       exc_info=not isinstance(e, AgentError))  # fmt: skip
@@ -343,8 +351,8 @@ class Daemon:
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")
             self._add_sampling_jobs(self.scheduler, new)
-        if self.registration is not None:
-            self.registration.restart()  # it reads the running config only when it starts
+        for child in self.kept:
+            child.restart()  # it reads the running config only when it starts
         log.info(
             "reloaded %s: product %s, %d dimensions",
             new.source,
@@ -352,6 +360,11 @@ class Daemon:
             len(new.dimensions),
         )
         self.notify.status(f"metering {len(new.dimensions)} dimensions for {new.product_code}")
+
+    def _notices(self, mode: Mode, config: Config) -> str:
+        """Whether `mode` keeps a subscription queue child for `config` (none is started)."""
+        child = mode.notifications(config, self.state_dir, self.clock, "text")
+        return "not set" if child is None else "set"
 
     def _seal_as_sampled(self, changed: list[Dimension], now: float) -> None:
         """Seal now the open hour of the dimensions a new config drops or bills differently,
@@ -379,8 +392,8 @@ class Daemon:
         # In a container the grace is short: a running sender is ended at once (its requests
         # are resent identically), and the flush budget counts from the signal.
         self.sender.stop(at_once=self.platform.container)
-        if self.registration is not None:
-            self.registration.stop()
+        for child in self.kept:
+            child.stop()
         restart = self.restarting()
         changed: list[Dimension] = []
         if restart:
@@ -802,8 +815,11 @@ class Daemon:
 
     def _send_tick(self) -> None:
         self.hooks.check()
-        if self.registration is not None and not self.stop_event.is_set():
-            self.registration.ensure()  # started again if it exited
+        if not self.stop_event.is_set():
+            for child in self.kept:
+                child.ensure()  # started again if it exited
+            if self.mode.sealing_due(self.ledger):  # an unsubscribe: not at the next round
+                self._close_hours_locked()
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
             return
         when = due(

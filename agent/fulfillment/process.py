@@ -29,8 +29,11 @@ class HandlerProcess:
         command: list[str],
         monotonic: Callable[[], float],
         popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+        name: str = "fulfillment handler",
     ) -> None:
-        self.command, self.monotonic, self.popen = command, monotonic, popen
+        """`name`: what the log calls it (the same keeping serves SaaS mode's subscription
+        queue child, `watch-subscriptions`)."""
+        self.command, self.monotonic, self.popen, self.name = command, monotonic, popen, name
         self._child: subprocess.Popen[bytes] | None = None
         self._started: float | None = None
         self._closed = False
@@ -45,7 +48,7 @@ class HandlerProcess:
                 code = self._child.poll()
                 if code is None:
                     return
-                log.error("fulfillment handler process %d exited %d; starting it again",
+                log.error("%s process %d exited %d; starting it again", self.name,
                           self._child.pid, code)  # fmt: skip
                 self._child = None
             now = self.monotonic()
@@ -78,9 +81,11 @@ def _end(child: subprocess.Popen[bytes]) -> None:
         child.wait()
 
 
-def handler_command(config: Path, clock: Clock, log_format: str) -> list[str]:
+def handler_command(
+    config: Path, clock: Clock, log_format: str, command: str = "serve-registration"
+) -> list[str]:
     """The child's command line: the running config, this process's logging and clock."""
-    cmd = [sys.executable, "-m", "agent", "serve-registration", "-c", str(Path(config).resolve())]
+    cmd = [sys.executable, "-m", "agent", command, "-c", str(Path(config).resolve())]
     cmd += ["--log-level", logging.getLevelName(logging.getLogger().level).lower()]
     cmd += ["--log-format", log_format]
     cmd += ["--clock", clock.spec] if clock.spec else []

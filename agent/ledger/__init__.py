@@ -7,6 +7,7 @@
 - transitions.py: a sealed record's send transitions
 - send_state.py: the send state machine
 - customers.py: SaaS mode's customers
+- subscriptions.py: SaaS mode's subscription states (Marketplace's notifications)
 - migrations.py: the schema, one `user_version` step at a time
 """
 
@@ -35,10 +36,13 @@ from agent.ledger.hours import Hours
 from agent.ledger.migrations import migrate
 from agent.ledger.samples import Samples
 from agent.ledger.send_state import SendStates
+from agent.ledger.subscriptions import Subscriptions
 from agent.ledger.transitions import Transitions
 
 
-class Ledger(Samples, Dimensions, Hours, Transitions, SendStates, Customers, Database):
+class Ledger(
+    Samples, Dimensions, Hours, Transitions, SendStates, Customers, Subscriptions, Database
+):
     """One SQLite database in `state_dir`; thread-safe through one lock around one connection."""
 
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from agent.errors import AgentError
 from agent.ledger.database import Database
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def _reissue_only_trigger(condition: str, also: tuple[str, ...] = ()) -> str:
@@ -213,6 +213,39 @@ _MIGRATIONS: dict[int, str] = {
         amount INTEGER NOT NULL         -- known lost (bytes); 0: unknown
     );
     CREATE INDEX unread_by_time ON unread (t);
+    """,
+    # SaaS mode: what AWS Marketplace's subscription notifications (SNS -> SQS) said of each
+    # buyer, kept apart from `customers` (a notification may come before the registration).
+    # `flush_due`: an unsubscribe was applied and the daemon has yet to seal that buyer's open
+    # usage (it clears it in the transaction that seals); the records that seal makes are
+    # `early`.
+    9: """
+    CREATE TABLE subscriptions (
+        buyer TEXT PRIMARY KEY,         -- customer-aws-account-id, else customer-identifier
+        account_id TEXT,
+        customer_identifier TEXT,
+        state TEXT NOT NULL CHECK (state IN ('subscribed', 'subscribe-failed',
+                                             'unsubscribe-pending', 'unsubscribed')),
+        event_at REAL NOT NULL,         -- the notification's own time (SNS Timestamp, else SQS's)
+        applied_at REAL NOT NULL,
+        offer TEXT,
+        free_trial INTEGER,
+        message_id TEXT,                -- the last applied notification's SNS/SQS id
+        flush_due REAL,
+        flushed_at REAL
+    );
+    CREATE INDEX subscriptions_by_account ON subscriptions (account_id);
+    CREATE INDEX subscriptions_by_identifier ON subscriptions (customer_identifier);
+    CREATE INDEX subscriptions_by_state ON subscriptions (state);
+    -- asked at every sealing pass: only the few rows that have them are in these
+    CREATE INDEX subscriptions_flush_due ON subscriptions (flush_due) WHERE flush_due IS NOT NULL;
+    CREATE INDEX subscriptions_flushed ON subscriptions (flushed_at) WHERE flushed_at IS NOT NULL;
+    -- a customer's subscription is found by its buyer's ids
+    CREATE INDEX customers_by_account ON customers (account_id);
+    CREATE INDEX customers_by_identifier ON customers (customer_identifier);
+    -- a record sealed at its customer's unsubscribe, before the (dimension, hour) as a whole:
+    -- the hour stays open for the other customers' samples (samples.Samples._is_sealed)
+    ALTER TABLE hours ADD COLUMN early INTEGER NOT NULL DEFAULT 0;
     """,
 }
 

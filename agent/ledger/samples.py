@@ -197,7 +197,8 @@ class Samples(Database):
     @staticmethod
     def _is_sealed(db: sqlite3.Connection, dimension: str, hour: int) -> bool:
         row = db.execute(
-            "SELECT 1 FROM hours WHERE dimension = ? AND hour = ? UNION ALL "
+            # an `early` record (a customer's, sealed at its unsubscribe) leaves the hour open
+            "SELECT 1 FROM hours WHERE dimension = ? AND hour = ? AND early = 0 UNION ALL "
             "SELECT 1 FROM held_usage WHERE dimension = ? AND hour = ? LIMIT 1",
             (dimension, hour, dimension, hour),
         ).fetchone()

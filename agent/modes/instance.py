@@ -225,6 +225,14 @@ class InstanceMode:
     ) -> HandlerProcess | None:
         return None
 
+    def notifications(
+        self, config: Config, running_config: Path, clock: Clock, log_format: str
+    ) -> HandlerProcess | None:
+        return None
+
+    def sealing_due(self, ledger: Ledger) -> bool:
+        return False
+
     def credentials(self, platform: str, method: str | None) -> tuple[str | None, str | None]:
         """AWS refuses the node's role for a container product's MeterUsage."""
         return (

@@ -87,6 +87,18 @@ class Mode(Protocol):
         """The fulfillment handler child `run` keeps, if this mode serves one."""
         ...
 
+    def notifications(
+        self, config: Config, running_config: Path, clock: Clock, log_format: str
+    ) -> HandlerProcess | None:
+        """The subscription queue child `run` keeps, if this mode applies Marketplace's
+        subscription notifications."""
+        ...
+
+    def sealing_due(self, ledger: Ledger) -> bool:
+        """Whether something asks for a seal before the next round (SaaS mode: a customer's
+        unsubscribe, whose open usage is sealed and sent at once)."""
+        ...
+
     # -- commands ------------------------------------------------------------------------------
 
     def credentials(self, platform: str, method: str | None) -> tuple[str | None, str | None]:

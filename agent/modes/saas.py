@@ -376,7 +376,9 @@ class SaasMode:
         def then() -> list[Sealed]:
             return saas_sealing.release(ledger, config, now)
 
-        return seal_pass(ledger, config, now, one, include_current, hold, then)
+        # an unsubscribing customer's open usage first: the pass then holds what comes after
+        flushed = saas_sealing.seal_leaving(ledger, config, self.settings, now)
+        return flushed + seal_pass(ledger, config, now, one, include_current, hold, then)
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
         return BatchSender(ledger, config, client, clock)
@@ -395,6 +397,19 @@ class SaasMode:
             return None
         check_redirect(self.settings.registration.redirect)
         return HandlerProcess(handler_command(running_config, clock, log_format), clock.monotonic)
+
+    def notifications(
+        self, config: Config, running_config: Path, clock: Clock, log_format: str
+    ) -> HandlerProcess | None:
+        """The subscription queue child (`watch-subscriptions`), when saas.notifications is set."""
+        if self.settings.notifications is None:
+            return None
+        command = handler_command(running_config, clock, log_format, "watch-subscriptions")
+        return HandlerProcess(command, clock.monotonic, name="subscription queue")
+
+    def sealing_due(self, ledger: Ledger) -> bool:
+        """An unsubscribe waits for its customer's open usage to be sealed."""
+        return bool(ledger.flushes_due())
 
     def credentials(self, platform: str, method: str | None) -> tuple[str | None, str | None]:
         """The seller's own credentials sign BatchMeterUsage: no container role to insist on."""

@@ -1,6 +1,6 @@
 """The only boto3 user: the meteringmarketplace client signed by the default credential chain
 (MeterUsage and its DryRun, RegisterUsage, ResolveCustomer, BatchMeterUsage), each answer made an
-Outcome (outcomes.py).
+Outcome (outcomes.py); and the SQS queue of subscription notifications (SubscriptionQueue).
 
 boto3 is imported only inside the functions that call the service, so the sampling daemon never
 keeps boto3 (~30 MiB) resident; sends happen in a short child.
@@ -384,3 +384,85 @@ def dry_run_verdict(
     if code in SIGNING or "signature expired" in text.lower():
         raise Unavailable(f"{name}: the request's signature was refused ({text})")
     raise AgentError(f"{name}: the service refused the request ({text})")
+
+
+class QueueError(Exception):
+    """ReceiveMessage or DeleteMessage failed: `code` is the service's error code (or the
+    exception's name for the network), `denied` when it is a permission refusal."""
+
+    def __init__(self, code: str, message: str, denied: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.denied = code, denied
+
+
+SQS_WAIT = 20  # seconds a ReceiveMessage long-polls (SQS's maximum)
+DENIED_CODES = ("AccessDenied", "AccessDeniedException", "KMS.AccessDeniedException")
+
+
+class SubscriptionQueue:
+    """The seller's SQS queue of Marketplace subscription notifications: long-polled receives
+    and deletes, signed by the default credential chain. A queue URL on AWS names its region
+    (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`); any other host (a VPC endpoint, a local
+    SQS) is the endpoint itself, signed for `region`."""
+
+    def __init__(self, queue_url: str, region: str, wait: int = SQS_WAIT) -> None:
+        os.environ.setdefault("AWS_EC2_METADATA_V1_DISABLED", "true")
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.url, self.wait = queue_url, wait
+        queue_region, endpoint = queue_endpoint(queue_url)
+        self.client = boto3.session.Session(region_name=queue_region or region).client(
+            "sqs",
+            endpoint_url=endpoint,
+            config=BotoConfig(
+                connect_timeout=5,
+                read_timeout=wait + 10,  # a long poll answers within `wait` seconds
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                user_agent_extra="metering-agent",
+            ),
+        )
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Up to 10 messages, waiting up to `wait` s for one; each keeps its receipt handle."""
+        answer = self._call(
+            "receive_message",
+            QueueUrl=self.url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=self.wait,
+            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+        )
+        return list(answer.get("Messages") or [])
+
+    def delete(self, receipt_handle: str) -> None:
+        self._call("delete_message", QueueUrl=self.url, ReceiptHandle=receipt_handle)
+
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return dict(getattr(self.client, operation)(**kwargs))
+        except ClientError as e:
+            error = e.response.get("Error", {})
+            code = str(error.get("Code") or "ClientError")
+            denied = code in DENIED_CODES or "AccessDenied" in code or code in (
+                "UnrecognizedClientException", "InvalidClientTokenId", "SignatureDoesNotMatch"
+            )  # fmt: skip
+            raise QueueError(code, str(error.get("Message") or e), denied) from None
+        except BotoCoreError as e:  # no credentials, no network, a timeout
+            raise QueueError(type(e).__name__, str(e)) from None
+
+
+def queue_endpoint(queue_url: str) -> tuple[str | None, str | None]:
+    """(the region an AWS queue URL names, None) or (None, the endpoint of any other URL)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(queue_url)
+    host = parts.hostname or ""
+    labels = host.split(".")
+    if host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"):
+        if labels[0] == "sqs" and len(labels) >= 4:  # sqs.REGION.amazonaws.com
+            return labels[1], None
+        if len(labels) >= 4 and labels[1] == "queue":  # REGION.queue.amazonaws.com (legacy)
+            return labels[0], None
+    return None, f"{parts.scheme}://{parts.netloc}"
