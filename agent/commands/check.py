@@ -13,6 +13,7 @@ from typing import Any
 from agent.aggregate import plain
 from agent.clock import Clock
 from agent.commands.common import first_reading_line, ledger_instance, load_config, make_clock
+from agent.daemon import metrics
 from agent.errors import EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 
 _quiet = threading.Event()  # check --quiet: the "ok" lines are not printed
@@ -31,6 +32,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     (_quiet.set if args.quiet else _quiet.clear)()
     cfg = load_config(args)
+    metrics.check(cfg)  # as `run` does: its directory writable by this user (78)
     _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
     sampler = Sampler(cfg)
     clock = make_clock(args)

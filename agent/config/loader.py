@@ -30,6 +30,7 @@ from agent.config.model import (
     Dimension,
     Hook,
     MeteringConfig,
+    Metrics,
     RegisterUsage,
     Registration,
     Saas,
@@ -177,6 +178,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         register_usage=register,
         mode=top["mode"],
         saas=saas,
+        metrics=None if top["metrics"] is None else Metrics(Path(top["metrics"]["textfile"])),
     )
 
 

@@ -95,6 +95,13 @@ class Saas:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """`metrics:`: the agent's own state for monitoring (agent/daemon/metrics.py)."""
+
+    textfile: Path  # node_exporter's textfile collector reads it (a *.prom file)
+
+
+@dataclass(frozen=True)
 class Config:
     product_code: str
     state_dir: Path
@@ -109,6 +116,7 @@ class Config:
     register_usage: RegisterUsage | None = None
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
+    metrics: Metrics | None = None  # None: no metrics file
 
     @property
     def customer_label(self) -> str | None:

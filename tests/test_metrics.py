@@ -1,0 +1,247 @@
+"""`metrics: {textfile: PATH}`: the text node_exporter serves (parsed here by prometheus_client's
+own parser and linted by promtool), the state it is taken from (a real ledger), the atomic write,
+and the config's errors (exit 78 naming the key)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.config import load
+from agent.config.model import Metrics as MetricsConfig
+from agent.daemon import textfile
+from agent.daemon.metrics import NoMetrics, TextfileMetrics, metrics_for
+from agent.errors import EX_CONFIG
+from agent.ledger import Ledger
+from tests.billing import H, make_config
+from tests.conftest import run_cli
+from tests.test_ledger import seal_one
+
+NOW = H + 2 * 3600 + 600  # 10 minutes into the hour after next
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """name -> {labels: value}, as a scraper reads the text (prometheus_client's parser)."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def types(text: str) -> dict[str, str]:
+    return {f.name: f.type for f in text_string_to_metric_families(text)}
+
+
+def test_label_values_are_escaped_as_the_format_says_and_read_back_whole() -> None:
+    odd = 'a "quoted" \\ back\nslash'
+    text = textfile.render(
+        [
+            textfile.Family("x_total", "counter", 'help with \\ and\nnewline "q"',
+                            [((("dimension", odd),), 3), ((("dimension", "plain"),), 0.5)]),
+            textfile.Family("y_seconds", "gauge", "h", [((), 1.7e9 + 0.25)]),
+        ]
+    )  # fmt: skip
+    assert '# HELP x_total help with \\\\ and\\nnewline "q"' in text
+    assert 'x_total{dimension="a \\"quoted\\" \\\\ back\\nslash"} 3' in text
+    values = parse(text)
+    assert values["x_total"] == {(("dimension", odd),): 3.0, (("dimension", "plain"),): 0.5}
+    assert values["y_seconds"] == {(): 1700000000.25}
+    assert next(f.documentation for f in text_string_to_metric_families(text)) == (
+        'help with \\ and\nnewline "q"'
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = Ledger(tmp_path / "state")
+    yield led
+    led.close()
+
+
+def made(tmp_path: Path, ledger: Ledger, started: float = NOW - 50) -> TextfileMetrics:
+    cfg = make_config(tmp_path, extra=f"metrics: {{textfile: {tmp_path / 'm.prom'}}}\n")
+    metrics = metrics_for(cfg, ledger, started)
+    assert isinstance(metrics, TextfileMetrics)
+    return metrics
+
+
+def test_the_file_says_what_the_ledger_holds(tmp_path: Path, ledger: Ledger) -> None:
+    seal_one(ledger, "vcpus", H)
+    seal_one(ledger, "vcpu_hours", H)
+    seal_one(ledger, "vcpus", H + 3600)
+    seal_one(ledger, "requests", H + 3600)
+    seal_one(ledger, "vcpus", H - 2 * 86400)  # sent long ago: not in the last 24 h
+    ledger.mark_sent("vcpus", H, record_id="r1", now=H + 3700)
+    ledger.note_success(H + 3700, accepted=True)
+    ledger.reject("vcpu_hours", H, error="ValidationException: no", now=H + 3710)
+    ledger.expire("requests", H + 3600, error="too old", now=H + 3720)
+    ledger.mark_sent("vcpus", H - 2 * 86400, record_id="r0", now=H - 2 * 86400 + 3700)
+    ledger.note_success(NOW - 5)  # a DryRun: not an accepted send
+    ledger.record_collector_error("requests", H, "boom")
+    ledger.record_collector_error("requests", H + 60, "boom")
+    metrics = made(tmp_path, ledger)  # the errors continue the ledger's count
+    metrics.collector_error("requests")
+    metrics.lines_read("requests", 7)
+    metrics.lines_read("requests", 5)
+    metrics.lines_read("vcpus", None)  # a collector that reads no lines
+    state, bounds = ledger.send_state(), ledger.pending_bounds(saas=False)
+    assert metrics.changed(state, bounds)
+    metrics.refresh(ledger, NOW, lambda: False)
+    text = (tmp_path / "m.prom").read_text()
+    values = parse(text)
+    pending = [h for h in ledger.hours() if h.state == "pending"]
+    assert values["metering_agent_pending_records"] == {(): len(pending)} == {(): 1}
+    assert values["metering_agent_recent_records"] == {
+        (("state", "sent"),): 1,  # the one two days ago is not recent
+        (("state", "rejected"),): 1,
+        (("state", "expired"),): 1,
+    }
+    oldest = min(h.timestamp for h in pending)  # (H + 3600) + 3540
+    assert values["metering_agent_oldest_pending_age_seconds"] == {(): NOW - oldest}
+    assert values["metering_agent_last_accepted_timestamp_seconds"] == {(): H + 3700}
+    assert values["metering_agent_healthy"] == {(): 0}
+    assert values["metering_agent_collector_errors_total"] == {
+        (("dimension", "requests"),): 3,
+        (("dimension", "vcpu_hours"),): 0,
+        (("dimension", "vcpus"),): 0,
+    }
+    assert values["metering_agent_log_lines_read_total"] == {(("dimension", "requests"),): 12}
+    assert values["metering_agent_start_time_seconds"] == {(): NOW - 50}
+    assert types(text)["metering_agent_collector_errors"] == "counter"  # (the parser drops _total)
+    assert types(text)["metering_agent_pending_records"] == "gauge"
+    # the tick: nothing changed, so no counts are taken again; the age moves on
+    assert not metrics.changed(ledger.send_state(), ledger.pending_bounds(saas=False))
+    metrics.write(NOW + 15)
+    again = parse((tmp_path / "m.prom").read_text())
+    assert again["metering_agent_oldest_pending_age_seconds"] == {(): NOW + 15 - oldest}
+    ledger.mark_sent("vcpus", H + 3600, record_id="r2", now=NOW + 20)
+    ledger.note_success(NOW + 20, accepted=True)
+    assert metrics.changed(ledger.send_state(), ledger.pending_bounds(saas=False))
+
+
+def test_promtool_finds_nothing_to_lint(tmp_path: Path, ledger: Ledger) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    metrics = made(tmp_path, ledger)
+    metrics.lines_read("requests", 1)
+    metrics.refresh(ledger, NOW, lambda: True)
+    done = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=(tmp_path / "m.prom").read_text(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_written_atomically_mode_0644_whatever_the_umask(tmp_path: Path, ledger: Ledger) -> None:
+    metrics = made(tmp_path, ledger)
+    metrics.write(NOW)
+    assert not (tmp_path / "m.prom").exists()  # nothing before the ledger's counts are taken
+    old = os.umask(0o077)
+    try:
+        metrics.refresh(ledger, NOW, lambda: True)
+    finally:
+        os.umask(old)
+    target = tmp_path / "m.prom"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    inode = target.stat().st_ino
+    metrics.write(NOW + 1)
+    assert target.stat().st_ino != inode  # a new file renamed over it, never rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "m.prom", "state"]
+
+
+def test_a_write_that_fails_is_logged_once_and_never_raised(
+    tmp_path: Path, ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "agent.daemon.metrics")
+    metrics = made(tmp_path, ledger)
+    metrics.path = tmp_path / "gone" / "m.prom"
+    for t in range(3):
+        metrics.refresh(ledger, NOW + t, lambda: True)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"metrics file {metrics.path} cannot be written: No such file or directory"
+    ) == 1
+    (tmp_path / "gone").mkdir()
+    metrics.write(NOW + 5)
+    assert metrics.path.exists()
+    assert f"metrics file {metrics.path} is written again" in caplog.text
+
+
+def test_a_reload_keeps_the_counters_and_removes_a_file_it_no_longer_writes(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    metrics = made(tmp_path, ledger)
+    metrics.lines_read("requests", 4)
+    metrics.refresh(ledger, NOW, lambda: True)
+    cfg = make_config(tmp_path, extra=f"metrics: {{textfile: {tmp_path / 'n.prom'}}}\n")
+    moved = metrics.reconfigured(cfg, ledger, NOW + 1)
+    assert not (tmp_path / "m.prom").exists()
+    values = parse((tmp_path / "n.prom").read_text())
+    assert values["metering_agent_log_lines_read_total"] == {(("dimension", "requests"),): 4}
+    off = moved.reconfigured(make_config(tmp_path), ledger, NOW + 2)
+    assert isinstance(off, NoMetrics) and not (tmp_path / "n.prom").exists()
+
+
+def test_without_metrics_nothing_is_counted_or_written(tmp_path: Path, ledger: Ledger) -> None:
+    metrics = metrics_for(make_config(tmp_path), ledger, NOW)
+    assert isinstance(metrics, NoMetrics)
+    assert not metrics.changed(ledger.send_state(), [])
+
+
+def test_the_key_loads_and_a_name_node_exporter_ignores_is_refused(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, extra="metrics: {textfile: /var/lib/prometheus/x/agent.prom}\n")
+    assert cfg.metrics == MetricsConfig(Path("/var/lib/prometheus/x/agent.prom"))
+    for bad in ("/tmp/agent.txt", "relative/agent.prom", "/tmp/.prom/"):
+        path = tmp_path / "config.yaml"
+        path.write_text(path.read_text().replace("/var/lib/prometheus/x/agent.prom", bad))
+        with pytest.raises(Exception, match=r"^metrics\.textfile: .*\*\.prom") as e:
+            load(path)
+        assert e.value.exit_code == EX_CONFIG  # type: ignore[attr-defined]
+        path.write_text(path.read_text().replace(bad, "/var/lib/prometheus/x/agent.prom"))
+
+
+def config_with_textfile(tmp_path: Path, target: Path) -> Path:
+    cfg = make_config(tmp_path, extra=f"metrics: {{textfile: {target}}}\n")
+    return cfg.source
+
+
+@pytest.mark.parametrize("command", [["check", "--offline"], ["run"]])
+def test_a_missing_directory_is_a_config_error_naming_the_key(
+    tmp_path: Path, command: list[str]
+) -> None:
+    source = config_with_textfile(tmp_path, tmp_path / "nowhere" / "agent.prom")
+    done = run_cli(*command, "-c", str(source))
+    assert done.returncode == EX_CONFIG, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert (
+        line.startswith("metering-agent: metrics.textfile: directory ") and "does not exist" in line
+    )
+    assert not (tmp_path / "state").exists()  # refused before anything was made
+
+
+def test_a_read_only_directory_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        source = config_with_textfile(tmp_path, ro / "agent.prom")
+        done = run_cli("check", "--offline", "-c", str(source))
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert done.returncode == EX_CONFIG, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "metrics.textfile: " in line and "read-only" in line and "ReadWritePaths=" in line
