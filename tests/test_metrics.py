@@ -21,6 +21,7 @@ from agent.daemon import textfile
 from agent.daemon.metrics import NoMetrics, TextfileMetrics, metrics_for
 from agent.errors import EX_CONFIG
 from agent.ledger import Ledger
+from agent.sending import health
 from tests.billing import H, make_config
 from tests.conftest import run_cli
 from tests.test_ledger import seal_one
@@ -94,8 +95,8 @@ def test_the_file_says_what_the_ledger_holds(tmp_path: Path, ledger: Ledger) -> 
     metrics.lines_read("requests", 5)
     metrics.lines_read("vcpus", None)  # a collector that reads no lines
     state, bounds = ledger.send_state(), ledger.pending_bounds(saas=False)
-    assert metrics.changed(state, bounds)
-    metrics.refresh(ledger, NOW, lambda: False)
+    health.write(tmp_path / "state", ledger, NOW)  # not ok: an hour rejected
+    metrics.tick(ledger, NOW, state, bounds)  # the first tick takes health and the counts
     text = (tmp_path / "m.prom").read_text()
     values = parse(text)
     pending = [h for h in ledger.hours() if h.state == "pending"]
@@ -118,14 +119,27 @@ def test_the_file_says_what_the_ledger_holds(tmp_path: Path, ledger: Ledger) -> 
     assert values["metering_agent_start_time_seconds"] == {(): NOW - 50}
     assert types(text)["metering_agent_collector_errors"] == "counter"  # (the parser drops _total)
     assert types(text)["metering_agent_pending_records"] == "gauge"
-    # the tick: nothing changed, so no counts are taken again; the age moves on
-    assert not metrics.changed(ledger.send_state(), ledger.pending_bounds(saas=False))
-    metrics.write(NOW + 15)
+    # the next tick: nothing changed, so neither health nor the counts are taken again; the age
+    # moves on
+    metrics.tick(ledger, NOW + 15, state, bounds)
     again = parse((tmp_path / "m.prom").read_text())
     assert again["metering_agent_oldest_pending_age_seconds"] == {(): NOW + 15 - oldest}
+    assert again["metering_agent_healthy"] == {(): 0}
+    # a send pass runs (the tick reads only the send state) and sends the pending record
     ledger.mark_sent("vcpus", H + 3600, record_id="r2", now=NOW + 20)
     ledger.note_success(NOW + 20, accepted=True)
-    assert metrics.changed(ledger.send_state(), ledger.pending_bounds(saas=False))
+    metrics.tick(ledger, NOW + 30)
+    after = parse((tmp_path / "m.prom").read_text())
+    assert after["metering_agent_healthy"] == {(): 0}  # as health.json still says
+    assert after["metering_agent_pending_records"] == {(): 0}
+    assert after["metering_agent_oldest_pending_age_seconds"] == {(): 0}
+    assert after["metering_agent_recent_records"][(("state", "sent"),)] == 2
+    assert after["metering_agent_last_accepted_timestamp_seconds"] == {(): NOW + 20}
+    # the pass ends writing health.json (ok: the rejection was more than 24 h ago by then); the
+    # next tick, with nothing else changed, reads it
+    health.write(tmp_path / "state", ledger, H + 3 * 86400)
+    metrics.tick(ledger, NOW + 45)
+    assert parse((tmp_path / "m.prom").read_text())["metering_agent_healthy"] == {(): 1}
 
 
 def test_promtool_finds_nothing_to_lint(tmp_path: Path, ledger: Ledger) -> None:
@@ -134,7 +148,7 @@ def test_promtool_finds_nothing_to_lint(tmp_path: Path, ledger: Ledger) -> None:
         pytest.skip("promtool (Debian's prometheus package) is not installed")
     metrics = made(tmp_path, ledger)
     metrics.lines_read("requests", 1)
-    metrics.refresh(ledger, NOW, lambda: True)
+    metrics.refresh(ledger, NOW)
     done = subprocess.run(
         [promtool, "check", "metrics"],
         input=(tmp_path / "m.prom").read_text(),
@@ -150,7 +164,7 @@ def test_written_atomically_mode_0644_whatever_the_umask(tmp_path: Path, ledger:
     assert not (tmp_path / "m.prom").exists()  # nothing before the ledger's counts are taken
     old = os.umask(0o077)
     try:
-        metrics.refresh(ledger, NOW, lambda: True)
+        metrics.refresh(ledger, NOW)
     finally:
         os.umask(old)
     target = tmp_path / "m.prom"
@@ -168,7 +182,7 @@ def test_a_write_that_fails_is_logged_once_and_never_raised(
     metrics = made(tmp_path, ledger)
     metrics.path = tmp_path / "gone" / "m.prom"
     for t in range(3):
-        metrics.refresh(ledger, NOW + t, lambda: True)
+        metrics.refresh(ledger, NOW + t)
     assert [r.getMessage() for r in caplog.records].count(
         f"metrics file {metrics.path} cannot be written: No such file or directory"
     ) == 1
@@ -183,7 +197,7 @@ def test_a_reload_keeps_the_counters_and_removes_a_file_it_no_longer_writes(
 ) -> None:
     metrics = made(tmp_path, ledger)
     metrics.lines_read("requests", 4)
-    metrics.refresh(ledger, NOW, lambda: True)
+    metrics.refresh(ledger, NOW)
     cfg = make_config(tmp_path, extra=f"metrics: {{textfile: {tmp_path / 'n.prom'}}}\n")
     moved = metrics.reconfigured(cfg, ledger, NOW + 1)
     assert not (tmp_path / "m.prom").exists()
@@ -196,7 +210,8 @@ def test_a_reload_keeps_the_counters_and_removes_a_file_it_no_longer_writes(
 def test_without_metrics_nothing_is_counted_or_written(tmp_path: Path, ledger: Ledger) -> None:
     metrics = metrics_for(make_config(tmp_path), ledger, NOW)
     assert isinstance(metrics, NoMetrics)
-    assert not metrics.changed(ledger.send_state(), [])
+    metrics.tick(ledger, NOW)
+    assert not list(tmp_path.glob("*.prom"))
 
 
 def test_the_key_loads_and_a_name_node_exporter_ignores_is_refused(tmp_path: Path) -> None:

@@ -776,24 +776,17 @@ class Daemon:
         try:
             if report is None or report["state"] is None:
                 self._seal_errors = self.ledger.seal_errors()
-            data = health.write(self.state_dir, self.ledger, self.clock.time(), storage=report)
-            self.metrics.refresh(self.ledger, self.clock.time(), lambda: bool(data["ok"]))
+            health.write(self.state_dir, self.ledger, self.clock.time(), storage=report)
+            self.metrics.refresh(self.ledger, self.clock.time())
         except Exception as e:
             if not self.storage.failed(e, self.clock.time(), self.ledger.path):
                 raise
 
     def refresh_metrics(self) -> None:
-        """The metrics' counts and health taken again (health computed as the sender child just
-        wrote it, with this process's storage state), and the file rewritten."""
+        """The metrics' counts and health taken again, and the file rewritten."""
         now = self.clock.time()
-
-        def healthy() -> bool:
-            return bool(
-                health.snapshot(self.ledger, now, self.storage.report(self.ledger.path))["ok"]
-            )
-
         try:
-            self.metrics.refresh(self.ledger, now, healthy)
+            self.metrics.refresh(self.ledger, now)
         except Exception as e:
             if not self.storage.failed(e, now, self.ledger.path):
                 raise
@@ -829,13 +822,10 @@ class Daemon:
         if self.registration is not None and not self.stop_event.is_set():
             self.registration.ensure()  # started again if it exited
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
-            self.metrics.write(self.clock.time())  # the oldest pending record's age moves on
+            self.metrics.tick(self.ledger, self.clock.time())
             return
         state, bounds = self.ledger.send_state(), self.mode.pending_bounds(self.ledger)
-        if self.metrics.changed(state, bounds):  # a send pass did something (never without
-            self.refresh_metrics()  # metrics): counts and health again
-        else:
-            self.metrics.write(self.clock.time())
+        self.metrics.tick(self.ledger, self.clock.time(), state, bounds)
         when = due(state, bounds, self.mode.expires_at)
         if when is not None and when <= self.clock.time():
             self.sender.start()

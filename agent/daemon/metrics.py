@@ -9,7 +9,7 @@ timer:
   pending bounds the tick reads anyway: the last accepted send and the oldest pending record's age;
 - the record counts and health are taken again only when something changed them: whenever the
   daemon publishes health, and when the tick finds the send state or the pending bounds changed
-  (a send pass did something);
+  (a send pass did something; while a sender runs, the tick looks at the send state alone);
 - collector errors and lines read are counted as the daemon records them.
 
 Counters: `metering_agent_collector_errors_total` continues the ledger's per-dimension count, so it
@@ -23,8 +23,10 @@ Without `metrics:` the daemon holds `NoMetrics`: chosen once, nothing is counted
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +38,7 @@ from agent.errors import ConfigError
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.ledger.send_state import SendState
+from agent.sending.health import HEALTH_FILE
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,15 @@ class Metrics(Protocol):
 
     def lines_read(self, dimension: str, lines: int | None) -> None: ...
 
-    def changed(self, state: SendState, bounds: Sequence[SealedHour]) -> bool: ...
+    def tick(
+        self,
+        ledger: Ledger,
+        now: float,
+        state: SendState | None = None,
+        bounds: Sequence[SealedHour] | None = None,
+    ) -> None: ...
 
-    def refresh(self, ledger: Ledger, now: float, healthy: Callable[[], bool]) -> None: ...
+    def refresh(self, ledger: Ledger, now: float) -> None: ...
 
     def write(self, now: float) -> None: ...
 
@@ -68,10 +77,16 @@ class NoMetrics:
     def lines_read(self, dimension: str, lines: int | None) -> None:
         return None
 
-    def changed(self, state: SendState, bounds: Sequence[SealedHour]) -> bool:
-        return False
+    def tick(
+        self,
+        ledger: Ledger,
+        now: float,
+        state: SendState | None = None,
+        bounds: Sequence[SealedHour] | None = None,
+    ) -> None:
+        return None
 
-    def refresh(self, ledger: Ledger, now: float, healthy: Callable[[], bool]) -> None:
+    def refresh(self, ledger: Ledger, now: float) -> None:
         return None
 
     def write(self, now: float) -> None:
@@ -92,8 +107,10 @@ class TextfileMetrics:
         dimensions: Iterable[str],
         started: float,
         errors: Mapping[str, int],
+        health_file: Path,
     ) -> None:
         self.path = path
+        self.health_file = health_file
         self.dimensions = tuple(dimensions)
         self.started = started
         self.errors: dict[str, int] = dict(errors)
@@ -102,6 +119,7 @@ class TextfileMetrics:
         self.healthy: bool | None = None
         self.state: SendState | None = None
         self.bounds: tuple[SealedHour, ...] = ()
+        self.health_mark: tuple[int, int] | None = None  # health.json as last read (inode, mtime)
         self._failing: str | None = None  # why the last write failed (logged once)
 
     def collector_error(self, dimension: str) -> None:
@@ -111,20 +129,38 @@ class TextfileMetrics:
         if lines is not None:
             self.lines[dimension] = self.lines.get(dimension, 0) + lines
 
-    def changed(self, state: SendState, bounds: Sequence[SealedHour]) -> bool:
-        """Keep what the send tick read; whether it differs from the last tick's (a send pass
-        sent, refused, expired or backed off something): then the counts are taken again."""
-        bounds = tuple(bounds)
-        changed = self.counts is None or state != self.state or bounds != self.bounds
-        self.state, self.bounds = state, bounds
-        return changed
+    def tick(
+        self,
+        ledger: Ledger,
+        now: float,
+        state: SendState | None = None,
+        bounds: Sequence[SealedHour] | None = None,
+    ) -> None:
+        """The send tick: the send state and pending bounds as it read them (None: while a
+        sender runs the tick reads no bounds, so the send state is looked up, one meta read,
+        and the bounds kept). When either differs from the last tick's (a send pass sent,
+        refused, expired or backed off something), or health.json was written since (a send
+        pass writes it when it ends), the counts and health are taken again; else the file is
+        rewritten as it was, its age moved on."""
+        state = ledger.send_state() if state is None else state
+        bounds = self.bounds if bounds is None else tuple(bounds)
+        same = state == self.state and bounds == self.bounds
+        if self.counts is not None and same and _mark(self.health_file) == self.health_mark:
+            self.write(now)
+            return
+        self.bounds = bounds
+        self.refresh(ledger, now)
 
-    def refresh(self, ledger: Ledger, now: float, healthy: Callable[[], bool]) -> None:
-        """Health (`healthy()`: as just published, or computed) and the ledger's record counts
-        (through the (state, hour) index; only when something changed them), then the file."""
-        self.healthy = healthy()
+    def refresh(self, ledger: Ledger, now: float) -> None:
+        """Health as health.json says it (written by the daemon or by a send pass: the file the
+        product reads) and the ledger's record counts (through the (state, hour) index; only
+        when something changed them), then the file."""
+        self.health_mark = _mark(self.health_file)
+        self.healthy = _ok(self.health_file)
         self.counts = ledger.record_counts(hour_start(now) - LOOKBACK)
         self.state = ledger.send_state()
+        if not self.counts["pending"]:
+            self.bounds = ()  # (the tick's bounds may predate the send that emptied them)
         self.write(now)
 
     def families(self, now: float) -> list[Family]:
@@ -135,7 +171,7 @@ class TextfileMetrics:
         return [
             Family("metering_agent_healthy", "gauge",
                    "1 when health.json says ok (sending works, nothing lost in the last 24 h, "
-                   "storage works, no usage found unread), else 0",
+                   "storage works, no usage found unread), else 0 (also when it is missing)",
                    [((), 1 if self.healthy else 0)]),
             Family("metering_agent_pending_records", "gauge",
                    "Sealed records (one per dimension and hour; in SaaS mode per customer too) "
@@ -207,7 +243,26 @@ def metrics_for(config: Config, ledger: Ledger, started: float) -> Metrics:
         (d.name for d in config.dimensions),
         started,
         errors,
+        Path(config.state_dir) / HEALTH_FILE,
     )
+
+
+def _mark(path: Path) -> tuple[int, int] | None:
+    """What tells a rewritten health.json apart (a rename gives a new inode; a rewrite in place
+    on a full disk, a new mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _ok(path: Path) -> bool:
+    """health.json's `ok`; a file missing or unreadable is not ok (as `status --check` says)."""
+    try:
+        return json.loads(path.read_text()).get("ok") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check(config: Config) -> None:
