@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import load
 from agent.config.model import Metrics as MetricsConfig
-from agent.daemon import textfile
+from agent.daemon import metrics, textfile
 from agent.daemon.metrics import NoMetrics, TextfileMetrics, metrics_for
-from agent.errors import EX_CONFIG
+from agent.errors import EX_CONFIG, ConfigError
 from agent.ledger import Ledger
 from agent.sending import health
 from tests.billing import H, make_config
@@ -260,3 +260,12 @@ def test_a_read_only_directory_is_a_config_error_naming_the_key(tmp_path: Path) 
     assert done.returncode == EX_CONFIG, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "metrics.textfile: " in line and "read-only" in line and "ReadWritePaths=" in line
+
+
+def test_a_file_in_the_state_dir_is_accepted_before_run_makes_the_state_dir(tmp_path: Path) -> None:
+    cfg = load(config_with_textfile(tmp_path, tmp_path / "state" / "agent.prom"))
+    assert not (tmp_path / "state").exists()
+    metrics.check(cfg)  # `run` makes the state dir
+    other = load(config_with_textfile(tmp_path, tmp_path / "elsewhere" / "agent.prom"))
+    with pytest.raises(ConfigError, match=r"^metrics\.textfile: directory .* does not exist"):
+        metrics.check(other)

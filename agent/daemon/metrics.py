@@ -271,6 +271,9 @@ def check(config: Config) -> None:
     user must not fail for it."""
     if config.metrics is None:
         return
-    found = textfile.problem(Path(config.metrics.textfile))
+    path = Path(config.metrics.textfile)
+    if path.parent == Path(config.state_dir) and not path.parent.exists():
+        return  # in the state dir (see docs/metrics.md), which `run` makes
+    found = textfile.problem(path)
     if found is not None:
         raise ConfigError("metrics.textfile", found)
