@@ -269,3 +269,17 @@ def test_a_file_in_the_state_dir_is_accepted_before_run_makes_the_state_dir(tmp_
     other = load(config_with_textfile(tmp_path, tmp_path / "elsewhere" / "agent.prom"))
     with pytest.raises(ConfigError, match=r"^metrics\.textfile: directory .* does not exist"):
         metrics.check(other)
+
+
+def test_a_ledger_that_cannot_be_read_keeps_the_last_counts_and_health_says_why(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    seal_one(ledger, "vcpus", H)
+    metrics = made(tmp_path, ledger)
+    metrics.refresh(ledger, NOW)
+    ledger.close()  # (reads now raise sqlite3.ProgrammingError, as a damaged file's would fail)
+    (tmp_path / "state" / "health.json").write_text('{"ok": false, "reason": "ledger damaged"}')
+    metrics.refresh(ledger, NOW + 1)
+    values = parse((tmp_path / "m.prom").read_text())
+    assert values["metering_agent_pending_records"] == {(): 1}
+    assert values["metering_agent_healthy"] == {(): 0}
