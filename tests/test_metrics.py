@@ -283,3 +283,42 @@ def test_a_ledger_that_cannot_be_read_keeps_the_last_counts_and_health_says_why(
     values = parse((tmp_path / "m.prom").read_text())
     assert values["metering_agent_pending_records"] == {(): 1}
     assert values["metering_agent_healthy"] == {(): 0}
+
+
+def test_the_daemon_counts_what_it_reads_and_a_reload_turns_metrics_on(tmp_path: Path) -> None:
+    """The daemon's wiring, on a fake clock: a reload with a missing directory is refused (the
+    running config kept), one with a good one writes at once; rounds count collector errors
+    (a dimension whose source fails: psutil's users() raising), the send tick rewrites the file."""
+    from tests.fakes import FakeClock, FakePsutil
+    from tests.test_daemon import daemon_for, run_round
+
+    clock = FakeClock(H + 600)
+    ps = FakePsutil()
+    d = daemon_for(tmp_path, clock, ps)
+    d.publish_health()
+    source = d.config.source
+    target = tmp_path / "prom" / "agent.prom"
+    source.write_text(source.read_text() + f"metrics: {{textfile: {target}}}\n")
+    d.reload()
+    assert d.config.metrics is None and not target.exists()  # refused: no such directory
+    target.parent.mkdir()
+    d.reload()
+    assert d.config.metrics is not None
+    d.publish_health()
+    assert parse(target.read_text())["metering_agent_collector_errors_total"] == {
+        (("dimension", n),): 0 for n in ("requests", "vcpu_hours", "vcpus")
+    }
+
+    def users() -> list[object]:
+        raise OSError("utmp unreadable")
+
+    ps.users = users  # type: ignore[method-assign]
+    for _ in range(2):
+        run_round(d)
+        clock.advance(60)
+    d.send_tick()
+    values = parse(target.read_text())
+    stored = {s.dimension: s.errors for s in d.ledger.dimension_status()}
+    assert values["metering_agent_collector_errors_total"][(("dimension", "requests"),)] == 2
+    assert stored["requests"] == 2
+    assert values["metering_agent_healthy"] == {(): 1}

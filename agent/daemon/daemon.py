@@ -50,6 +50,7 @@ from agent.config.loader import keep_snapshot, load, snapshot_config
 from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
 from agent.daemon.hooks import Hooks
 from agent.daemon.metrics import Metrics, metrics_for
+from agent.daemon.metrics import check as check_metrics
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.storage import StateDirGone, Storage
 from agent.daemon.triggers import ClockTrigger, snap
@@ -302,6 +303,7 @@ class Daemon:
             ):  # fmt: skip
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
+            check_metrics(new)  # its directory writable, as `check --offline` says (78)
             sampler = Sampler(new)
             mode = self.choose_mode(new)
         except Exception as e:  # a reload must never take the running agent down
