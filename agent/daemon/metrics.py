@@ -9,7 +9,9 @@ timer:
   pending bounds the tick reads anyway: the last accepted send and the oldest pending record's age;
 - the record counts and health are taken again only when something changed them: whenever the
   daemon publishes health, and when the tick finds the send state or the pending bounds changed
-  (a send pass did something; while a sender runs, the tick looks at the send state alone);
+  (a send pass did something; while a sender runs, the tick looks at the send state alone) or
+  health.json rewritten (a send pass writes it when it ends). Health is health.json's `ok`: the
+  verdict the product reads, with what only the daemon knows (its storage state);
 - collector errors and lines read are counted as the daemon records them.
 
 Counters: `metering_agent_collector_errors_total` continues the ledger's per-dimension count, so it
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -98,9 +101,10 @@ class NoMetrics:
 
 
 class TextfileMetrics:
-    """The state behind the file, and the file. Thread-safe enough for its use: counters are
-    bumped by reads under the daemon's round lock, the file is written by the tick and by
-    health's publication; a write renders a snapshot of plain values."""
+    """The state behind the file, and the file. Counters are bumped by the reads' threads (under
+    the daemon's round lock); the tick (the scheduler's thread) and health's publication (any
+    thread) take the counts and write under this object's lock, rendering copies of the
+    counters."""
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class TextfileMetrics:
         self.bounds: tuple[SealedHour, ...] = ()
         self.health_mark: tuple[int, int] | None = None  # health.json as last read (inode, mtime)
         self._failing: str | None = None  # why the last write failed (logged once)
+        self._lock = threading.RLock()  # tick, refresh and write: one at a time
 
     def collector_error(self, dimension: str) -> None:
         self.errors[dimension] = self.errors.get(dimension, 0) + 1
@@ -143,33 +148,36 @@ class TextfileMetrics:
         refused, expired or backed off something), or health.json was written since (a send
         pass writes it when it ends), the counts and health are taken again; else the file is
         rewritten as it was, its age moved on."""
-        state = ledger.send_state() if state is None else state
-        bounds = self.bounds if bounds is None else tuple(bounds)
-        same = state == self.state and bounds == self.bounds
-        if self.counts is not None and same and _mark(self.health_file) == self.health_mark:
-            self.write(now)
-            return
-        self.bounds = bounds
-        self.refresh(ledger, now)
+        with self._lock:
+            state = ledger.send_state() if state is None else state
+            bounds = self.bounds if bounds is None else tuple(bounds)
+            same = state == self.state and bounds == self.bounds
+            if self.counts is not None and same and _mark(self.health_file) == self.health_mark:
+                self.write(now)
+                return
+            self.bounds = bounds
+            self.refresh(ledger, now)
 
     def refresh(self, ledger: Ledger, now: float) -> None:
         """Health as health.json says it (written by the daemon or by a send pass: the file the
         product reads) and the ledger's record counts (through the (state, hour) index; only
         when something changed them), then the file."""
-        self.health_mark = _mark(self.health_file)
-        self.healthy = _ok(self.health_file)
-        try:
-            self.counts = ledger.record_counts(hour_start(now) - LOOKBACK)
-            self.state = ledger.send_state()
-        except sqlite3.Error:  # a ledger that cannot be read (named in health): the last counts
-            pass  # stand, health says not ok
-        if self.counts is not None and not self.counts["pending"]:
-            self.bounds = ()  # (the tick's bounds may predate the send that emptied them)
-        self.write(now)
+        with self._lock:
+            self.health_mark = _mark(self.health_file)
+            self.healthy = _ok(self.health_file)
+            try:
+                self.counts = ledger.record_counts(hour_start(now) - LOOKBACK)
+                self.state = ledger.send_state()
+            except sqlite3.Error:  # a ledger that cannot be read (named in health): the last
+                pass  # counts stand, health says not ok
+            if self.counts is not None and not self.counts["pending"]:
+                self.bounds = ()  # (the tick's bounds may predate the send that emptied them)
+            self.write(now)
 
     def families(self, now: float) -> list[Family]:
         counts = self.counts or {}
         state = self.state or SendState()
+        errors, lines = dict(self.errors), dict(self.lines)  # (bumped by other threads)
         oldest = min((b.timestamp for b in self.bounds), default=None)
         age = 0.0 if oldest is None else max(0.0, now - oldest)
         return [
@@ -194,10 +202,10 @@ class TextfileMetrics:
                    [((), state.last_accepted or 0)]),
             Family("metering_agent_collector_errors_total", "counter",
                    "Collector errors per dimension (kept in the ledger: continues across restarts)",
-                   [((("dimension", d),), self.errors.get(d, 0)) for d in self.dimensions]),
+                   [((("dimension", d),), errors.get(d, 0)) for d in self.dimensions]),
             Family("metering_agent_log_lines_read_total", "counter",
                    "Lines read per log dimension since the agent started",
-                   [((("dimension", d),), n) for d, n in sorted(self.lines.items())]),
+                   [((("dimension", d),), n) for d, n in sorted(lines.items())]),
             Family("metering_agent_start_time_seconds", "gauge",
                    "Unix time the agent started (its lines-read counters count from then)",
                    [((), self.started)]),
@@ -206,33 +214,35 @@ class TextfileMetrics:
     def write(self, now: float) -> None:
         """Rewrite the file; a failure is logged when it begins and when it ends, never raised:
         metrics must not stop sampling or billing."""
-        if self.counts is None:
-            return  # nothing taken from the ledger yet: no file that says 0 pending
-        try:
-            textfile.replace(self.path, textfile.render(self.families(now)))
-        except OSError as e:
-            reason = f"{e.strerror or e}"
-            if reason != self._failing:
-                log.warning("metrics file %s cannot be written: %s", self.path, reason)
-                self._failing = reason
-            return
-        if self._failing is not None:
-            log.info("metrics file %s is written again", self.path)
-            self._failing = None
+        with self._lock:
+            if self.counts is None:
+                return  # nothing taken from the ledger yet: no file that says 0 pending
+            try:
+                textfile.replace(self.path, textfile.render(self.families(now)))
+            except OSError as e:
+                reason = f"{e.strerror or e}"
+                if reason != self._failing:
+                    log.warning("metrics file %s cannot be written: %s", self.path, reason)
+                    self._failing = reason
+                return
+            if self._failing is not None:
+                log.info("metrics file %s is written again", self.path)
+                self._failing = None
 
     def reconfigured(self, config: Config, ledger: Ledger, now: float) -> Metrics:
         """After a reload: this object, its counters kept, with the new config's dimensions and
         path; the file it wrote before is removed when the path changed or metrics are off (it
         would be served, stale, for ever)."""
         path = None if config.metrics is None else Path(config.metrics.textfile)
-        if path != self.path:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        if path is None:
-            return NoMetrics()
-        self.dimensions = tuple(d.name for d in config.dimensions)
-        self.path = path
-        self.write(now)
+        with self._lock:
+            if path != self.path:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            if path is None:
+                return NoMetrics()
+            self.dimensions = tuple(d.name for d in config.dimensions)
+            self.path = path
+            self.write(now)
         return self
 
 
