@@ -22,8 +22,11 @@ from agent.daemon.metrics import NoMetrics, TextfileMetrics, metrics_for
 from agent.errors import EX_CONFIG, ConfigError
 from agent.ledger import Ledger
 from agent.sending import health
+from tests import test_batching
 from tests.billing import H, make_config
 from tests.conftest import run_cli
+from tests.saas import add_customers, seal
+from tests.test_batching import Saas
 from tests.test_ledger import seal_one
 
 NOW = H + 2 * 3600 + 600  # 10 minutes into the hour after next
@@ -322,3 +325,19 @@ def test_the_daemon_counts_what_it_reads_and_a_reload_turns_metrics_on(tmp_path:
     assert values["metering_agent_collector_errors_total"][(("dimension", "requests"),)] == 2
     assert stored["requests"] == 2
     assert values["metering_agent_healthy"] == {(): 1}
+
+
+saas = test_batching.saas  # the fixture: a SaaS ledger, the emulator through a real boto3 client
+
+
+def test_a_batch_the_service_took_is_the_last_accepted_send_a_probe_is_not(saas: Saas) -> None:
+    (customer,) = add_customers(saas.ledger, ["acme"])
+    saas.ledger.schedule_dryrun(saas.clock.time())
+    saas.sender().run()  # the permission probe only: nothing pending
+    state = saas.ledger.send_state()
+    assert state.last_success is not None and state.last_accepted is None
+    seal(saas.ledger, customer.label, "requests", H, 3)
+    saas.sender().run()
+    (sent,) = saas.ledger.hours()
+    assert sent.state == "sent" and len(saas.emulator.records()) == 1
+    assert saas.ledger.send_state().last_accepted == sent.done_at
