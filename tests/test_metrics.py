@@ -341,3 +341,10 @@ def test_a_batch_the_service_took_is_the_last_accepted_send_a_probe_is_not(saas:
     (sent,) = saas.ledger.hours()
     assert sent.state == "sent" and len(saas.emulator.records()) == 1
     assert saas.ledger.send_state().last_accepted == sent.done_at
+
+
+def test_a_trial_never_writes_the_machines_metrics_file(tmp_path: Path) -> None:
+    from agent.commands.trial import trial_config
+
+    raw = {"product_code": "p", "metrics": {"textfile": "/var/lib/prometheus/x/a.prom"}}
+    assert "metrics" not in trial_config(raw, tmp_path / "trial", "http://127.0.0.1:1")
