@@ -52,6 +52,7 @@ class Sample:
     warning: str | None = None  # a good sample, but part of the source was not: Reading.problem
     breakdown: Mapping[LabelSet, Decimal] | None = None  # `value` by label set; sums to it
     unread: tuple[Unread, ...] = ()  # usage the collector found lost for good (Reading.unread)
+    lines: int | None = None  # lines the reading read, for the metrics (Reading.lines)
 
 
 def counter_parts(
@@ -178,6 +179,7 @@ class Sampler:
                 self.start_errors[dim.name] = str(e)
             else:
                 self.collectors[dim.name].count_labels(all_labels or self._bills_labels(dim))
+                self.collectors[dim.name].report_lines(config.metrics is not None)
                 if config.customer_label is not None:  # never folded away (Collector.fold)
                     self.collectors[dim.name].keep_label = config.customer_label
 
@@ -192,6 +194,7 @@ class Sampler:
             if same_mode and collector is not None and previous.get(dim.name) == dim:
                 self.collectors[dim.name].close()
                 self.collectors[dim.name] = collector
+                collector.report_lines(self.config.metrics is not None)
                 kept.add(dim.name)
         for name, collector in old.collectors.items():
             if name not in kept:
@@ -276,6 +279,7 @@ class Sampler:
             warning=reading.problem or warning,
             breakdown=breakdown,
             unread=reading.unread,
+            lines=reading.lines,
         )
 
     def _bills_labels(self, dim: Dimension) -> bool:

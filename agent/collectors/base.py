@@ -152,6 +152,9 @@ class Reading:
     # Usage this reading found lost for good (see `Unread`); the value is still stored.
     unread: tuple[Unread, ...] = ()
     started: Mapping[str, Decimal] | None = None
+    # Lines this reading read, for the agent's metrics (`log`; a collector of lines asked to
+    # count them by `report_lines`); None: not counted.
+    lines: int | None = None
 
 
 @dataclass
@@ -249,6 +252,12 @@ class Collector:
     def count_labels(self, on: bool) -> None:
         """Whether the dimension bills labels (allocations); a collector for which keeping them
         apart costs work skips it when off. By default there is nothing to skip."""
+        return None
+
+    def report_lines(self, on: bool) -> None:
+        """Whether each reading says how many lines it read (`Reading.lines`: the metrics' lines
+        read); a collector for which counting costs work counts only when on. By default a
+        collector reads no lines."""
         return None
 
     def probe(self) -> None:

@@ -180,6 +180,10 @@ class LogCollector(Collector):
     def count_lines(self, on: bool) -> None:
         self.blocks.count_lines = on
 
+    def report_lines(self, on: bool) -> None:
+        """The metrics count lines read (a pass over the bytes, at memchr speed)."""
+        self.count_lines = on
+
     @property
     def last(self) -> ReadStats:
         """What the last reading did, for `sample`."""
@@ -277,8 +281,9 @@ class LogCollector(Collector):
                 "finite decimal and added 0"
             )
         return Reading(
-            total, new_state, problem=problem, breakdown=breakdown, unread=tuple(self._unread)
-        )
+            total, new_state, problem=problem, breakdown=breakdown, unread=tuple(self._unread),
+            lines=self.last.lines if self.count_lines else None,
+        )  # fmt: skip
 
     def _find_plain(
         self, s: Stream, entries: Mapping[str, Entry], lost_now: set[int]

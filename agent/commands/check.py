@@ -13,6 +13,7 @@ from typing import Any
 from agent.aggregate import plain
 from agent.clock import Clock
 from agent.commands.common import first_reading_line, ledger_instance, load_config, make_clock
+from agent.daemon import metrics
 from agent.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
 from agent.warnings import (
     COLLECTOR_PROBLEM,
@@ -54,6 +55,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace, cfg: Any, warns: Warnings) -> int:
     from agent.collecting.sampling import Sampler, take_within
 
+    metrics.check(cfg)  # as `run` does: its directory writable by this user (78)
     _say("ok", f"config {cfg.source}: product {cfg.product_code}, {len(cfg.dimensions)} dimensions")
     sampler = Sampler(cfg)
     clock = make_clock(args)

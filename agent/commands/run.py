@@ -19,6 +19,7 @@ from agent.collectors import Sources, imagerecord
 from agent.commands.common import load_config, make_clock
 from agent.config.loader import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.config.model import Config
+from agent.daemon import metrics
 from agent.daemon.daemon import Daemon
 from agent.daemon.sender import SenderProcess, send_command
 from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
@@ -128,6 +129,7 @@ def take_product_lock(config: Config) -> ProductLock | None:
 def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     """Take the locks, copy the config for the sender children, open the ledger verified by
     IMDS's instance id (or marked unverified, see identity): a Daemon ready to `run`."""
+    metrics.check(config)  # its directory writable (78), before anything is taken or made
     state_dir = Path(config.state_dir)
     # SaaS mode's fulfillment handler child, if configured (its redirect checked now)
     handler = mode_for(config).registration(config, state_dir / RUNNING_CONFIG, clock, log_format)

@@ -76,7 +76,7 @@ class Outcome:
 
 def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict[str, Any]:
     """The seller's config with the trial's state dir and endpoint, sending at once; hooks are
-    left out (a trial must not page anyone)."""
+    left out (a trial must not page anyone), and so is the metrics file."""
     data = dict(raw)
     data["state_dir"] = str(state_dir)
     metering = dict(data.get("metering") or {})
@@ -85,6 +85,7 @@ def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict
     data["metering"] = metering
     data.pop("on_metering_failure", None)
     data.pop("on_recovery", None)
+    data.pop("metrics", None)  # node_exporter would serve the trial's numbers as the machine's
     return data
 
 

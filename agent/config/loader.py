@@ -31,6 +31,7 @@ from agent.config.model import (
     Hook,
     MeteringConfig,
     Notifications,
+    Metrics,
     RegisterUsage,
     Registration,
     Saas,
@@ -205,6 +206,7 @@ def parse(data: Mapping[str, Any], source: Path, registry: Registry) -> Config:
         mode=top["mode"],
         saas=saas,
         accepted_warnings=frozenset(top["warnings"]["accept"]) if top["warnings"] else frozenset(),
+        metrics=None if top["metrics"] is None else Metrics(Path(top["metrics"]["textfile"])),
     )
 
 

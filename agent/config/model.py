@@ -101,6 +101,13 @@ class Saas:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """`metrics:`: the agent's own state for monitoring (agent/daemon/metrics.py)."""
+
+    textfile: Path  # node_exporter's textfile collector reads it (a *.prom file)
+
+
+@dataclass(frozen=True)
 class Config:
     product_code: str
     state_dir: Path
@@ -116,6 +123,7 @@ class Config:
     mode: str = "instance"  # instance (MeterUsage) | saas (BatchMeterUsage, customers)
     saas: Saas | None = None  # set exactly when mode is saas
     accepted_warnings: frozenset[str] = frozenset()  # warnings.accept: names (agent.warnings)
+    metrics: Metrics | None = None  # None: no metrics file
 
     @property
     def customer_label(self) -> str | None:

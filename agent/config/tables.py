@@ -144,6 +144,21 @@ REGISTER_USAGE = Section(
     }
 )
 
+METRICS = Section(
+    {
+        "textfile": Field(
+            Str(
+                r"/\S*[^/\s]\.prom",
+                hint="an absolute path of a file named *.prom (node_exporter's textfile collector "
+                "reads only those), e.g. /var/lib/prometheus/node-exporter/metering-agent.prom",
+            ),
+            required=True,
+            doc="write the agent's own state there in Prometheus text format (node_exporter's "
+            "textfile collector), atomically",
+        ),
+    }
+)
+
 SAAS = Section(
     {
         "customer_label": Field(
@@ -265,6 +280,7 @@ TOP = Section(
             ),
             doc="warnings acknowledged by name (docs/commands.md lists them)",
         ),
+        "metrics": Field(Nullable(METRICS), doc="the agent's own state as Prometheus metrics"),
     }
 )
 

@@ -49,6 +49,8 @@ from agent.collecting.unstored import Kept
 from agent.config.loader import keep_snapshot, load, snapshot_config
 from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
 from agent.daemon.hooks import Hooks
+from agent.daemon.metrics import Metrics, metrics_for
+from agent.daemon.metrics import check as check_metrics
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.storage import StateDirGone, Storage
 from agent.daemon.triggers import ClockTrigger, snap
@@ -146,6 +148,8 @@ class Daemon:
         self._seal_errors: list[tuple[str, int, str]] = []
         self.wake = Wake(clock)  # SIGUSR1 (the sleep hook) or a resume: send now (wake.py)
         self.storage = Storage(self.state_dir)  # disk full, ledger damaged, state dir gone
+        # metrics: {textfile: PATH}, or nothing (daemon/metrics.py), chosen once
+        self.metrics: Metrics = metrics_for(config, ledger, clock.time())
         self.scheduler = self._scheduler()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -308,6 +312,7 @@ class Daemon:
             ):  # fmt: skip
                 if old_value != new_value:
                     raise AgentError(f"{key}: changed to {new_value}; that needs a restart")
+            check_metrics(new)  # its directory writable, as `check --offline` says (78)
             sampler = Sampler(new)
         except Exception as e:  # a reload must never take the running agent down
             log.error("reload of %s failed, keeping the running config: %s", self.config.source, e,
@@ -348,6 +353,7 @@ class Daemon:
             sampler.carry_over(self.sampler)
             self.config, self.sampler, self.hooks.config = new, sampler, new
             self.mode = mode
+            self.metrics = self.metrics.reconfigured(new, self.ledger, self.clock.time())
             for interval in old_intervals:
                 self.scheduler.remove_job(f"sample-{interval}s")
             self._add_sampling_jobs(self.scheduler, new)
@@ -449,6 +455,7 @@ class Daemon:
             else:
                 self.sender.flush(deadline=stop + STOP_FLUSH * self.clock.rate)
         self.hooks.wait(timeout=5)
+        self.refresh_metrics()  # what the stop flush sent, and what it left pending
         left = self.ledger.pending_hour_count()
         log.info("stopped; %d hour(s) still pending will be sent after the next start", left)
         self.ledger.close()
@@ -581,6 +588,7 @@ class Daemon:
 
     def _collector_error(self, dim: Dimension, t: float, error: str) -> None:
         """Every failure is counted for `status`; the journal hears of each new error once."""
+        self.metrics.collector_error(dim.name)
         if self._last_error.get(dim.name) != error:
             log.warning("dimension %s: collector failed: %s", dim.name, error)
             self._last_error[dim.name] = error
@@ -591,6 +599,7 @@ class Daemon:
                 raise
 
     def _sample(self, dim: Dimension, t: float, sample: Sample) -> None:
+        self.metrics.lines_read(dim.name, sample.lines)
         if sample.error or sample.value is None:
             self._collector_error(dim, t, sample.error or "no value")
             return
@@ -783,8 +792,18 @@ class Daemon:
             if report is None or report["state"] is None:
                 self._seal_errors = self.ledger.seal_errors()
             health.write(self.state_dir, self.ledger, self.clock.time(), storage=report)
+            self.metrics.refresh(self.ledger, self.clock.time())
         except Exception as e:
             if not self.storage.failed(e, self.clock.time(), self.ledger.path):
+                raise
+
+    def refresh_metrics(self) -> None:
+        """The metrics' counts and health taken again, and the file rewritten."""
+        now = self.clock.time()
+        try:
+            self.metrics.refresh(self.ledger, now)
+        except Exception as e:
+            if not self.storage.failed(e, now, self.ledger.path):
                 raise
 
     def schedule_send(self) -> None:
@@ -821,9 +840,10 @@ class Daemon:
             if self.mode.sealing_due(self.ledger):  # an unsubscribe: not at the next round
                 self._close_hours_locked()
         if self.stop_event.is_set() or self.sender.running() or not self._verified():
+            self.metrics.tick(self.ledger, self.clock.time())
             return
-        when = due(
-            self.ledger.send_state(), self.mode.pending_bounds(self.ledger), self.mode.expires_at
-        )
+        state, bounds = self.ledger.send_state(), self.mode.pending_bounds(self.ledger)
+        self.metrics.tick(self.ledger, self.clock.time(), state, bounds)
+        when = due(state, bounds, self.mode.expires_at)
         if when is not None and when <= self.clock.time():
             self.sender.start()

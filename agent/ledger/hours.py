@@ -287,6 +287,23 @@ class Hours(Database):
                 out.append(replace(h, timestamp=int(ts), next_attempt=float(nxt)))
         return out
 
+    def record_counts(self, since: float) -> dict[str, int]:
+        """For the metrics: every pending record, and the records of hours since `since` that
+        are sent, rejected or expired, by state. Counted through the (state, hour) index, and
+        asked only when something changed them (agent/daemon/metrics.py)."""
+        with self._lock:
+            (pending,) = self.db.execute(
+                "SELECT COUNT(*) FROM hours WHERE state = 'pending'"
+            ).fetchone()
+            rows = self.db.execute(
+                "SELECT state, COUNT(*) FROM hours WHERE state IN ('sent', 'rejected', 'expired') "
+                "AND hour >= ? GROUP BY state",
+                (since,),
+            ).fetchall()
+        counts = {"pending": int(pending), "sent": 0, "rejected": 0, "expired": 0}
+        counts.update((str(state), int(n)) for state, n in rows)
+        return counts
+
     def pending_hour_count(self) -> int:
         """Distinct hours with a pending record: the one count health, status and a stop give."""
         with self._lock:

@@ -23,7 +23,8 @@ class SendState:
     backoff_until: float = 0.0  # no send before this (a failure streak's backoff)
     failures: int = 0  # failures in a row
     failing_since: float | None = None  # first failure not yet followed by a success
-    last_success: float | None = None
+    last_success: float | None = None  # a send or a DryRun the service accepted
+    last_accepted: float | None = None  # a usage record the service accepted (not a DryRun)
     reason: str | None = None  # the latest failure, while failing
     failure_hook_for: float | None = None  # the failing_since the failure hook ran for
     identity_unverified: str | None = None  # why IMDS must confirm the instance (host/identity.py)
@@ -47,10 +48,12 @@ class SendStates(Database):
             for key, value in change(self.send_state(db)).items():
                 self.set_meta(db, key, value)
 
-    def note_success(self, now: float) -> None:
-        """A send or DryRun succeeded: authorized, no failure streak, no backoff."""
+    def note_success(self, now: float, accepted: bool = False) -> None:
+        """A send or DryRun succeeded: authorized, no failure streak, no backoff; `accepted`:
+        the service took a usage record (the metrics' last accepted send)."""
+        more = {"last_accepted": now} if accepted else {}
         self.update_meta(authorized=True, failures=0, backoff_until=None, failing_since=None,
-                         last_success=now, reason=None)  # fmt: skip
+                         last_success=now, reason=None, **more)  # fmt: skip
 
     def note_failure(self, now: float, reason: str) -> None:
         """Something failed: `reason` is the current one; failing since the first of a streak."""

@@ -141,7 +141,7 @@ class Sender(SendPass):
                     report.held.append((h.dimension, h.hour, error or ""))
                 case "sent":
                     self.ledger.mark_sent(h.dimension, h.hour, record_id=outcome.record_id, now=now)
-                    self.ledger.note_success(now)
+                    self.ledger.note_success(now, accepted=True)
                     log.info("%s: sent quantity %s, record %s", where, h.quantity.text,
                              outcome.record_id)  # fmt: skip
                     report.sent.append((h.dimension, h.hour, outcome.record_id or ""))

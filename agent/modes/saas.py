@@ -265,7 +265,7 @@ class BatchSender(SendPass):
             else:
                 again.append(r.index)
         if sent:
-            self.ledger.note_success(now)
+            self.ledger.note_success(now, accepted=True)
         delay = 0.0
         if again:
             reason = f"UnprocessedRecords: {len(again)} of {len(call.records)} records"
