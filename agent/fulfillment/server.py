@@ -35,6 +35,7 @@ HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection)
 BODY_TIMEOUT = 10.0  # seconds more for its body (a registration's body is a few hundred bytes)
 IDLE_TIMEOUT = 15  # seconds a kept-alive connection may wait for its next request
 MAX_HEADERS = 16 * 1024  # bytes of request line and headers; more is answered 431
+FILES_BESIDES = 64  # open files the process needs beside its connections (ledger, boto3, logs)
 QUIET = ("429", "503")  # the limits' answers: logged at debug (a flood would fill the journal)
 
 
@@ -57,6 +58,25 @@ def access_logged(app: WsgiApp) -> WsgiApp:
         return app(environ, start)
 
     return logged
+
+
+def open_files_for(connections: int) -> int:
+    """Raise this process's soft limit of open files for `connections` (up to the hard limit,
+    the unit's LimitNOFILE); the connections it allows, logged when fewer."""
+    import resource
+
+    need = connections + FILES_BESIDES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        allowed = max(8, soft - FILES_BESIDES)
+        log.warning("fulfillment: saas.registration.max_connections %d is more than the open "
+                    "files allowed (%d): serving at most %d; raise LimitNOFILE in the unit",
+                    connections, soft, allowed)  # fmt: skip
+        return allowed
+    return connections
 
 
 def make_server(
@@ -95,7 +115,24 @@ def make_server(
 
     class Server(TcpWSGIServer):
         channel_class = Channel
-        cap = registration.max_connections
+        cap = open_files_for(registration.max_connections)
+        stopping = False
+
+        def run(self) -> None:
+            """The event loop until `stop`; then every connection closed, in this thread."""
+            try:
+                while not self.stopping:
+                    self.asyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map,
+                                       use_poll=True, count=1)  # fmt: skip
+            finally:
+                self.task_dispatcher.shutdown(timeout=5)
+                for dispatcher in list(self._map.values()):
+                    dispatcher.close()
+
+        def stop(self) -> None:
+            """From another thread: end `run` (at once: the trigger wakes its poll)."""
+            self.stopping = True
+            self.pull_trigger()
 
         def maintenance(self, now: float) -> None:
             """waitress's idle timeout, and the header and body deadlines."""
@@ -154,6 +191,7 @@ def make_server(
             clear_untrusted_proxy_headers=True,  # X-Forwarded-* of anyone else: dropped
             **proxy,
             expose_tracebacks=False,
+            asyncore_use_poll=True,  # select() fails on descriptors above 1,023
         )
     except OSError as e:
         raise Unavailable(
@@ -179,6 +217,6 @@ def serve(cfg: Any, registration: Registration, clock: Clock | None = None) -> i
         if os.getppid() != parent:  # `run` was killed (-9): no orphan keeps the port
             log.warning("fulfillment: the parent process %d is gone; stopping", parent)
             break
-    server.close()
-    server.task_dispatcher.shutdown(timeout=5)
+    server.stop()
+    thread.join(timeout=10)
     return 0
