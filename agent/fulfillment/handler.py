@@ -23,6 +23,7 @@ request's path without its query string.
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 import os
 import threading
@@ -51,7 +52,18 @@ BAD_TOKEN_PAGE = (
     'Please go back to AWS Marketplace and choose "Set up your account" again.\n'
 )
 UNAVAILABLE_PAGE = "Registration is not available right now. Please try again in a minute.\n"
-BUSY_PAGE = "Too many registrations right now. Please try again in a few seconds.\n"
+# Over a limit: the buyer's browser posts the token again by itself after Retry-After (a browser
+# does not retry a 503 on its own, and the token is all the buyer has to register with).
+BUSY_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Registration</title></head><body>
+<p>Too many registrations right now. Trying again in {seconds} s&hellip;</p>
+<form method="post" id="again">
+<input type="hidden" name="x-amzn-marketplace-token" value="{token}">
+<button type="submit">Try again now</button>
+</form>
+<script>setTimeout(function () {{ document.getElementById("again").submit(); }}, {ms});</script>
+</body></html>
+"""
 HEALTHZ = "/healthz"
 SLOT_WAIT = 1.0  # seconds a registration may wait for the account's next call slot
 GET_PAGE = (
@@ -186,11 +198,7 @@ def app_for(cfg: Any, redirect: str, registrar: Registrar | None = None) -> Wsgi
             customer = registrar.register(token)
         except OverBudget as e:
             log.debug("fulfillment: over the ResolveCustomer budget; answered 503")
-            return (
-                "503 Service Unavailable",
-                BUSY_PAGE,
-                (("Retry-After", limits.retry_after(e.retry_after)),),
-            )
+            return busy("503 Service Unavailable", token, e.retry_after)
         except NotAuthorized as e:
             from agent.sending.outcomes import TokenRefused
 
@@ -210,16 +218,18 @@ def app_for(cfg: Any, redirect: str, registrar: Registrar | None = None) -> Wsgi
         return "302 Found", "Registered; continue at " + location + "\n", (("Location", location),)
 
     def registration(environ: dict[str, Any]) -> Answer:
-        client = str(environ.get("REMOTE_ADDR") or "-")
-        wait = guard.clients.take(client, guard.now())
-        if wait > 0:
-            log.debug("fulfillment: client %s over its POST limit; answered 429", client)
-            return "429 Too Many Requests", BUSY_PAGE, (("Retry-After", limits.retry_after(wait)),)
         token = _token(environ)
         if token is None:
             log.warning("fulfillment: a POST without %s; answered 400", FORM_FIELD)
             return "400 Bad Request", BAD_TOKEN_PAGE, ()
         key = limits.token_key(token)
+        cached = guard.answers.get(key, guard.now())
+        if cached is None:  # only a POST that would call counts against its client
+            client = str(environ.get("REMOTE_ADDR") or "-")
+            wait = guard.clients.take(client, guard.now())
+            if wait > 0:
+                log.debug("fulfillment: client %s over its POST limit; answered 429", client)
+                return busy("429 Too Many Requests", token, wait)
         with guard.one_call(key):
             cached = guard.answers.get(key, guard.now())
             if cached is not None:
@@ -234,10 +244,11 @@ def app_for(cfg: Any, redirect: str, registrar: Registrar | None = None) -> Wsgi
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         def respond(status: str, text: str, *headers: tuple[str, str]) -> list[bytes]:
             body = text.encode()
+            typed = any(name == "Content-Type" for name, _ in headers)
             start_response(
                 status,
                 [
-                    ("Content-Type", "text/plain; charset=utf-8"),
+                    *([] if typed else [("Content-Type", "text/plain; charset=utf-8")]),
                     ("Content-Length", str(len(body))),
                     ("Cache-Control", "no-store"),
                     *headers,
@@ -257,6 +268,14 @@ def app_for(cfg: Any, redirect: str, registrar: Registrar | None = None) -> Wsgi
         return respond(status, text, *headers)
 
     return app
+
+
+def busy(status: str, token: str, wait: float) -> Answer:
+    """Over a limit: Retry-After, and a page that posts the token again after it."""
+    seconds = limits.retry_after(wait)
+    page = BUSY_PAGE.format(seconds=seconds, ms=int(seconds) * 1000,
+                            token=html.escape(token, quote=True))  # fmt: skip
+    return status, page, (("Retry-After", seconds), ("Content-Type", "text/html; charset=utf-8"))
 
 
 def _health(state_dir: Path) -> tuple[str, str]:

@@ -21,9 +21,10 @@ T = TypeVar("T")
 # the account's 10/s that it shares with BatchMeterUsage (sending/budget.py keeps the sum under).
 RESOLVE_PER_SECOND = 2.0
 RESOLVE_BURST = 4
-# One client (an address; behind a trusted proxy, the address it forwards): POSTs a minute.
-CLIENT_PER_MINUTE = 10.0
-CLIENT_BURST = 5
+# One client (an address; behind a trusted proxy, the address it forwards): a buyer posts once,
+# perhaps again; a flood from N addresses then passes at most N a minute to ResolveCustomer.
+CLIENT_PER_MINUTE = 1.0
+CLIENT_BURST = 3
 CLIENTS_KEPT = 10_000  # clients remembered; the least recently seen is forgotten first
 CACHE_SECONDS = 600.0  # a token's answer is kept this long (a token is good for hours)
 CACHE_KEPT = 10_000

@@ -170,6 +170,10 @@ def make_server(
 
     host, port = listen_address(registration.listen)
     proxy: dict[str, Any] = {}
+    if not registration.trusted_proxy and host.startswith(("127.", "::1", "localhost")):
+        log.warning("fulfillment: listening on %s (loopback, so behind a proxy) without "
+                    "saas.registration.trusted_proxy: every buyer shares the proxy's per-client "
+                    "limit; set trusted_proxy: 127.0.0.1", registration.listen)  # fmt: skip
     if registration.trusted_proxy:  # REMOTE_ADDR is then the client that the proxy forwards
         proxy = dict(trusted_proxy=registration.trusted_proxy, trusted_proxy_count=1,
                      trusted_proxy_headers={"x-forwarded-for"})  # fmt: skip
