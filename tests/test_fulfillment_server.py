@@ -288,3 +288,26 @@ def test_a_registration_is_stored(serve: Any, emu: Emulator, tmp_path: Path) -> 
         assert [c.label for c in ledger.customers()] == [ACCOUNT]
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("max_connections: 3", "saas.registration.max_connections"),
+        ("trusted_proxy: 'my proxy'", "saas.registration.trusted_proxy"),
+    ],
+)
+def test_the_keys_errors_name_them(tmp_path: Path, line: str, key: str) -> None:
+    from agent.errors import ConfigError
+
+    path = saas_config(tmp_path, "http://127.0.0.1:9")
+    text = path.read_text().replace(
+        "    listen: 127.0.0.1:8788\n", f"    listen: 127.0.0.1:8788\n    {line}\n"
+    )
+    assert line in text
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(path)
+    path.write_text(text.replace(line, "max_connections: 64\n    trusted_proxy: 127.0.0.1"))
+    reg = config.load(path).saas.registration  # type: ignore[union-attr]
+    assert (reg.max_connections, reg.trusted_proxy) == (64, "127.0.0.1")

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from agent.clock import Clock
+from agent.host.ownership import adopt
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class CallBudget:
         except OSError as e:
             self._warn(e)
             return None
+        adopt(self.path.parent, self.path)  # `send` run by root: the service user's file still
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
