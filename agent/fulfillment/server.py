@@ -15,11 +15,13 @@ client.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +38,7 @@ BODY_TIMEOUT = 10.0  # seconds more for its body (a registration's body is a few
 IDLE_TIMEOUT = 15  # seconds a kept-alive connection may wait for its next request
 MAX_HEADERS = 16 * 1024  # bytes of request line and headers; more is answered 431
 FILES_BESIDES = 64  # open files the process needs beside its connections (ledger, boto3, logs)
+SUMMARY_EVERY = 60  # seconds between two lines counting the limits' answers
 QUIET = ("429", "503")  # the limits' answers: logged at debug (a flood would fill the journal)
 
 
@@ -44,8 +47,24 @@ def listen_address(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def access_logged(app: WsgiApp) -> WsgiApp:
-    """Each request's method, path (without its query string), status and client."""
+def access_logged(app: WsgiApp, every: float = SUMMARY_EVERY) -> WsgiApp:
+    """Each request's method, path (without its query string), status and client; the answers
+    of the limits at debug, and counted in one line a minute at most (a flood stays readable)."""
+    quiet: Counter[str] = Counter()
+    lock = threading.Lock()
+    last = [-math.inf]  # the first answer of a limit is logged at once
+
+    def summary(status: str) -> None:
+        with lock:
+            quiet[status] += 1
+            now = time.monotonic()
+            if now - last[0] < every:
+                return
+            counts, last[0] = dict(quiet), now
+            quiet.clear()
+        answered = ", ".join(f"{n} answered {code}" for code, n in sorted(counts.items()))
+        log.warning("fulfillment: requests over the limits: %s (at most one such line a minute)",
+                    answered)  # fmt: skip
 
     def logged(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         def start(status: str, headers: Any, *exc: Any) -> Any:
@@ -53,6 +72,8 @@ def access_logged(app: WsgiApp) -> WsgiApp:
             level = logging.DEBUG if status[:3] in QUIET else logging.INFO
             log.log(level, "fulfillment: %s %s %s from %s", environ.get("REQUEST_METHOD"), path,
                     status[:3], environ.get("REMOTE_ADDR"))  # fmt: skip
+            if status[:3] in QUIET:
+                summary(status[:3])
             return start_response(status, headers, *exc)
 
         return app(environ, start)
@@ -89,6 +110,10 @@ def make_server(
     from waitress.channel import HTTPChannel
     from waitress.server import TcpWSGIServer
 
+    # "Task queue depth is N" on each request queued behind the 4 threads: a flood's every
+    # request. The queue is bounded by the connection cap; the access summary counts the flood.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
     class Channel(HTTPChannel):
         """A connection that knows since when it has been reading its current request."""
 
@@ -117,6 +142,11 @@ def make_server(
         channel_class = Channel
         cap = open_files_for(registration.max_connections)
         stopping = False
+        told = -math.inf  # when `closed` was last logged
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.closed: Counter[str] = Counter()  # connections this server closed, by why
+            super().__init__(*args, **kwargs)
 
         def run(self) -> None:
             """The event loop until `stop`; then every connection closed, in this thread."""
@@ -141,6 +171,13 @@ def make_server(
             for channel in list(self.active_channels.values()):
                 if not channel.will_close and channel.overdue(mono):
                     channel.will_close = True
+                    self.closed["past the read deadline"] += 1
+            if self.closed and mono - self.told >= SUMMARY_EVERY:
+                why = ", ".join(f"{n} {w}" for w, n in sorted(self.closed.items()))
+                log.warning("fulfillment: connections closed: %s (at most one such line a "
+                            "minute)", why)  # fmt: skip
+                self.closed.clear()
+                self.told = mono
 
         def handle_accept(self) -> None:
             try:
@@ -152,6 +189,7 @@ def make_server(
             conn, addr = accepted
             if len(self.active_channels) >= self.cap and not self._make_room():
                 conn.close()  # every connection is being served: the client may try again
+                self.closed["at the cap, all busy"] += 1
                 return
             self.channel_class(self, conn, addr, self.adj, map=self._map)
 
@@ -166,6 +204,7 @@ def make_server(
                 return False
             oldest = min(reading, key=lambda c: c.reading_since)
             oldest.handle_close()
+            self.closed["at the cap, to make room"] += 1
             return True
 
     host, port = listen_address(registration.listen)
