@@ -311,3 +311,15 @@ def test_the_keys_errors_name_them(tmp_path: Path, line: str, key: str) -> None:
     path.write_text(text.replace(line, "max_connections: 64\n    trusted_proxy: 127.0.0.1"))
     reg = config.load(path).saas.registration  # type: ignore[union-attr]
     assert (reg.max_connections, reg.trusted_proxy) == (64, "127.0.0.1")
+
+
+def test_the_unit_allows_the_default_cap_its_open_files() -> None:
+    from agent.fulfillment.server import FILES_BESIDES
+    from tests.conftest import ROOT
+
+    unit = (ROOT / "packaging" / "metering-agent.service").read_text()
+    limit = [
+        int(line.split("=")[1]) for line in unit.splitlines() if line.startswith("LimitNOFILE=")
+    ]
+    assert len(limit) == 1
+    assert limit[0] >= Registration("127.0.0.1:1", REDIRECT).max_connections + FILES_BESIDES
