@@ -1,7 +1,8 @@
 """The fulfillment handler: registration latency and memory, and a daemon free of boto3.
 
 Starts `metering-agent serve-registration` (the child `run` keeps in SaaS mode) against the
-in-process emulator, POSTs N registrations (each a new buyer's token) through urllib, and prints
+in-process emulator, POSTs N registrations (each a new buyer's token, from its own client address
+through X-Forwarded-For, paced under the handler's ResolveCustomer rate) through urllib, and prints
 the latency per registration (POST -> ResolveCustomer through boto3 -> ledger -> 302), the
 child's PSS after them, and whether importing the daemon's modules loads boto3 (it must not: the
 handler is a child so that the sampling daemon stays small).
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.emulator import Emulator, Settings  # noqa: E402
+from agent.fulfillment.limits import RESOLVE_PER_SECOND  # noqa: E402
 
 PRODUCT = "abcd1234efgh5678ijkl90mn"
 
@@ -39,10 +41,11 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def post(url: str, token: str) -> int:
+def post(url: str, token: str, client: str) -> int:
     data = urllib.parse.urlencode({"x-amzn-marketplace-token": token}).encode()
+    request = urllib.request.Request(url, data=data, headers={"X-Forwarded-For": client})
     try:
-        with urllib.request.build_opener(NoRedirect).open(url, data=data, timeout=10) as resp:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
@@ -79,6 +82,7 @@ def main() -> None:
               registration:
                 listen: 127.0.0.1:{port}
                 redirect: 'https://app.example.com/welcome?account={{customer_aws_account_id}}'
+                trusted_proxy: 127.0.0.1     # each POST its own buyer (X-Forwarded-For)
             metering: {{endpoint_url: "{url}", region: us-east-1}}
             dimensions:
               - name: vcpus
@@ -105,8 +109,10 @@ def main() -> None:
                     account=f"{100000000000 + i}",
                     license=f"arn:aws:license-manager::{100000000000 + i}:license:l-{i}",
                 )
+                # paced under the handler's own ResolveCustomer rate (2/s), as buyers arrive
+                time.sleep(1.0 / RESOLVE_PER_SECOND)
                 t0 = time.perf_counter()
-                status = post(base, token)
+                status = post(base, token, f"198.18.{i // 250}.{1 + i % 250}")
                 times.append(time.perf_counter() - t0)
                 assert status == 302, status
             after = pss_kib(child.pid)

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from agent.aggregate import Allocation, Quantity
 from agent.emulator import Emulator, Settings
 from agent.ledger import Ledger
-from agent.modes import saas as batching
 from agent.modes.saas import BatchSender
 from agent.sending.batches import plan, usage_record
+from agent.sending.budget import INTERVAL
 from agent.sending.client import MeteringClient
 from agent.sending.policy import due, expires_at
 from agent.windows import SAAS_EXPIRY
@@ -142,7 +142,7 @@ def test_unprocessed_records_are_resubmitted_identically_after_a_backoff(saas: S
     saas.sender().run()
     first, second = saas.batches()
     assert second["UsageRecords"] == first["UsageRecords"][:3]  # the same records, identical
-    assert saas.clock.slept and max(saas.clock.slept) > batching.PACE  # a backoff, not pacing
+    assert saas.clock.slept and max(saas.clock.slept) > INTERVAL  # a backoff, not pacing
     hours = saas.ledger.hours()
     assert [h.state for h in hours] == ["sent"] * 10
     assert sorted(h.attempts for h in hours) == [1] * 7 + [2] * 3

@@ -231,7 +231,11 @@ def _saas(top: Mapping[str, Any], errors: list[ConfigError]) -> Saas | None:
     return Saas(
         customer_label=section["customer_label"],
         idle_zero=section["idle_zero"],
-        registration=Registration(reg["listen"], reg["redirect"]) if reg else None,
+        registration=Registration(
+            reg["listen"], reg["redirect"], reg["max_connections"], reg["trusted_proxy"]
+        )
+        if reg
+        else None,
         notifications=Notifications(note["queue_url"]) if note else None,
     )
 

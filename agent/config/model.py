@@ -85,6 +85,8 @@ class Hook:
 class Registration:
     listen: str  # host:port the fulfillment handler serves on
     redirect: str  # where a registered buyer goes: {customer_aws_account_id}, {license_arn}, ...
+    max_connections: int = 500  # open connections at most (fulfillment/server.py)
+    trusted_proxy: str | None = None  # the proxy's address: its X-Forwarded-For names the client
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,22 @@ SAAS = Section(
                             doc="302 target; {customer_aws_account_id}, {license_arn}, "
                             "{agreement_id}, {customer} are filled in",
                         ),
+                        "max_connections": Field(
+                            Int(8, 100_000),
+                            default=500,
+                            doc="open connections at most; at the cap, the one reading its "
+                            "request longest is closed (keep under the unit's LimitNOFILE)",
+                        ),
+                        "trusted_proxy": Field(
+                            Nullable(
+                                Str(
+                                    r"[0-9a-fA-F.:]+",
+                                    hint="expected the proxy's IP address, e.g. 127.0.0.1",
+                                )
+                            ),
+                            doc="the reverse proxy's address: only from it is X-Forwarded-For "
+                            "read as the client (per-client limits)",
+                        ),
                     }
                 )
             ),

@@ -33,6 +33,7 @@ from agent.host.identity import ContainerIdentity, Identity
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
 from agent.sending.batches import BatchClient, Call, plan, where
+from agent.sending.budget import CallBudget
 from agent.sending.client import MeteringClient, dry_run_verdict
 from agent.sending.outcomes import (
     BATCH_INVALID,
@@ -58,7 +59,6 @@ from agent.windows import SAAS_OUT_OF_WINDOW, expired_upto, saas_expires_at
 
 log = logging.getLogger(__name__)
 
-PACE = 0.101  # seconds between two calls' starts: under 10 a second, the account's quota
 PAGE = 2_500  # pending records read at a time (a seller's agent may hold 300,000 an hour)
 PASS_TIME = 300.0  # a send pass ends after this long (the daemon's SENDER_TIMEOUT is 600 s)
 REFUSED = {
@@ -112,7 +112,8 @@ class BatchSender(SendPass):
         super().__init__(ledger, config, client, clock, rng)
         self.batch: BatchClient = client
         self.calls = 0  # BatchMeterUsage calls made by this sender (not the probe)
-        self._last_call = float("-inf")
+        # the account's calls a second, shared with the fulfillment handler's ResolveCustomer
+        self.budget = CallBudget.in_state_dir(config.state_dir, clock)
 
     def _probe(self, now: float) -> Outcome:
         return self.batch.probe_batch(self.config.product_code)
@@ -151,14 +152,9 @@ class BatchSender(SendPass):
                     return
 
     def _pace(self) -> float:
-        """Wait until PACE after the previous call's start; the time the next call starts."""
-        now = self.clock.time()
-        wait = self._last_call + PACE - now
-        if wait > 0:
-            self.clock.sleep(wait)
-            now = self.clock.time()
-        self._last_call = now
-        return now
+        """Wait for the next slot of the account's call budget (sending/budget.py, shared with
+        the fulfillment handler); the time the next call starts."""
+        return self.budget.take()
 
     def _send_call(self, queue: deque[Call], report: Report, deadline: float) -> bool:
         """Send the call at the queue's head and act on its answer; False ends the pass."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -222,9 +222,11 @@ class MeteringClient:
             )
         )
 
-    def resolve_customer(self, token: str) -> Resolved:
+    def resolve_customer(
+        self, token: str, before_call: Callable[[], None] | None = None
+    ) -> Resolved:
         """ResolveCustomer for a registration token (see `resolve`)."""
-        return resolve(self, token)
+        return resolve(self, token, before_call)
 
     def dry_run(
         self, product_code: str, dimension: str, decimals: int | None, now: float
@@ -256,9 +258,13 @@ class MeteringClient:
         return Outcome("dryrun_ok") if outcome.status == "sent" else outcome
 
 
-def resolve(client: MeteringClient, token: str) -> Resolved:
+def resolve(
+    client: MeteringClient, token: str, before_call: Callable[[], None] | None = None
+) -> Resolved:
     """ResolveCustomer for a registration token, now: throttling and transient failures retried
     with backoff (on the client's clock), every other answer one AgentError line.
+    `before_call` runs before every try (the fulfillment handler's call budget: it raises to
+    make no call).
 
     Why at once: the token expires within hours of the buyer's browser posting it, so a token
     is redeemed when it arrives, never queued. The token itself is in no message."""
@@ -266,6 +272,8 @@ def resolve(client: MeteringClient, token: str) -> Resolved:
 
     delay = RESOLVE_BACKOFF
     for attempt in range(1, RESOLVE_TRIES + 1):
+        if before_call is not None:
+            before_call()
         try:
             answer = client.client.resolve_customer(RegistrationToken=token)
         except NoCredentialsError:
