@@ -18,6 +18,7 @@ from agent.collectors import Sources, imagerecord
 from agent.commands.common import load_config, make_clock
 from agent.config.loader import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.config.model import Config
+from agent.config.watch import FileWatch
 from agent.daemon.daemon import Daemon
 from agent.daemon.sender import SenderProcess, send_command
 from agent.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, AgentError, Unavailable
@@ -138,6 +139,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file
         lock.acquire()
         product_lock = take_product_lock(config)
+        watch = FileWatch(config.source)  # before the copy: a change after it is reloaded
         config, snapshot = snapshot_config(config.source, state_dir)
         keep_snapshot(state_dir, snapshot)
     except OSError as e:
@@ -177,7 +179,8 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     where = describe_platform(config, plat, ledger, ident, metadata)
     sampler = Sampler(config, sources=first_boot_sources(state_dir, ledger, clock, earlier))
     return Daemon(config, clock, ledger, ident, sampler, sender, (lock, product_lock),
-                  plat, where, registration=handler, modes=mode_for)  # fmt: skip
+                  plat, where, registration=handler, modes=mode_for,
+                  config_watch=watch)  # fmt: skip
 
 
 def first_boot_sources(

@@ -48,6 +48,7 @@ from agent.collecting.sampling import Sample, Sampler
 from agent.collecting.unstored import Kept
 from agent.config.loader import keep_snapshot, load, snapshot_config
 from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
+from agent.config.watch import FileWatch
 from agent.daemon.hooks import Hooks
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.storage import StateDirGone, Storage
@@ -104,10 +105,12 @@ class Daemon:
         where: str = "",
         registration: Any = None,
         modes: Callable[[Config], Mode] | None = None,
+        config_watch: FileWatch | None = None,
     ) -> None:
         """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
         without it, instance mode, the config's default); `registration` is the mode's
-        fulfillment handler child, if it serves one."""
+        fulfillment handler child, if it serves one; `config_watch` the config file as it was
+        when `config` was read from it (default: as it is now)."""
         self.config = config
         self.choose_mode = modes or (lambda _config: InstanceMode())
         self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
@@ -135,6 +138,8 @@ class Daemon:
         self._round_lock = threading.Lock()
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
         self._reload = threading.Event()
+        # SIGHUP sets _reload; so does the config file changing on disk (a ConfigMap update)
+        self.config_watch = config_watch or FileWatch(config.source)
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
@@ -173,6 +178,10 @@ class Daemon:
         )
         while not self.stop_event.wait(1.0):
             try:
+                if self.config_watch.changed():
+                    log.info("config %s changed on disk (now %s): reloading", self.config.source,
+                             self.config_watch.target())  # fmt: skip
+                    self._reload.set()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
