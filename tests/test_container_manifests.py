@@ -71,7 +71,13 @@ def test_build_context_holds_only_what_the_image_needs() -> None:
     ]
     assert patterns[0] == "*"  # everything excluded, then the few inputs let back in
     allowed = {p[1:] for p in patterns if p.startswith("!")}
-    assert allowed == {"agent", "pyproject.toml", "README.md", "packaging/requirements.txt"}
+    assert allowed == {
+        "agent",
+        "pyproject.toml",
+        "README.md",
+        "packaging/requirements.txt",
+        "packaging/container/slim_venv.py",
+    }
     # docker build reads <Containerfile>.dockerignore beside the file: the same list
     beside = PACKAGING / "container" / "Containerfile.dockerignore"
     assert beside.read_text() == (ROOT / ".containerignore").read_text()
