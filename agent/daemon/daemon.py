@@ -289,8 +289,9 @@ class Daemon:
             )
 
     def reload(self) -> None:
-        """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
-        its samples go on. A config that does not load is logged and the running one kept.
+        """SIGHUP (`systemctl reload`), or the config file changed on disk (config/watch.py: a
+        ConfigMap update): re-read the config file without stopping; the hour and its samples
+        go on. A config that does not load is logged and the running one kept.
 
         What only a restart may change (state_dir, product code, endpoint: the locks and the
         ledger depend on them) is refused. A dimension that the new config drops or bills
