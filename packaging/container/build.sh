@@ -33,7 +33,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${METERING_AGENT_BUILD_CACHE:-/var/cache/metering-agent-build}
-base=debian:12-slim debootstrap_base= ca_bundle= tag= engine= no_cache=()
+base=debian:12-slim base_given= debootstrap_base= ca_bundle= tag= engine= no_cache=()
 base_rev=2 # bump when the debootstrap recipe below changes (a new tarball and image)
 
 usage() { sed -n '5,/^# podman:/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -42,7 +42,7 @@ say() { echo "build.sh: $*"; }
 
 while [ $# -gt 0 ]; do
     case $1 in
-        --base) base=${2:?--base needs an image}; shift 2 ;;
+        --base) base=${2:?--base needs an image} base_given=1; shift 2 ;;
         --debootstrap) debootstrap_base=1; shift ;;
         --ca-bundle) ca_bundle=${2:?--ca-bundle needs a file}; shift 2 ;;
         --tag) tag=${2:?--tag needs a name}; shift 2 ;;
@@ -52,16 +52,17 @@ while [ $# -gt 0 ]; do
         *) echo "build.sh: unknown option $1" >&2; usage ;;
     esac
 done
-if [ -z "$engine" ]; then
-    if command -v podman >/dev/null; then engine=podman; elif command -v docker >/dev/null; then engine=docker
-    else die "neither podman nor docker is installed (Debian: apt-get install podman runc uidmap)"; fi
-fi
-case $engine in podman | docker) ;; *) die "--engine $engine: expected podman or docker" ;; esac
-command -v "$engine" >/dev/null || die "--engine $engine: not installed"
+[ -z "$base_given" ] || [ -z "$debootstrap_base" ] || die "--base and --debootstrap: choose one (--debootstrap makes the base)"
+case $engine in "" | podman | docker) ;; *) die "--engine $engine: expected podman or docker" ;; esac
 if [ -n "$ca_bundle" ]; then
     [ -r "$ca_bundle" ] || die "--ca-bundle $ca_bundle: not a readable file"
     grep -q 'BEGIN CERTIFICATE' "$ca_bundle" || die "--ca-bundle $ca_bundle: no PEM certificate in it"
 fi
+if [ -z "$engine" ]; then
+    if command -v podman >/dev/null; then engine=podman; elif command -v docker >/dev/null; then engine=docker
+    else die "neither podman nor docker is installed (Debian: apt-get install podman runc uidmap)"; fi
+fi
+command -v "$engine" >/dev/null || die "--engine $engine: not installed"
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$repo/agent/__init__.py")
 tag=${tag:-localhost/metering-agent:$version}
 scratch=$(mktemp -d /var/tmp/metering-agent-build.XXXXXX)
