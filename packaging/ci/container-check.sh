@@ -15,7 +15,7 @@
 # the region must come from the TaskARN); =ec2 uses the emulator as IMDS instead.
 # Usage, as root: packaging/ci/container-check.sh [BUILD-CONTEXT] (default: the repository)
 # The debootstrapped base is cached as a tarball in $METERING_AGENT_CI_CACHE
-# (/var/cache/metering-agent-ci); without it, it is made from scratch (about 2 minutes). The test
+# (/var/cache/metering-agent-ci); without it, it is made from scratch (about 100 s). The test
 # container, its volume and the temporary files are removed on exit; the images are kept.
 set -euo pipefail
 

@@ -118,7 +118,7 @@ if [ -n "$debootstrap_base" ]; then
             command -v debootstrap >/dev/null || die "--debootstrap: apt-get install debootstrap"
             mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
             root=$scratch/rootfs
-            say "debootstrap bookworm from ${mirror:-http://deb.debian.org/debian} (once; about 2 minutes)"
+            say "debootstrap bookworm from ${mirror:-http://deb.debian.org/debian} (once; about 100 s)"
             debootstrap --variant=minbase bookworm "$root" "${mirror:-http://deb.debian.org/debian}" \
                 >"$scratch/debootstrap.log" 2>&1 || { tail -20 "$scratch/debootstrap.log"; die "debootstrap failed"; }
             # What debian:12-slim leaves out, now and in every later apt-get install.
