@@ -19,6 +19,7 @@ from agent.collectors import Sources, imagerecord
 from agent.commands.common import load_config, make_clock
 from agent.config.loader import RUNNING_CONFIG, keep_snapshot, snapshot_config
 from agent.config.model import Config
+from agent.config.watch import FileWatch
 from agent.daemon import metrics
 from agent.daemon.daemon import Daemon
 from agent.daemon.sender import SenderProcess, send_command
@@ -141,6 +142,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
         lock = StateLock(state_dir)  # kept: the flock lives as long as the file
         lock.acquire()
         product_lock = take_product_lock(config)
+        watch = FileWatch(config.source)  # before the copy: a change after it is reloaded
         config, snapshot = snapshot_config(config.source, state_dir)
         keep_snapshot(state_dir, snapshot)
     except OSError as e:
@@ -187,7 +189,7 @@ def start(config: Config, clock: Clock, log_format: str = "text") -> Daemon:
     notices = mode_for(config).notifications(config, state_dir / RUNNING_CONFIG, clock, log_format)
     return Daemon(config, clock, ledger, ident, sampler, sender, (lock, product_lock),
                   plat, where, registration=handler, modes=mode_for,
-                  notifications=notices)  # fmt: skip
+                  notifications=notices, config_watch=watch)  # fmt: skip
 
 
 def first_boot_sources(

@@ -48,6 +48,7 @@ from agent.collecting.sampling import Sample, Sampler
 from agent.collecting.unstored import Kept
 from agent.config.loader import keep_snapshot, load, snapshot_config
 from agent.config.model import Config, Dimension, bills_alike, changed_dimensions
+from agent.config.watch import FileWatch
 from agent.daemon.hooks import Hooks
 from agent.daemon.metrics import Metrics, metrics_for
 from agent.daemon.metrics import check as check_metrics
@@ -107,11 +108,13 @@ class Daemon:
         registration: Any = None,
         modes: Callable[[Config], Mode] | None = None,
         notifications: Any = None,
+        config_watch: FileWatch | None = None,
     ) -> None:
         """`modes` chooses the billing mode of a config (start passes modes.choose.mode_for;
         without it, instance mode, the config's default); `registration` is the mode's
         fulfillment handler child, if it serves one; `notifications` its subscription queue
-        child, if it applies Marketplace's notifications. Both are kept alike."""
+        child, if it applies Marketplace's notifications. Both are kept alike. `config_watch`: the
+        config file as it was when `config` was read from it (default: as it is now)."""
         self.config = config
         self.choose_mode = modes or (lambda _config: InstanceMode())
         self.mode = self.choose_mode(config)  # how hours are keyed, sealed and sent
@@ -141,6 +144,8 @@ class Daemon:
         self._round_lock = threading.Lock()
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
         self._reload = threading.Event()
+        # SIGHUP sets _reload; so does the config file changing on disk (a ConfigMap update)
+        self.config_watch = config_watch or FileWatch(config.source)
         self._dropped_warned: dict[str, int] = {}  # dimension -> hour whose drops were logged
         self.reads = Reads(clock.monotonic)
         self._stopped = False  # set under _round_lock by the stop seal: no read stores after it
@@ -181,6 +186,10 @@ class Daemon:
         )
         while not self.stop_event.wait(1.0):
             try:
+                if self.config_watch.changed():
+                    log.info("config %s changed on disk (now %s): reloading", self.config.source,
+                             self.config_watch.target())  # fmt: skip
+                    self._reload.set()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
@@ -288,8 +297,9 @@ class Daemon:
             )
 
     def reload(self) -> None:
-        """SIGHUP (`systemctl reload`): re-read the config file without stopping; the hour and
-        its samples go on. A config that does not load is logged and the running one kept.
+        """SIGHUP (`systemctl reload`), or the config file changed on disk (config/watch.py: a
+        ConfigMap update): re-read the config file without stopping; the hour and its samples
+        go on. A config that does not load is logged and the running one kept.
 
         What only a restart may change (state_dir, product code, endpoint: the locks and the
         ledger depend on them) is refused. A dimension that the new config drops or bills

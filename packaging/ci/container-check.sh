@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The sidecar image, built and run without any registry (the recipe in the project notes): a
-# Debian 12 base made with debootstrap and `podman import`, the image built with buildah from
-# packaging/container/Containerfile, then run with podman beside the emulator on the host's
+# The sidecar image, built and run without any registry: packaging/container/build.sh
+# --debootstrap (the script sellers use: a Debian 12 base made with debootstrap and `podman
+# import`, the image built in the Docker format), then run with podman beside the emulator on the host's
 # 127.0.0.1, sharing its accelerated clock (an agent hour passes in a real minute). Checks:
-#   the image runs as uid 10001 and holds no pip, setuptools or apt lists; a hour of log lines
+#   the image is at most 150 MB and keeps its HEALTHCHECK; it runs as uid 10001 and holds no
+#   pip, setuptools or apt lists; a hour of log lines
 #   the script writes into the mounted log folder is sealed at the boundary and accepted once with
 #   exactly the lines on disk for that hour; the HEALTHCHECK (`status --check`) passes; `podman
 #   stop` (SIGTERM) seals the open hour and sends it at once, with the lines on disk for it, and
@@ -14,7 +15,7 @@
 # the region must come from the TaskARN); =ec2 uses the emulator as IMDS instead.
 # Usage, as root: packaging/ci/container-check.sh [BUILD-CONTEXT] (default: the repository)
 # The debootstrapped base is cached as a tarball in $METERING_AGENT_CI_CACHE
-# (/var/cache/metering-agent-ci); without it, it is made from scratch (about 1 minute). The test
+# (/var/cache/metering-agent-ci); without it, it is made from scratch (about 100 s). The test
 # container, its volume and the temporary files are removed on exit; the images are kept.
 set -euo pipefail
 
@@ -23,8 +24,6 @@ context=$(realpath "${1:-$repo}")
 py=$repo/.venv/bin/python # the host's agent, for the emulator (.ci/run made the venv)
 mode=${METERING_AGENT_CI_PLATFORM:-ecs}
 cache=${METERING_AGENT_CI_CACHE:-/var/cache/metering-agent-ci}
-base_tar=$cache/deb12-base-1.tar # bump the suffix when the recipe below changes
-base_image=localhost/deb12-base
 image=localhost/metering-agent:ci
 name=ma-container-ci-$$
 region=eu-central-1 # not botocore's default: the agent must find it (TaskARN, or IMDS on ec2)
@@ -59,78 +58,35 @@ trap 'exit 130' INT TERM HUP
 case $mode in ecs | ec2) ;; *) fail "METERING_AGENT_CI_PLATFORM=$mode: expected ecs or ec2" ;; esac
 [ -f "$context/packaging/container/Containerfile" ] || fail "$context has no packaging/container/Containerfile"
 
-# -- tools and their configuration --------------------------------------------------------------
+# -- tools ---------------------------------------------------------------------------------------
 
 missing=
-for tool in podman:podman buildah:buildah runc:runc newuidmap:uidmap debootstrap:debootstrap \
-    skopeo:skopeo; do
+for tool in podman:podman runc:runc newuidmap:uidmap debootstrap:debootstrap skopeo:skopeo; do
     command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool##*:}"
 done
 if [ -n "$missing" ]; then
     say "installing$missing"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
-# crun fails on hybrid cgroups and the default rlimits cannot be set here: runc and explicit ones.
-cat >"$work/containers.conf" <<'EOF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 
-[engine]
-runtime = "runc"
-EOF
-export CONTAINERS_CONF=$work/containers.conf
+# -- build: the sellers' script, on a debootstrapped base (no registry here) ----------------------
 
-# -- the base: Debian 12 minbase, slimmed as debian:12-slim is ----------------------------------
-
-if ! podman image exists "$base_image"; then
-    if [ ! -s "$base_tar" ]; then
-        say "no cached base in $base_tar: debootstrap (once per machine)"
-        mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-        root=$work/rootfs
-        debootstrap --variant=minbase bookworm "$root" "${mirror:-http://deb.debian.org/debian}" \
-            >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; fail "debootstrap"; }
-        # What debian:12-slim leaves out, now and in every later apt-get install.
-        cat >"$root/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/groff/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/linda/*
-path-exclude /usr/share/lintian/overrides/*
-path-exclude /usr/share/locale/*
-path-exclude /usr/share/man/*
-EOF
-        find "$root/usr/share/doc" -mindepth 1 ! -type d ! -name copyright -delete
-        find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
-        rm -rf "$root"/usr/share/{groff,info,linda,lintian/overrides,locale,man}/* \
-            "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin \
-            "$root"/var/lib/apt/lists/* "$root/etc/hostname"
-        # The host's apt sources, and its CAs (pip behind a TLS-inspecting proxy needs them; the
-        # local ones survive an update-ca-certificates inside).
-        rm -f "$root/etc/apt/sources.list"
-        cp /etc/apt/sources.list.d/debian.sources "$root/etc/apt/sources.list.d/"
-        mkdir -p "$root/etc/ssl/certs" "$root/usr/local/share/ca-certificates"
-        cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
-        cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
-        mkdir -p "$cache"
-        tar -C "$root" -cf "$base_tar.tmp" .
-        mv "$base_tar.tmp" "$base_tar"
-        rm -rf "$root"
-    fi
-    podman import -q "$base_tar" "$base_image" >/dev/null || fail "podman import $base_tar"
-    say "base $base_image imported from $base_tar"
-fi
-
-# -- build ---------------------------------------------------------------------------------------
-
+# build.sh keeps the base's tarball in the cache, and writes the containers.conf this host's podman
+# needs there (runc on hybrid cgroups, explicit open-files limits): the runs below use it too.
+export METERING_AGENT_BUILD_CACHE=$cache
 t0=$SECONDS
-buildah bud --pull=never --layers --format docker --build-arg BASE="$base_image" \
-    -f "$context/packaging/container/Containerfile" -t "$image" "$context" \
-    >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; fail "buildah bud"; }
+"$context/packaging/container/build.sh" --debootstrap --tag "$image" | tee "$work/build.log" ||
+    fail "packaging/container/build.sh"
 t_build=$((SECONDS - t0))
+if [ -z "${CONTAINERS_CONF:-}" ] && [ -f "$cache/containers.conf" ]; then
+    export CONTAINERS_CONF=$cache/containers.conf
+fi
 size=$(podman image inspect --format '{{.Size}}' "$image")
-# (the build stage's layers stay as buildah's cache: a re-run with an unchanged tree takes seconds)
-say "built $image in ${t_build} s: $((size / 1000000)) MB"
+[ "$size" -le 150000000 ] || fail "image $image is $((size / 1000000)) MB, over 150 MB"
+# the HEALTHCHECK survives only in the Docker format (build.sh checks it too)
+podman image inspect --format '{{json .Config.Healthcheck}}' "$image" | grep -q '"status","--check"' ||
+    fail "image $image has no HEALTHCHECK"
+say "built $image in ${t_build} s: $((size / 1000000)) MB, HEALTHCHECK kept"
 
 user=$(podman image inspect --format '{{.Config.User}}' "$image")
 [ "$user" = "10001:10001" ] || fail "image user is '$user', expected 10001:10001"
