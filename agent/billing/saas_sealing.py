@@ -15,6 +15,7 @@ not removed customer without usage in a (dimension, hour) that has samples gets 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sqlite3
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 from agent.aggregate import LabelSet, Point, Quantity, plain, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.billing.hour import Sealed, billed, drop_bad_points
+from agent.billing.turn import Turn, released
 from agent.clock import hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
@@ -120,55 +122,87 @@ def customer_points(points: Sequence[Point], mine: Shares, dim: Dimension) -> li
     return out
 
 
+STEP = 1_000  # customer records (or holds) written per transaction
+
+
 def seal_one(
     ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
-    offset: float,
-) -> list[CustomerSealed] | None:  # fmt: skip
-    """Seal one dimension's hour for every customer in one transaction: a record per known
-    customer with usage, an idle zero per known customer without (`saas.idle_zero`), the rest
-    held. None if another pass sealed it first."""
+    offset: float, turn: Turn | None = None,
+) -> list[Sealed] | None:  # fmt: skip
+    """Seal one dimension's hour for every customer: a record per known customer with usage, an
+    idle zero per known customer without (`saas.idle_zero`), the rest held. None if another
+    pass sealed it first.
+
+    In steps, each its own short transaction, so that sampling never waits long on the ledger
+    (100,000 customers in one transaction held its write lock for 15.7 s): the first marks the
+    hour as being sealed as it reads the points (no sample joins it after; see
+    Samples.begin_seal), each next one writes the records of up to STEP customers in label order
+    and the label it got to, the last deletes the samples. `turn` gives way before each step and
+    is released while the records are worked out (the daemon's round lock: sample writes go
+    first). A pass stopped half-way (a crash, a stop) is
+    taken up by the next one after the last label done: every customer once."""
     name = dim.name
     with ledger.transaction() as db:
         points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
         if not points:
             return None
-        known = {c.label for c in ledger.customers(include_removed=True)}
-        active = {c.label for c in ledger.customers()} if saas.idle_zero else set()
+        ledger.begin_seal(db, name, hour, now)
+    with released(turn):  # no write: who the customers are, each one's share of each sample
+        known, active = ledger.customer_labels()
+        if not saas.idle_zero:
+            active = set()
         split = shares_by_customer(points, saas.customer_label, dim)
-        last = max(p.t for p in points)
-        timestamp = record_timestamp(last, hour)
-        done: list[CustomerSealed] = []
-        for customer in sorted(set(split) | active):
-            mine = split.get(customer)
-            if mine is not None and customer not in known:
-                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
-                log.warning(
-                    "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
-                    "add` names it, within 24 h",
-                    iso_hour(hour),
-                    name,
-                    f"label {customer!r}" if customer else "samples without the customer label",
-                    UNKNOWN,
-                )
-                continue
-            if mine is None:  # idle zero: what an hour of nothing bills
-                raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
-                own: list[Point] = []
-            else:
-                own = customer_points(points, mine, dim)
-                raw, quantity = billed(dim, own)
-            _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
-                    timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
-            done.append(CustomerSealed(customer, name, hour, quantity.text))
-        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (name, hour))
-    held = sorted(c for c in split if c not in known)
+        timestamp = record_timestamp(max(p.t for p in points), hour)
+        labels = sorted(set(split) | active)
+    done: list[Sealed] = []
+    held: list[str] = []
+    idle = 0
+    while True:
+        if turn is not None:
+            turn.give_way()
+        with ledger.transaction() as db:
+            going, upto = ledger.seal_progress(db, name, hour)
+            if not going:
+                return done or None  # another pass finished it
+            first = 0 if upto is None else bisect.bisect_right(labels, upto)
+            step = labels[first : first + STEP]
+            if not step:
+                ledger.end_seal(db, name, hour)
+                break
+            for customer in step:
+                mine = split.get(customer)
+                if mine is not None and customer not in known:
+                    own = customer_points(points, mine, dim)
+                    ledger.hold_usage(db, customer, name, hour, own, now)
+                    held.append(customer)
+                    continue
+                if mine is None:  # idle zero: what an hour of nothing bills
+                    raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
+                    own = []
+                    idle += 1
+                else:
+                    own = customer_points(points, mine, dim)
+                    raw, quantity = billed(dim, own)
+                _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
+                        timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
+                done.append(Sealed(name, hour, quantity.text, 0))
+            ledger.advance_seal(db, name, hour, step[-1])
+    for customer in held:
+        log.warning(
+            "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
+            "add` names it, within 24 h",
+            iso_hour(hour),
+            name,
+            f"label {customer!r}" if customer else "samples without the customer label",
+            UNKNOWN,
+        )
     log.info(
         "hour %s dimension %s: sealed %d customer record(s) (%d idle zero(s)) from %d samples; "
         "%d label(s) held",
         iso_hour(hour),
         name,
         len(done),
-        sum(1 for c in done if c.customer not in split),
+        idle,
         len(points),
         len(held),
     )
@@ -297,11 +331,10 @@ def held_rows(held: Sequence[HeldUsage], dims: Mapping[str, Dimension]) -> list[
 
 def seal_each(
     ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
-    offset: float,
+    offset: float, turn: Turn | None = None,
 ) -> list[Sealed]:  # fmt: skip
     """One (dimension, hour) sealed per customer (seal_one), as the sealing pass counts them."""
-    done = seal_one(ledger, config, saas, dim, hour, now, offset)
-    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
+    return seal_one(ledger, config, saas, dim, hour, now, offset, turn) or []
 
 
 def release(ledger: Ledger, config: Config, now: float) -> list[Sealed]:

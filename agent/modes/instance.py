@@ -19,6 +19,7 @@ from agent.aggregate import plain
 from agent.billing import instance_sealing
 from agent.billing.hour import Sealed
 from agent.billing.sealing import seal_pass
+from agent.billing.turn import Turn
 from agent.clock import Clock, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.errors import ConfigError, NotAuthorized, UsageError
@@ -56,6 +57,7 @@ def seal_hours(
     offset: float,
     include_current: bool = False,
     hold: Callable[[str, int], bool] | None = None,
+    turn: Turn | None = None,
 ) -> list[Sealed]:
     """Seal every past hour with unsealed samples into one record each (the current one too at a
     stop): the sealing pass (billing/sealing.py) with instance mode's (dimension, hour)."""
@@ -64,7 +66,7 @@ def seal_hours(
         done = instance_sealing.seal_one(ledger, config, dim, hour, now, offset)
         return [] if done is None else [done]
 
-    sealed = seal_pass(ledger, config, now, one, include_current, hold)
+    sealed = seal_pass(ledger, config, now, one, include_current, hold, turn=turn)
     instance_sealing.log_sealed(sealed)
     return sealed
 
@@ -210,8 +212,9 @@ class InstanceMode:
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
-        return seal_hours(ledger, config, now, offset, include_current, hold)
+        return seal_hours(ledger, config, now, offset, include_current, hold, turn)
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
         return Sender(ledger, config, client, clock)

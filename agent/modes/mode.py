@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.billing.hour import Sealed
+from agent.billing.turn import Turn
 from agent.clock import Clock
 from agent.config.model import Config, Saas
 from agent.fulfillment.process import HandlerProcess
@@ -67,8 +68,10 @@ class Mode(Protocol):
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
-        """Seal every past hour with unsealed samples (the current one too at a stop)."""
+        """Seal every past hour with unsealed samples (the current one too at a stop), in
+        short transactions; `turn` lets sample writes in between them (billing.sealing.Turn)."""
         ...
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:

@@ -24,6 +24,7 @@ from typing import Any
 from agent.billing import saas_sealing
 from agent.billing.hour import Sealed
 from agent.billing.sealing import seal_pass
+from agent.billing.turn import Turn
 from agent.clock import Clock
 from agent.config.model import Config, Dimension, Saas
 from agent.config.tables import check_redirect
@@ -78,11 +79,13 @@ def seal_hours(
     offset: float,
     include_current: bool = False,
     hold: Callable[[str, int], bool] | None = None,
+    turn: Turn | None = None,
 ) -> list[Sealed]:
     """Seal every past hour with unsealed samples per customer (the current one too at a stop),
     then release held usage whose label is now a customer: the sealing pass
-    (billing/sealing.py) with SaaS mode's (dimension, hour)."""
-    return SaasMode(settings(config)).seal_hours(ledger, config, now, offset, include_current, hold)
+    (billing/sealing.py) with SaaS mode's (dimension, hour), in steps (`turn` between them)."""
+    mode = SaasMode(settings(config))
+    return mode.seal_hours(ledger, config, now, offset, include_current, hold, turn)
 
 
 def settings(config: Config) -> Saas:
@@ -369,14 +372,17 @@ class SaasMode:
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
         def one(dim: Dimension, hour: int) -> list[Sealed]:
-            return saas_sealing.seal_each(ledger, config, self.settings, dim, hour, now, offset)
+            return saas_sealing.seal_each(
+                ledger, config, self.settings, dim, hour, now, offset, turn
+            )
 
         def then() -> list[Sealed]:
             return saas_sealing.release(ledger, config, now)
 
-        return seal_pass(ledger, config, now, one, include_current, hold, then)
+        return seal_pass(ledger, config, now, one, include_current, hold, then, turn)
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
         return BatchSender(ledger, config, client, clock)
