@@ -177,3 +177,22 @@ def test_released_lets_a_writer_in_during_the_arithmetic() -> None:
             assert wrote.wait(5)  # would time out were the lock still held
         assert turns._owner == threading.get_ident()  # held again after the block
     thread.join(5)
+
+
+def test_an_increment_at_an_instant_of_an_hour_being_sealed_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(saas_sealing, "STEP", 3)
+    cfg, whole = filled(tmp_path / "whole")
+    seal_hours(whole, cfg, H + 3700, offset=0)
+    cfg, ledger = filled(tmp_path / "late")
+
+    def late(n: int) -> None:  # an increment at an instant the hour already has (H + 60)
+        if n == 3:
+            record(ledger, H + 60, {key("c00", "t1"): D(7)})
+
+    seal_hours(ledger, cfg, H + 3700, offset=0, turn=Steps(late))
+    assert records(ledger) == records(whole)  # not added to the sample the seal had read
+    seal_hours(ledger, cfg, H + 7300, offset=0)
+    after = {c: q for (c, _, h), (q, _, _) in records(ledger).items() if h == H + 3600}
+    assert after["c00"] == "1"  # 7 x 0.1 rounded up: carried into the next hour
