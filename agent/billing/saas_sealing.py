@@ -359,6 +359,28 @@ def so_far_by_customer(ledger: Ledger, dim: Dimension, label: str, hour: int) ->
         return {}
 
 
+def so_far_total(ledger: Ledger, dim: Dimension, label: str, hour: int) -> str | None:
+    """What the open hour's records would add up to if it were sealed now (`status`): each known
+    customer's own quantity (rounded on its own, as sealing does), summed; usage of labels no
+    customer has is held, not a record, so not in it (status lists it per customer). None
+    before the hour's first sample, or when the arithmetic fails (sealing will record why).
+
+    Not `hour.billed` over every customer's usage at once: rounding and max/min/last/avg do not
+    distribute over customers (two customers' 0.4 each bill 1 each with rounding up, not 1)."""
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    if not points:
+        return None
+    known, _ = ledger.customer_labels()
+    total = ZERO
+    try:
+        for customer, own in split_by_customer(points, label, dim).items():
+            if customer in known:
+                total += Decimal(billed(dim, own)[1].text)
+    except (ArithmeticError, ValueError):
+        return None
+    return plain(total)
+
+
 def customer_lines(
     label: str, breakdown: Mapping[Any, Decimal], ledger: Ledger | None
 ) -> list[str]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent.aggregate import plain
 from agent.billing import instance_sealing
-from agent.billing.hour import Sealed
+from agent.billing.hour import Sealed, so_far
 from agent.billing.sealing import seal_pass
 from agent.billing.turn import Turn
 from agent.clock import Clock, iso, iso_hour
@@ -29,6 +29,7 @@ from agent.host.identity import Identity
 from agent.host.imds import Imds
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.trials import InstanceTrial, TrialCustomer, TrialView
 from agent.sending.client import MeteringClient, dry_run_verdict
 from agent.sending.outcomes import Outcome
 from agent.sending.policy import (
@@ -274,6 +275,9 @@ class InstanceMode:
         if customer is not None:
             raise UsageError(f"--customer is for SaaS mode; {source} has mode: instance")
 
+    def so_far(self, ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+        return so_far(ledger, dim, hour)
+
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
         return {}
 
@@ -283,8 +287,12 @@ class InstanceMode:
             f"`{command}` is for SaaS products; set mode: saas in {source} (see docs/saas.md)",
         )
 
-    def check_trial(self, source: Path) -> None:
-        return None
+    def trial(self, customers: Sequence[TrialCustomer], source: Path) -> TrialView:
+        if customers:
+            raise ConfigError(
+                "mode", f"trial --customers is for SaaS mode; {source} has mode: instance"
+            )
+        return InstanceTrial()
 
     def image_refusal(self) -> str | None:
         return None

@@ -33,6 +33,7 @@ from agent.fulfillment.process import HandlerProcess, handler_command
 from agent.host.identity import ContainerIdentity, Identity
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.trials import SaasTrial, TrialCustomer, TrialView
 from agent.sending.batches import BatchClient, Call, plan, where
 from agent.sending.client import MeteringClient, dry_run_verdict
 from agent.sending.outcomes import (
@@ -421,17 +422,17 @@ class SaasMode:
     def customer_option(self, customer: str | None, source: Path) -> None:
         return None
 
+    def so_far(self, ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+        return saas_sealing.so_far_total(ledger, dim, self.settings.customer_label, hour)
+
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
         return saas_sealing.status_sections(ledger, config, self.settings.customer_label, now)
 
     def customers(self, command: str, source: Path) -> Saas:
         return self.settings
 
-    def check_trial(self, source: Path) -> None:
-        raise ConfigError(
-            "mode", f"trial runs instance mode (MeterUsage) only; {source} has mode: saas; "
-            "try it with `metering-agent sample` and `status` against a test state_dir",
-        )  # fmt: skip
+    def trial(self, customers: Sequence[TrialCustomer], source: Path) -> TrialView:
+        return SaasTrial(self.settings, customers)
 
     def image_refusal(self) -> str | None:
         return (
