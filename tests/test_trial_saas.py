@@ -100,6 +100,8 @@ def test_a_saas_trial_bills_each_customer_under_its_label(
     assert lines[0] == "BatchMeterUsage received:"
     rows = {tuple(line.split()[:4]) for line in lines[2:] if line.startswith("  20")}
     assert rows == {(h, c, d, q) for (h, c, d), q in got.items()}
+    (held,) = text.split("held, not sent:\n")[1].splitlines()
+    assert held.startswith("  label 'stranger' (no customer has it): api, api_k in ")
 
     # the trial's ledger: the labels work in report --customer and customers list
     config = outcome.work / "config.yaml"

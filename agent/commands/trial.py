@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from agent.clock import HOUR, Clock, hour_start, iso_hour
+from agent.commands.common import open_ledger_readonly
 from agent.config import loader as config_mod
 from agent.emulator.rules import Record, Settings
 from agent.emulator.server import Emulator
@@ -70,6 +71,7 @@ class Outcome:
     dimensions: list[str]
     work: Path  # the temporary state dir, config copy and the agent's log
     view: TrialView = field(default_factory=InstanceTrial)  # the mode's part (modes/trials.py)
+    held: list[str] = field(default_factory=list)  # kept unsent in the trial's ledger
 
 
 def trial_config(raw: Mapping[str, Any], state_dir: Path, endpoint: str) -> dict[str, Any]:
@@ -223,8 +225,22 @@ def run(
         emulator.stop()
         if interrupted:
             shutil.rmtree(work, ignore_errors=True)
+    ledger = open_ledger_readonly(work / "state", "trial")
+    try:
+        held = view.held(ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
     return Outcome(
-        emulator.records(), refusals(emulator, view), code, first_hour, hours, names, work, view
+        emulator.records(),
+        refusals(emulator, view),
+        code,
+        first_hour,
+        hours,
+        names,
+        work,
+        view,
+        held,
     )
 
 
@@ -351,6 +367,9 @@ def render(outcome: Outcome) -> str:
         for f in outcome.refusals:
             when = iso_hour(f.hour) if f.hour is not None else "-"
             lines.append(f"  {when}  {f.what}  {f.code}  x{f.count}")
+    if outcome.held:
+        lines.append("held, not sent:")
+        lines.extend(f"  {line}" for line in outcome.held)
     return "\n".join(lines)
 
 

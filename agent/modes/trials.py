@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from agent.clock import hour_start
 from agent.config.model import Saas
 from agent.emulator.rules import Record, ServiceError, _timestamp
+from agent.ledger import Ledger
 
 ACCOUNT = re.compile(r"[0-9]{12}")
 FIRST_ACCOUNT = 100_000_000_001  # made-up account ids: 1000 0000 0001, ... (skipping given ones)
@@ -69,6 +70,10 @@ class TrialView(Protocol):
 
     def refusals(self, calls: Iterable[dict[str, Any]]) -> list[Refusal]:
         """The emulator's calls that refused records, grouped by hour, key and code."""
+        ...
+
+    def held(self, ledger: Ledger | None) -> list[str]:
+        """What the trial's ledger kept unsent that the table cannot show, a line each."""
         ...
 
 
@@ -124,6 +129,9 @@ class InstanceTrial:
                 seen[(_hour(request.get("Timestamp")), (dim,), dim, code)] += 1
         return _group(seen)
 
+    def held(self, ledger: Ledger | None) -> list[str]:
+        return []
+
 
 class SaasTrial:
     """SaaS mode: BatchMeterUsage, one record per (hour, customer, dimension)."""
@@ -178,6 +186,23 @@ class SaasTrial:
                     if status != "Success":
                         seen[self._seen(result.get("UsageRecord") or {}, status)] += 1
         return _group(seen)
+
+    def held(self, ledger: Ledger | None) -> list[str]:
+        """Usage of labels none of the customers has: held, as in production (`status` shows it
+        as `unknown customer`), a line per label."""
+        by: dict[str, tuple[set[str], set[int]]] = {}
+        for h in ledger.held_usage() if ledger is not None else []:
+            dims, hours = by.setdefault(h.customer, (set(), set()))
+            dims.add(h.dimension)
+            hours.add(h.hour)
+        return [
+            f"label {label!r} (no customer has it): {', '.join(sorted(dims))} in "
+            f"{len(hours)} hour(s); sealed once `customers add` names it, within 24 h"
+            if label
+            else f"usage without the customer label: {', '.join(sorted(dims))} in "
+            f"{len(hours)} hour(s); it expires unsent after 24 h (no customer to bill)"
+            for label, (dims, hours) in sorted(by.items())
+        ]
 
     def _seen(self, r: dict[str, Any], code: str) -> tuple[int | None, tuple[str, ...], str, str]:
         who = (
