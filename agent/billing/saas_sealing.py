@@ -139,8 +139,10 @@ def seal_one(
     Samples.begin_seal), each next one writes the records of up to STEP customers in label order
     and the label it got to, the last deletes the samples. `turn` gives way before each step and
     is released while the records are worked out (the daemon's round lock: sample writes go
-    first). A pass stopped half-way (a crash, a stop) is
-    taken up by the next one after the last label done: every customer once."""
+    first). A pass stopped half-way (a crash, a stop) is taken up by the next one after the last
+    label done: every customer once. The labels with usage come from the hour's points, which
+    no longer change, so every pass walks the same ones; only idle zeros follow the customers
+    table as it is at each pass."""
     name = dim.name
     with ledger.transaction() as db:
         points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
