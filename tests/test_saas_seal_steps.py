@@ -196,3 +196,45 @@ def test_an_increment_at_an_instant_of_an_hour_being_sealed_is_not_lost(
     seal_hours(ledger, cfg, H + 7300, offset=0)
     after = {c: q for (c, _, h), (q, _, _) in records(ledger).items() if h == H + 3600}
     assert after["c00"] == "1"  # 7 x 0.1 rounded up: carried into the next hour
+
+
+def test_the_daemons_seal_lets_a_reads_write_in_between_its_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon seals under its round lock, which a read stores its sample under: a read that
+    is waiting when a step ends stores before the next step, not after the whole pass."""
+    from agent.daemon.daemon import Daemon
+    from agent.host import identity
+    from agent.modes.choose import mode_for
+    from tests.fakes import FakeClock
+    from tests.test_daemon import FakeImds
+
+    monkeypatch.setattr(saas_sealing, "STEP", 3)
+    cfg, ledger = filled(tmp_path / "d")
+    clock = FakeClock(H + 3700)
+    state = Path(cfg.state_dir)
+    ident = identity.Identity(FakeImds("i-1"), clock, state)
+    d = Daemon(cfg, clock, ident.start(ledger), ident, None, None, modes=mode_for)  # type: ignore[arg-type]
+    order: list[str] = []
+    advance = Ledger.advance_seal
+
+    def write() -> None:  # as a read stores its sample (Daemon._read)
+        with d._round_lock:
+            order.append("write")
+
+    reader = threading.Thread(target=write)
+
+    def step(self: Ledger, *args: object) -> None:
+        advance(self, *args)  # type: ignore[arg-type]
+        order.append(f"step {len(order)}")
+        if len(order) == 2:  # after the second step, a read waits for the lock to store
+            reader.start()
+            while d._round_lock._waiting == 0:
+                threading.Event().wait(0.001)
+
+    monkeypatch.setattr(Ledger, "advance_seal", step)
+    with d._round_lock:  # as _close_hours_locked holds it
+        d.seal_closed_hours()
+    reader.join(5)
+    assert order[:3] == ["step 0", "step 1", "write"]  # in before the third step
+    assert len(order) == 6 and d.ledger.seals_in_progress() == []
