@@ -37,7 +37,7 @@ from agent.modes.trials import trial_customers as parse_customers
 LEAD = 3.0  # real seconds the daemon gets to start before the first hour begins
 HOUR_GRACE = 15.0  # real seconds after a boundary to wait for the hour's records
 STOP_TIMEOUT = 60.0
-REGISTRATION = 3.0  # real seconds the customers' `customers add` get (and 0.5 s more each)
+REGISTRATION = 5.0  # real seconds the customers' `customers add` get (and 1 s more each)
 
 # Whatever the seller's shell holds, the trial signs only with dummy keys and asks only the
 # emulator's IMDS; platform detection must not find a container either.
@@ -150,7 +150,7 @@ def run(
     now = wall.time()
     # The first trial hour begins LEAD real seconds (after the customers' registrations) from
     # now, so it is whole.
-    lead = LEAD + (REGISTRATION + 0.5 * len(view.registrations()) if view.registrations() else 0)
+    lead = LEAD + (REGISTRATION + len(view.registrations()) if view.registrations() else 0)
     first_hour = hour_start(now) + HOUR
     clock = Clock(rate=speed, origin=first_hour - lead * speed, wall0=now)
     settings = Settings(region=region, product_codes={cfg.product_code})
