@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -57,6 +58,9 @@ def test_a_saas_trial_bills_each_customer_under_its_label(
             kept.append(self)
 
     monkeypatch.setattr(trial, "Emulator", KeptEmulator)
+    scratch = tmp_path / "scratch"  # the trial's temporary dir, kept for report and status
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     log = tmp_path / "app.log"
     log.touch()
     cfg = tmp_path / "config.yaml"
@@ -105,6 +109,7 @@ def test_a_saas_trial_bills_each_customer_under_its_label(
     assert held.startswith("  label 'stranger' (no customer has it): api, api_k in ")
 
     # the trial's ledger: the labels work in report --customer and customers list
+    assert outcome.work.parent == scratch
     config = outcome.work / "config.yaml"
     for label in ("acme", "210987654321"):
         report = run_cli("report", "--since", "2000-01-01", "--customer", label, "-c",
