@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the listing's dimension names, comma-separated: MeterUsage refuses others",
     )
+    p.add_argument(
+        "--customers",
+        default=None,
+        metavar="FILE|LIST",
+        help="SaaS mode: the customers to register, from a file (one a line) or comma-separated: "
+        "LABEL, LABEL=ACCOUNT_ID or ACCOUNT_ID",
+    )
     p.set_defaults(func=cmd_trial)
 
     p = sub.add_parser(

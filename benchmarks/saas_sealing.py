@@ -50,10 +50,10 @@ def main() -> None:
         with ledger.transaction() as db:
             db.executemany(
                 "INSERT INTO customers (label, account_id, license_arn, added_at) "
-                "VALUES (?, '111122223333', ?, 0)",
-                [(f"c{i}", arn) for i in range(args.customers)],
+                "VALUES (?, ?, ?, 0)",
+                [(f"c{i}", f"{100000000000 + i}", arn) for i in range(1, args.customers)],
             )
-        ledger.add_customer(Customer("c0", "111122223333", arn, None, None, None, 0.0))
+        ledger.add_customer(Customer("c0", "100000000000", arn, None, None, None, 0.0))
         names = [f"c{i}" for i in range(args.customers)]
         for m in range(60):
             t = H + 60.0 * m

@@ -1,4 +1,5 @@
-"""SaaS mode's `status`, `report --customer`, `sample` and `trial`, through the real command."""
+"""SaaS mode's `status`, `report --customer` and `sample`, through the real command (`trial`:
+test_trial_saas.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_report_for_one_customer(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
 
 
-def test_sample_prints_per_customer_and_trial_refuses_saas(tmp_path: Path) -> None:
+def test_sample_prints_per_customer(tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("GET c=acme /api\nGET c=acme /api\nGET c=zed /api\nGET /api\n")
     config = sealed_state(tmp_path)
@@ -75,6 +76,49 @@ def test_sample_prints_per_customer_and_trial_refuses_saas(tmp_path: Path) -> No
     assert lines["acme"].split()[2] == "2" and "unknown" not in lines["acme"]
     assert lines["zed"].split()[2] == "1" and "unknown customer" in lines["zed"]
     assert lines["(no"].split()[3] == "1"
-    trial = run_cli("trial", "-c", str(config), "--hours", "1")
-    assert trial.returncode == 78 and len(trial.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in trial.stderr
+
+
+SO_FAR_DIMS = """\
+  - name: api
+    collector: {type: log, path: /nonexistent/app.log, pattern: 'c=(?P<customer>\\w+) '}
+    scale: 0.1
+    rounding: up
+  - name: peak
+    collector: {type: log, path: /nonexistent/app.log, pattern: 'c=(?P<customer>\\w+) ',
+                mode: count}
+    aggregate: max
+"""
+
+
+def test_status_hour_so_far_is_the_sum_of_that_hours_customer_records(tmp_path: Path) -> None:
+    """The oracle is the hour's per-customer records once it is sealed. Billing every
+    customer's usage as one (what status did) gave api 3 and peak 17 here: rounding up and `max`
+    do not distribute over customers, and a label no customer has is held, not billed."""
+    from agent.commands.status import collect
+    from agent.modes.choose import mode_for
+    from tests.fakes import FakeClock
+
+    cfg = saas_config(tmp_path, SO_FAR_DIMS)
+    ledger = Ledger(cfg.state_dir)
+    for label in ("acme", "globex", "initech"):  # initech: idle
+        add(ledger, label)
+    usage = [
+        (H + 60, {key("acme", None): D(4), key("stranger", None): D(13)}),
+        (H + 120, {key("globex", None): D(4), key(None, None): D(2)}),
+        (H + 180, {key("acme", None): D(5), key("globex", None): D(1)}),
+    ]
+    for t, parts in usage:
+        for name in ("api", "peak"):
+            ledger.record_sample(name, t, sum(parts.values(), D(0)), 60, None,
+                                 carry=name == "api", increment=name == "api",
+                                 breakdown=parts)  # fmt: skip
+    report = collect(ledger, cfg, FakeClock(H + 1800), mode=mode_for(cfg))
+    so_far = {d["name"]: d["current_hour_so_far"] for d in report["dimensions"]}
+    seal_hours(ledger, cfg, H + 3700, offset=0)
+    sealed: dict[str, Decimal] = {}
+    for h in ledger.hours():
+        assert h.hour == H
+        sealed[h.dimension] = sealed.get(h.dimension, D(0)) + D(h.quantity.text)
+    assert {name: D(q) for name, q in so_far.items()} == sealed
+    # api: acme 0.9 -> 1, globex 0.5 -> 1, initech 0; peak: acme 5, globex 4, initech 0
+    assert sealed == {"api": D(2), "peak": D(9)}

@@ -19,6 +19,7 @@ gets no idle zeros.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sqlite3
 import uuid
@@ -30,6 +31,7 @@ from typing import Any
 from agent.aggregate import LabelSet, Point, Quantity, plain, shown, to_quantity
 from agent.billing.allocations import MAX_ALLOCATIONS, allocate
 from agent.billing.hour import Sealed, billed, drop_bad_points
+from agent.billing.turn import Turn, released
 from agent.clock import HOUR, hour_start, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.ledger import Ledger
@@ -127,65 +129,111 @@ def customer_points(points: Sequence[Point], mine: Shares, dim: Dimension) -> li
     return out
 
 
+STEP = 1_000  # customer records (or holds) written per transaction
+
+
 def seal_one(
     ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
-    offset: float,
-) -> list[CustomerSealed] | None:  # fmt: skip
-    """Seal one dimension's hour for every customer in one transaction: a record per known
-    customer with usage, an idle zero per known customer without (`saas.idle_zero`), the rest
-    held. None if another pass sealed it first."""
+    offset: float, turn: Turn | None = None,
+) -> list[Sealed] | None:  # fmt: skip
+    """Seal one dimension's hour for every customer: a record per known customer with usage, an
+    idle zero per known customer without (`saas.idle_zero`), the rest held. None if another
+    pass sealed it first.
+
+    In steps, each its own short transaction, so that sampling never waits long on the ledger
+    (100,000 customers in one transaction held its write lock for 15.7 s): the first marks the
+    hour as being sealed as it reads the points (no sample joins it after; see
+    Samples.begin_seal), each next one writes the records of up to STEP customers in label order
+    and the label it got to, the last deletes the samples. `turn` gives way before each step and
+    is released while the records are worked out (the daemon's round lock: sample writes go
+    first). A pass stopped half-way (a crash, a stop) is taken up by the next one after the last
+    label done: every customer once. The labels with usage come from the hour's points, which
+    no longer change, so every pass walks the same ones; only idle zeros follow the customers
+    table as it is at each pass."""
     name = dim.name
     with ledger.transaction() as db:
         points = drop_bad_points(ledger, db, name, hour, ledger.points(db, name, hour))
         if not points:
             return None
-        known = {c.label for c in ledger.customers(include_removed=True)}
+        ledger.begin_seal(db, name, hour, now)
         leaving = ledger.leaving_labels(db)  # unsubscribing or gone: held, no idle zeros
-        active = {c.label for c in ledger.customers()} - leaving if saas.idle_zero else set()
+    with released(turn):  # no write: who the customers are, each one's share of each sample
+        known, active = ledger.customer_labels()
+        active = active - leaving if saas.idle_zero else set()
         split = shares_by_customer(points, saas.customer_label, dim)
-        last = max(p.t for p in points)
-        timestamp = record_timestamp(last, hour)
-        early = {c for c in ledger.flushed_labels(db) & set(split)
-                 if ledger.has_record(db, c, name, hour)}  # fmt: skip
-        done: list[CustomerSealed] = []
-        for customer in sorted(set(split) | active):
-            mine = split.get(customer)
-            if mine is not None and (customer in leaving or customer in early):
-                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
-                log.warning(
-                    "hour %s dimension %s: usage of customer %s after its unsubscribe held, "
-                    "not sent (%s)", iso_hour(hour), name, customer, UNSUBSCRIBED,
-                )  # fmt: skip
-                continue
-            if mine is not None and customer not in known:
-                ledger.hold_usage(db, customer, name, hour, customer_points(points, mine, dim), now)
-                log.warning(
-                    "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
-                    "add` names it, within 24 h",
-                    iso_hour(hour),
-                    name,
-                    f"label {customer!r}" if customer else "samples without the customer label",
-                    UNKNOWN,
-                )
-                continue
-            if mine is None:  # idle zero: what an hour of nothing bills
-                raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
-                own: list[Point] = []
-            else:
-                own = customer_points(points, mine, dim)
-                raw, quantity = billed(dim, own)
-            _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
-                    timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
-            done.append(CustomerSealed(customer, name, hour, quantity.text))
-        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (name, hour))
-    held = sorted(c for c in split if c not in known)
+        timestamp = record_timestamp(max(p.t for p in points), hour)
+        labels = sorted(set(split) | active)
+    done: list[Sealed] = []
+    held: list[str] = []
+    unsubscribed: list[str] = []
+    idle = 0
+    while True:
+        if turn is not None:
+            turn.give_way()
+        with ledger.transaction() as db:
+            going, upto = ledger.seal_progress(db, name, hour)
+            if not going:
+                return done or None  # another pass finished it
+            first = 0 if upto is None else bisect.bisect_right(labels, upto)
+            step = labels[first : first + STEP]
+            if not step:
+                ledger.end_seal(db, name, hour)
+                break
+            # asked again at each step: an unsubscribe may seal a customer's open usage
+            # between two steps (seal_leaving, at the daemon's send tick)
+            leaving, flushed = ledger.leaving_labels(db), ledger.flushed_labels(db)
+            for customer in step:
+                mine = split.get(customer)
+                # a customer that is leaving, or whose open usage its unsubscribe sealed (an
+                # `early` record of this hour): no second record, no idle zero; its usage held
+                if customer in leaving or (
+                    customer in flushed and ledger.has_record(db, customer, name, hour)
+                ):
+                    if mine is not None:
+                        own = customer_points(points, mine, dim)
+                        ledger.hold_usage(db, customer, name, hour, own, now)
+                        unsubscribed.append(customer)
+                    continue
+                if mine is not None and customer not in known:
+                    own = customer_points(points, mine, dim)
+                    ledger.hold_usage(db, customer, name, hour, own, now)
+                    held.append(customer)
+                    continue
+                if mine is None:  # idle zero: what an hour of nothing bills
+                    raw, quantity = ZERO, to_quantity(ZERO, dim.scale, dim.rounding, dim.decimals)
+                    own = []
+                    idle += 1
+                else:
+                    own = customer_points(points, mine, dim)
+                    raw, quantity = billed(dim, own)
+                _insert(ledger, db, config, dim, customer, hour, own, raw, quantity,
+                        timestamp, len(own), now, send_slot(hour, offset))  # fmt: skip
+                done.append(Sealed(name, hour, quantity.text, 0))
+            ledger.advance_seal(db, name, hour, step[-1])
+    for customer in unsubscribed:
+        log.warning(
+            "hour %s dimension %s: usage of customer %s after its unsubscribe held, not sent (%s)",
+            iso_hour(hour),
+            name,
+            customer,
+            UNSUBSCRIBED,
+        )
+    for customer in held:
+        log.warning(
+            "hour %s dimension %s: usage of %s held (%s): it is sealed once `customers "
+            "add` names it, within 24 h",
+            iso_hour(hour),
+            name,
+            f"label {customer!r}" if customer else "samples without the customer label",
+            UNKNOWN,
+        )
     log.info(
         "hour %s dimension %s: sealed %d customer record(s) (%d idle zero(s)) from %d samples; "
         "%d label(s) held",
         iso_hour(hour),
         name,
         len(done),
-        sum(1 for c in done if c.customer not in split),
+        idle,
         len(points),
         len(held),
     )
@@ -416,11 +464,10 @@ def _seal_leaving(
 
 def seal_each(
     ledger: Ledger, config: Config, saas: Saas, dim: Dimension, hour: int, now: float,
-    offset: float,
+    offset: float, turn: Turn | None = None,
 ) -> list[Sealed]:  # fmt: skip
     """One (dimension, hour) sealed per customer (seal_one), as the sealing pass counts them."""
-    done = seal_one(ledger, config, saas, dim, hour, now, offset)
-    return [Sealed(s.dimension, s.hour, s.quantity, 0) for s in done or ()]
+    return seal_one(ledger, config, saas, dim, hour, now, offset, turn) or []
 
 
 def release(ledger: Ledger, config: Config, now: float) -> list[Sealed]:
@@ -443,6 +490,28 @@ def so_far_by_customer(ledger: Ledger, dim: Dimension, label: str, hour: int) ->
         return {c or NO_LABEL: billed(dim, pts)[1].text for c, pts in sorted(split.items())}
     except (ArithmeticError, ValueError):
         return {}
+
+
+def so_far_total(ledger: Ledger, dim: Dimension, label: str, hour: int) -> str | None:
+    """What the open hour's records would add up to if it were sealed now (`status`): each known
+    customer's own quantity (rounded on its own, as sealing does), summed; usage of labels no
+    customer has is held, not a record, so not in it (status lists it per customer). None
+    before the hour's first sample, or when the arithmetic fails (sealing will record why).
+
+    Not `hour.billed` over every customer's usage at once: rounding and max/min/last/avg do not
+    distribute over customers (two customers' 0.4 each bill 1 each with rounding up, not 1)."""
+    points = [p for p in ledger.points(ledger.db, dim.name, hour) if p.value.is_finite()]
+    if not points:
+        return None
+    known, _ = ledger.customer_labels()
+    total = ZERO
+    try:
+        for customer, own in split_by_customer(points, label, dim).items():
+            if customer in known:
+                total += Decimal(billed(dim, own)[1].text)
+    except (ArithmeticError, ValueError):
+        return None
+    return plain(total)
 
 
 def customer_lines(

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from agent.billing.hour import Sealed
+from agent.billing.turn import Turn
 from agent.clock import HOUR, hour_start, iso_hour
 from agent.config.model import Config, Dimension
 from agent.ledger import Ledger
@@ -29,6 +30,7 @@ def seal_pass(
     include_current: bool = False,
     hold: Callable[[str, int], bool] | None = None,
     then: Callable[[], Sequence[Sealed]] | None = None,
+    turn: Turn | None = None,
 ) -> list[Sealed]:
     """Seal every hour before the current one (and the current one too at a stop), each
     (dimension, hour) with the mode's `seal_one`; then the mode's `then` (SaaS mode: held usage
@@ -40,6 +42,8 @@ def seal_pass(
     The ledger's own storage failing (disk full, damaged, gone: ledger/faults.py) is no one
     dimension's problem: it ends the pass, raised to the daemon, which names that state.
     `hold(dimension, hour)` keeps an hour open while a read for it is still within its deadline.
+    `turn.give_way()` runs before each (dimension, hour) (and the mode's `seal_one` runs it
+    between its own steps): the daemon lets the sample writes waiting for it go first.
     """
     dims = {d.name: d for d in config.dimensions}
     before = hour_start(now) + (HOUR if include_current else 0)
@@ -59,6 +63,8 @@ def seal_pass(
             continue
         if hold is not None and not include_current and hold(name, hour):
             continue
+        if turn is not None:
+            turn.give_way()
         try:
             sealed.extend(seal_one(dim, hour))
         except Exception as e:  # contained: this dimension's hour only

@@ -14,7 +14,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent.billing.hour import so_far as hour_so_far
 from agent.billing.saas_sealing import NO_LABEL, UNSUBSCRIBED
 from agent.clock import HOUR, Clock, hour_start, iso, iso_hour
 from agent.commands.common import (
@@ -156,7 +155,7 @@ def collect(
     seal_errors = {d: (h, e) for d, h, e in ledger.seal_errors()}
     unread = {u.dimension: u for u in ledger.unread_usage()}
     since = hour_start(now) - hours * HOUR
-    so_far = {d.name: hour_so_far(ledger, d, hour_start(now)) for d in config.dimensions}
+    so_far = {d.name: mode.so_far(ledger, d, hour_start(now)) for d in config.dimensions}
     daemon = daemon_state(config.state_dir)
     # stopped, nothing goes out: only what the next start would send at once (or `-`)
     if daemon["running"] is False:

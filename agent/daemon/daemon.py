@@ -55,6 +55,7 @@ from agent.daemon.metrics import check as check_metrics
 from agent.daemon.sender import STOP_FLUSH, SenderProcess
 from agent.daemon.storage import StateDirGone, Storage
 from agent.daemon.triggers import ClockTrigger, snap
+from agent.daemon.turns import Turns
 from agent.daemon.wake import SLEEP_FLUSH, Wake
 from agent.errors import EX_NOPERM, AgentError
 from agent.host import identity, stopreason
@@ -141,7 +142,7 @@ class Daemon:
         self.notify = Notifier()
         self.stop_event = threading.Event()
         self._last_error: dict[str, str] = {}
-        self._round_lock = threading.Lock()
+        self._round_lock = Turns()  # sealing gives way between its steps (turns.py)
         self.restarting: Callable[[], bool] = stopreason.restarting  # asked at each stop
         self._reload = threading.Event()
         # SIGHUP sets _reload; so does the config file changing on disk (a ConfigMap update)
@@ -788,9 +789,15 @@ class Daemon:
             self.publish_health()
 
     def seal_closed_hours(self) -> list[Sealed]:
-        """Seal every hour that ended (a read still in time holds its own); the hours sealed."""
+        """Seal every hour that ended (a read still in time holds its own); the hours sealed.
+        Between its steps the round lock goes to the reads waiting to store (turns.py)."""
         return self.mode.seal_hours(
-            self.ledger, self.config, self.clock.time(), self.offset, hold=self.reads.holds
+            self.ledger,
+            self.config,
+            self.clock.time(),
+            self.offset,
+            hold=self.reads.holds,
+            turn=self._round_lock,
         )
 
     def publish_health(self) -> None:

@@ -7,6 +7,7 @@ yet (`held_usage`), sealed once `customers add` names it.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import ItemsView, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class HeldUsage:
         """The record's Timestamp once sealed: the hour's last sample of the dimension."""
         last = max(p.t for p in self.points)
         return min(max(int(last), self.hour), self.hour + HOUR - 1)
+
+
+def _seal_key(dimension: str, hour: int) -> str:
+    return f"sealing/{hour}/{dimension}"
 
 
 # The distinct dimensions of samples, one index seek each (samples_by_hour leads with dimension).
@@ -129,6 +134,10 @@ class Samples(Database):
                 if state is not None:
                     self._save_position(db, dimension, state, t)
                 return INSTANT_TAKEN
+            if same is not None and self._is_sealed(db, dimension, int(same[2])):
+                # an increment at an instant of an hour being sealed in steps: that sample's
+                # value is taken; this one comes after it, as any usage after its hour's seal
+                t, same = math.nextafter(t, math.inf), None
             hour: int | None = hour_start(t)
             while hour is not None and self._is_sealed(db, dimension, hour):
                 hour = hour + HOUR if carry else None
@@ -196,13 +205,68 @@ class Samples(Database):
 
     @staticmethod
     def _is_sealed(db: sqlite3.Connection, dimension: str, hour: int) -> bool:
+        """Sealed, or being sealed (a seal in steps has begun): no sample joins the hour now."""
         row = db.execute(
-            # an `early` record (a customer's, sealed at its unsubscribe) leaves the hour open
+            # an `early` record (a customer's, sealed at its unsubscribe) leaves the hour open;
+            # a seal in progress (its meta row) closes it
             "SELECT 1 FROM hours WHERE dimension = ? AND hour = ? AND early = 0 UNION ALL "
-            "SELECT 1 FROM held_usage WHERE dimension = ? AND hour = ? LIMIT 1",
-            (dimension, hour, dimension, hour),
+            "SELECT 1 FROM held_usage WHERE dimension = ? AND hour = ? UNION ALL "
+            "SELECT 1 FROM meta WHERE key = ? LIMIT 1",
+            (dimension, hour, dimension, hour, _seal_key(dimension, hour)),
         ).fetchone()
         return row is not None
+
+    # A (dimension, hour) sealed in steps (SaaS mode: a record per customer, a few thousand per
+    # transaction) has a progress row in `meta` from its first step to its last: the label of
+    # the last customer done (null: none yet). The first step writes it in the transaction that
+    # reads the hour's points, so no sample joins the hour after (_is_sealed); each step writes
+    # its records and moves it in one transaction; the last deletes the samples and it. After a
+    # crash the samples are still there, the next pass finds the hour unsealed and goes on past
+    # the label: no customer sealed twice, none left out.
+
+    def begin_seal(self, db: sqlite3.Connection, dimension: str, hour: int, now: float) -> None:
+        """Mark the hour as being sealed (in the transaction that reads its points), unless a
+        pass that stopped half-way already did."""
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (_seal_key(dimension, hour), json.dumps({"done_upto": None, "began": now})),
+        )
+
+    def seal_progress(
+        self, db: sqlite3.Connection, dimension: str, hour: int
+    ) -> tuple[bool, str | None]:
+        """(being sealed, the label of the last customer done, None if none)."""
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_seal_key(dimension, hour),))
+        found = row.fetchone()
+        if found is None:
+            return False, None
+        return True, json.loads(found[0])["done_upto"]
+
+    def advance_seal(
+        self, db: sqlite3.Connection, dimension: str, hour: int, done_upto: str
+    ) -> None:
+        """Every customer up to this label is done (in the step's transaction)."""
+        db.execute(
+            "UPDATE meta SET value = json_set(value, '$.done_upto', ?) WHERE key = ?",
+            (done_upto, _seal_key(dimension, hour)),
+        )
+
+    def end_seal(self, db: sqlite3.Connection, dimension: str, hour: int) -> None:
+        """The last step: the hour's samples and its progress row go."""
+        db.execute("DELETE FROM samples WHERE dimension = ? AND hour = ?", (dimension, hour))
+        db.execute("DELETE FROM meta WHERE key = ?", (_seal_key(dimension, hour),))
+
+    def seals_in_progress(self) -> list[tuple[str, int, str | None]]:
+        """(dimension, hour, last label done) of each seal begun and not finished."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT key, value FROM meta WHERE key LIKE 'sealing/%'"
+            ).fetchall()
+        out = []
+        for key, value in rows:
+            _, hour, dimension = str(key).split("/", 2)
+            out.append((dimension, int(hour), json.loads(value)["done_upto"]))
+        return sorted(out)
 
     def unsealed_hours(self, db: sqlite3.Connection, before: int) -> list[tuple[str, int]]:
         """(dimension, hour) pairs with samples, for hours that start before `before`, by hour.

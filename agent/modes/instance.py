@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent.aggregate import plain, shown
 from agent.billing import instance_sealing
-from agent.billing.hour import Sealed
+from agent.billing.hour import Sealed, so_far
 from agent.billing.sealing import seal_pass
+from agent.billing.turn import Turn
 from agent.clock import Clock, iso, iso_hour
 from agent.config.model import Config, Dimension, Saas
 from agent.errors import ConfigError, NotAuthorized, UsageError
@@ -28,6 +29,7 @@ from agent.host.identity import Identity
 from agent.host.imds import Imds
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.trials import InstanceTrial, TrialCustomer, TrialView
 from agent.sending.client import MeteringClient, dry_run_verdict
 from agent.sending.outcomes import Outcome
 from agent.sending.policy import (
@@ -56,6 +58,7 @@ def seal_hours(
     offset: float,
     include_current: bool = False,
     hold: Callable[[str, int], bool] | None = None,
+    turn: Turn | None = None,
 ) -> list[Sealed]:
     """Seal every past hour with unsealed samples into one record each (the current one too at a
     stop): the sealing pass (billing/sealing.py) with instance mode's (dimension, hour)."""
@@ -64,7 +67,7 @@ def seal_hours(
         done = instance_sealing.seal_one(ledger, config, dim, hour, now, offset)
         return [] if done is None else [done]
 
-    sealed = seal_pass(ledger, config, now, one, include_current, hold)
+    sealed = seal_pass(ledger, config, now, one, include_current, hold, turn=turn)
     instance_sealing.log_sealed(sealed)
     return sealed
 
@@ -210,8 +213,9 @@ class InstanceMode:
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
-        return seal_hours(ledger, config, now, offset, include_current, hold)
+        return seal_hours(ledger, config, now, offset, include_current, hold, turn)
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
         return Sender(ledger, config, client, clock)
@@ -280,6 +284,9 @@ class InstanceMode:
         if customer is not None:
             raise UsageError(f"--customer is for SaaS mode; {source} has mode: instance")
 
+    def so_far(self, ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+        return so_far(ledger, dim, hour)
+
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
         return {}
 
@@ -289,8 +296,12 @@ class InstanceMode:
             f"`{command}` is for SaaS products; set mode: saas in {source} (see docs/saas.md)",
         )
 
-    def check_trial(self, source: Path) -> None:
-        return None
+    def trial(self, customers: Sequence[TrialCustomer], source: Path) -> TrialView:
+        if customers:
+            raise ConfigError(
+                "mode", f"trial --customers is for SaaS mode; {source} has mode: instance"
+            )
+        return InstanceTrial()
 
     def image_refusal(self) -> str | None:
         return None

@@ -14,18 +14,20 @@ Implementations: `InstanceMode` (modes/instance.py), `SaasMode` (modes/saas.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.billing.hour import Sealed
+from agent.billing.turn import Turn
 from agent.clock import Clock
-from agent.config.model import Config, Saas
+from agent.config.model import Config, Dimension, Saas
 from agent.fulfillment.process import HandlerProcess
 from agent.host.identity import Identity
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.trials import TrialCustomer, TrialView
 from agent.sending.client import MeteringClient
 from agent.sending.send_pass import SendPass
 
@@ -67,8 +69,10 @@ class Mode(Protocol):
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
-        """Seal every past hour with unsealed samples (the current one too at a stop)."""
+        """Seal every past hour with unsealed samples (the current one too at a stop), in
+        short transactions; `turn` lets sample writes in between them (billing.sealing.Turn)."""
         ...
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
@@ -119,6 +123,11 @@ class Mode(Protocol):
         """`report --customer`: refused where records have no customer."""
         ...
 
+    def so_far(self, ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+        """`status`: what the dimension's open hour would bill if sealed now, as the sum of the
+        records it would be sealed into (None: no sample yet)."""
+        ...
+
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
         """`status`: this mode's own sections."""
         ...
@@ -128,8 +137,9 @@ class Mode(Protocol):
         refused (78) where there are no customers."""
         ...
 
-    def check_trial(self, source: Path) -> None:
-        """`trial`: refused (78) where it cannot run this mode."""
+    def trial(self, customers: Sequence[TrialCustomer], source: Path) -> TrialView:
+        """`trial`: this mode's part of it (modes/trials.py); customers where there are none
+        refused (78)."""
         ...
 
     def image_refusal(self) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 from agent.billing import saas_sealing
 from agent.billing.hour import Sealed
 from agent.billing.sealing import seal_pass
+from agent.billing.turn import Turn
 from agent.clock import Clock
 from agent.config.model import Config, Dimension, Saas
 from agent.config.tables import check_redirect
@@ -32,6 +33,7 @@ from agent.fulfillment.process import HandlerProcess, handler_command
 from agent.host.identity import ContainerIdentity, Identity
 from agent.ledger import Ledger
 from agent.ledger.hours import SealedHour
+from agent.modes.trials import SaasTrial, TrialCustomer, TrialView
 from agent.sending.batches import BatchClient, Call, plan, where
 from agent.sending.budget import CallBudget
 from agent.sending.client import MeteringClient, dry_run_verdict
@@ -78,11 +80,13 @@ def seal_hours(
     offset: float,
     include_current: bool = False,
     hold: Callable[[str, int], bool] | None = None,
+    turn: Turn | None = None,
 ) -> list[Sealed]:
     """Seal every past hour with unsealed samples per customer (the current one too at a stop),
     then release held usage whose label is now a customer: the sealing pass
-    (billing/sealing.py) with SaaS mode's (dimension, hour)."""
-    return SaasMode(settings(config)).seal_hours(ledger, config, now, offset, include_current, hold)
+    (billing/sealing.py) with SaaS mode's (dimension, hour), in steps (`turn` between them)."""
+    mode = SaasMode(settings(config))
+    return mode.seal_hours(ledger, config, now, offset, include_current, hold, turn)
 
 
 def settings(config: Config) -> Saas:
@@ -365,16 +369,19 @@ class SaasMode:
         offset: float,
         include_current: bool = False,
         hold: Callable[[str, int], bool] | None = None,
+        turn: Turn | None = None,
     ) -> list[Sealed]:
         def one(dim: Dimension, hour: int) -> list[Sealed]:
-            return saas_sealing.seal_each(ledger, config, self.settings, dim, hour, now, offset)
+            return saas_sealing.seal_each(
+                ledger, config, self.settings, dim, hour, now, offset, turn
+            )
 
         def then() -> list[Sealed]:
             return saas_sealing.release(ledger, config, now)
 
         # an unsubscribing customer's open usage first: the pass then holds what comes after
         flushed = saas_sealing.seal_leaving(ledger, config, self.settings, now)
-        return flushed + seal_pass(ledger, config, now, one, include_current, hold, then)
+        return flushed + seal_pass(ledger, config, now, one, include_current, hold, then, turn)
 
     def sender(self, ledger: Ledger, config: Config, client: Any, clock: Clock) -> SendPass:
         return BatchSender(ledger, config, client, clock)
@@ -426,17 +433,17 @@ class SaasMode:
     def customer_option(self, customer: str | None, source: Path) -> None:
         return None
 
+    def so_far(self, ledger: Ledger, dim: Dimension, hour: int) -> str | None:
+        return saas_sealing.so_far_total(ledger, dim, self.settings.customer_label, hour)
+
     def status(self, ledger: Ledger, config: Config, now: float) -> dict[str, Any]:
         return saas_sealing.status_sections(ledger, config, self.settings.customer_label, now)
 
     def customers(self, command: str, source: Path) -> Saas:
         return self.settings
 
-    def check_trial(self, source: Path) -> None:
-        raise ConfigError(
-            "mode", f"trial runs instance mode (MeterUsage) only; {source} has mode: saas; "
-            "try it with `metering-agent sample` and `status` against a test state_dir",
-        )  # fmt: skip
+    def trial(self, customers: Sequence[TrialCustomer], source: Path) -> TrialView:
+        return SaasTrial(self.settings, customers)
 
     def image_refusal(self) -> str | None:
         return (
