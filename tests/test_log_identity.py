@@ -179,6 +179,43 @@ def test_a_generation_never_seen_plain_is_read_from_its_copy(tmp_path: Path) -> 
     assert t.total == log.written
 
 
+@pytest.mark.parametrize(
+    "gz_name", ["access.log.1.gz", "access.log.0.gz"], ids=["plain_first", "gz_first"]
+)
+def test_a_generation_first_seen_mid_compress_is_billed_once(tmp_path: Path, gz_name: str) -> None:
+    """`create` + `compress`, a generation created and rotated between two readings (a slow
+    reading under load), and the next reading lists it while logrotate compresses it: its plain
+    `.1` and its finished `.gz` both, before logrotate unlinks the `.1`. Neither is a known
+    stream's: the first judged is new content, read whole; the other holds what that read, and
+    adds nothing. Before: both were judged before either was read, so each was new content, and
+    the generation was billed twice (a real-logrotate race, +447 in CI). Both orders of the
+    listing (the `.gz` named to sort first too)."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    log.write(4)
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    log.write(6)  # a generation no reading sees live
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    log.write(2)
+    with gzip.open(folder / gz_name, "wb") as z:  # compressed, its .1 not unlinked yet
+        z.write((folder / "access.log.1").read_bytes())
+    t.read()
+    (folder / "access.log.1").unlink()
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
 def test_a_symlink_switched_to_dated_files_finishes_each_target(tmp_path: Path) -> None:
     """`app.log -> app-<n>.log`, replaced atomically (svlogd style, or an application that dates
     its files); some dated files are the target at no reading at all, and lines keep arriving in

@@ -234,9 +234,11 @@ class LogCollector(Collector):
         for s in streams:
             claimed.update(k for k in s.known if k in entries and same(entries[k], s.known[k]))
         # 2. By content: every other file is a copy of a stream (read on from the stream's
-        # offset if it holds more), or new content (read from its start).
+        # offset if it holds more), or new content (read from its start). Each is read as soon
+        # as it is placed, so that the files judged after it know what it held: a generation
+        # first seen mid-compress (its plain file and its finished .gz both listed) is new
+        # content once, and its other file a copy of what was just read.
         found_copy: set[int] = set()
-        placed_now: dict[int, _Carrier] = {}
         new_copies = 0  # copies of content never seen, read from their first byte
         for key, entry in entries.items():
             if key in claimed:
@@ -253,13 +255,11 @@ class LogCollector(Collector):
                 found_copy.add(s.id)
                 s.lost = 0
             if carrier is not None and s.id not in carriers:
-                carriers[s.id] = placed_now[s.id] = carrier
+                carriers[s.id] = carrier
+                if not s.done:
+                    total += self._advance(s, carrier, in_time)
             elif carrier is not None and carrier.plain is not None:
                 carrier.plain.close()
-        for s in streams:
-            carrier = placed_now.get(s.id)
-            if carrier is not None and not s.done:
-                total += self._advance(s, carrier, in_time)
         self._judged = {k: v for k, v in self._judged.items() if k[0] in entries}
         drained = self._hold(streams, carriers)
         kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained, new_copies)
