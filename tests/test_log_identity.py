@@ -23,6 +23,7 @@ from agent.collectors import SourceMissing, Sources, logblocks
 from agent.collectors import log as log_module
 from agent.collectors.evidence import crc_combine, judge
 from agent.collectors.log import MAX_HELD, QUIET, LogCollector
+from agent.collectors.logfiles import Files
 from agent.collectors.streams import Stream
 
 PATTERN = '"request":"GET /api/'
@@ -423,6 +424,53 @@ def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     else:
         assert t.total == log.written - in_it  # the matching lines went with the file
         assert len(t.unread) == 1 and "read to byte 0" in t.unread[0].what
+
+
+def test_an_empty_generation_a_listing_missed_is_not_read_again_by_its_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's last committed reading saw the new live file C empty (read to byte 0); it
+    restarts (nothing held). Its first reading scans the folder, then logrotate renames C to .1,
+    creates D and compresses C into .1.gz, then the reading stats the names it scanned: it finds
+    D and C's .1.gz, not C's .1. The .gz is new content, read whole, and C is taken as held by it.
+    The next reading finds C's .1 still there (logrotate has not unlinked it yet). Before: C was
+    still known by its inode and read again from byte 0 (billed twice); now it is known by the
+    content read, and its .1 is a copy of it."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    t.read()  # the new live file C, empty: read to byte 0
+    t.restart()
+    log.write(7)
+    scan = Files._copy_paths
+
+    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
+        names = scan(files, bases)
+        monkeypatch.setattr(Files, "_copy_paths", scan)
+        shift(folder, "access.log", 30)
+        log.path.rename(folder / "access.log.1")
+        log.path.touch()
+        log.write(2)
+        with gzip.open(folder / "access.log.1.gz", "wb") as z:  # .1 not unlinked yet
+            z.write((folder / "access.log.1").read_bytes())
+        return names
+
+    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    t.read()
+    assert Files._copy_paths is scan  # the rotation did land inside that reading
+    t.read()
+    (folder / "access.log.1").unlink()
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
 
 
 def test_a_truncation_with_no_copy_in_sight_is_reported(tmp_path: Path) -> None:

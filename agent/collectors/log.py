@@ -657,7 +657,8 @@ class LogCollector(Collector):
         A stream read to byte 0 has no content to be known by: a copy of it is new content, read
         whole. So each one that vanished is taken as held by one of the `new_copies` this
         reading read from their first byte (a file created empty, then written and rotated
-        away while the agent restarted); only those beyond that count are reported."""
+        away while the agent restarted), and lets go of its inode; only those beyond that count
+        are reported."""
         kept = []
         for s in streams:
             carried = (
@@ -668,8 +669,13 @@ class LogCollector(Collector):
             )
             nothing_read = s.off == s.ck == 0 and s.ino is not None and not s.fin
             if not carried and nothing_read and new_copies:
-                new_copies -= 1  # its content, if it had any, was in one of them
+                # Its content, if it had any, was in one of them: from now on it is known by
+                # that content. Its file, if a listing only missed it (renamed between the
+                # folder's scan and its stat) and the next finds it again, is judged as a copy
+                # of what was read, not read from byte 0 by its inode a second time.
+                new_copies -= 1
                 s.fin = True
+                s.dev = s.ino = None
             if carried:
                 s.miss = 0
             elif not _still_there(s):
