@@ -473,6 +473,43 @@ def test_an_empty_generation_a_listing_missed_is_not_read_again_by_its_inode(
     assert t.unread == []
 
 
+def test_a_file_renamed_between_the_scan_and_the_look_is_not_reported_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart (nothing held) a reading scans the folder, then logrotate renames the live
+    file to .1 and creates a new one, then the reading looks at the names it scanned: the .1 is
+    not among them. The file is still there, and the next reading reads it on by its inode: no
+    line is lost, so nothing may be reported unread (health not ok). Before: it was reported as
+    rotated away before the agent read it to its end."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    t.restart()
+    log.write(7)
+    scan = Files._copy_paths
+
+    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
+        names = scan(files, bases)
+        monkeypatch.setattr(Files, "_copy_paths", scan)
+        log.path.rename(folder / "access.log.1")
+        log.path.touch()
+        log.write(2)
+        return names
+
+    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    t.read()
+    assert Files._copy_paths is scan  # the rotation did land inside that reading
+    t.read()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
 def test_a_truncation_with_no_copy_in_sight_is_reported(tmp_path: Path) -> None:
     """`copytruncate` with `olddir` and no `rotated`: the live file is emptied under the
     collector, and the copy holding its last lines is out of sight."""

@@ -71,6 +71,7 @@ from agent.collectors.logfiles import (
     Files,
     Moved,
     key_of,
+    named,
     open_same,
     same,
 )
@@ -724,12 +725,19 @@ class LogCollector(Collector):
 
 
 def _still_there(s: Stream) -> bool:
-    """The file a stream was last read from is still at its path but was not listed (its folder
-    could not be read): the stream is kept however long that lasts, so its content is never read
-    again when the folder comes back."""
+    """The file a stream was last read from still has a name the listing looks at, but was not
+    listed: its folder could not be read (it is at its path), or rotation renamed it between the
+    listing's scan of its folder and its look at each name (it is beside it, named like a copy of
+    its live name: `NAME.*`, `NAME-*`). The stream is kept however long that lasts, so its content
+    is never read again when the folder comes back, nor reported unread while the next listing
+    finds it."""
     if s.ino is None:
         return False
     try:
-        return os.stat(s.path).st_ino == s.ino
+        if os.stat(s.path).st_ino == s.ino:
+            return True
     except OSError:
-        return False
+        pass
+    renamed = named(os.path.dirname(s.path), s.ino)
+    base = os.path.basename(s.name)
+    return renamed is not None and os.path.basename(renamed).startswith((base + ".", base + "-"))
