@@ -23,6 +23,7 @@ from agent.collectors import SourceMissing, Sources, logblocks
 from agent.collectors import log as log_module
 from agent.collectors.evidence import crc_combine, judge
 from agent.collectors.log import MAX_HELD, QUIET, LogCollector
+from agent.collectors.logfiles import Files
 from agent.collectors.streams import Stream
 
 PATTERN = '"request":"GET /api/'
@@ -177,6 +178,43 @@ def test_a_generation_never_seen_plain_is_read_from_its_copy(tmp_path: Path) -> 
         t.read()
         t.read()
     assert t.total == log.written
+
+
+@pytest.mark.parametrize(
+    "gz_name", ["access.log.1.gz", "access.log.0.gz"], ids=["plain_first", "gz_first"]
+)
+def test_a_generation_first_seen_mid_compress_is_billed_once(tmp_path: Path, gz_name: str) -> None:
+    """`create` + `compress`, a generation created and rotated between two readings (a slow
+    reading under load), and the next reading lists it while logrotate compresses it: its plain
+    `.1` and its finished `.gz` both, before logrotate unlinks the `.1`. Neither is a known
+    stream's: the first judged is new content, read whole; the other holds what that read, and
+    adds nothing. Before: both were judged before either was read, so each was new content, and
+    the generation was billed twice (a real-logrotate race, +447 in CI). Both orders of the
+    listing (the `.gz` named to sort first too)."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    log.write(4)
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    log.write(6)  # a generation no reading sees live
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    log.write(2)
+    with gzip.open(folder / gz_name, "wb") as z:  # compressed, its .1 not unlinked yet
+        z.write((folder / "access.log.1").read_bytes())
+    t.read()
+    (folder / "access.log.1").unlink()
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
 
 
 def test_a_symlink_switched_to_dated_files_finishes_each_target(tmp_path: Path) -> None:
@@ -386,6 +424,90 @@ def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     else:
         assert t.total == log.written - in_it  # the matching lines went with the file
         assert len(t.unread) == 1 and "read to byte 0" in t.unread[0].what
+
+
+def test_an_empty_generation_a_listing_missed_is_not_read_again_by_its_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's last committed reading saw the new live file C empty (read to byte 0); it
+    restarts (nothing held). Its first reading scans the folder, then logrotate renames C to .1,
+    creates D and compresses C into .1.gz, then the reading stats the names it scanned: it finds
+    D and C's .1.gz, not C's .1. The .gz is new content, read whole, and C is taken as held by it.
+    The next reading finds C's .1 still there (logrotate has not unlinked it yet). Before: C was
+    still known by its inode and read again from byte 0 (billed twice); now it is known by the
+    content read, and its .1 is a copy of it."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    shift(folder, "access.log", 30)
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    t.read()  # the new live file C, empty: read to byte 0
+    t.restart()
+    log.write(7)
+    scan = Files._copy_paths
+
+    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
+        names = scan(files, bases)
+        monkeypatch.setattr(Files, "_copy_paths", scan)
+        shift(folder, "access.log", 30)
+        log.path.rename(folder / "access.log.1")
+        log.path.touch()
+        log.write(2)
+        with gzip.open(folder / "access.log.1.gz", "wb") as z:  # .1 not unlinked yet
+            z.write((folder / "access.log.1").read_bytes())
+        return names
+
+    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    t.read()
+    assert Files._copy_paths is scan  # the rotation did land inside that reading
+    t.read()
+    (folder / "access.log.1").unlink()
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
+
+
+def test_a_file_renamed_between_the_scan_and_the_look_is_not_reported_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart (nothing held) a reading scans the folder, then logrotate renames the live
+    file to .1 and creates a new one, then the reading looks at the names it scanned: the .1 is
+    not among them. The file is still there, and the next reading reads it on by its inode: no
+    line is lost, so nothing may be reported unread (health not ok). Before: it was reported as
+    rotated away before the agent read it to its end."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    t.restart()
+    log.write(7)
+    scan = Files._copy_paths
+
+    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
+        names = scan(files, bases)
+        monkeypatch.setattr(Files, "_copy_paths", scan)
+        log.path.rename(folder / "access.log.1")
+        log.path.touch()
+        log.write(2)
+        return names
+
+    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    t.read()
+    assert Files._copy_paths is scan  # the rotation did land inside that reading
+    t.read()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    for _ in range(3):
+        t.read()
+    assert t.total == log.written
+    assert t.unread == []
 
 
 def test_a_truncation_with_no_copy_in_sight_is_reported(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ from agent.collectors.logfiles import (
     Files,
     Moved,
     key_of,
+    named,
     open_same,
     same,
 )
@@ -238,9 +239,11 @@ class LogCollector(Collector):
         for s in streams:
             claimed.update(k for k in s.known if k in entries and same(entries[k], s.known[k]))
         # 2. By content: every other file is a copy of a stream (read on from the stream's
-        # offset if it holds more), or new content (read from its start).
+        # offset if it holds more), or new content (read from its start). Each is read as soon
+        # as it is placed, so that the files judged after it know what it held: a generation
+        # first seen mid-compress (its plain file and its finished .gz both listed) is new
+        # content once, and its other file a copy of what was just read.
         found_copy: set[int] = set()
-        placed_now: dict[int, _Carrier] = {}
         new_copies = 0  # copies of content never seen, read from their first byte
         for key, entry in entries.items():
             if key in claimed:
@@ -257,13 +260,11 @@ class LogCollector(Collector):
                 found_copy.add(s.id)
                 s.lost = 0
             if carrier is not None and s.id not in carriers:
-                carriers[s.id] = placed_now[s.id] = carrier
+                carriers[s.id] = carrier
+                if not s.done:
+                    total += self._advance(s, carrier, in_time)
             elif carrier is not None and carrier.plain is not None:
                 carrier.plain.close()
-        for s in streams:
-            carrier = placed_now.get(s.id)
-            if carrier is not None and not s.done:
-                total += self._advance(s, carrier, in_time)
         self._judged = {k: v for k, v in self._judged.items() if k[0] in entries}
         drained = self._hold(streams, carriers)
         kept = self._keep(streams, carriers, entries, found_copy, lost_now, drained, new_copies)
@@ -662,7 +663,8 @@ class LogCollector(Collector):
         A stream read to byte 0 has no content to be known by: a copy of it is new content, read
         whole. So each one that vanished is taken as held by one of the `new_copies` this
         reading read from their first byte (a file created empty, then written and rotated
-        away while the agent restarted); only those beyond that count are reported."""
+        away while the agent restarted), and lets go of its inode; only those beyond that count
+        are reported."""
         kept = []
         for s in streams:
             carried = (
@@ -673,8 +675,13 @@ class LogCollector(Collector):
             )
             nothing_read = s.off == s.ck == 0 and s.ino is not None and not s.fin
             if not carried and nothing_read and new_copies:
-                new_copies -= 1  # its content, if it had any, was in one of them
+                # Its content, if it had any, was in one of them: from now on it is known by
+                # that content. Its file, if a listing only missed it (renamed between the
+                # folder's scan and its stat) and the next finds it again, is judged as a copy
+                # of what was read, not read from byte 0 by its inode a second time.
+                new_copies -= 1
                 s.fin = True
+                s.dev = s.ino = None
             if carried:
                 s.miss = 0
             elif not _still_there(s):
@@ -723,12 +730,19 @@ class LogCollector(Collector):
 
 
 def _still_there(s: Stream) -> bool:
-    """The file a stream was last read from is still at its path but was not listed (its folder
-    could not be read): the stream is kept however long that lasts, so its content is never read
-    again when the folder comes back."""
+    """The file a stream was last read from still has a name the listing looks at, but was not
+    listed: its folder could not be read (it is at its path), or rotation renamed it between the
+    listing's scan of its folder and its look at each name (it is beside it, named like a copy of
+    its live name: `NAME.*`, `NAME-*`). The stream is kept however long that lasts, so its content
+    is never read again when the folder comes back, nor reported unread while the next listing
+    finds it."""
     if s.ino is None:
         return False
     try:
-        return os.stat(s.path).st_ino == s.ino
+        if os.stat(s.path).st_ino == s.ino:
+            return True
     except OSError:
-        return False
+        pass
+    renamed = named(os.path.dirname(s.path), s.ino)
+    base = os.path.basename(s.name)
+    return renamed is not None and os.path.basename(renamed).startswith((base + ".", base + "-"))
