@@ -712,3 +712,27 @@ def test_a_reload_keeps_the_files_a_log_dimension_holds_open(tmp_path: Path) -> 
     changed.carry_over(same)
     assert changed.collectors["api"] is not kept
     assert kept._held == {}  # type: ignore[attr-defined]
+
+
+def test_a_compressed_copy_gzip_has_only_begun_is_never_read_as_text(tmp_path: Path) -> None:
+    """logrotate's compress creates NAME.1.gz empty, then gzip writes it: a reading between the
+    two must not follow that file as a plain stream, or its compressed bytes are read as lines
+    once written (with a pattern that matches any line, garbage billed). It is left for a later
+    reading, which knows it as the copy it is."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path, pattern="."))  # every line counts
+    lines = 0
+    with open(log.path, "ab") as f:
+        f.write(b"".join(log.line() for _ in range(200)))
+    lines += 200
+    t.read()
+    log.path.rename(folder / "access.log.1")
+    log.path.touch()
+    (folder / "access.log.1.gz").touch()  # gzip has opened its output, written nothing yet
+    t.read()
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    for _ in range(3):
+        t.read()
+    assert t.total == lines and t.unread == []

@@ -356,6 +356,10 @@ class LogCollector(Collector):
                 if not entry.live:
                     codec = next((c for m, c in MAGIC.items() if magic.startswith(m)), None)
                 trailer = gzip_trailer(raw) if codec == "gz" else None
+            if not entry.live and codec is None and any(m.startswith(magic) for m in MAGIC):
+                # empty, or too short to tell: a compressed copy gzip has only begun to write
+                # would be followed as plain text (binary lines). Nothing to bill in it yet.
+                return None
             if entry.live:
                 return self._new_live(entry, first)
             if first:
