@@ -91,6 +91,8 @@ def test_a_late_answer_moves_a_baked_ledger_aside_keeping_this_runs_samples(
     imds.up = True
     assert ident.verified.wait(5)
     stop.set()
+    assert ident._thread is not None
+    ident._thread.join(5)  # its last log line written while this test's log capture is open
     assert verified_in_swap == [True]
     fresh = holder["ledger"]
     assert fresh.get_meta("instance_id") == "i-buyer"
@@ -247,6 +249,8 @@ def test_a_failed_late_swap_keeps_a_usable_ledger_and_tries_again(
     ident.keep_asking(stop, swap, lambda: not ident.verified.is_set())
     assert ident.verified.wait(5)
     stop.set()
+    assert ident._thread is not None
+    ident._thread.join(5)  # its last log line written while this test's log capture is open
     assert after_failure.is_set() and swaps == [False, True]
     # replace_closed: failed, then worked; Ledger: opening the fresh one failed, then worked
     assert len(calls) == 2
