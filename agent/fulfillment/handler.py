@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import agent.fulfillment.limits as limits
 from agent.clock import Clock
 from agent.config.tables import check_redirect
 from agent.errors import AgentError, NotAuthorized, Unavailable
-from agent.fulfillment import limits
 from agent.ledger.customers import Customer
 from agent.sending.budget import CallBudget
 
