@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,33 @@ def shift(folder: Path, name: str, keep: int) -> None:
                     src.rename(folder / f"{name}.{k + 1}{suffix}")
 
 
+def create_rotation(log: Log, keep: int = 30) -> Path:
+    """logrotate's `create` rotation in its own order: the numbered copies shifted, NAME renamed
+    to NAME.1 and NAME created anew (a new inode: the old one is still in use). Returns NAME.1."""
+    folder = log.path.parent
+    shift(folder, log.path.name, keep)
+    first = folder / f"{log.path.name}.1"
+    log.path.rename(first)
+    log.path.touch()
+    return first
+
+
+def inside_the_next_scan(monkeypatch: pytest.MonkeyPatch, step: Callable[[], None]) -> Any:
+    """Run `step` (a rotation) inside the next reading, once it has scanned the folder for copies
+    and before it looks at the names it found (Files._copy_paths), as a racing logrotate would.
+    Returns the real scan, which is back in place once the step has run."""
+    scan = Files._copy_paths
+
+    def scan_then_step(files: Files, bases: set[str]) -> list[str]:
+        names = scan(files, bases)
+        monkeypatch.setattr(Files, "_copy_paths", scan)
+        step()
+        return names
+
+    monkeypatch.setattr(Files, "_copy_paths", scan_then_step)
+    return scan
+
+
 def test_json_logs_that_begin_alike_under_debians_nginx_rotation(tmp_path: Path) -> None:
     """Debian's nginx stanza (rotate 14, compress, delaycompress, create): each rotation renames
     the live file to .1, compresses the previous .1 into .2.gz. Every file and every copy begins
@@ -198,14 +226,10 @@ def test_a_generation_first_seen_mid_compress_is_billed_once(tmp_path: Path, gz_
     log.write(5)
     t.read()
     log.write(4)
-    shift(folder, "access.log", 30)
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     log.write(6)  # a generation no reading sees live
     gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
-    shift(folder, "access.log", 30)
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     log.write(2)
     with gzip.open(folder / gz_name, "wb") as z:  # compressed, its .1 not unlinked yet
         z.write((folder / "access.log.1").read_bytes())
@@ -399,9 +423,7 @@ def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     t = Tail(lambda: collector(log.path))
     log.write(5)
     t.read()
-    shift(folder, "access.log", 30)
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
     t.read()  # the new live file, empty: read to byte 0
     t.restart()
@@ -409,9 +431,7 @@ def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     log.write(7)
     in_it = log.written - before
     # logrotate's order: rename, create the new file, compress, unlink (no inode reused)
-    shift(folder, "access.log", 30)
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     if copies:
         gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
     else:
@@ -442,27 +462,19 @@ def test_an_empty_generation_a_listing_missed_is_not_read_again_by_its_inode(
     t = Tail(lambda: collector(log.path))
     log.write(5)
     t.read()
-    shift(folder, "access.log", 30)
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
     t.read()  # the new live file C, empty: read to byte 0
     t.restart()
     log.write(7)
-    scan = Files._copy_paths
 
-    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
-        names = scan(files, bases)
-        monkeypatch.setattr(Files, "_copy_paths", scan)
-        shift(folder, "access.log", 30)
-        log.path.rename(folder / "access.log.1")
-        log.path.touch()
+    def rotate() -> None:
+        create_rotation(log)
         log.write(2)
         with gzip.open(folder / "access.log.1.gz", "wb") as z:  # .1 not unlinked yet
             z.write((folder / "access.log.1").read_bytes())
-        return names
 
-    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    scan = inside_the_next_scan(monkeypatch, rotate)
     t.read()
     assert Files._copy_paths is scan  # the rotation did land inside that reading
     t.read()
@@ -489,17 +501,12 @@ def test_a_file_renamed_between_the_scan_and_the_look_is_not_reported_unread(
     t.read()
     t.restart()
     log.write(7)
-    scan = Files._copy_paths
 
-    def rotate_after_the_scan(files: Files, bases: set[str]) -> list[str]:
-        names = scan(files, bases)
-        monkeypatch.setattr(Files, "_copy_paths", scan)
-        log.path.rename(folder / "access.log.1")
-        log.path.touch()
+    def rotate() -> None:
+        create_rotation(log)
         log.write(2)
-        return names
 
-    monkeypatch.setattr(Files, "_copy_paths", rotate_after_the_scan)
+    scan = inside_the_next_scan(monkeypatch, rotate)
     t.read()
     assert Files._copy_paths is scan  # the rotation did land inside that reading
     t.read()
@@ -728,8 +735,7 @@ def test_a_compressed_copy_gzip_has_only_begun_is_never_read_as_text(tmp_path: P
         f.write(b"".join(log.line() for _ in range(200)))
     lines += 200
     t.read()
-    log.path.rename(folder / "access.log.1")
-    log.path.touch()
+    create_rotation(log)
     (folder / "access.log.1.gz").touch()  # gzip has opened its output, written nothing yet
     t.read()
     gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
