@@ -408,6 +408,21 @@ def test_lines_in_a_copy_it_cannot_see_are_reported_not_silent(tmp_path: Path) -
             assert "rotated" in t.unread[0].fix
 
 
+def restarted_at_an_empty_generation(folder: Path) -> tuple[Log, Tail]:
+    """A log in `folder` rotated (`create` + `compress`) after a reading, the new live file read
+    empty (to byte 0: nothing to know it by), then the agent restarted (nothing held)."""
+    folder.mkdir()
+    log = Log(folder / "access.log")
+    t = Tail(lambda: collector(log.path))
+    log.write(5)
+    t.read()
+    create_rotation(log)
+    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
+    t.read()  # the new live file, empty: read to byte 0
+    t.restart()
+    return log, t
+
+
 @pytest.mark.parametrize("copies", [1, 0])
 def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     tmp_path: Path, copies: int
@@ -418,15 +433,7 @@ def test_an_empty_generation_rotated_during_a_restart_is_billed_from_its_copy(
     reported as unread (CI saw that false report under real logrotate). With `rotate 0` there is
     no copy: the loss is reported."""
     folder = tmp_path / "logs"
-    folder.mkdir()
-    log = Log(folder / "access.log")
-    t = Tail(lambda: collector(log.path))
-    log.write(5)
-    t.read()
-    create_rotation(log)
-    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
-    t.read()  # the new live file, empty: read to byte 0
-    t.restart()
+    log, t = restarted_at_an_empty_generation(folder)
     before = log.written
     log.write(7)
     in_it = log.written - before
@@ -457,15 +464,7 @@ def test_an_empty_generation_a_listing_missed_is_not_read_again_by_its_inode(
     still known by its inode and read again from byte 0 (billed twice); now it is known by the
     content read, and its .1 is a copy of it."""
     folder = tmp_path / "logs"
-    folder.mkdir()
-    log = Log(folder / "access.log")
-    t = Tail(lambda: collector(log.path))
-    log.write(5)
-    t.read()
-    create_rotation(log)
-    gzip_file(folder / "access.log.1", folder / "access.log.1.gz")
-    t.read()  # the new live file C, empty: read to byte 0
-    t.restart()
+    log, t = restarted_at_an_empty_generation(folder)  # the live file C, read to byte 0
     log.write(7)
 
     def rotate() -> None:
