@@ -212,9 +212,7 @@ def replace_closed(
     they remain only while another process (a `status`) has the ledger open, and the caller tries
     again later. A link left by a crash between the two steps is dropped on the next attempt."""
     src = Path(state_dir) / LEDGER_FILE
-    for suffix in ("-wal", "-shm"):  # before the work of filling a fresh one
-        if Path(f"{src}{suffix}").exists():
-            raise LedgerInUse(f"{src}{suffix} exists: another process has the ledger open")
+    _refuse_open(src)  # before the work of filling a fresh one (install asks again)
     work = Path(state_dir) / f".{LEDGER_FILE}.fresh"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -236,14 +234,19 @@ def install(built: Path, src: Path, dest: Path) -> None:
     """The closed database `built` renamed over the closed ledger `src`, which stays as `dest`
     (a link made first): at every instant `src` is one whole ledger. LedgerInUse, nothing changed,
     while either still has a `-wal` or `-shm` (see replace_closed)."""
-    for path in (src, built):
-        for suffix in ("-wal", "-shm"):
-            if Path(f"{path}{suffix}").exists():
-                raise LedgerInUse(f"{path}{suffix} exists: another process has it open")
+    _refuse_open(src)
+    _refuse_open(built)
     _drop_stale_links(src)
     os.link(src, dest)
     os.replace(built, src)
     _fsync_dir(src.parent)
+
+
+def _refuse_open(path: Path) -> None:
+    """LedgerInUse while the database at `path` has a `-wal` or `-shm` beside it."""
+    for suffix in ("-wal", "-shm"):
+        if Path(f"{path}{suffix}").exists():
+            raise LedgerInUse(f"{path}{suffix} exists: another process has it open")
 
 
 def _drop_stale_links(src: Path) -> None:
