@@ -302,6 +302,39 @@ def test_unsubscribe_pending_seals_the_open_hour_now_and_later_usage_is_held(
     ledger.close()
 
 
+def test_an_unsubscribe_sealed_between_two_steps_of_its_hours_seal_is_not_sealed_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hour's seal runs in steps (one customer a step here) and gives way between them; the
+    daemon's send tick may seal an unsubscribing customer's open usage right then (seal_leaving).
+    The step that reaches that customer must see it: no second record for the hour (before, the
+    ledger's unique index refused one and the seal failed), no idle zero; its share held."""
+    from agent.billing import saas_sealing
+    from tests.test_saas_seal_steps import Steps
+
+    cfg = saas_config(tmp_path)
+    saas = settings(cfg)
+    ledger = Ledger(cfg.state_dir)
+    ledger.add_customer(customer("acme", ACME))
+    ledger.add_customer(customer("globex", GLOBEX))
+    for i in range(60):
+        record(ledger, H + 60 * i, acme=3, globex=1)
+    monkeypatch.setattr(saas_sealing, "STEP", 1)
+
+    def unsubscribe_before_the_first_step(n: int) -> None:
+        if n == 1:  # the seal has begun: the hour's points are read, no customer written yet
+            assert notify(ledger, "unsubscribe-pending", ACME, H + 3601) == "applied"
+            assert saas_sealing.seal_leaving(ledger, cfg, saas, H + 3602)  # acme's hour, now
+
+    api = next(d for d in cfg.dimensions if d.name == "api")
+    saas_sealing.seal_one(
+        ledger, cfg, saas, api, H, H + 3602, 900, Steps(unsubscribe_before_the_first_step)
+    )
+    got = [(h.customer, h.quantity.text) for h in ledger.hours() if h.dimension == "api"]
+    assert sorted(got) == [("acme", "180"), ("globex", "60")]  # one record each
+    ledger.close()
+
+
 def test_unsubscribe_success_stops_idle_zeros_and_resubscribing_bills_again(
     tmp_path: Path,
 ) -> None:
